@@ -1,0 +1,266 @@
+"""Hugging Face checkpoint folders: load and save K2's layout, FP8 block and INT4 group weights.
+
+The one translation table between openk2 and HF lives here, and it is short because the model
+already uses HF's module names: only the stacked routed experts (`mlp.experts.gate_proj` [E, F, D])
+are split into / joined from HF's per-expert tensors (`mlp.experts.{e}.gate_proj.weight`).
+Loading goes shard by shard through safetensors' mmap and copies each tensor once into a model
+built on `meta`, so a checkpoint is never in memory twice. Quantised weights are dequantised on
+the way in: block FP8 (`weight_scale_inv`, 128×128 tiles, K2-SPEC §4.2) and compressed-tensors
+INT4 (`weight_packed` / `weight_scale` / `weight_shape`, group 32, K2-SPEC §4.3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from openk2.config import ModelConfig
+from openk2.model.transformer import Transformer
+
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # largest float8_e4m3fn value
+INT4_GROUP = 32
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+# --- quantised formats: pure functions, each direction ---------------------------------------------
+def dequant_fp8(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+    """W[i, j] = float(W_fp8[i, j]) · scale_inv[i // block, j // block] (edge tiles partial); fp32."""
+    rows, cols = w_fp8.shape
+    s = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return w_fp8.float() * s
+
+
+def quant_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block FP8 as K2 ships it: scale_inv = amax(|tile|) / 448, W_fp8 = W / scale_inv."""
+    rows, cols = w.shape
+    tiles = w.float().new_zeros(-(-rows // block) * block, -(-cols // block) * block)
+    tiles[:rows, :cols] = w.float()
+    tiles = tiles.unflatten(0, (-1, block)).unflatten(2, (-1, block))  # [rt, block, ct, block]
+    scale_inv = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
+    s = scale_inv.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+    return (w.float() / s).to(torch.float8_e4m3fn), scale_inv
+
+
+def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, shape, group: int = INT4_GROUP) -> torch.Tensor:
+    """W = (code − 8) · scale[row, col // group]; eight codes per int32, lowest nibble first; fp32."""
+    rows, cols = (int(n) for n in shape)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    codes = (packed[..., None] >> shifts) & 0xF  # [rows, cols / 8, 8]
+    q = codes.reshape(rows, -1)[:, :cols].float() - 8
+    return q * scale.float().repeat_interleave(group, 1)[:, :cols]
+
+
+def quant_int4(w: torch.Tensor, group: int = INT4_GROUP, scale_dtype=torch.bfloat16):
+    """Symmetric per-group int4 (q ∈ [-8, 7]): (weight_packed int32, weight_scale, weight_shape)."""
+    rows, cols = w.shape
+    g = w.float().unflatten(1, (-1, group))
+    scale = (g.abs().amax(-1) / 7).clamp(min=1e-12).to(scale_dtype)
+    codes = (torch.round(g / scale.float()[..., None]).clamp(-8, 7) + 8).to(torch.int32).reshape(rows, cols)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    packed = (codes.unflatten(1, (-1, 8)) << shifts).sum(-1, dtype=torch.int32)
+    return packed, scale, torch.tensor([rows, cols], dtype=torch.int32)
+
+
+# --- reading -------------------------------------------------------------------------------------
+class _Shards:
+    """name -> tensor across the shards of a folder, through `model.safetensors.index.json`."""
+
+    def __init__(self, folder: Path):
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            self.where = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+            self.where = {}
+            for f in files:
+                with safe_open(f, framework="pt") as h:
+                    self.where.update(dict.fromkeys(h.keys(), f.name))
+        self.folder, self._open = folder, {}
+        for name in sorted(set(self.where.values())):
+            if not (folder / name).exists():
+                users = [k for k, v in self.where.items() if v == name]
+                raise FileNotFoundError(f"missing shard {folder / name} (holds {len(users)} tensors, "
+                                        f"e.g. {users[0]})")
+
+    def handle(self, file: str):
+        if file not in self._open:
+            self._open[file] = safe_open(self.folder / file, framework="pt")
+        return self._open[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise KeyError(f"tensor {name} is not in the checkpoint {self.folder}")
+        return self.handle(self.where[name]).get_tensor(name)
+
+    def by_file(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, file in self.where.items():
+            out.setdefault(file, []).append(name)
+        return out
+
+
+def _is_companion(name: str) -> bool:
+    return name.endswith(("_scale_inv", ".weight_scale", ".weight_shape", "rotary_emb.inv_freq"))
+
+
+def _read_weight(shards: _Shards, name: str) -> tuple[str, torch.Tensor]:
+    """(HF weight name, tensor), dequantising FP8 and INT4 storage."""
+    if name.endswith(".weight_packed"):
+        base = name[: -len("_packed")]
+        return base, dequant_int4(shards.get(name), shards.get(base + "_scale"), shards.get(base + "_shape"))
+    t = shards.get(name)
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return name, dequant_fp8(t, shards.get(name + "_scale_inv"))
+    return name, t
+
+
+def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
+            progress: bool = True) -> Transformer:
+    """A Transformer from a HF folder (config.json + safetensors). dtype None: the config's."""
+    folder = Path(path)
+    cfg = ModelConfig.from_json(folder)
+    cfg.extra.pop("quantization_config", None)  # weights are dequantised on load
+    dtype = dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32)
+    shards = _Shards(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    filled: set[str] = set()
+    by_file = shards.by_file()
+    for file in tqdm(sorted(by_file), desc=f"loading {folder.name}", disable=not progress, unit="shard"):
+        for name in by_file[file]:
+            layer = _LAYER.match(name)
+            if _is_companion(name) or (layer and int(layer.group(1)) >= cfg.num_hidden_layers):
+                continue  # scales are read with their weight; MTP layers are not run
+            hf_name, t = _read_weight(shards, name)
+            expert = _EXPERT.match(hf_name)
+            ours = f"{expert.group(1)}.{expert.group(3)}" if expert else hf_name
+            if ours not in params:
+                raise KeyError(f"{file}: unexpected tensor {hf_name} for this config")
+            dest = params[ours][int(expert.group(2))] if expert else params[ours]
+            if tuple(t.shape) != tuple(dest.shape):
+                raise ValueError(f"{file}: tensor {hf_name} has shape {tuple(t.shape)}, "
+                                 f"the config expects {tuple(dest.shape)}")
+            with torch.no_grad():
+                dest.copy_(t)
+            filled.add(f"{ours}.{expert.group(2)}" if expert else ours)
+    _check_complete(model, filled, folder)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.data = b.data.float()
+    model.init_buffers()
+    return model
+
+
+def _check_complete(model: Transformer, filled: set[str], folder: Path):
+    optional = "e_score_correction_bias" if model.cfg.topk_method != "noaux_tc" else None
+    missing = [hf for hf, _ in _hf_entries(model)
+               if _ours_key(hf) not in filled and not (optional and hf.endswith(optional))]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}{more}")
+
+
+def _ours_key(hf_name: str) -> str:
+    m = _EXPERT.match(hf_name)
+    return f"{m.group(1)}.{m.group(3)}.{m.group(2)}" if m else hf_name
+
+
+# --- writing -------------------------------------------------------------------------------------
+def _hf_entries(model: Transformer):
+    """(HF name, tensor view) for every tensor of the checkpoint, routed experts split."""
+    named = dict(model.named_parameters())
+    named.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+    for name, t in named.items():
+        if name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
+            stem, proj = name.rsplit(".", 1)
+            for e in range(t.shape[0]):
+                yield f"{stem}.{e}.{proj}.weight", t[e]
+        else:
+            yield name, t
+
+
+def _fp8_target(name: str) -> bool:
+    return name.endswith("_proj.weight") and ".layers." in name  # attention, dense MLP, experts
+
+
+def _encode(name: str, t: torch.Tensor, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    t = t.detach().cpu()
+    if fmt == "fp8" and _fp8_target(name):
+        w, s = quant_fp8(t)
+        return {name: w, name + "_scale_inv": s}
+    if fmt == "int4" and _EXPERT.match(name):
+        packed, scale, shape = quant_int4(t)
+        base = name[: -len(".weight")]
+        return {base + ".weight_packed": packed, base + ".weight_scale": scale, base + ".weight_shape": shape}
+    keep_fp32 = name.endswith("e_score_correction_bias")
+    return {name: t.float().contiguous() if keep_fp32 else t.to(dtype).contiguous()}
+
+
+def _quantization_config(fmt: str, cfg: ModelConfig) -> dict | None:
+    if fmt == "fp8":
+        return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    if fmt == "int4":
+        return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
+                                              "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                          "strategy": "group", "group_size": INT4_GROUP,
+                                                          "dynamic": False}}},
+                "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                           "re:.*mlp\\.(gate|up|down)_proj.*"]}
+    return None
+
+
+def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = None, fmt: str = "bf16",
+            max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
+    """Write config.json + sharded safetensors + index in K2's layout.
+
+    fmt: "bf16" (plain, in `dtype`, default the model's), "fp8" (block FP8 as K2-Instruct),
+    "int4" (routed experts as K2-Thinking's compressed-tensors, the rest plain).
+    """
+    if fmt not in ("bf16", "fp8", "int4"):
+        raise ValueError(f"fmt must be bf16, fp8 or int4, not {fmt!r}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.lm_head.weight.dtype
+    cfg = model.cfg
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(dtype if fmt == "bf16" else torch.bfloat16).removeprefix("torch.")
+    if fmt != "bf16":
+        hf["quantization_config"] = _quantization_config(fmt, cfg)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    # plan shards by size, then write each; one shard's tensors in memory at a time
+    plan, size = [[]], 0
+    for name, t in _hf_entries(model):
+        nbytes = t.numel() * (t.element_size() if fmt == "bf16" else 2)
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    entries = dict(_hf_entries(model))
+    weight_map, total = {}, 0
+    for k, names in enumerate(tqdm(plan, desc=f"saving {folder.name}", disable=not progress, unit="shard")):
+        file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
+        shard = {}
+        for name in names:
+            shard.update(_encode(name, entries[name], fmt, dtype))
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder

@@ -1,0 +1,147 @@
+"""Mixture of experts: noaux_tc router, routed experts (reference loop + grouped), shared experts.
+
+Router (K2-SPEC §3.6): sigmoid scores in fp32; `e_score_correction_bias` is added for *selection*
+only; optional group-limited top-k; weights are the unbiased scores, normalised, then scaled by
+`routed_scaling_factor`. Routed experts are stacked ([E, F, D] / [E, D, F]) so that one grouped
+matmul serves all experts; `LocalDispatcher` sorts tokens by expert and puts them back, the seam
+expert parallelism will swap. `Experts.forward_reference` is the obviously-correct loop that
+tests/test_model.py binds to the grouped path. Each forward leaves per-expert token counts in
+`MoE.load` (for balancing and diagnostics).
+
+    N tokens  D hidden  E routed experts  K experts per token  G expert groups  F expert hidden
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(logits_NE, bias_E, cfg: ModelConfig):
+    """Expert choice from router logits: (topk_idx [N, K], topk_weight [N, K] fp32)."""
+    N, E = logits_NE.shape
+    G, K = cfg.n_group, cfg.num_experts_per_tok
+    scores_NE = logits_NE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_NE.softmax(-1)
+    choice_NE = scores_NE + bias_E if cfg.topk_method == "noaux_tc" else scores_NE
+    if G > 1 and cfg.topk_method != "greedy":
+        grouped_NGx = choice_NE.view(N, G, E // G)
+        if cfg.topk_method == "noaux_tc":  # group score: sum of its two best experts
+            group_NG = grouped_NGx.topk(2, dim=-1).values.sum(-1)
+        else:  # group_limited_greedy: its best expert
+            group_NG = grouped_NGx.amax(-1)
+        keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
+        keep_NG.scatter_(1, group_NG.topk(cfg.topk_group, dim=-1).indices, True)
+        choice_NE = choice_NE.masked_fill(~keep_NG.repeat_interleave(E // G, dim=1), float("-inf"))
+    topk_idx_NK = choice_NE.topk(K, dim=-1, sorted=False).indices
+    topk_w_NK = scores_NE.gather(1, topk_idx_NK)
+    if cfg.norm_topk_prob:
+        topk_w_NK = topk_w_NK / (topk_w_NK.sum(-1, keepdim=True) + 1e-20)
+    return topk_idx_NK, topk_w_NK * cfg.routed_scaling_factor
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        # steers selection only; updated by the balancing rule, never by gradient
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x_ND):
+        logits_NE = F.linear(x_ND.float(), self.weight.float())  # fp32, as the reference
+        return route(logits_NE, self.e_score_correction_bias.float(), self.cfg)
+
+
+class LocalDispatcher:
+    """Sort (token, slot) pairs by expert so each expert sees one contiguous slice, then undo it."""
+
+    def dispatch(self, x_ND, topk_idx_NK, n_experts: int):
+        flat_M = topk_idx_NK.flatten()
+        order_M = flat_M.argsort(stable=True)
+        counts_E = torch.bincount(flat_M, minlength=n_experts)
+        x_MD = x_ND[order_M // topk_idx_NK.shape[1]]
+        return x_MD, counts_E, order_M
+
+    def combine(self, y_MD, topk_w_NK, order_M):
+        N, K = topk_w_NK.shape
+        w_M = topk_w_NK.flatten()[order_M, None].to(y_MD.dtype)
+        out_ND = y_MD.new_zeros(N, y_MD.shape[-1])
+        return out_ND.index_add_(0, order_M // K, y_MD * w_M)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts, stacked. HF stores them one by one (`experts.{e}.gate_proj.weight`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
+        self.up_proj = nn.Parameter(torch.empty(E, F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+
+    def forward(self, x_MD, counts_E):
+        """Grouped: rows of x_MD are sorted by expert, counts_E[e] rows each."""
+        if x_MD.shape[0] <= counts_E.shape[0] // 2:  # few rows (decode): gather the used experts
+            return self._gathered(x_MD, counts_E)
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        h = F.silu(F.grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offs=offs_E))
+        h = h * F.grouped_mm(x_MD, self.up_proj.transpose(1, 2), offs=offs_E)
+        return F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs_E)
+
+    def _gathered(self, x_MD, counts_E):
+        e_M = torch.repeat_interleave(torch.arange(counts_E.shape[0], device=x_MD.device), counts_E)
+        x_M1D = x_MD[:, None, :]
+        h = F.silu(x_M1D @ self.gate_proj[e_M].transpose(1, 2)) * (x_M1D @ self.up_proj[e_M].transpose(1, 2))
+        return (h @ self.down_proj[e_M].transpose(1, 2))[:, 0]
+
+    def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
+        """The specification: for each expert, its tokens through its SwiGLU, weighted, summed."""
+        out_ND = torch.zeros_like(x_ND)
+        for e in range(self.gate_proj.shape[0]):
+            tok, slot = torch.where(topk_idx_NK == e)
+            if tok.numel() == 0:
+                continue
+            x = x_ND[tok]
+            y = (F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)) @ self.down_proj[e].T
+            out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
+        return out_ND
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher()
+        self.load: torch.Tensor | None = None  # [E] tokens routed to each expert by the last forward
+
+    def forward(self, x_BSD, reference: bool = False):
+        x_ND = x_BSD.reshape(-1, x_BSD.shape[-1])
+        topk_idx_NK, topk_w_NK = self.gate(x_ND)
+        if reference:
+            y_ND = self.experts.forward_reference(x_ND, topk_idx_NK, topk_w_NK)
+            self.load = torch.bincount(topk_idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
+        else:
+            x_MD, counts_E, order_M = self.dispatcher.dispatch(x_ND, topk_idx_NK, self.cfg.n_routed_experts)
+            y_ND = self.dispatcher.combine(self.experts(x_MD, counts_E), topk_w_NK, order_M)
+            self.load = counts_E
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        return y_ND.view_as(x_BSD)

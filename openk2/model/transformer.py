@@ -1,0 +1,134 @@
+"""The K2 decoder: pre-norm blocks (MLA + dense MLP or MoE), final norm, untied LM head, loss.
+
+Module names are Hugging Face's (`model.layers.N.self_attn.kv_b_proj`, `mlp.gate.e_score_correction_bias`),
+so the state dict *is* the checkpoint layout except for the stacked routed experts, which
+`openk2.checkpoint` splits and joins. Construct on the `meta` device for free (the full 1.04T config
+costs no memory), then `to_empty()` + `init_weights()` or load a checkpoint.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.config import ModelConfig
+from openk2.model.attention import MLA, LatentCache
+from openk2.model.moe import MLP, MoE
+from openk2.model.norm import RMSNorm
+from openk2.model.rope import rope_cos_sin, rope_inv_freq
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, start_pos=0, absorb=False, reference=False):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb)
+        y = self.post_attention_layernorm(h)
+        return h + (self.mlp(y, reference) if isinstance(self.mlp, MoE) else self.mlp(y))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
+        self.rope_mult = 1.0
+        self.init_buffers()
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def init_buffers(self):
+        """Recompute non-persistent buffers (after `to_empty()` they hold garbage)."""
+        if self.inv_freq.device.type != "meta":
+            inv_freq, self.rope_mult = rope_inv_freq(self.cfg)
+            self.inv_freq.copy_(inv_freq)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """All initialisation, in one place.
+
+        - every Linear, stacked expert weight and the router: N(0, initializer_range)
+        - embed_tokens: N(0, initializer_range)
+        - RMSNorm weights: 1; e_score_correction_bias: 0
+        """
+        gen = torch.Generator(device=self.inv_freq.device).manual_seed(seed) if seed is not None else None
+        std = self.cfg.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.zero_()
+        self.init_buffers()
+        return self
+
+    def new_cache(self, batch: int, max_len: int, dtype=None) -> list[LatentCache]:
+        dtype = dtype or self.lm_head.weight.dtype
+        return [LatentCache.empty(self.cfg, batch, max_len, dtype, self.lm_head.weight.device)
+                for _ in self.layers]
+
+    def forward(self, input_ids, start_pos: int = 0, cache: list[LatentCache] | None = None,
+                absorb: bool | None = None, reference: bool = False):
+        """Logits [B, S, V] for input_ids [B, S] at positions start_pos.. (fp32 or model dtype).
+
+        absorb: MLA path; defaults to absorbed when a cache is given, materialised otherwise.
+        reference: run routed experts through the per-expert reference loop.
+        """
+        B, S = input_ids.shape
+        if cache is not None and start_pos + S > cache[0].kv.shape[1]:
+            raise ValueError(f"cache holds {cache[0].kv.shape[1]} positions, need {start_pos + S}")
+        absorb = cache is not None if absorb is None else absorb
+        positions = torch.arange(start_pos, start_pos + S, device=input_ids.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult)
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache[i] if cache is not None else None, start_pos, absorb, reference)
+        return self.lm_head(self.model.norm(x))
+
+    # --- diagnostics for training (QK-Clip, balancing) -------------------------------------------
+    def record_max_logits(self, on: bool = True):
+        for layer in self.layers:
+            layer.self_attn.record_max_logits = on
+
+    def max_logits(self) -> torch.Tensor:
+        """[L, H] per-layer, per-head max pre-softmax logit of the last recorded forward."""
+        return torch.stack([layer.self_attn.max_logits for layer in self.layers])
+
+    def expert_load(self) -> dict[int, torch.Tensor]:
+        """{layer: tokens per routed expert [E]} of the last forward."""
+        return {i: layer.mlp.load for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}
+
+
+def lm_loss(logits_BSV, targets_BS, ignore_index: int = -100):
+    """Mean next-token cross entropy in fp32; targets are already shifted."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=ignore_index)
+
+
+def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int | None = 0) -> Transformer:
+    """A randomly initialised model: constructed on meta, materialised once on `device`."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    for name, b in model.named_buffers():  # keep fp32 buffers fp32 (rope tables, router bias)
+        b.data = b.data.float()
+    return model.init_weights(seed)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) + sum(
+        b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
