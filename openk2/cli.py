@@ -1,0 +1,138 @@
+"""`openk2` command line: thin dispatch onto the library."""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _load(spec: str, dtype_name: str | None, seed: int):
+    """A model from a HF folder, or a randomly initialised one from a preset / config.json."""
+    import torch
+
+    from openk2.checkpoint import load_hf
+    from openk2.config import resolve_config
+    from openk2.model import build_model
+
+    dtype = getattr(torch, DTYPES[dtype_name]) if dtype_name else None
+    path = Path(spec)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return load_hf(path, dtype=dtype)
+    cfg = resolve_config(spec)
+    print(f"[openk2] {spec}: no weights, randomly initialised (seed {seed})", file=sys.stderr)
+    return build_model(cfg, dtype=dtype or torch.float32, seed=seed)
+
+
+def _prompt_ids(args, vocab_size: int) -> list[int]:
+    if args.prompt_ids:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise SystemExit(f"--prompt-ids must be integers separated by commas or spaces: {args.prompt_ids!r}")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise SystemExit(f"--prompt-ids {bad} outside the vocabulary [0, {vocab_size})")
+        return ids
+    # byte-level until the model folder ships a tokenizer: UTF-8 bytes are ids 0..255
+    if vocab_size < 256:
+        raise SystemExit("--prompt needs a vocabulary of at least 256 byte ids; use --prompt-ids")
+    return list(args.prompt.encode("utf-8"))
+
+
+def cmd_info(args):
+    from openk2.config import resolve_config
+    from openk2.info import report
+
+    for spec in args.config:
+        print(report(resolve_config(spec), spec))
+
+
+def cmd_generate(args):
+    import torch
+
+    from openk2.engine.generate import generate_stream
+    from openk2.engine.sampler import SamplingParams
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    model = _load(args.path, args.dtype, args.seed).eval()
+    ids = _prompt_ids(args, model.cfg.vocab_size)
+    eos = model.cfg.eos_token_id
+    stops = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, stop_token_ids=stops)
+    out, t0 = [], time.perf_counter()
+    for tok in generate_stream(model, torch.tensor([ids]), params):
+        out.append(int(tok[0]))
+        if args.prompt_ids is None:
+            sys.stdout.write(bytes([out[-1]]).decode("utf-8", "replace") if out[-1] < 256 else f"<{out[-1]}>")
+            sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    if args.prompt_ids is not None:
+        print(" ".join(map(str, out)))
+    else:
+        print()
+    print(f"[openk2] {len(ids)} prompt + {len(out)} generated tokens in {dt:.2f}s "
+          f"({len(out) / dt:.1f} tok/s)", file=sys.stderr)
+
+
+def cmd_demo(args):
+    """The main job until training exists: arithmetic, a random small K2, HF round trip, generation."""
+    import tempfile
+
+    import torch
+
+    from openk2.checkpoint import load_hf, save_hf
+    from openk2.config import PRESETS
+    from openk2.engine.generate import generate
+    from openk2.engine.sampler import SamplingParams
+    from openk2.info import report
+    from openk2.model import build_model
+
+    print(report(PRESETS["kimi-k2"], "kimi-k2"), "\n")
+    print(report(PRESETS[args.preset], args.preset), "\n")
+    model = build_model(PRESETS[args.preset], seed=0).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, tmp, dtype=torch.bfloat16)
+        loaded = load_hf(tmp, dtype=torch.float32).eval()
+    prompt = torch.tensor([list(b"def fibonacci(n):\n    ")])
+    params = SamplingParams(max_tokens=32)
+    t0 = time.perf_counter()
+    a = generate(loaded, prompt, params)
+    dt = time.perf_counter() - t0
+    print(f"greedy ids from the random {args.preset} after a bf16 HF round trip "
+          f"({32 / dt:.1f} tok/s incl. prefill): {a[0].tolist()}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="openk2", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("info", help="parameters, active parameters, KV cache and FLOPs of a config")
+    s.add_argument("config", nargs="+", help="preset name, config.json or Hugging Face folder")
+    s.set_defaults(fn=cmd_info)
+    s = sub.add_parser("generate", help="generate from a HF folder (or a random preset)")
+    s.add_argument("path", help="Hugging Face folder, or a preset / config.json for random weights")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt-ids", help="comma- or space-separated token ids")
+    g.add_argument("--prompt", help="text (byte-level ids until the folder ships a tokenizer)")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
+    s.add_argument("--threads", type=int, default=0)
+    s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("demo", help="the main job: arithmetic, a random small K2, round trip, generation")
+    s.add_argument("--preset", default="k2-small")
+    s.set_defaults(fn=cmd_demo)
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise SystemExit(f"openk2 {args.cmd}: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
