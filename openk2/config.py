@@ -192,12 +192,13 @@ PRESETS: dict[str, ModelConfig] = {
         rope_scaling=None, max_position_embeddings=8192, eos_token_id=163584, bos_token_id=163584),
 }
 # CPU presets: K2's shape (MLA with q latent, 1 dense layer, fine-grained experts, top-k + 1 shared).
-PRESETS["k2-small"] = dataclasses.replace(  # the peers' toy shape: hidden 512, 6 layers, 64 experts top-8
-    KIMI_K2, vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+PRESETS["k2-small"] = dataclasses.replace(  # the peers' 143M toy: hidden 512, 6 layers, 64 experts top-8
+    KIMI_K2, vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
     num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
     v_head_dim=64, n_routed_experts=64, moe_intermediate_size=256, max_position_embeddings=4096,
     rope_scaling={**KIMI_K2.rope_scaling, "factor": 4.0, "original_max_position_embeddings": 1024},
-    bos_token_id=16128, eos_token_id=16129, torch_dtype="float32")
+    bos_token_id=7936, eos_token_id=7937, torch_dtype="float32",
+    model_type="deepseek_v3")  # transformers loads deepseek_v3 folders natively; kimi_k2 needs remote code
 PRESETS["k2-tiny"] = dataclasses.replace(  # unit tests: every code path in milliseconds
     PRESETS["k2-small"], vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
     num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,

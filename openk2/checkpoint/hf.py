@@ -135,6 +135,9 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device).to(dtype)
+    for name, b in model.named_buffers():  # fp32 before the copy: a bf16 buffer would round it
+        if name.endswith("e_score_correction_bias"):
+            b.data = b.data.float()
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     filled: set[str] = set()
     by_file = shards.by_file()
@@ -156,9 +159,6 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
                 dest.copy_(t)
             filled.add(f"{ours}.{expert.group(2)}" if expert else ours)
     _check_complete(model, filled, folder)
-    for name, b in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.data = b.data.float()
     model.init_buffers()
     return model
 
@@ -192,7 +192,8 @@ def _hf_entries(model: Transformer):
 
 
 def _fp8_target(name: str) -> bool:
-    return name.endswith("_proj.weight") and ".layers." in name  # attention, dense MLP, experts
+    # attention (kv_a_proj_with_mqa included), dense MLP, experts
+    return name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and ".layers." in name
 
 
 def _encode(name: str, t: torch.Tensor, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
