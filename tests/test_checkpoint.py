@@ -80,12 +80,17 @@ def _routed(name: str) -> bool:
 
 
 def _hf_tensors(model) -> dict[str, torch.Tensor]:
-    """The model's tensors under HF names: the stacked experts split by hand."""
+    """The model's tensors under HF names: the stacked experts split by hand (gate rows first)."""
     out = {}
     for name, t in list(model.state_dict().items()):
-        m = re.fullmatch(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)", name)
-        if m:
-            out.update({f"{m.group(1)}.{e}.{m.group(2)}.weight": t[e] for e in range(t.shape[0])})
+        stem, _, leaf = name.rpartition(".")
+        if stem.endswith("mlp.experts") and leaf == "gate_up_proj":
+            F = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{stem}.{e}.gate_proj.weight"] = t[e, :F]
+                out[f"{stem}.{e}.up_proj.weight"] = t[e, F:]
+        elif stem.endswith("mlp.experts") and leaf == "down_proj":
+            out.update({f"{stem}.{e}.down_proj.weight": t[e] for e in range(t.shape[0])})
         else:
             out[name] = t
     return out
@@ -95,9 +100,14 @@ def _state_from_hf(model, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Inverse of `_hf_tensors` onto the model's state-dict keys."""
     out = {}
     for name, t in model.state_dict().items():
-        m = re.fullmatch(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)", name)
-        out[name] = (torch.stack([hf[f"{m.group(1)}.{e}.{m.group(2)}.weight"] for e in range(t.shape[0])])
-                     if m else hf[name])
+        stem, _, leaf = name.rpartition(".")
+        if stem.endswith("mlp.experts") and leaf == "gate_up_proj":
+            out[name] = torch.stack([torch.cat([hf[f"{stem}.{e}.gate_proj.weight"], hf[f"{stem}.{e}.up_proj.weight"]])
+                                     for e in range(t.shape[0])])
+        elif stem.endswith("mlp.experts") and leaf == "down_proj":
+            out[name] = torch.stack([hf[f"{stem}.{e}.down_proj.weight"] for e in range(t.shape[0])])
+        else:
+            out[name] = hf[name]
     return out
 
 

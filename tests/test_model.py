@@ -62,19 +62,20 @@ def test_cache_overflow_is_a_clear_error(tiny):
         tiny(torch.zeros(1, 9, dtype=torch.long), 0, cache)
 
 
-@pytest.mark.parametrize("n_tokens", [1, 5, 300])  # sliced (decode) and grouped_mm paths
-def test_grouped_experts_equal_reference_loop(tiny, n_tokens):
+@pytest.mark.parametrize("n_tokens", [1, 5, 300])
+@pytest.mark.parametrize("grouped", [True, False])  # one grouped_mm, or one matmul per used expert
+def test_grouped_experts_equal_reference_loop(tiny, n_tokens, grouped):
     moe = tiny.layers[1].mlp
     x = torch.randn(1, n_tokens, TINY.hidden_size, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
-    y = moe(x)
+    y = moe(x, grouped=grouped)
     load = moe.load.clone()
     y_ref = moe(x_ref, reference=True)
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
     assert torch.equal(load, moe.load) and load.sum() == n_tokens * TINY.num_experts_per_tok
     g = torch.randn_like(y)
-    grads = torch.autograd.grad((y * g).sum(), [x, moe.experts.gate_proj, moe.experts.down_proj])
-    grads_ref = torch.autograd.grad((y_ref * g).sum(), [x_ref, moe.experts.gate_proj, moe.experts.down_proj])
+    grads = torch.autograd.grad((y * g).sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj])
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), [x_ref, moe.experts.gate_up_proj, moe.experts.down_proj])
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint folders: load and save K2's layout, FP8 block and INT4 group weights.
 
 The one translation table between openk2 and HF lives here, and it is short because the model
-already uses HF's module names: only the stacked routed experts (`mlp.experts.gate_proj` [E, F, D])
-are split into / joined from HF's per-expert tensors (`mlp.experts.{e}.gate_proj.weight`).
+already uses HF's module names: only the stacked routed experts (`mlp.experts.gate_up_proj`
+[E, 2F, D] with gate rows first, `mlp.experts.down_proj` [E, D, F]) are split into / joined from HF's
+per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`).
 Loading goes shard by shard through safetensors' mmap and copies each tensor once into a model
 built on `meta`, so a checkpoint is never in memory twice. Quantised weights are dequantised on
 the way in: block FP8 (`weight_scale_inv`, 128×128 tiles, K2-SPEC §4.2) and compressed-tensors
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from openk2.config import ModelConfig
-from openk2.model.transformer import Transformer
+from openk2.model.transformer import Transformer, cast
 
 FP8_BLOCK = 128
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -134,11 +135,8 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
     shards = _Shards(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    for name, b in model.named_buffers():  # fp32 before the copy: a bf16 buffer would round it
-        if name.endswith("e_score_correction_bias"):
-            b.data = b.data.float()
-    params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    model = cast(model.to_empty(device=device), dtype)  # router stays fp32: the copy must not round it
+    targets = dict(_hf_entries(model))  # HF name -> the view of our tensor it fills
     filled: set[str] = set()
     by_file = shards.by_file()
     for file in tqdm(sorted(by_file), desc=f"loading {folder.name}", disable=not progress, unit="shard"):
@@ -147,46 +145,43 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
             if _is_companion(name) or (layer and int(layer.group(1)) >= cfg.num_hidden_layers):
                 continue  # scales are read with their weight; MTP layers are not run
             hf_name, t = _read_weight(shards, name)
-            expert = _EXPERT.match(hf_name)
-            ours = f"{expert.group(1)}.{expert.group(3)}" if expert else hf_name
-            if ours not in params:
+            if hf_name not in targets:
                 raise KeyError(f"{file}: unexpected tensor {hf_name} for this config")
-            dest = params[ours][int(expert.group(2))] if expert else params[ours]
+            dest = targets[hf_name]
             if tuple(t.shape) != tuple(dest.shape):
                 raise ValueError(f"{file}: tensor {hf_name} has shape {tuple(t.shape)}, "
                                  f"the config expects {tuple(dest.shape)}")
             with torch.no_grad():
                 dest.copy_(t)
-            filled.add(f"{ours}.{expert.group(2)}" if expert else ours)
-    _check_complete(model, filled, folder)
+            filled.add(hf_name)
+    optional = "e_score_correction_bias" if cfg.topk_method != "noaux_tc" else "\0"  # absent for greedy
+    missing = [n for n in targets if n not in filled and not n.endswith(optional)]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}{more}")
     model.init_buffers()
     return model
 
 
-def _check_complete(model: Transformer, filled: set[str], folder: Path):
-    optional = "e_score_correction_bias" if model.cfg.topk_method != "noaux_tc" else None
-    missing = [hf for hf, _ in _hf_entries(model)
-               if _ours_key(hf) not in filled and not (optional and hf.endswith(optional))]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}{more}")
-
-
-def _ours_key(hf_name: str) -> str:
-    m = _EXPERT.match(hf_name)
-    return f"{m.group(1)}.{m.group(3)}.{m.group(2)}" if m else hf_name
-
-
 # --- writing -------------------------------------------------------------------------------------
 def _hf_entries(model: Transformer):
-    """(HF name, tensor view) for every tensor of the checkpoint, routed experts split."""
+    """(HF name, view of our tensor) for every checkpoint tensor: the one name/layout table.
+
+    Identity for everything but the stacked routed experts: gate_up_proj[e] splits into
+    `experts.{e}.gate_proj.weight` (first F rows) and `up_proj` (last F), down_proj[e] is `down_proj`.
+    """
     named = dict(model.named_parameters())
     named.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
     for name, t in named.items():
-        if name.endswith(("experts.gate_proj", "experts.up_proj", "experts.down_proj")):
-            stem, proj = name.rsplit(".", 1)
+        stem, _, leaf = name.rpartition(".")
+        if stem.endswith("mlp.experts") and leaf == "gate_up_proj":
             for e in range(t.shape[0]):
-                yield f"{stem}.{e}.{proj}.weight", t[e]
+                gate, up = t[e].chunk(2, dim=0)
+                yield f"{stem}.{e}.gate_proj.weight", gate
+                yield f"{stem}.{e}.up_proj.weight", up
+        elif stem.endswith("mlp.experts") and leaf == "down_proj":
+            for e in range(t.shape[0]):
+                yield f"{stem}.{e}.down_proj.weight", t[e]
         else:
             yield name, t
 

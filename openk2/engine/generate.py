@@ -5,12 +5,31 @@ tests/test_generate.py checks the two give identical greedy tokens. The batching
 paged cache and continuous batching is a separate, later piece.
 """
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
 
 from openk2.engine.sampler import SamplingParams, sample
 from openk2.model.transformer import Transformer
+
+
+@contextlib.contextmanager
+def decode_kernels(model: Transformer, rows: int):
+    """Matmul kernels for a decode step of `rows` tokens.
+
+    On CPU, oneDNN's bf16/fp16 matmul costs ~30 µs a call whatever its size, while ATen's own kernel
+    takes ~11 µs for a single row (and far longer for many): one- or two-row decode steps, where
+    every matmul is a matrix-vector product, run without oneDNN (bench/forward.py measures it).
+    """
+    w = model.lm_head.weight
+    off = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and rows <= 2
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = before and not off
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def _generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -40,7 +59,8 @@ def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: Sampli
         done |= torch.isin(tok, stops)
         if done.all() or step == params.max_tokens - 1:
             return
-        logits = model(tok[:, None], S + step, cache)[:, -1]
+        with decode_kernels(model, B):
+            logits = model(tok[:, None], S + step, cache)[:, -1]
 
 
 def generate(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -25,14 +25,14 @@ from openk2.model.rope import apply_rope
 
 @dataclass
 class LatentCache:
-    """One layer's cache: normalised latent kv [B, T_max, C] and roped shared key pe [B, T_max, R]."""
-    kv: torch.Tensor
-    pe: torch.Tensor
+    """One layer's cache: per token the normalised C-d latent and the roped R-d shared key, side by
+    side in one row (ckv [B, T_max, C + R]: 576 values per token for K2), so one matmul scores both."""
+    ckv: torch.Tensor
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device=None) -> "LatentCache":
-        return cls(torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
-                   torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device))
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return cls(torch.zeros(batch, max_len, width, dtype=dtype, device=device))
 
 
 def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:
@@ -76,24 +76,21 @@ class MLA(nn.Module):
         q_nope_BSHP, q_pe_BSHR = self._query(x_BSD)
         q_pe_BSHR = apply_rope(q_pe_BSHR, cos, sin)
         kv_BSc = self.kv_a_proj_with_mqa(x_BSD)
-        kv_BTC = self.kv_a_layernorm(kv_BSc[..., :C])
-        pe_BTR = apply_rope(kv_BSc[..., C:], cos, sin)
+        ckv_BTc = torch.cat([self.kv_a_layernorm(kv_BSc[..., :C]), apply_rope(kv_BSc[..., C:], cos, sin)], -1)
         if cache is not None:
-            cache.kv[:B, start_pos:start_pos + S] = kv_BTC
-            cache.pe[:B, start_pos:start_pos + S] = pe_BTR
-            kv_BTC, pe_BTR = cache.kv[:B, :start_pos + S], cache.pe[:B, :start_pos + S]
-        mask_ST = None
-        if start_pos or kv_BTC.shape[1] != S:
-            mask_ST = causal_mask(S, kv_BTC.shape[1], start_pos, x_BSD.device)
-        if absorb:
-            out_BSHO = self._absorbed(q_nope_BSHP, q_pe_BSHR, kv_BTC, pe_BTR, mask_ST)
-        else:
-            out_BSHO = self._materialised(q_nope_BSHP, q_pe_BSHR, kv_BTC, pe_BTR, mask_ST)
+            cache.ckv[:B, start_pos:start_pos + S] = ckv_BTc
+            ckv_BTc = cache.ckv[:B, :start_pos + S]
+        # mask: None when one query follows all its keys (decode); for S == T plain causal, built lazily
+        T = ckv_BTc.shape[1]
+        mask_ST = causal_mask(S, T, start_pos, x_BSD.device) if 1 < S != T else None
+        path = self._absorbed if absorb else self._materialised
+        out_BSHO = path(q_nope_BSHP, q_pe_BSHR, ckv_BTc, mask_ST, causal=S > 1)
         return self.o_proj(out_BSHO.flatten(2))
 
-    def _materialised(self, q_nope_BSHP, q_pe_BSHR, kv_BTC, pe_BTR, mask_ST):
+    def _materialised(self, q_nope_BSHP, q_pe_BSHR, ckv_BTc, mask_ST, causal: bool):
         cfg = self.cfg
-        B, T, _ = kv_BTC.shape
+        B, T, _ = ckv_BTc.shape
+        kv_BTC, pe_BTR = ckv_BTc.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         H, P = cfg.num_attention_heads, cfg.qk_nope_head_dim
         kv_BTHx = self.kv_b_proj(kv_BTC).view(B, T, H, P + cfg.v_head_dim)
         k_nope_BTHP, v_BTHO = kv_BTHx.split([P, cfg.v_head_dim], dim=-1)
@@ -102,40 +99,49 @@ class MLA(nn.Module):
         k_BHTK, v_BHTO = k_BTHK.transpose(1, 2), v_BTHO.transpose(1, 2)
         if self.record_max_logits:
             scores_BHST = (q_BHSK @ k_BHTK.transpose(-1, -2)).float() * self.softmax_scale
-            probs_BHST = self._softmax_recording(scores_BHST, mask_ST, head_dim=1)
+            probs_BHST = self._softmax_recording(scores_BHST, mask_ST, causal, head_dim=1)
             out_BHSO = probs_BHST.to(v_BHTO.dtype) @ v_BHTO
-        else:
+        else:  # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
+            O, K = cfg.v_head_dim, cfg.qk_head_dim
+            v_pad = F.pad(v_BHTO, (0, K - O)) if K > O else v_BHTO
             out_BHSO = F.scaled_dot_product_attention(
-                q_BHSK, k_BHTK, v_BHTO, attn_mask=mask_ST, is_causal=mask_ST is None,
-                scale=self.softmax_scale)
+                q_BHSK, k_BHTK, v_pad, attn_mask=mask_ST, is_causal=causal and mask_ST is None,
+                scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)
 
-    def _absorbed(self, q_nope_BSHP, q_pe_BSHR, kv_BTC, pe_BTR, mask_ST):
+    def _absorbed(self, q_nope_BSHP, q_pe_BSHR, ckv_BTc, mask_ST, causal: bool):
         cfg = self.cfg
-        H, P = cfg.num_attention_heads, cfg.qk_nope_head_dim
-        wkv_b_HxC = self.kv_b_proj.weight.view(H, P + cfg.v_head_dim, cfg.kv_lora_rank)
+        B, S, H, P = q_nope_BSHP.shape
+        C, O = cfg.kv_lora_rank, cfg.v_head_dim
+        wkv_b_HxC = self.kv_b_proj.weight.view(H, P + O, C)
         w_uk_HPC, w_uv_HOC = wkv_b_HxC[:, :P], wkv_b_HxC[:, P:]
-        q_lat_BSHC = torch.einsum("bshp,hpc->bshc", q_nope_BSHP, w_uk_HPC)
-        scores_BSHT = (torch.einsum("bshc,btc->bsht", q_lat_BSHC, kv_BTC)
-                       + torch.einsum("bshr,btr->bsht", q_pe_BSHR, pe_BTR)).float() * self.softmax_scale
-        if mask_ST is None:
-            S = scores_BSHT.shape[1]
+        # fold W_UK into the query: q_nope·(W_UK c) = (W_UKᵀ q_nope)·c   ("bshp,hpc->bshc")
+        q_lat_HNC = torch.bmm(q_nope_BSHP.reshape(B * S, H, P).transpose(0, 1), w_uk_HPC)
+        q_BXc = torch.cat([q_lat_HNC.transpose(0, 1).reshape(B, S * H, C),  # X = S·H query rows
+                           q_pe_BSHR.reshape(B, S * H, -1)], dim=-1)
+        # one matmul scores latent and rotary parts: [c ; k_pe] per cached token  ("bxc,btc->bxt")
+        scores_BSHT = torch.bmm(q_BXc, ckv_BTc.transpose(1, 2)).view(B, S, H, -1).float() * self.softmax_scale
+        if causal and mask_ST is None:
             mask_ST = causal_mask(S, S, 0, scores_BSHT.device)
-        mask_S1T = mask_ST[:, None, :]
+        mask_S1T = mask_ST[:, None, :] if mask_ST is not None else None
         if self.record_max_logits:
-            probs_BSHT = self._softmax_recording(scores_BSHT, mask_S1T, head_dim=2)
-        else:
+            probs_BSHT = self._softmax_recording(scores_BSHT, mask_S1T, False, head_dim=2)
+        elif mask_S1T is not None:
             probs_BSHT = scores_BSHT.masked_fill(~mask_S1T, float("-inf")).softmax(-1)
-        o_lat_BSHC = torch.einsum("bsht,btc->bshc", probs_BSHT.to(kv_BTC.dtype), kv_BTC)
-        return torch.einsum("bshc,hoc->bsho", o_lat_BSHC, w_uv_HOC)
+        else:
+            probs_BSHT = scores_BSHT.softmax(-1)
+        # values stay latent: o_lat = probs·c, then W_UV up-projects per head  ("bsht,btc->bshc")
+        o_lat_BXC = torch.bmm(probs_BSHT.to(ckv_BTc.dtype).view(B, S * H, -1), ckv_BTc[..., :C])
+        out_HNO = torch.bmm(o_lat_BXC.view(B * S, H, C).transpose(0, 1), w_uv_HOC.transpose(1, 2))
+        return out_HNO.transpose(0, 1).reshape(B, S, H, O)
 
-    def _softmax_recording(self, scores, mask, head_dim: int):
+    def _softmax_recording(self, scores, mask, causal: bool, head_dim: int):
         """Softmax over the last dim, keeping the per-head max of the unmasked fp32 logits."""
+        if mask is None and causal:
+            S, T = scores.shape[-2:]
+            mask = causal_mask(S, T, T - S, scores.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            S, T = scores.shape[-2:]
-            scores = scores.masked_fill(~causal_mask(S, T, T - S, scores.device), float("-inf"))
         other = [d for d in range(scores.dim()) if d != head_dim]
         self.max_logits = scores.detach().amax(dim=other)
         return scores.softmax(-1)

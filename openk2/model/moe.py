@@ -2,8 +2,8 @@
 
 Router (K2-SPEC §3.6): sigmoid scores in fp32; `e_score_correction_bias` is added for *selection*
 only; optional group-limited top-k; weights are the unbiased scores, normalised, then scaled by
-`routed_scaling_factor`. Routed experts are stacked ([E, F, D] / [E, D, F]) so that one grouped
-matmul serves all experts; `LocalDispatcher` sorts tokens by expert and puts them back, the seam
+`routed_scaling_factor`. Routed experts are stacked (gate+up [E, 2F, D], down [E, D, F]) so that one
+grouped matmul serves all experts; `LocalDispatcher` sorts tokens by expert and puts them back, the seam
 expert parallelism will swap. `Experts.forward_reference` is the obviously-correct loop that
 tests/test_model.py binds to the grouped path. Each forward leaves per-expert token counts in
 `MoE.load` (for balancing and diagnostics).
@@ -62,65 +62,67 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x_ND):
-        logits_NE = F.linear(x_ND.float(), self.weight.float())  # fp32, as the reference
-        return route(logits_NE, self.e_score_correction_bias.float(), self.cfg)
+        logits_NE = F.linear(x_ND.float(), self.weight.float())  # fp32, as the reference (no-op casts
+        return route(logits_NE, self.e_score_correction_bias.float(), self.cfg)  # after `cast`)
 
 
 class LocalDispatcher:
     """Sort (token, slot) pairs by expert so each expert sees one contiguous slice, then undo it."""
 
-    def dispatch(self, x_ND, topk_idx_NK, n_experts: int):
+    def dispatch(self, x_ND, topk_idx_NK, topk_w_NK, n_experts: int):
         flat_M = topk_idx_NK.flatten()
         order_M = flat_M.argsort(stable=True)
         counts_E = torch.bincount(flat_M, minlength=n_experts)
-        x_MD = x_ND[order_M // topk_idx_NK.shape[1]]
-        return x_MD, counts_E, order_M
+        x_MD = x_ND.index_select(0, order_M // topk_idx_NK.shape[1])
+        w_M = topk_w_NK.flatten().index_select(0, order_M).to(x_ND.dtype)
+        return x_MD, counts_E, w_M, order_M
 
-    def combine(self, y_MD, topk_w_NK, order_M):
-        N, K = topk_w_NK.shape
-        w_M = topk_w_NK.flatten()[order_M, None].to(y_MD.dtype)
-        out_ND = y_MD.new_zeros(N, y_MD.shape[-1])
-        return out_ND.index_add_(0, order_M // K, y_MD * w_M)
+    def combine(self, y_MD, order_M, n_tokens: int, k: int):
+        out_ND = y_MD.new_zeros(n_tokens, y_MD.shape[-1])
+        return out_ND.index_add_(0, order_M // k, y_MD)
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts, stacked. HF stores them one by one (`experts.{e}.gate_proj.weight`)."""
+    """E SwiGLU experts, stacked: gate and up fused as gate_up_proj [E, 2F, D] (gate rows first),
+    down_proj [E, D, F]. HF stores them one by one (`experts.{e}.gate_proj.weight`, ...)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, D, F_ = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
-        self.up_proj = nn.Parameter(torch.empty(E, F_, D))
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
-    def forward(self, x_MD, counts_E):
-        """Grouped: rows of x_MD are sorted by expert, counts_E[e] rows each."""
-        if x_MD.shape[0] <= 64:  # few rows (decode): one matmul per used expert beats a grouped call
-            return self._sliced(x_MD, counts_E)
-        offs_E = counts_E.cumsum(0).to(torch.int32)
-        h = F.silu(F.grouped_mm(x_MD, self.gate_proj.transpose(1, 2), offs=offs_E))
-        h = h * F.grouped_mm(x_MD, self.up_proj.transpose(1, 2), offs=offs_E)
-        return F.grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs_E)
+    def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
+        """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M.
 
-    def _sliced(self, x_MD, counts_E):
+        grouped: one `grouped_mm` for all experts, a fused kernel on CUDA; on CPU it loops over every
+        expert internally and runs slower than one matmul per used expert (bench/forward.py), so the
+        default is grouped on CUDA only.
+        """
+        if grouped if grouped is not None else x_MD.is_cuda:
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+            h_MF = F.silu(gate).mul_(up).mul_(w_M[:, None])  # scale the F-wide hidden, not the output
+            return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
         out, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             if n:
-                x = x_MD[start:start + n]
-                out.append(F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]),
-                                    self.down_proj[e]))
+                gate, up = F.linear(x_MD[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                out.append(F.linear(F.silu(gate).mul_(up), self.down_proj[e]))
                 start += n
-        return torch.cat(out)
+        return torch.cat(out).mul_(w_M[:, None])
 
     def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
         """The specification: for each expert, its tokens through its SwiGLU, weighted, summed."""
         out_ND = torch.zeros_like(x_ND)
-        for e in range(self.gate_proj.shape[0]):
+        F_ = self.down_proj.shape[-1]
+        for e in range(self.gate_up_proj.shape[0]):
             tok, slot = torch.where(topk_idx_NK == e)
             if tok.numel() == 0:
                 continue
+            w_gate, w_up = self.gate_up_proj[e, :F_], self.gate_up_proj[e, F_:]
             x = x_ND[tok]
-            y = (F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)) @ self.down_proj[e].T
+            y = (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ self.down_proj[e].T
             out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
         return out_ND
 
@@ -136,15 +138,17 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher()
         self.load: torch.Tensor | None = None  # [E] tokens routed to each expert by the last forward
 
-    def forward(self, x_BSD, reference: bool = False):
+    def forward(self, x_BSD, reference: bool = False, grouped: bool | None = None):
         x_ND = x_BSD.reshape(-1, x_BSD.shape[-1])
         topk_idx_NK, topk_w_NK = self.gate(x_ND)
         if reference:
             y_ND = self.experts.forward_reference(x_ND, topk_idx_NK, topk_w_NK)
             self.load = torch.bincount(topk_idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
         else:
-            x_MD, counts_E, order_M = self.dispatcher.dispatch(x_ND, topk_idx_NK, self.cfg.n_routed_experts)
-            y_ND = self.dispatcher.combine(self.experts(x_MD, counts_E), topk_w_NK, order_M)
+            x_MD, counts_E, w_M, order_M = self.dispatcher.dispatch(
+                x_ND, topk_idx_NK, topk_w_NK, self.cfg.n_routed_experts)
+            y_MD = self.experts(x_MD, counts_E, w_M, grouped)
+            y_ND = self.dispatcher.combine(y_MD, order_M, x_ND.shape[0], self.cfg.num_experts_per_tok)
             self.load = counts_E
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)

@@ -1,6 +1,7 @@
 """RMSNorm with the reference numerics: normalise in fp32, cast back, then apply the weight."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,6 +12,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm on fp32 is x · rsqrt(mean(x²) + eps), fused (tests/test_model.py checks the formula)
+        y = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
         return self.weight * y.to(x.dtype)  # weight after the downcast (K2-SPEC §3.1)

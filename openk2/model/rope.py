@@ -41,16 +41,15 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, mult
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, mult: float = 1.0):
-    """cos, sin of shape [*positions.shape, R/2] in fp32."""
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, mult: float = 1.0, dtype=torch.float32):
+    """cos, sin of shape [*positions.shape, R/2], computed in fp32, returned in `dtype`."""
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos() * mult, angles.sin() * mult
+    return (angles.cos() * mult).to(dtype), (angles.sin() * mult).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs. x [B, S, R] or [B, S, H, R]; cos/sin [S, R/2]."""
     if x.dim() == 4:  # per-head input: broadcast over H
         cos, sin = cos[:, None], sin[:, None]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)

@@ -90,12 +90,12 @@ class Transformer(nn.Module):
         reference: run routed experts through the per-expert reference loop.
         """
         B, S = input_ids.shape
-        if cache is not None and start_pos + S > cache[0].kv.shape[1]:
-            raise ValueError(f"cache holds {cache[0].kv.shape[1]} positions, need {start_pos + S}")
+        if cache is not None and start_pos + S > cache[0].ckv.shape[1]:
+            raise ValueError(f"cache holds {cache[0].ckv.shape[1]} positions, need {start_pos + S}")
         absorb = cache is not None if absorb is None else absorb
         positions = torch.arange(start_pos, start_pos + S, device=input_ids.device)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult)
         x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache[i] if cache is not None else None, start_pos, absorb, reference)
         return self.lm_head(self.model.norm(x))
@@ -123,10 +123,20 @@ def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int |
     """A randomly initialised model: constructed on meta, materialised once on `device`."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    for name, b in model.named_buffers():  # keep fp32 buffers fp32 (rope tables, router bias)
-        b.data = b.data.float()
-    return model.init_weights(seed)
+    return cast(model.to_empty(device=device), dtype).init_weights(seed)
+
+
+def cast(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """Model weights to `dtype`; routers (gate weight, correction bias) and rope tables stay fp32.
+
+    The router runs in fp32 (as the reference does); holding its small weight in fp32 saves an
+    upcast per forward, and the correction bias is accumulated in small steps by balancing.
+    """
+    model.to(dtype)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.endswith(("mlp.gate.weight", "e_score_correction_bias", "inv_freq")):
+            t.data = t.data.float()
+    return model
 
 
 def count_params(model: nn.Module) -> int:
