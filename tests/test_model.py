@@ -206,3 +206,23 @@ def test_bf16_forward_close_to_fp32(tiny):
     assert (out - ref).abs().mean() < 0.02 * ref.abs().mean()
     assert (out - ref).abs().max() < 0.2 * ref.abs().max()
     assert math.isfinite(out.sum().item())
+
+
+def test_lm_loss_and_backward_reach_every_used_parameter(tiny):
+    from openk2.model import lm_loss
+    ids = torch.randint(0, TINY.vocab_size, (2, 33))
+    targets = ids[:, 1:].clone()
+    targets[0, :5] = -100  # ignored positions
+    logits = tiny(ids[:, :-1])
+    loss = lm_loss(logits, targets)
+    keep = targets != -100
+    manual = -logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][keep].mean()
+    torch.testing.assert_close(loss, manual)
+    assert abs(loss.item() - math.log(TINY.vocab_size)) < 0.5  # near-uniform at init
+    loss.backward()
+    for name, p in tiny.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if "experts.gate_up_proj" not in name and "experts.down_proj" not in name:
+            assert p.grad.abs().sum() > 0, name
+    assert tiny.layers[1].mlp.gate.e_score_correction_bias.grad is None  # a buffer: no gradient
+    tiny.zero_grad(set_to_none=True)
