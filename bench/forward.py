@@ -17,12 +17,12 @@ import time
 
 import torch
 import transformers
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3ForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from openk2.checkpoint.hf import save_hf
 from openk2.config import PRESETS
-from openk2.engine.generate import generate_stream
+from openk2.engine.generate import decode_kernels, generate_stream
 from openk2.engine.sampler import SamplingParams
 from openk2.model import build_model
 
@@ -61,7 +61,7 @@ def bench_moe_eager(ours, theirs, cfg, dtype, reps):
 
 
 def bench_prefill(ours, theirs, cfg, reps):
-    ids = torch.randint(0, cfg.vocab_size - 512, (4, 512), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, cfg.vocab_size // 2, (4, 512), generator=torch.Generator().manual_seed(2))
     ours_s, theirs_s = time_pair(lambda: ours(ids), lambda: theirs(ids, use_cache=False), 1, reps)
     return ids.numel() / ours_s, ids.numel() / theirs_s
 
@@ -97,7 +97,7 @@ def decode_theirs(model, ids):
 
 
 def bench_decode(ours, theirs, cfg, reps):
-    ids = torch.randint(0, cfg.vocab_size - 512, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, cfg.vocab_size // 2, (1, PROMPT), generator=torch.Generator().manual_seed(3))
     decode_ours(ours, ids), decode_theirs(theirs, ids)  # warm-up
     runs = [(decode_ours(ours, ids), decode_theirs(theirs, ids)) for _ in range(reps)]
     same = (runs[0][0][1] == runs[0][1][1]).sum().item()
@@ -108,15 +108,12 @@ def bench_decode(ours, theirs, cfg, reps):
 def load_pair(cfg, dtype, folder):
     ours = build_model(cfg, dtype=dtype, seed=0).eval()
     save_hf(ours, folder, progress=False)
-    # transformers picks its per-expert -> fused-expert key conversion by model_type and has none for
-    # "kimi_k2" (it would leave the experts randomly initialised): call it deepseek_v3, as the tests do
-    hf_cfg = DeepseekV3Config.from_pretrained(folder).to_dict()
-    hf_cfg = DeepseekV3Config.from_dict({**hf_cfg, "model_type": "deepseek_v3"})
-    theirs, info = DeepseekV3ForCausalLM.from_pretrained(folder, config=hf_cfg, dtype=dtype,
-                                                         output_loading_info=True)
+    # the small presets are model_type deepseek_v3, which transformers loads natively (for kimi_k2 it
+    # has no expert-key conversion and would leave the experts random: the assert below catches it)
+    theirs, info = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     theirs.eval()
-    ids = torch.randint(0, cfg.vocab_size - 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg.vocab_size // 2, (2, 64), generator=torch.Generator().manual_seed(0))
     ref = ours(ids).float()
     diff = (ref - theirs(ids, use_cache=False).logits.float()).abs().max().item()
     impl = f"attn={theirs.config._attn_implementation}, experts={theirs.config._experts_implementation}"
@@ -130,9 +127,10 @@ def profile_decode_step(model, cfg):
     cache = model.new_cache(1, PROMPT + 1)
     model(torch.randint(0, 1000, (1, PROMPT)), 0, cache)
     tok = torch.tensor([[5]])
-    model(tok, PROMPT, cache)  # warm-up (overwrites the same slot)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(tok, PROMPT, cache)
+    with decode_kernels(model, 1):  # as generate runs a decode step
+        model(tok, PROMPT, cache)  # warm-up (overwrites the same slot)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(tok, PROMPT, cache)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

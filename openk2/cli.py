@@ -1,11 +1,24 @@
 """`openk2` command line: thin dispatch onto the library."""
 
 import argparse
+import codecs
+import os
 import sys
 import time
 from pathlib import Path
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _check_memory(cfg, dtype):
+    """Refuse, with a message, a model that cannot fit in this machine's available memory."""
+    from openk2.info import breakdown
+
+    need = breakdown(cfg).total * dtype.itemsize
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.9 * avail:
+        raise ValueError(f"this model needs {need / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                         f"the machine has {avail / 2**30:,.1f} GiB available")
 
 
 def _load(spec: str, dtype_name: str | None, seed: int):
@@ -18,19 +31,23 @@ def _load(spec: str, dtype_name: str | None, seed: int):
 
     dtype = getattr(torch, DTYPES[dtype_name]) if dtype_name else None
     path = Path(spec)
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        return load_hf(path, dtype=dtype)
     cfg = resolve_config(spec)
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        _check_memory(cfg, dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32))
+        return load_hf(path, dtype=dtype)
+    _check_memory(cfg, dtype or torch.float32)
     print(f"[openk2] {spec}: no weights, randomly initialised (seed {seed})", file=sys.stderr)
     return build_model(cfg, dtype=dtype or torch.float32, seed=seed)
 
 
 def _prompt_ids(args, vocab_size: int) -> list[int]:
-    if args.prompt_ids:
+    if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
         except ValueError:
             raise SystemExit(f"--prompt-ids must be integers separated by commas or spaces: {args.prompt_ids!r}")
+        if not ids:
+            raise SystemExit("--prompt-ids is empty")
         bad = [i for i in ids if not 0 <= i < vocab_size]
         if bad:
             raise SystemExit(f"--prompt-ids {bad} outside the vocabulary [0, {vocab_size})")
@@ -38,6 +55,8 @@ def _prompt_ids(args, vocab_size: int) -> list[int]:
     # byte-level until the model folder ships a tokenizer: UTF-8 bytes are ids 0..255
     if vocab_size < 256:
         raise SystemExit("--prompt needs a vocabulary of at least 256 byte ids; use --prompt-ids")
+    if not args.prompt:
+        raise SystemExit("--prompt is empty")
     return list(args.prompt.encode("utf-8"))
 
 
@@ -55,7 +74,8 @@ def cmd_generate(args):
     from openk2.engine.generate import generate_stream
     from openk2.engine.sampler import SamplingParams
 
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = _load(args.path, args.dtype, args.seed).eval()
     ids = _prompt_ids(args, model.cfg.vocab_size)
     eos = model.cfg.eos_token_id
@@ -63,10 +83,11 @@ def cmd_generate(args):
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop_token_ids=stops)
     out, t0 = [], time.perf_counter()
+    text = codecs.getincrementaldecoder("utf-8")("replace")  # multi-byte characters span tokens
     for tok in generate_stream(model, torch.tensor([ids]), params):
         out.append(int(tok[0]))
         if args.prompt_ids is None:
-            sys.stdout.write(bytes([out[-1]]).decode("utf-8", "replace") if out[-1] < 256 else f"<{out[-1]}>")
+            sys.stdout.write(text.decode(bytes([out[-1]])) if out[-1] < 256 else f"<{out[-1]}>")
             sys.stdout.flush()
     dt = time.perf_counter() - t0
     if args.prompt_ids is not None:
@@ -107,8 +128,15 @@ def cmd_demo(args):
     ids = generate(loaded, prompt, params)
     dt = time.perf_counter() - t0
     same = torch.equal(ids, generate_recompute(loaded, prompt, params))
-    print(f"greedy, {32 / dt:.0f} tok/s on the latent cache (= full recompute: {same}): {ids[0].tolist()}")
+    print(f"greedy, {ids.shape[1] / dt:.0f} tok/s on the latent cache (= full recompute: {same}): {ids[0].tolist()}")
     print(f"next: .venv/bin/openk2 generate {folder} --prompt-ids 1,2,3 --temperature 0.8 --seed 1")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def main(argv=None):
@@ -122,22 +150,22 @@ def main(argv=None):
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt-ids", help="comma- or space-separated token ids")
     g.add_argument("--prompt", help="text (byte-level ids until the folder ships a tokenizer)")
-    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--max-tokens", type=_positive, default=32)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
-    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
     s.set_defaults(fn=cmd_generate)
     s = sub.add_parser("demo", help="the main job: arithmetic, a random small K2, round trip, generation")
-    s.add_argument("--preset", default="k2-small")
+    s.add_argument("--preset", default="k2-small", choices=["k2-small", "k2-tiny"])
     s.add_argument("--out", default="runs/demo", help="where the demo's HF folder is written")
     s.set_defaults(fn=cmd_demo)
     args = p.parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # bad input, files, safetensors
         raise SystemExit(f"openk2 {args.cmd}: error: {e}")
 
 

@@ -19,7 +19,7 @@ SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     # sizes
     vocab_size: int = 163840
@@ -42,8 +42,8 @@ class ModelConfig:
     moe_layer_freq: int = 1
     n_group: int = 1
     topk_group: int = 1
-    topk_method: str = "noaux_tc"  # noaux_tc | greedy | group_limited_greedy
-    scoring_func: str = "sigmoid"  # sigmoid | softmax
+    topk_method: str = "noaux_tc"  # the DeepSeek-V3 family's only method
+    scoring_func: str = "sigmoid"  # sigmoid (K2, V3) | softmax
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.827
     # positions
@@ -57,7 +57,7 @@ class ModelConfig:
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    num_nextn_predict_layers: int = 0  # MTP blocks: counted and kept out of the model (not run)
+    num_nextn_predict_layers: int = 0  # MTP blocks: skipped on load, not part of the model
     bos_token_id: int | None = 163584
     eos_token_id: int | list[int] | None = 163585
     pad_token_id: int | None = None
@@ -66,13 +66,19 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown config.json keys, kept verbatim
 
     def __post_init__(self):
+        # own copies: presets derived by dataclasses.replace must not share mutable dicts
+        object.__setattr__(self, "extra", dict(self.extra))
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rs.setdefault("original_max_position_embeddings", self.max_position_embeddings)  # as transformers
+            object.__setattr__(self, "rope_scaling", rs)
         problems = []
         if self.hidden_act != "silu":
             problems.append(f"hidden_act={self.hidden_act!r} (only 'silu' / SwiGLU)")
         if self.scoring_func not in ("sigmoid", "softmax"):
             problems.append(f"scoring_func={self.scoring_func!r} (sigmoid or softmax)")
-        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
-            problems.append(f"topk_method={self.topk_method!r}")
+        if self.topk_method != "noaux_tc":
+            problems.append(f"topk_method={self.topk_method!r} (only noaux_tc)")
         if self.n_routed_experts:
             if self.n_routed_experts % self.n_group:
                 problems.append(f"n_routed_experts={self.n_routed_experts} not divisible by n_group={self.n_group}")
@@ -84,6 +90,8 @@ class ModelConfig:
             problems.append(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         if self.rope_scaling and self.rope_type not in ("yarn", "default"):
             problems.append(f"rope_scaling type {self.rope_type!r} (only yarn)")
+        if self.rope_type == "yarn" and not self.rope_scaling.get("factor"):
+            problems.append("yarn rope_scaling without a factor")
         if problems:
             raise ValueError("unsupported model config: " + "; ".join(problems))
 
@@ -125,7 +133,7 @@ class ModelConfig:
         rope_params = d.pop("rope_parameters", None)  # transformers 5.x
         if rope_params is not None:
             rope_params = dict(rope_params)
-            d.setdefault("rope_theta", rope_params.pop("rope_theta", cls.rope_theta))
+            d.setdefault("rope_theta", rope_params.pop("rope_theta", 10000.0))
             kind = rope_params.pop("rope_type", rope_params.pop("type", "default"))
             d["rope_scaling"] = None if kind == "default" else {"type": kind, **rope_params}
         elif d.get("rope_scaling") is not None:

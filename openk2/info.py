@@ -90,6 +90,7 @@ def report(cfg: ModelConfig, name: str = "") -> str:
         ("  attention (all layers)", b.attention),
         ("  attention per layer", attention_params(cfg)),
         ("  dense MLP", b.dense_mlp), ("  routed experts", b.routed_experts),
+        ("  routed share of total", f"{100 * b.routed_experts / b.total:.1f}%"),
         ("  shared experts", b.shared_experts), ("  routers (gate + bias)", b.router),
         ("  norms", b.layer_norms),
         ("active per token (incl. embedding, lm_head)", b.active_per_token),
@@ -104,6 +105,5 @@ def report(cfg: ModelConfig, name: str = "") -> str:
     head = (f"{name or cfg.model_type}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
             f"{cfg.num_attention_heads} heads, {cfg.n_routed_experts or 0} experts "
             f"(top-{cfg.num_experts_per_tok} + {cfg.n_shared_experts} shared), vocab {cfg.vocab_size}")
-    lines = [head] + [f"{k:<{width}}  {v:>20,}" for k, v in rows]
-    lines.insert(8, f"{'  routed share of total':<{width}}  {100 * b.routed_experts / b.total:>19.1f}%")
+    lines = [head] + [f"{k:<{width}}  {v if isinstance(v, str) else f'{v:,}':>20}" for k, v in rows]
     return "\n".join(lines)

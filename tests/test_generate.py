@@ -77,3 +77,22 @@ def test_cli_generate_greedy_ids(capsys, tiny, tmp_path):
 def test_cli_generate_rejects_bad_ids():
     with pytest.raises(SystemExit, match="outside the vocabulary"):
         main(["generate", "k2-tiny", "--prompt-ids", "1,9999"])
+
+
+def test_bf16_decode_kernels_match_default_kernels():
+    """One-row bf16 decode steps run without oneDNN (engine.generate.decode_kernels): same logits."""
+    from openk2.engine.generate import decode_kernels
+    model = build_model(PRESETS["k2-tiny"], dtype=torch.bfloat16, seed=3).eval()
+    prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(4))
+    before = torch.backends.mkldnn.enabled
+    with torch.no_grad():
+        cache = model.new_cache(1, 13)
+        model(prompt[:, :11], 0, cache)
+        with decode_kernels(model, 1):
+            assert torch.backends.mkldnn.enabled is False
+            native = model(prompt[:, 11:], 11, cache).float()
+        assert torch.backends.mkldnn.enabled == before  # restored
+        default = model(prompt[:, 11:], 11, cache).float()
+    assert (native - default).abs().max() < 2e-2 * default.abs().max()
+    torch.testing.assert_close(generate(model, prompt, SamplingParams(max_tokens=6)),
+                               generate_recompute(model, prompt, SamplingParams(max_tokens=6)))

@@ -226,3 +226,45 @@ def test_lm_loss_and_backward_reach_every_used_parameter(tiny):
             assert p.grad.abs().sum() > 0, name
     assert tiny.layers[1].mlp.gate.e_score_correction_bias.grad is None  # a buffer: no gradient
     tiny.zero_grad(set_to_none=True)
+
+
+def test_cast_keeps_router_and_rope_tables_exact(tiny):
+    import copy
+    from openk2.model.transformer import cast
+    low = cast(copy.deepcopy(tiny), torch.bfloat16)
+    for name, t in tiny.named_parameters():
+        got = dict(low.named_parameters())[name]
+        if name.endswith("mlp.gate.weight"):
+            assert got.dtype == torch.float32 and torch.equal(got, t), name
+        else:
+            assert got.dtype == torch.bfloat16 and torch.equal(got, t.bfloat16()), name
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert torch.equal(dict(low.named_buffers())[bias], dict(tiny.named_buffers())[bias])
+    assert low.inv_freq.dtype == torch.float32 and torch.equal(low.inv_freq, rope_inv_freq(TINY)[0])
+
+
+def test_softmax_scoring_weights_are_softmax_probabilities():
+    cfg = dataclasses.replace(TINY, n_routed_experts=8, num_experts_per_tok=2, scoring_func="softmax",
+                              norm_topk_prob=False, routed_scaling_factor=1.0)
+    logits = torch.randn(6, 8)
+    idx, w = route(logits, torch.zeros(8), cfg)
+    torch.testing.assert_close(w, logits.softmax(-1).gather(1, idx))
+    assert set(idx[0].tolist()) == set(logits[0].topk(2).indices.tolist())
+
+
+def test_unsupported_routing_is_rejected():
+    with pytest.raises(ValueError, match="topk_method"):
+        dataclasses.replace(TINY, topk_method="greedy")
+    with pytest.raises(ValueError, match="scoring_func"):
+        dataclasses.replace(TINY, scoring_func="relu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_grouped_experts_equal_reference():
+    model = build_model(TINY, device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    moe = model.layers[1].mlp
+    x = torch.randn(1, 300, TINY.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast, ref = moe(x), moe(x, reference=True)
+    assert (fast.float() - ref.float()).abs().max() < 2e-2 * ref.float().abs().max()

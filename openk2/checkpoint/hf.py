@@ -12,6 +12,7 @@ INT4 (`weight_packed` / `weight_scale` / `weight_shape`, group 32, K2-SPEC §4.3
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from openk2 import __version__
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer, cast
 
@@ -32,11 +34,19 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 # --- quantised formats: pure functions, each direction ---------------------------------------------
+def _tile_scale(scale: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """One scale per block×block tile, expanded to [rows, cols] (edge tiles partial)."""
+    return scale.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+
+
 def dequant_fp8(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """W[i, j] = float(W_fp8[i, j]) · scale_inv[i // block, j // block] (edge tiles partial); fp32."""
+    """W[i, j] = float(W_fp8[i, j]) · scale_inv[i // block, j // block]; fp32."""
     rows, cols = w_fp8.shape
-    s = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return w_fp8.float() * s
+    want = (-(-rows // block), -(-cols // block))
+    if tuple(scale_inv.shape) != want:
+        raise ValueError(f"FP8 scale of shape {tuple(scale_inv.shape)} for a {rows}x{cols} weight with "
+                         f"{block}x{block} blocks (expected {want})")
+    return w_fp8.float() * _tile_scale(scale_inv, rows, cols, block)
 
 
 def quant_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,13 +56,15 @@ def quant_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, to
     tiles[:rows, :cols] = w.float()
     tiles = tiles.unflatten(0, (-1, block)).unflatten(2, (-1, block))  # [rt, block, ct, block]
     scale_inv = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
-    s = scale_inv.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-    return (w.float() / s).to(torch.float8_e4m3fn), scale_inv
+    return (w.float() / _tile_scale(scale_inv, rows, cols, block)).to(torch.float8_e4m3fn), scale_inv
 
 
 def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, shape, group: int = INT4_GROUP) -> torch.Tensor:
     """W = (code − 8) · scale[row, col // group]; eight codes per int32, lowest nibble first; fp32."""
     rows, cols = (int(n) for n in shape)
+    if tuple(packed.shape) != (rows, -(-cols // 8)) or tuple(scale.shape) != (rows, -(-cols // group)):
+        raise ValueError(f"INT4 tensors packed {tuple(packed.shape)} / scale {tuple(scale.shape)} do not fit "
+                         f"a {rows}x{cols} weight with groups of {group}")
     shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
     codes = (packed[..., None] >> shifts) & 0xF  # [rows, cols / 8, 8]
     q = codes.reshape(rows, -1)[:, :cols].float() - 8
@@ -114,15 +126,28 @@ def _is_companion(name: str) -> bool:
     return name.endswith(("_scale_inv", ".weight_scale", ".weight_shape", "rotary_emb.inv_freq"))
 
 
-def _read_weight(shards: _Shards, name: str) -> tuple[str, torch.Tensor]:
+def _quant_sizes(quant: dict | None) -> tuple[int, int]:
+    """(FP8 block, INT4 group) from a config.json `quantization_config` (K2's values by default)."""
+    quant = quant or {}
+    block = (quant.get("weight_block_size") or [FP8_BLOCK])[0]
+    groups = (quant.get("config_groups") or {}).values()
+    group = next((g.get("weights", {}).get("group_size") for g in groups if g.get("weights")), None)
+    return block, group or INT4_GROUP
+
+
+def _read_weight(shards: _Shards, name: str, block: int, group: int) -> tuple[str, torch.Tensor]:
     """(HF weight name, tensor), dequantising FP8 and INT4 storage."""
-    if name.endswith(".weight_packed"):
-        base = name[: -len("_packed")]
-        return base, dequant_int4(shards.get(name), shards.get(base + "_scale"), shards.get(base + "_shape"))
-    t = shards.get(name)
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return name, dequant_fp8(t, shards.get(name + "_scale_inv"))
-    return name, t
+    try:
+        if name.endswith(".weight_packed"):
+            base = name[: -len("_packed")]
+            packed, scale, shape = (shards.get(base + k) for k in ("_packed", "_scale", "_shape"))
+            return base, dequant_int4(packed, scale, shape, group)
+        t = shards.get(name)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return name, dequant_fp8(t, shards.get(name + "_scale_inv"), block)
+        return name, t
+    except ValueError as e:
+        raise ValueError(f"{shards.where[name]}: tensor {name}: {e}") from None
 
 
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
@@ -130,7 +155,9 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
     """A Transformer from a HF folder (config.json + safetensors). dtype None: the config's."""
     folder = Path(path)
     cfg = ModelConfig.from_json(folder)
-    cfg.extra.pop("quantization_config", None)  # weights are dequantised on load
+    block, group = _quant_sizes(cfg.extra.get("quantization_config"))
+    extra = {k: v for k, v in cfg.extra.items() if k != "quantization_config"}
+    cfg = dataclasses.replace(cfg, extra=extra)  # weights are dequantised on load
     dtype = dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32)
     shards = _Shards(folder)
     with torch.device("meta"):
@@ -144,7 +171,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
             layer = _LAYER.match(name)
             if _is_companion(name) or (layer and int(layer.group(1)) >= cfg.num_hidden_layers):
                 continue  # scales are read with their weight; MTP layers are not run
-            hf_name, t = _read_weight(shards, name)
+            hf_name, t = _read_weight(shards, name, block, group)
             if hf_name not in targets:
                 raise KeyError(f"{file}: unexpected tensor {hf_name} for this config")
             dest = targets[hf_name]
@@ -154,8 +181,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
             with torch.no_grad():
                 dest.copy_(t)
             filled.add(hf_name)
-    optional = "e_score_correction_bias" if cfg.topk_method != "noaux_tc" else "\0"  # absent for greedy
-    missing = [n for n in targets if n not in filled and not n.endswith(optional)]
+    missing = [n for n in targets if n not in filled]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}{more}")
@@ -204,7 +230,7 @@ def _encode(name: str, t: torch.Tensor, fmt: str, dtype: torch.dtype) -> dict[st
     return {name: t.float().contiguous() if keep_fp32 else t.to(dtype).contiguous()}
 
 
-def _quantization_config(fmt: str, cfg: ModelConfig) -> dict | None:
+def _quantization_config(fmt: str) -> dict | None:
     if fmt == "fp8":
         return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                 "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
@@ -219,41 +245,51 @@ def _quantization_config(fmt: str, cfg: ModelConfig) -> dict | None:
     return None
 
 
+def _stored_bytes(name: str, t: torch.Tensor, fmt: str, dtype: torch.dtype) -> int:
+    if fmt == "fp8" and _fp8_target(name):
+        return t.numel()
+    if fmt == "int4" and _EXPERT.match(name):
+        return t.numel() // 2
+    return t.numel() * (4 if name.endswith("e_score_correction_bias") else dtype.itemsize)
+
+
 def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = None, fmt: str = "bf16",
             max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
     """Write config.json + sharded safetensors + index in K2's layout.
 
     fmt: "bf16" (plain, in `dtype`, default the model's), "fp8" (block FP8 as K2-Instruct),
-    "int4" (routed experts as K2-Thinking's compressed-tensors, the rest plain).
+    "int4" (routed experts as K2-Thinking's compressed-tensors); the unquantised rest of an fp8 or
+    int4 folder is bf16 unless `dtype` says otherwise.
     """
     if fmt not in ("bf16", "fp8", "int4"):
         raise ValueError(f"fmt must be bf16, fp8 or int4, not {fmt!r}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or model.lm_head.weight.dtype
-    cfg = model.cfg
-    hf = cfg.to_hf_dict()
-    hf["torch_dtype"] = str(dtype if fmt == "bf16" else torch.bfloat16).removeprefix("torch.")
+    dtype = dtype or (model.lm_head.weight.dtype if fmt == "bf16" else torch.bfloat16)
+    hf = model.cfg.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf.pop("quantization_config", None)
     if fmt != "bf16":
-        hf["quantization_config"] = _quantization_config(fmt, cfg)
+        hf["quantization_config"] = _quantization_config(fmt)
     (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    # plan shards by size, then write each; one shard's tensors in memory at a time
+    # plan shards by the bytes written, then write each: one shard's tensors in memory at a time
+    entries = list(_hf_entries(model))
     plan, size = [[]], 0
-    for name, t in _hf_entries(model):
-        nbytes = t.numel() * (t.element_size() if fmt == "bf16" else 2)
+    for name, t in entries:
+        nbytes = _stored_bytes(name, t, fmt, dtype)
         if plan[-1] and size + nbytes > max_shard_bytes:
             plan.append([])
             size = 0
-        plan[-1].append(name)
+        plan[-1].append((name, t))
         size += nbytes
-    entries = dict(_hf_entries(model))
+    meta = {"format": "pt", "openk2_version": __version__, "torch_version": torch.__version__}
     weight_map, total = {}, 0
-    for k, names in enumerate(tqdm(plan, desc=f"saving {folder.name}", disable=not progress, unit="shard")):
+    for k, part in enumerate(tqdm(plan, desc=f"saving {folder.name}", disable=not progress, unit="shard")):
         file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
         shard = {}
-        for name in names:
-            shard.update(_encode(name, entries[name], fmt, dtype))
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        for name, t in part:
+            shard.update(_encode(name, t, fmt, dtype))
+        save_file(shard, str(folder / file), metadata=meta)
         for name, t in shard.items():
             weight_map[name] = file
             total += t.numel() * t.element_size()

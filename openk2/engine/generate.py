@@ -21,6 +21,7 @@ def decode_kernels(model: Transformer, rows: int):
     On CPU, oneDNN's bf16/fp16 matmul costs ~30 µs a call whatever its size, while ATen's own kernel
     takes ~11 µs for a single row (and far longer for many): one- or two-row decode steps, where
     every matmul is a matrix-vector product, run without oneDNN (bench/forward.py measures it).
+    The switch is process-wide (`torch.backends.mkldnn.enabled`): not for concurrent threads.
     """
     w = model.lm_head.weight
     off = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and rows <= 2

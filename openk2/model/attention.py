@@ -10,6 +10,8 @@ tests/test_model.py binds the two. When `record_max_logits` is set, the largest 
 
     B batch  S query positions  T key positions  D hidden  H heads  Q q latent rank
     C kv latent rank  P no-rope qk head dim  R rotary dim  O value head dim
+    A = P + R (q/k head dim)  L = C + R (latent cache row)  Y = P + O (kv_b_proj rows per head)
+    N = B·S  X = S·H (query rows per sequence in the absorbed path)
 """
 
 from dataclasses import dataclass
@@ -66,8 +68,8 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
         else:
             q = self.q_proj(x_BSD)
-        q_BSHK = q.view(B, S, self.cfg.num_attention_heads, self.cfg.qk_head_dim)
-        return q_BSHK.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
+        q_BSHA = q.view(B, S, self.cfg.num_attention_heads, self.cfg.qk_head_dim)
+        return q_BSHA.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
 
     def forward(self, x_BSD, cos, sin, cache: LatentCache | None = None, start_pos: int = 0,
                 absorb: bool = False):
@@ -75,52 +77,53 @@ class MLA(nn.Module):
         C = self.cfg.kv_lora_rank
         q_nope_BSHP, q_pe_BSHR = self._query(x_BSD)
         q_pe_BSHR = apply_rope(q_pe_BSHR, cos, sin)
-        kv_BSc = self.kv_a_proj_with_mqa(x_BSD)
-        ckv_BTc = torch.cat([self.kv_a_layernorm(kv_BSc[..., :C]), apply_rope(kv_BSc[..., C:], cos, sin)], -1)
+        kv_BSL = self.kv_a_proj_with_mqa(x_BSD)
+        ckv_BSL = torch.cat([self.kv_a_layernorm(kv_BSL[..., :C]), apply_rope(kv_BSL[..., C:], cos, sin)], -1)
+        ckv_BTL = ckv_BSL  # keys: this chunk, or everything cached up to it
         if cache is not None:
-            cache.ckv[:B, start_pos:start_pos + S] = ckv_BTc
-            ckv_BTc = cache.ckv[:B, :start_pos + S]
+            cache.ckv[:B, start_pos:start_pos + S] = ckv_BSL
+            ckv_BTL = cache.ckv[:B, :start_pos + S]
         # mask: None when one query follows all its keys (decode); for S == T plain causal, built lazily
-        T = ckv_BTc.shape[1]
+        T = ckv_BTL.shape[1]
         mask_ST = causal_mask(S, T, start_pos, x_BSD.device) if 1 < S != T else None
         path = self._absorbed if absorb else self._materialised
-        out_BSHO = path(q_nope_BSHP, q_pe_BSHR, ckv_BTc, mask_ST, causal=S > 1)
+        out_BSHO = path(q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal=S > 1)
         return self.o_proj(out_BSHO.flatten(2))
 
-    def _materialised(self, q_nope_BSHP, q_pe_BSHR, ckv_BTc, mask_ST, causal: bool):
+    def _materialised(self, q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal: bool):
         cfg = self.cfg
-        B, T, _ = ckv_BTc.shape
-        kv_BTC, pe_BTR = ckv_BTc.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        B, T, _ = ckv_BTL.shape
+        kv_BTC, pe_BTR = ckv_BTL.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         H, P = cfg.num_attention_heads, cfg.qk_nope_head_dim
-        kv_BTHx = self.kv_b_proj(kv_BTC).view(B, T, H, P + cfg.v_head_dim)
-        k_nope_BTHP, v_BTHO = kv_BTHx.split([P, cfg.v_head_dim], dim=-1)
-        k_BTHK = torch.cat([k_nope_BTHP, pe_BTR[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)
-        q_BHSK = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1).transpose(1, 2)
-        k_BHTK, v_BHTO = k_BTHK.transpose(1, 2), v_BTHO.transpose(1, 2)
+        kv_BTHY = self.kv_b_proj(kv_BTC).view(B, T, H, P + cfg.v_head_dim)
+        k_nope_BTHP, v_BTHO = kv_BTHY.split([P, cfg.v_head_dim], dim=-1)
+        k_BTHA = torch.cat([k_nope_BTHP, pe_BTR[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)
+        q_BHSA = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1).transpose(1, 2)
+        k_BHTA, v_BHTO = k_BTHA.transpose(1, 2), v_BTHO.transpose(1, 2)
         if self.record_max_logits:
-            scores_BHST = (q_BHSK @ k_BHTK.transpose(-1, -2)).float() * self.softmax_scale
+            scores_BHST = (q_BHSA @ k_BHTA.transpose(-1, -2)).float() * self.softmax_scale
             probs_BHST = self._softmax_recording(scores_BHST, mask_ST, causal, head_dim=1)
             out_BHSO = probs_BHST.to(v_BHTO.dtype) @ v_BHTO
         else:  # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
-            O, K = cfg.v_head_dim, cfg.qk_head_dim
-            v_pad = F.pad(v_BHTO, (0, K - O)) if K > O else v_BHTO
+            O, A = cfg.v_head_dim, cfg.qk_head_dim
+            v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
             out_BHSO = F.scaled_dot_product_attention(
-                q_BHSK, k_BHTK, v_pad, attn_mask=mask_ST, is_causal=causal and mask_ST is None,
+                q_BHSA, k_BHTA, v_pad, attn_mask=mask_ST, is_causal=causal and mask_ST is None,
                 scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)
 
-    def _absorbed(self, q_nope_BSHP, q_pe_BSHR, ckv_BTc, mask_ST, causal: bool):
+    def _absorbed(self, q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal: bool):
         cfg = self.cfg
         B, S, H, P = q_nope_BSHP.shape
         C, O = cfg.kv_lora_rank, cfg.v_head_dim
-        wkv_b_HxC = self.kv_b_proj.weight.view(H, P + O, C)
-        w_uk_HPC, w_uv_HOC = wkv_b_HxC[:, :P], wkv_b_HxC[:, P:]
+        wkv_b_HYC = self.kv_b_proj.weight.view(H, P + O, C)
+        w_uk_HPC, w_uv_HOC = wkv_b_HYC[:, :P], wkv_b_HYC[:, P:]
         # fold W_UK into the query: q_nope·(W_UK c) = (W_UKᵀ q_nope)·c   ("bshp,hpc->bshc")
         q_lat_HNC = torch.bmm(q_nope_BSHP.reshape(B * S, H, P).transpose(0, 1), w_uk_HPC)
-        q_BXc = torch.cat([q_lat_HNC.transpose(0, 1).reshape(B, S * H, C),  # X = S·H query rows
+        q_BXL = torch.cat([q_lat_HNC.transpose(0, 1).reshape(B, S * H, C),  # X = S·H query rows
                            q_pe_BSHR.reshape(B, S * H, -1)], dim=-1)
         # one matmul scores latent and rotary parts: [c ; k_pe] per cached token  ("bxc,btc->bxt")
-        scores_BSHT = torch.bmm(q_BXc, ckv_BTc.transpose(1, 2)).view(B, S, H, -1).float() * self.softmax_scale
+        scores_BSHT = torch.bmm(q_BXL, ckv_BTL.transpose(1, 2)).view(B, S, H, -1).float() * self.softmax_scale
         if causal and mask_ST is None:
             mask_ST = causal_mask(S, S, 0, scores_BSHT.device)
         mask_S1T = mask_ST[:, None, :] if mask_ST is not None else None
@@ -131,7 +134,7 @@ class MLA(nn.Module):
         else:
             probs_BSHT = scores_BSHT.softmax(-1)
         # values stay latent: o_lat = probs·c, then W_UV up-projects per head  ("bsht,btc->bshc")
-        o_lat_BXC = torch.bmm(probs_BSHT.to(ckv_BTc.dtype).view(B, S * H, -1), ckv_BTc[..., :C])
+        o_lat_BXC = torch.bmm(probs_BSHT.to(ckv_BTL.dtype).view(B, S * H, -1), ckv_BTL[..., :C])
         out_HNO = torch.bmm(o_lat_BXC.view(B * S, H, C).transpose(0, 1), w_uv_HOC.transpose(1, 2))
         return out_HNO.transpose(0, 1).reshape(B, S, H, O)
 

@@ -9,6 +9,7 @@ tests/test_model.py binds to the grouped path. Each forward leaves per-expert to
 `MoE.load` (for balancing and diagnostics).
 
     N tokens  D hidden  E routed experts  K experts per token  G expert groups  F expert hidden
+    M = N·K (token, expert) pairs, sorted by expert
 """
 
 import torch
@@ -36,15 +37,12 @@ def route(logits_NE, bias_E, cfg: ModelConfig):
     N, E = logits_NE.shape
     G, K = cfg.n_group, cfg.num_experts_per_tok
     scores_NE = logits_NE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_NE.softmax(-1)
-    choice_NE = scores_NE + bias_E if cfg.topk_method == "noaux_tc" else scores_NE
-    if G > 1 and cfg.topk_method != "greedy":
-        grouped_NGx = choice_NE.view(N, G, E // G)
-        if cfg.topk_method == "noaux_tc":  # group score: sum of its two best experts
-            group_NG = grouped_NGx.topk(2, dim=-1).values.sum(-1)
-        else:  # group_limited_greedy: its best expert
-            group_NG = grouped_NGx.amax(-1)
+    choice_NE = scores_NE + bias_E
+    if G > 1:  # keep the topk_group groups whose two best experts score highest
+        group_NG = choice_NE.view(N, G, E // G).topk(2, dim=-1).values.sum(-1)
         keep_NG = torch.zeros_like(group_NG, dtype=torch.bool)
         keep_NG.scatter_(1, group_NG.topk(cfg.topk_group, dim=-1).indices, True)
+        # -inf as DeepSeek's reference (transformers uses 0.0: differs only if biased scores go negative)
         choice_NE = choice_NE.masked_fill(~keep_NG.repeat_interleave(E // G, dim=1), float("-inf"))
     topk_idx_NK = choice_NE.topk(K, dim=-1, sorted=False).indices
     topk_w_NK = scores_NE.gather(1, topk_idx_NK)
@@ -95,11 +93,13 @@ class Experts(nn.Module):
     def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
         """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M.
 
-        grouped: one `grouped_mm` for all experts, a fused kernel on CUDA; on CPU it loops over every
-        expert internally and runs slower than one matmul per used expert (bench/forward.py), so the
-        default is grouped on CUDA only.
+        grouped: one `grouped_mm` for all experts. It is a fused kernel for bf16 on CUDA; on CPU it
+        loops over every expert internally and runs slower than one matmul per used expert
+        (bench/forward.py), so the default (None) picks it for bf16 CUDA tensors only.
         """
-        if grouped if grouped is not None else x_MD.is_cuda:
+        if grouped is None:
+            grouped = x_MD.is_cuda and x_MD.dtype == torch.bfloat16
+        if grouped:
             offs_E = counts_E.cumsum(0).to(torch.int32)
             gate, up = F.grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
             h_MF = F.silu(gate).mul_(up).mul_(w_M[:, None])  # scale the F-wide hidden, not the output

@@ -67,7 +67,7 @@ class Transformer(nn.Module):
         gen = torch.Generator(device=self.inv_freq.device).manual_seed(seed) if seed is not None else None
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=gen)
@@ -86,13 +86,13 @@ class Transformer(nn.Module):
                 absorb: bool | None = None, reference: bool = False):
         """Logits [B, S, V] for input_ids [B, S] at positions start_pos.. (fp32 or model dtype).
 
-        absorb: MLA path; defaults to absorbed when a cache is given, materialised otherwise.
+        absorb: MLA path; default absorbed for decode steps (a cache and S == 1), else materialised.
         reference: run routed experts through the per-expert reference loop.
         """
         B, S = input_ids.shape
         if cache is not None and start_pos + S > cache[0].ckv.shape[1]:
             raise ValueError(f"cache holds {cache[0].ckv.shape[1]} positions, need {start_pos + S}")
-        absorb = cache is not None if absorb is None else absorb
+        absorb = (cache is not None and S == 1) if absorb is None else absorb
         positions = torch.arange(start_pos, start_pos + S, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult, x.dtype)
@@ -126,19 +126,23 @@ def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int |
     return cast(model.to_empty(device=device), dtype).init_weights(seed)
 
 
+FP32_TENSORS = ("mlp.gate.weight", "e_score_correction_bias", "inv_freq")
+
+
 def cast(model: Transformer, dtype: torch.dtype) -> Transformer:
     """Model weights to `dtype`; routers (gate weight, correction bias) and rope tables stay fp32.
 
     The router runs in fp32 (as the reference does); holding its small weight in fp32 saves an
     upcast per forward, and the correction bias is accumulated in small steps by balancing.
+    Tensor by tensor, so the fp32 ones are never rounded on the way.
     """
-    model.to(dtype)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name.endswith(("mlp.gate.weight", "e_score_correction_bias", "inv_freq")):
-            t.data = t.data.float()
+        if t.is_floating_point():
+            t.data = t.data.float() if name.endswith(FP32_TENSORS) else t.data.to(dtype)
     return model
 
 
 def count_params(model: nn.Module) -> int:
+    """Parameters plus the router correction biases (buffers that checkpoints carry)."""
     return sum(p.numel() for p in model.parameters()) + sum(
         b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))

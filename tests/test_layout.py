@@ -1,0 +1,54 @@
+"""Layout rules of ../shared/DESIGN.md and STYLE.md, enforced: import directions, line budgets,
+a light core import."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "openk2"
+BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
+    "config.py": 250, "cli.py": 200, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
+    "model/moe.py": 300, "model/transformer.py": 250, "checkpoint/hf.py": 300, "engine/sampler.py": 100,
+    "engine/generate.py": 300, "tokenizer/tokenizer.py": 250, "data/corpus.py": 200, "data/loader.py": 200,
+    "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 300,
+}
+# package -> openk2 packages it must not import
+FORBIDDEN = {
+    "model": ["openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.checkpoint", "openk2.optim",
+              "openk2.train", "openk2.data", "torch.distributed"],
+    "engine": ["openk2.tokenizer", "openk2.server", "openk2.train"],
+    "tokenizer": ["openk2.model", "openk2.engine"],
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_directions(package):
+    for path in sorted((ROOT / package).glob("*.py")):
+        bad = [m for m in _imports(path) for f in FORBIDDEN[package] if m == f or m.startswith(f + ".")]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_line_budgets():
+    over = {name: n for name, limit in BUDGETS.items()
+            if (ROOT / name).exists() and (n := len((ROOT / name).read_text().splitlines())) > limit}
+    assert not over, f"over budget: {over}"
+
+
+def test_core_import_is_light():
+    code = ("import sys, openk2, openk2.model, openk2.checkpoint, openk2.engine; "
+            "print(sorted(m for m in ('transformers', 'fastapi', 'datasets', 'tokenizers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
