@@ -1,0 +1,216 @@
+"""Muon for the matrices, AdamW for the rest: the optimizer half of MuonClip (K2-SPEC §7.1).
+
+Read top to bottom: `newton_schulz` (orthogonalise), `momentum_step`, `match_adamw_rms`, `muon_update`
+(the single-matrix reference: all three in a row), `adamw_update`, `muon_param_groups` (which tensor
+goes where and as which matrices), then `Muon`, a thin class that holds state and runs the *sharded*
+step. QK-Clip, the other half of MuonClip, is `openk2.optim.qk_clip`, applied by the training loop
+after `step()`. tests/test_optim.py binds the sharded step (1 and 2 processes) to `muon_update`.
+
+Sharding (STYLE §2): Newton–Schulz is the only expensive part, so the orthogonalisations are split.
+Every Muon matrix is grouped by shape; rank r orthogonalises the r-th contiguous share of each shape
+group and the bf16 results are all-gathered (lossless: NS output is bf16). Momentum, AdamW and the
+weight update itself are elementwise and run on every rank, so state and weights stay replicated and
+`state_dict()` does not depend on the world size. Gradients are assumed already averaged (DDP). With
+torch.distributed not initialised, or world size 1, rank 0 owns every matrix and nothing is sent.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # ref: Moonlight toy_train.py / KellerJordan Muon (quintic)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise each matrix: G = U S Vᵀ  ->  ≈ U S' Vᵀ with S' ≈ 1.
+
+    Shapes: G [..., A, B] (one matrix or a stack) -> bf16 [..., A, B].
+    Notes: the quintic coefficients maximise the slope at zero instead of converging to 1, so singular
+    values that are not tiny land in roughly [0.7, 1.2], not at 1; that does not hurt training (Keller
+    Jordan) and 5 steps suffice. It runs in bf16 because the iteration is self-correcting: the
+    rounding of one step is damped by the next, and bf16 matmuls are the cheap ones on a GPU. The
+    Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin. The short
+    side goes first so X Xᵀ is the small Gram matrix.
+    """
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A  # the quintic a·X + b·(XXᵀ)X + c·(XXᵀ)²X, with one fewer big matmul
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def momentum_step(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
+    """M ← μ·M + G (in place, K2 Algorithm 1); returns what gets orthogonalised: G + μ·M (Nesterov,
+    Moonlight's default) or M (plain momentum, as the K2 report writes it)."""
+    buf.mul_(momentum).add_(grad)
+    return grad.add(buf, alpha=momentum) if nesterov else buf
+
+
+def match_adamw_rms(O: torch.Tensor) -> torch.Tensor:
+    """Scale orthogonalised matrices [..., A, B] by 0.2·sqrt(max(A, B)), in fp32.
+
+    Notes: an A×B matrix with unit singular values has RMS sqrt(min/(A·B)) = 1/sqrt(max(A, B)), so the
+    product has RMS ≈ 0.2, typical of AdamW updates; AdamW's lr and weight decay then carry over
+    (Moonlight §2.2). The shape is each orthogonalised matrix's own: (F, D) for an expert's gate.
+    """
+    return O.float() * (0.2 * math.sqrt(max(O.shape[-2:])))
+
+
+def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float = 0.95, nesterov: bool = True,
+                ns_steps: int = 5) -> torch.Tensor:
+    """The reference Muon update of one matrix (or a stack [..., A, B]): fp32, RMS ≈ 0.2.
+
+    Apply as W ← W·(1 − lr·wd) − lr·update (decoupled weight decay, the same lr).
+    """
+    return match_adamw_rms(newton_schulz(momentum_step(grad, buf, momentum, nesterov), ns_steps))
+
+
+def adamw_update(p, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas, eps: float, wd: float):
+    """One AdamW step in place, the arithmetic of torch.optim.AdamW (single-tensor path)."""
+    beta1, beta2 = betas
+    p.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+
+
+def muon_param_groups(model: nn.Module, *, router_in_muon: bool = False) -> list[dict]:
+    """Split a Transformer's parameters into Muon and AdamW groups (Moonlight's rule, extended to MoE).
+
+    - Muon: every matrix of attention, dense MLPs and shared experts, as stored (`kv_b_proj` is one
+      matrix, as in HF). Routed experts are stacked but orthogonalised one matrix each, as HF's separate
+      tensors: `experts.gate_up_proj` [E, 2F, D] as 2E matrices [F, D] (each expert's gate rows, then
+      its up rows), `experts.down_proj` [E, D, F] as E matrices [D, F]. The group key `matrix` gives
+      that shape (None: the parameter is the matrix).
+    - AdamW: `embed_tokens`, `lm_head`, every parameter below 2-D (norms, biases) and, by default, the
+      router `mlp.gate.weight` [E, D]: what K2 did is *Unverified* (K2-SPEC §7.1), AdamW is the
+      conservative choice (each expert's row moves by its own gradient statistics, as a row of the
+      embedding does), and `router_in_muon=True` gives the rule of Moonlight's toy_train.py (2-D ->
+      Muon).
+    - Neither: `e_score_correction_bias` is a buffer, not a parameter; no gradient trains it (the
+      balancing rule updates it elsewhere), so no optimizer sees it.
+    """
+    muon_2d, stacked, adamw = [], {}, []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embed_tokens" in name or "lm_head" in name or (
+                name.endswith("mlp.gate.weight") and not router_in_muon):
+            adamw.append(p)
+        elif p.ndim == 2:
+            muon_2d.append(p)
+        elif name.endswith("experts.gate_up_proj"):
+            stacked.setdefault((p.shape[1] // 2, p.shape[2]), []).append(p)
+        elif name.endswith("experts.down_proj"):
+            stacked.setdefault(tuple(p.shape[1:]), []).append(p)
+        else:
+            raise ValueError(f"{name} {tuple(p.shape)}: no rule says which matrices to orthogonalise")
+    groups = [dict(params=muon_2d, algo="muon", matrix=None)]
+    groups += [dict(params=ps, algo="muon", matrix=shape) for shape, ps in stacked.items()]
+    groups.append(dict(params=adamw, algo="adamw"))
+    return [g for g in groups if g["params"]]
+
+
+def _share(stacks: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Matrices start..stop of the concatenation of stacks [n_i, A, B]; copies only that share."""
+    parts, off = [], 0
+    for s in stacks:
+        lo, hi = max(start - off, 0), min(stop - off, s.shape[0])
+        if lo < hi:
+            parts.append(s[lo:hi])
+        off += s.shape[0]
+    return torch.cat(parts) if parts else stacks[0].new_zeros(0, *stacks[0].shape[1:])
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon + AdamW over the groups of `muon_param_groups(model)`; one code path for 1 or N ranks.
+
+    Defaults are Moonlight's (K2-SPEC §7.1): momentum 0.95 with Nesterov, 5 NS steps; AdamW with betas
+    (0.9, 0.95), eps 1e-8 and the same lr and weight decay; lr 2e-4 and wd 0.1 are K2's peak and decay.
+    K2's own μ, Nesterov and AdamW settings are *Unverified*. Every rank must call `step()` (the
+    gather is collective) with the same parameters holding gradients, as DDP guarantees.
+
+    Notes: momentum and AdamW state are replicated, not sharded (ZeRO-1 would shard them too). The
+    step works one shape group at a time and holds that group's NS inputs (grad dtype) and gathered
+    bf16 updates; at K2 scale, where all experts share two shapes, groups would need bucketing (and
+    expert parallelism shards them anyway). `process_group` is the data-parallel group; None means
+    the default group when torch.distributed is initialised.
+    """
+
+    def __init__(self, param_groups, lr: float = 2e-4, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, betas=(0.9, 0.95), eps: float = 1e-8,
+                 process_group=None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_steps=ns_steps, betas=betas, eps=eps, algo=None, matrix=None)
+        super().__init__(param_groups, defaults)
+        for g in self.param_groups:
+            if g["algo"] not in ("muon", "adamw"):
+                raise ValueError("each group needs algo 'muon' or 'adamw': use muon_param_groups(model)")
+        self.process_group = process_group
+
+    def _rank_world(self) -> tuple[int, int]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0, 1
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        by_shape: dict[tuple, list] = {}  # (A, B, ns_steps) -> [(param, group)], for one NS batch each
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if group["algo"] == "adamw":
+                    self._adamw(p, group)
+                else:
+                    A, B = group["matrix"] or p.shape
+                    by_shape.setdefault((A, B, group["ns_steps"]), []).append((p, group))
+        rank, world = self._rank_world()
+        for (A, B, ns_steps), items in by_shape.items():
+            self._muon(items, A, B, ns_steps, rank, world)
+        return loss
+
+    def _adamw(self, p, group):
+        state = self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        state["step"] += 1
+        adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                     group["betas"], group["eps"], group["weight_decay"])
+
+    def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):
+        """One shape group: momentum (all ranks), this rank's contiguous share of the matrices through
+        NS, all-gather, then every rank applies every update."""
+        stacks = []
+        for p, group in items:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            u = momentum_step(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
+            stacks.append(u.reshape(-1, A, B))
+        n = sum(s.shape[0] for s in stacks)
+        m = -(-n // world)  # matrices per rank; the last share may be short or empty
+        O_mAB = newton_schulz(_share(stacks, rank * m, (rank + 1) * m), ns_steps)
+        if world > 1:
+            O_mAB = torch.cat([O_mAB, O_mAB.new_zeros(m - O_mAB.shape[0], A, B)])
+            gathered = O_mAB.new_empty(world * m, A, B)
+            dist.all_gather_single(gathered, O_mAB, group=self.process_group)
+            O_mAB = gathered
+        off = 0
+        for (p, group), u in zip(items, stacks):
+            update = match_adamw_rms(O_mAB[off:off + u.shape[0]]).view_as(p)
+            p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+            off += u.shape[0]

@@ -1,0 +1,265 @@
+"""MuonClip tests: Newton–Schulz and the update scale as functions, the sharded Muon step against the
+per-matrix reference (1 process and 2 gloo processes), QK-Clip on the tiny model (q latent or not),
+the WSD schedule, and a short end-to-end run."""
+
+import copy
+import dataclasses
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import openk2.optim.muon as muon_mod
+from openk2.config import PRESETS
+from openk2.model import build_model, lm_loss
+from openk2.optim import (K2_WSD, Muon, apply_qk_clip, match_adamw_rms, muon_param_groups, muon_update,
+                          newton_schulz, qk_clip_factors, reduce_max_logits, wsd_lr)
+
+TINY = PRESETS["k2-tiny"]
+LR, WD = 0.02, 0.1
+
+
+# --- Newton–Schulz and the update scale ------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96), (5, 32, 64)])
+def test_newton_schulz_is_near_orthogonal(shape):
+    torch.manual_seed(0)
+    G = torch.randn(*shape)
+    O = newton_schulz(G)
+    assert O.dtype == torch.bfloat16 and O.shape == G.shape
+    sv = torch.linalg.svdvals(O.float())
+    # the quintic overshoots by design: singular values in ~[0.7, 1.2], not exactly 1
+    assert sv.min() > 0.6 and sv.max() < 1.2, (sv.min(), sv.max())
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh  # the exact orthogonalisation U Vᵀ
+    cos = (O.float() * polar).sum((-2, -1)) / (O.float().norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
+    assert cos.min() > 0.97
+    if G.ndim == 3:  # a stack is orthogonalised one matrix at a time
+        for i in range(G.shape[0]):
+            torch.testing.assert_close(O[i], newton_schulz(G[i]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (64, 512), (32, 64), (512, 1536)])
+def test_update_rms_matches_adamw(shape):
+    torch.manual_seed(0)
+    G = torch.randn(*shape)
+    upd = muon_update(G, torch.zeros_like(G))
+    rms = upd.pow(2).mean().sqrt().item()
+    assert 0.15 < rms < 0.22, rms  # 0.2 for exactly orthogonal; the quintic's S' lands a bit below
+    assert upd.dtype == torch.float32
+    O = newton_schulz(G).float()
+    torch.testing.assert_close(match_adamw_rms(O), O * 0.2 * math.sqrt(max(shape)))
+
+
+# --- groups and the sharded step against the reference -------------------------------------------
+def test_param_groups():
+    model = build_model(TINY)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = muon_param_groups(model)
+    where = {names[id(p)]: (g["algo"], g.get("matrix")) for g in groups for p in g["params"]}
+    assert len(where) == len(names)  # every parameter in exactly one group
+    F, D = TINY.moe_intermediate_size, TINY.hidden_size
+    assert where["model.layers.1.mlp.experts.gate_up_proj"] == ("muon", (F, D))
+    assert where["model.layers.1.mlp.experts.down_proj"] == ("muon", (D, F))
+    assert where["model.layers.0.self_attn.kv_b_proj.weight"] == ("muon", None)
+    assert where["model.layers.1.mlp.shared_experts.up_proj.weight"] == ("muon", None)
+    for name in ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                 "model.layers.1.mlp.gate.weight", "model.layers.0.self_attn.kv_a_layernorm.weight"]:
+        assert where[name][0] == "adamw", name
+    assert not any("e_score_correction_bias" in n for n in where)  # a buffer: no optimizer touches it
+    router = model.layers[1].mlp.gate.weight
+    assert any(router is p for g in muon_param_groups(model, router_in_muon=True) if g["algo"] == "muon"
+               for p in g["params"])
+
+
+def fake_grads(model, step: int):
+    """Deterministic gradients, the same in every process (as if DDP had averaged them)."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 0.01
+
+
+def reference_step(model, bufs, adamw, lr, wd):
+    """The specification: every matrix (each expert's gate, up and down separately) on its own."""
+    for g in muon_param_groups(model):
+        if g["algo"] == "adamw":
+            continue
+        for p in g["params"]:
+            A, B = g["matrix"] or p.shape
+            buf = bufs.setdefault(p, torch.zeros_like(p))
+            for w, gr, b in zip(p.data.view(-1, A, B), p.grad.view(-1, A, B), buf.view(-1, A, B)):
+                w.mul_(1 - lr * wd).add_(muon_update(gr, b), alpha=-lr)
+    adamw.step()
+
+
+def run_steps(model, steps: int):
+    opt = Muon(muon_param_groups(model), lr=LR, weight_decay=WD)
+    for step in range(steps):
+        fake_grads(model, step)
+        opt.step()
+    return opt
+
+
+def test_step_equals_per_matrix_reference():
+    model = build_model(TINY, seed=0)
+    ref = copy.deepcopy(model)
+    run_steps(model, 3)
+    adamw_params = next(g["params"] for g in muon_param_groups(ref) if g["algo"] == "adamw")
+    adamw = torch.optim.AdamW(adamw_params, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=WD)
+    bufs = {}
+    for step in range(3):
+        fake_grads(ref, step)
+        with torch.no_grad():
+            reference_step(ref, bufs, adamw, LR, WD)
+    for (name, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)  # measured: bit-identical on CPU
+
+
+def test_state_dict_resumes_exactly():
+    a = build_model(TINY, seed=0)
+    opt_a = run_steps(a, 2)
+    b = copy.deepcopy(a)
+    opt_b = Muon(muon_param_groups(b), lr=LR, weight_decay=WD)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # a copy, as from disk (load shares tensors)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        fake_grads(model, 2)
+        opt.step()
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+
+
+def _counting_newton_schulz(counted: list):
+    """newton_schulz that also records how many matrices it was given."""
+    real = muon_mod.newton_schulz
+    return lambda G, steps=5: (counted.append(G.shape[0]), real(G, steps))[1]
+
+
+def _worker(rank: int, port: int, out_dir: str):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        counted = []
+        muon_mod.newton_schulz = _counting_newton_schulz(counted)  # a fresh process: no need to undo
+        model = build_model(TINY, seed=0)
+        run_steps(model, 3)
+        logits_LH = torch.tensor([[[1.0, 7.0], [3.0, 2.0]], [[5.0, 1.0], [2.0, 9.0]]])[rank]
+        torch.save(dict(state=model.state_dict(), matrices=sum(counted),
+                        logits=reduce_max_logits(logits_LH)), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one(tmp_path, monkeypatch):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    single = build_model(TINY, seed=0)
+    counted = []
+    monkeypatch.setattr(muon_mod, "newton_schulz", _counting_newton_schulz(counted))
+    run_steps(single, 3)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name, want in single.state_dict().items():
+        torch.testing.assert_close(r0["state"][name], want, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(r1["state"][name], r0["state"][name], atol=0, rtol=0, msg=name)
+    # the orthogonalisation is split, not duplicated: each rank did about half of the matrices
+    assert r0["matrices"] + r1["matrices"] == sum(counted)
+    assert min(r0["matrices"], r1["matrices"]) > 0.4 * sum(counted)
+    torch.testing.assert_close(r0["logits"], torch.tensor([[5.0, 7.0], [3.0, 9.0]]))
+    torch.testing.assert_close(r1["logits"], r0["logits"])
+
+
+# --- QK-Clip ---------------------------------------------------------------------------------------
+def test_qk_clip_factors():
+    s = torch.tensor([50.0, 100.0, 250.0, -3.0, float("-inf")])
+    torch.testing.assert_close(qk_clip_factors(s, 100.0), torch.tensor([1.0, 1.0, 0.4, 1.0, 1.0]))
+
+
+def _q_weight(attn):
+    return (attn.q_b_proj if attn.cfg.q_lora_rank else attn.q_proj).weight
+
+
+@pytest.mark.parametrize("q_lora_rank", [TINY.q_lora_rank, None])
+def test_qk_clip_bounds_clipped_heads_and_leaves_the_rest(q_lora_rank):
+    cfg = dataclasses.replace(TINY, q_lora_rank=q_lora_rank)
+    H, P, R, C = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    tau = 5.0
+    model = build_model(cfg, seed=0)
+    with torch.no_grad():  # blow up heads 0 and 2 of layers 0 and 2, both logit terms
+        for i in (0, 2):
+            attn = model.layers[i].self_attn
+            w_q = _q_weight(attn).view(H, P + R, -1)
+            w_q[[0, 2]] *= 40.0
+            attn.kv_b_proj.weight.view(H, -1, C)[[0, 2], :P] *= 40.0
+    inputs = {}  # each layer's attention input, to recompute its logits on exactly the same batch
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args))
+             for i, layer in enumerate(model.layers)]
+    model.record_max_logits(True)
+    with torch.no_grad():
+        model(torch.randint(0, cfg.vocab_size, (2, 24)))
+    for h in hooks:
+        h.remove()
+    before_LH = model.max_logits().clone()
+    assert (before_LH[[0, 2]][:, [0, 2]] > tau).all() and (before_LH[:, [1, 3]] < tau).all()
+    old = copy.deepcopy(model.state_dict())
+    assert apply_qk_clip(model, before_LH, tau) == 4
+
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        with torch.no_grad():
+            attn(*inputs[i])
+        after_H, clipped = attn.max_logits, before_LH[i] > tau
+        assert (after_H[clipped] <= tau * (1 + 1e-5)).all() and (after_H[clipped] >= tau * (1 - 1e-4)).all()
+        assert torch.equal(after_H[~clipped], before_LH[i][~clipped])
+        pre = f"model.layers.{i}.self_attn."
+        q_name = "q_b_proj.weight" if q_lora_rank else "q_proj.weight"
+        for name, rows in [(q_name, P + R), ("kv_b_proj.weight", P + cfg.v_head_dim)]:
+            new, was = attn.state_dict()[name].view(H, rows, -1), old[pre + name].view(H, rows, -1)
+            assert torch.equal(new[~clipped], was[~clipped])  # untouched heads: bit-identical
+            if name.startswith("kv_b"):
+                assert torch.equal(new[:, P:], was[:, P:])  # values never scaled
+            g = qk_clip_factors(before_LH[i], tau)[clipped][:, None, None]
+            torch.testing.assert_close(new[clipped, :P], was[clipped, :P] * g.sqrt())
+            if name == q_name:
+                torch.testing.assert_close(new[clipped, P:], was[clipped, P:] * g)
+        # the shared rotary key (kv_a_proj_with_mqa rows C:) and everything else never changes
+        for name in ["kv_a_proj_with_mqa.weight", "o_proj.weight", "kv_a_layernorm.weight",
+                     *(["q_a_proj.weight", "q_a_layernorm.weight"] if q_lora_rank else [])]:
+            assert torch.equal(attn.state_dict()[name], old[pre + name]), name
+
+
+# --- schedule ----------------------------------------------------------------------------------------
+def test_wsd_shape():
+    kw = dict(peak=2e-4, warmup=10, stable=20, decay=40, final=2e-5)
+    lrs = [wsd_lr(s, **kw) for s in range(100)]
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(1e-4) and lrs[10] == 2e-4
+    assert all(lr == 2e-4 for lr in lrs[10:31])
+    decay = lrs[30:71]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly down along the cosine
+    assert lrs[50] == pytest.approx((2e-4 + 2e-5) / 2)  # half-way: the midpoint
+    assert all(lr == pytest.approx(2e-5) for lr in lrs[70:])  # held at final
+    assert K2_WSD["warmup"] + K2_WSD["stable"] + K2_WSD["decay"] == pytest.approx(231_000, rel=0.01)
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+def test_muonclip_trains_tiny_model():
+    """20 steps on one random batch (memorisation); τ is set low enough that QK-Clip fires."""
+    torch.manual_seed(0)
+    model = build_model(TINY, seed=0)
+    opt = Muon(muon_param_groups(model), lr=0.01, weight_decay=0.1)
+    ids = torch.randint(0, TINY.vocab_size, (4, 33))
+    model.record_max_logits(True)
+    losses, clipped = [], 0
+    for _ in range(20):
+        loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        clipped += apply_qk_clip(model, reduce_max_logits(model.max_logits()), tau=0.2)
+        losses.append(loss.item())
+    assert clipped > 0
+    assert losses[-1] < 0.5 * losses[0], losses
