@@ -40,7 +40,15 @@ def _load(spec: str, dtype_name: str | None, seed: int):
     return build_model(cfg, dtype=dtype or torch.float32, seed=seed)
 
 
-def _prompt_ids(args, vocab_size: int) -> list[int]:
+def _tokenizer(path: str):
+    """The folder's K2-format tokenizer, or None (then text is byte-level: UTF-8 bytes are ids 0..255)."""
+    if (Path(path) / "tiktoken.model").is_file():
+        from openk2.tokenizer import Tokenizer
+        return Tokenizer.from_dir(path)
+    return None
+
+
+def _prompt_ids(args, vocab_size: int, tok) -> list[int]:
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
@@ -52,11 +60,12 @@ def _prompt_ids(args, vocab_size: int) -> list[int]:
         if bad:
             raise SystemExit(f"--prompt-ids {bad} outside the vocabulary [0, {vocab_size})")
         return ids
-    # byte-level until the model folder ships a tokenizer: UTF-8 bytes are ids 0..255
-    if vocab_size < 256:
-        raise SystemExit("--prompt needs a vocabulary of at least 256 byte ids; use --prompt-ids")
     if not args.prompt:
         raise SystemExit("--prompt is empty")
+    if tok is not None:
+        return tok.encode(args.prompt)
+    if vocab_size < 256:
+        raise SystemExit("--prompt needs a tokenizer or a vocabulary of at least 256 byte ids; use --prompt-ids")
     return list(args.prompt.encode("utf-8"))
 
 
@@ -77,7 +86,9 @@ def cmd_generate(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     model = _load(args.path, args.dtype, args.seed).eval()
-    ids = _prompt_ids(args, model.cfg.vocab_size)
+    tokenizer = _tokenizer(args.path)
+    ids = _prompt_ids(args, model.cfg.vocab_size, tokenizer)
+    as_bytes = tokenizer.decode_bytes if tokenizer else (lambda t: bytes(t) if t[0] < 256 else f"<{t[0]}>".encode())
     eos = model.cfg.eos_token_id
     stops = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -87,7 +98,7 @@ def cmd_generate(args):
     for tok in generate_stream(model, torch.tensor([ids]), params):
         out.append(int(tok[0]))
         if args.prompt_ids is None:
-            sys.stdout.write(text.decode(bytes([out[-1]])) if out[-1] < 256 else f"<{out[-1]}>")
+            sys.stdout.write(text.decode(as_bytes([out[-1]])))
             sys.stdout.flush()
     dt = time.perf_counter() - t0
     if args.prompt_ids is not None:
@@ -98,38 +109,43 @@ def cmd_generate(args):
           f"({len(out) / dt:.1f} tok/s)", file=sys.stderr)
 
 
-def cmd_demo(args):
-    """The main job until training exists: arithmetic, a random small K2, HF round trip, generation."""
+PROMPTS = ["def ", "import ", "class ", "    def __init__(self", "for i in range(", "    return "]
+
+
+def cmd_train(args):
+    """The main job: pretrain, then the plots, the validation loss and completions of code prompts."""
     import torch
 
-    from openk2.checkpoint import load_hf, save_hf
-    from openk2.config import PRESETS
-    from openk2.engine.generate import generate, generate_recompute
+    from openk2.checkpoint import load_hf
+    from openk2.engine.generate import generate
     from openk2.engine.sampler import SamplingParams
-    from openk2.info import report
-    from openk2.model import build_model
+    from openk2.tokenizer import Tokenizer
+    from openk2.train import latest_checkpoint, parse_args, train
+    from openk2.train.plot import plot_run
 
-    print(report(PRESETS["kimi-k2"], "kimi-k2"), "\n")
-    print(report(PRESETS[args.preset], args.preset), "\n")
-    model = build_model(PRESETS[args.preset], seed=0).eval()
-    folder = Path(args.out)
-    save_hf(model, folder, dtype=torch.bfloat16)
-    loaded = load_hf(folder, dtype=torch.float32).eval()
-    prompt = torch.tensor([list(b"def fibonacci(n):\n    ")])
-    with torch.no_grad():
-        for p in model.parameters():  # what the bf16 file holds (the router bias is kept in fp32)
-            p.copy_(p.bfloat16())
-        diff = (loaded(prompt) - model(prompt)).abs().max().item()
-        absorbed = (loaded(prompt, absorb=True) - loaded(prompt)).abs().max().item()
-    print(f"saved {folder} (bf16) and loaded it: max |logit difference| to the bf16-rounded original "
-          f"{diff:.1e}; absorbed vs materialised MLA {absorbed:.1e}")
-    params = SamplingParams(max_tokens=32)
-    t0 = time.perf_counter()
-    ids = generate(loaded, prompt, params)
-    dt = time.perf_counter() - t0
-    same = torch.equal(ids, generate_recompute(loaded, prompt, params))
-    print(f"greedy, {ids.shape[1] / dt:.0f} tok/s on the latent cache (= full recompute: {same}): {ids[0].tolist()}")
-    print(f"next: .venv/bin/openk2 generate {folder} --prompt-ids 1,2,3 --temperature 0.8 --seed 1")
+    cfg = parse_args(args.rest)
+    metrics = train(cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    print(f"\nvalidation loss {metrics.get('val_loss', float('nan')):.3f} nats/token after {cfg.steps} steps; "
+          f"plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
+    ckpt = latest_checkpoint(Path(cfg.out_dir))
+    model, tok = load_hf(ckpt, dtype=torch.float32, progress=False).eval(), Tokenizer.from_dir(ckpt)
+    for prompt in PROMPTS:
+        ids = torch.tensor([tok.encode(prompt)])
+        stop = (tok.eos_id,)
+        for name, params in (("greedy", SamplingParams(max_tokens=48, stop_token_ids=stop)),
+                             ("sampled", SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0,
+                                                        stop_token_ids=stop))):
+            out = [i for i in generate(model, ids, params)[0].tolist() if i < tok.n_base]  # text ids only
+            print(f"--- {name}: {prompt!r}\n{prompt}{tok.decode(out)}")
+
+
+def cmd_plot(args):
+    from openk2.train.plot import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
 
 
 def _positive(text: str) -> int:
@@ -158,11 +174,18 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
     s.set_defaults(fn=cmd_generate)
-    s = sub.add_parser("demo", help="the main job: arithmetic, a random small K2, round trip, generation")
-    s.add_argument("--preset", default="k2-small", choices=["k2-small", "k2-tiny"])
-    s.add_argument("--out", default="runs/demo", help="where the demo's HF folder is written")
-    s.set_defaults(fn=cmd_demo)
-    args = p.parse_args(argv)
+    s = sub.add_parser("train", help="pretrain a K2 with MuonClip (`openk2 train --help` for flags)",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_train)
+    s = sub.add_parser("plot", help="PNGs of a training run's metrics (loss, max logit, expert load)")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=cmd_plot)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its flags come from TrainConfig (openk2.train.config.parse_args)
+        args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train)
+    else:
+        args = p.parse_args(argv)
     try:
         args.fn(args)
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # bad input, files, safetensors

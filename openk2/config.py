@@ -207,6 +207,13 @@ PRESETS["k2-small"] = dataclasses.replace(  # the peers' 143M toy: hidden 512, 6
     rope_scaling={**KIMI_K2.rope_scaling, "factor": 4.0, "original_max_position_embeddings": 1024},
     bos_token_id=7936, eos_token_id=7937, torch_dtype="float32",
     model_type="deepseek_v3")  # transformers loads deepseek_v3 folders natively; kimi_k2 needs remote code
+PRESETS["k2-mini"] = dataclasses.replace(  # the demo pretraining model: minutes on 2 CPU cores
+    PRESETS["k2-small"], vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+    num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+    v_head_dim=32, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=128,
+    max_position_embeddings=1024, rope_scaling={**KIMI_K2.rope_scaling, "factor": 4.0,
+                                                "original_max_position_embeddings": 256},
+    bos_token_id=3840, eos_token_id=3841)
 PRESETS["k2-tiny"] = dataclasses.replace(  # unit tests: every code path in milliseconds
     PRESETS["k2-small"], vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
     num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up openk2 in a project-local virtualenv (.venv). Idempotent; safe to re-run.
-#   bash scripts/setup.sh          core + demo
+#   bash scripts/setup.sh          core (enough for `openk2 train`)
 #   bash scripts/setup.sh --dev    also the test dependencies (pytest, transformers for parity tests)
 # torch==2.13.0 is installed first and alone: it is a CPU build available locally, while any other
 # torch request resolves to a CUDA build of several GB.

@@ -1,7 +1,7 @@
 """Corpora: documents in a deterministic order, a held-out split, and a token cache on disk.
 
 Sources give lists of `Doc(name, text)`: `stdlib_documents()` (the default: the standard library's
-`.py` files via `sysconfig`, sorted by path; test folders left out, as they are 19 of 31 MB on
+`.py` files via `sysconfig`, sorted by path; `encodings/` and test folders left out: tests are 19 of 31 MB on
 CPython 3.11, full of deliberately odd fixtures, and shipped separately by Debian-style installs),
 `text_dir_documents` (`.txt`: a document per file; `.jsonl`: one per line's "text") and
 `hf_dataset_documents` (a local Hugging Face dataset, if `datasets` is installed).
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 CACHE_VERSION = 1
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-_TEST_DIRS = {"test", "tests", "idle_test"}
+_TEST_DIRS = {"test", "tests", "idle_test", "encodings"}  # tests, and codec tables (data, not code)
 # NOTE: tokenizers are duck-typed (encode, bos_id, eos_id), so a tokenizer's fingerprint is how it
 # encodes this probe: two that agree here but differ elsewhere would share a cache.
 _PROBE = "def f(x):\n    return x + 1  # héllo, 世界 🙂\n\tTabs and CAPS, 12345.67e-8 \r\n"

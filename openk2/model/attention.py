@@ -100,16 +100,16 @@ class MLA(nn.Module):
         k_BTHA = torch.cat([k_nope_BTHP, pe_BTR[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)
         q_BHSA = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1).transpose(1, 2)
         k_BHTA, v_BHTO = k_BTHA.transpose(1, 2), v_BTHO.transpose(1, 2)
-        if self.record_max_logits:
-            scores_BHST = (q_BHSA @ k_BHTA.transpose(-1, -2)).float() * self.softmax_scale
-            probs_BHST = self._softmax_recording(scores_BHST, mask_ST, causal, head_dim=1)
-            out_BHSO = probs_BHST.to(v_BHTO.dtype) @ v_BHTO
-        else:  # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
-            O, A = cfg.v_head_dim, cfg.qk_head_dim
-            v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
-            out_BHSO = F.scaled_dot_product_attention(
-                q_BHSA, k_BHTA, v_pad, attn_mask=mask_ST, is_causal=causal and mask_ST is None,
-                scale=self.softmax_scale)[..., :O]
+        if self.record_max_logits:  # logits once more, outside autograd: the fused kernel hides them
+            with torch.no_grad():
+                scores_BHST = (q_BHSA @ k_BHTA.transpose(-1, -2)).float() * self.softmax_scale
+                self._record(scores_BHST, mask_ST, causal, head_dim=1)
+        # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
+        O, A = cfg.v_head_dim, cfg.qk_head_dim
+        v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
+        out_BHSO = F.scaled_dot_product_attention(
+            q_BHSA, k_BHTA, v_pad, attn_mask=mask_ST, is_causal=causal and mask_ST is None,
+            scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)
 
     def _absorbed(self, q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal: bool):
@@ -128,8 +128,8 @@ class MLA(nn.Module):
             mask_ST = causal_mask(S, S, 0, scores_BSHT.device)
         mask_S1T = mask_ST[:, None, :] if mask_ST is not None else None
         if self.record_max_logits:
-            probs_BSHT = self._softmax_recording(scores_BSHT, mask_S1T, False, head_dim=2)
-        elif mask_S1T is not None:
+            self._record(scores_BSHT.detach(), mask_S1T, False, head_dim=2)
+        if mask_S1T is not None:
             probs_BSHT = scores_BSHT.masked_fill(~mask_S1T, float("-inf")).softmax(-1)
         else:
             probs_BSHT = scores_BSHT.softmax(-1)
@@ -138,13 +138,11 @@ class MLA(nn.Module):
         out_HNO = torch.bmm(o_lat_BXC.view(B * S, H, C).transpose(0, 1), w_uv_HOC.transpose(1, 2))
         return out_HNO.transpose(0, 1).reshape(B, S, H, O)
 
-    def _softmax_recording(self, scores, mask, causal: bool, head_dim: int):
-        """Softmax over the last dim, keeping the per-head max of the unmasked fp32 logits."""
+    def _record(self, scores, mask, causal: bool, head_dim: int):
+        """Keep the per-head max of the unmasked fp32 logits in `max_logits`."""
         if mask is None and causal:
             S, T = scores.shape[-2:]
             mask = causal_mask(S, T, T - S, scores.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        other = [d for d in range(scores.dim()) if d != head_dim]
-        self.max_logits = scores.detach().amax(dim=other)
-        return scores.softmax(-1)
+        self.max_logits = scores.amax(dim=[d for d in range(scores.dim()) if d != head_dim])

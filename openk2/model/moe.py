@@ -104,11 +104,16 @@ class Experts(nn.Module):
             gate, up = F.grouped_mm(x_MD, self.gate_up_proj.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
             h_MF = F.silu(gate).mul_(up).mul_(w_M[:, None])  # scale the F-wide hidden, not the output
             return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if torch.is_grad_enabled() and w_gate_up.requires_grad:
+            # under autograd, indexing expert e back-propagates a zero-filled full-size gradient per
+            # expert; one unbind gathers all experts' gradients into a single stacked tensor instead
+            w_gate_up, w_down = w_gate_up.unbind(0), w_down.unbind(0)
         out, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             if n:
-                gate, up = F.linear(x_MD[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                out.append(F.linear(F.silu(gate).mul_(up), self.down_proj[e]))
+                gate, up = F.linear(x_MD[start:start + n], w_gate_up[e]).chunk(2, dim=-1)
+                out.append(F.linear(F.silu(gate).mul_(up), w_down[e]))
                 start += n
         return torch.cat(out).mul_(w_M[:, None])
 

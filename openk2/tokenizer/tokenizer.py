@@ -189,13 +189,12 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
         """Learn a BPE whose n_base + 256 special ids fill `vocab_size` embedding rows.
-
-        Notes: a corpus too small for n_base - 256 merges yields fewer; read `n_vocab` afterwards.
-        """
-        if vocab_size < 256 + N_RESERVED + 1:
-            raise ValueError(f"vocab_size {vocab_size} leaves no room for merges (need > 512)")
-        hf = train_bpe(texts, vocab_size - N_RESERVED, min_frequency)
-        return cls(ranks_from_hf(hf.get_vocab()))
+        Notes: a corpus too small for n_base - 256 merges yields fewer; read `n_vocab` afterwards."""
+        if vocab_size <= 256 + N_RESERVED:  # no room for a merge: byte-level, if it fits at all
+            if vocab_size < 256 + N_RESERVED:
+                raise ValueError(f"vocab_size {vocab_size} cannot hold 256 bytes + {N_RESERVED} special ids")
+            return cls({bytes([b]): b for b in range(256)})
+        return cls(ranks_from_hf(train_bpe(texts, vocab_size - N_RESERVED, min_frequency).get_vocab()))
 
     def save(self, path: str | Path, model_max_length: int = HF_MAX_LENGTH) -> Path:
         """Write `tiktoken.model` and `tokenizer_config.json` as K2 ships them; returns `path`."""

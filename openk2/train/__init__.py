@@ -1,0 +1,6 @@
+"""Pretraining: `TrainConfig` (+ presets, CLI flags) and `train(cfg)`; `python -m openk2.train` for torchrun."""
+
+from openk2.train.config import TRAIN_PRESETS, TrainConfig, parse_args
+from openk2.train.loop import latest_checkpoint, train
+
+__all__ = ["TrainConfig", "TRAIN_PRESETS", "parse_args", "train", "latest_checkpoint"]

@@ -1,0 +1,83 @@
+"""TrainConfig: one flat dataclass for a pretraining run, named presets, and argparse ⇄ dataclass.
+
+Presets are derived from `demo` with `dataclasses.replace`; every field is also a `--flag` of
+`openk2 train` / `python -m openk2.train`, so a run is `preset + overrides`, and the resolved config
+is what checkpoints and logs record.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from openk2.config import PRESETS, ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "k2-mini"  # a model preset or a config.json
+    data: str | None = None  # None: the Python standard library's source; else .txt/.jsonl folder or HF dataset
+    tokenizer: str | None = None  # a K2-format tokenizer folder; None: train one on the corpus
+    out_dir: str = "runs/k2-mini"
+    seq_len: int = 256
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1
+    steps: int = 200
+    optimizer: str = "muonclip"  # muonclip | adamw
+    lr: float = 4e-3  # peak
+    final_lr_frac: float = 0.1  # WSD decays to lr · final_lr_frac (K2: 2e-4 -> 2e-5)
+    warmup_steps: int = 20
+    decay_frac: float = 0.3  # the last 30% of the steps decay (cosine)
+    weight_decay: float = 0.1
+    qk_clip_tau: float = 100.0  # 0: QK-Clip off
+    bias_update_speed: float = 1e-2  # balancing step γ (DeepSeek-V3: 1e-3 over ~10⁵ steps; short runs need more); 0: off
+    grad_clip: float = 1.0  # 0: off
+    autocast: str = "bfloat16"  # bfloat16 | none
+    val_fraction: float = 0.01
+    eval_every: int = 40
+    eval_batches: int = 4
+    log_every: int = 5
+    ckpt_every: int = 100
+    seed: int = 0
+    peak_tflops: float = 2.0  # for MFU: this CPU's bf16 AMX peak (2 cores)
+    threads: int = 0  # 0: torch's default
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.optimizer not in ("muonclip", "adamw"):
+            raise ValueError(f"optimizer must be muonclip or adamw, not {self.optimizer!r}")
+        if self.autocast not in ("bfloat16", "none"):
+            raise ValueError(f"autocast must be bfloat16 or none, not {self.autocast!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def model_config(self) -> ModelConfig:
+        from openk2.config import resolve_config
+        return resolve_config(self.model)
+
+
+TRAIN_PRESETS: dict[str, TrainConfig] = {"demo": TrainConfig()}
+TRAIN_PRESETS["tiny"] = dataclasses.replace(  # tests: seconds, not minutes
+    TRAIN_PRESETS["demo"], model="k2-tiny", out_dir="runs/tiny", seq_len=32, batch_size=4, steps=6,
+    warmup_steps=2, eval_every=3, eval_batches=1, log_every=1, ckpt_every=3, lr=3e-3)
+assert "k2-mini" in PRESETS
+
+
+def parse_args(argv=None, prog: str = "openk2 train") -> TrainConfig:
+    """`--preset NAME` then one `--field value` per TrainConfig field."""
+    p = argparse.ArgumentParser(prog=prog, description="Pretrain a K2 with MuonClip.")
+    p.add_argument("--preset", default="demo", choices=sorted(TRAIN_PRESETS))
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = f.type if f.type in (int, float) else str
+            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+    args = vars(p.parse_args(argv))
+    preset = TRAIN_PRESETS[args.pop("preset")]
+    overrides = {k: v for k, v in args.items() if v is not None}
+    try:
+        return dataclasses.replace(preset, **overrides)
+    except ValueError as e:
+        p.error(str(e))

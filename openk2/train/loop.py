@@ -1,0 +1,250 @@
+"""Pretraining: `train(cfg)` reads top to bottom as the recipe, calling small builders.
+
+One code path for 1 or N processes (`torchrun --nproc_per_node N -m openk2.train`): DDP wraps the
+model when the world is larger than one, the loader gives each rank its block of the global batch,
+QK-Clip and bias balancing act on statistics max- and sum-reduced over ranks, so every rank applies
+the same update. Per step: WSD learning rate, micro-batches under bf16 autocast, gradient clipping,
+MuonClip (Muon/AdamW step, then QK-Clip from the step's recorded max logits), aux-loss-free
+balancing of `e_score_correction_bias` (DeepSeek-V3: γ·sign(mean load − load)). Checkpoints hold
+the model as a Hugging Face folder (fp32, so resume is exact) plus optimizer, loader, RNG and step in
+`train_state.pt`; metrics go to `metrics.jsonl`.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from openk2.checkpoint import load_hf, save_hf
+from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
+from openk2.info import flops_per_token
+from openk2.model import build_model, lm_loss
+from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
+from openk2.tokenizer import Tokenizer
+from openk2.train.config import TrainConfig
+
+
+def git_revision() -> str:
+    """`<sha>` or `<sha>+dirty` of the source tree, or "unknown" outside a git checkout."""
+    root = Path(__file__).resolve().parents[2]
+    run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True)  # noqa: E731
+    sha = run("rev-parse", "--short", "HEAD").stdout.strip()
+    return (sha + ("+dirty" if run("status", "--porcelain").stdout.strip() else "")) if sha else "unknown"
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def build_tokenizer(cfg: TrainConfig, docs, vocab_size: int, rank: int, world: int) -> Tokenizer:
+    """The given tokenizer folder, or one trained on the corpus (rank 0) and cached in the run."""
+    if cfg.tokenizer:
+        return Tokenizer.from_dir(cfg.tokenizer)
+    folder = Path(cfg.out_dir) / "tokenizer"
+    if rank == 0 and not (folder / "tiktoken.model").exists():
+        Tokenizer.train((d.text for d in docs), vocab_size).save(folder)
+    _barrier(world)
+    return Tokenizer.from_dir(folder)
+
+
+def build_data(cfg: TrainConfig, tok: Tokenizer, train_docs, val_docs, rank: int, world: int):
+    data_dir = Path(cfg.out_dir) / "data"
+    if rank == 0:  # tokenise once; other ranks wait and map the same files
+        tokenize_to_cache(train_docs, tok, data_dir / "train.bin")
+        tokenize_to_cache(val_docs, tok, data_dir / "val.bin")
+    _barrier(world)
+    train_ids = tokenize_to_cache(train_docs, tok, data_dir / "train.bin")
+    val_ids = tokenize_to_cache(val_docs, tok, data_dir / "val.bin")
+    loader = PackedLoader(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
+    val = val_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank=rank, world_size=world)
+    return loader, val, len(train_ids)
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    groups = muon_param_groups(model)
+    if cfg.optimizer == "adamw":  # the baseline: every tensor in the AdamW group
+        groups = [{"params": [p for g in groups for p in g["params"]], "algo": "adamw"}]
+    return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    decay = int(cfg.steps * cfg.decay_frac)
+    return wsd_lr(step, peak=cfg.lr, warmup=cfg.warmup_steps, stable=cfg.steps - cfg.warmup_steps - decay,
+                  decay=decay, final=cfg.lr * cfg.final_lr_frac)
+
+
+@torch.no_grad()
+def balance_experts(model, loads: dict[int, torch.Tensor], speed: float, world: int) -> dict[int, float]:
+    """Aux-loss-free balancing: raise the bias of under-loaded experts by γ, lower the over-loaded.
+    Returns max/mean load per MoE layer (after summing over ranks)."""
+    stats = {}
+    for i, load in loads.items():
+        load = load.float()
+        if world > 1:
+            dist.all_reduce(load)
+        if speed:
+            model.layers[i].mlp.gate.e_score_correction_bias.add_(speed * torch.sign(load.mean() - load))
+        stats[i] = (load.max() / load.mean().clamp(min=1e-9)).item()
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast, world: int) -> float:
+    model.eval()
+    total = torch.zeros(2)
+    for x, y in batches:
+        with autocast():
+            total += torch.tensor([lm_loss(model(x), y).item() * y.numel(), y.numel()])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg: TrainConfig):
+    save_hf(model, folder, dtype=torch.float32, progress=False)
+    tok.save(folder)
+    state = {"step": step, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
+             "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "git": git_revision(),
+             "torch": torch.__version__}
+    torch.save(state, folder / "train_state.pt")
+    (folder.parent / "latest").write_text(folder.name + "\n")
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    pointer = out_dir / "checkpoints" / "latest"
+    return out_dir / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+
+
+def check_fits(model_cfg, cfg: TrainConfig):
+    """A clear error, before any work, for a run this machine's memory cannot hold.
+
+    Estimate: fp32 weights, gradients and two optimizer moments (16 B per parameter) plus
+    activations kept for backward (~40 values of width D per token and layer, fp32) and logits."""
+    from openk2.info import breakdown
+    tokens = cfg.batch_size * cfg.seq_len
+    need = (16 * breakdown(model_cfg).total + 4 * tokens * (40 * model_cfg.hidden_size
+            * model_cfg.num_hidden_layers + 3 * model_cfg.vocab_size))
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.9 * avail:
+        raise ValueError(f"this run needs ~{need / 2**30:.1f} GiB (model {cfg.model}, batch {cfg.batch_size} × "
+                         f"{cfg.seq_len}), {avail / 2**30:.1f} GiB are available: use a smaller model or batch")
+
+
+def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
+    """Run (or resume) pretraining; returns the last step's metrics. `stop_at`: leave after that
+    step as if interrupted (the schedule still spans `cfg.steps`)."""
+    rank, world = _dist()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = cfg.model_config()
+    check_fits(model_cfg, cfg)
+    docs = load_documents(cfg.data)
+    train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.seed)
+    if not train_docs or not val_docs:
+        raise ValueError(f"corpus too short: {len(docs)} document(s) cannot give both a training and a "
+                         f"validation split")
+    tok = build_tokenizer(cfg, train_docs, model_cfg.vocab_size, rank, world)
+    if tok.n_vocab > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} ids, the model {model_cfg.vocab_size} embedding rows")
+    model_cfg = dataclasses.replace(model_cfg, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    loader, val, n_train = build_data(cfg, tok, train_docs, val_docs, rank, world)
+
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    model = load_hf(ckpt, dtype=torch.float32, progress=False) if ckpt else build_model(model_cfg, seed=cfg.seed)
+    model.train()
+    opt, step = build_optimizer(cfg, model), 0
+    if ckpt:
+        state = torch.load(ckpt / "train_state.pt", weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"])
+        step = state["step"]
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    autocast = (lambda: torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)) \
+        if cfg.autocast == "bfloat16" else nullcontext
+    model.record_max_logits(True)  # a metric always; QK-Clip acts on it when qk_clip_tau > 0
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    flops_per_step = 3 * flops_per_token(model_cfg, cfg.seq_len // 2) * tokens_per_step  # fwd + bwd
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    if rank == 0:
+        header = {"event": "start", "config": dataclasses.asdict(cfg), "model": model_cfg.to_hf_dict(),
+                  "git": git_revision(), "torch": torch.__version__, "world_size": world,
+                  "train_tokens": n_train, "resumed_from": step}
+        log.write(json.dumps(header) + "\n")
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
+    metrics = {}
+    while step < min(cfg.steps, stop_at or cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum, max_logits, loads = 0.0, None, {}
+        for micro in range(cfg.grad_accum):
+            x, y = loader.next_batch()
+            sync = ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+            with sync, autocast():
+                loss = lm_loss(ddp(x), y) / cfg.grad_accum
+            with sync:
+                loss.backward()
+            loss_sum += loss.item()
+            m = model.max_logits()
+            max_logits = m if max_logits is None else torch.maximum(max_logits, m)
+            for i, load in model.expert_load().items():
+                loads[i] = loads.get(i, 0) + load
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        max_logits = reduce_max_logits(max_logits)
+        clipped = apply_qk_clip(model, max_logits, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
+        balance = balance_experts(model, loads, cfg.bias_update_speed, world)
+        step += 1
+        dt = time.perf_counter() - t0
+        if world > 1:
+            loss_sum = _mean_over_ranks(loss_sum)
+        metrics = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
+                   "tok_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / (cfg.peak_tflops * 1e12),
+                   "qk_clipped_heads": clipped, "expert_load_max_over_mean": balance}
+        metrics["max_logit"] = max_logits.amax(-1).tolist()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics["val_loss"] = evaluate(model, val, autocast, world)
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tok_per_s']:.0f}")
+            if step % cfg.log_every == 0 or "val_loss" in metrics:
+                metrics["expert_load"] = {i: (v.float() / v.float().mean()).tolist() for i, v in loads.items()}
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt, loader, tok, step, cfg)
+        _barrier(world)
+    bar.close()
+    if log:
+        log.close()
+    return metrics
+
+
+def _mean_over_ranks(value: float) -> float:
+    t = torch.tensor([value])
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()

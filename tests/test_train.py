@@ -1,0 +1,128 @@
+"""Training loop: exact resume, 2-process DDP = 1 process, balancing, metrics, plots, errors."""
+
+import dataclasses
+import json
+import os
+import socket
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from openk2.checkpoint import load_hf
+from openk2.train import TRAIN_PRESETS, parse_args, train
+from openk2.train.loop import balance_experts, latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """40 small standard-library files as a .txt corpus (~0.4 MB)."""
+    folder = tmp_path_factory.mktemp("corpus")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]
+    for i, f in enumerate(files):
+        (folder / f"{i:02d}.txt").write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+def _cfg(corpus, out, **kw):
+    return dataclasses.replace(TRAIN_PRESETS["tiny"], **{"data": str(corpus), "out_dir": str(out), **kw})
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "step" in r]
+
+
+def test_resume_continues_bit_identically(corpus, tmp_path):
+    full = train(_cfg(corpus, tmp_path / "full"))
+    train(_cfg(corpus, tmp_path / "split"), stop_at=3)
+    assert latest_checkpoint(tmp_path / "split").name == "step_000003"
+    resumed = train(_cfg(corpus, tmp_path / "split", resume=True))
+    assert _losses(tmp_path / "split") == _losses(tmp_path / "full")  # the whole curve, bit for bit
+    assert resumed["val_loss"] == full["val_loss"]
+    a = load_hf(latest_checkpoint(tmp_path / "full"), progress=False).state_dict()
+    b = load_hf(latest_checkpoint(tmp_path / "split"), progress=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metrics_checkpoint_and_plots(corpus, tmp_path):
+    out = tmp_path / "run"
+    last = train(_cfg(corpus, out, steps=4, qk_clip_tau=1e-3))  # tiny τ: every head gets clipped
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start, steps = rows[0], [r for r in rows if "step" in r]
+    assert start["event"] == "start" and start["git"] and start["config"]["qk_clip_tau"] == 1e-3
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    cfg = TRAIN_PRESETS["tiny"]
+    assert len(last["max_logit"]) == 3 and last["qk_clipped_heads"] > 0
+    assert set(last["expert_load"]) == {1, 2} and len(last["expert_load"][1]) == 16
+    assert steps[-1]["loss"] < steps[0]["loss"] and "val_loss" in last and 0 < last["mfu"] < 1
+    state = torch.load(latest_checkpoint(out) / "train_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["config"]["seq_len"] == cfg.seq_len and "git" in state
+    from openk2.train.plot import plot_run
+    pngs = plot_run(out)
+    assert [p.name for p in pngs] == ["loss.png", "max_logit.png", "expert_load.png"]
+    assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_balancing_raises_underloaded_and_lowers_overloaded():
+    from openk2.config import PRESETS
+    from openk2.model import build_model
+    model = build_model(PRESETS["k2-tiny"])
+    load = torch.zeros(16)
+    load[0], load[1] = 40, 24  # mean 4
+    stats = balance_experts(model, {1: load}, speed=0.01, world=1)
+    bias = model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias[0] == -0.01 and bias[1] == -0.01 and (bias[2:] == 0.01).all()
+    assert stats[1] == pytest.approx(10.0)
+    assert (model.layers[2].mlp.gate.e_score_correction_bias == 0).all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, cfg):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
+    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=3, autocast="none")
+    train(one)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), batch_size=2)
+    (tmp_path / "two").mkdir()
+    os.symlink(tmp_path / "one" / "tokenizer", tmp_path / "two" / "tokenizer")  # same tokenizer, no retrain
+    mp.spawn(_rank_main, args=(2, _free_port(), two), nprocs=2, join=True)
+    for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_clear_errors(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        train(_cfg(corpus, tmp_path / "a", data=str(tmp_path / "nope")))
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="corpus too short"):  # one document: nothing left to train on
+        train(_cfg(corpus, tmp_path / "b", data=str(small)))
+    (small / "b.txt").write_text("y = 2\n")
+    with pytest.raises(ValueError, match="corpus too short"):  # fewer tokens than one sequence
+        train(_cfg(corpus, tmp_path / "b2", data=str(small)))
+    with pytest.raises(ValueError, match="GiB"):
+        train(_cfg(corpus, tmp_path / "c", model="kimi-k2"))
+    with pytest.raises(SystemExit):
+        parse_args(["--optimizer", "sgd"])
+
+
+def test_cli_overrides_resolve_on_a_preset():
+    cfg = parse_args(["--preset", "tiny", "--steps", "9", "--lr", "1e-3", "--resume"])
+    assert (cfg.steps, cfg.lr, cfg.resume, cfg.seq_len) == (9, 1e-3, True, TRAIN_PRESETS["tiny"].seq_len)
