@@ -62,15 +62,21 @@ def qk_clip(steps: int, lr: float = 3e-2, tau: float = 8.0):
               f"{sum(r['qk_clipped_heads'] for r in rows)} | {last:.3f} | {rows[-1]['val_loss']:.3f} |")
 
 
-def optim(steps: int):
-    rows = {name: run(f"optim-{name}", steps=steps, optimizer=name) for name in ("muonclip", "adamw")}
-    _plot(OUT / "muon_vs_adamw.png", {n: ([r["step"] for r in rs], [r["loss"] for r in rs])
-                                       for n, rs in rows.items()}, "train loss")
+def optim(steps: int, lrs=(1e-3, 3e-3, 1e-2)):
+    """Each optimizer at three peak learning rates (same WSD shape), so neither is judged off its best."""
+    rows = {(name, lr): run(f"optim-{name}-{lr:g}", steps=steps, optimizer=name, lr=lr)
+            for name in ("muonclip", "adamw") for lr in lrs}
+    best = {name: min((rs[-1]["val_loss"], lr) for (n, lr), rs in rows.items() if n == name)
+            for name in ("muonclip", "adamw")}
+    _plot(OUT / "muon_vs_adamw.png", {f"{n} lr {best[n][1]:g}": ([r["step"] for r in rows[n, best[n][1]]],
+                                                                  [r["loss"] for r in rows[n, best[n][1]]])
+                                       for n in best}, "train loss")
     tokens = steps * BASE.batch_size * BASE.seq_len
-    print(f"\n### Muon vs AdamW (k2-tiny, {steps} steps, {tokens:,} tokens, same lr {BASE.lr:g} and schedule)\n")
-    print("| optimizer | val loss | train loss, last 10 |\n| --- | ---: | ---: |")
-    for name, rs in rows.items():
-        print(f"| {name} | {rs[-1]['val_loss']:.3f} | {sum(r['loss'] for r in rs[-10:]) / 10:.3f} |")
+    print(f"\n### Muon vs AdamW (k2-tiny, {steps} steps = {tokens:,} tokens each, WSD schedule)\n")
+    print("| optimizer | " + " | ".join(f"val loss, lr {lr:g}" for lr in lrs) + " |")
+    print("| --- |" + " ---: |" * len(lrs))
+    for name in ("muonclip", "adamw"):
+        print(f"| {name} | " + " | ".join(f"{rows[name, lr][-1]['val_loss']:.3f}" for lr in lrs) + " |")
 
 
 def balance(steps: int):

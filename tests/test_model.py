@@ -268,3 +268,24 @@ def test_cuda_grouped_experts_equal_reference():
     with torch.no_grad():
         fast, ref = moe(x), moe(x, reference=True)
     assert (fast.float() - ref.float()).abs().max() < 2e-2 * ref.float().abs().max()
+
+
+def test_seq_aux_loss_by_hand_and_its_gradient(tiny):
+    from openk2.model.moe import seq_aux_loss
+    cfg = dataclasses.replace(TINY, n_routed_experts=4, num_experts_per_tok=2)
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 0.0]])  # one sequence of 2 tokens
+    idx = torch.tensor([[0, 1], [1, 2]])
+    s = logits.sigmoid()
+    p = (s / s.sum(-1, keepdim=True)).mean(0)
+    f = torch.tensor([1.0, 2.0, 1.0, 0.0]) * 4 / (2 * 2)
+    torch.testing.assert_close(seq_aux_loss(logits, idx, 1, cfg), (f * p).sum())
+    tiny.record_aux_loss(True)
+    try:
+        tiny(torch.randint(0, TINY.vocab_size, (2, 16)))
+        aux = tiny.aux_loss()
+        aux.backward()
+    finally:
+        tiny.record_aux_loss(False)
+    assert 0 < aux.item() < 2 * (TINY.num_hidden_layers - 1) * TINY.n_routed_experts
+    assert tiny.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+    tiny.zero_grad(set_to_none=True)

@@ -49,7 +49,7 @@ def test_resume_continues_bit_identically(corpus, tmp_path):
 
 def test_metrics_checkpoint_and_plots(corpus, tmp_path):
     out = tmp_path / "run"
-    last = train(_cfg(corpus, out, steps=4, qk_clip_tau=1e-3))  # tiny τ: every head gets clipped
+    last = train(_cfg(corpus, out, steps=4, qk_clip_tau=1e-3, seq_aux_weight=1e-2))  # tiny τ: all clipped
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     start, steps = rows[0], [r for r in rows if "step" in r]
     assert start["event"] == "start" and start["git"] and start["config"]["qk_clip_tau"] == 1e-3

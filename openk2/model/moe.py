@@ -60,8 +60,22 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x_ND):
-        logits_NE = F.linear(x_ND.float(), self.weight.float())  # fp32, as the reference (no-op casts
-        return route(logits_NE, self.e_score_correction_bias.float(), self.cfg)  # after `cast`)
+        """(topk_idx [N, K], topk_weight [N, K], logits [N, E]); fp32, as the reference (the casts
+        are no-ops after `cast`)."""
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        return *route(logits_NE, self.e_score_correction_bias.float(), self.cfg), logits_NE
+
+
+def seq_aux_loss(logits_NE, topk_idx_NK, batch: int, cfg: ModelConfig) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss (arXiv:2412.19437 §2.1.2), averaged over sequences:
+    Σ_e f_e·P_e with f_e = E/(K·S)·#{tokens routing to e}, P_e = mean over tokens of s_e / Σ_j s_j."""
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    scores_NE = logits_NE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_NE.softmax(-1)
+    p_BE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(batch, -1, E).mean(1)
+    idx_BX = topk_idx_NK.view(batch, -1)
+    counts_BE = torch.zeros_like(p_BE).scatter_add_(1, idx_BX, torch.ones_like(idx_BX, dtype=p_BE.dtype))
+    f_BE = counts_BE * E / idx_BX.shape[1]  # idx_BX.shape[1] = K·S
+    return (f_BE * p_BE).sum(-1).mean()
 
 
 class LocalDispatcher:
@@ -142,10 +156,14 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.dispatcher = LocalDispatcher()
         self.load: torch.Tensor | None = None  # [E] tokens routed to each expert by the last forward
+        self.record_aux_loss = False
+        self.aux_loss: torch.Tensor | None = None  # seq_aux_loss of the last forward, when recording
 
     def forward(self, x_BSD, reference: bool = False, grouped: bool | None = None):
         x_ND = x_BSD.reshape(-1, x_BSD.shape[-1])
-        topk_idx_NK, topk_w_NK = self.gate(x_ND)
+        topk_idx_NK, topk_w_NK, logits_NE = self.gate(x_ND)
+        if self.record_aux_loss:
+            self.aux_loss = seq_aux_loss(logits_NE, topk_idx_NK, x_BSD.shape[0], self.cfg)
         if reference:
             y_ND = self.experts.forward_reference(x_ND, topk_idx_NK, topk_w_NK)
             self.load = torch.bincount(topk_idx_NK.flatten(), minlength=self.cfg.n_routed_experts)

@@ -109,6 +109,15 @@ class Transformer(nn.Module):
         """[L, H] per-layer, per-head max pre-softmax logit of the last recorded forward."""
         return torch.stack([layer.self_attn.max_logits for layer in self.layers])
 
+    def record_aux_loss(self, on: bool = True):
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.record_aux_loss = on
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum over MoE layers of the sequence-wise balance loss of the last recorded forward."""
+        return sum(layer.mlp.aux_loss for layer in self.layers if isinstance(layer.mlp, MoE))
+
     def expert_load(self) -> dict[int, torch.Tensor]:
         """{layer: tokens per routed expert [E]} of the last forward."""
         return {i: layer.mlp.load for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)}

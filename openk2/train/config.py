@@ -30,6 +30,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     qk_clip_tau: float = 100.0  # 0: QK-Clip off
     bias_update_speed: float = 1e-2  # balancing step γ (DeepSeek-V3: 1e-3 over ~10⁵ steps; short runs need more); 0: off
+    seq_aux_weight: float = 0.0  # sequence-wise balance loss weight α (DeepSeek-V3 used 1e-4); 0: off
     grad_clip: float = 1.0  # 0: off
     autocast: str = "bfloat16"  # bfloat16 | none
     val_fraction: float = 0.01

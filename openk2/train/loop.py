@@ -183,6 +183,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
     autocast = (lambda: torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)) \
         if cfg.autocast == "bfloat16" else nullcontext
     model.record_max_logits(True)  # a metric always; QK-Clip acts on it when qk_clip_tau > 0
+    model.record_aux_loss(cfg.seq_aux_weight > 0)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     flops_per_step = 3 * flops_per_token(model_cfg, cfg.seq_len // 2) * tokens_per_step  # fwd + bwd
@@ -204,19 +205,22 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
             x, y = loader.next_batch()
             sync = ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
             with sync, autocast():
-                loss = lm_loss(ddp(x), y) / cfg.grad_accum
+                lm = lm_loss(ddp(x), y)  # logged; the balance loss, if on, is only optimised
+                loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
             with sync:
-                loss.backward()
-            loss_sum += loss.item()
+                (loss / cfg.grad_accum).backward()
+            loss_sum += lm.item() / cfg.grad_accum
             m = model.max_logits()
             max_logits = m if max_logits is None else torch.maximum(max_logits, m)
             for i, load in model.expert_load().items():
                 loads[i] = loads.get(i, 0) + load
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        t_opt = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         max_logits = reduce_max_logits(max_logits)
         clipped = apply_qk_clip(model, max_logits, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
+        t_opt = time.perf_counter() - t_opt  # Muon/AdamW step + QK-Clip
         balance = balance_experts(model, loads, cfg.bias_update_speed, world)
         step += 1
         dt = time.perf_counter() - t0
@@ -224,7 +228,8 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
             loss_sum = _mean_over_ranks(loss_sum)
         metrics = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
                    "tok_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / (cfg.peak_tflops * 1e12),
-                   "qk_clipped_heads": clipped, "expert_load_max_over_mean": balance}
+                   "optimizer_share": t_opt / dt, "qk_clipped_heads": clipped,
+                   "expert_load_max_over_mean": balance}
         metrics["max_logit"] = max_logits.amax(-1).tolist()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics["val_loss"] = evaluate(model, val, autocast, world)
