@@ -73,8 +73,7 @@ def cmd_info(args):
     from openk2.config import resolve_config
     from openk2.info import report
 
-    for spec in args.config:
-        print(report(resolve_config(spec), spec))
+    print(*(report(resolve_config(spec), spec) for spec in args.config), sep="\n")
 
 
 def cmd_generate(args):
@@ -101,10 +100,7 @@ def cmd_generate(args):
             sys.stdout.write(text.decode(as_bytes([out[-1]])))
             sys.stdout.flush()
     dt = time.perf_counter() - t0
-    if args.prompt_ids is not None:
-        print(" ".join(map(str, out)))
-    else:
-        print()
+    print(" ".join(map(str, out)) if args.prompt_ids is not None else "")
     print(f"[openk2] {len(ids)} prompt + {len(out)} generated tokens in {dt:.2f}s "
           f"({len(out) / dt:.1f} tok/s)", file=sys.stderr)
 
@@ -144,8 +140,12 @@ def cmd_train(args):
 def cmd_plot(args):
     from openk2.train.plot import plot_run
 
-    for path in plot_run(args.run_dir):
-        print(path)
+    print(*plot_run(args.run_dir), sep="\n")
+
+
+def cmd_convert(args):
+    from openk2.quant import convert
+    print(convert(args.src, args.dst, args.quantize))
 
 
 def _positive(text: str) -> int:
@@ -174,13 +174,17 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
     s.set_defaults(fn=cmd_generate)
-    s = sub.add_parser("train", help="pretrain a K2 with MuonClip (`openk2 train --help` for flags)",
-                       add_help=False)
+    s = sub.add_parser("train", help="pretrain a K2 with MuonClip (`openk2 train --help`)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(fn=cmd_train)
     s = sub.add_parser("plot", help="PNGs of a training run's metrics (loss, max logit, expert load)")
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_plot)
+    s = sub.add_parser("convert", help="rewrite a HF folder as int4 (K2-Thinking), fp8 (K2-Instruct) or bf16")
+    s.add_argument("src", help="Hugging Face folder")
+    s.add_argument("dst", help="output folder (the source's tokenizer files are copied)")
+    s.add_argument("--quantize", required=True, help="int4, fp8 or bf16 (int8 is applied at load time)")
+    s.set_defaults(fn=cmd_convert)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its flags come from TrainConfig (openk2.train.config.parse_args)
         args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train)

@@ -1,0 +1,139 @@
+"""Weight-only quantization as a transform: `quantize_model(model, "int8" | "int4")` swaps modules in
+place; the model code never knows. `convert` writes a quantized Hugging Face folder.
+
+What is quantized (and why the rest is not):
+- routed experts (98.9% of K2's parameters) -> `QuantizedExperts`, always;
+- int8: also every other nn.Linear of attention, the dense MLP and the shared experts (per-channel
+  int8 is near-lossless); int4 defaults to K2-Thinking's recipe, routed experts only (the only int4
+  Moonshot trained for, K2-SPEC §4.3), `linears=True` adds the other linears in int4 too;
+- never: the router `mlp.gate` (fp32, tiny, decides the experts), embed_tokens (a lookup), lm_head
+  (0.1% of K2, where errors land directly on the logits; the engine also reads `lm_head.weight` for
+  the cache dtype), kv_b_proj (its weight is read as a tensor by the absorbed MLA path; 0.05%).
+References: each kernel has a dequantise-then-matmul twin in its file; the whole transform has
+`fake_quantize`, which rounds the same weights to the same grid but keeps them in the float model, so
+`quantize_model(m)(x)` must match `fake_quantize(m)(x)` (tests/test_quant.py).
+
+    M (token, expert) pairs sorted by expert  N tokens  D hidden  F expert hidden  E experts  K per token
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.checkpoint import load_hf, save_hf
+from openk2.model.moe import Experts
+from openk2.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
+from openk2.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
+
+LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
+ROUND_TRIP = {"int8": lambda w: dequantize_int8(*quantize_int8(w), w.dtype),
+              "int4": lambda w: dequantize_int4(*quantize_int4(w), w.dtype)}
+SKIP = ("lm_head", "kv_b_proj")  # module names left in the model dtype (see above)
+
+
+class QuantizedExperts(nn.Module):
+    """Drop-in for `Experts`: per expert, gate+up [2F, D] (gate rows first) and down [D, F] quantized
+    linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel)."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+        super().__init__()
+        self.gate_up, self.down = nn.ModuleList(gate_up), nn.ModuleList(down)
+
+    @classmethod
+    @torch.no_grad()
+    def from_experts(cls, experts: Experts, linear: type) -> "QuantizedExperts":
+        return cls([linear.from_weight(w) for w in experts.gate_up_proj],
+                   [linear.from_weight(w) for w in experts.down_proj])
+
+    def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
+        """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
+        if grouped:
+            raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
+        out, start = [], 0
+        for e, n in enumerate(counts_E.tolist()):
+            if n:
+                gate, up = self.gate_up[e](x_MD[start:start + n]).chunk(2, dim=-1)
+                out.append(self.down[e](F.silu(gate).mul_(up)))
+                start += n
+        return torch.cat(out).mul_(w_M[:, None])
+
+    def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
+        """The routing reference, as Experts.forward_reference, over the same quantized linears."""
+        out_ND = torch.zeros_like(x_ND)
+        for e in range(len(self.gate_up)):
+            tok, slot = torch.where(topk_idx_NK == e)
+            if tok.numel() == 0:
+                continue
+            gate, up = self.gate_up[e](x_ND[tok]).chunk(2, dim=-1)
+            y = self.down[e](F.silu(gate) * up)
+            out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
+        return out_ND
+
+
+def _targets(model: nn.Module, mode: str, linears: bool | None):
+    """(parent, name, module) for every module the transform replaces: routed experts, and if
+    `linears` (default: int8 yes, int4 no) every other nn.Linear outside SKIP."""
+    if mode not in LINEARS:
+        raise ValueError(f"quantize mode must be one of {', '.join(LINEARS)}, not {mode!r}")
+    linears = mode == "int8" if linears is None else linears
+    found = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            linear = linears and type(child) is nn.Linear and name not in SKIP
+            if linear and child.bias is not None:
+                raise ValueError(f"{parent_name}.{name}: quantized linears have no bias")
+            if linear or isinstance(child, Experts):
+                found.append((parent, name, child))
+    return found
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, linears: bool | None = None) -> nn.Module:
+    """Swap routed experts (and, if `linears`, the other eligible nn.Linear) for quantized modules, in
+    place; returns the model. linears None: True for int8, False for int4 (K2-Thinking's recipe)."""
+    for parent, name, child in _targets(model, mode, linears):
+        if isinstance(child, Experts):
+            setattr(parent, name, QuantizedExperts.from_experts(child, LINEARS[mode]))
+        else:
+            setattr(parent, name, LINEARS[mode].from_weight(child.weight))
+    return model
+
+
+@torch.no_grad()
+def fake_quantize(model: nn.Module, mode: str, linears: bool | None = None) -> nn.Module:
+    """The reference of `quantize_model`: the same weights rounded to the same grid (quantize, then
+    dequantize to their dtype), left in the float modules; in place, returns the model."""
+    for _, _, child in _targets(model, mode, linears):
+        if isinstance(child, Experts):
+            for w in (child.gate_up_proj, child.down_proj):
+                w.copy_(torch.stack([ROUND_TRIP[mode](w_e) for w_e in w]))
+        else:
+            child.weight.copy_(ROUND_TRIP[mode](child.weight))
+    return model
+
+
+CONVERT_FORMATS = ("int4", "fp8", "bf16")
+
+
+def convert(src: str | Path, dst: str | Path, fmt: str, progress: bool = True) -> Path:
+    """Rewrite the HF folder SRC as DST in a K2 release format, copying SRC's other files (tokenizer):
+    int4 as K2-Thinking (routed experts, compressed-tensors), fp8 as K2-Instruct, bf16 plain.
+
+    int8 has no format: K2 ships none and `load_hf` reads none; quantizing per channel takes seconds,
+    so it is done at load time (`quantize_model(model, "int8")`).
+    """
+    if fmt not in CONVERT_FORMATS:
+        hint = " (int8 is applied at load time: quantize_model(model, 'int8'))" if fmt == "int8" else ""
+        raise ValueError(f"convert format must be one of {', '.join(CONVERT_FORMATS)}, not {fmt!r}{hint}")
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"convert would overwrite its source {src}")
+    out = save_hf(load_hf(src, progress=progress), dst, fmt=fmt, progress=progress)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
+                                                                          "model.safetensors.index.json"):
+            shutil.copy2(f, dst / f.name)
+    return out
