@@ -12,10 +12,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 def _check_memory(cfg, dtype):
     """Refuse, with a message, a model that cannot fit in this machine's available memory."""
-    from openk2.info import breakdown
+    from openk2.info import available_bytes, breakdown
 
-    need = breakdown(cfg).total * dtype.itemsize
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    need, avail = breakdown(cfg).total * dtype.itemsize, available_bytes()
     if need > 0.9 * avail:
         raise ValueError(f"this model needs {need / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')}, "
                          f"the machine has {avail / 2**30:,.1f} GiB available")

@@ -4,6 +4,7 @@ Pure arithmetic on ModelConfig (no model is built); tests/test_info.py checks it
 parameters of a `meta`-device model and against K2's published totals.
 """
 
+import os
 from dataclasses import dataclass
 
 from openk2.config import ModelConfig
@@ -107,3 +108,19 @@ def report(cfg: ModelConfig, name: str = "") -> str:
             f"(top-{cfg.num_experts_per_tok} + {cfg.n_shared_experts} shared), vocab {cfg.vocab_size}")
     lines = [head] + [f"{k:<{width}}  {v if isinstance(v, str) else f'{v:,}':>20}" for k, v in rows]
     return "\n".join(lines)
+
+
+def available_bytes() -> int:
+    """Memory the OS can give now (MemAvailable: free + reclaimable cache)."""
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward + backward FLOPs of one training token (3× forward), attention in the materialised
+    form training runs: QKᵀ and PV over the causal average of seq_len / 2 keys, 2·H·(A + O) per key."""
+    attn = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len // 2)
+    return 3 * (2 * breakdown(cfg).active_linear + cfg.num_hidden_layers * attn)
+

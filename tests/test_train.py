@@ -37,8 +37,10 @@ def _losses(out) -> list[float]:
 
 def test_resume_continues_bit_identically(corpus, tmp_path):
     full = train(_cfg(corpus, tmp_path / "full"))
-    train(_cfg(corpus, tmp_path / "split"), stop_at=3)
+    train(_cfg(corpus, tmp_path / "split"), stop_at=4)  # interrupted one step after the step-3 checkpoint
     assert latest_checkpoint(tmp_path / "split").name == "step_000003"
+    with pytest.raises(ValueError, match="steps: 6 -> 9"):
+        train(_cfg(corpus, tmp_path / "split", resume=True, steps=9))
     resumed = train(_cfg(corpus, tmp_path / "split", resume=True))
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")  # the whole curve, bit for bit
     assert resumed["val_loss"] == full["val_loss"]
@@ -75,7 +77,7 @@ def test_balancing_raises_underloaded_and_lowers_overloaded():
     stats = balance_experts(model, {1: load}, speed=0.01, world=1)
     bias = model.layers[1].mlp.gate.e_score_correction_bias
     assert bias[0] == -0.01 and bias[1] == -0.01 and (bias[2:] == 0.01).all()
-    assert stats[1] == pytest.approx(10.0)
+    assert stats[1].max().item() == pytest.approx(10.0) and stats[1].mean().item() == pytest.approx(1.0)
     assert (model.layers[2].mlp.gate.e_score_correction_bias == 0).all()
 
 
@@ -96,14 +98,15 @@ def _rank_main(rank, world, port, cfg):
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
-    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=3, autocast="none")
+    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=3, warmup_steps=1, autocast="none")
     train(one)
-    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), batch_size=2)
+    two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), batch_size=1, grad_accum=2)
     (tmp_path / "two").mkdir()
     os.symlink(tmp_path / "one" / "tokenizer", tmp_path / "two" / "tokenizer")  # same tokenizer, no retrain
     mp.spawn(_rank_main, args=(2, _free_port(), two), nprocs=2, join=True)
     for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
-        assert a == pytest.approx(b, abs=1e-5)
+        # fp32 gradients summed in another order, through bf16 Newton–Schulz: equal to ~1e-5
+        assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_clear_errors(corpus, tmp_path):
@@ -126,3 +129,16 @@ def test_clear_errors(corpus, tmp_path):
 def test_cli_overrides_resolve_on_a_preset():
     cfg = parse_args(["--preset", "tiny", "--steps", "9", "--lr", "1e-3", "--resume"])
     assert (cfg.steps, cfg.lr, cfg.resume, cfg.seq_len) == (9, 1e-3, True, TRAIN_PRESETS["tiny"].seq_len)
+
+
+def test_schedule_warms_up_holds_and_lands_on_final():
+    from openk2.train.loop import lr_at
+    cfg = TRAIN_PRESETS["tiny"]  # 6 steps: 2 warm-up, 1 decay
+    lrs = [lr_at(cfg, s) for s in range(cfg.steps)]
+    assert lrs[0] == 0 and lrs[1] == cfg.lr / 2 and lrs[2:5] == [cfg.lr] * 3
+    assert lrs[5] == pytest.approx(cfg.lr * cfg.final_lr_frac)
+    with pytest.raises(ValueError, match="do not fit"):
+        dataclasses.replace(cfg, steps=3)
+    for bad in (dict(peak_tflops=0), dict(eval_batches=0), dict(grad_clip=-1), dict(decay_frac=2)):
+        with pytest.raises(ValueError):
+            dataclasses.replace(cfg, **bad)

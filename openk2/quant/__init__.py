@@ -133,7 +133,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, progress: bool = True) -
         raise ValueError(f"convert would overwrite its source {src}")
     out = save_hf(load_hf(src, progress=progress), dst, fmt=fmt, progress=progress)
     for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
-                                                                          "model.safetensors.index.json"):
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (
+                "config.json", "model.safetensors.index.json", "train_state.pt"):  # not a training run's state
             shutil.copy2(f, dst / f.name)
     return out

@@ -2,4 +2,7 @@
 
 from openk2.train import parse_args, train
 
-train(parse_args(prog="python -m openk2.train"))
+try:
+    train(parse_args(prog="python -m openk2.train"))
+except (ValueError, KeyError, OSError) as e:  # bad flags, paths, data: one line, not a traceback
+    raise SystemExit(f"openk2.train: error: {e}")

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from openk2.config import PRESETS, ModelConfig
+from openk2.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class TrainConfig:
     log_every: int = 5
     ckpt_every: int = 100
     seed: int = 0
-    peak_tflops: float = 2.0  # for MFU: this CPU's bf16 AMX peak (2 cores)
+    peak_tflops: float = 2.0  # for MFU: the peak of all processes together (this 2-core CPU's bf16 AMX)
     threads: int = 0  # 0: torch's default
     resume: bool = False
 
@@ -48,9 +48,26 @@ class TrainConfig:
             raise ValueError(f"optimizer must be muonclip or adamw, not {self.optimizer!r}")
         if self.autocast not in ("bfloat16", "none"):
             raise ValueError(f"autocast must be bfloat16 or none, not {self.autocast!r}")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "log_every", "ckpt_every"):
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "log_every", "ckpt_every",
+                     "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "grad_clip", "threads", "qk_clip_tau", "bias_update_speed", "seq_aux_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (0 <= self.decay_frac <= 1 and 0 < self.val_fraction < 1 and self.peak_tflops > 0 and self.lr > 0):
+            raise ValueError("need 0 <= decay_frac <= 1, 0 < val_fraction < 1, peak_tflops > 0 and lr > 0")
+        if self.warmup_steps + self.decay_steps > self.steps - 1:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) + decay steps ({self.decay_steps}) do not fit "
+                             f"in {self.steps} steps")
+
+    @property
+    def decay_steps(self) -> int:
+        return max(1, int(self.steps * self.decay_frac)) if self.decay_frac else 0
+
+    # fields that shape the training trajectory: a resumed run must keep them
+    TRAJECTORY = ("model", "steps", "lr", "final_lr_frac", "warmup_steps", "decay_frac", "optimizer", "seq_len",
+                  "weight_decay", "qk_clip_tau", "bias_update_speed", "seq_aux_weight", "seed", "data")
 
     def model_config(self) -> ModelConfig:
         from openk2.config import resolve_config
@@ -61,7 +78,6 @@ TRAIN_PRESETS: dict[str, TrainConfig] = {"demo": TrainConfig()}
 TRAIN_PRESETS["tiny"] = dataclasses.replace(  # tests: seconds, not minutes
     TRAIN_PRESETS["demo"], model="k2-tiny", out_dir="runs/tiny", seq_len=32, batch_size=4, steps=6,
     warmup_steps=2, eval_every=3, eval_batches=1, log_every=1, ckpt_every=3, lr=3e-3)
-assert "k2-mini" in PRESETS
 
 
 def parse_args(argv=None, prog: str = "openk2 train") -> TrainConfig:

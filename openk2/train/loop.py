@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from openk2.checkpoint import load_hf, save_hf
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
-from openk2.info import flops_per_token
+from openk2.info import available_bytes, breakdown, train_flops_per_token
 from openk2.model import build_model, lm_loss
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
 from openk2.tokenizer import Tokenizer
@@ -84,24 +84,25 @@ def build_optimizer(cfg: TrainConfig, model):
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    decay = int(cfg.steps * cfg.decay_frac)
-    return wsd_lr(step, peak=cfg.lr, warmup=cfg.warmup_steps, stable=cfg.steps - cfg.warmup_steps - decay,
-                  decay=decay, final=cfg.lr * cfg.final_lr_frac)
+    """WSD over the run: the last step (cfg.steps - 1) lands on lr · final_lr_frac."""
+    stable = cfg.steps - 1 - cfg.warmup_steps - cfg.decay_steps
+    return wsd_lr(step, peak=cfg.lr, warmup=cfg.warmup_steps, stable=stable, decay=cfg.decay_steps,
+                  final=cfg.lr * cfg.final_lr_frac)
 
 
 @torch.no_grad()
-def balance_experts(model, loads: dict[int, torch.Tensor], speed: float, world: int) -> dict[int, float]:
+def balance_experts(model, loads: dict[int, torch.Tensor], speed: float, world: int) -> dict[int, torch.Tensor]:
     """Aux-loss-free balancing: raise the bias of under-loaded experts by γ, lower the over-loaded.
-    Returns max/mean load per MoE layer (after summing over ranks)."""
-    stats = {}
+    Returns each MoE layer's load / mean load [E], summed over ranks."""
+    relative = {}
     for i, load in loads.items():
         load = load.float()
         if world > 1:
             dist.all_reduce(load)
         if speed:
             model.layers[i].mlp.gate.e_score_correction_bias.add_(speed * torch.sign(load.mean() - load))
-        stats[i] = (load.max() / load.mean().clamp(min=1e-9)).item()
-    return stats
+        relative[i] = load / load.mean().clamp(min=1e-9)
+    return relative
 
 
 @torch.no_grad()
@@ -137,11 +138,10 @@ def check_fits(model_cfg, cfg: TrainConfig):
 
     Estimate: fp32 weights, gradients and two optimizer moments (16 B per parameter) plus
     activations kept for backward (~40 values of width D per token and layer, fp32) and logits."""
-    from openk2.info import breakdown
     tokens = cfg.batch_size * cfg.seq_len
     need = (16 * breakdown(model_cfg).total + 4 * tokens * (40 * model_cfg.hidden_size
             * model_cfg.num_hidden_layers + 3 * model_cfg.vocab_size))
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    avail = available_bytes()
     if need > 0.9 * avail:
         raise ValueError(f"this run needs ~{need / 2**30:.1f} GiB (model {cfg.model}, batch {cfg.batch_size} × "
                          f"{cfg.seq_len}), {avail / 2**30:.1f} GiB are available: use a smaller model or batch")
@@ -169,12 +169,17 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
     model_cfg = dataclasses.replace(model_cfg, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     loader, val, n_train = build_data(cfg, tok, train_docs, val_docs, rank, world)
 
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     ckpt = latest_checkpoint(out) if cfg.resume else None
-    model = load_hf(ckpt, dtype=torch.float32, progress=False) if ckpt else build_model(model_cfg, seed=cfg.seed)
+    if ckpt:
+        state = torch.load(ckpt / "train_state.pt", weights_only=False)
+        _check_same_trajectory(cfg, state["config"], ckpt)
+        model = load_hf(ckpt, dtype=torch.float32, device=device, progress=False)
+    else:
+        model = build_model(model_cfg, device=device, seed=cfg.seed)
     model.train()
     opt, step = build_optimizer(cfg, model), 0
     if ckpt:
-        state = torch.load(ckpt / "train_state.pt", weights_only=False)
         opt.load_state_dict(state["optimizer"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
@@ -186,8 +191,8 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
     model.record_aux_loss(cfg.seq_aux_weight > 0)
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
-    flops_per_step = 3 * flops_per_token(model_cfg, cfg.seq_len // 2) * tokens_per_step  # fwd + bwd
-    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    flops_per_step = train_flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+    log = _open_log(out / "metrics.jsonl", step) if rank == 0 else None
     if rank == 0:
         header = {"event": "start", "config": dataclasses.asdict(cfg), "model": model_cfg.to_hf_dict(),
                   "git": git_revision(), "torch": torch.__version__, "world_size": world,
@@ -202,12 +207,11 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
             g["lr"] = lr
         loss_sum, max_logits, loads = 0.0, None, {}
         for micro in range(cfg.grad_accum):
-            x, y = loader.next_batch()
-            sync = ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-            with sync, autocast():
-                lm = lm_loss(ddp(x), y)  # logged; the balance loss, if on, is only optimised
-                loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
-            with sync:
+            x, y = (t.to(device) for t in loader.next_batch())
+            with ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
+                with autocast():
+                    lm = lm_loss(ddp(x), y)  # logged; the balance loss, if on, is only optimised
+                    loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
                 (loss / cfg.grad_accum).backward()
             loss_sum += lm.item() / cfg.grad_accum
             m = model.max_logits()
@@ -221,7 +225,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
         max_logits = reduce_max_logits(max_logits)
         clipped = apply_qk_clip(model, max_logits, cfg.qk_clip_tau) if cfg.qk_clip_tau > 0 else 0
         t_opt = time.perf_counter() - t_opt  # Muon/AdamW step + QK-Clip
-        balance = balance_experts(model, loads, cfg.bias_update_speed, world)
+        relative_load = balance_experts(model, loads, cfg.bias_update_speed, world)
         step += 1
         dt = time.perf_counter() - t0
         if world > 1:
@@ -229,7 +233,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
         metrics = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
                    "tok_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / (cfg.peak_tflops * 1e12),
                    "optimizer_share": t_opt / dt, "qk_clipped_heads": clipped,
-                   "expert_load_max_over_mean": balance}
+                   "expert_load_max_over_mean": {i: v.max().item() for i, v in relative_load.items()}}
         metrics["max_logit"] = max_logits.amax(-1).tolist()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics["val_loss"] = evaluate(model, val, autocast, world)
@@ -237,7 +241,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tok_per_s']:.0f}")
             if step % cfg.log_every == 0 or "val_loss" in metrics:
-                metrics["expert_load"] = {i: (v.float() / v.float().mean()).tolist() for i, v in loads.items()}
+                metrics["expert_load"] = {i: v.tolist() for i, v in relative_load.items()}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
         if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
@@ -247,6 +251,26 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
     if log:
         log.close()
     return metrics
+
+
+def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path):
+    changed = {k: (saved.get(k), getattr(cfg, k)) for k in TrainConfig.TRAJECTORY if saved.get(k) != getattr(cfg, k)}
+    saved_batch = saved["batch_size"] * saved["grad_accum"]  # per process; world size checked by the loader
+    if saved_batch != cfg.batch_size * cfg.grad_accum:
+        changed["batch_size × grad_accum"] = (saved_batch, cfg.batch_size * cfg.grad_accum)
+    if changed:
+        detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"--resume from {ckpt} would not continue the same run ({detail}); start a new "
+                         f"--out-dir (or a fresh run from the checkpoint's weights) to change them")
+
+
+def _open_log(path: Path, step: int):
+    """metrics.jsonl for appending; on resume, rows past the checkpoint's step (logged by the
+    interrupted run after its last checkpoint) are dropped first, so each step appears once."""
+    if step and path.exists():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in rows))
+    return open(path, "a")
 
 
 def _mean_over_ranks(value: float) -> float:
