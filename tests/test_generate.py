@@ -96,3 +96,31 @@ def test_bf16_decode_kernels_match_default_kernels():
     assert (native - default).abs().max() < 2e-2 * default.abs().max()
     torch.testing.assert_close(generate(model, prompt, SamplingParams(max_tokens=6)),
                                generate_recompute(model, prompt, SamplingParams(max_tokens=6)))
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_rows_at_different_lengths_decode_together(tiny, absorb):
+    """Per-row start positions: three prompts of lengths 3, 9, 6 prefilled into their own cache rows,
+    then decoded in one batch; every row's greedy tokens equal its own full recompute."""
+    from openk2.model.attention import LatentCache
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (1, n), generator=gen) for n in (3, 9, 6)]
+    cache = tiny.new_cache(3, 32)
+    lengths, tokens = torch.tensor([p.shape[1] for p in prompts]), []
+    with torch.no_grad():
+        for r, p in enumerate(prompts):  # each prompt into its own row (a view of the shared cache)
+            rows = [LatentCache(c.ckv[r:r + 1]) for c in cache]
+            tokens.append(tiny(p, 0, rows)[:, -1].argmax(-1))
+        tok, out = torch.cat(tokens), [torch.cat(tokens)[:, None]]
+        for _ in range(7):
+            tok = tiny(tok[:, None], lengths, cache, absorb=absorb)[:, -1].argmax(-1)
+            lengths = lengths + 1
+            out.append(tok[:, None])
+    batched = torch.cat(out, 1)
+    for r, p in enumerate(prompts):
+        assert torch.equal(batched[r], generate_recompute(tiny, p, SamplingParams(max_tokens=8))[0]), r
+
+
+def test_per_row_positions_need_a_cache(tiny):
+    with pytest.raises(ValueError, match="need a cache"):
+        tiny(torch.zeros(2, 1, dtype=torch.long), torch.tensor([3, 4]))

@@ -71,8 +71,10 @@ class MLA(nn.Module):
         q_BSHA = q.view(B, S, self.cfg.num_attention_heads, self.cfg.qk_head_dim)
         return q_BSHA.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
 
-    def forward(self, x_BSD, cos, sin, cache: LatentCache | None = None, start_pos: int = 0,
+    def forward(self, x_BSD, cos, sin, cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0,
                 absorb: bool = False):
+        """start_pos: where this chunk starts, for all rows (int), or per row (LongTensor [B], with a
+        cache: rows at different lengths decode together, each seeing only its own keys)."""
         B, S, _ = x_BSD.shape
         C = self.cfg.kv_lora_rank
         q_nope_BSHP, q_pe_BSHR = self._query(x_BSD)
@@ -80,12 +82,17 @@ class MLA(nn.Module):
         kv_BSL = self.kv_a_proj_with_mqa(x_BSD)
         ckv_BSL = torch.cat([self.kv_a_layernorm(kv_BSL[..., :C]), apply_rope(kv_BSL[..., C:], cos, sin)], -1)
         ckv_BTL = ckv_BSL  # keys: this chunk, or everything cached up to it
-        if cache is not None:
-            cache.ckv[:B, start_pos:start_pos + S] = ckv_BSL
-            ckv_BTL = cache.ckv[:B, :start_pos + S]
-        # mask: None when one query follows all its keys (decode); for S == T plain causal, built lazily
-        T = ckv_BTL.shape[1]
-        mask_ST = causal_mask(S, T, start_pos, x_BSD.device) if 1 < S != T else None
+        if isinstance(start_pos, torch.Tensor):  # per-row positions [B, S]; the mask is per row too
+            pos_BS = start_pos[:, None] + torch.arange(S, device=x_BSD.device)
+            cache.ckv[torch.arange(B, device=x_BSD.device)[:, None], pos_BS] = ckv_BSL
+            ckv_BTL = cache.ckv[:B, :int(start_pos.max()) + S]
+            mask_ST = torch.arange(ckv_BTL.shape[1], device=x_BSD.device) <= pos_BS[..., None]  # [B, S, T]
+        else:  # mask: None when one query follows all its keys (decode); S == T: causal, built lazily
+            if cache is not None:
+                cache.ckv[:B, start_pos:start_pos + S] = ckv_BSL
+                ckv_BTL = cache.ckv[:B, :start_pos + S]
+            T = ckv_BTL.shape[1]
+            mask_ST = causal_mask(S, T, start_pos, x_BSD.device) if 1 < S != T else None
         path = self._absorbed if absorb else self._materialised
         out_BSHO = path(q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal=S > 1)
         return self.o_proj(out_BSHO.flatten(2))
@@ -103,12 +110,13 @@ class MLA(nn.Module):
         if self.record_max_logits:  # logits once more, outside autograd: the fused kernel hides them
             with torch.no_grad():
                 scores_BHST = (q_BHSA @ k_BHTA.transpose(-1, -2)).float() * self.softmax_scale
-                self._record(scores_BHST, mask_ST, causal, head_dim=1)
+                self._record(scores_BHST, None if mask_ST is None else mask_ST.unsqueeze(-3), causal, head_dim=1)
         # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
         O, A = cfg.v_head_dim, cfg.qk_head_dim
         v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
         out_BHSO = F.scaled_dot_product_attention(
-            q_BHSA, k_BHTA, v_pad, attn_mask=mask_ST, is_causal=causal and mask_ST is None,
+            q_BHSA, k_BHTA, v_pad, attn_mask=None if mask_ST is None else mask_ST.unsqueeze(-3),
+            is_causal=causal and mask_ST is None,
             scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)
 
@@ -126,7 +134,7 @@ class MLA(nn.Module):
         scores_BSHT = torch.bmm(q_BXL, ckv_BTL.transpose(1, 2)).view(B, S, H, -1).float() * self.softmax_scale
         if causal and mask_ST is None:
             mask_ST = causal_mask(S, S, 0, scores_BSHT.device)
-        mask_S1T = mask_ST[:, None, :] if mask_ST is not None else None
+        mask_S1T = mask_ST.unsqueeze(-2) if mask_ST is not None else None  # [(B,) S, 1, T]
         if self.record_max_logits:
             self._record(scores_BSHT.detach(), mask_S1T, False, head_dim=2)
         if mask_S1T is not None:

@@ -48,8 +48,10 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, mult: float = 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs. x [B, S, R] or [B, S, H, R]; cos/sin [S, R/2]."""
+    """Rotate interleaved pairs. x [B, S, R] or [B, S, H, R]; cos/sin [S, R/2] or per row [B, S, R/2]."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
     if x.dim() == 4:  # per-head input: broadcast over H
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = cos[:, :, None], sin[:, :, None]
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)

@@ -82,18 +82,23 @@ class Transformer(nn.Module):
         return [LatentCache.empty(self.cfg, batch, max_len, dtype, self.lm_head.weight.device)
                 for _ in self.layers]
 
-    def forward(self, input_ids, start_pos: int = 0, cache: list[LatentCache] | None = None,
+    def forward(self, input_ids, start_pos: int | torch.Tensor = 0, cache: list[LatentCache] | None = None,
                 absorb: bool | None = None, reference: bool = False):
-        """Logits [B, S, V] for input_ids [B, S] at positions start_pos.. (fp32 or model dtype).
+        """Logits [B, S, V] for input_ids [B, S] at positions start_pos.. (fp32 or model dtype);
+        start_pos per row (LongTensor [B]) lets rows of different lengths decode in one batch.
 
         absorb: MLA path; default absorbed for decode steps (a cache and S == 1), else materialised.
         reference: run routed experts through the per-expert reference loop.
         """
         B, S = input_ids.shape
-        if cache is not None and start_pos + S > cache[0].ckv.shape[1]:
-            raise ValueError(f"cache holds {cache[0].ckv.shape[1]} positions, need {start_pos + S}")
+        per_row = isinstance(start_pos, torch.Tensor)
+        if per_row and cache is None:
+            raise ValueError("per-row start positions need a cache")
+        end = int(start_pos.max()) + S if per_row else start_pos + S
+        if cache is not None and end > cache[0].ckv.shape[1]:
+            raise ValueError(f"cache holds {cache[0].ckv.shape[1]} positions, need {end}")
         absorb = (cache is not None and S == 1) if absorb is None else absorb
-        positions = torch.arange(start_pos, start_pos + S, device=input_ids.device)
+        positions = (start_pos[:, None] if per_row else start_pos) + torch.arange(S, device=input_ids.device)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult, x.dtype)
         for i, layer in enumerate(self.layers):
