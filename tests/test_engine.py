@@ -1,0 +1,107 @@
+"""Engine: continuous batching over the block cache equals per-request recompute; memory bounds,
+cancellation, streaming, seeded sampling."""
+
+import pytest
+import torch
+
+from openk2.config import PRESETS
+from openk2.engine import SamplingParams, generate_recompute
+from openk2.engine.engine import Engine
+from openk2.engine.kv_cache import BlockPool, CacheFull
+from openk2.model import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(PRESETS["k2-tiny"], seed=2).eval()
+
+
+def _prompt(n, seed):
+    return torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny):
+    engine = Engine(tiny, cache_tokens=512, block_size=8, prefill_chunk=5)
+    specs = [(3, 9), (17, 6), (8, 12), (1, 5), (26, 4)]  # (prompt length, max_tokens)
+    reqs, joins = [], {0: [0, 1], 2: [2], 5: [3], 9: [4]}  # step -> requests that arrive then
+    step = 0
+    while step in joins or engine.has_work() or step < max(joins):
+        for i in joins.get(step, []):
+            reqs.append((i, engine.add_request(_prompt(specs[i][0], i), SamplingParams(max_tokens=specs[i][1]))))
+        engine.step()
+        step += 1
+    for i, req in reqs:
+        n, m = specs[i]
+        expect = generate_recompute(tiny, torch.tensor([_prompt(n, i)]), SamplingParams(max_tokens=m))[0]
+        assert req.output == expect.tolist(), i
+        assert req.finish_reason == "length" and not req.blocks
+    assert len(engine.pool.free) == engine.pool.num_blocks  # every block back
+
+
+def test_stop_token_and_seeded_sampling(tiny):
+    engine = Engine(tiny, cache_tokens=256)
+    free = engine.add_request(_prompt(4, 1), SamplingParams(max_tokens=10))
+    engine.run()
+    stop = free.output[3]
+    stopped = engine.add_request(_prompt(4, 1), SamplingParams(max_tokens=10, stop_token_ids=(stop,)))
+    engine.run()
+    assert stopped.output == free.output[:free.output.index(stop) + 1] and stopped.finish_reason == "stop"
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    a, b = engine.add_request(_prompt(5, 2), params), engine.add_request(_prompt(5, 2), params)
+    engine.run()
+    assert a.output == b.output  # identical requests, same seed, batched together
+
+
+def test_memory_bound_queueing_and_clear_errors(tiny):
+    engine = Engine(tiny, cache_tokens=64, block_size=16)  # 4 blocks
+    with pytest.raises(ValueError, match="needs 80 tokens of cache, the engine holds 64"):
+        engine.add_request(_prompt(40, 0), SamplingParams(max_tokens=40))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        Engine(tiny, cache_tokens=4096).add_request(_prompt(500, 0), SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="prompt ids"):
+        engine.add_request([0, 9999], SamplingParams(max_tokens=2))
+    first = engine.add_request(_prompt(20, 1), SamplingParams(max_tokens=20))  # 3 blocks
+    second = engine.add_request(_prompt(10, 2), SamplingParams(max_tokens=10))  # 2 blocks: must wait
+    engine.step()
+    assert first in engine.running and second in engine.waiting
+    engine.run()
+    assert first.finished and second.finished and len(second.output) == 10
+
+
+def test_cancel_frees_blocks_and_others_continue(tiny):
+    engine = Engine(tiny, cache_tokens=256, block_size=8)
+    a = engine.add_request(_prompt(6, 3), SamplingParams(max_tokens=30))
+    b = engine.add_request(_prompt(6, 4), SamplingParams(max_tokens=5))
+    engine.step(), engine.step()
+    engine.cancel(a)
+    assert a.finish_reason == "cancelled" and not a.blocks and a not in engine.running
+    engine.run()
+    expect = generate_recompute(tiny, torch.tensor([_prompt(6, 4)]), SamplingParams(max_tokens=5))[0]
+    assert b.output == expect.tolist()
+
+
+def test_stream_yields_tokens_as_produced(tiny):
+    engine = Engine(tiny, cache_tokens=256)
+    req = engine.add_request(_prompt(7, 5), SamplingParams(max_tokens=6))
+    seen = []
+    for tok in engine.stream(req):
+        seen.append(tok)
+        assert len(req.output) == len(seen)  # one token per step, handed over at once
+    assert seen == req.output and len(seen) == 6
+
+
+def test_block_pool_gather_scatter_round_trip():
+    pool = BlockPool(PRESETS["k2-tiny"], num_blocks=6, block_size=4)
+    a, b = [], []
+    pool.grow(a, 7), pool.grow(b, 3)
+    assert len(a) == 2 and len(b) == 1 and len(pool.free) == 3
+    cache = pool.gather([a, b], 7)
+    for c in cache:
+        c.ckv.normal_()
+    pool.scatter(cache, [a, b], [0, 0], 3)
+    again = pool.gather([a, b], 3)
+    assert all(torch.equal(x.ckv, y.ckv[:, :3]) for x, y in zip(again, cache))
+    with pytest.raises(CacheFull):
+        pool.grow(b, 20)
+    pool.release(a)
+    assert len(pool.free) == 5 and not a
