@@ -1,0 +1,105 @@
+"""Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16, int8, int4) vs transformers' generate
+on the same weights vs the memory-bandwidth roofline, and the Engine's aggregate tokens/s at batch
+1, 8 and 32.
+
+Roofline: a batch-1 decode step must read every active weight once — the active linear weights of
+`openk2.info` at the mode's bytes per weight (int4 and int8 apply to the quantized linears only, the
+rest stays bf16) — so tokens/s ≤ measured bandwidth / active bytes. Bandwidth is measured here by
+summing a 1 GiB bf16 tensor. Aggregate: 32 requests (32-token prompts, 64 new tokens) through an
+Engine with max_batch 1, 8 or 32.
+
+    .venv/bin/python -m bench.decode [--preset k2-small] [--threads 2] [--quick]
+"""
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.forward import decode_ours, decode_theirs, load_pair, machine_line
+from openk2.config import PRESETS
+from openk2.engine import Engine, SamplingParams
+from openk2.info import breakdown
+from openk2.quant import quantize_model
+
+PROMPT, NEW = 32, 64
+
+
+def bandwidth_gbs() -> float:
+    x = torch.ones(2**29, dtype=torch.bfloat16)  # 1 GiB
+    x.sum()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 2 / min(times) / 1e9
+
+
+def active_bytes(cfg, mode: str) -> float:
+    """Weights one batch-1 token reads: routed-expert share at the mode's width, the rest bf16
+    (int8 also narrows attention / dense / shared linears; lm_head and kv_b_proj stay bf16)."""
+    b = breakdown(cfg)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    experts = n_moe * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    rest = b.active_linear - experts
+    if mode == "int4":
+        return experts * 0.5 + experts / 32 * 2 + rest * 2
+    if mode == "int8":
+        head = cfg.vocab_size * cfg.hidden_size
+        return (b.active_linear - head) * 1 + head * 2
+    return b.active_linear * 2
+
+
+def aggregate(model, cfg, batch: int, n_requests: int) -> float:
+    engine = Engine(model, cache_tokens=n_requests * (PROMPT + NEW) + 64, max_batch=batch)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(n_requests):
+        engine.add_request(torch.randint(0, cfg.vocab_size // 2, (PROMPT,), generator=gen).tolist(),
+                           SamplingParams(max_tokens=NEW))
+    t0 = time.perf_counter()
+    engine.run()
+    return n_requests * NEW / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="k2-small", choices=sorted(PRESETS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 16 requests for the aggregate")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    cfg, reps = PRESETS[args.preset], 1 if args.quick else 3
+    gbs = bandwidth_gbs()
+    print(f"{machine_line(args.threads)} | preset {args.preset} | measured bandwidth {gbs:.1f} GB/s")
+    ids = torch.randint(0, cfg.vocab_size // 2, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
+        ours, theirs = load_pair(cfg, torch.bfloat16, tmp)
+        models = {"bf16": ours, "int8": quantize_model(copy.deepcopy(ours), "int8"),
+                  "int4": quantize_model(copy.deepcopy(ours), "int4")}
+        theirs_tok_s = statistics.median(decode_theirs(theirs, ids)[0] for _ in range(reps))
+        print("\n| batch-1 decode | tok/s | vs transformers bf16 | roofline tok/s | % of roofline |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        print(f"| transformers bf16 | {theirs_tok_s:.0f} | 1.00× | {gbs * 1e9 / active_bytes(cfg, 'bf16'):.0f} | "
+              f"{100 * theirs_tok_s / (gbs * 1e9 / active_bytes(cfg, 'bf16')):.0f}% |")
+        for mode, model in models.items():
+            decode_ours(model, ids)  # warm-up
+            tok_s = statistics.median(decode_ours(model, ids)[0] for _ in range(reps))
+            roof = gbs * 1e9 / active_bytes(cfg, mode)
+            print(f"| openk2 {mode} | {tok_s:.0f} | {tok_s / theirs_tok_s:.2f}× | {roof:.0f} | {100 * tok_s / roof:.0f}% |")
+        n = 16 if args.quick else 32
+        print(f"\n| Engine, bf16, {n} requests × {NEW} tokens | aggregate tok/s | vs batch 1 |\n| --- | ---: | ---: |")
+        base = None
+        for batch in (1, 8, 32):
+            tok_s = aggregate(ours, cfg, batch, n)
+            base = base or tok_s
+            print(f"| max_batch {batch} | {tok_s:.0f} | {tok_s / base:.1f}× |")
+
+
+if __name__ == "__main__":
+    main()
