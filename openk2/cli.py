@@ -10,41 +10,29 @@ from pathlib import Path
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def _check_memory(cfg, dtype):
-    """Refuse, with a message, a model that cannot fit in this machine's available memory."""
-    from openk2.info import available_bytes, breakdown
-
-    need, avail = breakdown(cfg).total * dtype.itemsize, available_bytes()
-    if need > 0.9 * avail:
-        raise ValueError(f"this model needs {need / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')}, "
-                         f"the machine has {avail / 2**30:,.1f} GiB available")
-
-
 def _load(spec: str, dtype_name: str | None, seed: int):
     """A model from a HF folder, or a randomly initialised one from a preset / config.json."""
     import torch
 
     from openk2.checkpoint import load_hf
     from openk2.config import resolve_config
+    from openk2.info import check_memory
     from openk2.model import build_model
 
     dtype = getattr(torch, DTYPES[dtype_name]) if dtype_name else None
-    path = Path(spec)
-    cfg = resolve_config(spec)
+    path, cfg = Path(spec), resolve_config(spec)
     if path.is_dir() and any(path.glob("*.safetensors")):
-        _check_memory(cfg, dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32))
+        check_memory(cfg, dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32))
         return load_hf(path, dtype=dtype)
-    _check_memory(cfg, dtype or torch.float32)
+    check_memory(cfg, dtype or torch.float32)
     print(f"[openk2] {spec}: no weights, randomly initialised (seed {seed})", file=sys.stderr)
     return build_model(cfg, dtype=dtype or torch.float32, seed=seed)
 
 
 def _tokenizer(path: str):
     """The folder's K2-format tokenizer, or None (then text is byte-level: UTF-8 bytes are ids 0..255)."""
-    if (Path(path) / "tiktoken.model").is_file():
-        from openk2.tokenizer import Tokenizer
-        return Tokenizer.from_dir(path)
-    return None
+    from openk2.tokenizer import Tokenizer
+    return Tokenizer.from_dir(path) if (Path(path) / "tiktoken.model").is_file() else None
 
 
 def _prompt_ids(args, vocab_size: int, tok) -> list[int]:
@@ -147,6 +135,11 @@ def cmd_convert(args):
     print(convert(args.src, args.dst, args.quantize))
 
 
+def cmd_serve(args):
+    from openk2.server import serve
+    serve(_load(args.path, None, 0), _tokenizer(args.path), args.path, args.host, args.port, args.api_key, args.quantize)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -184,6 +177,13 @@ def main(argv=None):
     s.add_argument("dst", help="output folder (the source's tokenizer files are copied)")
     s.add_argument("--quantize", required=True, help="int4, fp8 or bf16 (int8 is applied at load time)")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("serve", help="OpenAI-compatible chat server (needs the `server` extra)")
+    s.add_argument("path", help="Hugging Face folder, or a preset / config.json for random weights")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
+    s.add_argument("--quantize", choices=["int8", "int4"])
+    s.set_defaults(fn=cmd_serve)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its flags come from TrainConfig (openk2.train.config.parse_args)
         args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train)

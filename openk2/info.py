@@ -124,3 +124,11 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     attn = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len // 2)
     return 3 * (2 * breakdown(cfg).active_linear + cfg.num_hidden_layers * attn)
 
+
+
+def check_memory(cfg, dtype) -> None:
+    """Refuse, with a message, a model that cannot fit in this machine's available memory."""
+    need, avail = breakdown(cfg).total * dtype.itemsize, available_bytes()
+    if need > 0.9 * avail:
+        raise ValueError(f"this model needs {need / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                         f"the machine has {avail / 2**30:,.1f} GiB available")

@@ -1,0 +1,131 @@
+"""OpenAI's chat-completions protocol as pydantic models: what a request may hold (validated, so a
+client mistake is a 400 with OpenAI's error shape, never a 500) and the shapes of the replies.
+
+Accepted and ignored: fields OpenAI defines that change nothing here (user, metadata, …). Rejected:
+n > 1 and tool_choice other than "auto"/"none" (see app.py). Not here: generation, tool-call parsing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """A client-facing error: HTTP status and OpenAI's `{"error": {...}}` body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------- requests
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. `reasoning_content`, passed on to the template
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
+        return [s for s in stops if s]
+
+    def messages_as_dicts(self) -> list[dict]:
+        out = [m.model_dump(exclude_none=True) for m in self.messages]
+        for m in out:  # the K2 template knows `system`; OpenAI's newer `developer` role means the same
+            m["role"] = "system" if m["role"] == "developer" else m["role"]
+        return out
+
+
+# ---------------------------------------------------------------- responses
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "openk2"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
+          usage: Usage | None = None, include_usage: bool = False) -> dict:
+    """One `chat.completion.chunk`; `delta` None is the usage-only chunk (empty `choices`)."""
+    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [] if delta is None else
+           [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if include_usage:
+        out["usage"] = usage.model_dump() if usage else None
+    return out

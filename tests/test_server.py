@@ -1,0 +1,239 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn server on a free localhost port, the
+official `openai` SDK as the client, a tiny random model with a byte-level tokenizer. Tool calls
+come from a scripted fake engine (a random model writes no tool markers)."""
+
+import itertools
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from openk2.config import PRESETS  # noqa: E402
+from openk2.engine.engine import Request  # noqa: E402
+from openk2.model import build_model  # noqa: E402
+from openk2.server import create_app  # noqa: E402
+from openk2.tokenizer import Tokenizer, render_chat  # noqa: E402
+
+NAME, KEY = "k2-tiny", "secret"
+APPS = {}
+TOOL_TEXT = ("Let me check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+             '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+class ScriptedEngine:
+    """The Engine's interface, emitting `script` for every request (stop ids and max_tokens honoured)."""
+
+    def __init__(self, script: list[int]):
+        self.script, self.waiting, self.running, self.prompts = script, [], [], []
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_ids, params):
+        req = Request(next(self._ids), list(prompt_ids), params)
+        self.running.append(req)
+        self.prompts.append(list(prompt_ids))
+        return req
+
+    def has_work(self):
+        return bool(self.running)
+
+    def cancel(self, req):
+        if not req.finished:
+            req.finish_reason = "cancelled"
+            self.running.remove(req)
+
+    def step(self):
+        events = []
+        for req in list(self.running):
+            tok = self.script[len(req.output)]
+            req.output.append(tok)
+            if tok in req.params.stop_token_ids or len(req.output) >= req.params.max_tokens:
+                req.finish_reason = "stop" if tok in req.params.stop_token_ids else "length"
+                self.running.remove(req)
+            events.append((req, tok))
+        return events
+
+
+@contextmanager
+def serving(app):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer({bytes([b]): b for b in range(256)})
+
+
+@pytest.fixture(scope="module")
+def port(tok):
+    APPS["real"] = create_app(build_model(PRESETS["k2-tiny"], seed=0), tok, NAME)
+    with serving(APPS["real"]) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def fake(tok):
+    engine = ScriptedEngine(tok.encode(TOOL_TEXT, allow_special=True))
+    app = create_app(build_model(PRESETS["k2-tiny"], seed=0), tok, NAME, api_key=KEY, engine=engine)
+    with serving(app) as p:
+        yield p, engine
+
+
+def client(port, key="none"):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+
+
+def ask(port, text, **kw):
+    kw = {"temperature": 0, "max_tokens": 8, **kw}
+    return client(port).chat.completions.create(model=NAME, messages=[{"role": "user", "content": text}], **kw)
+
+
+def stream_text(port, text, **kw):
+    chunks = list(ask(port, text, stream=True, **kw))
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def test_chat_completion(port, tok):
+    r = ask(port, "hello")
+    n_prompt = len(tok.encode(render_chat([{"role": "user", "content": "hello"}]), allow_special=True))
+    assert isinstance(r.choices[0].message.content, str) and r.model == NAME
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 8
+    assert (r.usage.prompt_tokens, r.usage.total_tokens) == (n_prompt, n_prompt + 8)
+    assert ask(port, "hello").choices[0].message.content == r.choices[0].message.content  # greedy
+
+
+def test_stream_equals_whole(port):
+    whole = ask(port, "stream me", max_tokens=12)
+    text, chunks = stream_text(port, "stream me", max_tokens=12, stream_options={"include_usage": True})
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_stop_string(port):
+    text = ask(port, "stop me", max_tokens=16).choices[0].message.content
+    assert len(text) >= 6
+    stop = text[4:6]
+    r = ask(port, "stop me", max_tokens=16, stop=[stop])
+    assert r.choices[0].message.content == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
+    assert stream_text(port, "stop me", max_tokens=16, stop=stop)[0] == text[:text.find(stop)]
+
+
+def test_models_and_health(port):
+    assert [m.id for m in client(port).models.list().data] == [NAME]
+    assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+
+
+def test_errors(port, fake):
+    with pytest.raises(openai.NotFoundError):
+        client(port).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}, {"tool_choice": "required"}):
+        with pytest.raises(openai.BadRequestError):
+            ask(port, "x", **bad)
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(port, "x" * 600)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        ask(port, "x" * 400, max_tokens=200)  # prompt + max_tokens over the context
+    with pytest.raises(openai.AuthenticationError):
+        client(fake[0], "wrong").models.list()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    for body in ('{"model": "k2-tiny", "messages": [', '{"model": "k2-tiny"}', "[]"):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(f"http://127.0.0.1:{port}/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_concurrent_streams(port):
+    prompts = [f"client {i} says hi" for i in range(4)]
+    expected = [ask(port, p, max_tokens=10).choices[0].message.content for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: stream_text(port, p, max_tokens=10)[0], prompts))
+    assert got == expected
+
+
+def test_disconnect_cancels(port, monkeypatch):
+    """A client that goes away mid-stream frees its request (steps slowed to 5 ms: 400 tokens ≥ 2 s)."""
+    engine, added = APPS["real"].state.engine_loop.engine, []
+    add, step = engine.add_request, engine.step
+    monkeypatch.setattr(engine, "add_request", lambda *a: added.append(add(*a)) or added[-1])
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.005) or step())
+    body = {"model": NAME, "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while not added[0].finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert added[0].finish_reason == "cancelled" and len(added[0].output) < 400
+
+
+def test_tool_calls(fake):
+    port, engine = fake
+    c = client(port, KEY)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    r = first = c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content == "Let me check."
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == \
+        ("functions.get_weather:0", "get_weather", {"city": "Paris"})
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks]
+    assert "".join(d.content or "" for d in deltas) == "Let me check."
+    calls = [tc for d in deltas for tc in d.tool_calls or []]
+    assert calls[0].id == call.id and calls[0].function.name == "get_weather"
+    assert "".join(tc.function.arguments or "" for tc in calls) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # without tools (or with tool_choice "none") the markers are not parsed
+    r = c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, tool_choice="none")
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+    follow = messages + [first.choices[0].message.model_dump(exclude_none=True),  # as a client echoes it
+                         {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 18}'}]
+    r = c.chat.completions.create(model=NAME, messages=follow, tools=TOOLS)
+    assert r.choices[0].finish_reason == "tool_calls"
+    prompt = Tokenizer({bytes([b]): b for b in range(256)}).decode(engine.prompts[-1])
+    assert "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>" in prompt
+    assert prompt.endswith("## Return of functions.get_weather:0\n{\"temp_c\": 18}<|im_end|>"
+                           "<|im_assistant|>assistant<|im_middle|>")
+
+
+def test_engine_failure_is_a_clean_500(fake, monkeypatch):
+    port, engine = fake
+    monkeypatch.setattr(engine, "step", lambda: 1 / 0)
+    with pytest.raises(openai.InternalServerError) as e:
+        client(port, KEY).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}])
+    assert e.value.body == {"message": "internal server error", "type": "server_error", "param": None, "code": None}
+    monkeypatch.undo()
+    r = client(port, KEY).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}])
+    assert r.choices[0].message.content.startswith("Let me check.")  # still serving
