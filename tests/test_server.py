@@ -156,7 +156,8 @@ def test_models_and_health(port):
 def test_errors(port, fake):
     with pytest.raises(openai.NotFoundError):
         client(port).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}, {"tool_choice": "required"}):
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}, {"tool_choice": "required"},
+                {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}):
         with pytest.raises(openai.BadRequestError):
             ask(port, "x", **bad)
     with pytest.raises(openai.BadRequestError) as e:
@@ -237,3 +238,88 @@ def test_engine_failure_is_a_clean_500(fake, monkeypatch):
     monkeypatch.undo()
     r = client(port, KEY).chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}])
     assert r.choices[0].message.content.startswith("Let me check.")  # still serving
+
+
+def test_completions(port, tok):
+    c, prompt = client(port), "once upon"
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(tok.encode(prompt)), 8)
+    ids = c.completions.create(model=NAME, prompt=tok.encode(prompt), max_tokens=8, temperature=0)
+    assert ids.choices[0].text == r.choices[0].text  # token ids = the same text
+    chunks = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-2].choices[0].finish_reason == "length"
+    seeded = [c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=1, top_p=0.9, seed=3)
+              .choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    if len(r.choices[0].text) >= 6:
+        stop = r.choices[0].text[4:6]
+        s = c.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, stop=stop)
+        assert s.choices[0].text == r.choices[0].text[:r.choices[0].text.find(stop)]
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    raw = httpx.post(url, json={"model": NAME, "prompt": "hi", "max_tokens": 3, "stream": True}).text
+    assert raw.rstrip().endswith("data: [DONE]")
+    for bad in ({"prompt": [1, 99999]}, {"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": "x", "n": 2},
+                {"prompt": "x" * 600}, {"prompt": "x", "temperature": -1}):
+        r = httpx.post(url, json={"model": NAME, "max_tokens": 2, **bad})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, bad
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="gpt-4", prompt="x")
+
+
+def test_tokenize_detokenize(port, tok):
+    base = f"http://127.0.0.1:{port}"
+    r = httpx.post(f"{base}/tokenize", json={"prompt": "héllo<|im_end|>"}).json()
+    assert r == {"tokens": tok.encode("héllo<|im_end|>", allow_special=True), "count": len(r["tokens"])}
+    messages = [{"role": "user", "content": "hi"}]
+    r = httpx.post(f"{base}/tokenize", json={"messages": messages, "tools": TOOLS}).json()
+    assert r["tokens"] == tok.encode(render_chat(messages, tools=TOOLS), allow_special=True)
+    assert httpx.post(f"{base}/detokenize", json={"tokens": r["tokens"]}).json() == \
+        {"prompt": render_chat(messages, tools=TOOLS)}
+    for path, body in (("detokenize", {"tokens": [1, 512]}), ("detokenize", {"tokens": [-1]}),
+                       ("tokenize", {}), ("tokenize", {"prompt": "a", "messages": messages})):
+        r = httpx.post(f"{base}/{path}", json=body)
+        assert r.status_code == 400 and "error" in r.json(), body
+
+
+def test_metrics(port):
+    prom = pytest.importorskip("prometheus_client.parser")
+    ask(port, "count me", max_tokens=5)
+    httpx.get(f"http://127.0.0.1:{port}/nowhere")
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in prom.text_string_to_metric_families(text) for s in fam.samples}
+    assert samples[("openk2_requests_total", (("endpoint", "/v1/chat/completions"), ("status", "200")))] >= 1
+    assert samples[("openk2_requests_total", (("endpoint", "other"), ("status", "404")))] >= 1
+    assert samples[("openk2_generation_tokens_total", ())] >= 5 and samples[("openk2_prompt_tokens_total", ())] > 0
+    assert samples[("openk2_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("openk2_requests_running", ())] == 0 and samples[("openk2_requests_waiting", ())] == 0
+
+
+def test_forced_tool_choice(fake, tok, monkeypatch):
+    port, engine = fake
+    c, messages = client(port, KEY), [{"role": "user", "content": "Weather in Paris?"}]
+    tail = '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
+    monkeypatch.setattr(engine, "script", tok.encode(tail, allow_special=True))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, tool_choice=named)
+    call = r.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == \
+        ("functions.get_weather:0", "get_weather", {"city": "Paris"})
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert tok.decode(engine.prompts[-1]).endswith("<|im_middle|><|tool_calls_section_begin|><|tool_call_begin|>"
+                                                   "functions.get_weather:0<|tool_call_argument_begin|>")
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, tool_choice=named,
+                                            stream=True))
+    calls = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+    assert calls[0].id == call.id and "".join(tc.function.arguments or "" for tc in calls) == call.function.arguments
+    monkeypatch.setattr(engine, "script", tok.encode("get_weather:0<|tool_call_argument_begin|>" + tail,
+                                                     allow_special=True))
+    r = c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, tool_choice="required")
+    assert r.choices[0].message.tool_calls[0].id == call.id
+    assert tok.decode(engine.prompts[-1]).endswith("<|tool_call_begin|>functions.")
+    for bad in ({"type": "function", "function": {"name": "nope"}}, {"type": "function"}, "sometimes"):
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, tool_choice=bad)

@@ -1,21 +1,19 @@
 """The FastAPI app: OpenAI's chat completions ⇄ K2's chat template ⇄ the engine (ids only).
 
-One background thread runs `engine.step()` while there is work; handlers add requests under the
-same lock and receive their tokens on an asyncio queue (`loop.call_soon_threadsafe`), so any number
-of clients share one continuously batched engine. Text is made here: ids are decoded incrementally
-(a UTF-8 character split over tokens is held back), `stop` strings end a request and are trimmed,
-and tool calls are parsed with `parse_tool_calls` (whole response) or `StreamingToolParser` (SSE).
-Errors keep OpenAI's shape and status; a client mistake is never a 500.
+The engine runs on `EngineLoop`'s thread (engine_loop.py), shared by every client; `Server.generate`
+validates a prompt's ids and returns its text in safe increments (`stop` strings trimmed). Tool calls
+are parsed with `parse_tool_calls` (whole response) or `StreamingToolParser` (SSE); tool_choice
+"required" or a named function forces a call by ending the prompt with the call's opening markers
+(the same prefix goes before the generated text when parsing). Errors keep OpenAI's shape and status;
+a client mistake is never a 500. `/v1/completions`, `/tokenize`, `/detokenize`, `/metrics`: extra.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import codecs
 import json
-import threading
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,92 +22,80 @@ from starlette.exceptions import HTTPException
 
 from openk2.engine.engine import Engine
 from openk2.engine.sampler import SamplingParams
+from openk2.server import extra
+from openk2.server.engine_loop import Detokenizer, EngineLoop, text_pieces
+from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
-                                    ModelCard, ModelList, Usage, chunk, completion_id, error_body)
+                                    ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body)
 from openk2.tokenizer import StreamingToolParser, parse_tool_calls, render_chat
-from openk2.tokenizer.toolcalls import finish_reason, partial_marker
+from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN
+from openk2.tokenizer.toolcalls import finish_reason
 
 
-class EngineLoop:
-    """Owns the engine: a thread steps it while it has work; tokens go to each request's queue."""
+@dataclass
+class Server:
+    """What every endpoint shares: the engine loop, the tokenizer, names and defaults."""
+    loop: EngineLoop
+    tokenizer: object
+    model_name: str
+    context: int
+    vocab_size: int
+    stop_ids: tuple[int, ...]
+    api_key: str | None
+    default_temperature: float
+    default_max_tokens: int
 
-    def __init__(self, engine):
-        self.engine, self.lock, self.wake = engine, threading.Lock(), threading.Event()
-        self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="openk2-engine", daemon=True)
+    def authorize(self, request: Request) -> None:
+        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+            raise APIError(401, "invalid or missing API key", param=None, code="invalid_api_key")
 
-    def start(self) -> None:
-        self.thread.start()
+    def check(self, body: SamplingRequest, request: Request) -> None:
+        self.authorize(request)
+        if body.model != self.model_name:
+            raise APIError(404, f"the model `{body.model}` does not exist; this server has `{self.model_name}`",
+                           param="model", code="model_not_found")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
 
-    def stop(self) -> None:
-        self.stopping = True
-        self.wake.set()
-        self.thread.join(timeout=10)
-
-    def submit(self, prompt_ids: list[int], params: SamplingParams):
-        """Queue a request (ValueError if it can never be served); its tokens arrive on the queue as
-        (token, finish_reason or None), or an exception if the engine failed."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        with self.lock:
-            req = self.engine.add_request(prompt_ids, params)
-            self.sinks[req.id] = (loop, queue)
-        self.wake.set()
-        return req, queue
-
-    def cancel(self, req) -> None:
-        with self.lock:
-            self.engine.cancel(req)
-            self.sinks.pop(req.id, None)
-
-    def _run(self) -> None:
-        while not self.stopping:
-            self.wake.wait()
-            with self.lock:
-                if not self.engine.has_work():
-                    self.wake.clear()
-                    continue
-                out = self._step()
-            for (loop, queue), item in out:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-    def _step(self) -> list:
-        """One engine step under the lock: [(sink, item)]; sinks of finished requests are dropped."""
+    def generate(self, ids: list[int], body: SamplingRequest, param: str):
+        """Submit `ids` under the body's sampling fields: (text pieces, state) — state gets
+        "completion_tokens" and "reason" as the pieces are consumed."""
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        if len(ids) >= self.context:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; the context is {self.context}",
+                           param=param, code="context_length_exceeded")
+        max_tokens = body.max_new_tokens() or min(self.default_max_tokens, self.context - len(ids))
+        temperature = self.default_temperature if body.temperature is None else body.temperature
+        params = SamplingParams(temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
+                                max_tokens=max_tokens, stop_token_ids=self.stop_ids, seed=body.seed)
+        detok = Detokenizer(self.tokenizer, self.stop_ids, body.stop_strings())
         try:
-            events = self.engine.step()
-        except Exception as e:  # noqa: BLE001 — fail every waiting client, keep serving
-            out = [(sink, e) for sink in self.sinks.values()]
-            for req in [*self.engine.waiting, *self.engine.running]:
-                self.engine.cancel(req)
-            self.sinks.clear()
-            return out
-        out = [(self.sinks[r.id], (tok, r.finish_reason)) for r, tok in events if r.id in self.sinks]
-        for r, _ in events:
-            if r.finish_reason is not None:
-                self.sinks.pop(r.id, None)
-        return out
+            req, queue = self.loop.submit(ids, params)
+        except ValueError as e:
+            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
+        state = {"completion_tokens": 0, "reason": "stop"}
+        return text_pieces(self.loop, req, queue, detok, state), state
 
 
-class Detokenizer:
-    """Token ids -> safe text increments: stop ids dropped, split UTF-8 characters and a possible
-    prefix of a stop string held back; `stopped` once a stop string appears (the text ends before it)."""
-
-    def __init__(self, tokenizer, stop_ids, stop_strings: list[str]):
-        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, set(stop_ids), stop_strings
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def add(self, tok: int, final: bool = False) -> str:
-        if tok not in self.stop_ids:
-            self.text += self.utf8.decode(self.tokenizer.decode_bytes([tok]))
-        if final:
-            self.text += self.utf8.decode(b"", final=True)
-        hits = [i for s in self.stop_strings if (i := self.text.find(s)) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text) if final or self.stopped else len(self.text) - partial_marker(self.text, self.stop_strings)
-        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return piece
+def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -> str:
+    """The opening markers that force a tool call ("" for None/"auto"/"none"): a named function gets
+    its whole call header, with the index of the dialog's next call (K2-SPEC §6.2); "required" stops
+    after `functions.`, so the model picks the name."""
+    if tool_choice in (None, "auto", "none"):
+        return ""
+    if not tools:
+        raise APIError(400, f"tool_choice {json.dumps(tool_choice)} needs `tools`", param="tool_choice")
+    if tool_choice == "required":
+        return SECTION_BEGIN + CALL_BEGIN + "functions."
+    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not name:
+        raise APIError(400, 'tool_choice must be "auto", "none", "required" or {"type": "function", '
+                       '"function": {"name": ...}}', param="tool_choice")
+    if name not in [t.get("function", {}).get("name") for t in tools]:
+        raise APIError(400, f"tool_choice names `{name}`, which is not in `tools`", param="tool_choice")
+    index = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
+    return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:{index}" + ARGUMENT_BEGIN
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, engine=None,
@@ -117,9 +103,12 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
                default_max_tokens: int = 1024) -> FastAPI:
     """The server for `model` + `tokenizer`. `engine` (default `Engine(model)`) may be any object with
     the Engine's add_request/step/cancel/has_work, e.g. a scripted fake in tests."""
-    loop = EngineLoop(engine if engine is not None else Engine(model))
-    context = model.cfg.max_position_embeddings
+    engine = engine if engine is not None else Engine(model)
+    metrics = Metrics(engine)
+    loop = EngineLoop(engine, metrics)
     stop_ids = tuple(dict.fromkeys(tokenizer.token_id(n) for n in ("<|im_end|>", "[EOS]")))
+    srv = Server(loop, tokenizer, model_name, model.cfg.max_position_embeddings, model.cfg.vocab_size, stop_ids,
+                 api_key, default_temperature, default_max_tokens)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -128,7 +117,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         loop.stop()
 
     app = FastAPI(title="openk2", lifespan=lifespan)
-    app.state.engine_loop = loop
+    app.state.engine_loop, app.state.metrics, paths = loop, metrics, set()
+    app.add_middleware(CountRequests, metrics=metrics, paths=paths)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -152,65 +142,42 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
     async def internal(request, exc: Exception):
         return JSONResponse(error_body("internal server error", "server_error"), 500)
 
-    def authorize(request: Request) -> None:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise APIError(401, "invalid or missing API key", param=None, code="invalid_api_key")
-
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
     @app.get("/v1/models")
     async def models(request: Request):
-        authorize(request)
+        srv.authorize(request)
         return ModelList(data=[ModelCard(id=model_name)])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        authorize(request)
-        if body.model != model_name:
-            raise APIError(404, f"the model `{body.model}` does not exist; this server has `{model_name}`",
-                           param="model", code="model_not_found")
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        if body.tool_choice not in (None, "auto", "none"):
-            raise APIError(400, 'tool_choice must be "auto" or "none"', param="tool_choice")
+        srv.check(body, request)
+        messages = body.messages_as_dicts()
+        prefix = forced_prefix(body.tool_choice, body.tools, messages)
         use_tools = bool(body.tools) and body.tool_choice != "none"
         try:
-            prompt = render_chat(body.messages_as_dicts(), tools=body.tools or None, template=chat_template,
-                                 **(template_vars or {}))
+            prompt = render_chat(messages, tools=body.tools or None, template=chat_template, **(template_vars or {}))
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(400, f"cannot render the conversation: {e}", param="messages")
-        ids = tokenizer.encode(prompt, allow_special=True)
-        if len(ids) >= context:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; the context is {context}",
-                           param="messages", code="context_length_exceeded")
-        max_tokens = body.max_completion_tokens or body.max_tokens or min(default_max_tokens, context - len(ids))
-        params = SamplingParams(temperature=default_temperature if body.temperature is None else body.temperature,
-                                top_p=1.0 if body.top_p is None else body.top_p, max_tokens=max_tokens,
-                                stop_token_ids=stop_ids, seed=body.seed)
-        try:
-            req, queue = loop.submit(ids, params)
-        except ValueError as e:
-            raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
-        detok = Detokenizer(tokenizer, stop_ids, body.stop_strings())
-        state = {"completion_tokens": 0, "reason": "stop"}
-        pieces = text_pieces(loop, req, queue, detok, state)
+        ids = tokenizer.encode(prompt + prefix, allow_special=True)
+        pieces, state = srv.generate(ids, body, "messages")
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(pieces, state, len(ids), use_tools, include),
+            return StreamingResponse(sse(pieces, state, len(ids), use_tools, include, prefix),
                                      media_type="text/event-stream")
         text = "".join([p async for p in pieces])
-        return full_response(text, state, len(ids), use_tools)
+        return full_response(prefix + text, state, len(ids), use_tools)
 
     def full_response(text: str, state: dict, n_prompt: int, use_tools: bool) -> ChatCompletion:
         parsed = parse_tool_calls(text) if use_tools else None
         calls = [c.to_dict() for c in parsed.tool_calls] if parsed else []
         message = AssistantMessage(content=parsed.content if parsed else text, tool_calls=calls or None)
         choice = Choice(message=message, finish_reason=finish_reason(state["reason"], bool(calls)))
-        return ChatCompletion(id=completion_id(), model=model_name, usage=usage(n_prompt, state), choices=[choice])
+        return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(n_prompt, state), choices=[choice])
 
-    async def sse(pieces, state: dict, n_prompt: int, use_tools: bool, include_usage: bool):
+    async def sse(pieces, state: dict, n_prompt: int, use_tools: bool, include_usage: bool, prefix: str = ""):
         cid, created = completion_id(), int(time.time())
 
         def event(delta, reason=None, use=None):
@@ -219,6 +186,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         parser = StreamingToolParser() if use_tools else None
         yield event({"role": "assistant", "content": ""})
         try:
+            for delta in parser.feed(prefix) if prefix else []:
+                yield event(delta)
             async for piece in pieces:
                 for delta in parser.feed(piece) if parser else [{"content": piece}]:
                     yield event(delta)
@@ -229,32 +198,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             yield event(delta)
         yield event({}, parser.finish_reason if parser else state["reason"])
         if include_usage:
-            yield event(None, use=usage(n_prompt, state))
+            yield event(None, use=Usage.of(n_prompt, state))
         yield "data: [DONE]\n\n"
 
+    api = extra.router(srv, chat_template, template_vars)
+    app.include_router(api)
+    paths.update(r.path for r in [*app.routes, *api.routes] if hasattr(r, "path"))
     return app
-
-
-def usage(n_prompt: int, state: dict) -> Usage:
-    return Usage(prompt_tokens=n_prompt, completion_tokens=state["completion_tokens"],
-                 total_tokens=n_prompt + state["completion_tokens"])
-
-
-async def text_pieces(loop: EngineLoop, req, queue: asyncio.Queue, detok: Detokenizer, state: dict):
-    """The response text in safe increments; sets state["completion_tokens"] and state["reason"]
-    ("stop" for a stop id or string, "length"). Cancels the request if abandoned or stopped early."""
-    try:
-        while True:
-            item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            tok, reason = item
-            state["completion_tokens"] += 1
-            piece = detok.add(tok, final=reason is not None)
-            if piece:
-                yield piece
-            if detok.stopped or reason is not None:
-                state["reason"] = "stop" if detok.stopped else reason
-                return
-    finally:
-        loop.cancel(req)

@@ -1,8 +1,9 @@
-"""OpenAI's chat-completions protocol as pydantic models: what a request may hold (validated, so a
-client mistake is a 400 with OpenAI's error shape, never a 500) and the shapes of the replies.
+"""OpenAI's chat-completions and (legacy) completions protocol, plus vLLM-style tokenize/detokenize,
+as pydantic models: what a request may hold (validated, so a client mistake is a 400 with OpenAI's
+error shape, never a 500) and the shapes of the replies.
 
-Accepted and ignored: fields OpenAI defines that change nothing here (user, metadata, …). Rejected:
-n > 1 and tool_choice other than "auto"/"none" (see app.py). Not here: generation, tool-call parsing.
+Accepted and ignored: fields OpenAI defines that change nothing here (user, metadata, echo, …).
+Rejected: n > 1, a batch of several prompts (see app.py, extra.py). Not here: generation, tool calls.
 """
 
 from __future__ import annotations
@@ -45,16 +46,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """The fields chat completions and completions share."""
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     seed: int | None = None
@@ -67,11 +65,48 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "at most 4 stop sequences are allowed", param="stop")
         return [s for s in stops if s]
 
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
     def messages_as_dicts(self) -> list[dict]:
-        out = [m.model_dump(exclude_none=True) for m in self.messages]
-        for m in out:  # the K2 template knows `system`; OpenAI's newer `developer` role means the same
-            m["role"] = "system" if m["role"] == "developer" else m["role"]
-        return out
+        return message_dicts(self.messages)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    out = [m.model_dump(exclude_none=True) for m in messages]
+    for m in out:  # the K2 template knows `system`; OpenAI's newer `developer` role means the same
+        m["role"] = "system" if m["role"] == "developer" else m["role"]
+    return out
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class TokenizeRequest(BaseModel):
+    """`prompt` as is, or `messages` (+ `tools`) through the chat template."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------- responses
@@ -80,6 +115,11 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, n_prompt: int, state: dict) -> Usage:
+        n = state["completion_tokens"]
+        return cls(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
 
 
 class AssistantMessage(BaseModel):
@@ -116,8 +156,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def completion_id(kind: str = "chatcmpl") -> str:
+    return f"{kind}-{uuid.uuid4().hex}"
 
 
 def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
@@ -126,6 +166,17 @@ def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason:
     out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
            "choices": [] if delta is None else
            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    if include_usage:
+        out["usage"] = usage.model_dump() if usage else None
+    return out
+
+
+def text_completion(cid: str, created: int, model: str, text: str | None, finish_reason: str | None = None,
+                    usage: Usage | None = None, include_usage: bool = True) -> dict:
+    """A `text_completion` (whole, or one SSE chunk of it); `text` None is the usage-only chunk."""
+    out = {"id": cid, "object": "text_completion", "created": created, "model": model,
+           "choices": [] if text is None else
+           [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
     if include_usage:
         out["usage"] = usage.model_dump() if usage else None
     return out

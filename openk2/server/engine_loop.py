@@ -1,0 +1,133 @@
+"""The engine behind the server, in text: `EngineLoop` runs `engine.step()` on a background thread
+while there is work (handlers add requests under the same lock and receive their tokens on an asyncio
+queue via `loop.call_soon_threadsafe`, so any number of clients share one continuously batched engine);
+`Detokenizer` turns ids into safe text increments (a split UTF-8 character or a possible prefix of a
+stop string is held back); `text_pieces` ties the two for one request. No HTTP here: the terminal
+chat (`terminal.py`) uses `Detokenizer` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+import time
+
+from openk2.engine.sampler import SamplingParams
+from openk2.tokenizer.toolcalls import partial_marker
+
+
+class EngineLoop:
+    """Owns the engine: a thread steps it while it has work; tokens go to each request's queue."""
+
+    def __init__(self, engine, metrics=None):
+        self.engine, self.lock, self.wake = engine, threading.Lock(), threading.Event()
+        self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.metrics, self.submitted = metrics, {}  # request id -> submit time, until its first token
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="openk2-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=10)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams):
+        """Queue a request (ValueError if it can never be served); its tokens arrive on the queue as
+        (token, finish_reason or None), or an exception if the engine failed."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        with self.lock:
+            req = self.engine.add_request(prompt_ids, params)
+            self.sinks[req.id], self.submitted[req.id] = (loop, queue), time.monotonic()
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
+        self.wake.set()
+        return req, queue
+
+    def cancel(self, req) -> None:
+        with self.lock:
+            self.engine.cancel(req)
+            self.sinks.pop(req.id, None)
+            self.submitted.pop(req.id, None)
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self.wake.wait()
+            with self.lock:
+                if not self.engine.has_work():
+                    self.wake.clear()
+                    continue
+                out = self._step()
+            for (loop, queue), item in out:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _step(self) -> list:
+        """One engine step under the lock: [(sink, item)]; sinks of finished requests are dropped."""
+        try:
+            events = self.engine.step()
+        except Exception as e:  # noqa: BLE001 — fail every waiting client, keep serving
+            out = [(sink, e) for sink in self.sinks.values()]
+            for req in [*self.engine.waiting, *self.engine.running]:
+                self.engine.cancel(req)
+            self.sinks.clear()
+            self.submitted.clear()
+            return out
+        self._observe(events)
+        out = [(self.sinks[r.id], (tok, r.finish_reason)) for r, tok in events if r.id in self.sinks]
+        for r, _ in events:
+            if r.finish_reason is not None:
+                self.sinks.pop(r.id, None)
+        return out
+
+    def _observe(self, events) -> None:
+        for r, _ in events:
+            t0 = self.submitted.pop(r.id, None)
+            if self.metrics and t0 is not None:
+                self.metrics.ttft.observe(time.monotonic() - t0)
+        if self.metrics:
+            self.metrics.generation_tokens.inc(len(events))
+
+
+class Detokenizer:
+    """Token ids -> safe text increments: stop ids dropped, split UTF-8 characters and a possible
+    prefix of a stop string held back; `stopped` once a stop string appears (the text ends before it)."""
+
+    def __init__(self, tokenizer, stop_ids, stop_strings: list[str]):
+        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, set(stop_ids), stop_strings
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, tok: int, final: bool = False) -> str:
+        if tok not in self.stop_ids:
+            self.text += self.utf8.decode(self.tokenizer.decode_bytes([tok]))
+        if final:
+            self.text += self.utf8.decode(b"", final=True)
+        hits = [i for s in self.stop_strings if (i := self.text.find(s)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        end = len(self.text) if final or self.stopped else len(self.text) - partial_marker(self.text, self.stop_strings)
+        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
+        return piece
+
+
+async def text_pieces(loop: EngineLoop, req, queue: asyncio.Queue, detok: Detokenizer, state: dict):
+    """The response text in safe increments; sets state["completion_tokens"] and state["reason"]
+    ("stop" for a stop id or string, "length"). Cancels the request if abandoned or stopped early."""
+    try:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            tok, reason = item
+            state["completion_tokens"] += 1
+            piece = detok.add(tok, final=reason is not None)
+            if piece:
+                yield piece
+            if detok.stopped or reason is not None:
+                state["reason"] = "stop" if detok.stopped else reason
+                return
+    finally:
+        loop.cancel(req)

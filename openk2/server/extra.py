@@ -1,0 +1,99 @@
+"""The endpoints beside chat: `/v1/completions` (OpenAI's legacy text completions: a raw prompt, text or
+token ids, no template, no tools), `/tokenize` and `/detokenize` (vLLM's shapes), `/metrics`
+(Prometheus text). They share app.py's `Server`: the same engine, validation and error shapes.
+
+A completion prompt given as text may hold K2's special-token strings (`<|im_end|>`, …): they become
+their ids, as a hand-written chat prompt needs. Token ids must lie in the model's vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from openk2.server.protocol import (APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, Usage,
+                                    completion_id, error_body, message_dicts, text_completion)
+from openk2.tokenizer import render_chat
+
+
+def check_ids(ids: list[int], n: int, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < n]
+    if bad:
+        raise APIError(400, f"token ids {bad[:8]} outside the vocabulary [0, {n})", param=param)
+
+
+def prompt_ids(srv, prompt) -> list[int]:
+    """One prompt's ids: text, ids, or a batch of one of either (larger batches are refused)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, "only one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return srv.tokenizer.encode(prompt, allow_special=True)
+    check_ids(prompt, srv.vocab_size, "prompt")
+    return list(prompt)
+
+
+def router(srv, chat_template: str | None, template_vars: dict | None) -> APIRouter:
+    api = APIRouter()
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        srv.check(body, request)
+        ids = prompt_ids(srv, body.prompt)
+        pieces, state = srv.generate(ids, body, "prompt")
+        cid, created = completion_id("cmpl"), int(time.time())
+        if body.stream:
+            include = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(sse(pieces, state, len(ids), cid, created, include),
+                                     media_type="text/event-stream")
+        text = "".join([p async for p in pieces])
+        return text_completion(cid, created, srv.model_name, text, state["reason"], Usage.of(len(ids), state))
+
+    async def sse(pieces, state: dict, n_prompt: int, cid: str, created: int, include_usage: bool):
+        def event(text, reason=None, use=None):
+            body = text_completion(cid, created, srv.model_name, text, reason, use, include_usage)
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            async for piece in pieces:
+                yield event(piece)
+        except Exception:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
+            yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
+            return
+        yield event("", state["reason"])
+        if include_usage:
+            yield event(None, use=Usage.of(n_prompt, state))
+        yield "data: [DONE]\n\n"
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request):
+        srv.authorize(request)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
+        text = body.prompt
+        if body.messages is not None:
+            try:
+                text = render_chat(message_dicts(body.messages), tools=body.tools or None,
+                                   add_generation_prompt=body.add_generation_prompt, template=chat_template,
+                                   **(template_vars or {}))
+            except (ValueError, KeyError, TypeError) as e:
+                raise APIError(400, f"cannot render the conversation: {e}", param="messages")
+        tokens = srv.tokenizer.encode(text, allow_special=True)
+        return {"tokens": tokens, "count": len(tokens)}
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        srv.authorize(request)
+        check_ids(body.tokens, srv.tokenizer.n_vocab, "tokens")
+        return {"prompt": srv.tokenizer.decode(body.tokens)}
+
+    @api.get("/metrics")
+    async def metrics(request: Request):
+        data, content_type = request.app.state.metrics.render()
+        return Response(data, media_type=content_type)
+
+    return api
