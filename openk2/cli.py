@@ -43,8 +43,7 @@ def _prompt_ids(args, vocab_size: int, tok) -> list[int]:
             raise SystemExit(f"--prompt-ids must be integers separated by commas or spaces: {args.prompt_ids!r}")
         if not ids:
             raise SystemExit("--prompt-ids is empty")
-        bad = [i for i in ids if not 0 <= i < vocab_size]
-        if bad:
+        if bad := [i for i in ids if not 0 <= i < vocab_size]:
             raise SystemExit(f"--prompt-ids {bad} outside the vocabulary [0, {vocab_size})")
         return ids
     if not args.prompt:
@@ -59,7 +58,6 @@ def _prompt_ids(args, vocab_size: int, tok) -> list[int]:
 def cmd_info(args):
     from openk2.config import resolve_config
     from openk2.info import report
-
     print(*(report(resolve_config(spec), spec) for spec in args.config), sep="\n")
 
 
@@ -135,16 +133,15 @@ def cmd_convert(args):
     print(convert(args.src, args.dst, args.quantize))
 
 
-def cmd_serve(args):
-    from openk2.server import serve
-    serve(_load(args.path, None, 0), _tokenizer(args.path), args.path, args.host, args.port, args.api_key, args.quantize)
+def cmd_serve(args):  # `serve` and `chat`
+    from openk2.server import run
+    run(args, _load(args.path, None, 0), _tokenizer(args.path))
 
 
 def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
+    if int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    return int(text)
 
 
 def main(argv=None):
@@ -177,13 +174,15 @@ def main(argv=None):
     s.add_argument("dst", help="output folder (the source's tokenizer files are copied)")
     s.add_argument("--quantize", required=True, help="int4, fp8 or bf16 (int8 is applied at load time)")
     s.set_defaults(fn=cmd_convert)
-    s = sub.add_parser("serve", help="OpenAI-compatible chat server (needs the `server` extra)")
-    s.add_argument("path", help="Hugging Face folder, or a preset / config.json for random weights")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
-    s.add_argument("--quantize", choices=["int8", "int4"])
-    s.set_defaults(fn=cmd_serve)
+    for name in ("serve", "chat"):  # an OpenAI-compatible server (`server` extra) / a terminal chat
+        s = sub.add_parser(name, help="OpenAI-compatible server" if name == "serve" else "chat in the terminal")
+        s.add_argument("path", help="Hugging Face folder, or a preset / config.json for random weights")
+        s.add_argument("--host", default="127.0.0.1")
+        s.add_argument("--port", type=int, default=8000)
+        s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
+        s.add_argument("--quantize", choices=["int8", "int4"])
+        s.add_argument("--temperature", type=float, default=0.6, help="chat: sampling temperature")
+        s.set_defaults(fn=cmd_serve)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its flags come from TrainConfig (openk2.train.config.parse_args)
         args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train)
@@ -191,6 +190,8 @@ def main(argv=None):
         args = p.parse_args(argv)
     try:
         args.fn(args)
+    except ImportError as e:
+        raise SystemExit(f"openk2 {args.cmd}: {e.name} is missing: .venv/bin/pip install -e '.[server]'")
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # bad input, files, safetensors
         raise SystemExit(f"openk2 {args.cmd}: error: {e}")
 

@@ -323,3 +323,22 @@ def test_forced_tool_choice(fake, tok, monkeypatch):
     for bad in ({"type": "function", "function": {"name": "nope"}}, {"type": "function"}, "sometimes"):
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, tool_choice=bad)
+
+
+def test_terminal_chat_streams_resets_and_exits():
+    import io
+
+    from openk2.config import PRESETS
+    from openk2.model import build_model
+    from openk2.server.terminal import chat
+    from openk2.tokenizer import Tokenizer
+    model = build_model(PRESETS["k2-tiny"], seed=0).eval()
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    lines = iter(["hello", "/reset", "", "again", "/exit", "never read"])
+    out = io.StringIO()
+    history = chat(model, tok, temperature=0.0, max_tokens=6, input_fn=lambda _: next(lines), out=out)
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[0]["content"] == "again"
+    text = out.getvalue()
+    assert "(history cleared)" in text and text.count("k2> ") == 2
+    greedy_reply = history[1]["content"]
+    assert text.rstrip().endswith(greedy_reply.rstrip()) and len(greedy_reply) > 0

@@ -3,7 +3,7 @@ with uvicorn. Needs the `server` extra; `import openk2` does not import this pac
 
 from pathlib import Path
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "run"]
 
 
 def __getattr__(name):  # fastapi is imported only when the app is built
@@ -44,3 +44,13 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
                      chat_template=template, template_vars=variables)
     uvicorn.run(app, host=host, port=port)
 
+
+def run(args, model, tokenizer) -> None:
+    """`openk2 serve PATH` and `openk2 chat PATH` (args parsed by openk2.cli)."""
+    if args.cmd == "serve":
+        return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize)
+    from openk2.server.terminal import chat
+    if args.quantize:
+        from openk2.quant import quantize_model
+        quantize_model(model, args.quantize)
+    chat(model, *_text_setup(model, tokenizer, args.path), temperature=args.temperature)

@@ -1,0 +1,53 @@
+"""`openk2 chat PATH`: a chat in the terminal on the Engine (no HTTP), for a person trying a model.
+
+The dialog is rendered with the checkpoint's chat template (or K2's built-in one) every turn, the
+reply streams as it is generated and ends at `<|im_end|>` / `[EOS]`; `/reset` clears the history,
+`/exit` (or end of input) leaves. No fastapi here: it needs only the core install.
+"""
+
+import codecs
+import sys
+
+from openk2.engine import Engine, SamplingParams
+from openk2.tokenizer import render_chat
+
+
+def chat(model, tokenizer, template=None, variables=None, temperature: float = 0.6, max_tokens: int = 512,
+         input_fn=input, out=sys.stdout) -> list[dict]:
+    """Run the loop; returns the final history (for tests)."""
+    engine = Engine(model, cache_tokens=model.cfg.max_position_embeddings)
+    stops = tuple(tokenizer.token_id(t) for t in ("<|im_end|>", "[EOS]"))
+    history: list[dict] = []
+    out.write("openk2 chat — /reset clears the history, /exit leaves\n")
+    while True:
+        try:
+            line = input_fn("you> ").strip()
+        except EOFError:
+            break
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history.clear()
+            out.write("(history cleared)\n")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tokenizer.encode(render_chat(history, template=template, **(variables or {})), allow_special=True)
+        budget = min(max_tokens, model.cfg.max_position_embeddings - len(ids))
+        if budget < 1:
+            history.pop()
+            out.write("(the dialog fills the context: /reset to start again)\n")
+            continue
+        req = engine.add_request(ids, SamplingParams(temperature=temperature, top_p=0.95, max_tokens=budget,
+                                                     stop_token_ids=stops))
+        decoder, reply = codecs.getincrementaldecoder("utf-8")("replace"), []
+        out.write("k2> ")
+        for tok in engine.stream(req):
+            if tok not in stops:
+                reply.append(decoder.decode(tokenizer.decode_bytes([tok])))
+                out.write(reply[-1])
+                out.flush()
+        out.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return history
