@@ -1,7 +1,7 @@
 """`openk2 chat PATH`: a chat in the terminal on the Engine (no HTTP), for a person trying a model.
 
 The dialog is rendered with the checkpoint's chat template (or K2's built-in one) every turn, the
-reply streams as it is generated and ends at `<|im_end|>` / `[EOS]`; `/reset` clears the history,
+reply streams as it is generated (text tokens only) and ends at `<|im_end|>` / `[EOS]`; `/reset` clears the history,
 `/exit` (or end of input) leaves. No fastapi here: it needs only the core install.
 """
 
@@ -44,7 +44,7 @@ def chat(model, tokenizer, template=None, variables=None, temperature: float = 0
         decoder, reply = codecs.getincrementaldecoder("utf-8")("replace"), []
         out.write("k2> ")
         for tok in engine.stream(req):
-            if tok not in stops:
+            if tok < tokenizer.n_base:  # text only: special and reserved ids are not shown
                 reply.append(decoder.decode(tokenizer.decode_bytes([tok])))
                 out.write(reply[-1])
                 out.flush()
