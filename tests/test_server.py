@@ -342,3 +342,37 @@ def test_terminal_chat_streams_resets_and_exits():
     assert "(history cleared)" in text and text.count("k2> ") == 2
     greedy_reply = history[1]["content"]
     assert text.rstrip().endswith(greedy_reply.rstrip()) and len(greedy_reply) > 0
+
+
+def test_parallel_tool_calls_round_trip(fake, tok, monkeypatch):
+    port, engine = fake
+    c, messages = client(port, KEY), [{"role": "user", "content": "Weather in Beijing and Shanghai?"}]
+    text = ("<|tool_calls_section_begin|>"
+            '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Beijing"}<|tool_call_end|>'
+            '<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>{"city": "Shanghai"}<|tool_call_end|>'
+            "<|tool_calls_section_end|><|im_end|>")
+    monkeypatch.setattr(engine, "script", tok.encode(text, allow_special=True))
+    r = c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS)
+    calls = r.choices[0].message.tool_calls
+    assert [(t.id, json.loads(t.function.arguments)["city"]) for t in calls] == \
+        [("functions.get_weather:0", "Beijing"), ("functions.get_weather:1", "Shanghai")]
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, stream=True))
+    streamed = {}
+    for tc in (tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []):
+        entry = streamed.setdefault(tc.index, {"id": tc.id, "args": ""})
+        entry["args"] += tc.function.arguments or ""
+    assert [(e["id"], e["args"]) for _, e in sorted(streamed.items())] == \
+        [(t.id, t.function.arguments) for t in calls]
+    follow = messages + [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": calls[0].id, "name": "get_weather",
+                          "content": '{"weather": "Sunny"}'},
+                         {"role": "tool", "tool_call_id": calls[1].id, "name": "get_weather",
+                          "content": '{"weather": "Rain"}'}]
+    # the follow-up prompt is longer than k2-tiny's 512 byte-level positions: check its rendering
+    rendered = httpx.post(f"http://127.0.0.1:{port}/tokenize", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"messages": follow, "tools": TOOLS}).json()
+    prompt = tok.decode(rendered["tokens"])
+    assert ('<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n{"weather": "Sunny"}'
+            '<|im_end|><|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:1\n'
+            '{"weather": "Rain"}<|im_end|><|im_assistant|>assistant<|im_middle|>') in prompt
