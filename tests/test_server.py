@@ -156,7 +156,8 @@ def test_models_and_health(port):
 def test_errors(port, fake):
     with pytest.raises(openai.NotFoundError):
         client(port).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 2}, {"tool_choice": "required"},
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 9}, {"n": 2, "stream": True},
+                {"tool_choice": "required"},
                 {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}):
         with pytest.raises(openai.BadRequestError):
             ask(port, "x", **bad)
@@ -376,3 +377,16 @@ def test_parallel_tool_calls_round_trip(fake, tok, monkeypatch):
     assert ('<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n{"weather": "Sunny"}'
             '<|im_end|><|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:1\n'
             '{"weather": "Rain"}<|im_end|><|im_assistant|>assistant<|im_middle|>') in prompt
+
+
+def test_n_choices_decode_together_and_are_seeded(port):
+    greedy = ask(port, "hi", n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.message.content for c in greedy.choices}) == 1  # greedy: the same three times
+    assert greedy.usage.completion_tokens == 3 * 8
+    sampled = ask(port, "hi", n=3, temperature=1.0, seed=7)
+    again = ask(port, "hi", n=3, temperature=1.0, seed=7)
+    assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in sampled.choices}) > 1  # seed + index: distinct samples
+    single = ask(port, "hi", temperature=1.0, seed=8)
+    assert single.choices[0].message.content == sampled.choices[1].message.content

@@ -10,6 +10,7 @@ a client mistake is never a 500. `/v1/completions`, `/tokenize`, `/detokenize`, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
@@ -49,15 +50,15 @@ class Server:
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
             raise APIError(401, "invalid or missing API key", param=None, code="invalid_api_key")
 
-    def check(self, body: SamplingRequest, request: Request) -> None:
+    def check(self, body: SamplingRequest, request: Request, max_n: int = 1) -> None:
         self.authorize(request)
         if body.model != self.model_name:
             raise APIError(404, f"the model `{body.model}` does not exist; this server has `{self.model_name}`",
                            param="model", code="model_not_found")
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
+        if body.n > max_n or (body.n > 1 and body.stream):
+            raise APIError(400, f"n must be 1..{max_n}, and 1 when streaming", param="n")
 
-    def generate(self, ids: list[int], body: SamplingRequest, param: str):
+    def generate(self, ids: list[int], body: SamplingRequest, param: str, choice: int = 0):
         """Submit `ids` under the body's sampling fields: (text pieces, state) — state gets
         "completion_tokens" and "reason" as the pieces are consumed."""
         if not ids:
@@ -67,8 +68,9 @@ class Server:
                            param=param, code="context_length_exceeded")
         max_tokens = body.max_new_tokens() or min(self.default_max_tokens, self.context - len(ids))
         temperature = self.default_temperature if body.temperature is None else body.temperature
+        seed = None if body.seed is None else body.seed + choice  # n choices: distinct, reproducible
         params = SamplingParams(temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
-                                max_tokens=max_tokens, stop_token_ids=self.stop_ids, seed=body.seed)
+                                max_tokens=max_tokens, stop_token_ids=self.stop_ids, seed=seed)
         detok = Detokenizer(self.tokenizer, self.stop_ids, body.stop_strings())
         try:
             req, queue = self.loop.submit(ids, params)
@@ -153,7 +155,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        srv.check(body, request)
+        srv.check(body, request, max_n=8)
         messages = body.messages_as_dicts()
         prefix = forced_prefix(body.tool_choice, body.tools, messages)
         use_tools = bool(body.tools) and body.tool_choice != "none"
@@ -162,20 +164,24 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(400, f"cannot render the conversation: {e}", param="messages")
         ids = tokenizer.encode(prompt + prefix, allow_special=True)
-        pieces, state = srv.generate(ids, body, "messages")
+        runs = [srv.generate(ids, body, "messages", i) for i in range(body.n)]  # n choices decode together
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(pieces, state, len(ids), use_tools, include, prefix),
+            return StreamingResponse(sse(*runs[0], len(ids), use_tools, include, prefix),
                                      media_type="text/event-stream")
-        text = "".join([p async for p in pieces])
-        return full_response(prefix + text, state, len(ids), use_tools)
+        texts = await asyncio.gather(*(collect(pieces) for pieces, _ in runs))
+        choices = [choice_of(i, prefix + t, state, use_tools) for i, (t, (_, state)) in enumerate(zip(texts, runs))]
+        used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
+        return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
 
-    def full_response(text: str, state: dict, n_prompt: int, use_tools: bool) -> ChatCompletion:
+    async def collect(pieces) -> str:
+        return "".join([p async for p in pieces])
+
+    def choice_of(index: int, text: str, state: dict, use_tools: bool) -> Choice:
         parsed = parse_tool_calls(text) if use_tools else None
         calls = [c.to_dict() for c in parsed.tool_calls] if parsed else []
         message = AssistantMessage(content=parsed.content if parsed else text, tool_calls=calls or None)
-        choice = Choice(message=message, finish_reason=finish_reason(state["reason"], bool(calls)))
-        return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(n_prompt, state), choices=[choice])
+        return Choice(index=index, message=message, finish_reason=finish_reason(state["reason"], bool(calls)))
 
     async def sse(pieces, state: dict, n_prompt: int, use_tools: bool, include_usage: bool, prefix: str = ""):
         cid, created = completion_id(), int(time.time())
