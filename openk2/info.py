@@ -126,9 +126,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 
 
 
-def check_memory(cfg, dtype) -> None:
-    """Refuse, with a message, a model that cannot fit in this machine's available memory."""
-    need, avail = breakdown(cfg).total * dtype.itemsize, available_bytes()
+def require_memory(need: int, what: str, hint: str = "") -> None:
+    """A clear ValueError, before any work, when `need` bytes exceed 90% of the available memory."""
+    avail = available_bytes()
     if need > 0.9 * avail:
-        raise ValueError(f"this model needs {need / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')}, "
-                         f"the machine has {avail / 2**30:,.1f} GiB available")
+        raise ValueError(f"{what} needs ~{need / 2**30:,.1f} GiB, the machine has {avail / 2**30:,.1f} GiB "
+                         f"available{hint}")
+
+
+def check_memory(cfg, dtype) -> None:
+    """Refuse a model whose weights cannot fit in this machine's available memory."""
+    require_memory(breakdown(cfg).total * dtype.itemsize, f"this model in {str(dtype).removeprefix('torch.')}")

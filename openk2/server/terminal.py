@@ -5,10 +5,10 @@ reply streams as it is generated (text tokens only) and ends at `<|im_end|>` / `
 `/exit` (or end of input) leaves. No fastapi here: it needs only the core install.
 """
 
-import codecs
 import sys
 
 from openk2.engine import Engine, SamplingParams
+from openk2.server.engine_loop import Detokenizer
 from openk2.tokenizer import render_chat
 
 
@@ -17,6 +17,7 @@ def chat(model, tokenizer, template=None, variables=None, temperature: float = 0
     """Run the loop; returns the final history (for tests)."""
     engine = Engine(model, cache_tokens=model.cfg.max_position_embeddings)
     stops = tuple(tokenizer.token_id(t) for t in ("<|im_end|>", "[EOS]"))
+    hidden = range(tokenizer.n_base, tokenizer.n_vocab)  # text only: special and reserved ids are not shown
     history: list[dict] = []
     out.write("openk2 chat — /reset clears the history, /exit leaves\n")
     while True:
@@ -41,13 +42,12 @@ def chat(model, tokenizer, template=None, variables=None, temperature: float = 0
             continue
         req = engine.add_request(ids, SamplingParams(temperature=temperature, top_p=0.95, max_tokens=budget,
                                                      stop_token_ids=stops))
-        decoder, reply = codecs.getincrementaldecoder("utf-8")("replace"), []
+        detok, reply = Detokenizer(tokenizer, hidden, []), []
         out.write("k2> ")
-        for tok in engine.stream(req):
-            if tok < tokenizer.n_base:  # text only: special and reserved ids are not shown
-                reply.append(decoder.decode(tokenizer.decode_bytes([tok])))
-                out.write(reply[-1])
-                out.flush()
+        for i, tok in enumerate(engine.stream(req)):  # the last token flushes a split character
+            reply.append(detok.add(tok, final=req.finished and i == len(req.output) - 1))
+            out.write(reply[-1])
+            out.flush()
         out.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})
     return history

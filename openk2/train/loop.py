@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from openk2.checkpoint import load_hf, save_hf
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
-from openk2.info import available_bytes, breakdown, train_flops_per_token
+from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model, lm_loss
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
 from openk2.tokenizer import Tokenizer
@@ -141,10 +141,8 @@ def check_fits(model_cfg, cfg: TrainConfig):
     tokens = cfg.batch_size * cfg.seq_len
     need = (16 * breakdown(model_cfg).total + 4 * tokens * (40 * model_cfg.hidden_size
             * model_cfg.num_hidden_layers + 3 * model_cfg.vocab_size))
-    avail = available_bytes()
-    if need > 0.9 * avail:
-        raise ValueError(f"this run needs ~{need / 2**30:.1f} GiB (model {cfg.model}, batch {cfg.batch_size} × "
-                         f"{cfg.seq_len}), {avail / 2**30:.1f} GiB are available: use a smaller model or batch")
+    require_memory(need, f"this run (model {cfg.model}, batch {cfg.batch_size} × {cfg.seq_len})",
+                   ": use a smaller model or batch")
 
 
 def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
