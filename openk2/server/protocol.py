@@ -160,23 +160,25 @@ def completion_id(kind: str = "chatcmpl") -> str:
     return f"{kind}-{uuid.uuid4().hex}"
 
 
-def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
-          usage: Usage | None = None, include_usage: bool = False) -> dict:
-    """One `chat.completion.chunk`; `delta` None is the usage-only chunk (empty `choices`)."""
-    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [] if delta is None else
-           [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+def _envelope(kind: str, field: str, cid: str, created: int, model: str, value, finish_reason, usage,
+              include_usage: bool) -> dict:
+    """The shared shape of completion objects: one choice carrying `field`, or none when value is None."""
+    out = {"id": cid, "object": kind, "created": created, "model": model,
+           "choices": [] if value is None else
+           [{"index": 0, field: value, "logprobs": None, "finish_reason": finish_reason}]}
     if include_usage:
         out["usage"] = usage.model_dump() if usage else None
     return out
+
+
+def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
+          usage: Usage | None = None, include_usage: bool = False) -> dict:
+    """One `chat.completion.chunk`; `delta` None is the usage-only chunk (empty `choices`)."""
+    return _envelope("chat.completion.chunk", "delta", cid, created, model, delta, finish_reason, usage,
+                     include_usage)
 
 
 def text_completion(cid: str, created: int, model: str, text: str | None, finish_reason: str | None = None,
                     usage: Usage | None = None, include_usage: bool = True) -> dict:
     """A `text_completion` (whole, or one SSE chunk of it); `text` None is the usage-only chunk."""
-    out = {"id": cid, "object": "text_completion", "created": created, "model": model,
-           "choices": [] if text is None else
-           [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-    if include_usage:
-        out["usage"] = usage.model_dump() if usage else None
-    return out
+    return _envelope("text_completion", "text", cid, created, model, text, finish_reason, usage, include_usage)
