@@ -22,7 +22,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from openk2.checkpoint.hf import save_hf
 from openk2.config import PRESETS
-from openk2.engine.generate import decode_kernels, generate_stream
+from openk2.engine.decode import decode_kernels
+from openk2.engine.generate import generate_stream
 from openk2.engine.sampler import SamplingParams
 from openk2.model import build_model
 

@@ -20,8 +20,9 @@ def _prompt(n, seed):
     return torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny):
-    engine = Engine(tiny, cache_tokens=512, block_size=8, prefill_chunk=5)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
+    engine = Engine(tiny, cache_tokens=512, block_size=8, prefill_chunk=5, compile=compile)
     specs = [(3, 9), (17, 6), (8, 12), (1, 5), (26, 4)]  # (prompt length, max_tokens)
     reqs, joins = [], {0: [0, 1], 2: [2], 5: [3], 9: [4]}  # step -> requests that arrive then
     step = 0
@@ -36,6 +37,21 @@ def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny):
         assert req.output == expect.tolist(), i
         assert req.finish_reason == "length" and not req.blocks
     assert len(engine.pool.free) == engine.pool.num_blocks  # every block back
+    assert not compile or not engine.compiled.failed
+
+
+def test_batched_prefill_of_prompts_at_different_offsets_equals_recompute(tiny):
+    """Prompts prefill several to a forward, right-padded, at per-row offsets (the first one is in
+    its second chunk when the short ones join it)."""
+    engine = Engine(tiny, cache_tokens=512, block_size=4, prefill_chunk=12)
+    lengths = [14, 5, 3, 9, 4, 7]
+    reqs = [engine.add_request(_prompt(n, 10 + i), SamplingParams(max_tokens=6)) for i, n in enumerate(lengths)]
+    engine.step(), engine.step()  # 12 tokens of the first, then its last 2 beside 2 tokens of five others
+    assert reqs[0].prefilled == 14 and [r.prefilled for r in reqs[1:]] == [2] * 5
+    engine.run()
+    for i, (n, req) in enumerate(zip(lengths, reqs)):
+        expect = generate_recompute(tiny, torch.tensor([_prompt(n, 10 + i)]), SamplingParams(max_tokens=6))[0]
+        assert req.output == expect.tolist(), i
 
 
 def test_stop_token_and_seeded_sampling(tiny):
@@ -98,7 +114,7 @@ def test_block_pool_gather_scatter_round_trip():
     cache = pool.gather([a, b], 7)
     for c in cache:
         c.ckv.normal_()
-    pool.scatter(cache, [a, b], [0, 0], 3)
+    pool.scatter(cache, [a, b], [0, 0], [3, 3])
     again = pool.gather([a, b], 3)
     assert all(torch.equal(x.ckv, y.ckv[:, :3]) for x, y in zip(again, cache))
     with pytest.raises(CacheFull):

@@ -81,7 +81,7 @@ def test_cli_generate_rejects_bad_ids():
 
 def test_bf16_decode_kernels_match_default_kernels():
     """One-row bf16 decode steps run without oneDNN (engine.generate.decode_kernels): same logits."""
-    from openk2.engine.generate import decode_kernels
+    from openk2.engine.decode import decode_kernels
     model = build_model(PRESETS["k2-tiny"], dtype=torch.bfloat16, seed=3).eval()
     prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(4))
     before = torch.backends.mkldnn.enabled

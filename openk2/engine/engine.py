@@ -1,12 +1,13 @@
 """Continuous batching over the latent block cache: token ids in, token ids out (no text, no tools).
 
 Each `step()` admits waiting requests whose whole budget (prompt + max_tokens) fits the free blocks
-(reserved up front, so a running request never waits for memory), runs one prefill chunk of at most
-`prefill_chunk` tokens for the oldest request still prefilling (a long prompt cannot stall the
-others for more than one chunk), then one batched decode step for every other running request —
-rows at different lengths, each at its own position. Finished and cancelled requests leave and free
-their blocks at once; new ones join between steps. Sampling is per request (its own parameters and
-seeded generator). The reference is `generate_recompute`; tests/test_engine.py checks that greedy
+(reserved up front, so a running request never waits for memory), runs one prefill forward of at most
+`prefill_chunk` padded tokens — the next chunk of the oldest request still prefilling, with later
+prompts batched beside it (a long prompt cannot stall the others for more than one chunk) — then
+one batched decode step for every other running request, rows at different lengths, each at its
+own position (through the compiled step of `decode.py` with `compile=True`). Finished and cancelled
+requests leave and free their blocks at once; new ones join between steps. Sampling is per request
+(its own parameters and seeded generator; greedy rows share one argmax). The reference is `generate_recompute`; tests/test_engine.py checks that greedy
 output equals it for every request of a mixed batch joining at different steps.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from openk2.engine.generate import decode_kernels
+from openk2.engine.decode import CompiledDecode, compilable, decode_kernels
 from openk2.engine.kv_cache import BlockPool
 from openk2.engine.sampler import SamplingParams, sample
 from openk2.model.transformer import Transformer
@@ -40,13 +41,16 @@ class Request:
 
 class Engine:
     def __init__(self, model: Transformer, cache_tokens: int = 8192, block_size: int = 16,
-                 max_batch: int = 32, prefill_chunk: int = 256):
+                 max_batch: int = 32, prefill_chunk: int = 256, compile: bool = False):
+        """compile: decode steps through `CompiledDecode` (fused kernels reading the pool in place;
+        each batch regime compiles on first use). Quantized models decode eagerly regardless."""
         w = model.lm_head.weight
         self.model, self.max_batch, self.prefill_chunk = model.eval(), max_batch, prefill_chunk
         self.pool = BlockPool(model.cfg, -(-cache_tokens // block_size), block_size, w.dtype, w.device)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._ids = itertools.count()
+        self.compiled = CompiledDecode(model) if compile and compilable(model) else None
 
     # --- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -95,41 +99,66 @@ class Engine:
         self._admit()
         events = []
         decoding = [r for r in self.running if r.prefilled == len(r.prompt)]
-        prefilling = next((r for r in self.running if r.prefilled < len(r.prompt)), None)
-        if prefilling is not None:
-            events += self._prefill_chunk(prefilling)
+        prefilling = [r for r in self.running if r.prefilled < len(r.prompt)]
+        if prefilling:
+            events += self._prefill(prefilling)
         if decoding:
             events += self._decode(decoding)
         return events
 
-    def _prefill_chunk(self, req: Request) -> list[tuple[Request, int]]:
-        start = req.prefilled
-        n = min(self.prefill_chunk, len(req.prompt) - start)
+    def _prefill(self, waiting: list[Request]) -> list[tuple[Request, int]]:
+        """One prefill forward of at most `prefill_chunk` (padded) tokens: the oldest request's next
+        chunk, plus as many later requests as fit beside it at the same padded length."""
+        width = min(self.prefill_chunk, len(waiting[0].prompt) - waiting[0].prefilled)
+        rows = waiting[:max(1, self.prefill_chunk // width)]
+        starts = [r.prefilled for r in rows]
+        counts = [min(width, len(r.prompt) - r.prefilled) for r in rows]
+        width = max(counts)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: padding sits after
+        for i, (r, s, n) in enumerate(zip(rows, starts, counts)):  # every real token, never seen
+            ids[i, :n] = torch.tensor(r.prompt[s:s + n])
         device = self.pool.pools[0].device
-        cache = self.pool.gather([req.blocks], start + n)
-        logits = self.model(torch.tensor([req.prompt[start:start + n]], device=device), start, cache)
-        self.pool.scatter(cache, [req.blocks], [start], n)
-        req.prefilled += n
-        return [self._emit(req, logits[:, -1])] if req.prefilled == len(req.prompt) else []
+        tables = [r.blocks for r in rows]
+        cache = self.pool.gather(tables, max(starts) + width)
+        start = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=device)
+        logits = self.model(ids.to(device), start, cache)
+        self.pool.scatter(cache, tables, starts, counts)
+        done = []
+        for i, (r, n) in enumerate(zip(rows, counts)):
+            r.prefilled += n
+            if r.prefilled == len(r.prompt):
+                done.append((r, logits[i, n - 1]))
+        return self._emit([r for r, _ in done], torch.stack([l for _, l in done])) if done else []
 
     def _decode(self, rows: list[Request]) -> list[tuple[Request, int]]:
         starts = [len(r.prompt) + len(r.output) - 1 for r in rows]  # where each last token goes
         device = self.pool.pools[0].device
-        cache = self.pool.gather([r.blocks for r in rows], max(starts) + 1)
-        ids = torch.tensor([[r.output[-1]] for r in rows], device=device)
-        with decode_kernels(self.model, len(rows)):
-            logits = self.model(ids, torch.tensor(starts, device=device), cache)[:, -1]
-        self.pool.scatter(cache, [r.blocks for r in rows], starts, 1)
-        return [self._emit(r, logits[i:i + 1]) for i, r in enumerate(rows)]
+        tables, pos = [r.blocks for r in rows], torch.tensor(starts, device=device)
+        ids = torch.tensor([r.output[-1] for r in rows], device=device)
+        if self.compiled is not None:
+            slots = self.pool.slots(tables, max(starts) + 1).to(device)
+            logits = self.compiled(ids, pos, slots, self.pool.rows)
+        else:
+            cache = self.pool.gather(tables, max(starts) + 1)
+            with decode_kernels(self.model, len(rows)):
+                logits = self.model(ids[:, None], pos, cache)[:, -1]
+            self.pool.scatter(cache, tables, starts, [1] * len(rows))
+        return self._emit(rows, logits)
 
-    def _emit(self, req: Request, logits_1V: torch.Tensor) -> tuple[Request, int]:
-        tok = int(sample(logits_1V, req.params, req.generator)[0])
-        req.output.append(tok)
-        if tok in req.params.stop_token_ids:
-            self._finish(req, "stop")
-        elif len(req.output) >= req.params.max_tokens:
-            self._finish(req, "length")
-        return req, tok
+    def _emit(self, rows: list[Request], logits_NV: torch.Tensor) -> list[tuple[Request, int]]:
+        """Sample one token per row (greedy rows in one argmax), append it, finish rows that stop."""
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
+        toks = dict(zip(greedy, logits_NV[greedy].argmax(-1).tolist())) if greedy else {}
+        events = []
+        for i, req in enumerate(rows):
+            tok = toks[i] if i in toks else int(sample(logits_NV[i:i + 1], req.params, req.generator)[0])
+            req.output.append(tok)
+            if tok in req.params.stop_token_ids:
+                self._finish(req, "stop")
+            elif len(req.output) >= req.params.max_tokens:
+                self._finish(req, "length")
+            events.append((req, tok))
+        return events
 
     # --- conveniences --------------------------------------------------------------------------
     def has_work(self) -> bool:

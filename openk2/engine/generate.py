@@ -1,36 +1,18 @@
 """Simple generation for one batch of equal-length prompts, on the absorbed-MLA latent cache.
 
 `generate_recompute` is its reference: no cache, the whole sequence re-run every step;
-tests/test_generate.py checks the two give identical greedy tokens. The batching engine with a
-paged cache and continuous batching is a separate, later piece.
+tests/test_generate.py checks the two give identical greedy tokens. Decode steps run the model's
+forward, or the compiled step of `decode.py` with `compile=True`. The continuous-batching engine
+over a block cache is `engine.py`.
 """
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 
+from openk2.engine.decode import CompiledDecode, decode_kernels
 from openk2.engine.sampler import SamplingParams, sample
 from openk2.model.transformer import Transformer
-
-
-@contextlib.contextmanager
-def decode_kernels(model: Transformer, rows: int):
-    """Matmul kernels for a decode step of `rows` tokens.
-
-    On CPU, oneDNN's bf16/fp16 matmul costs ~30 µs a call whatever its size, while ATen's own kernel
-    takes ~11 µs for a single row (and far longer for many): one- or two-row decode steps, where
-    every matmul is a matrix-vector product, run without oneDNN (bench/forward.py measures it).
-    The switch is process-wide (`torch.backends.mkldnn.enabled`): not for concurrent threads.
-    """
-    w = model.lm_head.weight
-    off = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and rows <= 2
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = before and not off
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 def _generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -38,8 +20,10 @@ def _generator(params: SamplingParams, device) -> torch.Generator | None:
 
 
 @torch.inference_mode()
-def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams) -> Iterator[torch.Tensor]:
-    """Yield next-token ids [B] one step at a time; prompt_ids [B, S] (or [S])."""
+def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams,
+                    compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield next-token ids [B] one step at a time; prompt_ids [B, S] (or [S]).
+    compile: decode steps through `CompiledDecode` (the prompt runs eagerly)."""
     if prompt_ids.dim() == 1:
         prompt_ids = prompt_ids[None]
     B, S = prompt_ids.shape
@@ -52,6 +36,10 @@ def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: Sampli
     gen = _generator(params, device)
     cache = model.new_cache(B, S + params.max_tokens)
     logits = model(prompt_ids.to(device), 0, cache)[:, -1]
+    compiled = CompiledDecode(model) if compile else None
+    # the caches seen as pools with one run of rows per batch row, for the compiled step
+    pools = [c.ckv.view(-1, c.ckv.shape[-1]) for c in cache]
+    base_B1 = torch.arange(B, device=device)[:, None] * cache[0].ckv.shape[1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stops = torch.tensor(params.stop_token_ids, device=device, dtype=torch.long)
     for step in range(params.max_tokens):
@@ -60,13 +48,19 @@ def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: Sampli
         done |= torch.isin(tok, stops)
         if done.all() or step == params.max_tokens - 1:
             return
-        with decode_kernels(model, B):
-            logits = model(tok[:, None], S + step, cache)[:, -1]
+        pos = S + step  # where tok goes
+        if compiled is not None:
+            pos_B = torch.full((B,), pos, device=device)
+            logits = compiled(tok, pos_B, base_B1 + torch.arange(pos + 1, device=device), pools)
+        else:
+            with decode_kernels(model, B):
+                logits = model(tok[:, None], pos, cache)[:, -1]
 
 
-def generate(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+def generate(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams,
+             compile: bool = False) -> torch.Tensor:
     """Generated ids [B, n] (rows that stopped early keep producing until all stop)."""
-    steps = list(generate_stream(model, prompt_ids, params))
+    steps = list(generate_stream(model, prompt_ids, params, compile))
     B = 1 if prompt_ids.dim() == 1 else prompt_ids.shape[0]
     return torch.stack(steps, dim=1) if steps else torch.empty(B, 0, dtype=torch.long)
 

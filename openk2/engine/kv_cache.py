@@ -3,10 +3,10 @@ per-request block tables.
 
 Per layer the pool is [num_blocks, block_size, L] (L = C + R: K2's 576 values per token). A request
 owns a list of blocks; memory is bounded by the pool, and a request that can never fit is refused
-up front. The model attends over contiguous rows, so a step gathers each running request's blocks
-into a padded batch cache (`gather`) and writes the rows the step produced back (`scatter`): a copy
-of O(batch · length) rows per layer per step, cheap at the sizes a CPU serves; a paged-attention
-kernel reading the pool directly is the fast path this leaves room for.
+up front. The model's forward attends over contiguous rows, so an eager step gathers each running request's
+blocks into a padded batch cache (`gather`) and writes the rows the step produced back (`scatter`);
+the compiled decode step (`decode.py`) reads and writes the pool rows (`rows`) in place through a
+slot table (`slots`) instead.
 """
 
 import torch
@@ -28,6 +28,7 @@ class BlockPool:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.pools = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
                       for _ in range(cfg.num_hidden_layers)]
+        self.rows = [pool.view(-1, width) for pool in self.pools]  # [num_blocks · block_size, L] views
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: the last freed is reused first
 
     @property
@@ -48,7 +49,7 @@ class BlockPool:
         self.free.extend(reversed(table))
         table.clear()
 
-    def _slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
+    def slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
         """[R, length] pool row indices (block · block_size + offset); padding points at row 0."""
         pos = torch.arange(length)
         idx = torch.zeros(len(tables), length, dtype=torch.long)
@@ -60,16 +61,15 @@ class BlockPool:
 
     def gather(self, tables: list[list[int]], length: int) -> list[LatentCache]:
         """A batch cache [R, length, L] per layer holding each request's rows (zeros past its end)."""
-        idx = self._slots(tables, length).flatten()
+        idx = self.slots(tables, length).flatten()
         return [LatentCache(pool.flatten(0, 1).index_select(0, idx).view(len(tables), length, -1))
                 for pool in self.pools]
 
-    def scatter(self, cache: list[LatentCache], tables: list[list[int]], starts: list[int], n: int) -> None:
-        """Write rows starts[r] .. starts[r] + n of each batch row back into the pool."""
-        length = max(starts) + n
-        idx = self._slots(tables, length)
-        rows = torch.arange(len(tables))[:, None]
-        cols = torch.tensor(starts)[:, None] + torch.arange(n)
-        for pool, c in zip(self.pools, cache):
-            flat = pool.view(-1, pool.shape[-1])
-            flat[idx[rows, cols].flatten()] = c.ckv[rows, cols].flatten(0, 1)
+    def scatter(self, cache: list[LatentCache], tables: list[list[int]], starts: list[int],
+                counts: list[int]) -> None:
+        """Write rows starts[r] .. starts[r] + counts[r] of each batch row back into the pool."""
+        idx = self.slots(tables, max(s + n for s, n in zip(starts, counts)))
+        rows = torch.cat([torch.full((n,), r) for r, n in enumerate(counts)])
+        cols = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+        for flat, c in zip(self.rows, cache):
+            flat[idx[rows, cols]] = c.ckv[rows, cols]

@@ -1,0 +1,80 @@
+"""The compiled decode step (engine/decode.py) against its reference, the model's own forward:
+logits and the cache rows it writes, in both batch regimes, eager and through torch.compile."""
+
+import pytest
+import torch
+
+from openk2.config import PRESETS
+from openk2.engine import SamplingParams, generate
+from openk2.engine.decode import CompiledDecode, compilable, decode_step, reference_step, small_batch
+from openk2.engine.kv_cache import BlockPool
+from openk2.model import build_model
+from openk2.quant import quantize_model
+
+CFG = PRESETS["k2-tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_model(CFG, seed=4).eval()
+
+
+def _pool_with_prompts(model, lengths):
+    """A block pool holding one prefilled prompt per row; returns pool, tables, next ids, positions."""
+    pool = BlockPool(CFG, 64, block_size=4)
+    gen = torch.Generator().manual_seed(len(lengths))
+    tables = []
+    with torch.inference_mode():
+        for n in lengths:
+            table = []
+            pool.grow(table, n + 8)
+            cache = pool.gather([table], n)
+            model(torch.randint(0, CFG.vocab_size, (1, n), generator=gen), 0, cache)
+            pool.scatter(cache, [table], [0], [n])
+            tables.append(table)
+    ids = torch.randint(0, CFG.vocab_size, (len(lengths),), generator=gen)
+    return pool, tables, ids, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("lengths", [[7], [3, 11], [5, 1, 9, 14, 2]])
+def test_decode_step_equals_forward_and_writes_the_same_rows(tiny, lengths):
+    assert small_batch(len(lengths), CFG) == (len(lengths) <= 2)  # both regimes covered
+    pool, tables, ids, pos = _pool_with_prompts(tiny, lengths)
+    slots = pool.slots(tables, max(lengths) + 1)
+    ref_rows = [r.clone() for r in pool.rows]
+    with torch.inference_mode():
+        expect = reference_step(tiny, ids, pos, slots, ref_rows)
+        got = decode_step(tiny, ids, pos, slots, pool.rows)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    for a, b in zip(pool.rows, ref_rows):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(pool.rows[0], _pool_with_prompts(tiny, lengths)[0].rows[0])  # rows written
+
+
+def test_compiled_step_equals_reference(tiny):
+    compiled = CompiledDecode(tiny)
+    for lengths in ([6], [4, 9, 2, 12]):
+        pool, tables, ids, pos = _pool_with_prompts(tiny, lengths)
+        slots = pool.slots(tables, max(lengths) + 1)
+        ref_rows = [r.clone() for r in pool.rows]
+        with torch.inference_mode():
+            expect = reference_step(tiny, ids, pos, slots, ref_rows)
+            got = compiled(ids, pos, slots, pool.rows)
+        assert not compiled.failed
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+        for a, b in zip(pool.rows, ref_rows):  # the in-place pool write survives compilation
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_generate_compiled_equals_eager(tiny):
+    prompt = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(max_tokens=12)
+    assert torch.equal(generate(tiny, prompt, params, compile=True), generate(tiny, prompt, params))
+
+
+def test_quantized_models_are_not_compiled(tiny):
+    import copy
+    q = quantize_model(copy.deepcopy(tiny), "int8")
+    assert compilable(tiny) and not compilable(q)
+    with pytest.raises(ValueError, match="float weights"):
+        CompiledDecode(q)
