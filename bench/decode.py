@@ -1,12 +1,13 @@
-"""Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16, int8, int4) vs transformers' generate
-on the same weights vs the memory-bandwidth roofline, and the Engine's aggregate tokens/s at batch
-1, 8 and 32.
+"""Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16 eager and compiled, int8, int4) vs
+transformers' generate on the same weights vs the memory-bandwidth roofline, and the Engine's
+aggregate tokens/s at batch 1, 8 and 32 (eager and compiled decode steps).
 
 Roofline: a batch-1 decode step must read every active weight once — the active linear weights of
 `openk2.info` at the mode's bytes per weight (int4 and int8 apply to the quantized linears only, the
 rest stays bf16) — so tokens/s ≤ measured bandwidth / active bytes. Bandwidth is measured here by
 summing a 1 GiB bf16 tensor. Aggregate: 32 requests (32-token prompts, 64 new tokens) through an
-Engine with max_batch 1, 8 or 32.
+Engine with max_batch 1, 8 or 32, prefill included; each configuration runs once untimed first, so
+compilation is not counted (it is printed).
 
     .venv/bin/python -m bench.decode [--preset k2-small] [--threads 2] [--quick]
 """
@@ -54,15 +55,19 @@ def active_bytes(cfg, mode: str) -> float:
     return b.active_linear * 2
 
 
-def aggregate(model, cfg, batch: int, n_requests: int) -> float:
-    engine = Engine(model, cache_tokens=n_requests * (PROMPT + NEW) + 64, max_batch=batch)
+def aggregate(model, cfg, batch: int, n_requests: int, compile: bool) -> float:
+    engine = Engine(model, cache_tokens=n_requests * (PROMPT + NEW) + 64, max_batch=batch, compile=compile)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(n_requests):
-        engine.add_request(torch.randint(0, cfg.vocab_size // 2, (PROMPT,), generator=gen).tolist(),
-                           SamplingParams(max_tokens=NEW))
-    t0 = time.perf_counter()
-    engine.run()
-    return n_requests * NEW / (time.perf_counter() - t0)
+
+    def run() -> float:
+        for _ in range(n_requests):
+            engine.add_request(torch.randint(0, cfg.vocab_size // 2, (PROMPT,), generator=gen).tolist(),
+                               SamplingParams(max_tokens=NEW))
+        t0 = time.perf_counter()
+        engine.run()
+        return n_requests * NEW / (time.perf_counter() - t0)
+    run()  # warm-up (compiles this batch regime's graphs when compiling)
+    return run()
 
 
 def main():
@@ -88,17 +93,25 @@ def main():
         print(f"| transformers bf16 | {theirs_tok_s:.0f} | 1.00× | {gbs * 1e9 / active_bytes(cfg, 'bf16'):.0f} | "
               f"{100 * theirs_tok_s / (gbs * 1e9 / active_bytes(cfg, 'bf16')):.0f}% |")
         for mode, model in models.items():
-            decode_ours(model, ids)  # warm-up
-            tok_s = statistics.median(decode_ours(model, ids)[0] for _ in range(reps))
-            roof = gbs * 1e9 / active_bytes(cfg, mode)
-            print(f"| openk2 {mode} | {tok_s:.0f} | {tok_s / theirs_tok_s:.2f}× | {roof:.0f} | {100 * tok_s / roof:.0f}% |")
+            for compile in (False, True) if mode == "bf16" else (False,):
+                t0 = time.perf_counter()
+                decode_ours(model, ids, compile)  # warm-up
+                warm = f", compiled (first run {time.perf_counter() - t0:.0f} s)" if compile else ""
+                tok_s = statistics.median(decode_ours(model, ids, compile)[0] for _ in range(reps))
+                roof = gbs * 1e9 / active_bytes(cfg, mode)
+                print(f"| openk2 {mode}{warm} | {tok_s:.0f} | {tok_s / theirs_tok_s:.2f}× | {roof:.0f} | "
+                      f"{100 * tok_s / roof:.0f}% |")
         n = 16 if args.quick else 32
-        print(f"\n| Engine, bf16, {n} requests × {NEW} tokens | aggregate tok/s | vs batch 1 |\n| --- | ---: | ---: |")
-        base = None
+        print(f"\n| Engine, bf16, {n} requests × {NEW} tokens | eager tok/s | vs batch 1 | compiled tok/s | "
+              "vs batch 1 |\n| --- | ---: | ---: | ---: | ---: |")
+        base = {}
         for batch in (1, 8, 32):
-            tok_s = aggregate(ours, cfg, batch, n)
-            base = base or tok_s
-            print(f"| max_batch {batch} | {tok_s:.0f} | {tok_s / base:.1f}× |")
+            row = f"| max_batch {batch} |"
+            for compile in (False, True):
+                tok_s = aggregate(ours, cfg, batch, n, compile)
+                base.setdefault(compile, tok_s)
+                row += f" {tok_s:.0f} | {tok_s / base[compile]:.1f}× |"
+            print(row)
 
 
 if __name__ == "__main__":

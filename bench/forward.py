@@ -80,9 +80,9 @@ class _Stamps(BaseStreamer):
         pass
 
 
-def decode_ours(model, ids):
+def decode_ours(model, ids, compile: bool = False):
     stamps, toks = [], []
-    for tok in generate_stream(model, ids, SamplingParams(max_tokens=NEW)):
+    for tok in generate_stream(model, ids, SamplingParams(max_tokens=NEW), compile=compile):
         stamps.append(time.perf_counter())
         toks.append(tok)
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), torch.stack(toks, 1)

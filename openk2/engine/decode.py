@@ -101,9 +101,10 @@ def _attention(attn: MLA, x_ND, cos, sin, pool_PL, slots_NT, pos_N, small: bool)
     scores_NHT = (q_NHL[:, :, None, :] * ckv_NTL[:, None]).sum(-1, dtype=torch.float32) * attn.softmax_scale
     visible_NT = torch.arange(slots_NT.shape[1], device=x_ND.device) <= pos_N[:, None]
     probs_NHT = scores_NHT.masked_fill(~visible_NT[:, None], float("-inf")).softmax(-1)
-    # a library matmul, not multiply-and-reduce: the compiler would otherwise recompute each
-    # probability (an exp) once per latent channel instead of storing it
-    o_lat_NHC = torch.bmm(probs_NHT.to(x_ND.dtype), ckv_NTL[..., :C])
+    # a library matmul (fp32: no rounding of the probabilities, and MKL's small-matrix kernel is the
+    # fastest here), not multiply-and-reduce, which the compiler would fuse with the softmax and then
+    # recompute each probability (an exp) once per latent channel
+    o_lat_NHC = torch.bmm(probs_NHT, ckv_NTL[..., :C].float()).to(x_ND.dtype)
     out_NHO = (o_lat_NHC[:, :, None, :] * w_HYC[:, P:]).sum(-1, dtype=torch.float32)
     return _linear(attn.o_proj, out_NHO.to(x_ND.dtype).flatten(1), small)
 
