@@ -67,8 +67,7 @@ def cmd_generate(args):
     from openk2.engine.generate import generate_stream
     from openk2.engine.sampler import SamplingParams
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     model = _load(args.path, args.dtype, args.seed).eval()
     tokenizer = _tokenizer(args.path)
     ids = _prompt_ids(args, model.cfg.vocab_size, tokenizer)
@@ -79,7 +78,7 @@ def cmd_generate(args):
                             max_tokens=args.max_tokens, seed=args.seed, stop_token_ids=stops)
     out, t0 = [], time.perf_counter()
     text = codecs.getincrementaldecoder("utf-8")("replace")  # multi-byte characters span tokens
-    for tok in generate_stream(model, torch.tensor([ids]), params):
+    for tok in generate_stream(model, torch.tensor([ids]), params, compile=args.compile):
         out.append(int(tok[0]))
         if args.prompt_ids is None:
             sys.stdout.write(text.decode(as_bytes([out[-1]])))
@@ -124,7 +123,6 @@ def cmd_train(args):
 
 def cmd_plot(args):
     from openk2.train.plot import plot_run
-
     print(*plot_run(args.run_dir), sep="\n")
 
 
@@ -162,6 +160,7 @@ def main(argv=None):
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
+    s.add_argument("--compile", action="store_true", help="compiled decode steps (compiling takes 10-60 s)")
     s.set_defaults(fn=cmd_generate)
     s = sub.add_parser("train", help="pretrain a K2 with MuonClip (`openk2 train --help`)", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
@@ -182,6 +181,7 @@ def main(argv=None):
         s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
         s.add_argument("--quantize", choices=["int8", "int4"])
         s.add_argument("--temperature", type=float, default=0.6, help="chat: sampling temperature")
+        s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled decode")
         s.set_defaults(fn=cmd_serve)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # its flags come from TrainConfig (openk2.train.config.parse_args)

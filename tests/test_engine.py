@@ -23,6 +23,8 @@ def _prompt(n, seed):
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
     engine = Engine(tiny, cache_tokens=512, block_size=8, prefill_chunk=5, compile=compile)
+    engine.warmup()  # compiles each batch regime's graph (a no-op when eager); leaves the pool empty
+    assert len(engine.pool.free) == engine.pool.num_blocks and not engine.has_work()
     specs = [(3, 9), (17, 6), (8, 12), (1, 5), (26, 4)]  # (prompt length, max_tokens)
     reqs, joins = [], {0: [0, 1], 2: [2], 5: [3], 9: [4]}  # step -> requests that arrive then
     step = 0

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from openk2.engine.decode import CompiledDecode, compilable, decode_kernels
+from openk2.engine.decode import CompiledDecode, compilable, decode_kernels, small_batch
 from openk2.engine.kv_cache import BlockPool
 from openk2.engine.sampler import SamplingParams, sample
 from openk2.model.transformer import Transformer
@@ -167,6 +167,17 @@ class Engine:
     def run(self) -> None:
         while self.has_work():
             self.step()
+
+    def warmup(self) -> None:
+        """Compile the decode step now for each batch regime up to max_batch (one row, a small batch,
+        a large one) instead of during the first requests; a no-op without `compile`."""
+        if self.compiled is None:
+            return
+        large = next((n for n in range(2, self.max_batch + 1) if not small_batch(n, self.model.cfg)), None)
+        for rows in sorted({1, min(2, self.max_batch), large or 1}):
+            for _ in range(rows):
+                self.add_request([0], SamplingParams(max_tokens=2))
+            self.run()
 
     def stream(self, req: Request) -> Iterator[int]:
         """Tokens of `req` as they are produced (other requests advance in the same steps)."""

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server (`openk2 serve`): `create_app` builds the FastAPI app, `serve` runs it
 with uvicorn. Needs the `server` extra; `import openk2` does not import this package."""
 
+import sys
 from pathlib import Path
 
 __all__ = ["create_app", "serve", "run"]
@@ -28,19 +29,33 @@ def _text_setup(model, tokenizer, path: str):
     return tokenizer, template, template_variables(folder) if template else None
 
 
+def _engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192):
+    """The Engine for `openk2 serve` / `chat`: quantized first if asked, decode steps compiled (at
+    start-up, so no request waits for the compiler) unless `compile` is False or the model is quantized."""
+    from openk2.engine import Engine
+
+    if quantize:
+        from openk2.quant import quantize_model
+        quantize_model(model, quantize)
+    engine = Engine(model, cache_tokens=cache_tokens, compile=compile)
+    if engine.compiled is not None:
+        print("[openk2] compiling the decode step (a minute on a small CPU the first time; cached after)",
+              file=sys.stderr, flush=True)
+        engine.warmup()
+    return engine
+
+
 def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          quantize: str | None = None) -> None:
+          quantize: str | None = None, compile: bool = True) -> None:
     """Serve `model` under the name of its folder."""
     import uvicorn
 
     from openk2.server.app import create_app
 
-    if quantize:
-        from openk2.quant import quantize_model
-        quantize_model(model, quantize)
+    engine = _engine(model, quantize, compile)
     tokenizer, template, variables = _text_setup(model, tokenizer, path)
     folder = Path(path)
-    app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key,
+    app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
                      chat_template=template, template_vars=variables)
     uvicorn.run(app, host=host, port=port)
 
@@ -48,9 +63,7 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
 def run(args, model, tokenizer) -> None:
     """`openk2 serve PATH` and `openk2 chat PATH` (args parsed by openk2.cli)."""
     if args.cmd == "serve":
-        return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize)
+        return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile)
     from openk2.server.terminal import chat
-    if args.quantize:
-        from openk2.quant import quantize_model
-        quantize_model(model, args.quantize)
-    chat(model, *_text_setup(model, tokenizer, args.path), temperature=args.temperature)
+    engine = _engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
+    chat(model, *_text_setup(model, tokenizer, args.path), temperature=args.temperature, engine=engine)

@@ -13,9 +13,9 @@ from openk2.tokenizer import render_chat
 
 
 def chat(model, tokenizer, template=None, variables=None, temperature: float = 0.6, max_tokens: int = 512,
-         input_fn=input, out=sys.stdout) -> list[dict]:
+         input_fn=input, out=sys.stdout, engine: Engine | None = None) -> list[dict]:
     """Run the loop; returns the final history (for tests)."""
-    engine = Engine(model, cache_tokens=model.cfg.max_position_embeddings)
+    engine = engine or Engine(model, cache_tokens=model.cfg.max_position_embeddings)
     stops = tuple(tokenizer.token_id(t) for t in ("<|im_end|>", "[EOS]"))
     hidden = range(tokenizer.n_base, tokenizer.n_vocab)  # text only: special and reserved ids are not shown
     history: list[dict] = []
