@@ -156,7 +156,7 @@ def test_models_and_health(port):
 def test_errors(port, fake):
     with pytest.raises(openai.NotFoundError):
         client(port).chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 9}, {"n": 2, "stream": True},
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"n": 9}, {"n": 9, "stream": True},
                 {"tool_choice": "required"},
                 {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}):
         with pytest.raises(openai.BadRequestError):
@@ -390,3 +390,21 @@ def test_n_choices_decode_together_and_are_seeded(port):
     assert len({c.message.content for c in sampled.choices}) > 1  # seed + index: distinct samples
     single = ask(port, "hi", temperature=1.0, seed=8)
     assert single.choices[0].message.content == sampled.choices[1].message.content
+
+
+def test_n_choices_stream_interleaved_with_their_index(port):
+    """Streaming n > 1: every choice's chunks carry its index, each text equals the whole reply of
+    the same choice, one finish_reason per choice, one usage chunk for all."""
+    kw = dict(n=3, temperature=1.0, seed=11, max_tokens=10)
+    whole = ask(port, "hi", **kw)
+    chunks = list(ask(port, "hi", stream=True, stream_options={"include_usage": True}, **kw))
+    texts, finishes = ["", "", ""], [[], [], []]
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index].append(ch.finish_reason)
+    assert texts == [c.message.content for c in whole.choices]
+    assert finishes == [["length"]] * 3
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
+    assert len({c.id for c in chunks}) == 1

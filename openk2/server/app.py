@@ -55,8 +55,8 @@ class Server:
         if body.model != self.model_name:
             raise APIError(404, f"the model `{body.model}` does not exist; this server has `{self.model_name}`",
                            param="model", code="model_not_found")
-        if body.n > max_n or (body.n > 1 and body.stream):
-            raise APIError(400, f"n must be 1..{max_n}, and 1 when streaming", param="n")
+        if body.n > max_n:
+            raise APIError(400, f"n must be 1..{max_n}" if max_n > 1 else "n must be 1 here", param="n")
 
     def generate(self, ids: list[int], body: SamplingRequest, param: str, choice: int = 0):
         """Submit `ids` under the body's sampling fields: (text pieces, state) — state gets
@@ -98,6 +98,31 @@ def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -
         raise APIError(400, f"tool_choice names `{name}`, which is not in `tools`", param="tool_choice")
     index = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
     return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:{index}" + ARGUMENT_BEGIN
+
+
+async def merge(streams: list):
+    """Items of several async iterators as each produces them; an error in one is raised here, and
+    closing this (a client gone) closes them all (their requests are cancelled)."""
+    queue, done = asyncio.Queue(), object()
+
+    async def pump(stream):
+        try:
+            async for item in stream:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as e:  # noqa: BLE001 — handed to the consumer
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        for _ in streams:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, engine=None,
@@ -167,8 +192,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         runs = [srv.generate(ids, body, "messages", i) for i in range(body.n)]  # n choices decode together
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(*runs[0], len(ids), use_tools, include, prefix),
-                                     media_type="text/event-stream")
+            return StreamingResponse(sse(runs, len(ids), use_tools, include, prefix), media_type="text/event-stream")
         texts = await asyncio.gather(*(collect(pieces) for pieces, _ in runs))
         choices = [choice_of(i, prefix + t, state, use_tools) for i, (t, (_, state)) in enumerate(zip(texts, runs))]
         used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
@@ -183,28 +207,36 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         message = AssistantMessage(content=parsed.content if parsed else text, tool_calls=calls or None)
         return Choice(index=index, message=message, finish_reason=finish_reason(state["reason"], bool(calls)))
 
-    async def sse(pieces, state: dict, n_prompt: int, use_tools: bool, include_usage: bool, prefix: str = ""):
+    async def sse(runs: list, n_prompt: int, use_tools: bool, include_usage: bool, prefix: str = ""):
+        """The SSE stream of n choices decoding together: each choice's chunks carry its index and
+        arrive as produced (role first, finish_reason last); one usage chunk for all; then [DONE]."""
         cid, created = completion_id(), int(time.time())
 
-        def event(delta, reason=None, use=None):
-            return f"data: {json.dumps(chunk(cid, created, model_name, delta, reason, use, include_usage))}\n\n"
+        def event(index, delta, reason=None, use=None):
+            body = chunk(cid, created, model_name, delta, reason, use, include_usage, index)
+            return f"data: {json.dumps(body)}\n\n"
 
-        parser = StreamingToolParser() if use_tools else None
-        yield event({"role": "assistant", "content": ""})
-        try:
+        async def one(index: int, pieces, state: dict):
+            parser = StreamingToolParser() if use_tools else None
+            yield event(index, {"role": "assistant", "content": ""})
             for delta in parser.feed(prefix) if prefix else []:
-                yield event(delta)
+                yield event(index, delta)
             async for piece in pieces:
                 for delta in parser.feed(piece) if parser else [{"content": piece}]:
-                    yield event(delta)
+                    yield event(index, delta)
+            for delta in parser.finish(state["reason"]) if parser else []:
+                yield event(index, delta)
+            yield event(index, {}, parser.finish_reason if parser else state["reason"])
+
+        try:
+            async for line in merge([one(i, pieces, state) for i, (pieces, state) in enumerate(runs)]):
+                yield line
         except Exception:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
             yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
             return
-        for delta in parser.finish(state["reason"]) if parser else []:
-            yield event(delta)
-        yield event({}, parser.finish_reason if parser else state["reason"])
         if include_usage:
-            yield event(None, use=Usage.of(n_prompt, state))
+            used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
+            yield event(0, None, use=Usage.of(n_prompt, used))
         yield "data: [DONE]\n\n"
 
     api = extra.router(srv, chat_template, template_vars)

@@ -3,7 +3,7 @@ as pydantic models: what a request may hold (validated, so a client mistake is a
 error shape, never a 500) and the shapes of the replies.
 
 Accepted and ignored: fields OpenAI defines that change nothing here (user, metadata, echo, …).
-Rejected: n > 1, a batch of several prompts (see app.py, extra.py). Not here: generation, tool calls.
+Rejected: n > 1 for text completions, a batch of several prompts (see app.py, extra.py). Not here: generation, tool calls.
 """
 
 from __future__ import annotations
@@ -161,21 +161,22 @@ def completion_id(kind: str = "chatcmpl") -> str:
 
 
 def _envelope(kind: str, field: str, cid: str, created: int, model: str, value, finish_reason, usage,
-              include_usage: bool) -> dict:
+              include_usage: bool, index: int = 0) -> dict:
     """The shared shape of completion objects: one choice carrying `field`, or none when value is None."""
     out = {"id": cid, "object": kind, "created": created, "model": model,
            "choices": [] if value is None else
-           [{"index": 0, field: value, "logprobs": None, "finish_reason": finish_reason}]}
+           [{"index": index, field: value, "logprobs": None, "finish_reason": finish_reason}]}
     if include_usage:
         out["usage"] = usage.model_dump() if usage else None
     return out
 
 
 def chunk(cid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
-          usage: Usage | None = None, include_usage: bool = False) -> dict:
-    """One `chat.completion.chunk`; `delta` None is the usage-only chunk (empty `choices`)."""
+          usage: Usage | None = None, include_usage: bool = False, index: int = 0) -> dict:
+    """One `chat.completion.chunk` for choice `index`; `delta` None is the usage-only chunk (empty
+    `choices`)."""
     return _envelope("chat.completion.chunk", "delta", cid, created, model, delta, finish_reason, usage,
-                     include_usage)
+                     include_usage, index)
 
 
 def text_completion(cid: str, created: int, model: str, text: str | None, finish_reason: str | None = None,
