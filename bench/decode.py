@@ -93,7 +93,7 @@ def main():
         print(f"| transformers bf16 | {theirs_tok_s:.0f} | 1.00× | {gbs * 1e9 / active_bytes(cfg, 'bf16'):.0f} | "
               f"{100 * theirs_tok_s / (gbs * 1e9 / active_bytes(cfg, 'bf16')):.0f}% |")
         for mode, model in models.items():
-            for compile in (False, True) if mode == "bf16" else (False,):
+            for compile in (False, True) if mode != "int4" else (False,):
                 t0 = time.perf_counter()
                 decode_ours(model, ids, compile)  # warm-up
                 warm = f", compiled (first run {time.perf_counter() - t0:.0f} s)" if compile else ""

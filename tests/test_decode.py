@@ -72,9 +72,21 @@ def test_generate_compiled_equals_eager(tiny):
     assert torch.equal(generate(tiny, prompt, params, compile=True), generate(tiny, prompt, params))
 
 
-def test_quantized_models_are_not_compiled(tiny):
+def test_int8_compiles_for_small_batches_int4_does_not(tiny):
     import copy
-    q = quantize_model(copy.deepcopy(tiny), "int8")
-    assert compilable(tiny) and not compilable(q)
-    with pytest.raises(ValueError, match="float weights"):
-        CompiledDecode(q)
+    q8 = quantize_model(copy.deepcopy(tiny), "int8")
+    experts = q8.layers[1].mlp.experts
+    assert experts.down[3].weight.data_ptr() == experts.down_q[3].data_ptr()  # views, not copies
+    compiled = CompiledDecode(q8)
+    for lengths in ([6], [4, 9, 2, 12]):  # one compiled row; four rows through the int8 modules
+        pool, tables, ids, pos = _pool_with_prompts(q8, lengths)
+        slots = pool.slots(tables, max(lengths) + 1)
+        with torch.inference_mode():
+            expect = reference_step(q8, ids, pos, slots, [r.clone() for r in pool.rows])
+            got = compiled(ids, pos, slots, pool.rows)
+        assert not compiled.failed
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    q4 = quantize_model(copy.deepcopy(tiny), "int4")
+    assert compilable(tiny) and compilable(q8) and not compilable(q4)
+    with pytest.raises(ValueError, match="int4 runs eagerly"):
+        CompiledDecode(q4)

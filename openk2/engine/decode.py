@@ -13,8 +13,9 @@ what eager decode on a CPU pays for (per-op overhead and ~30 µs per small bf16 
 - at larger batches linears are matmuls and the experts run densely over all E experts weighted by
   the (mostly zero) routing weights: every expert is read once anyway when N·K ≫ E, and
   weight-first batched matmuls reach the machine's bandwidth.
-Run eagerly, the multiply-and-reduce forms would materialise huge products: `CompiledDecode` runs
-this through torch.compile, and `reference_step` (the model's own forward) where it cannot.
+int8 weights (openk2.quant) take the small-batch forms too, widened inside the loop. Run eagerly, the
+multiply-and-reduce forms would materialise huge products: `CompiledDecode` runs this through
+torch.compile, and `reference_step` (the model's own forward) where it cannot.
 
     N rows (requests)  T cache positions  P pool rows  D hidden  H heads  C latent rank
     R rotary dim  L = C + R  E experts  K experts per token  F expert hidden  M = N·K pairs
@@ -31,6 +32,9 @@ from openk2.model.attention import MLA, LatentCache
 from openk2.model.moe import MLP, MoE, Experts, route
 from openk2.model.rope import apply_rope, rope_cos_sin
 from openk2.model.transformer import Transformer
+from openk2.quant import QuantizedExperts
+from openk2.quant.int4 import Int4Linear
+from openk2.quant.int8 import Int8Linear
 
 def _matvec(x_NI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """x @ wᵀ as a fused multiply-and-reduce, accumulated in fp32."""
@@ -43,8 +47,13 @@ def small_batch(rows: int, cfg) -> bool:
     return rows * cfg.num_experts_per_tok <= cfg.n_routed_experts // 2
 
 
-def _linear(mod: nn.Linear, x_NI: torch.Tensor, small: bool) -> torch.Tensor:
-    return _matvec(x_NI, mod.weight) if small else mod(x_NI)
+def _linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tensor:
+    if not small:
+        return mod(x_NI)
+    if isinstance(mod, Int8Linear):  # int8 codes widened inside the loop, the row scale after the sum
+        y = (x_NI[:, None, :] * mod.weight).sum(-1, dtype=torch.float32) * mod.weight_scale.float()
+        return y.to(x_NI.dtype)
+    return _matvec(x_NI, mod.weight)
 
 
 def _mlp(mlp: MLP, x_ND: torch.Tensor, small: bool) -> torch.Tensor:
@@ -52,14 +61,24 @@ def _mlp(mlp: MLP, x_ND: torch.Tensor, small: bool) -> torch.Tensor:
     return _linear(mlp.down_proj, h, small)
 
 
-def _experts_pairs(experts: Experts, x_ND, idx_NK, w_NK):
-    """Only the chosen experts' weights, one multiply-and-reduce per (token, expert) pair."""
+def _experts_pairs(experts: Experts | QuantizedExperts, x_ND, idx_NK, w_NK):
+    """Only the chosen experts' weights, one multiply-and-reduce per (token, expert) pair (int8
+    experts: their stacked codes, scaled per row after the sum)."""
     N, K = idx_NK.shape
     flat_M = idx_NK.flatten()
     x_MD = x_ND.repeat_interleave(K, 0)
-    gate, up = (x_MD[:, None, :] * experts.gate_up_proj[flat_M]).sum(-1, dtype=torch.float32).chunk(2, -1)
+    if isinstance(experts, QuantizedExperts):
+        gate_up, gate_up_scale, down, down_scale = experts.stacked
+    else:
+        gate_up, gate_up_scale, down, down_scale = experts.gate_up_proj, None, experts.down_proj, None
+    h_M2F = (x_MD[:, None, :] * gate_up[flat_M]).sum(-1, dtype=torch.float32)
+    if gate_up_scale is not None:
+        h_M2F = h_M2F * gate_up_scale[flat_M].float()
+    gate, up = h_M2F.chunk(2, -1)
     h_MF = (F.silu(gate) * up * w_NK.flatten()[:, None]).to(x_ND.dtype)
-    y_MD = (h_MF[:, None, :] * experts.down_proj[flat_M]).sum(-1, dtype=torch.float32)
+    y_MD = (h_MF[:, None, :] * down[flat_M]).sum(-1, dtype=torch.float32)
+    if down_scale is not None:
+        y_MD = y_MD * down_scale[flat_M].float()
     return y_MD.view(N, K, -1).sum(1).to(x_ND.dtype)
 
 
@@ -124,9 +143,10 @@ def decode_step(model: Transformer, ids_N, pos_N, slots_NT, pools_PL: list[torch
 
 
 def compilable(model: Transformer) -> bool:
-    """The step reads weights as tensors: plain float Linear / Experts modules only (not quantized)."""
-    return all(type(m) in (nn.Linear, Experts) for m in model.modules()
-               if isinstance(m, nn.Linear) or m.__class__.__name__.endswith("Experts"))
+    """Whether the step can read this model's weights as tensors: float or int8 (Int8Linear, int8
+    QuantizedExperts), not int4 (whose CPU kernel layout is opaque)."""
+    return not any(isinstance(m, Int4Linear) or (isinstance(m, QuantizedExperts) and m.stacked is None)
+                   for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -156,13 +176,16 @@ class CompiledDecode:
 
     def __init__(self, model: Transformer):
         if not compilable(model):
-            raise ValueError("the compiled decode step needs float weights (quantized modules run eagerly)")
+            raise ValueError("the compiled decode step needs float or int8 weights (int4 runs eagerly)")
         self.model, self.failed = model, False
+        # int8 compiles for small batches only, where its fused int8 loops win; larger batches keep
+        # the int8 modules' own kernels (the reference step)
+        self.int8 = any(isinstance(m, (Int8Linear, QuantizedExperts)) for m in model.modules())
         self._fn = torch.compile(decode_step, dynamic=True)
 
     def __call__(self, ids_N, pos_N, slots_NT, pools_PL):
         with decode_kernels(self.model, ids_N.shape[0]):
-            if not self.failed:
+            if not self.failed and (not self.int8 or small_batch(ids_N.shape[0], self.model.cfg)):
                 try:
                     return self._fn(self.model, ids_N, pos_N, slots_NT, pools_PL)
                 except Exception as e:  # the compiler's own failure; the step has not run

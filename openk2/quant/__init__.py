@@ -36,17 +36,34 @@ SKIP = ("lm_head", "kv_b_proj")  # module names left in the model dtype (see abo
 
 class QuantizedExperts(nn.Module):
     """Drop-in for `Experts`: per expert, gate+up [2F, D] (gate rows first) and down [D, F] quantized
-    linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel)."""
+    linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel).
 
-    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+    int8 experts also keep their codes stacked (`stacked`: gate_up [E, 2F, D] int8 and scale [E, 2F],
+    down [E, D, F] and [E, D]; not persistent), and each expert's Int8Linear holds views into them, so
+    the compiled decode step can index experts by tensor at no extra memory."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module], stacked: tuple | None = None):
         super().__init__()
         self.gate_up, self.down = nn.ModuleList(gate_up), nn.ModuleList(down)
+        for name, t in zip(("gate_up_q", "gate_up_scale", "down_q", "down_scale"), stacked or (None,) * 4):
+            self.register_buffer(name, t, persistent=False)
+
+    @property
+    def stacked(self) -> tuple | None:
+        return None if self.gate_up_q is None else (self.gate_up_q, self.gate_up_scale, self.down_q, self.down_scale)
 
     @classmethod
     @torch.no_grad()
     def from_experts(cls, experts: Experts, linear: type) -> "QuantizedExperts":
-        return cls([linear.from_weight(w) for w in experts.gate_up_proj],
-                   [linear.from_weight(w) for w in experts.down_proj])
+        if linear is not Int8Linear:
+            return cls([linear.from_weight(w) for w in experts.gate_up_proj],
+                       [linear.from_weight(w) for w in experts.down_proj])
+        stacked = []
+        for w_EOI in (experts.gate_up_proj, experts.down_proj):
+            q, scale = zip(*(quantize_int8(w) for w in w_EOI))
+            stacked += [torch.stack(q), torch.stack(scale)]
+        gate_up = [Int8Linear(q, s) for q, s in zip(stacked[0], stacked[1])]  # views: no copies
+        return cls(gate_up, [Int8Linear(q, s) for q, s in zip(stacked[2], stacked[3])], tuple(stacked))
 
     def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
         """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
