@@ -64,8 +64,7 @@ def cmd_info(args):
 def cmd_generate(args):
     import torch
 
-    from openk2.engine.generate import generate_stream
-    from openk2.engine.sampler import SamplingParams
+    from openk2.engine import SamplingParams, generate_stream
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = _load(args.path, args.dtype, args.seed).eval()
@@ -76,17 +75,19 @@ def cmd_generate(args):
     stops = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.seed, stop_token_ids=stops)
-    out, t0 = [], time.perf_counter()
+    out, stamps = [], [time.perf_counter()]
     text = codecs.getincrementaldecoder("utf-8")("replace")  # multi-byte characters span tokens
     for tok in generate_stream(model, torch.tensor([ids]), params, compile=args.compile):
         out.append(int(tok[0]))
+        stamps.append(time.perf_counter())
         if args.prompt_ids is None:
             sys.stdout.write(text.decode(as_bytes([out[-1]])))
             sys.stdout.flush()
-    dt = time.perf_counter() - t0
     print(" ".join(map(str, out)) if args.prompt_ids is not None else "")
-    print(f"[openk2] {len(ids)} prompt + {len(out)} generated tokens in {dt:.2f}s "
-          f"({len(out) / dt:.1f} tok/s)", file=sys.stderr)
+    firsts = ", ".join(f"{b - a:.2f}s" for a, b in zip(stamps, stamps[1:3]))  # the prompt; a compile
+    rate = f", then {(len(out) - 2) / (stamps[-1] - stamps[2]):.1f} tok/s" if len(out) > 2 else ""
+    print(f"[openk2] {len(ids)} prompt + {len(out)} generated tokens in {stamps[-1] - stamps[0]:.2f}s "
+          f"(first tokens {firsts}{rate})", file=sys.stderr)
 
 
 PROMPTS = ["def ", "import ", "class ", "    def __init__(self", "for i in range(", "    return "]
@@ -184,10 +185,8 @@ def main(argv=None):
         s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled decode")
         s.set_defaults(fn=cmd_serve)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # its flags come from TrainConfig (openk2.train.config.parse_args)
-        args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train)
-    else:
-        args = p.parse_args(argv)
+    train = argv[:1] == ["train"]  # its flags come from TrainConfig (openk2.train.config.parse_args)
+    args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train) if train else p.parse_args(argv)
     try:
         args.fn(args)
     except ImportError as e:

@@ -1,8 +1,9 @@
-"""Inference on token ids: sampling, a simple single-batch generation loop (`generate`), and the
-continuous-batching `Engine` over a block-allocated latent cache."""
+"""Inference on token ids: sampling, a simple single-batch generation loop (`generate`), the
+continuous-batching `Engine` over a block-allocated latent cache, and the compiled decode step both
+can use (`decode.py`)."""
 
 from openk2.engine.engine import Engine, Request
-from openk2.engine.generate import generate, generate_recompute
+from openk2.engine.generate import generate, generate_recompute, generate_stream
 from openk2.engine.sampler import SamplingParams, sample
 
-__all__ = ["Engine", "Request", "generate", "generate_recompute", "sample", "SamplingParams"]
+__all__ = ["Engine", "Request", "generate", "generate_recompute", "generate_stream", "sample", "SamplingParams"]
