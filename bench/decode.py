@@ -7,7 +7,7 @@ Roofline: a batch-1 decode step must read every active weight once — the activ
 rest stays bf16) — so tokens/s ≤ measured bandwidth / active bytes. Bandwidth is measured here by
 summing a 1 GiB bf16 tensor. Aggregate: 32 requests (32-token prompts, 64 new tokens) through an
 Engine with max_batch 1, 8 or 32, prefill included; each configuration runs once untimed first, so
-compilation is not counted (it is printed).
+compilation is not counted (the batch-1 rows print their first run's time, compilation included).
 
     .venv/bin/python -m bench.decode [--preset k2-small] [--threads 2] [--quick]
 """

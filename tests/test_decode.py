@@ -78,7 +78,7 @@ def test_int8_compiles_for_small_batches_int4_does_not(tiny):
     experts = q8.layers[1].mlp.experts
     assert experts.down[3].weight.data_ptr() == experts.down_q[3].data_ptr()  # views, not copies
     compiled = CompiledDecode(q8)
-    for lengths in ([6], [4, 9, 2, 12]):  # one compiled row; four rows through the int8 modules
+    for lengths in ([6], [3, 11], [4, 9, 2, 12]):  # compiled at 1 and 2 rows; 4 go through the int8 modules
         pool, tables, ids, pos = _pool_with_prompts(q8, lengths)
         slots = pool.slots(tables, max(lengths) + 1)
         with torch.inference_mode():
@@ -90,3 +90,27 @@ def test_int8_compiles_for_small_batches_int4_does_not(tiny):
     assert compilable(tiny) and compilable(q8) and not compilable(q4)
     with pytest.raises(ValueError, match="int4 runs eagerly"):
         CompiledDecode(q4)
+
+
+def test_compiler_failure_falls_back_to_the_reference_once(tiny, monkeypatch):
+    compiled = CompiledDecode(tiny)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+    monkeypatch.setattr(compiled, "_fn", broken)
+    pool, tables, ids, pos = _pool_with_prompts(tiny, [5, 8])
+    slots = pool.slots(tables, 9)
+    with torch.inference_mode():
+        expect = reference_step(tiny, ids, pos, slots, [r.clone() for r in pool.rows])
+        with pytest.warns(UserWarning, match="decoding eagerly.*no C\\+\\+ compiler"):
+            got = compiled(ids, pos, slots, pool.rows)
+        again = compiled(ids, pos, slots, pool.rows)
+    assert compiled.failed and len(calls) == 1  # not retried
+    torch.testing.assert_close(got, expect)
+    torch.testing.assert_close(again, expect)
+    fresh = CompiledDecode(tiny)
+    monkeypatch.setattr(fresh, "_fn", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):  # a run-time error is not a compiler's
+        fresh(ids, pos, slots, pool.rows)

@@ -184,21 +184,24 @@ def test_concurrent_streams(port):
     assert got == expected
 
 
-def test_disconnect_cancels(port, monkeypatch):
-    """A client that goes away mid-stream frees its request (steps slowed to 5 ms: 400 tokens ≥ 2 s)."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_disconnect_cancels(port, monkeypatch, n):
+    """A client that goes away mid-stream frees its requests, all n of them (steps slowed to 5 ms:
+    400 tokens ≥ 2 s)."""
     engine, added = APPS["real"].state.engine_loop.engine, []
     add, step = engine.add_request, engine.step
     monkeypatch.setattr(engine, "add_request", lambda *a: added.append(add(*a)) or added[-1])
     monkeypatch.setattr(engine, "step", lambda: time.sleep(0.005) or step())
     body = {"model": NAME, "messages": [{"role": "user", "content": "go"}], "max_tokens": 400, "stream": True,
-            "temperature": 0}
+            "temperature": 0, "n": n}
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
         assert next(r.iter_lines()).startswith("data: ")
     deadline = time.monotonic() + 10
-    while not added[0].finished:
+    while not all(req.finished for req in added):
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert added[0].finish_reason == "cancelled" and len(added[0].output) < 400
+    assert len(added) == n
+    assert all(req.finish_reason == "cancelled" and len(req.output) < 400 for req in added)
 
 
 def test_tool_calls(fake):
@@ -332,7 +335,6 @@ def test_terminal_chat_streams_resets_and_exits():
     from openk2.config import PRESETS
     from openk2.model import build_model
     from openk2.server.terminal import chat
-    from openk2.tokenizer import Tokenizer
     model = build_model(PRESETS["k2-tiny"], seed=0).eval()
     tok = Tokenizer({bytes([b]): b for b in range(256)})
     lines = iter(["hello", "/reset", "", "again", "/exit", "never read"])
@@ -408,3 +410,15 @@ def test_n_choices_stream_interleaved_with_their_index(port):
     assert finishes == [["length"]] * 3
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 30
     assert len({c.id for c in chunks}) == 1
+
+
+def test_detokenizer_holds_split_characters_and_skips_ids_without_text():
+    """Text increments never split a UTF-8 character; ids past the tokenizer's vocabulary (random
+    weights of a larger model over the byte-level fallback) give no text instead of an error."""
+    from openk2.server.engine_loop import Detokenizer
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    detok = Detokenizer(tok, stop_ids=[], stop_strings=[])
+    euro = "€".encode()  # three bytes, three ids
+    assert [detok.add(b) for b in euro[:2]] == ["", ""]
+    assert detok.add(tok.n_vocab + 100) == ""  # no entry: nothing, and no KeyError
+    assert detok.add(euro[2]) == "€" and detok.add(ord("!"), final=True) == "!"

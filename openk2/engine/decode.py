@@ -169,6 +169,10 @@ def decode_kernels(model: Transformer, rows: int):
         torch.backends.mkldnn.enabled = before
 
 
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError,
+                  torch._inductor.exc.CppCompileError)
+
+
 class CompiledDecode:
     """`decode_step` through torch.compile, for one model. Shapes are symbolic (any batch, any cache
     length); a graph is compiled on first use per regime (one row, `small_batch`, larger) — tens of
@@ -185,13 +189,13 @@ class CompiledDecode:
         self._fn = torch.compile(decode_step, dynamic=True)
 
     def __call__(self, ids_N, pos_N, slots_NT, pools_PL):
+        if not self.failed and (not self.int8 or small_batch(ids_N.shape[0], self.model.cfg)):
+            try:
+                return self._fn(self.model, ids_N, pos_N, slots_NT, pools_PL)
+            except COMPILE_ERRORS as e:  # the compiler's own failure (errors at run time propagate)
+                warnings.warn(f"torch.compile failed, decoding eagerly: {type(e).__name__}: {e}")
+                self.failed = True  # the reference rewrites any pool rows a partial run wrote
         with decode_kernels(self.model, ids_N.shape[0]):
-            if not self.failed and (not self.int8 or small_batch(ids_N.shape[0], self.model.cfg)):
-                try:
-                    return self._fn(self.model, ids_N, pos_N, slots_NT, pools_PL)
-                except Exception as e:  # the compiler's own failure; the step has not run
-                    warnings.warn(f"torch.compile failed, decoding eagerly: {type(e).__name__}: {e}")
-                    self.failed = True
             return reference_step(self.model, ids_N, pos_N, slots_NT, pools_PL)
 
 

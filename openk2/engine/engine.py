@@ -43,7 +43,7 @@ class Engine:
     def __init__(self, model: Transformer, cache_tokens: int = 8192, block_size: int = 16,
                  max_batch: int = 32, prefill_chunk: int = 256, compile: bool = False):
         """compile: decode steps through `CompiledDecode` (fused kernels reading the pool in place;
-        each batch regime compiles on first use). Quantized models decode eagerly regardless."""
+        each batch regime compiles on first use, or in `warmup`); int4 models decode eagerly."""
         w = model.lm_head.weight
         self.model, self.max_batch, self.prefill_chunk = model.eval(), max_batch, prefill_chunk
         self.pool = BlockPool(model.cfg, -(-cache_tokens // block_size), block_size, w.dtype, w.device)
@@ -106,14 +106,21 @@ class Engine:
             events += self._decode(decoding)
         return events
 
-    def _prefill(self, waiting: list[Request]) -> list[tuple[Request, int]]:
-        """One prefill forward of at most `prefill_chunk` (padded) tokens: the oldest request's next
-        chunk, plus as many later requests as fit beside it at the same padded length."""
-        width = min(self.prefill_chunk, len(waiting[0].prompt) - waiting[0].prefilled)
-        rows = waiting[:max(1, self.prefill_chunk // width)]
+    def _prefill(self, prefilling: list[Request]) -> list[tuple[Request, int]]:
+        """One prefill forward of at most `prefill_chunk` (padded) new tokens: the oldest request's
+        next chunk, plus later requests beside it at the same padded width, as long as the batch's
+        cache (rows × the deepest row's length) stays within twice what the oldest alone would use."""
+        first = prefilling[0]
+        width = min(self.prefill_chunk, len(first.prompt) - first.prefilled)
+        depth = max(self.prefill_chunk, first.prefilled + width)  # its cache rows, or one chunk
+        rows, deepest = [first], first.prefilled
+        for r in prefilling[1:self.prefill_chunk // width]:
+            if (len(rows) + 1) * (max(deepest, r.prefilled) + width) > 2 * depth:
+                break
+            rows.append(r)
+            deepest = max(deepest, r.prefilled)
         starts = [r.prefilled for r in rows]
         counts = [min(width, len(r.prompt) - r.prefilled) for r in rows]
-        width = max(counts)
         ids = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: padding sits after
         for i, (r, s, n) in enumerate(zip(rows, starts, counts)):  # every real token, never seen
             ids[i, :n] = torch.tensor(r.prompt[s:s + n])

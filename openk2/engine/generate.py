@@ -34,9 +34,9 @@ def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: Sampli
         raise ValueError("empty prompt")
     device = model.lm_head.weight.device
     gen = _generator(params, device)
+    compiled = CompiledDecode(model) if compile else None  # refuses int4 before any work
     cache = model.new_cache(B, S + params.max_tokens)
     logits = model(prompt_ids.to(device), 0, cache)[:, -1]
-    compiled = CompiledDecode(model) if compile else None
     # the caches seen as pools with one run of rows per batch row, for the compiled step
     pools = [c.ckv.view(-1, c.ckv.shape[-1]) for c in cache]
     base_B1 = torch.arange(B, device=device)[:, None] * cache[0].ckv.shape[1]

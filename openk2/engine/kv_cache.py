@@ -60,7 +60,8 @@ class BlockPool:
         return idx
 
     def gather(self, tables: list[list[int]], length: int) -> list[LatentCache]:
-        """A batch cache [R, length, L] per layer holding each request's rows (zeros past its end)."""
+        """A batch cache [R, length, L] per layer holding each request's rows (past the end of its
+        blocks, copies of pool row 0: padding the model masks or overwrites)."""
         idx = self.slots(tables, length).flatten()
         return [LatentCache(pool.flatten(0, 1).index_select(0, idx).view(len(tables), length, -1))
                 for pool in self.pools]

@@ -31,7 +31,7 @@ def _text_setup(model, tokenizer, path: str):
 
 def _engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192):
     """The Engine for `openk2 serve` / `chat`: quantized first if asked, decode steps compiled (at
-    start-up, so no request waits for the compiler) unless `compile` is False or the model is quantized."""
+    start-up, so no request waits for the compiler) unless `compile` is False or the weights are int4."""
     from openk2.engine import Engine
 
     if quantize:

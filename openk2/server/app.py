@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from openk2.engine.engine import Engine
 from openk2.engine.sampler import SamplingParams
 from openk2.server import extra
-from openk2.server.engine_loop import Detokenizer, EngineLoop, text_pieces
+from openk2.server.engine_loop import Detokenizer, EngineLoop, log, text_pieces
 from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
                                     ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body)
@@ -76,8 +76,14 @@ class Server:
             req, queue = self.loop.submit(ids, params)
         except ValueError as e:
             raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
-        state = {"completion_tokens": 0, "reason": "stop"}
+        state = {"completion_tokens": 0, "reason": "stop", "request": req}
         return text_pieces(self.loop, req, queue, detok, state), state
+
+    def release(self, runs: list) -> None:
+        """Cancel the runs' requests that are still going (a reply abandoned before its text
+        generators ever started would otherwise decode on to max_tokens)."""
+        for _, state in runs:
+            self.loop.cancel(state["request"])
 
 
 def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -> str:
@@ -102,7 +108,7 @@ def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -
 
 async def merge(streams: list):
     """Items of several async iterators as each produces them; an error in one is raised here, and
-    closing this (a client gone) closes them all (their requests are cancelled)."""
+    closing this (a client gone) cancels the others' tasks and waits for them."""
     queue, done = asyncio.Queue(), object()
 
     async def pump(stream):
@@ -123,6 +129,7 @@ async def merge(streams: list):
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, engine=None,
@@ -193,7 +200,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(runs, len(ids), use_tools, include, prefix), media_type="text/event-stream")
-        texts = await asyncio.gather(*(collect(pieces) for pieces, _ in runs))
+        try:
+            texts = await asyncio.gather(*(collect(pieces) for pieces, _ in runs))
+        finally:
+            srv.release(runs)
         choices = [choice_of(i, prefix + t, state, use_tools) for i, (t, (_, state)) in enumerate(zip(texts, runs))]
         used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
         return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
@@ -232,8 +242,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             async for line in merge([one(i, pieces, state) for i, (pieces, state) in enumerate(runs)]):
                 yield line
         except Exception:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
+            log.exception("a streamed reply failed")
             yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
             return
+        finally:
+            srv.release(runs)
         if include_usage:
             used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
             yield event(0, None, use=Usage.of(n_prompt, used))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 import threading
 import time
 
 from openk2.engine.sampler import SamplingParams
 from openk2.tokenizer.toolcalls import partial_marker
+
+log = logging.getLogger("openk2.server")
 
 
 class EngineLoop:
@@ -69,6 +72,7 @@ class EngineLoop:
         try:
             events = self.engine.step()
         except Exception as e:  # noqa: BLE001 — fail every waiting client, keep serving
+            log.exception("engine step failed; its %d requests are cancelled", len(self.sinks))
             out = [(sink, e) for sink in self.sinks.values()]
             for req in [*self.engine.waiting, *self.engine.running]:
                 self.engine.cancel(req)
@@ -93,7 +97,9 @@ class EngineLoop:
 
 class Detokenizer:
     """Token ids -> safe text increments: stop ids dropped, split UTF-8 characters and a possible
-    prefix of a stop string held back; `stopped` once a stop string appears (the text ends before it)."""
+    prefix of a stop string held back; `stopped` once a stop string appears (the text ends before it).
+    Ids the tokenizer has no entry for (a model whose vocabulary is larger than its tokenizer's, such
+    as random weights with the byte-level fallback) give no text."""
 
     def __init__(self, tokenizer, stop_ids, stop_strings: list[str]):
         self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, set(stop_ids), stop_strings
@@ -101,7 +107,7 @@ class Detokenizer:
         self.text, self.sent, self.stopped = "", 0, False
 
     def add(self, tok: int, final: bool = False) -> str:
-        if tok not in self.stop_ids:
+        if tok not in self.stop_ids and tok < self.tokenizer.n_vocab:
             self.text += self.utf8.decode(self.tokenizer.decode_bytes([tok]))
         if final:
             self.text += self.utf8.decode(b"", final=True)

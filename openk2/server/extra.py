@@ -14,6 +14,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from openk2.server.engine_loop import log
 from openk2.server.protocol import (APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, Usage,
                                     completion_id, error_body, message_dicts, text_completion)
 from openk2.tokenizer import render_chat
@@ -50,7 +51,10 @@ def router(srv, chat_template: str | None, template_vars: dict | None) -> APIRou
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(pieces, state, len(ids), cid, created, include),
                                      media_type="text/event-stream")
-        text = "".join([p async for p in pieces])
+        try:
+            text = "".join([p async for p in pieces])
+        finally:
+            srv.release([(pieces, state)])
         return text_completion(cid, created, srv.model_name, text, state["reason"], Usage.of(len(ids), state))
 
     async def sse(pieces, state: dict, n_prompt: int, cid: str, created: int, include_usage: bool):
@@ -62,8 +66,11 @@ def router(srv, chat_template: str | None, template_vars: dict | None) -> APIRou
             async for piece in pieces:
                 yield event(piece)
         except Exception:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
+            log.exception("a streamed reply failed")
             yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
             return
+        finally:
+            srv.release([(pieces, state)])
         yield event("", state["reason"])
         if include_usage:
             yield event(None, use=Usage.of(n_prompt, state))
