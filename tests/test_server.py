@@ -422,3 +422,33 @@ def test_detokenizer_holds_split_characters_and_skips_ids_without_text():
     assert [detok.add(b) for b in euro[:2]] == ["", ""]
     assert detok.add(tok.n_vocab + 100) == ""  # no entry: nothing, and no KeyError
     assert detok.add(euro[2]) == "€" and detok.add(ord("!"), final=True) == "!"
+
+
+def test_openk2_serve_command_answers_and_stops_on_ctrl_c():
+    """The CLI path end to end: `openk2 serve` (engine on the main thread, HTTP on another) answers
+    a chat request, then exits cleanly on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", "k2-tiny", "--port", str(port),
+                             "--no-compile"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
+        r = api.chat.completions.create(model="k2-tiny", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=5, temperature=0)
+        assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0, proc.stdout.read()
+    finally:
+        proc.kill()

@@ -7,8 +7,9 @@ prompts batched beside it (a long prompt cannot stall the others for more than o
 one batched decode step for every other running request, rows at different lengths, each at its
 own position (through the compiled step of `decode.py` with `compile=True`). Finished and cancelled
 requests leave and free their blocks at once; new ones join between steps. Sampling is per request
-(its own parameters and seeded generator; greedy rows share one argmax). The reference is `generate_recompute`; tests/test_engine.py checks that greedy
-output equals it for every request of a mixed batch joining at different steps.
+(its own parameters and seeded generator; greedy rows share one argmax). The reference is
+`generate_recompute`; tests/test_engine.py checks that greedy output equals it for every request of
+a mixed batch joining at different steps.
 """
 
 import itertools

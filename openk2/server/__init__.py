@@ -2,6 +2,7 @@
 with uvicorn. Needs the `server` extra; `import openk2` does not import this package."""
 
 import sys
+import threading
 from pathlib import Path
 
 __all__ = ["create_app", "serve", "run"]
@@ -56,8 +57,17 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     tokenizer, template, variables = _text_setup(model, tokenizer, path)
     folder = Path(path)
     app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
-                     chat_template=template, template_vars=variables)
-    uvicorn.run(app, host=host, port=port)
+                     chat_template=template, template_vars=variables, engine_thread=False)
+    # HTTP on a thread, the engine on this one: every torch call stays on the thread that loaded and
+    # compiled the model (see EngineLoop.run_here)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))
+    http = threading.Thread(target=server.run, name="openk2-http", daemon=True)
+    http.start()
+    try:
+        app.state.engine_loop.run_here(keep_going=http.is_alive)
+    except KeyboardInterrupt:
+        server.should_exit = True
+        http.join(timeout=10)
 
 
 def run(args, model, tokenizer) -> None:

@@ -134,9 +134,11 @@ async def merge(streams: list):
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, engine=None,
                chat_template: str | None = None, template_vars: dict | None = None, default_temperature: float = 1.0,
-               default_max_tokens: int = 1024) -> FastAPI:
+               default_max_tokens: int = 1024, engine_thread: bool = True) -> FastAPI:
     """The server for `model` + `tokenizer`. `engine` (default `Engine(model)`) may be any object with
-    the Engine's add_request/step/cancel/has_work, e.g. a scripted fake in tests."""
+    the Engine's add_request/step/cancel/has_work, e.g. a scripted fake in tests. engine_thread: the
+    app steps the engine on a thread it starts; False leaves that to the caller
+    (`app.state.engine_loop.run_here()`, as `openk2 serve` does on its main thread)."""
     engine = engine if engine is not None else Engine(model)
     metrics = Metrics(engine)
     loop = EngineLoop(engine, metrics)
@@ -146,7 +148,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
 
     @asynccontextmanager
     async def lifespan(app):
-        loop.start()
+        if engine_thread:
+            loop.start()
         yield
         loop.stop()
 

@@ -3,7 +3,8 @@ as pydantic models: what a request may hold (validated, so a client mistake is a
 error shape, never a 500) and the shapes of the replies.
 
 Accepted and ignored: fields OpenAI defines that change nothing here (user, metadata, echo, …).
-Rejected: n > 1 for text completions, a batch of several prompts (see app.py, extra.py). Not here: generation, tool calls.
+Rejected: n > 1 for text completions, a batch of several prompts (see app.py, extra.py).
+Not here: generation, tool calls.
 """
 
 from __future__ import annotations
