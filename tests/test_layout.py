@@ -17,7 +17,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 300,
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,
-    "server/engine_loop.py": 150, "server/extra.py": 150, "server/metrics.py": 80,
+    "server/engine_loop.py": 150, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {

@@ -415,7 +415,7 @@ def test_n_choices_stream_interleaved_with_their_index(port):
 def test_detokenizer_holds_split_characters_and_skips_ids_without_text():
     """Text increments never split a UTF-8 character; ids past the tokenizer's vocabulary (random
     weights of a larger model over the byte-level fallback) give no text instead of an error."""
-    from openk2.server.engine_loop import Detokenizer
+    from openk2.server.detokenizer import Detokenizer
     tok = Tokenizer({bytes([b]): b for b in range(256)})
     detok = Detokenizer(tok, stop_ids=[], stop_strings=[])
     euro = "€".encode()  # three bytes, three ids
@@ -424,17 +424,22 @@ def test_detokenizer_holds_split_characters_and_skips_ids_without_text():
     assert detok.add(euro[2]) == "€" and detok.add(ord("!"), final=True) == "!"
 
 
-def test_openk2_serve_command_answers_and_stops_on_ctrl_c():
-    """The CLI path end to end: `openk2 serve` (engine on the main thread, HTTP on another) answers
-    a chat request, then exits cleanly on SIGINT."""
-    import signal
+def _serve_process(port: int):
     import subprocess
     import sys
+    return subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", "k2-tiny", "--port", str(port),
+                             "--no-compile"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_openk2_serve_command_answers_and_stops_on_ctrl_c():
+    """The CLI path end to end: `openk2 serve` (engine on the main thread, HTTP on another) answers
+    a chat request; Ctrl-C with a stream in flight ends that stream (finished, or an in-band 503)
+    and the process exits 0 promptly."""
+    import signal
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", "k2-tiny", "--port", str(port),
-                             "--no-compile"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _serve_process(port)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -448,7 +453,26 @@ def test_openk2_serve_command_answers_and_stops_on_ctrl_c():
         r = api.chat.completions.create(model="k2-tiny", messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
-        proc.send_signal(signal.SIGINT)
+        body = {"model": "k2-tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 400,
+                "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")
+            proc.send_signal(signal.SIGINT)
+            last = [line for line in lines if line.startswith("data: ")][-1]
+        assert last == "data: [DONE]" or json.loads(last[6:])["error"]["message"] == "the server is shutting down"
         assert proc.wait(timeout=20) == 0, proc.stdout.read()
     finally:
         proc.kill()
+
+
+def test_openk2_serve_on_a_busy_port_fails_with_a_message():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = _serve_process(busy.getsockname()[1])
+        try:
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode != 0 and "could not serve on 127.0.0.1" in out

@@ -52,6 +52,7 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     import uvicorn
 
     from openk2.server.app import create_app
+    from openk2.server.protocol import APIError
 
     engine = _engine(model, quantize, compile)
     tokenizer, template, variables = _text_setup(model, tokenizer, path)
@@ -65,9 +66,16 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     http.start()
     try:
         app.state.engine_loop.run_here(keep_going=http.is_alive)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: answer whoever waits, then let uvicorn close; twice: at once
+        app.state.engine_loop.abort_all(APIError(503, "the server is shutting down", "server_error"))
         server.should_exit = True
-        http.join(timeout=10)
+        try:
+            http.join()
+        except KeyboardInterrupt:
+            server.force_exit = True
+    http.join(timeout=10)
+    if not server.started:
+        raise SystemExit(f"openk2 serve: could not serve on {host}:{port} (see uvicorn's error above)")
 
 
 def run(args, model, tokenizer) -> None:

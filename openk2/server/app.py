@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import contextlib
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ from starlette.exceptions import HTTPException
 from openk2.engine.engine import Engine
 from openk2.engine.sampler import SamplingParams
 from openk2.server import extra
-from openk2.server.engine_loop import Detokenizer, EngineLoop, log, text_pieces
+from openk2.server.detokenizer import Detokenizer
+from openk2.server.engine_loop import EngineLoop, log, text_pieces
 from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
                                     ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body)
@@ -203,10 +205,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(runs, len(ids), use_tools, include, prefix), media_type="text/event-stream")
-        try:
-            texts = await asyncio.gather(*(collect(pieces) for pieces, _ in runs))
+        try:  # a task group: one choice failing cancels the others
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(collect(pieces)) for pieces, _ in runs]
+        except ExceptionGroup as e:
+            raise e.exceptions[0]
         finally:
             srv.release(runs)
+        texts = [task.result() for task in tasks]
         choices = [choice_of(i, prefix + t, state, use_tools) for i, (t, (_, state)) in enumerate(zip(texts, runs))]
         used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
         return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
@@ -242,11 +248,14 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             yield event(index, {}, parser.finish_reason if parser else state["reason"])
 
         try:
-            async for line in merge([one(i, pieces, state) for i, (pieces, state) in enumerate(runs)]):
-                yield line
-        except Exception:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
-            log.exception("a streamed reply failed")
-            yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
+            async with contextlib.aclosing(merge([one(i, p, state) for i, (p, state) in enumerate(runs)])) as lines:
+                async for line in lines:
+                    yield line
+        except Exception as e:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
+            if not isinstance(e, APIError):
+                log.exception("a streamed reply failed")
+            body = e.body() if isinstance(e, APIError) else error_body("internal server error", "server_error")
+            yield f"data: {json.dumps(body)}\n\n"
             return
         finally:
             srv.release(runs)

@@ -1,21 +1,19 @@
-"""The engine behind the server, in text: `EngineLoop` runs `engine.step()` on a background thread
-while there is work (handlers add requests under the same lock and receive their tokens on an asyncio
-queue via `loop.call_soon_threadsafe`, so any number of clients share one continuously batched engine);
-`Detokenizer` turns ids into safe text increments (a split UTF-8 character or a possible prefix of a
-stop string is held back); `text_pieces` ties the two for one request. No HTTP here: the terminal
-chat (`terminal.py`) uses `Detokenizer` too.
+"""The engine behind the server, in text: `EngineLoop` runs `engine.step()` on a thread while there
+is work (handlers add requests under the same lock and receive their tokens on an asyncio queue via
+`loop.call_soon_threadsafe`, so any number of clients share one continuously batched engine);
+`text_pieces` turns one request's tokens into safe text increments with a `Detokenizer`. No HTTP here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
+import collections
 import logging
 import threading
 import time
 
 from openk2.engine.sampler import SamplingParams
-from openk2.tokenizer.toolcalls import partial_marker
+from openk2.server.detokenizer import Detokenizer
 
 log = logging.getLogger("openk2.server")
 
@@ -27,6 +25,7 @@ class EngineLoop:
         self.engine, self.lock, self.wake = engine, threading.Lock(), threading.Event()
         self.sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.metrics, self.submitted = metrics, {}  # request id -> submit time, until its first token
+        self.cancelled = collections.deque()  # requests to drop, taken by the stepping thread
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="openk2-engine", daemon=True)
 
@@ -60,22 +59,47 @@ class EngineLoop:
         return req, queue
 
     def cancel(self, req) -> None:
+        """Drop a request (its client is gone or has what it needs). Never waits for a step: the
+        stepping thread cancels it before its next one."""
+        if not req.finished:
+            self.cancelled.append(req)
+            self.wake.set()
+
+    def abort_all(self, error: Exception) -> None:
+        """Cancel every request and fail its client with `error` (shutting down)."""
         with self.lock:
-            self.engine.cancel(req)
-            self.sinks.pop(req.id, None)
-            self.submitted.pop(req.id, None)
+            out = self._fail_all(error)
+        self._deliver(out)
 
     def _run(self, keep_going=lambda: True) -> None:
         while not self.stopping and keep_going():
             if not self.wake.wait(timeout=0.5):
                 continue
             with self.lock:
+                while self.cancelled:
+                    req = self.cancelled.popleft()
+                    self.engine.cancel(req)
+                    self.sinks.pop(req.id, None)
+                    self.submitted.pop(req.id, None)
                 if not self.engine.has_work():
                     self.wake.clear()
                     continue
                 out = self._step()
-            for (loop, queue), item in out:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+            self._deliver(out)
+
+    @staticmethod
+    def _deliver(out: list) -> None:
+        for (loop, queue), item in out:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, error: Exception) -> list:
+        """Under the lock: cancel every request; [(sink, error)] for each waiting client."""
+        out = [(sink, error) for sink in self.sinks.values()]
+        for req in [*self.engine.waiting, *self.engine.running]:
+            self.engine.cancel(req)
+        self.sinks.clear()
+        self.submitted.clear()
+        return out
 
     def _step(self) -> list:
         """One engine step under the lock: [(sink, item)]; sinks of finished requests are dropped."""
@@ -83,12 +107,7 @@ class EngineLoop:
             events = self.engine.step()
         except Exception as e:  # noqa: BLE001 — fail every waiting client, keep serving
             log.exception("engine step failed; its %d requests are cancelled", len(self.sinks))
-            out = [(sink, e) for sink in self.sinks.values()]
-            for req in [*self.engine.waiting, *self.engine.running]:
-                self.engine.cancel(req)
-            self.sinks.clear()
-            self.submitted.clear()
-            return out
+            return self._fail_all(e)
         self._observe(events)
         out = [(self.sinks[r.id], (tok, r.finish_reason)) for r, tok in events if r.id in self.sinks]
         for r, _ in events:
@@ -103,30 +122,6 @@ class EngineLoop:
                 self.metrics.ttft.observe(time.monotonic() - t0)
         if self.metrics:
             self.metrics.generation_tokens.inc(len(events))
-
-
-class Detokenizer:
-    """Token ids -> safe text increments: stop ids dropped, split UTF-8 characters and a possible
-    prefix of a stop string held back; `stopped` once a stop string appears (the text ends before it).
-    Ids the tokenizer has no entry for (a model whose vocabulary is larger than its tokenizer's, such
-    as random weights with the byte-level fallback) give no text."""
-
-    def __init__(self, tokenizer, stop_ids, stop_strings: list[str]):
-        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, set(stop_ids), stop_strings
-        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def add(self, tok: int, final: bool = False) -> str:
-        if tok not in self.stop_ids and tok < self.tokenizer.n_vocab:
-            self.text += self.utf8.decode(self.tokenizer.decode_bytes([tok]))
-        if final:
-            self.text += self.utf8.decode(b"", final=True)
-        hits = [i for s in self.stop_strings if (i := self.text.find(s)) >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-        end = len(self.text) if final or self.stopped else len(self.text) - partial_marker(self.text, self.stop_strings)
-        piece, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return piece
 
 
 async def text_pieces(loop: EngineLoop, req, queue: asyncio.Queue, detok: Detokenizer, state: dict):

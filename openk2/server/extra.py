@@ -65,9 +65,11 @@ def router(srv, chat_template: str | None, template_vars: dict | None) -> APIRou
         try:
             async for piece in pieces:
                 yield event(piece)
-        except Exception:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
-            log.exception("a streamed reply failed")
-            yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
+        except Exception as e:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
+            if not isinstance(e, APIError):
+                log.exception("a streamed reply failed")
+            body = e.body() if isinstance(e, APIError) else error_body("internal server error", "server_error")
+            yield f"data: {json.dumps(body)}\n\n"
             return
         finally:
             srv.release([(pieces, state)])

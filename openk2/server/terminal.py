@@ -8,7 +8,7 @@ reply streams as it is generated (text tokens only) and ends at `<|im_end|>` / `
 import sys
 
 from openk2.engine import Engine, SamplingParams
-from openk2.server.engine_loop import Detokenizer
+from openk2.server.detokenizer import Detokenizer
 from openk2.tokenizer import render_chat
 
 
