@@ -19,9 +19,9 @@ def tiny():
     return build_model(CFG, seed=4).eval()
 
 
-def _pool_with_prompts(model, lengths):
+def _pool_with_prompts(model, lengths, cfg=CFG):
     """A block pool holding one prefilled prompt per row; returns pool, tables, next ids, positions."""
-    pool = BlockPool(CFG, 64, block_size=4)
+    pool = BlockPool(cfg, 64, block_size=4)
     gen = torch.Generator().manual_seed(len(lengths))
     tables = []
     with torch.inference_mode():
@@ -49,6 +49,23 @@ def test_decode_step_equals_forward_and_writes_the_same_rows(tiny, lengths):
     for a, b in zip(pool.rows, ref_rows):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert not torch.equal(pool.rows[0], _pool_with_prompts(tiny, lengths)[0].rows[0])  # rows written
+
+
+@pytest.mark.parametrize("variant", [
+    dict(q_lora_rank=None, n_shared_experts=0),  # q_proj; routed experts only
+    dict(n_group=4, topk_group=2, scoring_func="softmax", first_k_dense_replace=2)])
+def test_decode_step_family_variants(variant):
+    """The same binding on other DeepSeek-V3-family shapes (eager: the math, not the compiler)."""
+    import dataclasses
+    cfg = dataclasses.replace(CFG, **variant)
+    model = build_model(cfg, seed=5).eval()
+    pool, tables, ids, pos = _pool_with_prompts(model, [4, 10, 7], cfg)
+    slots = pool.slots(tables, 11)
+    for rows in (slice(0, 1), slice(0, 3)):  # both regimes
+        with torch.inference_mode():
+            expect = reference_step(model, ids[rows], pos[rows], slots[rows], [r.clone() for r in pool.rows])
+            got = decode_step(model, ids[rows], pos[rows], slots[rows], [r.clone() for r in pool.rows])
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_step_equals_reference(tiny):
