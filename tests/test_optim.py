@@ -5,7 +5,6 @@ the WSD schedule, and a short end-to-end run."""
 import copy
 import dataclasses
 import math
-import socket
 
 import pytest
 import torch
@@ -136,8 +135,9 @@ def _counting_newton_schulz(counted: list):
     return lambda G, steps=5: (counted.append(G.shape[0]), real(G, steps))[1]
 
 
-def _worker(rank: int, port: int, out_dir: str):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _worker(rank: int, out_dir: str):
+    # a file rendezvous: no TCP port to pick (a free port can be taken again before the workers bind)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     try:
         counted = []
         muon_mod.newton_schulz = _counting_newton_schulz(counted)  # a fresh process: no need to undo
@@ -150,14 +150,8 @@ def _worker(rank: int, port: int, out_dir: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_equal_one(tmp_path, monkeypatch):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2)
     single = build_model(TINY, seed=0)
     counted = []
     monkeypatch.setattr(muon_mod, "newton_schulz", _counting_newton_schulz(counted))
