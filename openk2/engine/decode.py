@@ -36,6 +36,7 @@ from openk2.quant import QuantizedExperts
 from openk2.quant.int4 import Int4Linear
 from openk2.quant.int8 import Int8Linear
 
+
 def _matvec(x_NI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """x @ wᵀ as a fused multiply-and-reduce, accumulated in fp32."""
     return (x_NI[:, None, :] * w_OI).sum(-1, dtype=torch.float32).to(x_NI.dtype)
