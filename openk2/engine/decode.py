@@ -37,9 +37,11 @@ from openk2.quant.int4 import Int4Linear
 from openk2.quant.int8 import Int8Linear
 
 
-def _matvec(x_NI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """x @ wᵀ as a fused multiply-and-reduce, accumulated in fp32."""
-    return (x_NI[:, None, :] * w_OI).sum(-1, dtype=torch.float32).to(x_NI.dtype)
+def _matvec(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ wᵀ as a fused multiply-and-reduce, in fp32 (w may be int8 codes, widened inside the loop,
+    with their row scale applied after the sum; w may also be [N, O, I], one matrix per row)."""
+    y_NO = (x_NI[:, None, :] * w_OI).sum(-1, dtype=torch.float32)
+    return y_NO if scale_O is None else y_NO * scale_O.float()
 
 
 def small_batch(rows: int, cfg) -> bool:
@@ -51,10 +53,8 @@ def small_batch(rows: int, cfg) -> bool:
 def _linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tensor:
     if not small:  # weight-first (W @ xᵀ): oneDNN streams the weight faster this way round
         return torch.mm(mod.weight, x_NI.T).T if type(mod) is nn.Linear else mod(x_NI)
-    if isinstance(mod, Int8Linear):  # int8 codes widened inside the loop, the row scale after the sum
-        y = (x_NI[:, None, :] * mod.weight).sum(-1, dtype=torch.float32) * mod.weight_scale.float()
-        return y.to(x_NI.dtype)
-    return _matvec(x_NI, mod.weight)
+    scale = mod.weight_scale if isinstance(mod, Int8Linear) else None
+    return _matvec(x_NI, mod.weight, scale).to(x_NI.dtype)
 
 
 def _mlp(mlp: MLP, x_ND: torch.Tensor, small: bool) -> torch.Tensor:
@@ -69,18 +69,12 @@ def _experts_pairs(experts: Experts | QuantizedExperts, x_ND, idx_NK, w_NK):
     flat_M = idx_NK.flatten()
     x_MD = x_ND.repeat_interleave(K, 0)
     if isinstance(experts, QuantizedExperts):
-        gate_up, gate_up_scale, down, down_scale = experts.stacked
+        gate_up, gate_up_scale, down, down_scale = (t[flat_M] for t in experts.stacked)
     else:
-        gate_up, gate_up_scale, down, down_scale = experts.gate_up_proj, None, experts.down_proj, None
-    h_M2F = (x_MD[:, None, :] * gate_up[flat_M]).sum(-1, dtype=torch.float32)
-    if gate_up_scale is not None:
-        h_M2F = h_M2F * gate_up_scale[flat_M].float()
-    gate, up = h_M2F.chunk(2, -1)
+        gate_up, gate_up_scale, down, down_scale = experts.gate_up_proj[flat_M], None, experts.down_proj[flat_M], None
+    gate, up = _matvec(x_MD, gate_up, gate_up_scale).chunk(2, -1)
     h_MF = (F.silu(gate) * up * w_NK.flatten()[:, None]).to(x_ND.dtype)
-    y_MD = (h_MF[:, None, :] * down[flat_M]).sum(-1, dtype=torch.float32)
-    if down_scale is not None:
-        y_MD = y_MD * down_scale[flat_M].float()
-    return y_MD.view(N, K, -1).sum(1).to(x_ND.dtype)
+    return _matvec(h_MF, down, down_scale).view(N, K, -1).sum(1).to(x_ND.dtype)
 
 
 def _experts_dense(experts: Experts, x_ND, idx_NK, w_NK):

@@ -63,8 +63,7 @@ class BlockPool:
         """A batch cache [R, length, L] per layer holding each request's rows (past the end of its
         blocks, copies of pool row 0: padding the model masks or overwrites)."""
         idx = self.slots(tables, length).flatten()
-        return [LatentCache(pool.flatten(0, 1).index_select(0, idx).view(len(tables), length, -1))
-                for pool in self.pools]
+        return [LatentCache(rows.index_select(0, idx).view(len(tables), length, -1)) for rows in self.rows]
 
     def scatter(self, cache: list[LatentCache], tables: list[list[int]], starts: list[int],
                 counts: list[int]) -> None:

@@ -11,10 +11,9 @@ a client mistake is never a 500. `/v1/completions`, `/tokenize`, `/detokenize`, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-import contextlib
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -26,10 +25,11 @@ from openk2.engine.engine import Engine
 from openk2.engine.sampler import SamplingParams
 from openk2.server import extra
 from openk2.server.detokenizer import Detokenizer
-from openk2.server.engine_loop import EngineLoop, log, text_pieces
+from openk2.server.engine_loop import EngineLoop, text_pieces
 from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
-                                    ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body)
+                                    ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body,
+                                    stream_error)
 from openk2.tokenizer import StreamingToolParser, parse_tool_calls, render_chat
 from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN
 from openk2.tokenizer.toolcalls import finish_reason
@@ -148,7 +148,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
     srv = Server(loop, tokenizer, model_name, model.cfg.max_position_embeddings, model.cfg.vocab_size, stop_ids,
                  api_key, default_temperature, default_max_tokens)
 
-    @asynccontextmanager
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         if engine_thread:
             loop.start()
@@ -251,11 +251,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             async with contextlib.aclosing(merge([one(i, p, state) for i, (p, state) in enumerate(runs)])) as lines:
                 async for line in lines:
                     yield line
-        except Exception as e:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
-            if not isinstance(e, APIError):
-                log.exception("a streamed reply failed")
-            body = e.body() if isinstance(e, APIError) else error_body("internal server error", "server_error")
-            yield f"data: {json.dumps(body)}\n\n"
+        except Exception as e:  # noqa: BLE001 — headers are out: reported in-band
+            yield stream_error(e)
             return
         finally:
             srv.release(runs)

@@ -14,9 +14,8 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
-from openk2.server.engine_loop import log
 from openk2.server.protocol import (APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, Usage,
-                                    completion_id, error_body, message_dicts, text_completion)
+                                    completion_id, message_dicts, stream_error, text_completion)
 from openk2.tokenizer import render_chat
 
 
@@ -65,11 +64,8 @@ def router(srv, chat_template: str | None, template_vars: dict | None) -> APIRou
         try:
             async for piece in pieces:
                 yield event(piece)
-        except Exception as e:  # noqa: BLE001 — headers are out: report in-band, as OpenAI does
-            if not isinstance(e, APIError):
-                log.exception("a streamed reply failed")
-            body = e.body() if isinstance(e, APIError) else error_body("internal server error", "server_error")
-            yield f"data: {json.dumps(body)}\n\n"
+        except Exception as e:  # noqa: BLE001 — headers are out: reported in-band
+            yield stream_error(e)
             return
         finally:
             srv.release([(pieces, state)])

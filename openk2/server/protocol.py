@@ -9,6 +9,8 @@ Not here: generation, tool calls.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -30,6 +32,15 @@ class APIError(Exception):
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def stream_error(e: Exception) -> str:
+    """The SSE event reporting `e` once a streamed reply's headers are out (in-band, as OpenAI does):
+    an APIError as itself, anything else as an internal error, its traceback logged on the server."""
+    if isinstance(e, APIError):
+        return f"data: {json.dumps(e.body())}\n\n"
+    logging.getLogger("openk2.server").error("a streamed reply failed", exc_info=e)
+    return f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
 
 
 # ---------------------------------------------------------------- requests
