@@ -5,7 +5,7 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["create_app", "serve", "run"]
+__all__ = ["create_app", "serve", "run", "make_engine"]
 
 
 def __getattr__(name):  # fastapi is imported only when the app is built
@@ -16,21 +16,14 @@ def __getattr__(name):  # fastapi is imported only when the app is built
 
 
 def _text_setup(model, tokenizer, path: str):
-    """(tokenizer, chat template, its variables). Without a K2 tokenizer in the folder, text is
-    byte-level (ids 0..255 are bytes, 256.. K2's special tokens), which needs 512 embedding rows."""
-    from openk2.tokenizer import Tokenizer, load_chat_template
-    from openk2.tokenizer.chat import template_variables
+    """(tokenizer, chat template, its variables): the folder's, or byte-level text and K2's template."""
+    from openk2.server.chat_format import ChatFormat
 
-    if tokenizer is None:
-        if model.cfg.vocab_size < 512:
-            raise ValueError(f"no tokenizer in {path} and vocab_size {model.cfg.vocab_size} < 512 (byte-level)")
-        tokenizer = Tokenizer({bytes([b]): b for b in range(256)})
-    folder = Path(path)
-    template = load_chat_template(folder) if folder.is_dir() else None
-    return tokenizer, template, template_variables(folder) if template else None
+    fmt = ChatFormat.for_model(model, tokenizer, path)
+    return fmt.tokenizer, fmt.template, fmt.template_vars
 
 
-def _engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192):
+def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192):
     """The Engine for `openk2 serve` / `chat`: quantized first if asked, decode steps compiled (at
     start-up, so no request waits for the compiler) unless `compile` is False or the weights are int4."""
     from openk2.engine import Engine
@@ -54,7 +47,7 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     from openk2.server.app import create_app
     from openk2.server.protocol import APIError
 
-    engine = _engine(model, quantize, compile)
+    engine = make_engine(model, quantize, compile)
     tokenizer, template, variables = _text_setup(model, tokenizer, path)
     folder = Path(path)
     app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
@@ -83,5 +76,5 @@ def run(args, model, tokenizer) -> None:
     if args.cmd == "serve":
         return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile)
     from openk2.server.terminal import chat
-    engine = _engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
+    engine = make_engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
     chat(model, *_text_setup(model, tokenizer, args.path), temperature=args.temperature, engine=engine)

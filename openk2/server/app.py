@@ -1,11 +1,11 @@
 """The FastAPI app: OpenAI's chat completions ⇄ K2's chat template ⇄ the engine (ids only).
 
 The engine runs on `EngineLoop`'s thread (engine_loop.py), shared by every client; `Server.generate`
-validates a prompt's ids and returns its text in safe increments (`stop` strings trimmed). Tool calls
-are parsed with `parse_tool_calls` (whole response) or `StreamingToolParser` (SSE); tool_choice
-"required" or a named function forces a call by ending the prompt with the call's opening markers
-(the same prefix goes before the generated text when parsing). Errors keep OpenAI's shape and status;
-a client mistake is never a 500. `/v1/completions`, `/tokenize`, `/detokenize`, `/metrics`: extra.py.
+validates a prompt's ids and returns its text in safe increments (`stop` strings trimmed). Prompts,
+sampling defaults, forced tool calls and the parse of whole replies are `ChatFormat`'s
+(chat_format.py, shared with the in-process agent client); SSE parses with `StreamingToolParser`.
+Errors keep OpenAI's shape and status; a client mistake is never a 500. `/v1/completions`,
+`/tokenize`, `/detokenize`, `/metrics`: extra.py.
 """
 
 from __future__ import annotations
@@ -22,31 +22,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from openk2.engine.engine import Engine
-from openk2.engine.sampler import SamplingParams
 from openk2.server import extra
-from openk2.server.detokenizer import Detokenizer
+from openk2.server.chat_format import ChatError, ChatFormat, Prompt
 from openk2.server.engine_loop import EngineLoop, text_pieces
 from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
                                     ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body,
                                     stream_error)
-from openk2.tokenizer import StreamingToolParser, parse_tool_calls, render_chat
-from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN
-from openk2.tokenizer.toolcalls import finish_reason
+from openk2.tokenizer import StreamingToolParser
 
 
 @dataclass
 class Server:
-    """What every endpoint shares: the engine loop, the tokenizer, names and defaults."""
+    """What every endpoint shares: the engine loop, the chat format, the name and the key."""
     loop: EngineLoop
-    tokenizer: object
+    fmt: ChatFormat
     model_name: str
-    context: int
-    vocab_size: int
-    stop_ids: tuple[int, ...]
     api_key: str | None
-    default_temperature: float
-    default_max_tokens: int
 
     def authorize(self, request: Request) -> None:
         if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
@@ -63,17 +55,9 @@ class Server:
     def generate(self, ids: list[int], body: SamplingRequest, param: str, choice: int = 0):
         """Submit `ids` under the body's sampling fields: (text pieces, state) — state gets
         "completion_tokens" and "reason" as the pieces are consumed."""
-        if not ids:
-            raise APIError(400, "the prompt is empty", param=param)
-        if len(ids) >= self.context:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; the context is {self.context}",
-                           param=param, code="context_length_exceeded")
-        max_tokens = body.max_new_tokens() or min(self.default_max_tokens, self.context - len(ids))
-        temperature = self.default_temperature if body.temperature is None else body.temperature
         seed = None if body.seed is None else body.seed + choice  # n choices: distinct, reproducible
-        params = SamplingParams(temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
-                                max_tokens=max_tokens, stop_token_ids=self.stop_ids, seed=seed)
-        detok = Detokenizer(self.tokenizer, self.stop_ids, body.stop_strings())
+        params = self.fmt.sampling(len(ids), body.temperature, body.top_p, body.max_new_tokens(), seed, param)
+        detok = self.fmt.detokenizer(body.stop_strings())
         try:
             req, queue = self.loop.submit(ids, params)
         except ValueError as e:
@@ -86,26 +70,6 @@ class Server:
         generators ever started would otherwise decode on to max_tokens)."""
         for _, state in runs:
             self.loop.cancel(state["request"])
-
-
-def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -> str:
-    """The opening markers that force a tool call ("" for None/"auto"/"none"): a named function gets
-    its whole call header, with the index of the dialog's next call (K2-SPEC §6.2); "required" stops
-    after `functions.`, so the model picks the name."""
-    if tool_choice in (None, "auto", "none"):
-        return ""
-    if not tools:
-        raise APIError(400, f"tool_choice {json.dumps(tool_choice)} needs `tools`", param="tool_choice")
-    if tool_choice == "required":
-        return SECTION_BEGIN + CALL_BEGIN + "functions."
-    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
-    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not name:
-        raise APIError(400, 'tool_choice must be "auto", "none", "required" or {"type": "function", '
-                       '"function": {"name": ...}}', param="tool_choice")
-    if name not in [t.get("function", {}).get("name") for t in tools]:
-        raise APIError(400, f"tool_choice names `{name}`, which is not in `tools`", param="tool_choice")
-    index = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
-    return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:{index}" + ARGUMENT_BEGIN
 
 
 async def merge(streams: list):
@@ -144,9 +108,9 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
     engine = engine if engine is not None else Engine(model)
     metrics = Metrics(engine)
     loop = EngineLoop(engine, metrics)
-    stop_ids = tuple(dict.fromkeys(tokenizer.token_id(n) for n in ("<|im_end|>", "[EOS]")))
-    srv = Server(loop, tokenizer, model_name, model.cfg.max_position_embeddings, model.cfg.vocab_size, stop_ids,
-                 api_key, default_temperature, default_max_tokens)
+    fmt = ChatFormat(tokenizer, model.cfg.max_position_embeddings, model.cfg.vocab_size, chat_template,
+                     template_vars or {}, default_temperature, default_max_tokens)
+    srv = Server(loop, fmt, model_name, api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -162,6 +126,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ChatError)
+    async def chat_error(request, exc: ChatError):
+        return JSONResponse(error_body(str(exc), "invalid_request_error", exc.param, exc.code), 400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -188,23 +156,17 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
     @app.get("/v1/models")
     async def models(request: Request):
         srv.authorize(request)
-        return ModelList(data=[ModelCard(id=model_name)])
+        return ModelList(data=[ModelCard(id=model_name, max_model_len=fmt.context)])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         srv.check(body, request, max_n=8)
-        messages = body.messages_as_dicts()
-        prefix = forced_prefix(body.tool_choice, body.tools, messages)
-        use_tools = bool(body.tools) and body.tool_choice != "none"
-        try:
-            prompt = render_chat(messages, tools=body.tools or None, template=chat_template, **(template_vars or {}))
-        except (ValueError, KeyError, TypeError) as e:
-            raise APIError(400, f"cannot render the conversation: {e}", param="messages")
-        ids = tokenizer.encode(prompt + prefix, allow_special=True)
+        prompt = fmt.prompt(body.messages_as_dicts(), body.tools, body.tool_choice)
+        ids = prompt.ids
         runs = [srv.generate(ids, body, "messages", i) for i in range(body.n)]  # n choices decode together
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(runs, len(ids), use_tools, include, prefix), media_type="text/event-stream")
+            return StreamingResponse(sse(runs, prompt, include), media_type="text/event-stream")
         try:  # a task group: one choice failing cancels the others
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(collect(pieces)) for pieces, _ in runs]
@@ -213,20 +175,19 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         finally:
             srv.release(runs)
         texts = [task.result() for task in tasks]
-        choices = [choice_of(i, prefix + t, state, use_tools) for i, (t, (_, state)) in enumerate(zip(texts, runs))]
+        replies = [fmt.reply(text, prompt, state["reason"]) for text, (_, state) in zip(texts, runs)]
+        choices = [choice_of(i, reply) for i, reply in enumerate(replies)]
         used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
         return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
 
     async def collect(pieces) -> str:
         return "".join([p async for p in pieces])
 
-    def choice_of(index: int, text: str, state: dict, use_tools: bool) -> Choice:
-        parsed = parse_tool_calls(text) if use_tools else None
-        calls = [c.to_dict() for c in parsed.tool_calls] if parsed else []
-        message = AssistantMessage(content=parsed.content if parsed else text, tool_calls=calls or None)
-        return Choice(index=index, message=message, finish_reason=finish_reason(state["reason"], bool(calls)))
+    def choice_of(index: int, reply) -> Choice:
+        message = AssistantMessage(content=reply.message["content"], tool_calls=reply.message.get("tool_calls"))
+        return Choice(index=index, message=message, finish_reason=reply.finish_reason)
 
-    async def sse(runs: list, n_prompt: int, use_tools: bool, include_usage: bool, prefix: str = ""):
+    async def sse(runs: list, prompt: Prompt, include_usage: bool):
         """The SSE stream of n choices decoding together: each choice's chunks carry its index and
         arrive as produced (role first, finish_reason last); one usage chunk for all; then [DONE]."""
         cid, created = completion_id(), int(time.time())
@@ -236,9 +197,9 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             return f"data: {json.dumps(body)}\n\n"
 
         async def one(index: int, pieces, state: dict):
-            parser = StreamingToolParser() if use_tools else None
+            parser = StreamingToolParser() if prompt.use_tools else None
             yield event(index, {"role": "assistant", "content": ""})
-            for delta in parser.feed(prefix) if prefix else []:
+            for delta in parser.feed(prompt.prefix) if prompt.prefix else []:
                 yield event(index, delta)
             async for piece in pieces:
                 for delta in parser.feed(piece) if parser else [{"content": piece}]:
@@ -258,10 +219,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             srv.release(runs)
         if include_usage:
             used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
-            yield event(0, None, use=Usage.of(n_prompt, used))
+            yield event(0, None, use=Usage.of(len(prompt.ids), used))
         yield "data: [DONE]\n\n"
 
-    api = extra.router(srv, chat_template, template_vars)
+    api = extra.router(srv)
     app.include_router(api)
     paths.update(r.path for r in [*app.routes, *api.routes] if hasattr(r, "path"))
     return app

@@ -16,7 +16,6 @@ from fastapi.responses import StreamingResponse
 
 from openk2.server.protocol import (APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, Usage,
                                     completion_id, message_dicts, stream_error, text_completion)
-from openk2.tokenizer import render_chat
 
 
 def check_ids(ids: list[int], n: int, param: str) -> None:
@@ -32,12 +31,12 @@ def prompt_ids(srv, prompt) -> list[int]:
             raise APIError(400, "only one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return srv.tokenizer.encode(prompt, allow_special=True)
-    check_ids(prompt, srv.vocab_size, "prompt")
+        return srv.fmt.tokenizer.encode(prompt, allow_special=True)
+    check_ids(prompt, srv.fmt.vocab_size, "prompt")
     return list(prompt)
 
 
-def router(srv, chat_template: str | None, template_vars: dict | None) -> APIRouter:
+def router(srv) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/completions")
@@ -81,20 +80,15 @@ def router(srv, chat_template: str | None, template_vars: dict | None) -> APIRou
             raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
         text = body.prompt
         if body.messages is not None:
-            try:
-                text = render_chat(message_dicts(body.messages), tools=body.tools or None,
-                                   add_generation_prompt=body.add_generation_prompt, template=chat_template,
-                                   **(template_vars or {}))
-            except (ValueError, KeyError, TypeError) as e:
-                raise APIError(400, f"cannot render the conversation: {e}", param="messages")
-        tokens = srv.tokenizer.encode(text, allow_special=True)
+            text = srv.fmt.render(message_dicts(body.messages), body.tools, body.add_generation_prompt)
+        tokens = srv.fmt.tokenizer.encode(text, allow_special=True)
         return {"tokens": tokens, "count": len(tokens)}
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request):
         srv.authorize(request)
-        check_ids(body.tokens, srv.tokenizer.n_vocab, "tokens")
-        return {"prompt": srv.tokenizer.decode(body.tokens)}
+        check_ids(body.tokens, srv.fmt.tokenizer.n_vocab, "tokens")
+        return {"prompt": srv.fmt.tokenizer.decode(body.tokens)}
 
     @api.get("/metrics")
     async def metrics(request: Request):

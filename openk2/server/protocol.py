@@ -161,6 +161,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "openk2"
+    max_model_len: int | None = None  # the context, as vLLM reports it (agent clients read it)
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,134 @@
+"""Chat completions in ids, without HTTP: messages (+ tools, tool_choice) -> the prompt's token ids,
+sampling parameters with the server's defaults, and generated text -> the assistant message.
+
+The HTTP app (app.py) and the in-process agent client (`openk2.agent.client.EngineClient`) both go
+through `ChatFormat`, so one conversation gets the same ids, the same sampling and the same parsed
+reply either way. tool_choice "required" or a named function forces a call by ending the prompt with
+the call's opening markers; the same prefix goes before the generated text when parsing.
+Not here: HTTP, pydantic, streaming (the server's SSE and the client's deltas use
+`StreamingToolParser` on the pieces), the engine itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from openk2.engine.sampler import SamplingParams
+from openk2.server.detokenizer import Detokenizer
+from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls, render_chat
+from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, template_variables
+from openk2.tokenizer.toolcalls import finish_reason
+
+
+class ChatError(ValueError):
+    """A request that cannot be served as given; `param` names the field at fault (a 400 over HTTP)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]
+    prefix: str  # forced tool-call opening (already in `ids`); the reply is parsed as prefix + text
+    use_tools: bool  # parse tool calls out of the reply
+
+
+@dataclass(frozen=True)
+class Reply:
+    message: dict  # the OpenAI assistant message: role, content, tool_calls (when any)
+    finish_reason: str
+    errors: list[str] = field(default_factory=list)  # calls the parser dropped, and why
+
+
+def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -> str:
+    """The opening markers that force a tool call ("" for None/"auto"/"none"): a named function gets
+    its whole call header, with the index of the dialog's next call (K2-SPEC §6.2); "required" stops
+    after `functions.`, so the model picks the name."""
+    if tool_choice in (None, "auto", "none"):
+        return ""
+    if not tools:
+        raise ChatError(f"tool_choice {json.dumps(tool_choice)} needs `tools`", "tool_choice")
+    if tool_choice == "required":
+        return SECTION_BEGIN + CALL_BEGIN + "functions."
+    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not name:
+        raise ChatError('tool_choice must be "auto", "none", "required" or {"type": "function", '
+                        '"function": {"name": ...}}', "tool_choice")
+    if name not in [t.get("function", {}).get("name") for t in tools]:
+        raise ChatError(f"tool_choice names `{name}`, which is not in `tools`", "tool_choice")
+    index = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
+    return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:{index}" + ARGUMENT_BEGIN
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """One model's chat: tokenizer, template, context, stop ids and sampling defaults."""
+    tokenizer: Tokenizer
+    context: int
+    vocab_size: int
+    template: str | None = None  # a checkpoint's jinja template; None: the built-in K2 v2 renderer
+    template_vars: dict = field(default_factory=dict)
+    default_temperature: float = 1.0
+    default_max_tokens: int = 1024
+
+    @classmethod
+    def for_model(cls, model, tokenizer=None, path: str | Path | None = None, **defaults) -> ChatFormat:
+        """The chat of `model`, with the folder's template if it ships one. Without a tokenizer, text
+        is byte-level (ids 0..255 are bytes, 256.. K2's special tokens), which needs 512 embedding rows."""
+        if tokenizer is None:
+            if model.cfg.vocab_size < 512:
+                raise ValueError(f"no tokenizer in {path} and vocab_size {model.cfg.vocab_size} < 512 (byte-level)")
+            tokenizer = Tokenizer({bytes([b]): b for b in range(256)})
+        folder = Path(path) if path is not None else None
+        template = load_chat_template(folder) if folder is not None and folder.is_dir() else None
+        variables = template_variables(folder) if template else {}
+        return cls(tokenizer, model.cfg.max_position_embeddings, model.cfg.vocab_size, template, variables,
+                   **defaults)
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(self.tokenizer.token_id(n) for n in ("<|im_end|>", "[EOS]")))
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+        try:
+            return render_chat(messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                               template=self.template, **self.template_vars)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ChatError(f"cannot render the conversation: {e}", "messages") from None
+
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None) -> Prompt:
+        prefix = forced_prefix(tool_choice, tools, messages)
+        ids = self.tokenizer.encode(self.render(messages, tools) + prefix, allow_special=True)
+        return Prompt(ids, prefix, bool(tools) and tool_choice != "none")
+
+    def sampling(self, n_prompt: int, temperature: float | None = None, top_p: float | None = None,
+                 max_tokens: int | None = None, seed: int | None = None, param: str = "messages") -> SamplingParams:
+        """The engine's parameters for a prompt of `n_prompt` ids: the request's, else the defaults;
+        max_tokens defaults to what the context leaves (at most `default_max_tokens`)."""
+        if not n_prompt:
+            raise ChatError("the prompt is empty", param)
+        if n_prompt >= self.context:
+            raise ChatError(f"the prompt is {n_prompt} tokens; the context is {self.context}", param,
+                            "context_length_exceeded")
+        return SamplingParams(temperature=self.default_temperature if temperature is None else temperature,
+                              top_p=1.0 if top_p is None else top_p,
+                              max_tokens=max_tokens or min(self.default_max_tokens, self.context - n_prompt),
+                              stop_token_ids=self.stop_ids, seed=seed)
+
+    def detokenizer(self, stop_strings=()) -> Detokenizer:
+        return Detokenizer(self.tokenizer, self.stop_ids, list(stop_strings))
+
+    def reply(self, text: str, prompt: Prompt, engine_reason: str) -> Reply:
+        """The assistant message of generated `text` (after the prompt's forced prefix)."""
+        text = prompt.prefix + text
+        if not prompt.use_tools:
+            return Reply({"role": "assistant", "content": text}, engine_reason)
+        parsed = parse_tool_calls(text)
+        message = {"role": "assistant", "content": parsed.content}
+        if parsed.tool_calls:
+            message["tool_calls"] = [c.to_dict() for c in parsed.tool_calls]
+        return Reply(message, finish_reason(engine_reason, bool(parsed.tool_calls)), list(parsed.errors))
