@@ -113,8 +113,7 @@ def cmd_train(args):
     ckpt = latest_checkpoint(Path(cfg.out_dir))
     model, tok = load_hf(ckpt, dtype=torch.float32, progress=False).eval(), Tokenizer.from_dir(ckpt)
     for prompt in PROMPTS:
-        ids = torch.tensor([tok.encode(prompt)])
-        stop = (tok.eos_id,)
+        ids, stop = torch.tensor([tok.encode(prompt)]), (tok.eos_id,)
         for name, params in (("greedy", SamplingParams(max_tokens=48, stop_token_ids=stop)),
                              ("sampled", SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0,
                                                         stop_token_ids=stop))):
@@ -184,13 +183,15 @@ def main(argv=None):
         s.add_argument("--temperature", type=float, default=0.6, help="chat: sampling temperature")
         s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled decode")
         s.set_defaults(fn=cmd_serve)
+    from openk2.agent.cli import add_parsers  # `agent` and `mcp-server`
+    add_parsers(sub, load=lambda path: (_load(path, None, 0), _tokenizer(path)))
     argv = sys.argv[1:] if argv is None else list(argv)
     train = argv[:1] == ["train"]  # its flags come from TrainConfig (openk2.train.config.parse_args)
     args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train) if train else p.parse_args(argv)
     try:
         args.fn(args)
     except ImportError as e:
-        raise SystemExit(f"openk2 {args.cmd}: {e.name} is missing: .venv/bin/pip install -e '.[server]'")
+        raise SystemExit(f"openk2 {args.cmd}: {e.name} is missing: .venv/bin/pip install -e '.[server,agent]'")
     except (ValueError, KeyError, OSError, RuntimeError) as e:  # bad input, files, safetensors
         raise SystemExit(f"openk2 {args.cmd}: error: {e}")
 

@@ -18,6 +18,12 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,
     "server/engine_loop.py": 150, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
+    "server/chat_format.py": 150,
+    "agent/runtime.py": 250, "agent/episode.py": 100, "agent/client.py": 250, "agent/tools.py": 150,
+    "agent/schema.py": 100,
+    "agent/compact.py": 120, "agent/files.py": 150, "agent/sandbox.py": 160, "agent/jail.py": 120,
+    "agent/subagents.py": 60, "agent/mcp.py": 150, "agent/builtin.py": 40, "agent/cli.py": 150,
+    "agent/terminal.py": 150,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {
@@ -25,6 +31,10 @@ FORBIDDEN = {
               "openk2.train", "openk2.data", "torch.distributed"],
     "engine": ["openk2.tokenizer", "openk2.server", "openk2.train"],
     "tokenizer": ["openk2.model", "openk2.engine"],
+    # the agent reaches a model through a client: HTTP, or the server's own chat layer in process
+    "agent": ["torch", "openk2.model", "openk2.engine", "openk2.checkpoint", "openk2.quant", "openk2.train",
+              "openk2.optim", "openk2.data", "openk2.cli"],
+    "server": ["openk2.agent", "openk2.train", "openk2.cli"],
 }
 
 
@@ -56,3 +66,10 @@ def test_core_import_is_light():
             "print(sorted(m for m in ('transformers', 'fastapi', 'datasets', 'tokenizers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_jail_needs_only_the_standard_library():
+    """jail.py runs as `python -I -S jail.py`, before any sandbox exists: no site-packages, no openk2."""
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    mods = {m.split(".")[0] for m in _imports(ROOT / "agent" / "jail.py")}
+    assert mods <= stdlib, mods - stdlib

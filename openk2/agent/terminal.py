@@ -1,0 +1,152 @@
+"""The terminal side of `openk2 agent`: the session (one task with -p, else a conversation of tasks),
+the live display of text, tool calls and results, and approvals for tools that need them.
+
+Ctrl-C during a task stops that task (recorded as "cancelled") and returns to the prompt; at the
+prompt it leaves. Input is read on a daemon thread, so leaving never waits for a line. Flags and the
+model client: cli.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+
+
+async def ask(prompt: str, input_fn=input) -> str | None:
+    """A line from the terminal without blocking the event loop; None at end of input."""
+    loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+
+    def read():
+        try:
+            line = input_fn(prompt)
+        except (EOFError, OSError):
+            line = None
+        try:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(line))
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+    threading.Thread(target=read, daemon=True).start()
+    return await done
+
+
+def short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + " …"
+
+
+class View:
+    """Prints the agent's events as they happen; asks before tools that need approval."""
+
+    def __init__(self, out=sys.stdout, ask_fn=ask):
+        self.out, self.ask, self.always, self.lock = out, ask_fn, set(), asyncio.Lock()
+        self.color, self.mid_line = getattr(out, "isatty", lambda: False)(), False
+
+    def paint(self, text: str, code: str) -> str:
+        return f"\033[{code}m{text}\033[0m" if self.color else text
+
+    def line(self, text: str, depth: int = 0) -> None:
+        if self.mid_line:
+            self.out.write("\n")
+        self.out.write("  " * depth + text + "\n")
+        self.out.flush()
+        self.mid_line = False
+
+    def event(self, kind: str, data: dict) -> None:
+        depth = data.get("depth", 0)
+        if kind == "delta":
+            self.out.write(self.paint(data["text"], "2") if data["part"] == "reasoning" else data["text"])
+            self.out.flush()
+            self.mid_line = not data["text"].endswith("\n")
+        elif kind == "call":
+            fn = data["call"]["function"]
+            self.line(self.paint(f"→ {fn['name']} {short(fn['arguments'])}", "36"), depth + 1)
+        elif kind == "result":
+            text = short(data["content"]) or "(no output)"
+            self.line(self.paint(f"← {data['call']['function']['name']}: {text}", "31" if data["error"] else "2"),
+                      depth + 1)
+        elif kind == "compacted":
+            self.line(self.paint(f"(context compacted: {data['tokens_before']} → {data['tokens_after']} tokens)", "2"))
+        elif kind == "stop" and data["episode"].stop_reason != "answered":
+            ep = data["episode"]
+            self.line(self.paint(f"[stopped: {ep.stop_reason} — {ep.detail}]", "33"), depth)
+        elif kind == "stop" and self.mid_line:  # end the streamed answer's line
+            self.out.write("\n")
+            self.mid_line = False
+
+    async def approve(self, name: str, args: dict) -> bool:
+        """y: run it; a: run this tool from now on without asking; anything else: decline."""
+        async with self.lock:  # parallel calls ask one at a time
+            if name in self.always:
+                return True
+            shown = args.get("command") or args.get("code") or json.dumps(args, ensure_ascii=False)
+            self.line(self.paint(f"{name} wants to run:", "33") + "\n" + shown)
+            answer = (await self.ask(f"allow {name}? [y]es / [n]o / [a]lways: ") or "").strip().lower()
+            if answer in ("a", "always"):
+                self.always.add(name)
+            return answer in ("y", "yes", "a", "always")
+
+
+async def session(args, client, workspace, system: str) -> int:
+    """Run the agent as the flags say; the exit code: 0 when (the last) task was answered."""
+    from openk2.agent.builtin import builtin_tools
+    from openk2.agent.cli import names
+    from openk2.agent.mcp import MCPTools
+    from openk2.agent.episode import write_jsonl
+    from openk2.agent.runtime import Agent, Budget
+
+    one_shot = args.prompt is not None
+    view = View(sys.stderr if one_shot else sys.stdout)
+    tools, sandbox = builtin_tools(workspace, unsafe=args.unsafe_sandbox, names=names(args.tools))
+    async with MCPTools(args.mcp, taken={t.name for t in tools}, cwd=str(workspace)) as extra:
+        budget = Budget(max_turns=args.max_turns, max_tokens=args.max_tokens, max_seconds=args.max_seconds,
+                        turn_tokens=args.turn_tokens)
+        agent = Agent(client, tools + extra, system=args.system or system, budget=budget,
+                      temperature=args.temperature, approve=None if args.yes else view.approve, on_event=view.event)
+        view.line(view.paint(f"openk2 agent · {getattr(client, 'name', None) or 'model'} · {workspace} · "
+                             f"{len(agent.tools)} tools · {sandbox.describe()}", "2"))
+        record = (lambda ep: None) if args.no_trajectory else (lambda ep: write_jsonl(args.trajectory, [ep.record()]))
+        if one_shot:
+            ep = await agent.run(args.prompt)
+            record(ep)
+            if not (sys.stdout.isatty() and sys.stderr.isatty()):  # on one terminal it has just streamed by
+                print(ep.final if ep.final is not None else "", flush=True)
+            return 0 if ep.stop_reason == "answered" else 1
+        return await conversation(agent, view, record)
+
+
+async def conversation(agent, view: View, record) -> int:
+    """Tasks typed at the prompt, each an episode continuing the same conversation."""
+    loop, running, context, code = asyncio.get_running_loop(), [None], [], 0
+    leave = loop.create_future()
+    loop.add_signal_handler(signal.SIGINT, lambda: running[0].cancel() if running[0] else
+                            leave.done() or leave.set_result(None))
+    view.line("type a task; /reset forgets the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops a task")
+    try:
+        while True:
+            prompt = asyncio.ensure_future(view.ask("you> "))
+            await asyncio.wait([prompt, leave], return_when=asyncio.FIRST_COMPLETED)
+            line = prompt.result() if prompt.done() else None
+            if line is None or line.strip() == "/exit":
+                return code
+            if line.strip() == "/reset":
+                context.clear()
+                view.line("(conversation forgotten)")
+                continue
+            if not line.strip():
+                continue
+            ep = agent.episode([*context, {"role": "user", "content": line}])
+            running[0] = asyncio.ensure_future(agent.resume(ep))
+            try:
+                await running[0]
+            except asyncio.CancelledError:
+                pass
+            running[0] = None
+            record(ep)
+            context[:] = ep.context
+            code = 0 if ep.stop_reason == "answered" else 1
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)

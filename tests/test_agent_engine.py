@@ -1,0 +1,155 @@
+"""The agent on real models: the in-process client over our Engine, the same conversation through the
+HTTP server (identical replies), many episodes batched on one engine, a real `openk2 serve` process
+with a forced tool call, and the `openk2 agent` command. `tool_model` (conftest.py) is a tiny model
+trained here to do one file task, so a correct episode is known in advance."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from conftest import ANSWER, NOTES, SYSTEM, TASK  # noqa: E402
+from test_server import serving  # noqa: E402
+
+from openk2.agent.client import EngineClient, OpenAIClient  # noqa: E402
+from openk2.agent.files import Workspace  # noqa: E402
+from openk2.agent.runtime import Agent, Budget  # noqa: E402
+from openk2.engine import Engine  # noqa: E402
+from openk2.server import create_app  # noqa: E402
+from openk2.server.engine_loop import EngineLoop  # noqa: E402
+
+FORCE = {"type": "function", "function": {"name": "read_file"}}
+
+
+def engine_client(tm, engine=None):
+    loop = EngineLoop(engine or Engine(tm.model, cache_tokens=4096))
+    loop.start()
+    return EngineClient(loop, tm.fmt, name="tool-model")
+
+
+def file_agent(client, tm, **kw):
+    tools = [t for t in Workspace(tm.workspace).tools() if t.name == "read_file"]
+    return Agent(client, tools, system=SYSTEM, temperature=0, budget=Budget(turn_tokens=64), **kw)
+
+
+def check_episode(ep):
+    assert ep.stop_reason == "answered", ep.detail
+    assert ep.final == ANSWER
+    tool_msgs = [m for m in ep.transcript if m["role"] == "tool"]
+    assert [(m["tool_call_id"], m["content"]) for m in tool_msgs] == [("functions.read_file:0", f"     1\t{NOTES}")]
+
+
+def test_in_process_agent_does_the_task(tool_model):
+    client = engine_client(tool_model)
+    try:
+        ep = asyncio.run(file_agent(client, tool_model).run(TASK))
+    finally:
+        client.loop.stop()
+    check_episode(ep)
+    assert ep.transcript[2]["tool_calls"][0]["function"]["arguments"] == '{"path": "notes.txt"}'
+    assert ep.turns[0]["finish_reason"] == "tool_calls" and ep.turns[1]["finish_reason"] == "stop"
+
+
+def test_in_process_replies_equal_the_servers(tool_model):
+    """The same requests through EngineClient and through the HTTP server: the same messages, finish
+    reasons and token counts (greedy and seeded sampling, tools auto and forced)."""
+    (first, _), (second, _) = tool_model.dialog
+    cases = [(first, None, 0.0, None), (first, FORCE, 0.0, None), (second, None, 0.0, None),
+             (first, None, 1.0, 7), (second, None, 1.3, 11)]
+    client = engine_client(tool_model)
+    app = create_app(tool_model.model, tool_model.fmt.tokenizer, "tool-model")
+    try:
+        with serving(app) as port:
+            http = OpenAIClient(f"http://127.0.0.1:{port}/v1", "tool-model")
+
+            async def both(messages, choice, temperature, seed):
+                kw = dict(tool_choice=choice, max_tokens=48, temperature=temperature, seed=seed)
+                return (await client.complete(messages, tool_model.tools, **kw),
+                        await http.complete(messages, tool_model.tools, **kw))
+
+            for case in cases:
+                ours, theirs = asyncio.run(both(*case))
+                assert ours.message == theirs.message, case
+                assert (ours.finish_reason, ours.prompt_tokens, ours.completion_tokens) == \
+                    (theirs.finish_reason, theirs.prompt_tokens, theirs.completion_tokens), case
+                assert ours.prompt_ids[:ours.prompt_tokens] == ours.prompt_ids and len(ours.completion_ids) == \
+                    ours.completion_tokens
+            assert asyncio.run(http.complete(first, None, max_tokens=4)).finish_reason == "length"
+            models = OpenAIClient(f"http://127.0.0.1:{port}/v1")  # name and context from /v1/models
+            asyncio.run(models.complete(first, None, max_tokens=1))
+            assert (models.name, models.context_window) == ("tool-model", 1024)
+    finally:
+        client.loop.stop()
+
+
+def test_concurrent_episodes_share_the_engine_and_match_one_by_one(tool_model):
+    engine = Engine(tool_model.model, cache_tokens=8192)
+    batch_sizes = []
+    step = engine.step
+    engine.step = lambda: (batch_sizes.append(len(engine.running)), step())[1]
+    client = engine_client(tool_model, engine)
+
+    async def many(n):
+        return await asyncio.gather(*(file_agent(client, tool_model).run(TASK) for _ in range(n)))
+
+    try:
+        alone = asyncio.run(many(1))[0]
+        batch_sizes.clear()
+        together = asyncio.run(many(6))
+    finally:
+        client.loop.stop()
+    assert max(batch_sizes) == 6  # all six episodes decoded in the same steps
+    for ep in together:
+        check_episode(ep)
+        assert ep.transcript == alone.transcript
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_agent_against_a_real_openk2_serve_with_a_forced_call(tool_model):
+    port = free_port()
+    openk2 = os.path.join(os.path.dirname(sys.executable), "openk2")
+    server = subprocess.Popen([openk2, "serve", str(tool_model.folder), "--port", str(port), "--no-compile"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = OpenAIClient(f"http://127.0.0.1:{port}/v1")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                asyncio.run(client._setup())
+                break
+            except openai.APIConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.2)
+        agent = file_agent(client, tool_model, tool_choice=lambda ep: FORCE if not ep.turns else "auto")
+        ep = asyncio.run(agent.run(TASK))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    check_episode(ep)
+    assert client.context_window == 1024
+
+
+def test_openk2_agent_command_in_process(tool_model, tmp_path):
+    trajectory = tmp_path / "t.jsonl"
+    openk2 = os.path.join(os.path.dirname(sys.executable), "openk2")
+    p = subprocess.run([openk2, "agent", str(tool_model.folder), "-p", TASK, "--system", SYSTEM,
+                        "--tools", "read_file", "--workspace", str(tool_model.workspace), "--temperature", "0",
+                        "--trajectory", str(trajectory)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == ANSWER
+    assert '→ read_file {"path": "notes.txt"}' in p.stderr and NOTES in p.stderr
+    import json
+    record = json.loads(trajectory.read_text())
+    assert record["stop_reason"] == "answered" and record["usage"]["model_calls"] == 2
