@@ -128,7 +128,7 @@ def agent_command(args, load) -> None:
         raise SystemExit(f"openk2 agent: the workspace {args.workspace} is not a directory")
     client, stop = make_client(args, load)
     try:
-        code = asyncio.run(session(args, client, workspace, SYSTEM.format(workspace=workspace)))
+        code = asyncio.run(session(args, client, workspace, SYSTEM.format(workspace=workspace), names(args.tools)))
     except KeyboardInterrupt:
         code = 130
     finally:

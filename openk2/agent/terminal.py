@@ -90,17 +90,16 @@ class View:
             return answer in ("y", "yes", "a", "always")
 
 
-async def session(args, client, workspace, system: str) -> int:
+async def session(args, client, workspace, system: str, tool_names: list[str] | None) -> int:
     """Run the agent as the flags say; the exit code: 0 when (the last) task was answered."""
     from openk2.agent.builtin import builtin_tools
-    from openk2.agent.cli import names
     from openk2.agent.mcp import MCPTools
     from openk2.agent.episode import write_jsonl
     from openk2.agent.runtime import Agent, Budget
 
     one_shot = args.prompt is not None
     view = View(sys.stderr if one_shot else sys.stdout)
-    tools, sandbox = builtin_tools(workspace, unsafe=args.unsafe_sandbox, names=names(args.tools))
+    tools, sandbox = builtin_tools(workspace, unsafe=args.unsafe_sandbox, names=tool_names)
     async with MCPTools(args.mcp, taken={t.name for t in tools}, cwd=str(workspace)) as extra:
         budget = Budget(max_turns=args.max_turns, max_tokens=args.max_tokens, max_seconds=args.max_seconds,
                         turn_tokens=args.turn_tokens)
