@@ -66,7 +66,7 @@ def results(ep: Episode) -> list[dict]:
 # ---------------------------------------------------------------- the loop
 
 def test_parallel_calls_run_concurrently_and_answer_in_call_order():
-    slow = {"seconds": 0.4}
+    slow = {"seconds": 1.0}
     script = [calls(call("slow_echo", 0, {"text": "a", **slow}), call("slow_echo", 1, {"text": "b", **slow}),
                     call("slow_echo", 2, {"text": "c"}), text="Three at once."),
               "All done."]
@@ -76,7 +76,7 @@ def test_parallel_calls_run_concurrently_and_answer_in_call_order():
                   on_event=lambda kind, data: finished.append(data["call"]["id"]) if kind == "result" else None)
     start = time.monotonic()
     ep = run(agent)
-    assert time.monotonic() - start < 0.75  # 0.4 + 0.4 + 0 run side by side
+    assert time.monotonic() - start < 1.8  # 1 s + 1 s + 0 run side by side (one after the other: 2 s)
     assert finished[0] == "functions.slow_echo:2"  # the quick one finished first ...
     assert [(m["tool_call_id"], m["content"]) for m in results(ep)] == [  # ... its result is still third
         ("functions.slow_echo:0", "echo:a"), ("functions.slow_echo:1", "echo:b"), ("functions.slow_echo:2", "echo:c")]
@@ -150,7 +150,7 @@ def test_budgets_stop_with_their_reason(budget, reason):
     if reason == "max_tokens":
         assert ep.completion_tokens >= 30 > ep.completion_tokens - ep.turns[-1]["completion_tokens"]
     if reason == "wall_time":
-        assert 0.5 <= ep.seconds < 1.2
+        assert 0.5 <= ep.seconds < 2.0  # stopped at the first check past the budget (turns of ~0.3 s)
 
 
 def test_model_errors_and_cancellation_end_the_episode():
@@ -200,7 +200,7 @@ def test_reasoning_is_kept_and_sent_back():
 
 
 def test_subagents_run_in_parallel_with_their_own_context_and_tools():
-    sub_turn = calls(call("slow_echo", 0, {"text": "sub", "seconds": 0.4}))
+    sub_turn = calls(call("slow_echo", 0, {"text": "sub", "seconds": 1.0}))
 
     def sub_answer(messages, tools):  # each sub-agent answers with what its prompt asked for
         assert [t["function"]["name"] for t in tools] == ["slow_echo"]  # its subset; no `task` at depth 1
@@ -213,7 +213,7 @@ def test_subagents_run_in_parallel_with_their_own_context_and_tools():
     client = ScriptedClient(script)
     start = time.monotonic()
     ep = run(Agent(client, [slow_echo, task_tool()]))
-    assert time.monotonic() - start < 0.75  # the two sub-agents' 0.4 s tools overlapped
+    assert time.monotonic() - start < 1.8  # the two sub-agents' 1 s tools overlapped
     assert sorted(m["content"] for m in results(ep)) == ["answer to job A", "answer to job B"]
     assert sorted(s["tool_call_id"] for s in ep.subagents) == ["functions.task:0", "functions.task:1"]
     assert all(s["stop_reason"] == "answered" and s["messages"][1]["role"] == "user" for s in ep.subagents)

@@ -153,3 +153,55 @@ def test_openk2_agent_command_in_process(tool_model, tmp_path):
     import json
     record = json.loads(trajectory.read_text())
     assert record["stop_reason"] == "answered" and record["usage"]["model_calls"] == 2
+
+
+def test_openai_client_reads_streams_and_reasoning_as_endpoints_send_them():
+    """vLLM-style replies: reasoning under `reasoning_content` (streamed) or `reasoning` (whole), a
+    call's id and name in one chunk and its arguments in pieces, usage in the last chunk."""
+    import json
+
+    import httpx2
+
+    def chunk(delta, finish=None, usage=None):
+        body = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return "data: " + json.dumps({**body, **({"usage": usage} if usage else {})}) + "\n\n"
+
+    stream = [chunk({"role": "assistant", "content": ""}), chunk({"reasoning_content": "Look it "}),
+              chunk({"reasoning_content": "up."}), chunk({"content": "Checking."}),
+              chunk({"tool_calls": [{"index": 0, "id": "functions.f:0", "type": "function",
+                                     "function": {"name": "f", "arguments": ""}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": '}}]}),
+              chunk({"tool_calls": [{"index": 1, "id": "functions.g:1", "type": "function",
+                                     "function": {"name": "g", "arguments": "{}"}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}, "tool_calls"),
+              chunk(None, usage={"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}),
+              "data: [DONE]\n\n"]
+    whole = {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+             "choices": [{"index": 0, "finish_reason": "stop",
+                          "message": {"role": "assistant", "content": "Hi.", "reasoning": "Say hi."}}],
+             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    seen = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        seen.append(body)
+        if body.get("stream"):
+            return httpx2.Response(200, text="".join(stream), headers={"content-type": "text/event-stream"})
+        return httpx2.Response(200, json=whole)
+
+    client = OpenAIClient("http://endpoint/v1", "m", context_window=100,
+                          http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
+    deltas = []
+    streamed = asyncio.run(client.complete([{"role": "user", "content": "x"}], [{"type": "function"}],
+                                           on_delta=lambda part, text: deltas.append((part, text))))
+    f = {"id": "functions.f:0", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    g = {"id": "functions.g:1", "type": "function", "function": {"name": "g", "arguments": "{}"}}
+    assert streamed.message == {"role": "assistant", "content": "Checking.", "reasoning_content": "Look it up.",
+                                "tool_calls": [f, g]}
+    assert (streamed.finish_reason, streamed.prompt_tokens, streamed.completion_tokens) == ("tool_calls", 7, 5)
+    assert deltas == [("reasoning", "Look it "), ("reasoning", "up."), ("content", "Checking.")]
+    assert seen[0]["stream_options"] == {"include_usage": True} and seen[0]["model"] == "m"
+    whole_reply = asyncio.run(client.complete([{"role": "user", "content": "x"}], temperature=0.5, max_tokens=9))
+    assert whole_reply.message == {"role": "assistant", "content": "Hi.", "reasoning_content": "Say hi."}
+    assert seen[1]["temperature"] == 0.5 and seen[1]["max_tokens"] == 9 and "tools" not in seen[1]

@@ -64,9 +64,11 @@ class OpenAIClient:
     comes from `context_window` or the server's `/v1/models` (`max_model_len`, as openk2 and vLLM say)."""
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 context_window: int | None = None, timeout: float = 600.0, **request_fields):
+                 context_window: int | None = None, timeout: float = 600.0, http_client=None, **request_fields):
+        """request_fields go into every request (top_p, extra_body, ...); http_client: the SDK's own."""
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
-        self.sdk_args = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 2}
+        self.sdk_args = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 2,
+                         "http_client": http_client}
         self.name, self.context_window, self.fields = model, context_window, request_fields
         self._ready = model is not None and context_window is not None
         self._sdk, self._loop = None, None

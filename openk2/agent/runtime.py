@@ -94,9 +94,9 @@ class Agent:
                        tool_choice=None, kind: str = "turn") -> Completion:
         """One model call, counted in the episode's turns (compaction calls too)."""
         start = time.monotonic()
+        stream = self.on_event and (lambda part, text: self._emit("delta", part=part, text=text))  # only if shown
         c = await self.client.complete(messages, tools, tool_choice=tool_choice, max_tokens=max_tokens,
-                                       temperature=self.temperature, seed=self.seed,
-                                       on_delta=lambda part, text: self._emit("delta", part=part, text=text))
+                                       temperature=self.temperature, seed=self.seed, on_delta=stream)
         ep.turns.append({"kind": kind, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                          "finish_reason": c.finish_reason, "seconds": round(time.monotonic() - start, 4)})
         return c
