@@ -9,6 +9,7 @@ model client: cli.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -24,10 +25,8 @@ async def ask(prompt: str, input_fn=input) -> str | None:
             line = input_fn(prompt)
         except (EOFError, OSError):
             line = None
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(line))
-        except RuntimeError:  # the loop has closed: nobody is waiting any more
-            pass
 
     threading.Thread(target=read, daemon=True).start()
     return await done
