@@ -3,8 +3,12 @@
 import dataclasses
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,8 @@ import torch.multiprocessing as mp
 
 from openk2.checkpoint import load_hf
 from openk2.train import TRAIN_PRESETS, parse_args, train
-from openk2.train.loop import balance_experts, latest_checkpoint
+from openk2.checkpoint import latest_checkpoint
+from openk2.train.loop import balance_experts
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +147,77 @@ def test_schedule_warms_up_holds_and_lands_on_final():
     for bad in (dict(peak_tflops=0), dict(eval_batches=0), dict(grad_clip=-1), dict(decay_frac=2)):
         with pytest.raises(ValueError):
             dataclasses.replace(cfg, **bad)
+
+
+# ---------------------------------------------------------------- killed runs (real processes, SIGKILL)
+
+def _start(corpus, out, *flags):
+    return subprocess.Popen([sys.executable, "-m", "openk2.train", "--preset", "tiny", "--data", str(corpus),
+                             "--out-dir", str(out), "--log-every", "1", *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc, ready, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"training ended early: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "training never got there"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _steps(out) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()
+            if "step" in json.loads(line)]
+
+
+def _resume(corpus, out, *flags):
+    p = subprocess.run([sys.executable, "-m", "openk2.train", "--preset", "tiny", "--data", str(corpus),
+                        "--out-dir", str(out), "--log-every", "1", *flags, "--resume"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return p.stderr
+
+
+def test_killed_before_the_first_checkpoint_resumes_with_a_clean_log(corpus, tmp_path):
+    out, flags = tmp_path / "run", ["--steps", "16", "--ckpt-every", "16"]
+    proc = _start(corpus, out, *flags)
+    _kill_when(proc, lambda: (out / "metrics.jsonl").exists() and len(_steps(out)) >= 3)
+    assert latest_checkpoint(out) is None and _steps(out)[:3] == [1, 2, 3]  # killed with no checkpoint
+    log = _resume(corpus, out, *flags)
+    assert "no complete checkpoint" in log and "starting from step 0" in log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert _steps(out) == list(range(1, 17))  # each step once, not 1, 2, 3, 1, 2, ...
+    assert [r["resumed_from"] for r in rows if r.get("event") == "start"] == [0]
+
+
+def test_a_bad_latest_pointer_falls_back_to_the_newest_complete_checkpoint(corpus, tmp_path):
+    out, flags = tmp_path / "run", ["--steps", "12", "--ckpt-every", "4"]
+    proc = _start(corpus, out, *flags)
+    _kill_when(proc, lambda: (out / "checkpoints" / "step_000004" / "train_state.pt").exists())
+    newest = latest_checkpoint(out)
+    # what a kill inside a checkpoint could leave: an emptied pointer (the pointer used to be rewritten
+    # in place) and a newer folder that never got its train_state.pt
+    (out / "checkpoints" / "latest").write_text("")
+    (out / "checkpoints" / "step_000099").mkdir()
+    (out / "checkpoints" / "step_000099" / "config.json").write_text("{}")
+    log = _resume(corpus, out, *flags)
+    assert f"latest is empty; using the newest complete checkpoint, {newest.name}" in log
+    assert _steps(out) == list(range(1, 13)) and latest_checkpoint(out).name == "step_000012"
+    (out / "checkpoints" / "latest").unlink()
+    notes = []
+    assert latest_checkpoint(out, notes.append).name == "step_000012" and "latest is missing" in notes[0]
+
+
+def test_resume_of_a_finished_run_says_it_is_complete(corpus, tmp_path):
+    out = tmp_path / "run"
+    final = train(_cfg(corpus, out))
+    before = (out / "metrics.jsonl").read_text()
+    openk2 = os.path.join(os.path.dirname(sys.executable), "openk2")
+    p = subprocess.run([openk2, "train", "--preset", "tiny", "--data", str(corpus), "--out-dir", str(out), "--resume"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"the run in {out} is complete (6 of 6 steps); nothing to resume" in p.stderr
+    assert f"validation loss {final['val_loss']:.3f} nats/token after 6 steps" in p.stdout and "nan" not in p.stdout
+    assert (out / "metrics.jsonl").read_text() == before

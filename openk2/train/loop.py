@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from openk2.checkpoint import load_hf, save_hf
+from openk2.checkpoint import latest_checkpoint, load_hf, save_train_state
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
 from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model, lm_loss
@@ -119,18 +120,17 @@ def evaluate(model, batches, autocast, world: int) -> float:
 
 
 def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg: TrainConfig):
-    save_hf(model, folder, dtype=torch.float32, progress=False)
-    tok.save(folder)
     state = {"step": step, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
              "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "git": git_revision(),
              "torch": torch.__version__}
-    torch.save(state, folder / "train_state.pt")
-    (folder.parent / "latest").write_text(folder.name + "\n")
+    save_train_state(folder, model, tok, state)
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    pointer = out_dir / "checkpoints" / "latest"
-    return out_dir / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+def final_metrics(out_dir: Path) -> dict:
+    """The last logged row of a run (the final step's, with its validation loss)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return next((r for r in reversed(rows) if "step" in r), {})
 
 
 def check_fits(model_cfg, cfg: TrainConfig):
@@ -168,7 +168,10 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
     loader, val, n_train = build_data(cfg, tok, train_docs, val_docs, rank, world)
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    note = (lambda text: print(f"[openk2] {text}", file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
+    ckpt = latest_checkpoint(out, note) if cfg.resume else None
+    if cfg.resume and not ckpt:
+        note(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0 (a new log)")
     if ckpt:
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
         _check_same_trajectory(cfg, state["config"], ckpt)
@@ -182,6 +185,9 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"])
         step = state["step"]
+    if step >= cfg.steps:
+        note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
+        return final_metrics(out)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     autocast = (lambda: torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)) \
         if cfg.autocast == "bfloat16" else nullcontext
@@ -264,8 +270,11 @@ def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path):
 
 def _open_log(path: Path, step: int):
     """metrics.jsonl for appending; on resume, rows past the checkpoint's step (logged by the
-    interrupted run after its last checkpoint) are dropped first, so each step appears once."""
-    if step and path.exists():
+    interrupted run after its last checkpoint) are dropped first, so each step appears once. From
+    step 0 (a new run, or a resume with no checkpoint to resume from) the log starts empty."""
+    if not step:
+        return open(path, "w")
+    if path.exists():
         rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         path.write_text("".join(line + "\n" for line in rows))
     return open(path, "a")
