@@ -5,6 +5,7 @@ reasoning, follow-ups, trajectories. The tool decorator and the workspace file t
 
 import asyncio
 import json
+import os
 import time
 from typing import Annotated, Literal
 
@@ -16,7 +17,7 @@ from openk2.agent.files import Workspace
 from openk2.agent.episode import Episode, write_jsonl
 from openk2.agent.runtime import UNPARSED, Agent, Budget
 from openk2.agent.subagents import SUBAGENT_SYSTEM, task_tool
-from openk2.agent.tools import ArgumentError, ToolContext, tool
+from openk2.agent.tools import ArgumentError, ToolContext, ToolError, tool
 from openk2.tokenizer import render_chat
 from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END
 
@@ -314,7 +315,9 @@ def test_tool_schema_from_hints_and_docstring():
         "city": {"type": "string", "description": "the city's name, with its country if ambiguous"},
         "unit": {"enum": ["c", "f"], "description": "temperature unit", "default": "c"},
         "days": {"type": "integer", "description": "how many days", "default": 1},
-        "tags": {"type": "array", "items": {"type": "string"}}}}
+        "tags": {"type": ["array", "null"], "items": {"type": "string"}}}}
+    assert asyncio.run(lookup.invoke({"city": "Oslo", "tags": None}, ToolContext(None, None))) == \
+        '{"city": "Oslo", "context": true}'
     assert asyncio.run(lookup.invoke({"city": "Oslo"}, ToolContext(None, None))) == '{"city": "Oslo", "context": true}'
     for bad, message in [({"city": 1}, "city: 1 is not of type"), ({}, "'city' is a required property"),
                          ({"city": "a", "x": 1}, "Additional properties"),
@@ -344,12 +347,134 @@ def test_workspace_tools_stay_inside(tmp_path):
     assert go("list_files") == "new/b.txt  (3 bytes)\npkg/a.py  (22 bytes)"  # not the link out, not .git
     assert "pkg/a.py" in go("list_files", pattern="*.py") and ".git" not in go("list_files")
     assert go("search_files", regex=r"def \w+") == "pkg/a.py:1: def f():"
+    with pytest.raises(Exception, match="unterminated|missing"):
+        go("search_files", regex="(")
     for path in ["../secret.txt", str(tmp_path / "secret.txt"), "link", "/etc/passwd"]:
         with pytest.raises(PermissionError, match="outside the workspace"):
             go("read_file", path=path)
     with pytest.raises(PermissionError):
         go("write_file", path="../escape.txt", content="x")
-    with pytest.raises(ValueError, match="occurs 0 times"):
+    with pytest.raises(ToolError, match="occurs 0 times"):
         go("edit_file", path="pkg/a.py", old="nothing", new="x")
+    os.mkfifo(ws_dir / "pipe")  # what sandboxed code could leave: reading it would block a thread for good
+    (ws_dir / "blob.bin").write_bytes(b"\x00\x01" * 5000)
+    for path, message in [("pipe", "pipe is not a regular file"), ("pkg", "Is a directory|not a regular"),
+                          ("blob.bin", "blob.bin is a binary file")]:
+        with pytest.raises((ToolError, OSError), match=message):
+            go("read_file", path=path)
+    with pytest.raises(OSError):
+        go("write_file", path="pipe", content="x")
     assert not (tmp_path / "escape.txt").exists()
     assert tools["write_file"].needs_approval and not tools["read_file"].needs_approval
+
+
+def test_a_search_that_backtracks_badly_is_stopped_and_the_loop_stays_responsive(tmp_path, monkeypatch):
+    import openk2.agent.search as search_module
+    monkeypatch.setattr(search_module, "SEARCH_SECONDS", 1.0)
+    (tmp_path / "evil.txt").write_text("a" * 40 + "b\n")
+    search = {t.name: t for t in Workspace(tmp_path).tools()}["search_files"]
+    ticks = []
+
+    async def main():
+        async def tick():
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.05)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            with pytest.raises(ToolError, match="ran past 1 s"):
+                await search.invoke({"regex": "(a+)+$"})
+        finally:
+            ticker.cancel()
+
+    start = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - start < 5 and len(ticks) >= 10  # the event loop kept running meanwhile
+
+
+# ---------------------------------------------------------------- review: edges of the loop and the terminal
+
+def test_reply_room_subagent_time_and_tokens_result_cap_and_message_shape():
+    from openk2.agent.client import clean_message
+    no_calls = {"role": "assistant", "content": "x", "tool_calls": []}  # OpenAI itself refuses an empty list
+    assert clean_message(no_calls) == {"role": "assistant", "content": "x"}
+    dict_args = {"id": "i", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+    assert clean_message({"role": "assistant", "tool_calls": [dict_args]})["tool_calls"][0]["function"] == \
+        {"name": "f", "arguments": '{"a": 1}'}
+
+    client = ScriptedClient(["short answer"], context_window=600)  # never ask for more than the context has left
+    run(Agent(client, [slow_echo], budget=Budget(turn_tokens=4096)))
+    assert client.requests[0]["max_tokens"] == 600 - len(client.requests[0]["prompt_ids"])
+
+    @tool
+    def flood() -> str:
+        """A lot of text."""
+        return "z" * 100_000
+
+    ep = run(Agent(ScriptedClient([calls(call("flood", 0, {})), "ok"]), [flood], budget=Budget(max_result_chars=1000)))
+    assert results(ep)[0]["content"] == "z" * 1000 + "\n[… 99000 more characters cut]"
+
+    sub_turn = calls(call("slow_echo", 0, {"text": "s", "seconds": 0.4}))  # the sub-agent outlives tool_timeout
+    script = [calls(call("task", 0, {"prompt": "p"})), sub_turn, sub_turn, "sub done", "parent done"]
+    ep = run(Agent(ScriptedClient(script), [slow_echo, task_tool()], budget=Budget(tool_timeout=0.5)))
+    assert results(ep)[0]["content"] == "sub done" and ep.final == "parent done"
+    sub = ep.turns[1]
+    assert sub["kind"] == "subagent" and sub["model_calls"] == 3 and sub["completion_tokens"] > 0
+    assert ep.record()["usage"]["model_calls"] == 5 and ep.completion_tokens > sum(
+        t["completion_tokens"] for t in ep.turns if t["kind"] == "turn")
+
+
+def test_subagent_edges_and_split_with_nothing_recent():
+    script = [calls(call("task", 0, {"prompt": "p", "tools": []})), "no tools needed", "done"]
+    client = ScriptedClient(script)
+    ep = run(Agent(client, [slow_echo, task_tool()]))
+    assert client.requests[1]["tools"] is None and results(ep)[0]["content"] == "no tools needed"
+    ep = run(Agent(ScriptedClient([calls(call("task", 0, {"prompt": "p"})), "done"]), [task_tool()], max_depth=0))
+    assert results(ep)[0]["content"] == "Error: sub-agents may nest 0 level(s) deep"
+    ctx = [{"role": "user", "content": "t"}, {"role": "assistant", "content": "a"}]
+    assert split(ctx, keep_recent=0) == (ctx[:1], ctx[1:], [])
+
+
+def test_cancelled_subagent_is_still_recorded():
+    agent = Agent(ScriptedClient([calls(call("task", 0, {"prompt": "p"})),
+                                  calls(call("slow_echo", 0, {"text": "s", "seconds": 5}))]), [slow_echo, task_tool()])
+    ep = agent.episode("go")
+
+    async def interrupt():
+        task = asyncio.create_task(agent.resume(ep))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupt())
+    assert ep.stop_reason == "cancelled" and ep.subagents[0]["stop_reason"] == "cancelled"
+    assert results(ep)[0]["content"] == "Error: interrupted by the user."
+
+
+def test_keyboard_gives_a_line_typed_after_an_abandoned_prompt_to_the_next_one():
+    import io
+    import queue
+
+    from openk2.agent.terminal import Keyboard, View, printable
+    lines, prompts = queue.Queue(), []
+
+    def fake_input(prompt):
+        prompts.append(prompt)
+        return lines.get()
+
+    keyboard = Keyboard(fake_input, out=io.StringIO())
+
+    async def main():
+        first = asyncio.create_task(keyboard.ask("allow? "))
+        await asyncio.sleep(0.05)
+        first.cancel()  # Ctrl-C during an approval prompt
+        lines.put("next task")
+        return await keyboard.ask("you> ")
+
+    assert asyncio.run(main()) == "next task" and prompts == ["allow? "]  # one read, not two
+    assert printable("ls\r\x1b[2Krm -rf x\tok\n") == "ls\\r\\x1b[2Krm -rf x\tok\n"
+    view = View(io.StringIO(), Keyboard(lambda prompt: "n", out=io.StringIO()))
+    assert not asyncio.run(view.approve("run_shell", {"command": "echo \x1b[2Khi"}))
+    assert "echo \\x1b[2Khi" in view.out.getvalue()

@@ -63,6 +63,8 @@ def test_agent_uses_our_mcp_server_and_a_tiny_sdk_server_over_stdio(workspace):
             assert names == ["read_file", "write_file", "run_python", "add", "tiny_read_file"]
             by_name = {t.name: t for t in tools}
             assert by_name["read_file"].parameters["required"] == ["path"]
+            # approval: what our server marks read-only needs none; the tiny server's tools say nothing, so they do
+            assert [t.needs_approval for t in tools] == [False, True, True, True, True]
             assert await by_name["add"].invoke({"a": 2, "b": 3}) == "5"
             assert await by_name["tiny_read_file"].invoke({"path": "x"}) == "tiny's x"
             with pytest.raises(ArgumentError):  # checked against the server's schema before the call

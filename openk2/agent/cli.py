@@ -66,10 +66,16 @@ def mcp_server_command(args) -> None:
     from openk2.agent.builtin import builtin_tools
     from openk2.agent.mcp import serve_mcp
 
+    host, _, port = (args.http or "").rpartition(":")
+    if args.http and not (host and port.isdigit()):
+        raise SystemExit(f"openk2 mcp-server: --http wants HOST:PORT, e.g. 127.0.0.1:9000, not {args.http!r}")
     tools, sandbox = builtin_tools(args.workspace, unsafe=args.unsafe_sandbox, subagents=False, names=names(args.tools))
     print(f"[openk2] mcp-server: {len(tools)} tools on {Path(args.workspace).resolve()}; {sandbox.describe()}",
           file=sys.stderr, flush=True)
-    serve_mcp(tools, args.http)
+    try:
+        serve_mcp(tools, args.http)
+    except KeyboardInterrupt:  # the usual way to stop a server by hand
+        raise SystemExit(130) from None
 
 
 def in_process_client(load, args):
@@ -126,8 +132,9 @@ def agent_command(args, load) -> None:
     workspace = Path(args.workspace).resolve()
     if not workspace.is_dir():
         raise SystemExit(f"openk2 agent: the workspace {args.workspace} is not a directory")
-    client, stop = make_client(args, load)
+    stop = None
     try:
+        client, stop = make_client(args, load)
         code = asyncio.run(session(args, client, workspace, SYSTEM.format(workspace=workspace), names(args.tools)))
     except KeyboardInterrupt:
         code = 130

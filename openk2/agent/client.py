@@ -50,11 +50,16 @@ def clean_message(message: dict) -> dict:
     out.setdefault("content", None)
     if reasoning:
         out["reasoning_content"] = reasoning
-    if out.get("tool_calls"):
-        out["tool_calls"] = [{"id": c["id"], "type": "function",
-                              "function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}}
-                             for c in out["tool_calls"]]
+    if out.get("tool_calls"):  # arguments as a JSON string, as OpenAI's API has them
+        out["tool_calls"] = [{"id": c["id"], "type": "function", "function": {"name": c["function"]["name"],
+                              "arguments": as_json_text(c["function"]["arguments"])}} for c in out["tool_calls"]]
+    else:  # an empty list is not "no calls" to every endpoint: OpenAI answers 400 `empty_array`
+        out.pop("tool_calls", None)
     return out
+
+
+def as_json_text(arguments) -> str:
+    return arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------- over HTTP

@@ -19,12 +19,9 @@ SUMMARY_HEADER = "Summary of the earlier conversation (older turns were compacte
 SUMMARY_TOKENS = 1024
 
 
-def near_context(agent, ep, max_tokens: int) -> bool:
-    """True when the context is past `compact_at` of the window, or the next reply would not fit."""
+def near_context(agent, used: int, max_tokens: int) -> bool:
+    """True when `used` tokens are past `compact_at` of the window, or the next reply would not fit."""
     window = agent.client.context_window
-    if not window:
-        return False
-    used = agent.client.count_tokens(ep.context, ep.tools)
     return used > agent.compact_at * window or used + min(max_tokens, SUMMARY_TOKENS) > window
 
 
@@ -36,7 +33,7 @@ def split(context: list[dict], keep_recent: int) -> tuple[list[dict], list[dict]
         h += 1
     h += h < len(context) and context[h]["role"] == "user"
     cut = max(h, len(context) - keep_recent)
-    while cut > h and context[cut]["role"] == "tool":
+    while h < cut < len(context) and context[cut]["role"] == "tool":
         cut -= 1
     answered = {m.get("tool_call_id") for m in context if m["role"] == "tool"}
     for i in range(h, cut):  # an assistant message waiting for results is never summarised away

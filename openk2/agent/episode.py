@@ -57,10 +57,11 @@ class Episode:
 
     def record(self) -> dict:
         """One JSONL record: what `openk2 sft` reads (messages + tools) and what RL and people inspect."""
-        model_s = sum(t["seconds"] for t in self.turns)
+        model_s = sum(t["seconds"] for t in self.turns if t["kind"] != "subagent")
         return {"id": self.id, "messages": self.transcript, "tools": self.tools, "stop_reason": self.stop_reason,
                 "stop_detail": self.detail, "final": self.final,
-                "usage": {"model_calls": len(self.turns), "prompt_tokens": sum(t["prompt_tokens"] for t in self.turns),
+                "usage": {"model_calls": sum(t.get("model_calls", 1) for t in self.turns),  # sub-agents' too
+                          "prompt_tokens": sum(t["prompt_tokens"] for t in self.turns),
                           "completion_tokens": self.completion_tokens},
                 "timings": {"total_s": round(self.seconds, 4), "model_s": round(model_s, 4),
                             "tools_s": round(self.tools_s, 4)},

@@ -2,19 +2,30 @@
 
 Every path is taken relative to the workspace and resolved (symlinks followed) before use; one that
 lands outside the workspace is refused, so `../`, absolute paths and links out all fail the same way.
-Writes and edits need approval in the terminal (`needs_approval`); reads do not. Code execution is
-sandbox.py's.
+Only regular files are read or written (a FIFO would block a worker thread for good) and binary files
+are named rather than shown; the regex search is search.py's. Writes and edits need approval
+in the terminal (`needs_approval`); reads do not. Code execution is sandbox.py's.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import re
+import os
+import stat
 from pathlib import Path
 
-from openk2.agent.tools import Tool, tool
+from openk2.agent.search import search_lines
+from openk2.agent.tools import Tool, ToolError, tool
 
 MAX_READ_LINES, MAX_MATCHES, MAX_LIST = 2000, 200, 500
+SEARCH_MAX_BYTES = 8 << 20  # larger files are skipped by the search
+def open_regular(p: Path, mode: str = "rb"):
+    """`p` opened, if it is a regular file (checked on the open descriptor, not the name)."""
+    fd = os.open(p, (os.O_RDONLY if mode == "rb" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC) | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ToolError(f"{p.name} is not a regular file")
+    return os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {}))
 
 
 class Workspace:
@@ -42,6 +53,24 @@ class Workspace:
             if inside and not hidden and p.is_file() and fnmatch.fnmatch(p.name, glob):
                 yield p
 
+    def read(self, path: str) -> str:
+        with open_regular(self.path(path)) as f:
+            data = f.read()
+        if b"\0" in data[:8192]:
+            raise ToolError(f"{path} is a binary file ({len(data)} bytes)")
+        return data.decode("utf-8", errors="replace")
+
+    def write(self, path: str, text: str) -> Path:
+        p = self.path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open_regular(p, "w") as f:
+            f.write(text)
+        return p
+
+    async def search(self, regex: str, path: str, pattern: str) -> str:
+        files = [p for p in self.files(self.path(path), pattern) if p.stat().st_size <= SEARCH_MAX_BYTES]
+        return await search_lines(regex, files, self.root, MAX_MATCHES)
+
     def tools(self) -> list[Tool]:
         ws = self
 
@@ -54,10 +83,10 @@ class Workspace:
                 offset: first line to show (1-based)
                 limit: how many lines to show
             """
-            lines = ws.path(path).read_text("utf-8", errors="replace").splitlines()
-            shown = lines[max(offset, 1) - 1:max(offset, 1) - 1 + limit]
-            body = "\n".join(f"{i:6d}\t{line}" for i, line in enumerate(shown, max(offset, 1)))
-            more = len(lines) - (max(offset, 1) - 1 + len(shown))
+            lines, first = ws.read(path).splitlines(), max(offset, 1)
+            shown = lines[first - 1:first - 1 + limit]
+            body = "\n".join(f"{i:6d}\t{line}" for i, line in enumerate(shown, first))
+            more = len(lines) - (first - 1 + len(shown))
             return body + (f"\n… {more} more lines (use offset)" if more > 0 else "") if lines else "(empty file)"
 
         @tool(needs_approval=True)
@@ -68,10 +97,7 @@ class Workspace:
                 path: file path relative to the workspace
                 content: the whole new content
             """
-            p = ws.path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_text(content, "utf-8")
-            return f"wrote {len(content.encode())} bytes to {ws.show(p)}"
+            return f"wrote {len(content.encode())} bytes to {ws.show(ws.write(path, content))}"
 
         @tool(needs_approval=True)
         def edit_file(path: str, old: str, new: str) -> str:
@@ -82,12 +108,10 @@ class Workspace:
                 old: the text to replace; it must occur exactly once
                 new: the replacement
             """
-            p = ws.path(path)
-            text = p.read_text("utf-8")
+            text = ws.read(path)
             if (n := text.count(old)) != 1:
-                raise ValueError(f"`old` occurs {n} times in {path}; it must occur exactly once")
-            p.write_text(text.replace(old, new), "utf-8")
-            return f"edited {ws.show(p)}"
+                raise ToolError(f"`old` occurs {n} times in {path}; it must occur exactly once")
+            return f"edited {ws.show(ws.write(path, text.replace(old, new)))}"
 
         @tool
         def list_files(path: str = ".", pattern: str = "*") -> str:
@@ -103,21 +127,14 @@ class Workspace:
                 or "(no files)"
 
         @tool
-        def search_files(regex: str, path: str = ".", pattern: str = "*") -> str:
-            """Search workspace files for a regular expression; lines as path:line: text.
+        async def search_files(regex: str, path: str = ".", pattern: str = "*") -> str:
+            """Search workspace text files for a regular expression; lines as path:line: text.
 
             Args:
                 regex: Python regular expression
                 path: directory or file relative to the workspace
                 pattern: shell-style file-name filter, e.g. *.py
             """
-            rx, hits = re.compile(regex), []
-            for p in ws.files(ws.path(path), pattern):
-                for i, line in enumerate(p.read_text("utf-8", errors="replace").splitlines(), 1):
-                    if rx.search(line):
-                        hits.append(f"{ws.show(p)}:{i}: {line.strip()[:200]}")
-                        if len(hits) >= MAX_MATCHES:
-                            return "\n".join(hits + [f"(stopped at {MAX_MATCHES} matches)"])
-            return "\n".join(hits) or "(no matches)"
+            return await ws.search(regex, path, pattern)
 
         return [read_file, write_file, edit_file, list_files, search_files]

@@ -44,7 +44,8 @@ def mcp_tool(client, spec, name: str) -> Tool:
         return text
 
     schema = spec.input_schema or {"type": "object", "properties": {}}
-    return Tool(name, spec.description or "", schema, call)
+    read_only = bool(spec.annotations and spec.annotations.read_only_hint)  # the server's own word for it
+    return Tool(name, spec.description or "", schema, call, needs_approval=not read_only)
 
 
 class MCPTools:
@@ -100,7 +101,8 @@ def mcp_server(tools: list[Tool], name: str = "openk2"):
     from mcp.server import Server
 
     by_name = toolbox(tools)
-    listed = [types.Tool(name=t.name, description=t.description, input_schema=t.parameters) for t in tools]
+    listed = [types.Tool(name=t.name, description=t.description, input_schema=t.parameters,  # reads need no approval
+                         annotations=types.ToolAnnotations(read_only_hint=not t.needs_approval)) for t in tools]
 
     async def on_list_tools(ctx, params) -> types.ListToolsResult:
         return types.ListToolsResult(tools=listed)
@@ -130,7 +132,6 @@ def serve_mcp(tools: list[Tool], http: str | None = None) -> None:
         import uvicorn
 
         host, _, port = http.rpartition(":")
-        host = host or "127.0.0.1"
         uvicorn.run(server.streamable_http_app(host=host), host=host, port=int(port), log_level="warning")
         return
 

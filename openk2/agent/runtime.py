@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -35,6 +36,7 @@ class Budget:
     max_seconds: float | None = None  # wall clock
     turn_tokens: int = 4096  # max_tokens of one call (less when the episode budget has less left)
     tool_timeout: float = 120.0  # seconds a call may run, unless its tool says otherwise
+    max_result_chars: int = 40_000  # a longer tool result is cut (about 10k tokens)
 
 
 class Agent:
@@ -115,8 +117,11 @@ class Agent:
         choice = self.tool_choice(ep) if callable(self.tool_choice) else self.tool_choice
         try:
             deadline = None if seconds is None else time.monotonic() + seconds
-            if near_context(self, ep, max_tokens):
-                await asyncio.wait_for(compact(self, ep), seconds)
+            if window := self.client.context_window:  # compact when near it; never ask for more than is left
+                if near_context(self, used := self.client.count_tokens(ep.context, ep.tools), max_tokens):
+                    await asyncio.wait_for(compact(self, ep), seconds)
+                    used = self.client.count_tokens(ep.context, ep.tools)
+                max_tokens = max(1, min(max_tokens, window - used))
             c = await asyncio.wait_for(self.complete(ep, ep.context, ep.tools or None, max_tokens, choice),
                                        None if deadline is None else deadline - time.monotonic())
         except TimeoutError:
@@ -160,6 +165,8 @@ class Agent:
         name, call_id = call["function"]["name"], call["id"]
         content, error = await self._execute(ep, call, deadline)
         self._emit("result", call=call, content=content, error=error)
+        if len(content) > (cap := self.budget.max_result_chars):  # one result must not fill the context
+            content = content[:cap] + f"\n[… {len(content) - cap} more characters cut]"
         message = {"role": "tool", "tool_call_id": call_id, "name": name, "content": content}
         return message, error and {"turn": len(ep.turns), "tool_call_id": call_id, "name": name, "kind": error,
                                    "message": content}
@@ -180,15 +187,18 @@ class Agent:
             return f"Error: invalid arguments for {name}: {what}.", "invalid_arguments"
         if tool.needs_approval and self.approve and not await self.approve(name, args):
             return "Error: the user declined this call.", "declined"
-        timeout = tool.timeout or self.budget.tool_timeout
+        timeout = tool.timeout or self.budget.tool_timeout  # math.inf: none but the episode's deadline
         timeout = timeout if deadline is None else max(0.0, min(timeout, deadline - time.monotonic()))
         self._emit("call", call=call)  # it runs now (a call refused before this shows only in its result)
         try:
-            return await asyncio.wait_for(tool.run(args, ToolContext(self, ep, call["id"])), timeout), None
+            limit = None if math.isinf(timeout) else timeout
+            return await asyncio.wait_for(tool.run(args, ToolContext(self, ep, call["id"])), limit), None
         except TimeoutError:
             return f"Error: {name} timed out after {timeout:.1f} s.", "timeout"
         except ToolError as e:
             return f"Error: {e}", "tool_error"
+        except ArgumentError as e:  # found by the tool itself (a sub-agent's unknown tool names, say)
+            return f"Error: invalid arguments for {name}: {e}.", "invalid_arguments"
         except Exception as e:  # noqa: BLE001 — the model reads what went wrong and carries on
             return f"Error: {name} failed: {type(e).__name__}: {e}", "tool_error"
 
@@ -196,7 +206,9 @@ class Agent:
         """An agent one level down: same client and approvals, its own context, a subset of the tools
         (the `task` tool only while depth < max_depth)."""
         depth = self.depth + 1
-        names = [n for n in (tool_names or self.tools) if n != "task" or depth < self.max_depth]
+        if depth > self.max_depth:
+            raise ToolError(f"sub-agents may nest {self.max_depth} level(s) deep")
+        names = [n for n in (self.tools if tool_names is None else tool_names) if n != "task" or depth < self.max_depth]
         if unknown := [n for n in names if n not in self.tools]:
             raise ArgumentError(f"unknown tools {unknown}; the tools are: {', '.join(self.tools)}")
         on_event = self.on_event and (lambda kind, data: self.on_event(kind, {**data, "depth": depth}))

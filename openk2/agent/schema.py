@@ -21,7 +21,8 @@ def type_schema(hint) -> dict:
         return type_schema(args[0])
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
-        return type_schema(inner[0]) if len(inner) == 1 else {"anyOf": [type_schema(a) for a in inner]}
+        schema = type_schema(inner[0]) if len(inner) == 1 else {"anyOf": [type_schema(a) for a in inner]}
+        return nullable(schema) if len(inner) < len(args) else schema
     if origin is Literal:
         return {"enum": list(args)}
     if origin in (list, tuple, set, frozenset):
@@ -33,6 +34,17 @@ def type_schema(hint) -> dict:
     if hint is Any or hint is inspect.Parameter.empty:
         return {}
     raise TypeError(f"no JSON schema for the type {hint!r}")
+
+
+def nullable(schema: dict) -> dict:
+    """`schema` that also admits null (`X | None`: a model may send null for "not given")."""
+    if isinstance(schema.get("type"), str):
+        return {**schema, "type": [schema["type"], "null"]}
+    if "enum" in schema:
+        return {**schema, "enum": [*schema["enum"], None]}
+    if "anyOf" in schema:
+        return {**schema, "anyOf": [*schema["anyOf"], {"type": "null"}]}
+    return schema  # {} admits anything, null included
 
 
 def docstring_parts(doc: str) -> tuple[str, dict[str, str]]:

@@ -2,46 +2,61 @@
 the live display of text, tool calls and results, and approvals for tools that need them.
 
 Ctrl-C during a task stops that task (recorded as "cancelled") and returns to the prompt; at the
-prompt it leaves. Input is read on a daemon thread, so leaving never waits for a line. Flags and the
-model client: cli.py.
+prompt it leaves. Lines are read by one daemon thread at a time (leaving never waits for a line); a
+line typed for a prompt that was given up goes to the next one. Model-written text is shown with its
+control characters escaped, so a command cannot disguise itself. Flags and the model client: cli.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import json
 import signal
 import sys
 import threading
 
 
-async def ask(prompt: str, input_fn=input) -> str | None:
-    """A line from the terminal without blocking the event loop; None at end of input."""
-    loop, done = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+class Keyboard:
+    """Terminal lines without blocking the event loop; None at end of input."""
 
-    def read():
+    def __init__(self, input_fn=input, out=sys.stdout):
+        self.input_fn, self.out, self.pending = input_fn, out, None  # the read in flight (a thread's future)
+
+    async def ask(self, prompt: str) -> str | None:
+        if self.pending is None:
+            self.pending = concurrent.futures.Future()
+            threading.Thread(target=self.read, args=(prompt, self.pending), daemon=True).start()
+        elif not self.pending.done():  # a read started for an abandoned prompt is still waiting: reuse it
+            self.out.write(prompt)
+            self.out.flush()
+        line = await asyncio.shield(asyncio.wrap_future(self.pending))  # Ctrl-C leaves the read running
+        self.pending = None
+        return line
+
+    def read(self, prompt: str, into: concurrent.futures.Future) -> None:
         try:
-            line = input_fn(prompt)
+            into.set_result(self.input_fn(prompt))
         except (EOFError, OSError):
-            line = None
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(line))
+            into.set_result(None)
 
-    threading.Thread(target=read, daemon=True).start()
-    return await done
+
+def printable(text: str) -> str:
+    """`text` with control characters (but newlines and tabs) escaped."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def short(text: str, limit: int = 160) -> str:
-    text = " ".join(text.split())
+    text = printable(" ".join(text.split()))
     return text if len(text) <= limit else text[:limit] + " …"
 
 
 class View:
     """Prints the agent's events as they happen; asks before tools that need approval."""
 
-    def __init__(self, out=sys.stdout, ask_fn=ask):
-        self.out, self.ask, self.always, self.lock = out, ask_fn, set(), asyncio.Lock()
+    def __init__(self, out=sys.stdout, keyboard: Keyboard | None = None):
+        self.out, self.always, self.lock = out, set(), asyncio.Lock()
+        self.ask = (keyboard or Keyboard(out=out)).ask
         self.color, self.mid_line = getattr(out, "isatty", lambda: False)(), False
 
     def paint(self, text: str, code: str) -> str:
@@ -82,7 +97,7 @@ class View:
             if name in self.always:
                 return True
             shown = args.get("command") or args.get("code") or json.dumps(args, ensure_ascii=False)
-            self.line(self.paint(f"{name} wants to run:", "33") + "\n" + shown)
+            self.line(self.paint(f"{name} wants to run:", "33") + "\n" + printable(str(shown)))
             answer = (await self.ask(f"allow {name}? [y]es / [n]o / [a]lways: ") or "").strip().lower()
             if answer in ("a", "always"):
                 self.always.add(name)
@@ -106,12 +121,17 @@ async def session(args, client, workspace, system: str, tool_names: list[str] | 
                       temperature=args.temperature, approve=None if args.yes else view.approve, on_event=view.event)
         view.line(view.paint(f"openk2 agent · {getattr(client, 'name', None) or 'model'} · {workspace} · "
                              f"{len(agent.tools)} tools · {sandbox.describe()}", "2"))
-        record = (lambda ep: None) if args.no_trajectory else (lambda ep: write_jsonl(args.trajectory, [ep.record()]))
+        def record(ep) -> None:
+            try:
+                args.no_trajectory or write_jsonl(args.trajectory, [ep.record()])
+            except OSError as e:  # the answer matters more than its record
+                view.line(view.paint(f"[trajectory not written: {e}]", "33"))
+
         if one_shot:
             ep = await agent.run(args.prompt)
-            record(ep)
             if not (sys.stdout.isatty() and sys.stderr.isatty()):  # on one terminal it has just streamed by
                 print(ep.final if ep.final is not None else "", flush=True)
+            record(ep)
             return 0 if ep.stop_reason == "answered" else 1
         return await conversation(agent, view, record)
 
