@@ -102,16 +102,22 @@ def _rank_main(rank, world, port, cfg):
         torch.distributed.destroy_process_group()
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path):
-    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=3, warmup_steps=1, autocast="none")
+@pytest.mark.parametrize("optimizer, tolerance", [("adamw", 1e-5), ("muonclip", 2e-3)])
+def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, optimizer, tolerance):
+    """DDP sums the two halves' gradients in another order than one process does: the last bits differ.
+    Through AdamW's fp32 update the losses stay equal to fp32 rounding (~1e-6); Muon's Newton–Schulz
+    runs in bf16, where such last-bit differences flip roundings, so after a few steps the losses
+    differ by ~1e-4 to 1e-3 (measured: at most 8.8e-4 over 12 steps, fp32 and bf16 autocast alike)."""
+    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=6, warmup_steps=1, autocast="none", optimizer=optimizer)
     train(one)
     two = dataclasses.replace(one, out_dir=str(tmp_path / "two"), batch_size=1, grad_accum=2)
     (tmp_path / "two").mkdir()
     os.symlink(tmp_path / "one" / "tokenizer", tmp_path / "two" / "tokenizer")  # same tokenizer, no retrain
     mp.spawn(_rank_main, args=(2, _free_port(), two), nprocs=2, join=True)
-    for a, b in zip(_losses(tmp_path / "one"), _losses(tmp_path / "two"), strict=True):
-        # fp32 gradients summed in another order, through bf16 Newton–Schulz: equal to ~1e-5
-        assert a == pytest.approx(b, abs=1e-4)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert a[:2] == pytest.approx(b[:2], abs=1e-5)  # before any bf16 orthogonalisation could diverge them
+    assert a == pytest.approx(b, abs=tolerance)
 
 
 def test_clear_errors(corpus, tmp_path):
