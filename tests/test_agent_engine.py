@@ -69,16 +69,18 @@ def test_in_process_replies_equal_the_servers(tool_model):
         with serving(app) as port:
             http = OpenAIClient(f"http://127.0.0.1:{port}/v1", "tool-model")
 
-            async def both(messages, choice, temperature, seed):
+            async def three(messages, choice, temperature, seed):  # in process; HTTP whole; HTTP streamed
                 kw = dict(tool_choice=choice, max_tokens=48, temperature=temperature, seed=seed)
                 return (await client.complete(messages, tool_model.tools, **kw),
-                        await http.complete(messages, tool_model.tools, **kw))
+                        await http.complete(messages, tool_model.tools, **kw),
+                        await http.complete(messages, tool_model.tools, on_delta=lambda part, text: None, **kw))
 
             for case in cases:
-                ours, theirs = asyncio.run(both(*case))
-                assert ours.message == theirs.message, case
-                assert (ours.finish_reason, ours.prompt_tokens, ours.completion_tokens) == \
-                    (theirs.finish_reason, theirs.prompt_tokens, theirs.completion_tokens), case
+                ours, *theirs = asyncio.run(three(*case))
+                for other in theirs:
+                    assert ours.message == other.message, case
+                    assert (ours.finish_reason, ours.prompt_tokens, ours.completion_tokens) == \
+                        (other.finish_reason, other.prompt_tokens, other.completion_tokens), case
                 assert ours.prompt_ids[:ours.prompt_tokens] == ours.prompt_ids and len(ours.completion_ids) == \
                     ours.completion_tokens
             assert asyncio.run(http.complete(first, None, max_tokens=4)).finish_reason == "length"
