@@ -1,11 +1,11 @@
 """The sandbox launcher: `python -I -S jail.py CONFIG_JSON` runs one command confined (see sandbox.py).
 
-Stdlib only, as it runs before anything is confined (it must not import openk2). It joins a pids
-cgroup, unshares user, mount, network and pid namespaces, mounts a tmpfs root holding the system and
-Python read-only, the workspace read-write at its own path, a private /tmp and /proc, chroots there,
-sets rlimits and execs the command as an unprivileged user with a clean environment; with "root": null
-(--unsafe-sandbox) it only joins the cgroup, sets the rlimits and execs. Exits 125 if the setup failed,
-127 if the command was not found. Not here: limits, output, timeouts (sandbox.py); seccomp; GPUs.
+Stdlib only, as it runs before anything is confined (it must not import openk2). It dies with the agent,
+makes and joins the run's cgroups, unshares user, mount, network, pid, IPC and UTS namespaces, mounts a tmpfs
+root holding the system and Python read-only, the workspace read-write (nosuid) at its own path, a private
+/tmp and a /proc with the machine-wide knobs frozen or hidden, chroots there, sets rlimits and execs the
+command with a clean environment; with "root": null (no namespaces here) it skips the namespaces and mounts.
+Exits 125 if the setup failed, 127 if the command was not found. Not here: output, timeouts (sandbox.py); seccomp.
 """
 
 import ctypes
@@ -16,11 +16,16 @@ import signal
 import sys
 import warnings  # noqa: F401  os.execvpe imports it lazily, and after the chroot there may be no stdlib
 
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+# CLONE_NEWUSER, NEWNS, NEWNET, NEWPID, and NEWIPC, NEWUTS: SysV shm and the hostname are the machine's otherwise
+NAMESPACES = 0x10000000 | 0x20000 | 0x40000000 | 0x20000000 | 0x08000000 | 0x04000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 262144
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 SYSTEM = ["/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc/ld.so.cache", "/etc/alternatives"]
 DEVICES = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"]
+# ref: runc's readonlyPaths and maskedPaths. The command's uid outside is root's if the agent is root: it could
+# write /proc/sys/kernel/core_pattern (then a crash runs a workspace file as host root) or /proc/sysrq-trigger
+PROC_READ_ONLY = ["sys", "sysrq-trigger", "irq", "bus", "fs", "asound"]
+PROC_HIDDEN = ["kcore", "keys", "timer_list", "sched_debug", "latency_stats", "acpi", "scsi"]
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": "/tmp", "PYTHONUNBUFFERED": "1",
        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -33,8 +38,9 @@ def call(result: int, what: str) -> None:
 def enter_namespaces(libc, cpu_s: int) -> None:
     """Unshare, map our uid to 1000 inside, and fork: only the child, pid 1 of the new namespace, returns."""
     uid, gid = os.getuid(), os.getgid()
-    call(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
-    # NOTE: uid 1000 inside, not 0, so the command's exec drops every capability and cannot undo the mounts
+    call(libc.unshare(NAMESPACES), "unshare")
+    # NOTE: uid 1000 inside, not 0, so the command's exec drops every capability and cannot undo the mounts.
+    # Outside it is still our uid, root's if the agent is root: it may write any root-owned file it can see
     for name, text in ("setgroups", "deny"), ("uid_map", f"1000 {uid} 1"), ("gid_map", f"1000 {gid} 1"):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
@@ -47,7 +53,8 @@ def enter_namespaces(libc, cpu_s: int) -> None:
     if sig == signal.SIGKILL and usage.ru_utime + usage.ru_stime >= cpu_s:
         sig = signal.SIGXCPU  # pid 1 ignores SIGXCPU, so the CPU limit ends it with the hard limit's SIGKILL
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(sig, signal.SIG_DFL)
+    if sig != signal.SIGKILL:  # the memory cgroup's OOM killer, or a `kill -9`: no handler to reset
+        signal.signal(sig, signal.SIG_DFL)
     os.kill(os.getpid(), sig)  # die the same way, so the caller reads the signal in our status
 
 
@@ -57,7 +64,7 @@ def build_root(libc, cfg: dict) -> None:
         args = [s.encode() if s else None for s in (src, dst, fstype, data)]
         call(libc.mount(*args[:3], ctypes.c_ulong(flags), args[3]), f"mount {dst}")
 
-    root, kinds = cfg["root"], {"/tmp": "tmpfs", "/proc": "proc", **dict.fromkeys(DEVICES, "rw")}
+    root, kinds = cfg["root"], {"/tmp": "tmpfs", "/proc": "proc", **dict.fromkeys(DEVICES, "dev")}
     kinds |= {p: "ro" for p in SYSTEM + cfg["binds"] if os.path.exists(p)} | {cfg["workspace"]: "rw"}
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates back to the machine
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
@@ -72,9 +79,17 @@ def build_root(libc, cfg: dict) -> None:
             mount(kind, dst, kind, MS_NOSUID | MS_NODEV, f"size={cfg['file_mb']}m" if kind == "tmpfs" else None)
         else:
             mount(source, dst, None, MS_BIND | MS_REC)
-        if kind == "ro":  # a user namespace may not clear the original mount's nosuid/nodev/noexec: keep them
-            kept = os.statvfs(source).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
-            mount(None, dst, None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept)
+        if kind in ("ro", "rw"):  # add nosuid, nodev; keep the source's flags, which a user namespace may not clear
+            kept = os.statvfs(source).f_flag & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            mount(None, dst, None, MS_BIND | MS_REMOUNT | kept | MS_NOSUID | MS_NODEV | MS_RDONLY * (kind == "ro"))
+    for name in PROC_READ_ONLY + PROC_HIDDEN:  # after the fresh /proc: see PROC_READ_ONLY
+        if not os.path.exists(path := f"{root}/proc/{name}"):
+            continue
+        if name in PROC_HIDDEN and os.path.isdir(path):  # hidden: an empty read-only tmpfs over it
+            mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
+        else:  # the entry itself (or, hidden, /dev/null) bound over it read-only
+            mount("/dev/null" if name in PROC_HIDDEN else path, path, None, MS_BIND)
+            mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chroot(root)
 
@@ -92,11 +107,26 @@ def set_limits(cfg: dict) -> None:
         limit(resource.RLIMIT_NPROC, cfg["processes"])
 
 
+def join_cgroups(cfg: dict) -> None:
+    """Make the run's cgroups (v1: a pids and a memory one; v2: one for both), limit them and join them."""
+    mem = cfg["memory_mb"] << 20  # v1's memsw and v2's swap.max: no swapping past the limit either
+    for cgroup in cfg["cgroups"]:
+        os.mkdir(cgroup)
+        for name, value in [("pids.max", cfg["processes"]), ("memory.max", mem), ("memory.swap.max", 0),
+                            ("memory.limit_in_bytes", mem), ("memory.memsw.limit_in_bytes", mem),
+                            ("cgroup.procs", os.getpid())]:  # v2's files, v1's, then join
+            if os.path.exists(f"{cgroup}/{name}"):
+                with open(f"{cgroup}/{name}", "w") as f:
+                    f.write(str(value))
+
+
 def main(cfg: dict) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    if cfg["cgroup"]:  # before unshare, while we may still write to the machine's cgroup tree
-        with open(os.path.join(cfg["cgroup"], "cgroup.procs"), "w") as f:
-            f.write(str(os.getpid()))
+    # NOTE: die with the agent (strictly, with the thread that started us), not outlive it as init's child
+    call(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")  # kept across the exec in unsafe mode
+    if os.getppid() != cfg["parent"]:  # the agent died before the prctl
+        sys.exit(125)
+    join_cgroups(cfg)  # before unshare, while we may still write to the machine's cgroup tree
     if cfg["root"]:
         enter_namespaces(libc, cfg["cpu_s"])
         build_root(libc, cfg)
