@@ -64,6 +64,21 @@ def results(ep: Episode) -> list[dict]:
     return [m for m in ep.transcript if m["role"] == "tool"]
 
 
+def interrupted(agent: Agent, after: float) -> Episode:
+    """The episode of `agent` on "go", its task cancelled after `after` seconds (Ctrl-C)."""
+    ep = agent.episode("go")
+
+    async def interrupt():
+        task = asyncio.create_task(agent.resume(ep))
+        await asyncio.sleep(after)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupt())
+    return ep
+
+
 # ---------------------------------------------------------------- the loop
 
 def test_parallel_calls_run_concurrently_and_answer_in_call_order():
@@ -159,16 +174,7 @@ def test_model_errors_and_cancellation_end_the_episode():
     assert ep.stop_reason == "model_error" and "no more turns" in ep.detail
 
     agent = Agent(ScriptedClient([calls(call("slow_echo", 0, {"text": "x", "seconds": 5}))]), [slow_echo])
-    ep = agent.episode("go")
-
-    async def interrupt():
-        task = asyncio.create_task(agent.resume(ep))
-        await asyncio.sleep(0.2)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(interrupt())
+    ep = interrupted(agent, 0.2)
     assert ep.stop_reason == "cancelled"
 
 
@@ -439,16 +445,7 @@ def test_subagent_edges_and_split_with_nothing_recent():
 def test_cancelled_subagent_is_still_recorded():
     agent = Agent(ScriptedClient([calls(call("task", 0, {"prompt": "p"})),
                                   calls(call("slow_echo", 0, {"text": "s", "seconds": 5}))]), [slow_echo, task_tool()])
-    ep = agent.episode("go")
-
-    async def interrupt():
-        task = asyncio.create_task(agent.resume(ep))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(interrupt())
+    ep = interrupted(agent, 0.3)
     assert ep.stop_reason == "cancelled" and ep.subagents[0]["stop_reason"] == "cancelled"
     assert results(ep)[0]["content"] == "Error: interrupted by the user."
 
