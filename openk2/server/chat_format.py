@@ -17,8 +17,9 @@ from pathlib import Path
 
 from openk2.engine.sampler import SamplingParams
 from openk2.server.detokenizer import Detokenizer
-from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls, render_chat
+from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls
 from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, template_variables
+from openk2.tokenizer.protect import encode_chat, protector
 from openk2.tokenizer.toolcalls import finish_reason
 
 
@@ -93,16 +94,19 @@ class ChatFormat:
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys(self.tokenizer.token_id(n) for n in ("<|im_end|>", "[EOS]")))
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+    def encode(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+               suffix: str = "") -> list[int]:
+        """The conversation's prompt ids; special-token strings inside it are text (protect.py)."""
         try:
-            return render_chat(messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
-                               template=self.template, **self.template_vars)
+            return encode_chat(self.tokenizer, messages, tools, add_generation_prompt, self.template, suffix,
+                               **self.template_vars)
         except (ValueError, KeyError, TypeError) as e:
             raise ChatError(f"cannot render the conversation: {e}", "messages") from None
 
     def prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None) -> Prompt:
         prefix = forced_prefix(tool_choice, tools, messages)
-        ids = self.tokenizer.encode(self.render(messages, tools) + prefix, allow_special=True)
+        mask = protector(self.tokenizer).mask  # the prefix's markers are structure; a tool's name is text
+        ids = self.encode(messages, tools, suffix=prefix and forced_prefix(mask(tool_choice), mask(tools), messages))
         return Prompt(ids, prefix, bool(tools) and tool_choice != "none")
 
     def sampling(self, n_prompt: int, temperature: float | None = None, top_p: float | None = None,

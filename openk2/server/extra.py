@@ -3,7 +3,9 @@ token ids, no template, no tools), `/tokenize` and `/detokenize` (vLLM's shapes)
 (Prometheus text). They share app.py's `Server`: the same engine, validation and error shapes.
 
 A completion prompt given as text may hold K2's special-token strings (`<|im_end|>`, …): they become
-their ids, as a hand-written chat prompt needs. Token ids must lie in the model's vocabulary.
+their ids, as a hand-written chat prompt needs. `/tokenize` reads them as plain text unless asked
+(`"special": true`); its `messages` get the chat's structure only, as chat completions do. Token
+ids must lie in the model's vocabulary.
 """
 
 from __future__ import annotations
@@ -78,10 +80,10 @@ def router(srv) -> APIRouter:
         srv.authorize(request)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
-        text = body.prompt
-        if body.messages is not None:
-            text = srv.fmt.render(message_dicts(body.messages), body.tools, body.add_generation_prompt)
-        tokens = srv.fmt.tokenizer.encode(text, allow_special=True)
+        if body.messages is not None:  # the chat's own structure only: special strings in values are text
+            tokens = srv.fmt.encode(message_dicts(body.messages), body.tools, body.add_generation_prompt)
+        else:
+            tokens = srv.fmt.tokenizer.encode(body.prompt, allow_special=body.special)
         return {"tokens": tokens, "count": len(tokens)}
 
     @api.post("/detokenize")

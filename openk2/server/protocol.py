@@ -113,6 +113,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     tools: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
+    special: bool = False  # `prompt`'s special-token strings become their ids (as /v1/completions reads them)
 
 
 class DetokenizeRequest(BaseModel):

@@ -9,7 +9,7 @@ import sys
 
 from openk2.engine import Engine, SamplingParams
 from openk2.server.detokenizer import Detokenizer
-from openk2.tokenizer import render_chat
+from openk2.tokenizer.protect import encode_chat
 
 
 def chat(model, tokenizer, template=None, variables=None, temperature: float = 0.6, max_tokens: int = 512,
@@ -34,7 +34,7 @@ def chat(model, tokenizer, template=None, variables=None, temperature: float = 0
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        ids = tokenizer.encode(render_chat(history, template=template, **(variables or {})), allow_special=True)
+        ids = encode_chat(tokenizer, history, template=template, **(variables or {}))  # what you type is text
         budget = min(max_tokens, model.cfg.max_position_embeddings - len(ids))
         if budget < 1:
             history.pop()
