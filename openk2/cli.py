@@ -21,7 +21,9 @@ def _load(spec: str, dtype_name: str | None, seed: int):
 
     dtype = getattr(torch, DTYPES[dtype_name]) if dtype_name else None
     path, cfg = Path(spec), resolve_config(spec)
-    if path.is_dir() and any(path.glob("*.safetensors")):
+    if path.is_dir():  # weights, never random ones in their place
+        if not any(path.glob("*.safetensors")):
+            raise ValueError(f"{path} holds no *.safetensors weights; for random ones, name a preset or a config.json")
         check_memory(cfg, dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32))
         return load_hf(path, dtype=dtype)
     check_memory(cfg, dtype or torch.float32)
@@ -131,11 +133,6 @@ def cmd_convert(args):
     print(convert(args.src, args.dst, args.quantize))
 
 
-def cmd_serve(args):  # `serve` and `chat`
-    from openk2.server import run
-    run(args, _load(args.path, None, 0), _tokenizer(args.path))
-
-
 def _positive(text: str) -> int:
     if int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -173,18 +170,10 @@ def main(argv=None):
     s.add_argument("dst", help="output folder (the source's tokenizer files are copied)")
     s.add_argument("--quantize", required=True, help="int4, fp8 or bf16 (int8 is applied at load time)")
     s.set_defaults(fn=cmd_convert)
-    for name in ("serve", "chat"):  # an OpenAI-compatible server (`server` extra) / a terminal chat
-        s = sub.add_parser(name, help="OpenAI-compatible server" if name == "serve" else "chat in the terminal")
-        s.add_argument("path", help="Hugging Face folder, or a preset / config.json for random weights")
-        s.add_argument("--host", default="127.0.0.1")
-        s.add_argument("--port", type=int, default=8000)
-        s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
-        s.add_argument("--quantize", choices=["int8", "int4"])
-        s.add_argument("--temperature", type=float, default=0.6, help="chat: sampling temperature")
-        s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled decode")
-        s.set_defaults(fn=cmd_serve)
-    from openk2.agent.cli import add_parsers  # `agent` and `mcp-server`
-    add_parsers(sub, load=lambda path: (_load(path, None, 0), _tokenizer(path)))
+    from openk2.agent.cli import add_parsers as agent_parsers  # `agent` and `mcp-server`
+    from openk2.server import add_parsers as server_parsers  # `serve` and `chat`
+    for add in (server_parsers, agent_parsers):
+        add(sub, load=lambda path: (_load(path, None, 0), _tokenizer(path)))
     argv = sys.argv[1:] if argv is None else list(argv)
     train = argv[:1] == ["train"]  # its flags come from TrainConfig (openk2.train.config.parse_args)
     args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train) if train else p.parse_args(argv)

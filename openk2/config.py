@@ -169,7 +169,10 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_hf_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path}: not a model config ({type(e).__name__}: {e})") from None
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")

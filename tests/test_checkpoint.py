@@ -510,3 +510,24 @@ def test_model_types_and_unknown_keys():
     assert ModelConfig.from_hf_dict(out) == k2
     with pytest.raises(ValueError, match="llama"):
         ModelConfig.from_hf_dict({**K2_JULY, "model_type": "llama"})
+
+
+def test_cli_refuses_folders_without_weights_and_names_damaged_files(tmp_path):
+    """No random weights in place of a checkpoint; a truncated shard and a bad config.json each give one
+    line naming the file (not a traceback)."""
+    from openk2.cli import main
+    from openk2.config import PRESETS
+    from openk2.model import build_model
+
+    folder = save_hf(build_model(PRESETS["k2-tiny"]), tmp_path / "ckpt", progress=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((folder / "config.json").read_text())
+    (tmp_path / "bad.json").write_text("{not json")
+    shard = next(folder.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for spec, message in [(tmp_path / "empty", "holds no *.safetensors weights"),
+                          (folder, f"{shard}: not a readable safetensors file"),
+                          (tmp_path / "bad.json", f"{tmp_path / 'bad.json'}: not a model config")]:
+        with pytest.raises(SystemExit) as e:
+            main(["generate", str(spec), "--prompt-ids", "1"])
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)

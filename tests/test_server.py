@@ -492,3 +492,42 @@ def test_special_token_strings_in_messages_reach_the_engine_as_text(fake, tok):
     r = httpx.post(f"http://127.0.0.1:{port}/tokenize", headers={"Authorization": f"Bearer {KEY}"},
                    json={"messages": [{"role": "user", "content": inject}]}).json()
     assert r["tokens"] == injected
+
+
+def test_key_guards_every_path_but_health_before_the_body_is_read(fake, port):
+    key_port = fake[0]
+    base, auth = f"http://127.0.0.1:{key_port}", {"Authorization": f"Bearer {KEY}"}
+    for path in ("/docs", "/redoc", "/openapi.json", "/metrics", "/v1/models"):
+        assert httpx.get(base + path).status_code == 401, path
+        assert httpx.get(base + path, headers=auth).status_code == 200, path
+    assert httpx.get(base + "/health").status_code == 200
+    r = httpx.post(base + "/v1/chat/completions", content="{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # not a 400 about the body
+    wrong = {"Authorization": f"Bearer {KEY}x"}
+    assert httpx.get(base + "/v1/models", headers=wrong).status_code == 401
+
+
+def test_openapi_schema_says_400_and_seed_is_bounded(port):
+    spec = httpx.get(f"http://127.0.0.1:{port}/openapi.json").json()
+    chat = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "422" not in json.dumps(spec) and chat["400"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/Error"}
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(port, "x", seed=2**70)
+    assert e.value.body["param"] == "seed"
+    assert ask(port, "x", seed=2**64 - 9, max_tokens=1).usage.completion_tokens == 1
+
+
+def test_ctrl_c_leaves_openk2_chat_without_a_traceback():
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "openk2.cli", "chat", "k2-tiny", "--no-compile"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "openk2 chat" in proc.stdout.readline()  # the banner: the prompt is waiting
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Traceback" not in err, err

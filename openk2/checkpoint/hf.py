@@ -87,6 +87,7 @@ class _Shards:
     """name -> tensor across the shards of a folder, through `model.safetensors.index.json`."""
 
     def __init__(self, folder: Path):
+        self.folder, self._open = folder, {}
         index = folder / "model.safetensors.index.json"
         if index.exists():
             self.where = json.loads(index.read_text())["weight_map"]
@@ -94,11 +95,7 @@ class _Shards:
             files = sorted(folder.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-            self.where = {}
-            for f in files:
-                with safe_open(f, framework="pt") as h:
-                    self.where.update(dict.fromkeys(h.keys(), f.name))
-        self.folder, self._open = folder, {}
+            self.where = {name: f.name for f in files for name in self.handle(f.name).keys()}
         for name in sorted(set(self.where.values())):
             if not (folder / name).exists():
                 users = [k for k, v in self.where.items() if v == name]
@@ -107,7 +104,10 @@ class _Shards:
 
     def handle(self, file: str):
         if file not in self._open:
-            self._open[file] = safe_open(self.folder / file, framework="pt")
+            try:
+                self._open[file] = safe_open(self.folder / file, framework="pt")
+            except Exception as e:  # noqa: BLE001 — safetensors' error type has no stable import: one line, named
+                raise ValueError(f"{self.folder / file}: not a readable safetensors file ({e})") from None
         return self._open[file]
 
     def get(self, name: str) -> torch.Tensor:

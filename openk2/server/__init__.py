@@ -5,7 +5,7 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["create_app", "serve", "run", "make_engine"]
+__all__ = ["create_app", "serve", "run", "make_engine", "add_parsers"]
 
 
 def __getattr__(name):  # fastapi is imported only when the app is built
@@ -40,7 +40,7 @@ def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 
 
 
 def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          quantize: str | None = None, compile: bool = True) -> None:
+          quantize: str | None = None, compile: bool = True, temperature: float = 1.0) -> None:
     """Serve `model` under the name of its folder."""
     import uvicorn
 
@@ -51,7 +51,8 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     tokenizer, template, variables = _text_setup(model, tokenizer, path)
     folder = Path(path)
     app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
-                     chat_template=template, template_vars=variables, engine_thread=False)
+                     chat_template=template, template_vars=variables, engine_thread=False,
+                     default_temperature=temperature)
     # HTTP on a thread, the engine on this one: every torch call stays on the thread that loaded and
     # compiled the model (see EngineLoop.run_here)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))
@@ -72,9 +73,32 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
 
 
 def run(args, model, tokenizer) -> None:
-    """`openk2 serve PATH` and `openk2 chat PATH` (args parsed by openk2.cli)."""
+    """`openk2 serve PATH` and `openk2 chat PATH`."""
     if args.cmd == "serve":
-        return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile)
+        return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile,
+                     args.temperature)
     from openk2.server.terminal import chat
     engine = make_engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
-    chat(model, *_text_setup(model, tokenizer, args.path), temperature=args.temperature, engine=engine)
+    try:
+        chat(model, *_text_setup(model, tokenizer, args.path), temperature=args.temperature, engine=engine)
+    except KeyboardInterrupt:  # Ctrl-C leaves the chat, as /exit does
+        print()
+
+
+def add_parsers(sub, load) -> None:
+    """The `serve` and `chat` subcommands of `openk2`; `load(path)` -> (model, tokenizer)."""
+    import argparse
+
+    for name in ("serve", "chat"):
+        s = sub.add_parser(name, help="OpenAI-compatible server" if name == "serve" else "chat in the terminal")
+        s.add_argument("path", help="Hugging Face folder, or a preset / config.json for random weights")
+        if name == "serve":
+            s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+            s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+            s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
+        s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights at load time")
+        s.add_argument("--temperature", type=float, default=1.0 if name == "serve" else 0.6,
+                       help="for requests that give none (OpenAI's default, 1.0)" if name == "serve" else
+                       "sampling temperature (K2's recommended 0.6)")
+        s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled decode")
+        s.set_defaults(fn=lambda args: run(args, *load(args.path)))

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -25,6 +25,7 @@ from openk2.engine.engine import Engine
 from openk2.server import extra
 from openk2.server.chat_format import ChatError, ChatFormat, Prompt
 from openk2.server.engine_loop import EngineLoop, text_pieces
+from openk2.server.guard import RequireKey, truthful_openapi
 from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
                                     ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body,
@@ -34,18 +35,13 @@ from openk2.tokenizer import StreamingToolParser
 
 @dataclass
 class Server:
-    """What every endpoint shares: the engine loop, the chat format, the name and the key."""
+    """What every endpoint shares: the engine loop, the chat format and the model's name (the API key
+    is checked before any endpoint runs: guard.py)."""
     loop: EngineLoop
     fmt: ChatFormat
     model_name: str
-    api_key: str | None
 
-    def authorize(self, request: Request) -> None:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
-            raise APIError(401, "invalid or missing API key", param=None, code="invalid_api_key")
-
-    def check(self, body: SamplingRequest, request: Request, max_n: int = 1) -> None:
-        self.authorize(request)
+    def check(self, body: SamplingRequest, max_n: int = 1) -> None:
         if body.model != self.model_name:
             raise APIError(404, f"the model `{body.model}` does not exist; this server has `{self.model_name}`",
                            param="model", code="model_not_found")
@@ -110,7 +106,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
     loop = EngineLoop(engine, metrics)
     fmt = ChatFormat(tokenizer, model.cfg.max_position_embeddings, model.cfg.vocab_size, chat_template,
                      template_vars or {}, default_temperature, default_max_tokens)
-    srv = Server(loop, fmt, model_name, api_key)
+    srv = Server(loop, fmt, model_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -121,7 +117,10 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
 
     app = FastAPI(title="openk2", lifespan=lifespan)
     app.state.engine_loop, app.state.metrics, paths = loop, metrics, set()
+    if api_key is not None:  # inside the counter, so refused requests are counted too
+        app.add_middleware(RequireKey, key=api_key)
     app.add_middleware(CountRequests, metrics=metrics, paths=paths)
+    truthful_openapi(app)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
@@ -154,13 +153,12 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        srv.authorize(request)
+    async def models():
         return ModelList(data=[ModelCard(id=model_name, max_model_len=fmt.context)])
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        srv.check(body, request, max_n=8)
+    async def chat_completions(body: ChatCompletionRequest):
+        srv.check(body, max_n=8)
         prompt = fmt.prompt(body.messages_as_dicts(), body.tools, body.tool_choice)
         ids = prompt.ids
         runs = [srv.generate(ids, body, "messages", i) for i in range(body.n)]  # n choices decode together

@@ -42,8 +42,8 @@ def router(srv) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        srv.check(body, request)
+    async def completions(body: CompletionRequest):
+        srv.check(body)
         ids = prompt_ids(srv, body.prompt)
         pieces, state = srv.generate(ids, body, "prompt")
         cid, created = completion_id("cmpl"), int(time.time())
@@ -76,8 +76,7 @@ def router(srv) -> APIRouter:
         yield "data: [DONE]\n\n"
 
     @api.post("/tokenize")
-    async def tokenize(body: TokenizeRequest, request: Request):
-        srv.authorize(request)
+    async def tokenize(body: TokenizeRequest):
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of `prompt` and `messages`", param="prompt")
         if body.messages is not None:  # the chat's own structure only: special strings in values are text
@@ -87,8 +86,7 @@ def router(srv) -> APIRouter:
         return {"tokens": tokens, "count": len(tokens)}
 
     @api.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest, request: Request):
-        srv.authorize(request)
+    async def detokenize(body: DetokenizeRequest):
         check_ids(body.tokens, srv.fmt.tokenizer.n_vocab, "tokens")
         return {"prompt": srv.fmt.tokenizer.decode(body.tokens)}
 

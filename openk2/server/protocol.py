@@ -67,7 +67,7 @@ class SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 9)  # what torch's generator takes (+ up to 8 choices)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
