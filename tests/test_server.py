@@ -531,3 +531,22 @@ def test_ctrl_c_leaves_openk2_chat_without_a_traceback():
     finally:
         proc.kill()
     assert proc.returncode == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("path", ["chat", "text"])
+def test_abandoned_whole_replies_stop_decoding(port, monkeypatch, path):
+    """A client that gives up on a non-streamed reply frees its requests too (steps slowed to 5 ms)."""
+    engine, added = APPS["real"].state.engine_loop.engine, []
+    add, step = engine.add_request, engine.step
+    monkeypatch.setattr(engine, "add_request", lambda *a: added.append(add(*a)) or added[-1])
+    monkeypatch.setattr(engine, "step", lambda: time.sleep(0.005) or step())
+    body = {"model": NAME, "max_tokens": 400, "temperature": 0, "n": 2 if path == "chat" else 1,
+            **({"messages": [{"role": "user", "content": "go"}]} if path == "chat" else {"prompt": "go"})}
+    url = f"http://127.0.0.1:{port}/v1/{'chat/completions' if path == 'chat' else 'completions'}"
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while not (added and all(req.finished for req in added)):
+        assert time.monotonic() < deadline, [len(r.output) for r in added]
+        time.sleep(0.01)
+    assert all(req.finish_reason == "cancelled" and len(req.output) < 400 for req in added)

@@ -16,9 +16,9 @@ import json
 import time
 from dataclasses import dataclass
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from openk2.engine.engine import Engine
@@ -60,6 +60,36 @@ class Server:
             raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
         state = {"completion_tokens": 0, "reason": "stop", "request": req}
         return text_pieces(self.loop, req, queue, detok, state), state
+
+    async def collect(self, runs: list, request: Request) -> list[str] | None:
+        """Each run's whole text (one failing cancels the others), or None if the client goes away
+        first: then its requests are cancelled at once instead of decoding on to max_tokens."""
+        async def whole(pieces) -> str:
+            return "".join([p async for p in pieces])
+
+        async def all_texts() -> list[str]:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(whole(pieces)) for pieces, _ in runs]
+            return [task.result() for task in tasks]
+
+        async def disconnected() -> None:  # the body is read: what comes next is the client leaving
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, gone = asyncio.ensure_future(all_texts()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                return None
+            try:
+                return work.result()
+            except ExceptionGroup as e:
+                raise e.exceptions[0]
+        finally:
+            gone.cancel()
+            self.release(runs)
 
     def release(self, runs: list) -> None:
         """Cancel the runs' requests that are still going (a reply abandoned before its text
@@ -157,7 +187,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         return ModelList(data=[ModelCard(id=model_name, max_model_len=fmt.context)])
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         srv.check(body, max_n=8)
         prompt = fmt.prompt(body.messages_as_dicts(), body.tools, body.tool_choice)
         ids = prompt.ids
@@ -165,21 +195,12 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(runs, prompt, include), media_type="text/event-stream")
-        try:  # a task group: one choice failing cancels the others
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(collect(pieces)) for pieces, _ in runs]
-        except ExceptionGroup as e:
-            raise e.exceptions[0]
-        finally:
-            srv.release(runs)
-        texts = [task.result() for task in tasks]
+        if (texts := await srv.collect(runs, request)) is None:
+            return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
         replies = [fmt.reply(text, prompt, state["reason"]) for text, (_, state) in zip(texts, runs)]
         choices = [choice_of(i, reply) for i, reply in enumerate(replies)]
         used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
         return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
-
-    async def collect(pieces) -> str:
-        return "".join([p async for p in pieces])
 
     def choice_of(index: int, reply) -> Choice:
         message = AssistantMessage(content=reply.message["content"], tool_calls=reply.message.get("tool_calls"))

@@ -42,7 +42,7 @@ def router(srv) -> APIRouter:
     api = APIRouter()
 
     @api.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         srv.check(body)
         ids = prompt_ids(srv, body.prompt)
         pieces, state = srv.generate(ids, body, "prompt")
@@ -51,10 +51,9 @@ def router(srv) -> APIRouter:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse(pieces, state, len(ids), cid, created, include),
                                      media_type="text/event-stream")
-        try:
-            text = "".join([p async for p in pieces])
-        finally:
-            srv.release([(pieces, state)])
+        if (texts := await srv.collect([(pieces, state)], request)) is None:
+            return Response(status_code=499)  # the client left: its request was cancelled
+        text = texts[0]
         return text_completion(cid, created, srv.model_name, text, state["reason"], Usage.of(len(ids), state))
 
     async def sse(pieces, state: dict, n_prompt: int, cid: str, created: int, include_usage: bool):
