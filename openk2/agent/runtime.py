@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 from openk2.agent.client import Completion, ContextLengthExceeded
+from openk2.agent.compact import compact, near_context
 from openk2.agent.episode import Episode
 from openk2.agent.tools import ArgumentError, Tool, ToolContext, ToolError, toolbox
 
@@ -104,8 +105,6 @@ class Agent:
         return c
 
     async def _turn(self, ep: Episode, t0: float) -> None:
-        from openk2.agent.compact import compact, near_context
-
         seconds, tokens = self._left(ep, t0)
         if sum(t["kind"] == "turn" for t in ep.turns) >= self.budget.max_turns:
             return ep.stop("max_turns", f"{self.budget.max_turns} model calls")
@@ -153,8 +152,6 @@ class Agent:
             ep.stop("answered")
 
     async def _compact(self, ep: Episode) -> bool:
-        from openk2.agent.compact import compact
-
         try:
             return await compact(self, ep)
         except Exception:  # noqa: BLE001 — the summary itself failed: the caller stops the episode

@@ -11,6 +11,7 @@ Not here: HTTP, pydantic, streaming (the server's SSE and the client's deltas us
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,7 @@ class ChatFormat:
         return cls(tokenizer, model.cfg.max_position_embeddings, model.cfg.vocab_size, template, variables,
                    **defaults)
 
-    @property
+    @functools.cached_property  # read by every request's sampling and detokenizer
     def stop_ids(self) -> tuple[int, ...]:
         return tuple(dict.fromkeys(self.tokenizer.token_id(n) for n in ("<|im_end|>", "[EOS]")))
 
