@@ -252,9 +252,11 @@ def W(i, args=BJ, prefix="functions."):
 
 
 # name -> (generated text, content, tool calls, substrings of the errors in order, truncated)
-PLAIN = "Hello <|im not a marker, <|tool_call_begin|> outside a section is text"
+PLAIN = "Hello <|im not a marker, < and <| are text"
 CASES = {
     "plain_text": (PLAIN, PLAIN, [], [], False),
+    "stray_markers": ("a<|tool_call_begin|>b<|im_end|>c<|reserved_token_163600|>d<|tool_calls_section_end|>e [EOS]",
+                     "abcde [EOS]", [], [], False),
     "held_partial_marker": ("Hi <|tool_calls_sec", "Hi <|tool_calls_sec", [], [], False),
     "one_call": (SB + call("functions.get_weather:0", BJ) + SE, None, [W(0)], [], False),
     "parallel": (SB + call("functions.get_weather:0", BJ) + call("functions.get_weather:1", SH) + SE,
@@ -264,9 +266,8 @@ CASES = {
                  None, [W(7), W(3, SH)], [], False),
     "odd_names": (SB + call("functions.a.b:0", "{}") + call("functions.get-time:1", "{}") + call("fetch", "{}")
                   + call("functions.mcp:read:3", "{}") + SE,
-                  None, [ToolCall("functions.a.b:0", "a.b", "{}"), ToolCall("functions.get-time:1", "get-time", "{}"),
-                         ToolCall("fetch", "fetch", "{}"), ToolCall("functions.mcp:read:3", "mcp:read", "{}")],
-                  [], False),
+                  None, [ToolCall("functions.a.b:0", "a.b", "{}"), ToolCall("functions.get-time:1", "get-time", "{}")],
+                  ["tool call 2: malformed id 'fetch'", "tool call 3: malformed id"], False),
     "whitespace": ("\n" + SB + "\n " + CB + "  functions.get_weather:0\n" + AB + "\n " + BJ + " \n" + CE + "\n" + SE,
                    "\n", [W(0)], [], False),
     "text_before": ("Let me check. 北京" + SB + call("functions.get_weather:0", BJ) + SE, "Let me check. 北京",
@@ -275,8 +276,16 @@ CASES = {
     "two_sections": (SB + call("functions.get_weather:0", BJ) + SE + "mid" + SB + call("functions.get_weather:1", SH)
                      + SE, "mid", [W(0), W(1, SH)], [], False),
     "invalid_json": (SB + call("functions.get_weather:0", '{"city": "Bei') + call("functions.get_weather:1", SH) + SE,
-                     None, [W(1, SH)], ["tool call 0 (functions.get_weather:0): arguments are not valid JSON"], False),
-    "not_an_object": (SB + call("functions.get_weather:0", "[1, 2]") + SE, None, [], ["not a JSON object"], False),
+                     None, [W(0, '{"city": "Bei'), W(1, SH)],
+                     ["tool call 0 (functions.get_weather:0): arguments are not valid JSON"], False),
+    "not_an_object": (SB + call("functions.get_weather:0", "[1, 2]") + SE, None, [W(0, "[1, 2]")],
+                      ["not a JSON object"], False),
+    "duplicate_ids": (SB + call("functions.get_weather:0", BJ) + call("functions.get_weather:0", SH)
+                      + call("functions.get_weather:1", "{}") + SE, None, [W(0), W(1, SH), W(2, "{}")],
+                      ["id 'functions.get_weather:0' repeated; renamed 'functions.get_weather:1'",
+                       "id 'functions.get_weather:1' repeated; renamed 'functions.get_weather:2'"], False),
+    "singular_section": ("x" + "<|tool_call_section_begin|>" + call("functions.get_weather:0", BJ)
+                         + "<|tool_call_section_end|>y", "xy", [W(0)], [], False),
     "malformed_ids": (SB + call(" ", "{}") + call("functions.get weather:1", "{}") + call("functions.:2", "{}")
                       + call("functions.get_weather:3", BJ) + SE, None, [W(3)],
                       ["tool call 0: malformed id ''", "tool call 1: malformed id", "tool call 2: malformed"], False),
@@ -287,11 +296,13 @@ CASES = {
     "stray_text": (SB + "junk" + call("functions.get_weather:0", BJ) + " more" + SE, None, [W(0)],
                    ["unexpected text in tool-call section: 'junk'", "'more'"], False),
     "cut_in_arguments": ("Checking." + SB + call("functions.get_weather:0", BJ) + CB + "functions.get_weather:1" + AB
-                         + '{"city": "Sh', "Checking.", [W(0)], ["tool call 1: cut off"], True),
+                         + '{"city": "Sh', "Checking.", [W(0), W(1, '{"city": "Sh')], ["tool call 1 (functions"], True),
     "cut_in_id": (SB + call("functions.get_weather:0", BJ) + CB + "functions.get_wea", None, [W(0)],
                   ["tool call 1: cut off"], True),
     "cut_after_a_call": (SB + call("functions.get_weather:0", BJ) + "\n", None, [W(0)], [], True),
-    "cut_first_call": (SB + CB + "functions.get_weather:0" + AB + '{"ci', None, [], ["tool call 0: cut off"], True),
+    "cut_first_call": (SB + CB + "functions.get_weather:0" + AB + '{"ci', None, [W(0, '{"ci')], ["cut off"], True),
+    "cut_in_a_marker": (SB + call("functions.get_weather:0", BJ) + CB + "functions.f:1" + AB + "{} <|tool_call_e", None,
+                        [W(0), ToolCall("functions.f:1", "f", "{} <|tool_call_e")], ["cut off"], True),
 }
 
 
@@ -349,17 +360,9 @@ def test_streaming_equals_whole_text(name):
         assert stream(text, pieces)[0] == whole
 
 
-@pytest.mark.parametrize("name", [n for n, case in CASES.items() if not case[3] and not case[4]])
-def test_live_argument_streaming_equals_whole_text_on_clean_output(name):
-    text = CASES[name][0]
-    rng = random.Random(7)
-    for pieces in (list(text), list(chunks(text, rng, [1, 4, 9]))):
-        assert stream(text, pieces, stream_arguments=True)[0] == parse_tool_calls(text)
-
-
-def test_live_mode_streams_arguments_before_the_call_ends():
+def test_arguments_stream_before_the_call_ends():
     head = SB + CB + "functions.get_weather:0" + AB + ' {"city": "Bei'
-    parser = StreamingToolParser(stream_arguments=True)
+    parser = StreamingToolParser()
     deltas = parser.feed(head)
     assert [d["tool_calls"][0]["function"] for d in deltas] == [
         {"name": "get_weather", "arguments": ""}, {"arguments": '{"city": "Bei'}]
@@ -367,18 +370,27 @@ def test_live_mode_streams_arguments_before_the_call_ends():
     assert parser.feed("nd|>" + SE) == [] and parser.finish("stop") == [] and parser.finish_reason == "tool_calls"
 
 
-def test_held_mode_releases_a_call_only_when_it_ends():
+def test_content_holds_back_only_what_may_be_special_text():
     parser = StreamingToolParser()
-    assert parser.feed("Hi " + SB + CB + "functions.get_weather:0" + AB + BJ) == [{"content": "Hi "}]
-    assert [d["tool_calls"][0] for d in parser.feed(CE)] == [
-        {"index": 0, "id": "functions.get_weather:0", "type": "function",
-         "function": {"name": "get_weather", "arguments": ""}},
-        {"index": 0, "function": {"arguments": BJ}}]
+    assert parser.feed("a <") == [{"content": "a "}] and parser.feed("|im_e") == []
+    assert parser.feed("nd|> b <|im x") == [{"content": " b <|im x"}]
+    assert parser.feed("<|reserved_token_16") == [] and parser.finish("stop") == [{"content": "<|reserved_token_16"}]
+
+
+def test_a_runaway_section_is_bounded():
+    text = SB + "".join(call(f"functions.f:{i}", "{}") for i in range(7)) + SE
+    out = parse_tool_calls(text, max_calls=3)
+    assert [c.id for c in out.tool_calls] == ["functions.f:0", "functions.f:1", "functions.f:2"]
+    assert out.errors == ["tool call 3: more than 3 calls in one reply; dropped"]
+    assert out.errors[0].reason == "too_many_calls"
+    parser = StreamingToolParser(max_calls=3)
+    got = [parser.feed(ch) for ch in text] + [parser.finish()]
+    assert sum(1 for ds in got for d in ds if "id" in d["tool_calls"][0]) == 3 and parser.errors == out.errors
 
 
 @pytest.mark.parametrize("name, engine_reason, expected", [
     ("plain_text", "stop", "stop"), ("one_call", "stop", "tool_calls"), ("invalid_json", "stop", "tool_calls"),
-    ("not_an_object", "stop", "stop"), ("cut_in_arguments", "length", "length"),
+    ("not_an_object", "stop", "tool_calls"), ("cut_in_arguments", "length", "length"),
     ("cut_first_call", "length", "length"), ("plain_text", "length", "length")])
 def test_finish_reason(name, engine_reason, expected):
     parser = StreamingToolParser()
