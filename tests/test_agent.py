@@ -124,15 +124,23 @@ def test_tool_failures_go_back_to_the_model_and_the_loop_goes_on():
 
 
 def test_a_call_the_parser_drops_is_reported_back():
-    script = [calls(call("slow_echo", 0, '{"text": "cut'), text="Trying."), calls(call("slow_echo", 1, {"text": "x"})),
+    script = [calls(call("slow_echo", "x", {"text": "y"}), text="Trying."), calls(call("slow_echo", 1, {"text": "x"})),
               "ok"]
     client = ScriptedClient(script)
     ep = run(Agent(client, [slow_echo]))
     assert ep.transcript[2]["role"] == "system"
     assert ep.transcript[2]["content"].startswith(UNPARSED.split("(")[0])
-    assert "not valid JSON" in ep.transcript[2]["content"]
+    assert "malformed id 'functions.slow_echo:x'" in ep.transcript[2]["content"]
     assert ep.tool_errors[0]["kind"] == "unparsed_call"
     assert results(ep)[0]["content"] == "echo:x" and ep.stop_reason == "answered"
+
+
+def test_a_call_with_invalid_json_reaches_the_loop_as_written():
+    script = [calls(call("slow_echo", 0, '{"text": "cut')), "ok"]
+    ep = run(Agent(ScriptedClient(script), [slow_echo]))
+    assert ep.transcript[1]["tool_calls"][0]["function"]["arguments"] == '{"text": "cut'
+    assert results(ep)[0]["content"].startswith("Error: invalid arguments for slow_echo: not valid JSON")
+    assert [e["kind"] for e in ep.tool_errors] == ["invalid_arguments"] and ep.stop_reason == "answered"
 
 
 def test_approval_asked_only_for_tools_that_need_it():

@@ -550,3 +550,28 @@ def test_abandoned_whole_replies_stop_decoding(port, monkeypatch, path):
         assert time.monotonic() < deadline, [len(r.output) for r in added]
         time.sleep(0.01)
     assert all(req.finish_reason == "cancelled" and len(req.output) < 400 for req in added)
+
+
+def test_invalid_arguments_are_returned_streamed_and_counted(fake, tok, monkeypatch):
+    port, engine = fake
+    prom = pytest.importorskip("prometheus_client.parser")
+    c, messages = client(port, KEY), [{"role": "user", "content": "Weather in Paris?"}]
+    text = ("Hi<|im_middle|>.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+            '<|tool_call_argument_begin|>{"city": "Par<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+    monkeypatch.setattr(engine, "script", tok.encode(text, allow_special=True))
+
+    def invalid_arguments_count():
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        return {s.labels.get("reason"): s.value for fam in prom.text_string_to_metric_families(metrics)
+                for s in fam.samples if s.name == "openk2_tool_call_parse_errors_total"}["invalid_arguments"]
+
+    before = invalid_arguments_count()
+    r = c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS)
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.id, call.function.arguments) == ("functions.get_weather:0", '{"city": "Par')
+    assert r.choices[0].message.content == "Hi." and r.choices[0].finish_reason == "tool_calls"
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, tools=TOOLS, stream=True))
+    fragments = [tc.function.arguments for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+    assert fragments[0] == "" and len(fragments) > 2 and "".join(fragments) == call.function.arguments  # as they come
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Hi."
+    assert invalid_arguments_count() == before + 2

@@ -133,15 +133,16 @@ class Agent:
             return ep.stop("model_error", f"{type(e).__name__}: {e}")
         self._emit("turn", completion=c)
         ep.append(c.message)
-        ep.tool_errors += [{"turn": len(ep.turns), "kind": "unparsed_call", "message": e} for e in c.errors]
+        dropped = [e for e in c.errors if not getattr(e, "returned", False)]  # a returned call reports itself
+        ep.tool_errors += [{"turn": len(ep.turns), "kind": "unparsed_call", "message": e} for e in dropped]
         if calls := c.message.get("tool_calls"):
             started = time.monotonic()
             done = await asyncio.gather(*(self._call(ep, call, deadline) for call in calls))
             ep.append(*(message for message, _ in done))
             ep.tool_errors += [error for _, error in done if error]  # in call order, as the results
             ep.tools_s += time.monotonic() - started
-        elif c.errors and c.finish_reason != "length":
-            ep.append({"role": "system", "content": UNPARSED.format(errors="; ".join(c.errors))})
+        elif dropped and c.finish_reason != "length":
+            ep.append({"role": "system", "content": UNPARSED.format(errors="; ".join(dropped))})
         elif c.finish_reason == "length":
             spent = tokens is not None and c.completion_tokens >= tokens
             ep.stop("max_tokens" if spent else "length", f"finish_reason length after {c.completion_tokens} tokens")

@@ -198,6 +198,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         if (texts := await srv.collect(runs, request)) is None:
             return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
         replies = [fmt.reply(text, prompt, state["reason"]) for text, (_, state) in zip(texts, runs)]
+        for reply in replies:
+            metrics.count_parse_errors(reply.errors)
         choices = [choice_of(i, reply) for i, reply in enumerate(replies)]
         used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
         return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
@@ -225,6 +227,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
                     yield event(index, delta)
             for delta in parser.finish(state["reason"]) if parser else []:
                 yield event(index, delta)
+            metrics.count_parse_errors(parser.errors if parser else [])
             yield event(index, {}, parser.finish_reason if parser else state["reason"])
 
         try:

@@ -43,7 +43,7 @@ class Prompt:
 class Reply:
     message: dict  # the OpenAI assistant message: role, content, tool_calls (when any)
     finish_reason: str
-    errors: list[str] = field(default_factory=list)  # calls the parser dropped, and why
+    errors: list[str] = field(default_factory=list)  # what the tool-call parser met (`ParseError`s)
 
 
 def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -> str:

@@ -66,11 +66,12 @@ class ToolCall:
 
 
 class ParseError(str):
-    """One problem met while parsing, as text (what clients and logs see), with its `reason`."""
+    """One problem met while parsing, as text (what clients and logs see), with its `reason`, and
+    whether the call is `returned` all the same (in `tool_calls`) or was dropped."""
 
-    def __new__(cls, reason: str, text: str):
+    def __new__(cls, reason: str, text: str, returned: bool = False):
         self = super().__new__(cls, text)
-        self.reason = reason
+        self.reason, self.returned = reason, returned
         return self
 
 
@@ -90,15 +91,15 @@ def arguments_errors(n: int, call: ToolCall, cut: bool = False) -> list[ParseErr
     """Why call number `n`'s arguments are not a JSON object (the call is returned all the same)."""
     if cut:
         return [ParseError("cut_off", f"tool call {n} ({call.id}): cut off by the end of the output; "
-                                      "arguments returned as written")]
+                                      "arguments returned as written", True)]
     try:
         value = json.loads(call.arguments)
     except json.JSONDecodeError as e:
         return [ParseError("invalid_arguments", f"tool call {n} ({call.id}): arguments are not valid JSON "
-                                                f"({e}); returned as written")]
+                                                f"({e}); returned as written", True)]
     if not isinstance(value, dict):
         return [ParseError("invalid_arguments", f"tool call {n} ({call.id}): arguments are not a JSON object; "
-                                                "returned as written")]
+                                                "returned as written", True)]
     return []
 
 
@@ -132,7 +133,8 @@ class Admission:
             index += 1
             call_id = f"{m.string[:m.end(1)]}:{index}"
         if call_id != m.string:
-            errors.append(ParseError("duplicate_id", f"tool call {n}: id {m.string!r} repeated; renamed {call_id!r}"))
+            errors.append(ParseError("duplicate_id", f"tool call {n}: id {m.string!r} repeated; renamed {call_id!r}",
+                                     True))
         self.ids.add(call_id)
         return ToolCall(call_id, m[1], ""), errors
 
