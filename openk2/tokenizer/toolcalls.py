@@ -125,9 +125,10 @@ class Admission:
         if not (m := CALL_ID.fullmatch(call_id)):
             return None, [dropped(n, "malformed_id", f"malformed id {call_id[:60]!r}")]
         if len(self.ids) >= self.max_calls:
-            first = len(self.ids) == self.max_calls
-            self.ids.add(None)  # counted once: one error however long the run
-            return None, [dropped(n, "too_many_calls", f"more than {self.max_calls} calls in one reply")] * first
+            self.ids.add(None)  # one error, for the first call over the bound, however long the run
+            if len(self.ids) > self.max_calls + 1:
+                return None, []
+            return None, [dropped(n, "too_many_calls", f"more than {self.max_calls} calls in one reply")]
         errors, index = [], int(m[2])
         while call_id in self.ids:
             index += 1
