@@ -117,7 +117,7 @@ class Admission:
     """The id rules both parsers apply, in call order: well formed, within `max_calls`, unique."""
 
     def __init__(self, max_calls: int = MAX_CALLS):
-        self.max_calls, self.ids = max_calls, set()
+        self.max_calls, self.ids, self.over = max_calls, set(), 0  # over: calls dropped by the bound
 
     def admit(self, n: int, raw_id: str) -> tuple[ToolCall | None, list[ParseError]]:
         """Call number `n` (counting every call begin) with empty arguments, or None; and its errors."""
@@ -125,10 +125,9 @@ class Admission:
         if not (m := CALL_ID.fullmatch(call_id)):
             return None, [dropped(n, "malformed_id", f"malformed id {call_id[:60]!r}")]
         if len(self.ids) >= self.max_calls:
-            self.ids.add(None)  # one error, for the first call over the bound, however long the run
-            if len(self.ids) > self.max_calls + 1:
-                return None, []
-            return None, [dropped(n, "too_many_calls", f"more than {self.max_calls} calls in one reply")]
+            self.over += 1  # one error, for the first call over the bound, however long the run
+            why = f"more than {self.max_calls} calls in one reply"
+            return None, [dropped(n, "too_many_calls", why)] if self.over == 1 else []
         errors, index = [], int(m[2])
         while call_id in self.ids:
             index += 1
