@@ -315,10 +315,10 @@ def test_server_whole_and_streamed_reasoning(server):
     kinds = [k for d in deltas for k in ("reasoning_content", "content", "tool_calls") if d.get(k)]
     assert kinds.index("reasoning_content") < kinds.index("content") < kinds.index("tool_calls")
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    # the next step of the turn sends the reasoning back; the prompt renders it (Thinking layout)
-    follow = messages + [{"role": "assistant", "content": message.content, "tool_calls": [call(0)],
-                          "reasoning_content": message.model_extra["reasoning_content"]},
-                         {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "Sunny"}]
+    # the next step of the turn sends the message back as is (README's example); the prompt renders its
+    # reasoning (Thinking layout)
+    follow = messages + [message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny"}]
     c.chat.completions.create(model="k2-tiny", messages=follow, tools=SPEC_TOOLS)
     assert A + "<think>Paris: call the tool.</think>Let me check." + SB in TOK.decode(engine.prompts[-1])
 
