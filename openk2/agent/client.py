@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from openk2.server.chat_format import ChatError, ChatFormat
-from openk2.tokenizer import StreamingToolParser, Tokenizer
+from openk2.tokenizer import Tokenizer
 
 MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls")
 
@@ -175,13 +175,14 @@ class EngineClient:
             raise (ContextLengthExceeded(str(e)) if e.code == "context_length_exceeded" else e) from None
         req, queue = self.loop.submit(prompt.ids, params)
         state = {"completion_tokens": 0, "reason": "stop", "request": req}
-        parser = StreamingToolParser() if on_delta and prompt.use_tools else None
-        pieces = []
+        parser, pieces = self.fmt.stream_parser(prompt), []
+        parser.feed(prompt.prefix)
         async for piece in text_pieces(self.loop, req, queue, self.fmt.detokenizer(), state):
             pieces.append(piece)
-            for delta in (parser.feed(piece) if parser else [{"content": piece}]) if on_delta else []:
-                if delta.get("content"):
-                    on_delta("content", delta["content"])
+            for delta in parser.feed(piece) if on_delta else []:
+                for kind, key in (("reasoning", "reasoning_content"), ("content", "content")):
+                    if delta.get(key):
+                        on_delta(kind, delta[key])
         reply = self.fmt.reply("".join(pieces), prompt, state["reason"])
         return Completion(reply.message, reply.finish_reason, len(prompt.ids), state["completion_tokens"],
                           reply.errors, prompt.ids, list(req.output))

@@ -15,12 +15,16 @@ def __getattr__(name):  # fastapi is imported only when the app is built
     raise AttributeError(f"module 'openk2.server' has no attribute {name!r}")
 
 
-def _text_setup(model, tokenizer, path: str):
-    """(tokenizer, chat template, its variables): the folder's, or byte-level text and K2's template."""
+def _text_setup(model, tokenizer, path: str, reasoning_parser: str = "auto"):
+    """(tokenizer, chat template, its variables, reasoning on): the folder's, or byte-level text and K2's
+    template; which reasoning parser is in use is logged."""
     from openk2.server.chat_format import ChatFormat
 
-    fmt = ChatFormat.for_model(model, tokenizer, path)
-    return fmt.tokenizer, fmt.template, fmt.template_vars
+    fmt = ChatFormat.for_model(model, tokenizer, path, reasoning_parser)
+    why = f"auto: the chat template {'writes' if fmt.reasoning else 'has no'} <think>" \
+        if reasoning_parser == "auto" else f"--reasoning-parser {reasoning_parser}"
+    print(f"[openk2] reasoning parser: {'kimi_k2' if fmt.reasoning else 'none'} ({why})", file=sys.stderr, flush=True)
+    return fmt.tokenizer, fmt.template, fmt.template_vars, fmt.reasoning
 
 
 def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192):
@@ -40,7 +44,8 @@ def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 
 
 
 def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          quantize: str | None = None, compile: bool = True, temperature: float = 1.0) -> None:
+          quantize: str | None = None, compile: bool = True, temperature: float = 1.0,
+          reasoning_parser: str = "auto") -> None:
     """Serve `model` under the name of its folder."""
     import uvicorn
 
@@ -48,11 +53,11 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     from openk2.server.protocol import APIError
 
     engine = make_engine(model, quantize, compile)
-    tokenizer, template, variables = _text_setup(model, tokenizer, path)
+    tokenizer, template, variables, reasoning = _text_setup(model, tokenizer, path, reasoning_parser)
     folder = Path(path)
     app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
                      chat_template=template, template_vars=variables, engine_thread=False,
-                     default_temperature=temperature)
+                     default_temperature=temperature, reasoning=reasoning)
     # HTTP on a thread, the engine on this one: every torch call stays on the thread that loaded and
     # compiled the model (see EngineLoop.run_here)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port))
@@ -76,11 +81,12 @@ def run(args, model, tokenizer) -> None:
     """`openk2 serve PATH` and `openk2 chat PATH`."""
     if args.cmd == "serve":
         return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile,
-                     args.temperature)
+                     args.temperature, args.reasoning_parser)
     from openk2.server.terminal import chat
     engine = make_engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
     try:
-        chat(model, *_text_setup(model, tokenizer, args.path), temperature=args.temperature, engine=engine)
+        tokenizer, template, variables, reasoning = _text_setup(model, tokenizer, args.path, args.reasoning_parser)
+        chat(model, tokenizer, template, variables, temperature=args.temperature, engine=engine, reasoning=reasoning)
     except KeyboardInterrupt:  # Ctrl-C leaves the chat, as /exit does
         print()
 
@@ -101,4 +107,7 @@ def add_parsers(sub, load) -> None:
                        help="for requests that give none (OpenAI's default, 1.0)" if name == "serve" else
                        "sampling temperature (K2's recommended 0.6)")
         s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled decode")
+        s.add_argument("--reasoning-parser", choices=["auto", "kimi_k2", "none"], default="auto",
+                       help="split K2-Thinking's <think>…</think> into reasoning_content (auto: when the "
+                            "checkpoint's chat template writes <think>)")
         s.set_defaults(fn=lambda args: run(args, *load(args.path)))

@@ -2,8 +2,8 @@
 
 The engine runs on `EngineLoop`'s thread (engine_loop.py), shared by every client; `Server.generate`
 validates a prompt's ids and returns its text in safe increments (`stop` strings trimmed). Prompts,
-sampling defaults, forced tool calls and the parse of whole replies are `ChatFormat`'s
-(chat_format.py, shared with the in-process agent client); SSE parses with `StreamingToolParser`.
+sampling defaults, forced tool calls, reasoning and the parse of replies, whole or streamed, are
+`ChatFormat`'s (chat_format.py, shared with the in-process agent client).
 Errors keep OpenAI's shape and status; a client mistake is never a 500. `/v1/completions`,
 `/tokenize`, `/detokenize`, `/metrics`: extra.py.
 """
@@ -30,7 +30,6 @@ from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
                                     ModelCard, ModelList, SamplingRequest, Usage, chunk, completion_id, error_body,
                                     stream_error)
-from openk2.tokenizer import StreamingToolParser
 
 
 @dataclass
@@ -126,16 +125,17 @@ async def merge(streams: list):
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, engine=None,
                chat_template: str | None = None, template_vars: dict | None = None, default_temperature: float = 1.0,
-               default_max_tokens: int = 1024, engine_thread: bool = True) -> FastAPI:
+               default_max_tokens: int = 1024, engine_thread: bool = True, reasoning: bool = False) -> FastAPI:
     """The server for `model` + `tokenizer`. `engine` (default `Engine(model)`) may be any object with
     the Engine's add_request/step/cancel/has_work, e.g. a scripted fake in tests. engine_thread: the
     app steps the engine on a thread it starts; False leaves that to the caller
-    (`app.state.engine_loop.run_here()`, as `openk2 serve` does on its main thread)."""
+    (`app.state.engine_loop.run_here()`, as `openk2 serve` does on its main thread). reasoning: parse
+    K2-Thinking's `<think>` blocks into `reasoning_content` (reasoning.py)."""
     engine = engine if engine is not None else Engine(model)
     metrics = Metrics(engine)
     loop = EngineLoop(engine, metrics)
     fmt = ChatFormat(tokenizer, model.cfg.max_position_embeddings, model.cfg.vocab_size, chat_template,
-                     template_vars or {}, default_temperature, default_max_tokens)
+                     template_vars or {}, default_temperature, default_max_tokens, reasoning)
     srv = Server(loop, fmt, model_name)
 
     @contextlib.asynccontextmanager
@@ -205,7 +205,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
 
     def choice_of(index: int, reply) -> Choice:
-        message = AssistantMessage(content=reply.message["content"], tool_calls=reply.message.get("tool_calls"))
+        message = AssistantMessage(content=reply.message["content"], tool_calls=reply.message.get("tool_calls"),
+                                   reasoning_content=reply.message.get("reasoning_content"))
         return Choice(index=index, message=message, finish_reason=reply.finish_reason)
 
     async def sse(runs: list, prompt: Prompt, include_usage: bool):
@@ -218,17 +219,17 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             return f"data: {json.dumps(body)}\n\n"
 
         async def one(index: int, pieces, state: dict):
-            parser = StreamingToolParser() if prompt.use_tools else None
+            parser = fmt.stream_parser(prompt)
             yield event(index, {"role": "assistant", "content": ""})
-            for delta in parser.feed(prompt.prefix) if prompt.prefix else []:
+            for delta in parser.feed(prompt.prefix):
                 yield event(index, delta)
             async for piece in pieces:
-                for delta in parser.feed(piece) if parser else [{"content": piece}]:
+                for delta in parser.feed(piece):
                     yield event(index, delta)
-            for delta in parser.finish(state["reason"]) if parser else []:
+            for delta in parser.finish(state["reason"]):
                 yield event(index, delta)
-            metrics.count_parse_errors(parser.errors if parser else [])
-            yield event(index, {}, parser.finish_reason if parser else state["reason"])
+            metrics.count_parse_errors(parser.errors)
+            yield event(index, {}, parser.finish_reason)
 
         try:
             async with contextlib.aclosing(merge([one(i, p, state) for i, (p, state) in enumerate(runs)])) as lines:

@@ -5,8 +5,8 @@ The HTTP app (app.py) and the in-process agent client (`openk2.agent.client.Engi
 through `ChatFormat`, so one conversation gets the same ids, the same sampling and the same parsed
 reply either way. tool_choice "required" or a named function forces a call by ending the prompt with
 the call's opening markers; the same prefix goes before the generated text when parsing.
-Not here: HTTP, pydantic, streaming (the server's SSE and the client's deltas use
-`StreamingToolParser` on the pieces), the engine itself.
+A reasoning parser (K2-Thinking) splits replies into `reasoning_content` and the rest (reasoning.py);
+`stream_parser` gives a reply's deltas as it comes. Not here: HTTP, pydantic, the engine itself.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 from openk2.engine.sampler import SamplingParams
 from openk2.server.detokenizer import Detokenizer
 from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls
-from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, template_variables
+from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, THINK, template_variables
 from openk2.tokenizer.protect import encode_chat, protector
+from openk2.tokenizer.reasoning import ReplyStream, reasoning_enabled, split_reasoning
 from openk2.tokenizer.toolcalls import finish_reason
 
 
@@ -37,11 +38,12 @@ class Prompt:
     ids: list[int]
     prefix: str  # forced tool-call opening (already in `ids`); the reply is parsed as prefix + text
     use_tools: bool  # parse tool calls out of the reply
+    inside: bool = False  # the prompt ends with `<think>`: the reply starts within its reasoning
 
 
 @dataclass(frozen=True)
 class Reply:
-    message: dict  # the OpenAI assistant message: role, content, tool_calls (when any)
+    message: dict  # the OpenAI assistant message: role, content, reasoning_content, tool_calls (when any)
     finish_reason: str
     errors: list[str] = field(default_factory=list)  # what the tool-call parser met (`ParseError`s)
 
@@ -76,11 +78,13 @@ class ChatFormat:
     template_vars: dict = field(default_factory=dict)
     default_temperature: float = 1.0
     default_max_tokens: int = 1024
+    reasoning: bool = False  # K2-Thinking's `<think>` blocks: parsed out of replies, rendered back
 
     @classmethod
-    def for_model(cls, model, tokenizer=None, path: str | Path | None = None, **defaults) -> ChatFormat:
-        """The chat of `model`, with the folder's template if it ships one. Without a tokenizer, text
-        is byte-level (ids 0..255 are bytes, 256.. K2's special tokens), which needs 512 embedding rows."""
+    def for_model(cls, model, tokenizer=None, path: str | Path | None = None, reasoning_parser: str = "auto",
+                  **defaults) -> ChatFormat:
+        """The chat of `model`, with the folder's template if it ships one (`reasoning_parser`: reasoning.py).
+        Without a tokenizer, text is byte-level (ids 0..255 bytes, 256.. K2's specials): 512 embedding rows."""
         if tokenizer is None:
             if model.cfg.vocab_size < 512:
                 raise ValueError(f"no tokenizer in {path} and vocab_size {model.cfg.vocab_size} < 512 (byte-level)")
@@ -89,7 +93,7 @@ class ChatFormat:
         template = load_chat_template(folder) if folder is not None and folder.is_dir() else None
         variables = template_variables(folder) if template else {}
         return cls(tokenizer, model.cfg.max_position_embeddings, model.cfg.vocab_size, template, variables,
-                   **defaults)
+                   **defaults, reasoning=reasoning_enabled(reasoning_parser, template))
 
     @functools.cached_property  # read by every request's sampling and detokenizer
     def stop_ids(self) -> tuple[int, ...]:
@@ -100,7 +104,7 @@ class ChatFormat:
         """The conversation's prompt ids; special-token strings inside it are text (protect.py)."""
         try:
             return encode_chat(self.tokenizer, messages, tools, add_generation_prompt, self.template, suffix,
-                               **self.template_vars)
+                               builtin_thinking=self.reasoning, **self.template_vars)
         except (ValueError, KeyError, TypeError) as e:
             raise ChatError(f"cannot render the conversation: {e}", "messages") from None
 
@@ -108,7 +112,8 @@ class ChatFormat:
         prefix = forced_prefix(tool_choice, tools, messages)
         mask = protector(self.tokenizer).mask  # the prefix's markers are structure; a tool's name is text
         ids = self.encode(messages, tools, suffix=prefix and forced_prefix(mask(tool_choice), mask(tools), messages))
-        return Prompt(ids, prefix, bool(tools) and tool_choice != "none")
+        inside = self.reasoning and not prefix and self.tokenizer.decode(ids[-len(THINK):]).endswith(THINK)
+        return Prompt(ids, prefix, bool(tools) and tool_choice != "none", inside)
 
     def sampling(self, n_prompt: int, temperature: float | None = None, top_p: float | None = None,
                  max_tokens: int | None = None, seed: int | None = None, param: str = "messages") -> SamplingParams:
@@ -130,10 +135,16 @@ class ChatFormat:
     def reply(self, text: str, prompt: Prompt, engine_reason: str) -> Reply:
         """The assistant message of generated `text` (after the prompt's forced prefix)."""
         text = prompt.prefix + text
+        reasoning, text = split_reasoning(text, prompt.inside) if self.reasoning else (None, text)
+        message = {"role": "assistant", "content": text, **({"reasoning_content": reasoning} if reasoning else {})}
         if not prompt.use_tools:
-            return Reply({"role": "assistant", "content": text}, engine_reason)
+            return Reply(message, engine_reason)
         parsed = parse_tool_calls(text)
-        message = {"role": "assistant", "content": parsed.content}
+        message["content"] = parsed.content
         if parsed.tool_calls:
             message["tool_calls"] = [c.to_dict() for c in parsed.tool_calls]
         return Reply(message, finish_reason(engine_reason, bool(parsed.tool_calls)), list(parsed.errors))
+
+    def stream_parser(self, prompt: Prompt) -> ReplyStream:
+        """The streaming twin of `reply`: feed it the prompt's prefix, then the text as it comes."""
+        return ReplyStream(self.reasoning, prompt.use_tools, prompt.inside)

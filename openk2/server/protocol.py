@@ -138,6 +138,7 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None  # K2-Thinking's `<think>` text, with a reasoning parser
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -2,18 +2,23 @@
 
 The dialog is rendered with the checkpoint's chat template (or K2's built-in one) every turn, the
 reply streams as it is generated (text tokens only) and ends at `<|im_end|>` / `[EOS]`; `/reset` clears the history,
-`/exit` (or end of input) leaves. No fastapi here: it needs only the core install.
+`/exit` (or end of input) leaves. With `reasoning` (K2-Thinking), the `<think>` text is shown dimmed and
+kept apart from the answer (reasoning.py). No fastapi here: it needs only the core install.
 """
 
 import sys
 
 from openk2.engine import Engine, SamplingParams
 from openk2.server.detokenizer import Detokenizer
+from openk2.tokenizer.chat import THINK
 from openk2.tokenizer.protect import encode_chat
+from openk2.tokenizer.reasoning import ReasoningStream
+
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"
 
 
 def chat(model, tokenizer, template=None, variables=None, temperature: float = 0.6, max_tokens: int = 512,
-         input_fn=input, out=sys.stdout, engine: Engine | None = None) -> list[dict]:
+         input_fn=input, out=sys.stdout, engine: Engine | None = None, reasoning: bool = False) -> list[dict]:
     """Run the loop; returns the final history (for tests)."""
     engine = engine or Engine(model, cache_tokens=model.cfg.max_position_embeddings)
     stops = tuple(tokenizer.token_id(t) for t in ("<|im_end|>", "[EOS]"))
@@ -34,7 +39,8 @@ def chat(model, tokenizer, template=None, variables=None, temperature: float = 0
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        ids = encode_chat(tokenizer, history, template=template, **(variables or {}))  # what you type is text
+        ids = encode_chat(tokenizer, history, template=template, builtin_thinking=reasoning,
+                          **(variables or {}))  # what you type is text
         budget = min(max_tokens, model.cfg.max_position_embeddings - len(ids))
         if budget < 1:
             history.pop()
@@ -42,12 +48,25 @@ def chat(model, tokenizer, template=None, variables=None, temperature: float = 0
             continue
         req = engine.add_request(ids, SamplingParams(temperature=temperature, top_p=0.95, max_tokens=budget,
                                                      stop_token_ids=stops))
-        detok, reply = Detokenizer(tokenizer, hidden, []), []
+        detok, thought, reply = Detokenizer(tokenizer, hidden, []), [], []
+        split = ReasoningStream(tokenizer.decode(ids[-len(THINK):]).endswith(THINK)) if reasoning else None
         out.write("k2> ")
         for i, tok in enumerate(engine.stream(req)):  # the last token flushes a split character
-            reply.append(detok.add(tok, final=req.finished and i == len(req.output) - 1))
-            out.write(reply[-1])
-            out.flush()
-        out.write("\n")
-        history.append({"role": "assistant", "content": "".join(reply)})
+            piece = detok.add(tok, final=req.finished and i == len(req.output) - 1)
+            show(out, *(split.feed(piece) if split else ("", piece)), thought, reply)
+        show(out, *(split.finish() if split else ("", "")), thought, reply)
+        out.write((PLAIN if thought and not reply else "") + "\n")
+        history.append({"role": "assistant", "content": "".join(reply),
+                        **({"reasoning_content": "".join(thought)} if thought else {})})
     return history
+
+
+def show(out, reasoning: str, text: str, thought: list[str], reply: list[str]) -> None:
+    """Write a piece of the reply and keep it: reasoning dimmed, the answer on a line of its own."""
+    if reasoning:
+        out.write(("" if thought else DIM) + reasoning)
+        thought.append(reasoning)
+    if text:
+        out.write((PLAIN + "\n" if thought and not reply else "") + text)
+        reply.append(text)
+    out.flush()

@@ -1,10 +1,11 @@
 """K2's chat template: messages (+ tool declarations) -> the prompt string the model reads (K2-SPEC §6).
 
 Two renderers. The built-in one is plain Python and reproduces K2-Instruct's v2 layout (§6.1, the
-§6.3 example byte for byte); openk2's own checkpoints use it. A checkpoint folder that ships a
-template (`chat_template.jinja`, or `chat_template` in `tokenizer_config.json`) is rendered with
-jinja2 set up as transformers' `apply_chat_template` sets it up, so a real K2 folder gets the very
-bytes transformers would give. jinja2 is imported only on that path.
+§6.3 example byte for byte), or with `thinking=True` K2-Thinking's (`<think>…</think>` in every
+assistant turn, reasoning kept only after the last plain answer); openk2's own checkpoints use it.
+A checkpoint folder that ships a template (`chat_template.jinja`, or `chat_template` in
+`tokenizer_config.json`) is rendered with jinja2 set up as transformers' `apply_chat_template` sets
+it up, so a real K2 folder gets the very bytes transformers would give. jinja2 is imported only on that path.
 Not here: turning generated text back into content + tool calls (`toolcalls.py`), tokenization.
 
 Notes: v2's tool declaration exists in two reported forms (§6.1, *Unverified*); the built-in
@@ -26,6 +27,8 @@ IM_USER, IM_ASSISTANT, IM_SYSTEM = "<|im_user|>", "<|im_assistant|>", "<|im_syst
 IM_MIDDLE, IM_END = "<|im_middle|>", "<|im_end|>"
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
 CALL_BEGIN, ARGUMENT_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+THINK, END_THINK = "<think>", "</think>"  # K2-Thinking's reasoning block (reasoning.py parses it)
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # what clients call a message's reasoning
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 GENERATION_PROMPT = IM_ASSISTANT + "assistant" + IM_MIDDLE
 # the special-token attributes transformers hands every template (`special_tokens_map`)
@@ -74,23 +77,44 @@ def message_body(message: dict) -> str:
     return text
 
 
-def render_message(message: dict) -> str:
-    """`<|im_X|>{name or role}<|im_middle|>{body}<|im_end|>`; everything not user/assistant is system."""
+def reasoning_of(message: dict) -> str | None:
+    """A message's reasoning, under whichever name the client used."""
+    return next((message[k] for k in REASONING_KEYS if message.get(k) is not None), None)
+
+
+def render_message(message: dict, think: str | None = None) -> str:
+    """`<|im_X|>{name or role}<|im_middle|>{body}<|im_end|>`; everything not user/assistant is system.
+    `think` (not None): the body opens with `<think>{think}</think>` (K2-Thinking's assistant turns)."""
     role = message["role"]
     opener = {"user": IM_USER, "assistant": IM_ASSISTANT}.get(role, IM_SYSTEM)
-    return opener + (message.get("name") or role) + IM_MIDDLE + message_body(message) + IM_END
+    thought = "" if think is None else THINK + think + END_THINK
+    return opener + (message.get("name") or role) + IM_MIDDLE + thought + message_body(message) + IM_END
 
 
-def render_k2(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+def thoughts(messages: list[dict]) -> list[str | None]:
+    """K2-Thinking's `<think>` text per message (None: not an assistant turn). Turns up to and including
+    the last assistant answer without tool calls get an empty block; later ones (the tool-calling
+    steps of the turn in progress) keep their reasoning (§6.1)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m.get("tool_calls")),
+               default=-1)
+    return [None if m["role"] != "assistant" else (reasoning_of(m) or "") if i > last else ""
+            for i, m in enumerate(messages)]
+
+
+def render_k2(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
+              thinking: bool = False) -> str:
     """K2 v2 layout: tool declaration, default system prompt unless the dialog opens with a system
-    message, the turns without separators, the generation prompt (§6.1, §6.3)."""
+    message, the turns without separators, the generation prompt (§6.1, §6.3). `thinking`: the
+    K2-Thinking layout, i.e. `<think>` blocks (`thoughts`) and the declaration as `tools | tojson()`
+    writes it (json.dumps' default separators)."""
     out = []
     if tools:
-        declaration = json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+        declaration = json.dumps(tools, ensure_ascii=False, separators=None if thinking else (",", ":"))
         out.append(IM_SYSTEM + "tool_declare" + IM_MIDDLE + declaration + IM_END)
     if messages and messages[0]["role"] != "system":
         out.append(IM_SYSTEM + "system" + IM_MIDDLE + DEFAULT_SYSTEM_PROMPT + IM_END)
-    out += [render_message(m) for m in messages]
+    thinks = thoughts(messages) if thinking else [None] * len(messages)
+    out += [render_message(m, t) for m, t in zip(messages, thinks)]
     if add_generation_prompt:
         out.append(GENERATION_PROMPT)
     return "".join(out)
@@ -169,7 +193,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
     out = []
     for message in messages:
         message = {k: v for k, v in message.items() if v is not None}
-        reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+        reasoning = reasoning_of(message)
         if reasoning is not None:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
@@ -188,14 +212,15 @@ def render_template(template: str, messages: list[dict], tools: list[dict] | Non
 
 
 def render_chat(messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
-                template: str | None = None, **variables) -> str:
-    """The prompt for `messages`: a checkpoint's jinja `template` if given, else the built-in K2 v2
-    renderer (which takes no extra variables)."""
+                template: str | None = None, builtin_thinking: bool = False, **variables) -> str:
+    """The prompt for `messages`: a checkpoint's jinja `template` if given (it renders reasoning its own
+    way), else the built-in K2 renderer: v2, or K2-Thinking's layout if `builtin_thinking` (it takes
+    no extra variables)."""
     if template is not None:
         return render_template(template, messages, tools, add_generation_prompt, **variables)
     if variables:
         raise TypeError(f"the built-in template takes no variables, got {sorted(variables)}")
-    return render_k2(messages, tools, add_generation_prompt)
+    return render_k2(messages, tools, add_generation_prompt, builtin_thinking)
 
 
 def load_chat_template(folder: str | Path) -> str | None:
