@@ -82,14 +82,19 @@ def test_completion_echo_scores_the_prompt(setup):
         ch, lp = r.choices[0], r.choices[0].logprobs
         assert ch.text.startswith(prompt) and (max_tokens or ch.text == prompt)
         assert r.usage.completion_tokens == max_tokens or ch.finish_reason == "stop"
+        assert len(lp.tokens) == len(ids) + r.usage.completion_tokens  # the generated ones, a stop id too
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         got = torch.tensor(lp.token_logprobs[1:len(ids)])
         torch.testing.assert_close(got, ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], atol=1e-4, rtol=0)
         assert all(len(top) == 2 for top in lp.top_logprobs[1:])
         assert lp.tokens[:len(ids)] == [tok.decode_bytes([t]).decode("utf-8", "replace") if t < 128
                                         else "bytes:\\x%02x" % t for t in ids]
-        for token, at in zip(lp.tokens, lp.text_offset):  # every whole-character token sits at its offset
-            if not token.startswith("bytes:"):
+        for i, (token, at) in enumerate(zip(lp.tokens, lp.text_offset)):  # whole-character tokens sit there
+            if token.startswith("bytes:"):
+                continue
+            if i == len(lp.tokens) - 1 and ch.finish_reason == "stop" and i >= len(ids):
+                assert at == len(ch.text) and token in ("<|im_end|>", "[EOS]")  # a stop id ends the text
+            else:
                 assert ch.text[at:at + len(token)] == token
         assert lp.text_offset == sorted(lp.text_offset) and len(lp.tokens) == len(lp.token_logprobs)
     plain = client(port).completions.create(model=NAME, prompt=prompt, echo=True, max_tokens=3, temperature=0)
@@ -108,7 +113,9 @@ def test_completion_logprobs_streamed_equal_whole(setup):
                 got[k] += getattr(c.choices[0].logprobs, k)
     assert got == whole.logprobs.model_dump(include=set(got))
     ids = tok.encode("once upon a time")
-    gen = greedy(model, ids, 8, {tok.token_id("<|im_end|>"), tok.token_id("[EOS]")})
+    gen = generate_recompute(model, torch.tensor([ids]), SamplingParams(max_tokens=8))[0].tolist()
+    stop = {tok.token_id("<|im_end|>"), tok.token_id("[EOS]")}
+    gen = gen[:next((i + 1 for i, t in enumerate(gen) if t in stop), len(gen))]  # a stop id is listed
     ref = reference(model, ids + gen)
     want = [ref[len(ids) - 1 + j, t].item() for j, t in enumerate(gen)]
     assert whole.logprobs.token_logprobs == pytest.approx(want, abs=1e-4)
@@ -135,3 +142,34 @@ def test_logprob_mistakes_are_400s(setup, path, body):
 def test_tokenizer_info(setup):
     r = httpx.get(f"http://127.0.0.1:{setup[2]}/tokenizer_info").json()
     assert r["eos_token"] == "<|im_end|>" and r["model_max_length"] == PRESETS["k2-tiny"].max_position_embeddings
+
+
+def test_echo_lists_a_generated_stop_id_where_lm_eval_drops_it():
+    """lm-eval sends max_tokens 1 and reads token_logprobs[ctxlen:-1]: the generated token must be the
+    last entry even when it is a stop id (which adds no text); chat's content leaves it out."""
+    from openk2.engine.engine import Request
+    from openk2.engine.sampler import TokenLogprob
+    from openk2.server import logprobs
+    from openk2.server.chat_format import ChatFormat
+    from openk2.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    fmt = ChatFormat(tok, 64, 512)
+    end = tok.token_id("<|im_end|>")
+    ids = tok.encode("ab")
+    req = Request(0, ids, SamplingParams(max_tokens=1, logprobs=1, prompt_logprobs=True), output=[end])
+    req.prompt_logprobs = [None, TokenLogprob(ids[1], -1.5, [(ids[1], -1.5)])]
+    req.logprobs = [TokenLogprob(end, -0.25, [(end, -0.25)])]
+    body = CompletionRequest(model=NAME, prompt="ab", max_tokens=1, logprobs=1, echo=True)
+    state = {"completion_tokens": 1, "reason": "stop", "request": req}
+    text, lp = logprobs.whole_completion(fmt, body, ids, state, "")
+    assert text == "ab" and lp["tokens"] == ["a", "b", "<|im_end|>"] and lp["text_offset"] == [0, 1, 2]
+    assert lp["token_logprobs"] == [None, -1.5, -0.25] and lp["top_logprobs"] == [None, {"b": -1.5},
+                                                                                   {"<|im_end|>": -0.25}]
+    chat = ChatCompletionRequest(model=NAME, messages=[{"role": "user", "content": "x"}], logprobs=True)
+    shaper = logprobs.shaper_for(fmt, chat)
+    assert shaper.chat(shaper.listed(req, 1)) == {"content": [], "refusal": None}
+    zero = CompletionRequest(model=NAME, prompt="ab", max_tokens=0, logprobs=0, echo=True)
+    text, lp = logprobs.whole_completion(fmt, zero, ids, dict(state), "zzz")
+    assert text == "ab" and lp["tokens"] == ["a", "b"] and lp["token_logprobs"] == [None, -1.5]
+    assert zero.max_tokens == 0 and logprobs.engine_params(SamplingParams(), zero).max_tokens == 1

@@ -4,12 +4,14 @@ model's log_softmax of the raw logits, whatever temperature or top-p did to samp
 Chat (`logprobs: true`, `top_logprobs` 0..20): `{"content": [{"token", "logprob", "bytes",
 "top_logprobs": [{"token", "logprob", "bytes"}]}]}`. Text completions (`logprobs` 0..5, `echo`):
 `{"tokens", "token_logprobs", "top_logprobs" (token -> log-prob), "text_offset"}`; with `echo` the
-prompt comes first (its first token has None), and `max_tokens: 0` scores the prompt alone (what
-lm-eval's loglikelihood needs). Listed: the tokens the text was made of; stop ids (which add no text)
-are not. A token's text is its bytes as UTF-8, or `bytes:\\xe2\\x80` when they split a character;
-`bytes` always holds them. `text_offset` is the length of the text decoded from the bytes before the
-token's (an unfinished character counting as one), so a whole-character token's text sits there in the
-reply's text (which may end earlier: a stop string cuts the text, not the tokens).
+prompt comes first (its first token has None), and `max_tokens: 0` scores the prompt alone.
+Listed: every generated token up to where the text ends; in text completions a stop id too (lm-eval's
+loglikelihood sends max_tokens 1 and drops the last entry as the generated one), not in chat's content.
+A token's text is its bytes as UTF-8, or `bytes:\\xe2\\x80` when they split a character; `bytes` always
+holds them. `text_offset` is the length of the text decoded from the bytes before the token's (an
+unfinished character counting as one), so a whole-character token's text sits there in the reply's
+text (which may end earlier: a stop string cuts the text, not the tokens; a stop id sits at the end
+of a text that does not hold its name).
 """
 
 from __future__ import annotations
@@ -94,7 +96,9 @@ class Shaper:
 
 def shaper_for(fmt, body) -> Shaper | None:
     """The request's shaper, or None when it asks for no log-probs."""
-    return Shaper(fmt.tokenizer, fmt.stop_ids) if wanted(body) is not None else None
+    if wanted(body) is None:
+        return None
+    return Shaper(fmt.tokenizer, fmt.stop_ids if isinstance(body, ChatCompletionRequest) else ())
 
 
 class Stream:
