@@ -20,6 +20,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "server/engine_loop.py": 150, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
     "server/chat_format.py": 150, "server/guard.py": 80, "tokenizer/protect.py": 100, "checkpoint/state.py": 200,
     "tokenizer/reasoning.py": 150,
+    "server/logprobs.py": 150,
     "agent/runtime.py": 250, "agent/episode.py": 100, "agent/client.py": 250, "agent/tools.py": 150,
     "agent/schema.py": 100,
     "agent/compact.py": 120, "agent/files.py": 150, "agent/sandbox.py": 175, "agent/jail.py": 150,

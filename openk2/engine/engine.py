@@ -10,6 +10,10 @@ requests leave and free their blocks at once; new ones join between steps. Sampl
 (its own parameters and seeded generator; greedy rows share one argmax). The reference is
 `generate_recompute`; tests/test_engine.py checks that greedy output equals it for every request of
 a mixed batch joining at different steps.
+
+Log-probs, for a request that asks (`SamplingParams.logprobs`, `prompt_logprobs`): `Request.logprobs`
+holds one `TokenLogprob` per output token, `Request.prompt_logprobs` one per prompt token (None for the
+first), computed by `sampler.token_logprobs` from the raw logits; rows that do not ask cost nothing.
 """
 
 import itertools
@@ -20,7 +24,7 @@ import torch
 
 from openk2.engine.decode import CompiledDecode, compilable, decode_kernels, small_batch
 from openk2.engine.kv_cache import BlockPool
-from openk2.engine.sampler import SamplingParams, sample
+from openk2.engine.sampler import SamplingParams, TokenLogprob, sample, token_logprobs
 from openk2.model.transformer import Transformer
 
 
@@ -34,10 +38,24 @@ class Request:
     prefilled: int = 0  # prompt tokens in the cache
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, if params.logprobs
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # if params.prompt_logprobs
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def score_prompt(req: Request, logits_SV: torch.Tensor, start: int) -> None:
+    """Record the log-probs of the prompt tokens that a prefill chunk's logits predict: the logits at
+    position start+j score prompt[start+j+1], so a chunk's last position scores the next chunk's first
+    token (the prompt is known: nothing waits for the next chunk); at the prompt's end it predicts
+    the first output token, which `_emit` scores. The first prompt token has no log-prob (None)."""
+    if start == 0:
+        req.prompt_logprobs.append(None)
+    targets = req.prompt[start + 1:start + len(logits_SV) + 1]
+    if targets:
+        req.prompt_logprobs += token_logprobs(logits_SV[:len(targets)], targets, req.params.logprobs or 0)
 
 
 class Engine:
@@ -132,7 +150,9 @@ class Engine:
         logits = self.model(ids.to(device), start, cache)
         self.pool.scatter(cache, tables, starts, counts)
         done = []
-        for i, (r, n) in enumerate(zip(rows, counts)):
+        for i, (r, s, n) in enumerate(zip(rows, starts, counts)):
+            if r.params.prompt_logprobs:
+                score_prompt(r, logits[i, :n], s)
             r.prefilled += n
             if r.prefilled == len(r.prompt):
                 done.append((r, logits[i, n - 1]))
@@ -161,6 +181,8 @@ class Engine:
         for i, req in enumerate(rows):
             tok = toks[i] if i in toks else int(sample(logits_NV[i:i + 1], req.params, req.generator)[0])
             req.output.append(tok)
+            if req.params.logprobs is not None:  # of the raw logits, whatever shaped the sampling
+                req.logprobs += token_logprobs(logits_NV[i:i + 1], [tok], req.params.logprobs)
             if tok in req.params.stop_token_ids:
                 self._finish(req, "stop")
             elif len(req.output) >= req.params.max_tokens:

@@ -1,4 +1,5 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), seeded. Pure functions."""
+"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), seeded; and the log-probs a request
+may ask for (`token_logprobs`, the one place they are computed). Pure functions."""
 
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ class SamplingParams:
     max_tokens: int = 32
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: off; k >= 0: each output token's log-prob and the k most likely
+    prompt_logprobs: bool = False  # also each prompt token's (the first has none), with the same k
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -21,6 +24,16 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.max_tokens < 0:
             raise ValueError("top_k and max_tokens must be >= 0")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be None or >= 0, got {self.logprobs}")
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-prob and the `k` most likely tokens at its position, (id, log-prob), best first."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
@@ -38,3 +51,18 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Gen
         drop = sorted_p.cumsum(-1) - sorted_p >= params.top_p
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def token_logprobs(logits_NV: torch.Tensor, tokens_N: list[int], k: int = 0) -> list[TokenLogprob]:
+    """Log-probs of `tokens_N` (and the k most likely tokens) under log_softmax of the raw logits [N, V]
+    in fp32: the model's own distribution, what OpenAI's `logprobs` and lm-eval mean and what RL needs
+    as the policy's log-prob; independent of temperature, top-k and top-p (which only shape sampling).
+    Shapes: logits_NV [N, V], tokens_N N ids."""
+    logp_NV = logits_NV.float().log_softmax(-1)
+    chosen = logp_NV.gather(-1, torch.tensor(tokens_N, device=logp_NV.device)[:, None])[:, 0].tolist()
+    if k:
+        top_lp, top_ids = logp_NV.topk(min(k, logp_NV.shape[-1]), dim=-1)
+        tops = [list(zip(i, lp)) for i, lp in zip(top_ids.tolist(), top_lp.tolist())]
+    else:
+        tops = [[] for _ in tokens_N]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens_N, chosen, tops)]

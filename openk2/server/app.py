@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from openk2.engine.engine import Engine
-from openk2.server import extra
+from openk2.server import extra, logprobs
 from openk2.server.chat_format import ChatError, ChatFormat, Prompt
 from openk2.server.engine_loop import EngineLoop, text_pieces
 from openk2.server.guard import RequireKey, truthful_openapi
@@ -52,6 +52,7 @@ class Server:
         "completion_tokens" and "reason" as the pieces are consumed."""
         seed = None if body.seed is None else body.seed + choice  # n choices: distinct, reproducible
         params = self.fmt.sampling(len(ids), body.temperature, body.top_p, body.max_new_tokens(), seed, param)
+        params = logprobs.engine_params(params, body)
         detok = self.fmt.detokenizer(body.stop_strings())
         try:
             req, queue = self.loop.submit(ids, params)
@@ -192,30 +193,35 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         prompt = fmt.prompt(body.messages_as_dicts(), body.tools, body.tool_choice)
         ids = prompt.ids
         runs = [srv.generate(ids, body, "messages", i) for i in range(body.n)]  # n choices decode together
+        shaper = logprobs.shaper_for(fmt, body)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(runs, prompt, include), media_type="text/event-stream")
+            streams = [logprobs.Stream(shaper, state, chat=True) if shaper else None for _, state in runs]
+            return StreamingResponse(sse(runs, prompt, include, streams), media_type="text/event-stream")
         if (texts := await srv.collect(runs, request)) is None:
             return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
         replies = [fmt.reply(text, prompt, state["reason"]) for text, (_, state) in zip(texts, runs)]
         for reply in replies:
             metrics.count_parse_errors(reply.errors)
-        choices = [choice_of(i, reply) for i, reply in enumerate(replies)]
+        lps = [shaper.chat(shaper.listed(s["request"], s["completion_tokens"])) if shaper else None for _, s in runs]
+        choices = [choice_of(i, reply, lp) for i, (reply, lp) in enumerate(zip(replies, lps))]
         used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
         return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
 
-    def choice_of(index: int, reply) -> Choice:
+    def choice_of(index: int, reply, lp: dict | None) -> Choice:
         message = AssistantMessage(content=reply.message["content"], tool_calls=reply.message.get("tool_calls"),
                                    reasoning_content=reply.message.get("reasoning_content"))
-        return Choice(index=index, message=message, finish_reason=reply.finish_reason)
+        return Choice(index=index, message=message, finish_reason=reply.finish_reason, logprobs=lp)
 
-    async def sse(runs: list, prompt: Prompt, include_usage: bool):
+    async def sse(runs: list, prompt: Prompt, include_usage: bool, streams: list):
         """The SSE stream of n choices decoding together: each choice's chunks carry its index and
         arrive as produced (role first, finish_reason last); one usage chunk for all; then [DONE]."""
         cid, created = completion_id(), int(time.time())
 
         def event(index, delta, reason=None, use=None):
             body = chunk(cid, created, model_name, delta, reason, use, include_usage, index)
+            if delta is not None and streams[index]:  # the tokens consumed since the last chunk
+                body["choices"][0]["logprobs"] = streams[index].take()
             return f"data: {json.dumps(body)}\n\n"
 
         async def one(index: int, pieces, state: dict):

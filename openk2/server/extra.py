@@ -1,6 +1,7 @@
 """The endpoints beside chat: `/v1/completions` (OpenAI's legacy text completions: a raw prompt, text or
-token ids, no template, no tools), `/tokenize` and `/detokenize` (vLLM's shapes), `/metrics`
-(Prometheus text). They share app.py's `Server`: the same engine, validation and error shapes.
+token ids, no template, no tools; log-probs and echo: logprobs.py), `/tokenize`, `/detokenize` and
+`/tokenizer_info` (vLLM's shapes; lm-eval's `remote` tokenizer reads them), `/metrics` (Prometheus text).
+They share app.py's `Server`: the same engine, validation and error shapes.
 
 A completion prompt given as text may hold K2's special-token strings (`<|im_end|>`, …): they become
 their ids, as a hand-written chat prompt needs. `/tokenize` reads them as plain text unless asked
@@ -16,6 +17,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from openk2.server import logprobs
 from openk2.server.protocol import (APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, Usage,
                                     completion_id, message_dicts, stream_error, text_completion)
 
@@ -47,18 +49,24 @@ def router(srv) -> APIRouter:
         ids = prompt_ids(srv, body.prompt)
         pieces, state = srv.generate(ids, body, "prompt")
         cid, created = completion_id("cmpl"), int(time.time())
+        shaper = logprobs.shaper_for(srv.fmt, body)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(pieces, state, len(ids), cid, created, include),
+            lps = logprobs.Stream(shaper, state, chat=False) if shaper else None
+            return StreamingResponse(sse(pieces, state, len(ids), cid, created, include, lps),
                                      media_type="text/event-stream")
         if (texts := await srv.collect([(pieces, state)], request)) is None:
             return Response(status_code=499)  # the client left: its request was cancelled
-        text = texts[0]
-        return text_completion(cid, created, srv.model_name, text, state["reason"], Usage.of(len(ids), state))
+        text, lps = logprobs.whole_completion(srv.fmt, body, ids, state, texts[0])
+        out = text_completion(cid, created, srv.model_name, text, state["reason"], Usage.of(len(ids), state))
+        out["choices"][0]["logprobs"] = lps
+        return out
 
-    async def sse(pieces, state: dict, n_prompt: int, cid: str, created: int, include_usage: bool):
+    async def sse(pieces, state: dict, n_prompt: int, cid: str, created: int, include_usage: bool, lps):
         def event(text, reason=None, use=None):
             body = text_completion(cid, created, srv.model_name, text, reason, use, include_usage)
+            if text is not None and lps:  # the tokens consumed since the last chunk
+                body["choices"][0]["logprobs"] = lps.take()
             return f"data: {json.dumps(body)}\n\n"
 
         try:
@@ -83,6 +91,12 @@ def router(srv) -> APIRouter:
         else:
             tokens = srv.fmt.tokenizer.encode(body.prompt, allow_special=body.special)
         return {"tokens": tokens, "count": len(tokens)}
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info():
+        """The part of vLLM's reply that lm-eval's `remote` tokenizer backend reads."""
+        eos = srv.fmt.tokenizer.decode(srv.fmt.stop_ids[:1])
+        return {"eos_token": eos, "bos_token": None, "pad_token": None, "model_max_length": srv.fmt.context}
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):

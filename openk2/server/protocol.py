@@ -2,7 +2,8 @@
 as pydantic models: what a request may hold (validated, so a client mistake is a 400 with OpenAI's
 error shape, never a 500) and the shapes of the replies.
 
-Accepted and ignored: fields OpenAI defines that change nothing here (user, metadata, echo, …).
+Accepted and ignored: fields OpenAI defines that change nothing here (user, metadata, …). Log-probs
+and echo are shaped in logprobs.py.
 Rejected: n > 1 for text completions, a batch of several prompts (see app.py, extra.py).
 Not here: generation, tool calls.
 """
@@ -86,6 +87,8 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -103,6 +106,9 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
 
 
 class TokenizeRequest(BaseModel):
@@ -146,7 +152,7 @@ class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
