@@ -170,7 +170,8 @@ class EngineClient:
         try:
             prompt = self.fmt.prompt(messages, tools, tool_choice)
             room = self.fmt.context - len(prompt.ids)
-            params = self.fmt.sampling(len(prompt.ids), temperature, None, max_tokens and min(max_tokens, room), seed)
+            params = self.fmt.sampling(len(prompt.ids), temperature, None, max_tokens and min(max_tokens, room), seed,
+                                       grammar=prompt.grammar)
         except ChatError as e:
             raise (ContextLengthExceeded(str(e)) if e.code == "context_length_exceeded" else e) from None
         req, queue = self.loop.submit(prompt.ids, params)

@@ -7,7 +7,9 @@ prompts batched beside it (a long prompt cannot stall the others for more than o
 one batched decode step for every other running request, rows at different lengths, each at its
 own position (through the compiled step of `decode.py` with `compile=True`). Finished and cancelled
 requests leave and free their blocks at once; new ones join between steps. Sampling is per request
-(its own parameters and seeded generator; greedy rows share one argmax). The reference is
+(its own parameters and seeded generator; greedy rows share one argmax); a request with a grammar
+(`SamplingParams.grammar`) has its logits masked to the ids its `Constraint` allows first, all such
+rows in one bitmask (rows without one pay nothing), and ends once the grammar is complete. The reference is
 `generate_recompute`; tests/test_engine.py checks that greedy output equals it for every request of
 a mixed batch joining at different steps.
 
@@ -24,7 +26,7 @@ import torch
 
 from openk2.engine.decode import CompiledDecode, compilable, decode_kernels, small_batch
 from openk2.engine.kv_cache import BlockPool
-from openk2.engine.sampler import SamplingParams, TokenLogprob, sample, token_logprobs
+from openk2.engine.sampler import SamplingParams, TokenLogprob, apply_mask, sample, token_logprobs
 from openk2.model.transformer import Transformer
 
 
@@ -40,6 +42,7 @@ class Request:
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, if params.logprobs
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # if params.prompt_logprobs
+    constraint: object | None = None  # the grammar's state (sampler.Constraint), if constrained
 
     @property
     def finished(self) -> bool:
@@ -87,7 +90,8 @@ class Engine:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.pool.pools[0].device).manual_seed(params.seed)
-        req = Request(next(self._ids), list(prompt_ids), params, generator=gen)
+        req = Request(next(self._ids), list(prompt_ids), params, generator=gen,
+                      constraint=params.grammar.start() if params.grammar is not None else None)
         self.waiting.append(req)
         return req
 
@@ -175,6 +179,7 @@ class Engine:
 
     def _emit(self, rows: list[Request], logits_NV: torch.Tensor) -> list[tuple[Request, int]]:
         """Sample one token per row (greedy rows in one argmax), append it, finish rows that stop."""
+        raw_NV, logits_NV = logits_NV, self._mask(rows, logits_NV)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
         toks = dict(zip(greedy, logits_NV[greedy].argmax(-1).tolist())) if greedy else {}
         events = []
@@ -182,13 +187,28 @@ class Engine:
             tok = toks[i] if i in toks else int(sample(logits_NV[i:i + 1], req.params, req.generator)[0])
             req.output.append(tok)
             if req.params.logprobs is not None:  # of the raw logits, whatever shaped the sampling
-                req.logprobs += token_logprobs(logits_NV[i:i + 1], [tok], req.params.logprobs)
-            if tok in req.params.stop_token_ids:
+                req.logprobs += token_logprobs(raw_NV[i:i + 1], [tok], req.params.logprobs)
+            if req.constraint is not None:
+                req.constraint.advance(tok)
+            if tok in req.params.stop_token_ids or (req.constraint is not None and req.constraint.done):
                 self._finish(req, "stop")
             elif len(req.output) >= req.params.max_tokens:
                 self._finish(req, "length")
             events.append((req, tok))
         return events
+
+    def _mask(self, rows: list[Request], logits_NV: torch.Tensor) -> torch.Tensor:
+        """The logits to sample from: constrained rows' disallowed ids at -inf (their grammars' allowed
+        ids filled on the CPU while the device may still be computing the logits, one bitmask for all
+        of them, applied to a copy: log-probs stay the model's), or `logits_NV` itself."""
+        constrained = [i for i, r in enumerate(rows) if r.constraint is not None]
+        if constrained:
+            logits_NV = logits_NV.clone()
+            bitmask_MW = torch.zeros(len(constrained), -(-logits_NV.shape[-1] // 32), dtype=torch.int32)
+            for m, i in enumerate(constrained):
+                rows[i].constraint.fill(bitmask_MW[m])
+            apply_mask(logits_NV, constrained, bitmask_MW)
+        return logits_NV
 
     # --- conveniences --------------------------------------------------------------------------
     def has_work(self) -> bool:

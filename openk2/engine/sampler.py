@@ -1,9 +1,24 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), seeded; and the log-probs a request
-may ask for (`token_logprobs`, the one place they are computed). Pure functions."""
+"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), seeded; the log-probs a request
+may ask for (`token_logprobs`, the one place they are computed); and the token mask of constrained
+decoding (a grammar's allowed ids, as a bitmask, applied to the logits first). Pure functions, plus
+the `Constraint` protocol the engine drives (server/constrain.py implements it)."""
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
+
+
+class Constraint(Protocol):
+    """One request's grammar state. Each step the engine asks for the allowed ids, samples among them,
+    then advances the state with the chosen token; once `done` the request ends ("stop")."""
+    done: bool
+
+    def fill(self, row_W: torch.Tensor) -> None:
+        """Write the allowed ids into int32 `row_W` (CPU, W = ceil(V / 32)): id v is bit v % 32 of word
+        v // 32. At least one id must be allowed."""
+
+    def advance(self, token: int) -> None: ...
 
 
 @dataclass
@@ -16,6 +31,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: each output token's log-prob and the k most likely
     prompt_logprobs: bool = False  # also each prompt token's (the first has none), with the same k
+    grammar: Any = None  # constrained decoding: `grammar.start()` gives each request its `Constraint`
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -66,3 +82,15 @@ def token_logprobs(logits_NV: torch.Tensor, tokens_N: list[int], k: int = 0) -> 
     else:
         tops = [[] for _ in tokens_N]
     return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens_N, chosen, tops)]
+
+
+def allowed_NV(bitmask_NW: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Bool [N, V] from packed int32 words [N, W] (32·W >= V): bit i of word w allows id 32·w + i."""
+    bits_32 = torch.arange(32, dtype=torch.int32, device=bitmask_NW.device)
+    return ((bitmask_NW[:, :, None] >> bits_32) & 1).bool().flatten(1)[:, :vocab]
+
+
+def apply_mask(logits_NV: torch.Tensor, rows: list[int], bitmask_MW: torch.Tensor) -> None:
+    """In place: in logits row rows[m], every id that bitmask row m does not allow gets -inf."""
+    allowed = allowed_NV(bitmask_MW.to(logits_NV.device, non_blocking=True), logits_NV.shape[-1])
+    logits_NV[rows] = logits_NV[rows].masked_fill(~allowed, float("-inf"))

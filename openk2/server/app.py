@@ -47,11 +47,12 @@ class Server:
         if body.n > max_n:
             raise APIError(400, f"n must be 1..{max_n}" if max_n > 1 else "n must be 1 here", param="n")
 
-    def generate(self, ids: list[int], body: SamplingRequest, param: str, choice: int = 0):
+    def generate(self, ids: list[int], body: SamplingRequest, param: str, choice: int = 0, grammar=None):
         """Submit `ids` under the body's sampling fields: (text pieces, state) — state gets
         "completion_tokens" and "reason" as the pieces are consumed."""
         seed = None if body.seed is None else body.seed + choice  # n choices: distinct, reproducible
-        params = self.fmt.sampling(len(ids), body.temperature, body.top_p, body.max_new_tokens(), seed, param)
+        params = self.fmt.sampling(len(ids), body.temperature, body.top_p, body.max_new_tokens(), seed, param,
+                                   grammar)
         params = logprobs.engine_params(params, body)
         detok = self.fmt.detokenizer(body.stop_strings())
         try:
@@ -190,9 +191,11 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         srv.check(body, max_n=8)
-        prompt = fmt.prompt(body.messages_as_dicts(), body.tools, body.tool_choice)
+        prompt = fmt.prompt(body.messages_as_dicts(), body.tools, body.tool_choice, body.response_format,
+                            body.parallel_tool_calls)
         ids = prompt.ids
-        runs = [srv.generate(ids, body, "messages", i) for i in range(body.n)]  # n choices decode together
+        # n choices decode together
+        runs = [srv.generate(ids, body, "messages", i, prompt.grammar) for i in range(body.n)]
         shaper = logprobs.shaper_for(fmt, body)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)

@@ -4,7 +4,8 @@ sampling parameters with the server's defaults, and generated text -> the assist
 The HTTP app (app.py) and the in-process agent client (`openk2.agent.client.EngineClient`) both go
 through `ChatFormat`, so one conversation gets the same ids, the same sampling and the same parsed
 reply either way. tool_choice "required" or a named function forces a call by ending the prompt with
-the call's opening markers; the same prefix goes before the generated text when parsing.
+the call's opening markers; the same prefix goes before the generated text when parsing. A grammar
+(constrain.py; forced calls, `response_format`, `strict` tools) goes from the prompt to `sampling`.
 A reasoning parser (K2-Thinking) splits replies into `reasoning_content` and the rest (reasoning.py);
 `stream_parser` gives a reply's deltas as it comes. Not here: HTTP, pydantic, the engine itself.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openk2.engine.sampler import SamplingParams
+from openk2.server import constrain
 from openk2.server.detokenizer import Detokenizer
 from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls
 from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, THINK, template_variables
@@ -39,6 +41,7 @@ class Prompt:
     prefix: str  # forced tool-call opening (already in `ids`); the reply is parsed as prefix + text
     use_tools: bool  # parse tool calls out of the reply
     inside: bool = False  # the prompt ends with `<think>`: the reply starts within its reasoning
+    grammar: object | None = None  # constrain.Grammar the reply must follow, if any
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,12 @@ def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -
                         '"function": {"name": ...}}', "tool_choice")
     if name not in [t.get("function", {}).get("name") for t in tools]:
         raise ChatError(f"tool_choice names `{name}`, which is not in `tools`", "tool_choice")
-    index = sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
-    return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:{index}" + ARGUMENT_BEGIN
+    return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:{next_call_index(messages)}" + ARGUMENT_BEGIN
+
+
+def next_call_index(messages: list[dict]) -> int:
+    """The index of the dialog's next tool call: calls are counted over the whole dialog (K2-SPEC §6.2)."""
+    return sum(len(m.get("tool_calls") or []) for m in messages if m["role"] == "assistant")
 
 
 @dataclass(frozen=True)
@@ -108,15 +115,25 @@ class ChatFormat:
         except (ValueError, KeyError, TypeError) as e:
             raise ChatError(f"cannot render the conversation: {e}", "messages") from None
 
-    def prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None) -> Prompt:
+    def prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None,
+               response_format: dict | None = None, parallel_tool_calls: bool = True) -> Prompt:
         prefix = forced_prefix(tool_choice, tools, messages)
         mask = protector(self.tokenizer).mask  # the prefix's markers are structure; a tool's name is text
         ids = self.encode(messages, tools, suffix=prefix and forced_prefix(mask(tool_choice), mask(tools), messages))
         inside = self.reasoning and not prefix and self.tokenizer.decode(ids[-len(THINK):]).endswith(THINK)
-        return Prompt(ids, prefix, bool(tools) and tool_choice != "none", inside)
+        return Prompt(ids, prefix, bool(tools) and tool_choice != "none", inside,
+                      self.grammar(messages, tools, tool_choice, response_format, parallel_tool_calls))
+
+    def grammar(self, messages, tools, tool_choice, response_format, parallel: bool):  # None: free
+        try:
+            text = constrain.grammar_text(tools, tool_choice, response_format, next_call_index(messages), parallel)
+        except constrain.BadConstraint as e:
+            raise ChatError(str(e), e.param) from None
+        return text and constrain.compile_grammar(self.tokenizer, self.vocab_size, self.stop_ids, text)
 
     def sampling(self, n_prompt: int, temperature: float | None = None, top_p: float | None = None,
-                 max_tokens: int | None = None, seed: int | None = None, param: str = "messages") -> SamplingParams:
+                 max_tokens: int | None = None, seed: int | None = None, param: str = "messages",
+                 grammar=None) -> SamplingParams:
         """The engine's parameters for a prompt of `n_prompt` ids: the request's, else the defaults;
         max_tokens defaults to what the context leaves (at most `default_max_tokens`)."""
         if not n_prompt:
@@ -127,7 +144,7 @@ class ChatFormat:
         return SamplingParams(temperature=self.default_temperature if temperature is None else temperature,
                               top_p=1.0 if top_p is None else top_p,
                               max_tokens=max_tokens or min(self.default_max_tokens, self.context - n_prompt),
-                              stop_token_ids=self.stop_ids, seed=seed)
+                              stop_token_ids=self.stop_ids, seed=seed, grammar=grammar)
 
     def detokenizer(self, stop_strings=()) -> Detokenizer:
         return Detokenizer(self.tokenizer, self.stop_ids, list(stop_strings))
