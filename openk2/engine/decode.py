@@ -194,7 +194,8 @@ class CompiledDecode:
             t0 = time.perf_counter()
             # made as the engine makes its own (the pool outside inference mode, the step's inputs
             # inside), so that the graphs' guards match the engine's calls
-            pools = [torch.zeros(2 * n + 3, width, dtype=w.dtype, device=w.device) for _ in range(cfg.num_hidden_layers)]
+            pools = [torch.zeros(2 * n + 3, width, dtype=w.dtype, device=w.device)
+                     for _ in range(cfg.num_hidden_layers)]
             with torch.inference_mode():
                 ids = torch.zeros(n, dtype=torch.long, device=w.device)
                 pos = torch.ones(n, dtype=torch.long, device=w.device)  # two positions a row, as in the
