@@ -35,7 +35,8 @@ def start_server(folder: str) -> tuple[subprocess.Popen, int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", folder, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", folder, "--port", str(port),
+                             "--compile-first"],  # measure compiled steps, not the eager ones before
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600  # compiling on a cold cache takes a minute or two
     while time.monotonic() < deadline and proc.poll() is None:

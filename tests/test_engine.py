@@ -1,6 +1,8 @@
 """Engine: continuous batching over the block cache equals per-request recompute; memory bounds,
 cancellation, streaming, seeded sampling."""
 
+import threading
+
 import pytest
 import torch
 
@@ -42,6 +44,34 @@ def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
         assert req.finish_reason == "length" and not req.blocks
     assert len(engine.pool.free) == engine.pool.num_blocks  # every block back
     assert not compile or not engine.compiled.failed
+
+
+def test_background_warmup_answers_eagerly_then_hands_over_without_recompiling(tiny):
+    """`openk2 serve` answers while its decode step compiles: the engine decodes eagerly until the
+    compile thread has every regime's graph, then switches to it — with no compile left for later."""
+    engine = Engine(tiny, cache_tokens=512, block_size=8, prefill_chunk=5, compile=True)
+    heard, eager_done = [], threading.Event()
+
+    def progress(message):  # hold the compile thread until the early requests are answered
+        heard.append(message)
+        eager_done.wait(timeout=60)
+    thread = engine.warmup(background=True, progress=progress)
+    specs = [(3, 9, 0), (17, 6, 1), (8, 12, 2)]  # (prompt length, max_tokens, seed)
+    early = [engine.add_request(_prompt(n, s), SamplingParams(max_tokens=m)) for n, m, s in specs]
+    engine.run()
+    assert engine.decode_mode == "compiling" and engine.compiled is None  # answered while compiling
+    eager_done.set()
+    thread.join()
+    assert engine.decode_mode == "compiled" and len(heard) == 4 and "compiled for 1 row" in heard[0]
+    assert "compiled steps from now on" in heard[-1]
+    late = [engine.add_request(_prompt(n, s), SamplingParams(max_tokens=m)) for n, m, s in specs]
+    with torch.compiler.set_stance("fail_on_recompile"):  # the thread compiled every graph needed
+        engine.run()
+    assert not engine.compiled.failed
+    for reqs in (early, late):
+        for (n, m, s), req in zip(specs, reqs):
+            expect = generate_recompute(tiny, torch.tensor([_prompt(n, s)]), SamplingParams(max_tokens=m))[0]
+            assert req.output == expect.tolist(), s
 
 
 def test_batched_prefill_of_prompts_at_different_offsets_equals_recompute(tiny):

@@ -150,7 +150,7 @@ def test_stop_string(port):
 
 def test_models_and_health(port):
     assert [m.id for m in client(port).models.list().data] == [NAME]
-    assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok"}
+    assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok", "decode": "eager"}
 
 
 def test_errors(port, fake):
@@ -426,22 +426,27 @@ def test_detokenizer_holds_split_characters_and_skips_ids_without_text():
     assert detok.add(euro[2]) == "€" and detok.add(ord("!"), final=True) == "!"
 
 
-def _serve_process(port: int):
+def _serve_process(port: int, inductor_cache=None):
+    """`openk2 serve k2-tiny`: eager without `inductor_cache`, else compiling into that folder."""
+    import os
     import subprocess
     import sys
-    return subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", "k2-tiny", "--port", str(port),
-                             "--no-compile"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache)) if inductor_cache else None
+    flags = [] if inductor_cache else ["--no-compile"]
+    return subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", "k2-tiny", "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
-def test_openk2_serve_command_answers_and_stops_on_ctrl_c():
-    """The CLI path end to end: `openk2 serve` (engine on the main thread, HTTP on another) answers
-    a chat request; Ctrl-C with a stream in flight ends that stream (finished, or an in-band 503)
-    and the process exits 0 promptly."""
+def test_openk2_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
+    """The CLI path end to end: `openk2 serve` (engine on the main thread, HTTP on another) is up and
+    answers a chat request while its decode step still compiles (empty inductor cache); Ctrl-C with a
+    stream in flight ends that stream (finished, or an in-band 503) and the process exits 0 promptly,
+    compiler or not."""
     import signal
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = _serve_process(port)
+    proc = _serve_process(port, tmp_path)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -455,6 +460,7 @@ def test_openk2_serve_command_answers_and_stops_on_ctrl_c():
         r = api.chat.completions.create(model="k2-tiny", messages=[{"role": "user", "content": "hi"}],
                                         max_tokens=5, temperature=0)
         assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json() == {"status": "ok", "decode": "compiling"}
         body = {"model": "k2-tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 400,
                 "stream": True, "temperature": 0}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30) as stream:

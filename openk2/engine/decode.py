@@ -22,6 +22,7 @@ torch.compile, and `reference_step` (the model's own forward) where it cannot.
 """
 
 import contextlib
+import time
 import warnings
 
 import torch
@@ -182,6 +183,26 @@ class CompiledDecode:
         # the int8 modules' own kernels (the reference step)
         self.int8 = any(isinstance(m, (Int8Linear, QuantizedExperts)) for m in model.modules())
         self._fn = torch.compile(decode_step, dynamic=True)
+
+    def warm(self, batch_sizes, progress=None) -> None:
+        """Compile now the graph of each of `batch_sizes` (one per regime), running each once on a
+        scratch cache of its own: no engine state is touched, so this may run on a thread beside an
+        engine that decodes eagerly meanwhile. progress(message) hears of each graph as it is ready."""
+        cfg, w = self.model.cfg, self.model.lm_head.weight
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        for n in batch_sizes:
+            t0 = time.perf_counter()
+            # made as the engine makes its own (the pool outside inference mode, the step's inputs
+            # inside), so that the graphs' guards match the engine's calls
+            pools = [torch.zeros(2 * n + 3, width, dtype=w.dtype, device=w.device)
+                     for _ in range(cfg.num_hidden_layers)]
+            with torch.inference_mode():
+                ids = torch.zeros(n, dtype=torch.long, device=w.device)
+                pos = torch.ones(n, dtype=torch.long, device=w.device)  # two positions a row, as in the
+                slots = torch.arange(2 * n, device=w.device).view(n, 2)  # step after a one-token prompt
+                self(ids, pos, slots, pools)
+            if progress:
+                progress(f"decode step compiled for {n} row{'s' * (n > 1)} ({time.perf_counter() - t0:.0f} s)")
 
     def __call__(self, ids_N, pos_N, slots_NT, pools_PL):
         if not self.failed and (not self.int8 or small_batch(ids_N.shape[0], self.model.cfg)):

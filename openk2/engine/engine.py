@@ -19,6 +19,9 @@ first), computed by `sampler.token_logprobs` from the raw logits; rows that do n
 """
 
 import itertools
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -73,6 +76,7 @@ class Engine:
         self.running: list[Request] = []
         self._ids = itertools.count()
         self.compiled = CompiledDecode(model) if compile and compilable(model) else None
+        self._warming: CompiledDecode | None = None  # compiling on a thread (warmup(background=True))
 
     # --- requests ------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -218,16 +222,47 @@ class Engine:
         while self.has_work():
             self.step()
 
-    def warmup(self) -> None:
-        """Compile the decode step now for each batch regime up to max_batch (one row, a small batch,
-        a large one) instead of during the first requests; a no-op without `compile`."""
+    def warmup(self, background: bool = False, progress=None) -> threading.Thread | None:
+        """Compile the decode step for each batch regime up to max_batch (one row, a small batch, a
+        large one) instead of during the first requests; a no-op without `compile`. background: on a
+        thread of its own, while this engine keeps serving with eager decode steps (slower, never
+        waiting); the compiled step takes over once every regime is ready (`decode_mode`). Returns
+        that thread. progress(message) hears of each graph as it is compiled."""
         if self.compiled is None:
-            return
-        large = next((n for n in range(2, self.max_batch + 1) if not small_batch(n, self.model.cfg)), None)
-        for rows in sorted({1, min(2, self.max_batch), large or 1}):
-            for _ in range(rows):
-                self.add_request([0], SamplingParams(max_tokens=2))
-            self.run()
+            return None
+        compiled, cfg = self.compiled, self.model.cfg
+        large = next((n for n in range(2, self.max_batch + 1) if not small_batch(n, cfg)), None)
+        sizes = sorted({1, min(2, self.max_batch), large or 1})
+        started, interval = time.monotonic(), sys.getswitchinterval()
+
+        def work():
+            try:
+                compiled.warm(sizes, progress)
+            finally:  # on a compiler failure the step itself falls back to the reference
+                self.compiled, self._warming = compiled, None
+                sys.setswitchinterval(interval)
+            if progress:
+                progress(f"decode step ready ({time.monotonic() - started:.0f} s): compiled steps from now on")
+
+        if not background:
+            work()
+            return None
+
+        # the compiler holds the GIL for seconds at a time while an eager step releases it in every
+        # op: at Python's 5 ms switch interval each op would wait up to 5 ms to get it back
+        self.compiled, self._warming = None, compiled
+        sys.setswitchinterval(min(interval, 5e-5))
+        thread = threading.Thread(target=work, name="openk2-compile", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def decode_mode(self) -> str:
+        """"compiled", "compiling" (eager steps until the background warmup ends) or "eager" (not
+        asked for, int4 weights, or the compiler failed)."""
+        if self._warming is not None:
+            return "compiling"
+        return "compiled" if self.compiled is not None and not self.compiled.failed else "eager"
 
     def stream(self, req: Request) -> Iterator[int]:
         """Tokens of `req` as they are produced (other requests advance in the same steps)."""

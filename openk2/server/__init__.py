@@ -27,9 +27,12 @@ def _text_setup(model, tokenizer, path: str, reasoning_parser: str = "auto"):
     return fmt.tokenizer, fmt.template, fmt.template_vars, fmt.reasoning
 
 
-def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192):
-    """The Engine for `openk2 serve` / `chat`: quantized first if asked, decode steps compiled (at
-    start-up, so no request waits for the compiler) unless `compile` is False or the weights are int4."""
+def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192, wait: bool = False):
+    """The Engine for `openk2 serve` / `chat` / `agent`: quantized first if asked, decode steps compiled
+    unless `compile` is False or the weights are int4. The compiler runs on a thread while requests are
+    answered with eager steps (slower, but nobody waits on a silent server: a minute or more on a small
+    CPU with an empty inductor cache); `wait` compiles first instead, for full speed from the first
+    request. Progress goes to stderr."""
     from openk2.engine import Engine
 
     if quantize:
@@ -37,22 +40,24 @@ def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 
         quantize_model(model, quantize)
     engine = Engine(model, cache_tokens=cache_tokens, compile=compile)
     if engine.compiled is not None:
-        print("[openk2] compiling the decode step (a minute on a small CPU the first time; cached after)",
-              file=sys.stderr, flush=True)
-        engine.warmup()
+        def say(message):
+            print(f"[openk2] {message}", file=sys.stderr, flush=True)
+        say("compiling the decode step" + ("" if wait else "; requests are answered with eager steps until it is "
+                                           "ready") + " (a minute or more on a small CPU the first time; cached after)")
+        engine.warmup(background=not wait, progress=say)
     return engine
 
 
 def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           quantize: str | None = None, compile: bool = True, temperature: float = 1.0,
-          reasoning_parser: str = "auto") -> None:
+          reasoning_parser: str = "auto", compile_first: bool = False) -> None:
     """Serve `model` under the name of its folder."""
     import uvicorn
 
     from openk2.server.app import create_app
     from openk2.server.protocol import APIError
 
-    engine = make_engine(model, quantize, compile)
+    engine = make_engine(model, quantize, compile, wait=compile_first)
     tokenizer, template, variables, reasoning = _text_setup(model, tokenizer, path, reasoning_parser)
     folder = Path(path)
     app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
@@ -81,7 +86,7 @@ def run(args, model, tokenizer) -> None:
     """`openk2 serve PATH` and `openk2 chat PATH`."""
     if args.cmd == "serve":
         return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile,
-                     args.temperature, args.reasoning_parser)
+                     args.temperature, args.reasoning_parser, args.compile_first)
     from openk2.server.terminal import chat
     engine = make_engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
     try:
@@ -106,7 +111,11 @@ def add_parsers(sub, load) -> None:
         s.add_argument("--temperature", type=float, default=1.0 if name == "serve" else 0.6,
                        help="for requests that give none (OpenAI's default, 1.0)" if name == "serve" else
                        "sampling temperature (K2's recommended 0.6)")
-        s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compiled decode")
+        s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                       help="compiled decode steps (compiled in the background: eager steps until then)")
+        if name == "serve":
+            s.add_argument("--compile-first", action="store_true",
+                           help="compile before listening: full speed from the first request, none answered before")
         s.add_argument("--reasoning-parser", choices=["auto", "kimi_k2", "none"], default="auto",
                        help="split K2-Thinking's <think>…</think> into reasoning_content (auto: when the "
                             "checkpoint's chat template writes <think>)")

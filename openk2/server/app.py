@@ -181,8 +181,9 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         return JSONResponse(error_body("internal server error", "server_error"), 500)
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+    async def health():  # up (and answering) from the start; `decode` says whether steps are compiled yet
+        mode = getattr(engine, "decode_mode", None)
+        return {"status": "ok"} if mode is None else {"status": "ok", "decode": mode}
 
     @app.get("/v1/models")
     async def models():

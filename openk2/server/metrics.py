@@ -35,6 +35,9 @@ class Metrics:
             lambda: len(engine.running))
         Gauge("openk2_requests_waiting", "requests waiting for admission", registry=r).set_function(
             lambda: len(engine.waiting))
+        if hasattr(engine, "decode_mode"):
+            Gauge("openk2_decode_compiled", "1 once decode steps run compiled (0: eager, or still compiling)",
+                  registry=r).set_function(lambda: engine.decode_mode == "compiled")
 
     def count_parse_errors(self, errors) -> None:
         """Count a reply's tool-call parse errors (`ParseError`s) by reason."""
