@@ -171,7 +171,8 @@ class Matcher:
         if self.matcher.is_error():  # cannot happen when only allowed ids are sampled; end cleanly if it does
             row_W.zero_()
             for t in self.stop_ids:
-                row_W[t // 32] |= 1 << (t % 32)
+                bit = 1 << (t % 32)
+                row_W[t // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit  # int32: bit 31 is the sign
 
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
