@@ -31,10 +31,23 @@ from openk2.model import build_model
 NEW, CLIENTS = 128, (1, 8, 32)
 
 
-def start_server(folder: str) -> tuple[subprocess.Popen, int]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def random_folder(tmp: str, threads: int):
+    """(model, folder): k2-small with random bf16 weights saved under `tmp`, after the machine line."""
+    torch.set_num_threads(threads)
+    print(machine_line(threads) + " | preset k2-small, bf16, random weights")
+    model = build_model(PRESETS["k2-small"], dtype=torch.bfloat16).eval()
+    save_hf(model, f"{tmp}/k2-small", progress=False)
+    return model, f"{tmp}/k2-small"
+
+
+def start_server(folder: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", folder, "--port", str(port),
                              "--compile-first"],  # measure compiled steps, not the eager ones before
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,12 +88,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(machine_line(args.threads) + " | preset k2-small, bf16, random weights")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = f"{tmp}/k2-small"
-        model = build_model(PRESETS["k2-small"], dtype=torch.bfloat16).eval()
-        save_hf(model, folder, progress=False)
+        model, folder = random_folder(tmp, args.threads)
         proc, port = start_server(folder)
         try:
             over_http(port, "k2-small", 1)  # warm-up

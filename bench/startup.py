@@ -13,25 +13,14 @@ the warm rows reuse it.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import httpx
-import torch
 
-from bench.forward import machine_line
-from openk2.checkpoint import save_hf
-from openk2.config import PRESETS
-from openk2.model import build_model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.serve import free_port, random_folder
 
 
 def start_up(folder: str, cache: str, flags: list[str], limit: float = 1200) -> dict:
@@ -69,11 +58,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(machine_line(args.threads) + " | preset k2-small, bf16, random weights")
     with tempfile.TemporaryDirectory() as tmp:
-        folder = f"{tmp}/k2-small"
-        save_hf(build_model(PRESETS["k2-small"], dtype=torch.bfloat16).eval(), folder, progress=False)
+        _, folder = random_folder(tmp, args.threads)
         rows = []
         for mode, flags in (("background (default)", []), ("--compile-first", ["--compile-first"])):
             cache = tempfile.mkdtemp(dir=tmp)
