@@ -262,3 +262,76 @@ def test_over_http(fmt_model):
             "name": "f", "parameters": {"type": "objekt"}}}]}
         r = http.post("/v1/chat/completions", json=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == "tools[0].function.parameters"
+
+
+def test_strict_schema_cannot_be_escaped_with_markers_spelled_as_text(fmt_model):
+    """Free text under a strict tool holds no `<|` at all: a call section written in plain tokens (which
+    the parsers read, singular spelling included) would otherwise bring back arguments outside the schema."""
+    fmt, _ = fmt_model
+    tools = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]
+    grammar = fmt.prompt(DIALOG, tools).grammar
+    plain = fmt.tokenizer.encode("ok <|tool_call_section_begin|><|tool_call_begin|>functions.wx:2")
+    assert all(t < 256 for t in plain)  # every marker here is text, not a special id
+    assert not accepts(fmt, grammar, fmt.tokenizer.decode(plain)[:5])  # "ok <|" is already refused
+    assert accepts(fmt, grammar, "a < b | c and x<y")
+
+
+def test_keywords_llguidance_lacks_are_relaxed_unless_strict(fmt_model):
+    """A forced call to a tool whose schema uses `uniqueItems` (pydantic sets, MCP servers) is served,
+    enforcing the rest of the schema; a `strict` tool or json_schema with it is a 400 naming the schema."""
+    fmt, _ = fmt_model
+    tags = {"type": "object", "properties": {"t": {"type": "array", "items": {"enum": ["a", "b"]},
+                                                   "uniqueItems": True}}, "required": ["t"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "tag", "parameters": tags}}, TOOLS[0]]
+    grammar = fmt.prompt(DIALOG, tools, "required").grammar
+    assert accepts(fmt, grammar, 'tag:2<|tool_call_argument_begin|>{"t": ["a"]}<|tool_call_end|>')
+    assert not accepts(fmt, grammar, 'tag:2<|tool_call_argument_begin|>{"t": ["c"]}')  # the rest holds
+    strict = [{"type": "function", "function": {"name": "tag", "parameters": tags, "strict": True}}]
+    with pytest.raises(ChatError) as e:
+        fmt.prompt(DIALOG, strict)
+    assert e.value.param == "tools[0].function.parameters"
+    spec = {"name": "t", "schema": tags}
+    assert fmt.prompt(DIALOG, response_format={"type": "json_schema", "json_schema": spec}).grammar is not None
+    with pytest.raises(ChatError, match="uniqueItems"):
+        fmt.prompt(DIALOG, response_format={"type": "json_schema", "json_schema": {**spec, "strict": True}})
+
+
+def test_a_thinking_model_may_think_before_constrained_content(fmt_model):
+    """With the reasoning parser on, response_format and strict tools allow a `<think>…</think>` block
+    first (free of markers), then the constrained reply, which the reply parser splits as it should."""
+    fmt, model = fmt_model
+    thinking = dataclasses.replace(fmt, reasoning=True)
+    prompt = thinking.prompt(DIALOG, response_format={"type": "json_schema", "json_schema": {"schema": PERSON}})
+    text = '<think>a person, then</think>{"n": "ab", "a": 3, "p": ["cat"]}'
+    assert accepts(thinking, prompt.grammar, text) and accepts(thinking, prompt.grammar, text[text.index("{"):])
+    assert not accepts(thinking, prompt.grammar, "<think>x<|im_end|>")  # markers in thought: refused
+    reply = thinking.reply(text, prompt, "stop")
+    assert reply.message["reasoning_content"] == "a person, then"
+    assert json.loads(reply.message["content"]) == {"n": "ab", "a": 3, "p": ["cat"]}
+    assert not accepts(fmt, fmt.prompt(DIALOG, response_format={"type": "json_object"}).grammar, "<think>")
+
+
+def test_parallel_tool_calls_false_keeps_one_call_without_a_grammar(fmt_model):
+    fmt, _ = fmt_model
+    call = "<|tool_call_begin|>functions.wx:{}<|tool_call_argument_begin|>{{}}<|tool_call_end|>"
+    text = "<|tool_calls_section_begin|>" + call.format(2) + call.format(3) + "<|tool_calls_section_end|>"
+    for parallel, n in ((None, 2), (True, 2), (False, 1)):
+        prompt = fmt.prompt(DIALOG, TOOLS, parallel_tool_calls=parallel)
+        assert prompt.grammar is None
+        reply = fmt.reply(text, prompt, "stop")
+        assert [c["id"] for c in reply.message["tool_calls"]] == [f"functions.wx:{i}" for i in range(2, 2 + n)]
+        stream = fmt.stream_parser(prompt)
+        deltas = stream.feed(text) + stream.finish("stop")
+        assert len({d["tool_calls"][0]["index"] for d in deltas if "tool_calls" in d}) == n
+        assert stream.errors == reply.errors and (n == 2) == (not reply.errors)
+
+
+@pytest.mark.parametrize("name", ["a:b", "get/weather", "", ".x", "a..b", "x" * 65, None])
+def test_tool_names_the_call_ids_cannot_carry_are_400s(fmt_model, name):
+    fmt, _ = fmt_model
+    tools = [TOOLS[1], {"type": "function", "function": {"name": name, "parameters": WEATHER}}]
+    with pytest.raises(ChatError) as e:
+        fmt.prompt(DIALOG, tools, "required")
+    assert e.value.param == "tools[1].function.name"
+    assert fmt.prompt(DIALOG, [{"type": "function", "function": {"name": "ns.get-wx_2"}}]).ids

@@ -191,6 +191,8 @@ class CompiledDecode:
         cfg, w = self.model.cfg, self.model.lm_head.weight
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         for n in batch_sizes:
+            if self.failed or (self.int8 and not small_batch(n, cfg)):
+                continue  # nothing to compile (and the reference step flips a process-wide flag)
             t0 = time.perf_counter()
             # made as the engine makes its own (the pool outside inference mode, the step's inputs
             # inside), so that the graphs' guards match the engine's calls

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls
 from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, THINK, template_variables
 from openk2.tokenizer.protect import encode_chat, protector
 from openk2.tokenizer.reasoning import ReplyStream, reasoning_enabled, split_reasoning
-from openk2.tokenizer.toolcalls import finish_reason
+from openk2.tokenizer.toolcalls import MAX_CALLS, finish_reason
+
+TOOL_NAME = re.compile(r"(?=.{1,64}\Z)[\w-]+(?:\.[\w-]+)*", re.ASCII)  # what toolcalls.CALL_ID reads back
 
 
 class ChatError(ValueError):
@@ -42,6 +45,7 @@ class Prompt:
     use_tools: bool  # parse tool calls out of the reply
     inside: bool = False  # the prompt ends with `<think>`: the reply starts within its reasoning
     grammar: object | None = None  # constrain.Grammar the reply must follow, if any
+    max_calls: int = MAX_CALLS  # tool calls kept per reply (1 without parallel_tool_calls)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,15 @@ def forced_prefix(tool_choice, tools: list[dict] | None, messages: list[dict]) -
     if name not in [t.get("function", {}).get("name") for t in tools]:
         raise ChatError(f"tool_choice names `{name}`, which is not in `tools`", "tool_choice")
     return SECTION_BEGIN + CALL_BEGIN + f"functions.{name}:{next_call_index(messages)}" + ARGUMENT_BEGIN
+
+
+def check_tool_names(tools: list[dict] | None) -> None:
+    """Tool names the K2 call ids can carry and the parser reads back (`functions.NAME:IDX`), else a 400."""
+    for i, tool in enumerate(tools or []):
+        name = (tool.get("function") or {}).get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ChatError(f"tools[{i}].function.name must be 1-64 letters, digits, `_` or `-`, dot-separated; got "
+                            f"{json.dumps(name)}", f"tools[{i}].function.name")
 
 
 def next_call_index(messages: list[dict]) -> int:
@@ -116,17 +129,23 @@ class ChatFormat:
             raise ChatError(f"cannot render the conversation: {e}", "messages") from None
 
     def prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None,
-               response_format: dict | None = None, parallel_tool_calls: bool = True) -> Prompt:
+               response_format: dict | None = None, parallel_tool_calls: bool | None = True) -> Prompt:
+        """parallel_tool_calls false: at most one call per reply (the grammar's when constrained, else the
+        parser's: later calls are dropped and reported)."""
+        check_tool_names(tools)
         prefix = forced_prefix(tool_choice, tools, messages)
         mask = protector(self.tokenizer).mask  # the prefix's markers are structure; a tool's name is text
         ids = self.encode(messages, tools, suffix=prefix and forced_prefix(mask(tool_choice), mask(tools), messages))
         inside = self.reasoning and not prefix and self.tokenizer.decode(ids[-len(THINK):]).endswith(THINK)
+        parallel = parallel_tool_calls is not False
         return Prompt(ids, prefix, bool(tools) and tool_choice != "none", inside,
-                      self.grammar(messages, tools, tool_choice, response_format, parallel_tool_calls))
+                      self.grammar(messages, tools, tool_choice, response_format, parallel),
+                      MAX_CALLS if parallel else 1)
 
     def grammar(self, messages, tools, tool_choice, response_format, parallel: bool):  # None: free
         try:
-            text = constrain.grammar_text(tools, tool_choice, response_format, next_call_index(messages), parallel)
+            text = constrain.grammar_text(tools, tool_choice, response_format, next_call_index(messages), parallel,
+                                          self.reasoning)
         except constrain.BadConstraint as e:
             raise ChatError(str(e), e.param) from None
         return text and constrain.compile_grammar(self.tokenizer, self.vocab_size, self.stop_ids, text)
@@ -156,7 +175,7 @@ class ChatFormat:
         message = {"role": "assistant", "content": text, **({"reasoning_content": reasoning} if reasoning else {})}
         if not prompt.use_tools:
             return Reply(message, engine_reason)
-        parsed = parse_tool_calls(text)
+        parsed = parse_tool_calls(text, prompt.max_calls)
         message["content"] = parsed.content
         if parsed.tool_calls:
             message["tool_calls"] = [c.to_dict() for c in parsed.tool_calls]
@@ -164,4 +183,4 @@ class ChatFormat:
 
     def stream_parser(self, prompt: Prompt) -> ReplyStream:
         """The streaming twin of `reply`: feed it the prompt's prefix, then the text as it comes."""
-        return ReplyStream(self.reasoning, prompt.use_tools, prompt.inside)
+        return ReplyStream(self.reasoning, prompt.use_tools, prompt.inside, prompt.max_calls)

@@ -22,11 +22,12 @@ Not here: applying the mask (engine/), prompts and replies (chat_format.py).
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 
 import torch
 
-from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END
+from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, END_THINK, SECTION_BEGIN, SECTION_END, THINK
 
 MAX_CALLS = 16  # calls in one forced section: each index is its own rule (ids count up), so a bound
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -43,15 +44,19 @@ class BadConstraint(ValueError):
 
 # ---------------------------------------------------------------- grammars (text)
 
-def json_rule(schema: dict, param: str | None = None) -> str:
-    """`%json{schema}` in K2's JSON style; with `param`, the schema is checked first (a 400 naming it)."""
-    if param is not None and schema is not ANY_OBJECT and (error := schema_error(json.dumps(schema))):
+def json_rule(schema: dict, param: str | None = None, strict: bool = True) -> str:
+    """`%json{schema}` in K2's JSON style; with `param`, the schema is checked first (a 400 naming it).
+    Not `strict`: keywords llguidance does not implement (`uniqueItems`, `not`, look-arounds in a
+    pattern, …) are not enforced instead of refused — a tool declared for `auto` use still works when a
+    call to it is forced; `"strict": true` tools and schemas get every keyword or a 400."""
+    schema = {**schema, "x-guidance": {**JSON_STYLE, **({} if strict else {"lenient": True})}}
+    if param is not None and (error := schema_error(json.dumps(schema))):
         raise BadConstraint(f"invalid JSON schema: {error.strip().splitlines()[0]}", param)
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE}, ensure_ascii=False)
+    return "%json " + json.dumps(schema, ensure_ascii=False)
 
 
-def declared(tools: list[dict], strict_only: bool) -> list[tuple[str, dict, str]]:
-    """(name, argument schema, its param) per tool; the declared schema, or any JSON object when
+def declared(tools: list[dict], strict_only: bool) -> list[tuple[str, dict, str, bool]]:
+    """(name, argument schema, its param, strict) per tool; the declared schema, or any JSON object when
     `strict_only` and the tool is not marked strict."""
     out = []
     for i, tool in enumerate(tools):
@@ -61,17 +66,18 @@ def declared(tools: list[dict], strict_only: bool) -> list[tuple[str, dict, str]
         schema = fn.get("parameters") or ANY_OBJECT
         if not isinstance(schema, dict):
             raise BadConstraint("`parameters` must be a JSON schema (an object)", f"{param}.parameters")
-        out.append((fn["name"], schema if fn.get("strict") or not strict_only else ANY_OBJECT, f"{param}.parameters"))
+        strict = fn.get("strict") is True
+        out.append((fn["name"], schema if strict or not strict_only else ANY_OBJECT, f"{param}.parameters", strict))
     return out
 
 
-def section_rules(tools: list[tuple[str, dict, str]], first: int, calls: int) -> list[str]:
+def section_rules(tools: list[tuple[str, dict, str, bool]], first: int, calls: int) -> list[str]:
     """For K < calls: `head_K`, a call of any of `tools` after its `functions.` (id index first + K) to
     its end marker, and `call_K`, the whole call; `more_K` (1 <= K <= calls): calls K.. and the end."""
-    rules = [f"args_{t}: {json_rule(schema, param)}" for t, (_, schema, param) in enumerate(tools)]
+    rules = [f"args_{t}: {json_rule(schema, param, strict)}" for t, (_, schema, param, strict) in enumerate(tools)]
     for k in range(calls):
         heads = " | ".join(f"{json.dumps(f'{name}:{first + k}', ensure_ascii=False)} {ARGUMENT_BEGIN} args_{t}"
-                           for t, (name, _, _) in enumerate(tools))
+                           for t, (name, *_) in enumerate(tools))
         rules += [f"head_{k}: ({heads}) {CALL_END}", f'call_{k}: {CALL_BEGIN} "functions." head_{k}']
     rules += [f"more_{k}: call_{k} more_{k + 1} | {SECTION_END}" for k in range(1, calls)]
     return rules + [f"more_{calls}: {SECTION_END}"]
@@ -96,9 +102,10 @@ def content_schema(response_format: dict | None) -> dict | None:
 
 
 def grammar_text(tools: list[dict] | None, tool_choice, response_format: dict | None, first: int,
-                 parallel: bool = True) -> str | None:
+                 parallel: bool = True, reasoning: bool = False) -> str | None:
     """The Lark grammar of the reply after the prompt's forced prefix (chat_format.forced_prefix, which
-    has checked tool_choice); None when nothing constrains the reply. `first`: the dialog's next call index."""
+    has checked tool_choice); None when nothing constrains the reply. `first`: the dialog's next call
+    index. `reasoning` (K2-Thinking): an unforced reply may open with a `<think>…</think>` block first."""
     content, calls = content_schema(response_format), MAX_CALLS if parallel else 1
     forced = bool(tools) and tool_choice not in (None, "auto", "none")
     if content is not None and forced:
@@ -107,17 +114,33 @@ def grammar_text(tools: list[dict] | None, tool_choice, response_format: dict | 
     if forced and tool_choice == "required":
         return "\n".join(["start: head_0 more_1", *section_rules(declared(tools, False), first, calls)])
     if forced:  # a named function: its arguments (the header is in the prompt), then the ends
-        _, schema, param = next(d for d in declared(tools, False) if d[0] == tool_choice["function"]["name"])
-        return f"start: {json_rule(schema, param)} {CALL_END} {SECTION_END}"
+        _, schema, param, strict = next(d for d in declared(tools, False) if d[0] == tool_choice["function"]["name"])
+        return f"start: {json_rule(schema, param, strict)} {CALL_END} {SECTION_END}"
     usable = tools if tools and tool_choice != "none" else []
     if content is None and not any((t.get("function") or {}).get("strict") is True for t in usable):
         return None
+    # one lexeme up to the first `</think>` (a lexeme for the thought alone would never end: llguidance
+    # lexes greedily), with no marker text in it
+    think = [f"THINK: /{lark(THINK)}(.|\\n)*{lark(END_THINK)}/ & ~/{lark(THINK)}(.|\\n)*{lark(END_THINK)}(.|\\n)+/"
+             f" & ~/(.|\\n)*<\\|(.|\\n)*/"] if reasoning else []
+    opening = "THINK? " if reasoning else ""
     section = [f"section: {SECTION_BEGIN} call_0 more_1", *section_rules(declared(usable, True), first, calls)]
-    if content is None:
-        return "\n".join(["start: TEXT? section?", "TEXT: /(.|\\n)+/", *section])
-    content_rule = f"content: {json_rule(content, 'response_format.json_schema.schema')}"
-    return "\n".join(["start: content | section" if usable else "start: content", content_rule,
-                      *(section if usable else [])])
+    if content is None:  # free text holds no marker text: a call written in plain tokens would escape the schema
+        return "\n".join([f"start: {opening}TEXT? section?", "TEXT: " + excluding("<|"), *think, *section])
+    strict = response_format["type"] == "json_object" or (response_format.get("json_schema") or {}).get("strict") is True
+    content_rule = f"content: {json_rule(content, 'response_format.json_schema.schema', strict)}"
+    body = "(content | section)" if usable else "content"
+    return "\n".join([f"start: {opening}{body}", content_rule, *think, *(section if usable else [])])
+
+
+def lark(text: str) -> str:
+    """`text` as a literal inside a Lark /regex/."""
+    return re.escape(text).replace("/", "\\/")
+
+
+def excluding(*texts: str) -> str:
+    """A Lark lexeme: any non-empty text that contains none of `texts` (llguidance's `&` and `~`)."""
+    return "/(.|\\n)+/" + "".join(f" & ~/(.|\\n)*{lark(t)}(.|\\n)*/" for t in texts)
 
 
 # ---------------------------------------------------------------- compiled (llguidance)

@@ -86,7 +86,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None  # None (or absent): true, OpenAI's default
     response_format: dict[str, Any] | None = None  # text / json_object / json_schema: checked by constrain.py
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
@@ -110,7 +110,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool | None = None  # None: false
 
 
 class TokenizeRequest(BaseModel):

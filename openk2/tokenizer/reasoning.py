@@ -19,7 +19,7 @@ Rules (K2-SPEC §6.1; the decisions checked against vLLM's and SGLang's `kimi_k2
 from __future__ import annotations
 
 from openk2.tokenizer.chat import END_THINK, SECTION_BEGIN, THINK
-from openk2.tokenizer.toolcalls import StreamingToolParser
+from openk2.tokenizer.toolcalls import MAX_CALLS, StreamingToolParser
 
 ENDS = (END_THINK, SECTION_BEGIN)  # what ends reasoning
 CHOICES = ("auto", "kimi_k2", "none")  # `--reasoning-parser`
@@ -100,9 +100,9 @@ class ReplyStream:
     then `{"content": …}` and tool calls (through `StreamingToolParser` when `tools`). After `finish`,
     `finish_reason` and `errors` are those of the whole reply."""
 
-    def __init__(self, reasoning: bool = False, tools: bool = False, inside: bool = False):
+    def __init__(self, reasoning: bool = False, tools: bool = False, inside: bool = False, max_calls: int = MAX_CALLS):
         self.thinking = ReasoningStream(inside) if reasoning else None
-        self.tools = StreamingToolParser() if tools else None
+        self.tools = StreamingToolParser(max_calls) if tools else None
         self.finish_reason, self.errors = None, []
 
     def feed(self, text: str) -> list[dict]:
