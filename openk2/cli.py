@@ -139,6 +139,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def cmd_envs(args):
+    from openk2.envs import describe
+
+    print(describe())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="openk2", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -170,6 +176,9 @@ def main(argv=None):
     s.add_argument("dst", help="output folder (the source's tokenizer files are copied)")
     s.add_argument("--quantize", required=True, help="int4, fp8 or bf16 (int8 is applied at load time)")
     s.set_defaults(fn=cmd_convert)
+    s = sub.add_parser("envs", help="the tool worlds of agentic data and evaluation: `openk2 envs list`")
+    s.add_argument("action", choices=["list"])
+    s.set_defaults(fn=cmd_envs)
     from openk2.agent.cli import add_parsers as agent_parsers  # `agent` and `mcp-server`
     from openk2.server import add_parsers as server_parsers  # `serve` and `chat`
     for add in (server_parsers, agent_parsers):

@@ -25,6 +25,8 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "agent/compact.py": 120, "agent/files.py": 150, "agent/sandbox.py": 175, "agent/jail.py": 150,
     "agent/subagents.py": 60, "agent/search.py": 60, "agent/mcp.py": 150, "agent/builtin.py": 40, "agent/cli.py": 150,
     "agent/terminal.py": 180,
+    "envs/__init__.py": 60, "envs/expr.py": 80, "envs/spec.py": 160, "envs/world.py": 200, "envs/tasks.py": 250,
+    "envs/rubric.py": 160, "envs/oracle.py": 160, "envs/splits.py": 80,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {
@@ -36,6 +38,9 @@ FORBIDDEN = {
     "agent": ["torch", "openk2.model", "openk2.engine", "openk2.checkpoint", "openk2.quant", "openk2.train",
               "openk2.optim", "openk2.data", "openk2.cli"],
     "server": ["openk2.agent", "openk2.train", "openk2.cli"],
+    # tool worlds and tasks: pure Python over the agent's Tool (data for SFT, eval and RL)
+    "envs": ["torch", "openk2.model", "openk2.engine", "openk2.server", "openk2.checkpoint", "openk2.train",
+             "openk2.cli"],
 }
 
 
