@@ -96,7 +96,7 @@ def test_read_jsonl_with_and_without_tools(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"messages": DIALOG, "tools": TOOLS}) + "\n\n" + json.dumps({"messages": DIALOG[:3]}))
     rows = read_jsonl(path)
-    assert [t for _, t in rows] == [TOOLS, None] and rows[0][0] == DIALOG
+    assert [(n, t) for n, _, t in rows] == [(1, TOOLS), (3, None)] and rows[0][1] == DIALOG
 
 
 def _examples(lengths, seed=0):
@@ -167,3 +167,120 @@ def test_fit_examples_counts_truncated_and_dropped():
     kept, counts = fit_examples(examples, 16, long="drop")
     assert counts == {"truncated": 0, "dropped_long": 1, "dropped_no_loss": 1} and len(kept) == 2
     assert pack_rows([5, 5, 7, 2], [0, 1, 2, 3], 10) == [[0, 1], [2, 3]]
+
+
+# ---------------------------------------------------------------- training
+
+def _conversations():
+    """A handful of short chats and tool calls; the assistant turns follow fixed patterns to learn."""
+    out = []
+    for i, city in enumerate(["Paris", "Rome", "Oslo", "Lima", "Kyiv", "Doha", "Bern", "Riga"]):
+        call = {"id": f"functions.get_weather:{0}", "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+        if i % 2:
+            out.append({"messages": [{"role": "user", "content": f"Say hi to {city}."},
+                                     {"role": "assistant", "content": f"Hi, {city}!"}]})
+        else:
+            out.append({"tools": TOOLS, "messages": [
+                {"role": "user", "content": f"Weather in {city}?"},
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "sun"},
+                {"role": "assistant", "content": f"Sun in {city}."}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A random k2-tiny (512 rows: byte-level text + K2's specials) that ships a jinja chat template,
+    and the conversations as JSONL."""
+    from openk2.checkpoint import save_hf
+    root = tmp_path_factory.mktemp("sft")
+    folder = save_hf(build_model(PRESETS["k2-tiny"], seed=0), root / "base", progress=False)
+    (folder / "chat_template.jinja").write_text(K2_LIKE_TEMPLATE)
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in _conversations()))
+    return folder, data
+
+
+def _sft_cfg(base, out, **kw):
+    from openk2.train.sft import SFTConfig
+    folder, data = base
+    return SFTConfig(**{"checkpoint": str(folder), "model": str(folder), "data": str(data), "out_dir": str(out),
+                        "seq_len": 512, "batch_size": 2, "steps": 12, "lr": 1e-2, "warmup_steps": 1,
+                        "decay_frac": 0.25, "val_fraction": 0.25, "eval_every": 6, "eval_batches": 1,
+                        "log_every": 1, "ckpt_every": 6, "autocast": "none", **kw})
+
+
+def _masked_loss(model, batches) -> float:
+    from openk2.model.transformer import lm_loss
+    with torch.no_grad():
+        return sum(lm_loss(model(x, segment_ids=s), y).item() for x, y, s in batches) / len(batches)
+
+
+def test_chat_special_tokens_get_gradients(base):
+    """Pretraining never saw `<|im_end|>` or the tool-call markers; SFT must train their rows."""
+    from openk2.checkpoint import load_hf
+    from openk2.model.transformer import lm_loss
+    from openk2.tokenizer.sft import encode_with_mask
+    model = load_hf(base[0], dtype=torch.float32, progress=False)
+    examples = [encode_with_mask(TOK, c["messages"], c.get("tools")) for c in _conversations()[:2]]
+    x, y, seg = sft_val_batches(examples, 1, 400, 1)[0]
+    lm_loss(model(x, segment_ids=seg), y).backward()
+    names = ["<|im_end|>", "<|im_assistant|>", "<|tool_calls_section_begin|>", "<|tool_call_begin|>",
+             "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|tool_calls_section_end|>"]
+    for name in names:
+        i = TOK.token_id(name)
+        assert i < model.cfg.vocab_size and (x == i).any()
+        assert model.model.embed_tokens.weight.grad[i].abs().sum() > 0, name
+        assert model.lm_head.weight.grad[i].abs().sum() > 0, name
+
+
+def test_sft_lowers_masked_loss_resumes_exactly_and_saves_a_checkpoint(base, tmp_path):
+    from openk2.checkpoint import latest_checkpoint, load_hf
+    from openk2.cli import main
+    from openk2.tokenizer.sft import encode_with_mask
+    from openk2.train.sft import sft
+    full = sft(_sft_cfg(base, tmp_path / "full"))
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    start, steps = rows[0], [r for r in rows if "step" in r]
+    assert start["sft"]["conversations"] == 8 and start["sft"]["val"] == 2 and start["sft"]["train"] == 6
+    assert all(0 < r["loss_token_share"] < 0.5 for r in steps)  # prompts, headers and padding carry no loss
+    ckpt = latest_checkpoint(tmp_path / "full")
+    assert ckpt.name == "step_000012" and (ckpt / "chat_template.jinja").read_text() == K2_LIKE_TEMPLATE
+    before, after = load_hf(base[0], progress=False), load_hf(ckpt, progress=False)
+    examples = [encode_with_mask(TOK, c["messages"], c.get("tools"), K2_LIKE_TEMPLATE) for c in _conversations()]
+    batches = sft_val_batches(examples, 2, 512, 4)
+    assert _masked_loss(after, batches) < 0.5 * _masked_loss(before, batches)
+    end = TOK.token_id("<|tool_call_end|>")  # a chat token's rows moved
+    assert not torch.equal(before.lm_head.weight[end], after.lm_head.weight[end])
+
+    sft(_sft_cfg(base, tmp_path / "split"), stop_at=7)  # interrupted one step after the step-6 checkpoint
+    folder, data = base
+    main(["sft", str(folder), "--data", str(data), "--out-dir", str(tmp_path / "split"), "--seq-len", "512",
+          "--batch-size", "2", "--steps", "12", "--lr", "1e-2", "--warmup-steps", "1", "--decay-frac", "0.25",
+          "--val-fraction", "0.25", "--eval-every", "6", "--eval-batches", "1", "--log-every", "1",
+          "--ckpt-every", "6", "--autocast", "none", "--resume"])
+    split = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in split if "step" in r] == [r["loss"] for r in steps]  # bit for bit
+    a, b = after.state_dict(), load_hf(latest_checkpoint(tmp_path / "split"), progress=False).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["val_loss"] == [r for r in split if "val_loss" in r][-1]["val_loss"]
+
+
+def test_sft_errors(base, tmp_path):
+    from openk2.train.sft import parse_sft_args, sft
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_conversations()[0]) + "\n" + json.dumps(
+        {"messages": [{"role": "assistant", "content": "first"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: the conversation opens with an assistant message"):
+        sft(_sft_cfg(base, tmp_path / "o", data=str(bad)))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(_conversations()[1]) + "\n")
+    with pytest.raises(ValueError, match="1 conversation"):
+        sft(_sft_cfg(base, tmp_path / "o", data=str(one)))
+    with pytest.raises(ValueError, match="no conversation left for training"):
+        sft(_sft_cfg(base, tmp_path / "o", seq_len=8, long="drop"))
+    with pytest.raises(ValueError, match="not a Hugging Face model folder"):
+        sft(_sft_cfg(base, tmp_path / "o", checkpoint=str(tmp_path)))
+    with pytest.raises(SystemExit):
+        parse_sft_args([str(base[0])])  # no --data

@@ -43,9 +43,10 @@ def check_example(row, where: str) -> tuple[list[dict], list[dict] | None]:
     return row["messages"], tools or None
 
 
-def read_jsonl(path: str | Path) -> list[tuple[list[dict], list[dict] | None]]:
-    """Every conversation of an OpenAI-messages JSONL file (`{"messages": [...], "tools": [...]}` a
-    line, tools optional); blank lines skipped; errors name the line."""
+def read_jsonl(path: str | Path) -> list[tuple[int, list[dict], list[dict] | None]]:
+    """(line number, messages, tools) of every conversation of an OpenAI-messages JSONL file
+    (`{"messages": [...], "tools": [...]}` a line, tools optional); blank lines skipped; errors name
+    the line."""
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -55,7 +56,7 @@ def read_jsonl(path: str | Path) -> list[tuple[list[dict], list[dict] | None]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
-            out.append(check_example(row, f"{path}:{n}"))
+            out.append((n, *check_example(row, f"{path}:{n}")))
     if not out:
         raise ValueError(f"{path}: no conversations")
     return out
