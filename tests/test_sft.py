@@ -261,6 +261,7 @@ def test_sft_lowers_masked_loss_resumes_exactly_and_saves_a_checkpoint(base, tmp
           "--val-fraction", "0.25", "--eval-every", "6", "--eval-batches", "1", "--log-every", "1",
           "--ckpt-every", "6", "--autocast", "none", "--resume"])
     split = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "split" / "loss.png").stat().st_size > 0  # the CLI plots the run
     assert [r["loss"] for r in split if "step" in r] == [r["loss"] for r in steps]  # bit for bit
     a, b = after.state_dict(), load_hf(latest_checkpoint(tmp_path / "split"), progress=False).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
