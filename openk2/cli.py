@@ -123,6 +123,15 @@ def cmd_train(args):
             print(f"--- {name}: {prompt!r}\n{prompt}{tok.decode(out)}")
 
 
+def cmd_sft(args):  # fine-tune on chat JSONL, then the masked validation loss and the plots
+    from openk2.train.plot import plot_run
+    from openk2.train.sft import parse_sft_args, sft
+    cfg = parse_sft_args(args.rest)
+    if (metrics := sft(cfg)) and os.environ.get("RANK", "0") == "0":
+        print(f"\nvalidation loss {metrics.get('val_loss', float('nan')):.3f} nats per assistant token after "
+              f"{cfg.steps} steps; plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
+
+
 def cmd_plot(args):
     from openk2.train.plot import plot_run
     print(*plot_run(args.run_dir), sep="\n")
@@ -137,12 +146,6 @@ def _positive(text: str) -> int:
     if int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return int(text)
-
-
-def cmd_envs(args):
-    from openk2.envs import describe
-
-    print(describe())
 
 
 def main(argv=None):
@@ -165,9 +168,10 @@ def main(argv=None):
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
     s.add_argument("--compile", action="store_true", help="compiled decode steps (compiling takes 10-60 s)")
     s.set_defaults(fn=cmd_generate)
-    s = sub.add_parser("train", help="pretrain a K2 with MuonClip (`openk2 train --help`)", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_train)
+    raw = {"train": (cmd_train, "pretrain a K2 with MuonClip (`openk2 train --help`)"),  # flags: TrainConfig's
+           "sft": (cmd_sft, "fine-tune a checkpoint on chat JSONL (`openk2 sft CHECKPOINT --data F.jsonl`)")}
+    for name, (fn, text) in raw.items():
+        sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     s = sub.add_parser("plot", help="PNGs of a training run's metrics (loss, max logit, expert load)")
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_plot)
@@ -176,16 +180,14 @@ def main(argv=None):
     s.add_argument("dst", help="output folder (the source's tokenizer files are copied)")
     s.add_argument("--quantize", required=True, help="int4, fp8 or bf16 (int8 is applied at load time)")
     s.set_defaults(fn=cmd_convert)
-    s = sub.add_parser("envs", help="the tool worlds of agentic data and evaluation: `openk2 envs list`")
-    s.add_argument("action", choices=["list"])
-    s.set_defaults(fn=cmd_envs)
     from openk2.agent.cli import add_parsers as agent_parsers  # `agent` and `mcp-server`
+    from openk2.envs import add_parsers as envs_parsers  # `envs`
     from openk2.server import add_parsers as server_parsers  # `serve` and `chat`
-    for add in (server_parsers, agent_parsers):
+    for add in (server_parsers, agent_parsers, envs_parsers):
         add(sub, load=lambda path: (_load(path, None, 0), _tokenizer(path)))
     argv = sys.argv[1:] if argv is None else list(argv)
-    train = argv[:1] == ["train"]  # its flags come from TrainConfig (openk2.train.config.parse_args)
-    args = argparse.Namespace(cmd="train", rest=argv[1:], fn=cmd_train) if train else p.parse_args(argv)
+    cmd = argv[0] if argv and argv[0] in raw else None
+    args = argparse.Namespace(cmd=cmd, rest=argv[1:], fn=raw[cmd][0]) if cmd else p.parse_args(argv)
     try:
         args.fn(args)
     except ImportError as e:

@@ -28,5 +28,12 @@ def describe() -> str:
     return "\n".join(out)
 
 
-__all__ = ["KINDS", "SPLITS", "Oracle", "Rubric", "ScriptedUser", "Task", "World", "answers_of", "calls_of",
+def add_parsers(sub, load=None) -> None:
+    """`openk2 envs list` (the CLI's other parsers take `load`; the worlds need no model)."""
+    s = sub.add_parser("envs", help="the tool worlds of agentic data and evaluation: `openk2 envs list`")
+    s.add_argument("action", choices=["list"])
+    s.set_defaults(fn=lambda args: print(describe()))
+
+
+__all__ = ["KINDS", "SPLITS", "Oracle", "Rubric", "ScriptedUser", "Task", "World", "add_parsers", "answers_of", "calls_of",
            "describe", "domain_names", "generate", "load", "make_task", "split"]

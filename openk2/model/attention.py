@@ -72,9 +72,10 @@ class MLA(nn.Module):
         return q_BSHA.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
 
     def forward(self, x_BSD, cos, sin, cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0,
-                absorb: bool = False):
+                absorb: bool = False, mask_BST: torch.Tensor | None = None):
         """start_pos: where this chunk starts, for all rows (int), or per row (LongTensor [B], with a
-        cache: rows at different lengths decode together, each seeing only its own keys)."""
+        cache: rows at different lengths decode together, each seeing only its own keys).
+        mask_BST: an explicit key mask (packed rows, no cache), True where query s may see key t."""
         B, S, _ = x_BSD.shape
         C = self.cfg.kv_lora_rank
         q_nope_BSHP, q_pe_BSHR = self._query(x_BSD)
@@ -82,7 +83,9 @@ class MLA(nn.Module):
         kv_BSL = self.kv_a_proj_with_mqa(x_BSD)
         ckv_BSL = torch.cat([self.kv_a_layernorm(kv_BSL[..., :C]), apply_rope(kv_BSL[..., C:], cos, sin)], -1)
         ckv_BTL = ckv_BSL  # keys: this chunk, or everything cached up to it
-        if isinstance(start_pos, torch.Tensor):  # per-row positions [B, S]; the mask is per row too
+        if mask_BST is not None:
+            mask_ST = mask_BST
+        elif isinstance(start_pos, torch.Tensor):  # per-row positions [B, S]; the mask is per row too
             pos_BS = start_pos[:, None] + torch.arange(S, device=x_BSD.device)
             cache.ckv[torch.arange(B, device=x_BSD.device)[:, None], pos_BS] = ckv_BSL
             ckv_BTL = cache.ckv[:B, :int(start_pos.max()) + S]

@@ -25,8 +25,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, absorb=False, reference=False):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, absorb=False, reference=False, mask=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb, mask)
         y = self.post_attention_layernorm(h)
         return h + (self.mlp(y, reference) if isinstance(self.mlp, MoE) else self.mlp(y))
 
@@ -83,14 +83,18 @@ class Transformer(nn.Module):
                 for _ in self.layers]
 
     def forward(self, input_ids, start_pos: int | torch.Tensor = 0, cache: list[LatentCache] | None = None,
-                absorb: bool | None = None, reference: bool = False):
+                absorb: bool | None = None, reference: bool = False, segment_ids: torch.Tensor | None = None):
         """Logits [B, S, V] for input_ids [B, S] at positions start_pos.. (fp32 or model dtype);
         start_pos per row (LongTensor [B]) lets rows of different lengths decode in one batch.
 
         absorb: MLA path; default absorbed for decode steps (a cache and S == 1), else materialised.
         reference: run routed experts through the per-expert reference loop.
+        segment_ids [B, S]: packed rows (SFT); each run of equal ids is one sequence, attending only
+        to itself, its positions counted from 0. Without a cache; None: the plain causal path.
         """
         B, S = input_ids.shape
+        if segment_ids is not None:
+            return self._packed(input_ids, segment_ids, absorb or False, reference)
         per_row = isinstance(start_pos, torch.Tensor)
         if per_row and cache is None:
             raise ValueError("per-row start positions need a cache")
@@ -103,6 +107,23 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache[i] if cache is not None else None, start_pos, absorb, reference)
+        return self.lm_head(self.model.norm(x))
+
+    def _packed(self, input_ids, segment_ids_BS, absorb: bool, reference: bool):
+        B, S = input_ids.shape
+        if segment_ids_BS.shape != input_ids.shape:
+            raise ValueError(f"segment_ids {tuple(segment_ids_BS.shape)} must match input_ids {(B, S)}")
+        idx_S = torch.arange(S, device=input_ids.device)
+        starts_BS = torch.ones_like(segment_ids_BS, dtype=torch.bool)
+        starts_BS[:, 1:] = segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]
+        # a position's offset in its segment: its index minus that of the latest segment start
+        positions_BS = idx_S - torch.where(starts_BS, idx_S, 0).cummax(dim=1).values
+        same_BST = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
+        mask_BST = same_BST & (idx_S[None, :] <= idx_S[:, None])  # block-diagonal causal
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions_BS, self.rope_mult, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, 0, absorb, reference, mask_BST)
         return self.lm_head(self.model.norm(x))
 
     # --- diagnostics for training (QK-Clip, balancing) -------------------------------------------

@@ -80,21 +80,31 @@ TRAIN_PRESETS["tiny"] = dataclasses.replace(  # tests: seconds, not minutes
     warmup_steps=2, eval_every=3, eval_batches=1, log_every=1, ckpt_every=3, lr=3e-3)
 
 
-def parse_args(argv=None, prog: str = "openk2 train") -> TrainConfig:
-    """`--preset NAME` then one `--field value` per TrainConfig field."""
-    p = argparse.ArgumentParser(prog=prog, description="Pretrain a K2 with MuonClip.")
-    p.add_argument("--preset", default="demo", choices=sorted(TRAIN_PRESETS))
-    for f in dataclasses.fields(TrainConfig):
+def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()):
+    """One `--field value` flag per field of the dataclass `cls` (default None: not given)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = f.type if f.type in (int, float) else str
             p.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
-    args = vars(p.parse_args(argv))
-    preset = TRAIN_PRESETS[args.pop("preset")]
-    overrides = {k: v for k, v in args.items() if v is not None}
+
+
+def config_from(p: argparse.ArgumentParser, base, args: dict):
+    """`base` with the flags that were given; a bad value is a usage error."""
     try:
-        return dataclasses.replace(preset, **overrides)
+        return dataclasses.replace(base, **{k: v for k, v in args.items() if v is not None})
     except ValueError as e:
         p.error(str(e))
+
+
+def parse_args(argv=None, prog: str = "openk2 train") -> TrainConfig:
+    """`--preset NAME` then one `--field value` per TrainConfig field."""
+    p = argparse.ArgumentParser(prog=prog, description="Pretrain a K2 with MuonClip.")
+    p.add_argument("--preset", default="demo", choices=sorted(TRAIN_PRESETS))
+    add_config_flags(p, TrainConfig)
+    args = vars(p.parse_args(argv))
+    return config_from(p, TRAIN_PRESETS[args.pop("preset")], args)

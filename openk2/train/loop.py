@@ -7,16 +7,19 @@ the same update. Per step: WSD learning rate, micro-batches under bf16 autocast,
 MuonClip (Muon/AdamW step, then QK-Clip from the step's recorded max logits), aux-loss-free
 balancing of `e_score_correction_bias` (DeepSeek-V3: γ·sign(mean load − load)). Checkpoints hold
 the model as a Hugging Face folder (fp32, so resume is exact) plus optimizer, loader, RNG and step in
-`train_state.pt`; metrics go to `metrics.jsonl`.
+`train_state.pt`; metrics go to `metrics.jsonl`. What a run trains on is a `RunData`: a corpus
+(`pretrain_data`, here) or chat conversations with a loss mask, packed (`sft.py`: `sft_data`), whose
+batches carry segment ids and targets of -100 where no loss is taken.
 """
 
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,14 +33,22 @@ from openk2.model import build_model, lm_loss
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
 from openk2.tokenizer import Tokenizer
 from openk2.train.config import TrainConfig
+from openk2.train.runlog import final_metrics, git_revision, open_log
 
 
-def git_revision() -> str:
-    """`<sha>` or `<sha>+dirty` of the source tree, or "unknown" outside a git checkout."""
-    root = Path(__file__).resolve().parents[2]
-    run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True)  # noqa: E731
-    sha = run("rev-parse", "--short", "HEAD").stdout.strip()
-    return (sha + ("+dirty" if run("status", "--porcelain").stdout.strip() else "")) if sha else "unknown"
+@dataclass
+class RunData:
+    """What a run trains on. loader: `next_batch()` -> (x, y) or (x, y, segment_ids) [B, T], plus
+    `state_dict`/`load_state_dict`; val: a fixed list of such batches; init_model(device): the starting
+    weights of a fresh run; header: extra fields of the log's start row; files: {name: text} written
+    into every checkpoint folder (an SFT run keeps its chat template)."""
+    tok: Tokenizer
+    model_cfg: object
+    loader: object
+    val: list
+    init_model: Callable
+    header: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
 
 
 def _dist() -> tuple[int, int]:
@@ -110,27 +121,24 @@ def balance_experts(model, loads: dict[int, torch.Tensor], speed: float, world: 
 def evaluate(model, batches, autocast, world: int) -> float:
     model.eval()
     total = torch.zeros(2)
-    for x, y in batches:
+    for x, y, *seg in batches:
+        n = (y != -100).sum().item()
         with autocast():
-            total += torch.tensor([lm_loss(model(x), y).item() * y.numel(), y.numel()])
+            total += torch.tensor([lm_loss(model(x, segment_ids=seg[0] if seg else None), y).item() * n, n])
     if world > 1:
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
 
 
-def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg: TrainConfig):
+def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg: TrainConfig, files=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():  # before train_state.pt, which marks the folder complete
+        (folder / name).write_text(text, "utf-8")
     state = {"step": step, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
              "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "git": git_revision(),
              "torch": torch.__version__}
     save_train_state(folder, model, tok, state)
-
-
-def final_metrics(out_dir: Path) -> dict:
-    """The last logged row of a run (the final step's, with its validation loss)."""
-    path = Path(out_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return next((r for r in reversed(rows) if "step" in r), {})
 
 
 def check_fits(model_cfg, cfg: TrainConfig):
@@ -145,15 +153,8 @@ def check_fits(model_cfg, cfg: TrainConfig):
                    ": use a smaller model or batch")
 
 
-def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
-    """Run (or resume) pretraining; returns the last step's metrics. `stop_at`: leave after that
-    step as if interrupted (the schedule still spans `cfg.steps`)."""
-    rank, world = _dist()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def pretrain_data(cfg: TrainConfig, rank: int, world: int) -> RunData:
+    """A corpus: documents -> a tokenizer (given or trained) -> packed windows; a random model."""
     model_cfg = cfg.model_config()
     check_fits(model_cfg, cfg)
     docs = load_documents(cfg.data)
@@ -166,6 +167,22 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
         raise ValueError(f"tokenizer has {tok.n_vocab} ids, the model {model_cfg.vocab_size} embedding rows")
     model_cfg = dataclasses.replace(model_cfg, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     loader, val, n_train = build_data(cfg, tok, train_docs, val_docs, rank, world)
+    return RunData(tok, model_cfg, loader, val, lambda device: build_model(model_cfg, device=device, seed=cfg.seed),
+                   {"train_tokens": n_train})
+
+
+def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pretrain_data) -> dict:
+    """Run (or resume) a training run on `data_fn(cfg, rank, world)` (pretraining by default); returns
+    the last step's metrics. `stop_at`: leave after that step as if interrupted (the schedule still
+    spans `cfg.steps`)."""
+    rank, world = _dist()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = data_fn(cfg, rank, world)
+    tok, model_cfg, loader = data.tok, data.model_cfg, data.loader
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     note = (lambda text: print(f"[openk2] {text}", file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
@@ -177,7 +194,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
         _check_same_trajectory(cfg, state["config"], ckpt)
         model = load_hf(ckpt, dtype=torch.float32, device=device, progress=False)
     else:
-        model = build_model(model_cfg, device=device, seed=cfg.seed)
+        model = data.init_model(device)
     model.train()
     opt, step = build_optimizer(cfg, model), 0
     if ckpt:
@@ -196,11 +213,11 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     flops_per_step = train_flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
-    log = _open_log(out / "metrics.jsonl", step) if rank == 0 else None
+    log = open_log(out / "metrics.jsonl", step) if rank == 0 else None
     if rank == 0:
         header = {"event": "start", "config": dataclasses.asdict(cfg), "model": model_cfg.to_hf_dict(),
                   "git": git_revision(), "torch": torch.__version__, "world_size": world,
-                  "train_tokens": n_train, "resumed_from": step}
+                  **data.header, "resumed_from": step}
         log.write(json.dumps(header) + "\n")
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
     metrics = {}
@@ -209,12 +226,13 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
         lr = lr_at(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss_sum, max_logits, loads = 0.0, None, {}
+        loss_sum, max_logits, loads, loss_share = 0.0, None, {}, 0.0
         for micro in range(cfg.grad_accum):
-            x, y = (t.to(device) for t in loader.next_batch())
+            x, y, *seg = (t.to(device) for t in loader.next_batch())
+            loss_share += (y != -100).float().mean().item() / cfg.grad_accum
             with ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
-                with autocast():
-                    lm = lm_loss(ddp(x), y)  # logged; the balance loss, if on, is only optimised
+                with autocast():  # the balance loss, if on, is only optimised; lm is logged
+                    lm = lm_loss(ddp(x, segment_ids=seg[0] if seg else None), y)
                     loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
                 (loss / cfg.grad_accum).backward()
             loss_sum += lm.item() / cfg.grad_accum
@@ -236,11 +254,11 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
             loss_sum = _mean_over_ranks(loss_sum)
         metrics = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
                    "tok_per_s": tokens_per_step / dt, "mfu": flops_per_step / dt / (cfg.peak_tflops * 1e12),
-                   "optimizer_share": t_opt / dt, "qk_clipped_heads": clipped,
+                   "optimizer_share": t_opt / dt, "qk_clipped_heads": clipped, "loss_token_share": loss_share,
                    "expert_load_max_over_mean": {i: v.max().item() for i, v in relative_load.items()}}
         metrics["max_logit"] = max_logits.amax(-1).tolist()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics["val_loss"] = evaluate(model, val, autocast, world)
+            metrics["val_loss"] = evaluate(model, data.val, autocast, world)
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tok_per_s']:.0f}")
@@ -249,7 +267,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
         if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt, loader, tok, step, cfg)
+            save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt, loader, tok, step, cfg, data.files)
         _barrier(world)
     bar.close()
     if log:
@@ -258,7 +276,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None) -> dict:
 
 
 def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path):
-    changed = {k: (saved.get(k), getattr(cfg, k)) for k in TrainConfig.TRAJECTORY if saved.get(k) != getattr(cfg, k)}
+    changed = {k: (saved.get(k), getattr(cfg, k)) for k in cfg.TRAJECTORY if saved.get(k) != getattr(cfg, k)}
     saved_batch = saved["batch_size"] * saved["grad_accum"]  # per process; world size checked by the loader
     if saved_batch != cfg.batch_size * cfg.grad_accum:
         changed["batch_size × grad_accum"] = (saved_batch, cfg.batch_size * cfg.grad_accum)
@@ -266,18 +284,6 @@ def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path):
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ValueError(f"--resume from {ckpt} would not continue the same run ({detail}); start a new "
                          f"--out-dir (or a fresh run from the checkpoint's weights) to change them")
-
-
-def _open_log(path: Path, step: int):
-    """metrics.jsonl for appending; on resume, rows past the checkpoint's step (logged by the
-    interrupted run after its last checkpoint) are dropped first, so each step appears once. From
-    step 0 (a new run, or a resume with no checkpoint to resume from) the log starts empty."""
-    if not step:
-        return open(path, "w")
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in rows))
-    return open(path, "a")
 
 
 def _mean_over_ranks(value: float) -> float:

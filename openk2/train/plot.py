@@ -1,5 +1,6 @@
-"""`openk2 plot RUN_DIR`: PNGs of a run's metrics.jsonl — loss (train and validation), max attention
-logit per layer (what QK-Clip bounds), and expert load per MoE layer as a heat map over steps."""
+"""`openk2 plot RUN_DIR`: PNGs of a run's metrics.jsonl — loss (train and validation; for SFT also the
+share of loss tokens), max attention logit per layer (what QK-Clip bounds), and expert load per MoE
+layer as a heat map over steps."""
 
 import json
 from pathlib import Path
@@ -31,6 +32,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=run_dir.name)
     ax.legend()
+    share = [r.get("loss_token_share", 1.0) for r in rows]
+    if min(share) < 1:  # SFT: the share of positions whose token is learned (assistant tokens)
+        twin = ax.twinx()
+        twin.plot(steps, share, ":", color="gray")
+        twin.set(ylabel="loss-token share (dotted)", ylim=(0, 1))
     written.append(_save(fig, run_dir / "loss.png"))
 
     if any("max_logit" in r for r in rows):

@@ -1,0 +1,126 @@
+"""Supervised fine-tuning, `openk2 sft CHECKPOINT --data FILE.jsonl`: the pretraining loop (`loop.train`:
+MuonClip with QK-Clip, WSD, expert balancing, metrics, exact resume, HF checkpoints) fed with chat
+conversations instead of a corpus. Each conversation (OpenAI messages, tools optional) is rendered with
+the checkpoint's chat template, or the built-in K2 one if it ships none, the loss taken only on
+assistant tokens (`tokenizer/sft.py`); conversations are packed several per row, attention kept inside
+each (`data/packing.py`). The run starts from the checkpoint's weights and saves its template with
+every checkpoint, so a fine-tuned folder chats as it was trained.
+
+Notes: the chat format's special tokens (`<|im_end|>`, `<|tool_call_begin|>`, …) are rows of the
+embedding and lm_head like any other, trained by AdamW whether or not pretraining ever saw them;
+`sft_data` checks that every id has a row. Loss is a mean over the loss tokens of each micro-batch.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from openk2.checkpoint import load_hf
+from openk2.config import ModelConfig
+from openk2.data.packing import PackedSFTLoader, fit_examples, sft_val_batches
+from openk2.tokenizer import Tokenizer, load_chat_template
+from openk2.tokenizer.chat import template_variables
+from openk2.tokenizer.sft import encode_with_mask, read_jsonl
+from openk2.train.config import TrainConfig, add_config_flags
+from openk2.train.loop import RunData, check_fits, train
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainConfig):
+    checkpoint: str = ""  # the HF folder to fine-tune: weights, tokenizer, chat template
+    long: str = "truncate"  # conversations over seq_len + 1 ids: truncate | drop (counted either way)
+
+    TRAJECTORY = TrainConfig.TRAJECTORY + ("checkpoint", "long")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.checkpoint or not self.data:
+            raise ValueError("SFT needs a checkpoint folder and --data FILE.jsonl")
+        if self.long not in ("truncate", "drop"):
+            raise ValueError(f"long must be truncate or drop, not {self.long!r}")
+
+    def model_config(self):
+        if not (Path(self.checkpoint) / "config.json").is_file():
+            raise ValueError(f"{self.checkpoint}: not a Hugging Face model folder (no config.json)")
+        return ModelConfig.from_json(Path(self.checkpoint))
+
+
+# fine-tuning defaults: a lower peak than pretraining, short warmup, the usual WSD tail
+SFT_DEFAULTS = dict(out_dir="runs/sft", seq_len=512, batch_size=8, steps=200, lr=1e-3, warmup_steps=10,
+                    decay_frac=0.3, val_fraction=0.02, eval_every=50, log_every=5, ckpt_every=100)
+
+
+def chat_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
+    """The checkpoint's tokenizer, or byte-level text (ids 0..255, specials from 256) if it ships none."""
+    if (folder / "tiktoken.model").is_file():
+        return Tokenizer.from_dir(folder)
+    if vocab_size < 512:
+        raise ValueError(f"{folder} has no tokenizer and vocab_size {vocab_size} < 512 (byte-level + specials)")
+    return Tokenizer({bytes([b]): b for b in range(256)})
+
+
+def encode_file(path, tok: Tokenizer, template: str | None, variables: dict, show: bool):
+    """(ids, mask) of every conversation of the JSONL file; errors name the line."""
+    out = []
+    for n, messages, tools in tqdm(read_jsonl(path), desc="render", unit="conv", disable=not show, leave=False):
+        try:
+            out.append(encode_with_mask(tok, messages, tools, template, **variables))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: {e}") from None
+    return out
+
+
+def sft_data(cfg: SFTConfig, rank: int, world: int) -> RunData:
+    folder = Path(cfg.checkpoint)
+    model_cfg = cfg.model_config()
+    check_fits(model_cfg, cfg)
+    tok = chat_tokenizer(folder, model_cfg.vocab_size)
+    if tok.n_vocab > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.n_vocab} ids, the model {model_cfg.vocab_size} embedding rows")
+    template = load_chat_template(folder)
+    examples = encode_file(cfg.data, tok, template, template_variables(folder) if template else {}, rank == 0)
+    if len(examples) < 2:
+        raise ValueError(f"{cfg.data}: {len(examples)} conversation(s) cannot give both a training and a "
+                         "validation split")
+    order = np.random.default_rng(cfg.seed).permutation(len(examples))
+    n_val = max(1, round(len(examples) * cfg.val_fraction))
+    train_ex, counts = fit_examples([examples[i] for i in order[n_val:]], cfg.seq_len, cfg.long)
+    val_ex, _ = fit_examples([examples[i] for i in sorted(order[:n_val])], cfg.seq_len, cfg.long)
+    if not train_ex or not val_ex:
+        raise ValueError(f"no conversation left for {'training' if not train_ex else 'validation'} after "
+                         f"fitting to seq_len {cfg.seq_len} ({counts}); raise --seq-len or add data")
+    loader = PackedSFTLoader(train_ex, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
+    val = sft_val_batches(val_ex, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank=rank, world_size=world)
+    loss_tokens = sum(sum(m[1:]) for _, m in train_ex)
+    summary = {"conversations": len(examples), "train": len(train_ex), "val": len(val_ex), **counts,
+               "loss_tokens": loss_tokens, "pack_fill": round(loader.fill(), 4)}
+    if rank == 0:
+        print(f"[openk2] sft data: {summary}", file=sys.stderr, flush=True)
+    return RunData(tok, model_cfg, loader, val,
+                   lambda device: load_hf(folder, dtype=torch.float32, device=device, progress=False),
+                   {"train_tokens": sum(len(ids) - 1 for ids, _ in train_ex), "sft": summary},
+                   {"chat_template.jinja": template} if template else {})
+
+
+def sft(cfg: SFTConfig, stop_at: int | None = None) -> dict:
+    """Run (or resume, `cfg.resume`) SFT; returns the last step's metrics."""
+    return train(cfg, stop_at, data_fn=sft_data)
+
+
+def parse_sft_args(argv=None, prog: str = "openk2 sft") -> SFTConfig:
+    """`CHECKPOINT --data FILE.jsonl` then one `--field value` per SFTConfig field."""
+    import argparse
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune a K2 checkpoint on chat / tool-use "
+                                "conversations (OpenAI messages JSONL), loss on assistant tokens only.")
+    p.add_argument("checkpoint", help="Hugging Face folder (its tokenizer and chat template are used)")
+    add_config_flags(p, SFTConfig, skip=("checkpoint", "model", "tokenizer"))
+    args = vars(p.parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None}
+    try:
+        return SFTConfig(**{**SFT_DEFAULTS, **given, "model": args["checkpoint"]})
+    except ValueError as e:
+        p.error(str(e))
