@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server (`openk2 serve`): `create_app` builds the FastAPI app, `serve` runs it
 with uvicorn. Needs the `server` extra; `import openk2` does not import this package."""
 
+import os
 import sys
 import threading
 from pathlib import Path
@@ -78,8 +79,20 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
         except KeyboardInterrupt:
             server.force_exit = True
     http.join(timeout=10)
-    if not server.started:
-        raise SystemExit(f"openk2 serve: could not serve on {host}:{port} (see uvicorn's error above)")
+    leave(engine, None if server.started else f"openk2 serve: could not serve on {host}:{port} (see uvicorn's "
+                                                "error above)")
+
+
+def leave(engine, error: str | None = None) -> None:
+    """Return (or exit with `error`) — at once, skipping the interpreter's finalization, while the decode
+    step still compiles on its thread: finalizing under a running compiler aborts the process
+    ("terminate called without an active exception")."""
+    if engine.decode_mode == "compiling":
+        print(*[error] if error else [], file=sys.stderr)
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(1 if error else 0)
+    if error:
+        raise SystemExit(error)
 
 
 def run(args, model, tokenizer) -> None:
@@ -94,6 +107,7 @@ def run(args, model, tokenizer) -> None:
         chat(model, tokenizer, template, variables, temperature=args.temperature, engine=engine, reasoning=reasoning)
     except KeyboardInterrupt:  # Ctrl-C leaves the chat, as /exit does
         print()
+    leave(engine)
 
 
 def add_parsers(sub, load) -> None:
