@@ -265,3 +265,12 @@ def test_agent_loop_solves_a_task(kind):
     if kind == "parallel":
         assert len([m for m in ep.transcript if m.get("tool_calls")][0]["tool_calls"]) == 2
     copy.deepcopy(ep.record())  # the record is plain data
+
+
+def test_numbers_in_an_answer_must_be_the_value_or_it_rounded_to_two_decimals():
+    from openk2.envs.rubric import mentioned
+    assert mentioned(3283.3871, "The balance is 3,283.39.") and mentioned(40, "40 left")
+    assert mentioned(1.6093, "1.61 km") and mentioned(1234.5, "1,234.50")
+    for text in ("The balance is 3280.27.", "The balance is 3283.", "3283.4", "ACC-3283.39x"[:4]):
+        assert not mentioned(3283.3871, text), text  # 0.1 % off, or fewer than two decimals
+    assert not mentioned(40, "New stock: 41.") and not mentioned(1.6093, "1.6 km")

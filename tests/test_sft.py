@@ -285,3 +285,30 @@ def test_sft_errors(base, tmp_path):
         sft(_sft_cfg(base, tmp_path / "o", checkpoint=str(tmp_path)))
     with pytest.raises(SystemExit):
         parse_sft_args([str(base[0])])  # no --data
+
+
+def test_padding_is_not_counted_in_expert_loads():
+    """Balancing reads the loads: padding (segment 0, all one id) would pile onto a few experts."""
+    model = build_model(PRESETS["k2-tiny"], seed=0)
+    x, _, seg = sft_val_batches([(list(range(10, 30)), [0] * 10 + [1] * 10)], 1, 128, 1)[0]
+    model(x, segment_ids=seg)
+    k = model.cfg.num_experts_per_tok
+    assert all(int(load.sum()) == k * int((seg > 0).sum()) for load in model.expert_load().values())
+    model(x)  # unpacked: every position counts, as before
+    assert all(int(load.sum()) == k * x.numel() for load in model.expert_load().values())
+
+
+def test_gradient_accumulation_weighs_micro_batches_by_their_loss_tokens(base, tmp_path):
+    """Rows of 151 and 3 assistant tokens: one batch of two rows, or two micro-batches of one, give the
+    same step (the mean over the step's loss tokens), so a resume may re-split a batch."""
+    folder, _ = base
+    data = tmp_path / "skewed.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Q" * 150 if i % 2 else "q"},
+                          {"role": "assistant", "content": "ok" if i % 2 else "A" * 150}]} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from openk2.train.sft import sft
+    runs = [sft(_sft_cfg(base, tmp_path / f"bs{bs}", data=str(data), seq_len=256, batch_size=bs, grad_accum=ga,
+                         steps=1, warmup_steps=0, decay_frac=0.0, val_fraction=0.2, eval_every=1, ckpt_every=1,
+                         seed=1)) for bs, ga in ((2, 1), (1, 2))]
+    assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-6)
+    assert runs[0]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-5)

@@ -38,11 +38,18 @@ def same_args(expected: dict, actual) -> bool:
 
 
 def mentioned(value, text: str) -> bool:
-    """`text` states `value`: a number within rounding (2 decimals, or 0.1%), or a string, any case."""
+    """`text` states `value`: a string in any case; a number as it is, or rounded to two or more
+    decimals (3283.39 for 3283.3871; not 3283, nor a number 0.1 % off)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        numbers = (float(n.replace(",", "")) for n in NUMBER.findall(text))
-        return any(abs(n - value) <= max(0.006, 1e-3 * abs(value)) for n in numbers)
+        return any(states(n, value) for n in NUMBER.findall(text))
     return str(value).casefold() in text.casefold()
+
+
+def states(written: str, value: float) -> bool:
+    n, decimals = float(written.replace(",", "")), len(written.partition(".")[2])
+    if abs(n - value) <= 1e-9 * max(1.0, abs(value)):
+        return True
+    return decimals >= 2 and abs(n - value) <= 0.5 * 10 ** -decimals + 1e-9 * max(1.0, abs(value))
 
 
 def calls_of(messages: list[dict]) -> list[dict]:

@@ -157,6 +157,7 @@ class MoE(nn.Module):
         self.dispatcher = LocalDispatcher()
         self.load: torch.Tensor | None = None  # [E] tokens routed to each expert by the last forward
         self.record_aux_loss = False
+        self.counted: torch.Tensor | None = None  # [N] bool: the tokens `load` counts (packed rows: not padding)
         self.aux_loss: torch.Tensor | None = None  # seq_aux_loss of the last forward, when recording
 
     def forward(self, x_BSD, reference: bool = False, grouped: bool | None = None):
@@ -173,6 +174,8 @@ class MoE(nn.Module):
             y_MD = self.experts(x_MD, counts_E, w_M, grouped)
             y_ND = self.dispatcher.combine(y_MD, order_M, x_ND.shape[0], self.cfg.num_experts_per_tok)
             self.load = counts_E
+        if self.counted is not None:
+            self.load = torch.bincount(topk_idx_NK[self.counted].flatten(), minlength=self.cfg.n_routed_experts)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         return y_ND.view_as(x_BSD)

@@ -122,8 +122,15 @@ class Transformer(nn.Module):
         mask_BST = same_BST & (idx_S[None, :] <= idx_S[:, None])  # block-diagonal causal
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions_BS, self.rope_mult, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, None, 0, absorb, reference, mask_BST)
+        moes = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+        try:  # padding (segment 0) is routed too, but not counted in the loads that balancing reads
+            for moe in moes:
+                moe.counted = (segment_ids_BS != 0).flatten()
+            for layer in self.layers:
+                x = layer(x, cos, sin, None, 0, absorb, reference, mask_BST)
+        finally:
+            for moe in moes:
+                moe.counted = None
         return self.lm_head(self.model.norm(x))
 
     # --- diagnostics for training (QK-Clip, balancing) -------------------------------------------

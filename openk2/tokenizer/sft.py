@@ -1,7 +1,7 @@
 """Supervised chat data: OpenAI-messages JSONL -> token ids + a loss mask that is 1 exactly on what
-the assistant writes (its content, reasoning, tool-call markers, ids and arguments, and the closing
-`<|im_end|>`) and 0 on everything else (tool declarations, system, user and tool turns, and the
-`<|im_assistant|>assistant<|im_middle|>` header, which the template writes, not the model).
+the assistant writes (its content, reasoning where the template writes it, tool-call markers, ids and
+arguments, and the closing `<|im_end|>`) and 0 on everything else (tool declarations, system, user and
+tool turns, and the `<|im_assistant|>assistant<|im_middle|>` header, which the template writes).
 
 How the spans are found, whatever the template: for the i-th message, if an assistant one, the
 conversation up to it is rendered with the generation prompt (what the model would be shown) and up

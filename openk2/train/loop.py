@@ -51,6 +51,16 @@ class RunData:
     files: dict = field(default_factory=dict)
 
 
+def token_weights(targets: list[torch.Tensor], world: int) -> list[float]:
+    """Each micro-batch's share of the step's loss tokens over all ranks (SFT rows differ; pretraining:
+    1/grad_accum each): mean losses times these make the step's mean over tokens, however split."""
+    counts = torch.stack([(y != -100).sum() for y in targets]).double()
+    total = counts.sum()
+    if world > 1:
+        dist.all_reduce(total)
+    return (counts * world / total.clamp(min=1)).tolist()
+
+
 def _dist() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -227,15 +237,16 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum, max_logits, loads, loss_share = 0.0, None, {}, 0.0
-        for micro in range(cfg.grad_accum):
-            x, y, *seg = (t.to(device) for t in loader.next_batch())
+        batches = [[t.to(device) for t in loader.next_batch()] for _ in range(cfg.grad_accum)]
+        weights = token_weights([y for _, y, *_ in batches], world)
+        for micro, ((x, y, *seg), weight) in enumerate(zip(batches, weights)):
             loss_share += (y != -100).float().mean().item() / cfg.grad_accum
             with ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
                 with autocast():  # the balance loss, if on, is only optimised; lm is logged
                     lm = lm_loss(ddp(x, segment_ids=seg[0] if seg else None), y)
                     loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
-                (loss / cfg.grad_accum).backward()
-            loss_sum += lm.item() / cfg.grad_accum
+                (loss * weight).backward()
+            loss_sum += lm.item() * weight
             m = model.max_logits()
             max_logits = m if max_logits is None else torch.maximum(max_logits, m)
             for i, load in model.expert_load().items():

@@ -64,13 +64,19 @@ def chat_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
 
 
 def encode_file(path, tok: Tokenizer, template: str | None, variables: dict, show: bool):
-    """(ids, mask) of every conversation of the JSONL file; errors name the line."""
-    out = []
+    """(ids, mask) of every conversation of the JSONL file; errors name the line. Reasoning the template
+    does not write (the built-in K2 template has none) cannot be trained: such lines are counted, said."""
+    out, unwritten = [], 0
     for n, messages, tools in tqdm(read_jsonl(path), desc="render", unit="conv", disable=not show, leave=False):
         try:
             out.append(encode_with_mask(tok, messages, tools, template, **variables))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: {e}") from None
+        thoughts = [m["reasoning_content"] for m in messages if m["role"] == "assistant" and m.get("reasoning_content")]
+        unwritten += bool(thoughts) and not all(tok.encode(t) and tok.decode(out[-1][0]).count(t) for t in thoughts)
+    if unwritten and show:
+        print(f"[openk2] sft data: {unwritten} conversation(s) carry reasoning_content the chat template does not "
+              "write; that reasoning is not trained", file=sys.stderr, flush=True)
     return out
 
 
