@@ -75,13 +75,14 @@ def programmatic_client(task, seed: int):
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
-                     system: str | None = None, temperature: float | None = None) -> dict:
+                     system: str | None = None, temperature: float | None = None, max_tokens: int = 1024) -> dict:
     """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`)."""
     from openk2.agent.runtime import Agent, Budget
 
     world = task.world()
-    agent = Agent(client, world.tools(), system=system, user=ScriptedUser(task), budget=Budget(max_turns=MAX_TURNS),
-                  temperature=temperature, seed=int(bucket(f"{task.id}:{n_try}", seed) * 2**31))
+    episode_seed = int(bucket(f"{task.id}:{n_try}", seed) * 2**31)  # an endpoint's sampling seed, per try
+    agent = Agent(client, world.tools(), system=system, user=ScriptedUser(task), temperature=temperature,
+                  budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
     ep = await agent.run(task.turns[0])
     passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])
     if judge != "rubric":
@@ -184,6 +185,7 @@ def add_parser(sub) -> None:
     s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")
+    s.add_argument("--max-tokens", type=int, default=1024, help="the LLM teacher's tokens per reply")
     s.add_argument("--judge", choices=["rubric", "llm", "both"], default="rubric")
     s.add_argument("--judge-endpoint", help="the LLM judge's base URL (default: the teacher's)")
     s.add_argument("--judge-model", help="the LLM judge's model (default: the endpoint's first)")
@@ -225,7 +227,7 @@ def main(args) -> None:
     with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
                              progress=bar.update, tries=args.tries, judge=args.judge, llm_judge=judge or None,
-                             system=args.system, temperature=args.temperature)
+                             system=args.system, temperature=args.temperature, max_tokens=args.max_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]
