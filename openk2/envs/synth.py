@@ -20,6 +20,7 @@ import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
+from functools import cache
 from pathlib import Path
 
 from openk2.envs.judge import LLMJudge, category, rubric_verdict
@@ -69,9 +70,16 @@ class Teacher(Oracle):
         return out
 
 
+@cache
+def byte_tokenizer():
+    """The ScriptedClient's tokenizer (renders each request as the engine would), built once: ~10 ms."""
+    from openk2.tokenizer import Tokenizer
+    return Tokenizer({bytes([b]): b for b in range(256)})
+
+
 def programmatic_client(task, seed: int):
     from openk2.agent.client import ScriptedClient
-    return ScriptedClient([Teacher(task, seed).reply] * MAX_TURNS, name="oracle")
+    return ScriptedClient([Teacher(task, seed).reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
