@@ -160,7 +160,8 @@ def completion(message: dict, finish: str = "stop") -> dict:
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
 
 
-def endpoint(handler):
+def endpoint(handler, client_class=None):
+    """An OpenAIClient whose endpoint is `handler(request body) -> completion` (httpx2 mock transport)."""
     httpx2 = pytest.importorskip("httpx2")
     from openk2.agent.client import OpenAIClient
 
@@ -168,7 +169,7 @@ def endpoint(handler):
         out = handler(json.loads(request.content))
         return out if isinstance(out, httpx2.Response) else httpx2.Response(200, json=out)
 
-    return OpenAIClient("http://endpoint/v1", "m", context_window=100_000,
+    return (client_class or OpenAIClient)("http://endpoint/v1", "m", context_window=100_000,
                         http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(respond)))
 
 
@@ -242,3 +243,22 @@ def test_llm_teacher_against_our_own_server():
     assert r["meta"]["teacher"] == "k2-tiny" and not r["meta"]["passed"]  # random weights: rejected, with why
     assert r["messages"][0]["content"] == task.turns[0] and r["messages"][1]["role"] == "assistant"
     assert r["meta"]["reasons"] and r["meta"]["rejected_by"]
+
+
+def test_cli_with_an_llm_teacher_keeps_failed_trajectories_on_request(tmp_path, capsys, monkeypatch):
+    import openk2.agent.client
+
+    def give_up(body):
+        return completion({"content": "I cannot help with that."})
+
+    real = openk2.agent.client.OpenAIClient
+    monkeypatch.setattr(openk2.agent.client, "OpenAIClient", lambda url, model: endpoint(give_up, real))
+    out = tmp_path / "all.jsonl"
+    args = ["synth", "--n", "4", "--kinds", "single", "--teacher-endpoint", "http://endpoint/v1", "--out", str(out)]
+    cli(args)
+    assert out.read_text() == "" and "wrote 0 trajectories" in capsys.readouterr().out
+    cli(args + ["--keep-failed"])
+    metas = [json.loads(line)["meta"] for line in out.read_text().splitlines()]
+    assert len(metas) == 4 and not any(m["passed"] for m in metas) and all("missing_call" in m["rejected_by"]
+                                                                           for m in metas)
+    assert "single               4       0         4  " in capsys.readouterr().out
