@@ -169,8 +169,8 @@ def endpoint(handler, client_class=None):
         out = handler(json.loads(request.content))
         return out if isinstance(out, httpx2.Response) else httpx2.Response(200, json=out)
 
-    return (client_class or OpenAIClient)("http://endpoint/v1", "m", context_window=100_000,
-                        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(respond)))
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(respond))
+    return (client_class or OpenAIClient)("http://endpoint/v1", "m", context_window=100_000, http_client=http)
 
 
 def test_llm_teacher_against_a_scripted_endpoint_with_rejection_sampling(tmp_path):
