@@ -6,6 +6,7 @@
 - rubric.py: `Rubric.check(final_state, answer, calls) -> (passed, reasons)`
 - oracle.py: the plan's programmatic solver (a `ScriptedClient` teacher) and the scripted user
 - splits.py: splits by seed, argument values, unseen tool combinations, unseen domain
+- judge.py, synth.py: trajectories for SFT, a teacher in the agent loop and a judge (`openk2 synth`)
 Pure Python over openk2.agent's `Tool`: no torch, no model.
 """
 
@@ -33,6 +34,8 @@ def add_parsers(sub, load=None) -> None:
     s = sub.add_parser("envs", help="the tool worlds of agentic data and evaluation: `openk2 envs list`")
     s.add_argument("action", choices=["list"])
     s.set_defaults(fn=lambda args: print(describe()))
+    from openk2.envs.synth import add_parser as synth_parser  # `openk2 synth`
+    synth_parser(sub)
 
 
 __all__ = ["KINDS", "SPLITS", "Oracle", "Rubric", "ScriptedUser", "Task", "World", "add_parsers", "answers_of", "calls_of",

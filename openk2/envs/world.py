@@ -58,7 +58,7 @@ class World:
         for f in failures:
             if f.get("kind") not in FAILURE_KINDS or not (f.get("op") == "*" or f.get("op") in self.spec["operations"]):
                 raise ValueError(f"bad failure rule {f}: kind one of {FAILURE_KINDS}, op an operation of {self.name}")
-        self.failures, self.counts, self.log = [dict(f) for f in failures], {}, []
+        self.failures, self.counts, self.log, self._tools = [dict(f) for f in failures], {}, [], {}
 
     def snapshot(self) -> dict:
         return copy.deepcopy(self.state)
@@ -66,11 +66,12 @@ class World:
     def tools(self) -> list[Tool]:
         return [self.tool(name) for name in self.spec["operations"]]
 
-    def tool(self, name: str) -> Tool:
+    def tool(self, name: str) -> Tool:  # one per world and operation, so its schema validator is built once
         async def run(arguments: dict, context=None):
             return self.call(name, arguments)
 
-        return Tool(name, self.spec["operations"][name]["description"], tool_schema(self.spec, name), run)
+        return self._tools.setdefault(name, Tool(name, self.spec["operations"][name]["description"],
+                                                 tool_schema(self.spec, name), run))
 
     def call(self, name: str, arguments: dict) -> dict:
         """Run one operation; ToolError (logged too) for an unknown tool, bad arguments or a failure."""

@@ -1,0 +1,245 @@
+"""Trajectories for SFT: a teacher solves tasks in the agent loop, a judge keeps what passes (`openk2 synth`).
+
+Every trajectory is a real episode of `Agent` against the task's world (its tools, its injected
+failures) and the scripted user (the follow-ups of multi-turn tasks). The teacher is either the
+programmatic oracle (`Teacher`: the plan's solver with seeded variety in its short thoughts before
+calls and in its answers, played by a `ScriptedClient`), or an LLM behind any OpenAI-compatible
+endpoint. The judge (judge.py) is the rubric, an LLM, or both; with `tries` > 1 a task is sampled
+again until one trajectory passes (rejection sampling). Output: one JSON object a line,
+`{"messages", "tools", "meta"}`: OpenAI chat format with tools, as `openk2 sft` and other SFT tools
+read it, and `meta` for provenance (task id, kind, domain, seeds, teacher, verdict). Deterministic
+per seed for the programmatic teacher (no ids, clocks or timings in the records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import cache
+from pathlib import Path
+
+from openk2.envs.judge import LLMJudge, category, rubric_verdict
+from openk2.envs.oracle import LEADS, Oracle, ScriptedUser
+from openk2.envs.spec import domain_names, load
+from openk2.envs.splits import bucket, split
+from openk2.envs.tasks import KINDS, Task, generate
+
+ANSWERS = ("{0}", "Here is what I found: {0}", "Done. {0}", "All set. {0}", "I checked: {0}", "Sure. {0}",
+           "{0} Anything else?", "That's done. {0}", "OK. {0}", "Here you go. {0}")
+THOUGHTS = {  # a short thought before a round of calls, by what came before it in this turn
+    "first": ("", "", "Let me check that.", "I'll use {0} for this.", "Calling {0}.", "On it: {0}.",
+              "Let me look that up with {0}."),
+    "retry": ("That failed temporarily; trying again.", "A transient error, so I'll retry {0}.",
+              "The service asked me to try again. Retrying."),
+    "page": ("Only part of the results came back; reading the next page.", "There are more results; fetching them.",
+             "The list continues, so I'll ask {0} for the rest."),
+    "next": ("Now {0} with what I found.", "Next, {0}.", "Using that result, I'll call {0}.", ""),
+}
+MAX_TURNS = 16  # model calls an episode may take; the longest plan needs far fewer
+
+
+class Teacher(Oracle):
+    """The oracle with natural-language variety, seeded by (seed, task, position in the dialog)."""
+
+    def __init__(self, task, seed: int = 0):
+        super().__init__(task)
+        self.seed = seed
+
+    def rng(self, where) -> random.Random:
+        return random.Random(f"{self.seed}:{self.task.id}:{where}")
+
+    def answer(self, turn: int, results: dict) -> tuple[str, list]:
+        text, values = super().answer(turn, results)
+        body = next((text[len(lead):] for lead in LEADS if lead and text.startswith(lead)), text)
+        return self.rng(f"answer:{turn}").choice(ANSWERS).format(body), values
+
+    def reply(self, messages: list[dict], tools=None) -> dict:
+        out = super().reply(messages, tools)
+        if calls := out.get("tool_calls"):
+            start = max(i for i, m in enumerate(messages) if m["role"] != "tool") + 1
+            seen = " ".join(m["content"] for m in messages[start:])  # the last round's results
+            kind = ("first" if messages[-1]["role"] == "user" else "retry" if "try again" in seen
+                    else "page" if "next_offset" in seen else "next")
+            names = " and ".join(dict.fromkeys(c["function"]["name"] for c in calls))
+            out["content"] = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind]).format(names) or None
+        return out
+
+
+@cache
+def byte_tokenizer():
+    """The ScriptedClient's tokenizer (renders each request as the engine would), built once: ~10 ms."""
+    from openk2.tokenizer import Tokenizer
+    return Tokenizer({bytes([b]): b for b in range(256)})
+
+
+def programmatic_client(task, seed: int):
+    from openk2.agent.client import ScriptedClient
+    return ScriptedClient([Teacher(task, seed).reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
+
+
+async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
+                     system: str | None = None, temperature: float | None = None, max_tokens: int = 1024) -> dict:
+    """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`)."""
+    from openk2.agent.runtime import Agent, Budget
+
+    world = task.world()
+    episode_seed = int(bucket(f"{task.id}:{n_try}", seed) * 2**31)  # an endpoint's sampling seed, per try
+    agent = Agent(client, world.tools(), system=system, user=ScriptedUser(task), temperature=temperature,
+                  budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
+    ep = await agent.run(task.turns[0])
+    passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])
+    if judge != "rubric":
+        ok, why = await llm_judge(task, world, ep)
+        passed, reasons = passed and ok, reasons + why
+    meta = {"task": task.id, "kind": task.kind, "domain": task.domain, "task_seed": task.seed, "seed": seed,
+            "try": n_try, "teacher": client.name, "judge": judge, "passed": passed, "reasons": reasons,
+            "rejected_by": sorted({category(r) for r in reasons}), "stop_reason": ep.stop_reason}
+    return {"messages": ep.transcript, "tools": ep.tools, "meta": meta}
+
+
+async def sample(task, make_client, seed: int, tries: int = 1, **kw) -> list[dict]:
+    """Up to `tries` trajectories of one task, stopping at the first that passes (rejection sampling)."""
+    out = []
+    for n in range(tries):
+        out.append(await trajectory(task, make_client(task, seed), seed, n, **kw))
+        if out[-1]["meta"]["passed"]:
+            break
+    return out
+
+
+def _programmatic_one(job) -> list[dict]:  # a process pool's unit of work (module level, so it pickles)
+    task, seed, kw = job
+    return asyncio.run(sample(Task.from_dict(task), programmatic_client, seed, **kw))
+
+
+def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None = None, part: str = "train"):
+    """n tasks of the given worlds and kinds; with `split_by`, only those in that part of the split (the
+    parts are properties of each task, so they match what eval draws from its own seed)."""
+    if not split_by:
+        return generate(n, seed, worlds, kinds)
+    m, chosen = n, []
+    held = [min(domain_names(), key=lambda d: bucket(f"domain:{d}", 0))]  # the same unseen domain for every run
+    while len(chosen) < n:
+        m *= 2  # generate(m)'s first tasks are generate(n)'s, so growing keeps the order
+        chosen = split(generate(m, seed, worlds, kinds), split_by, test_domains=held)[part == "test"][:n]
+        if m > 64 * n + 1000:
+            raise ValueError(f"the {part} part of split {split_by!r} holds too few tasks of these worlds and kinds")
+    return chosen
+
+
+def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8, client=None, progress=None,
+               **kw) -> list[dict]:
+    """Every task's trajectories, in task order. `client` None: the programmatic teacher, in `workers`
+    processes; else that endpoint client, `concurrency` episodes at a time."""
+    if client is None:
+        jobs, out = [(t.to_dict(), seed, kw) for t in tasks], []
+        with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+            for records in pool.map(_programmatic_one, jobs, chunksize=8) if pool else map(_programmatic_one, jobs):
+                out += records
+                progress and progress(1)
+        return out
+
+    async def run_all():
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(task):
+            async with gate:
+                records = await sample(task, lambda t, s: client, seed, **kw)
+            progress and progress(1)
+            return records
+
+        return [rec for r in await asyncio.gather(*(one(t) for t in tasks)) for rec in r]
+
+    return asyncio.run(run_all())
+
+
+def summary(records: list[dict]) -> str:
+    """Per task kind: trajectories generated, kept, rejected, and the rejections by reason."""
+    rows, why = {}, {}
+    for r in records:
+        m = r["meta"]
+        row = rows.setdefault(m["kind"], Counter())
+        row.update(generated=1, kept=m["passed"], rejected=not m["passed"])
+        why.setdefault(m["kind"], Counter()).update(m["rejected_by"])
+    head = f"{'kind':<12}{'generated':>10}{'kept':>8}{'rejected':>10}  rejected by reason"
+    lines = [head, "-" * len(head)]
+    for kind in [k for k in KINDS if k in rows] + ["all"]:
+        c = rows[kind] if kind != "all" else sum(rows.values(), Counter())
+        reasons = why[kind] if kind != "all" else sum(why.values(), Counter())
+        text = ", ".join(f"{k} {v}" for k, v in reasons.most_common()) or "-"
+        lines.append(f"{kind:<12}{c['generated']:>10}{c['kept']:>8}{c['rejected']:>10}  {text}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- `openk2 synth`
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("synth", help="agentic SFT data: a teacher solves tool-world tasks, a judge keeps what passes")
+    s.add_argument("--worlds", help="comma-separated domains (default: all; `openk2 envs list`)")
+    s.add_argument("--kinds", help=f"comma-separated task kinds (default: all of {', '.join(KINDS)})")
+    s.add_argument("--split", choices=["seed", "args", "combo", "domain"], help="draw tasks from one part of a split")
+    s.add_argument("--part", choices=["train", "test"], default="train")
+    s.add_argument("--n", type=int, required=True, help="tasks to attempt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="the JSONL file to write (replaced)")
+    s.add_argument("--no-failures", action="store_true", help="no injected tool failures (drops `recovery` tasks)")
+    s.add_argument("--keep-failed", action="store_true", help="write rejected trajectories too (meta.passed false)")
+    s.add_argument("--tries", type=int, default=1, help="samples per task until one passes (rejection sampling)")
+    s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
+    s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
+    s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")
+    s.add_argument("--max-tokens", type=int, default=1024, help="the LLM teacher's tokens per reply")
+    s.add_argument("--judge", choices=["rubric", "llm", "both"], default="rubric")
+    s.add_argument("--judge-endpoint", help="the LLM judge's base URL (default: the teacher's)")
+    s.add_argument("--judge-model", help="the LLM judge's model (default: the endpoint's first)")
+    s.add_argument("--system", help="a system prompt for every conversation (default: the chat template's)")
+    s.add_argument("--workers", type=int, default=1, help="processes for the programmatic teacher")
+    s.add_argument("--concurrency", type=int, default=8, help="episodes in flight against an endpoint")
+    s.set_defaults(fn=main)
+
+
+def names(text: str | None, known: list[str], what: str) -> list[str] | None:
+    items = [x.strip() for x in text.split(",") if x.strip()] if text else None
+    if bad := [x for x in items or [] if x not in known]:
+        raise SystemExit(f"unknown {what} {bad}; the {what}s are: {', '.join(known)}")
+    return items
+
+
+def main(args) -> None:
+    from tqdm import tqdm
+
+    from openk2.agent.client import OpenAIClient
+
+    worlds, kinds = names(args.worlds, domain_names(), "world"), names(args.kinds, list(KINDS), "kind")
+    if args.no_failures:
+        if kinds and "recovery" in kinds:
+            raise SystemExit("--no-failures leaves no `recovery` task: drop it from --kinds")
+        kinds = [k for k in kinds or KINDS if k != "recovery"]
+    if args.n < 1 or args.tries < 1 or args.workers < 1 or args.concurrency < 1:
+        raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1")
+    endpoint = args.judge_endpoint or args.teacher_endpoint
+    if args.judge != "rubric" and not endpoint:
+        raise SystemExit(f"--judge {args.judge} needs --judge-endpoint (or --teacher-endpoint)")
+    try:
+        [load(w) for w in worlds or []]
+        tasks = pick_tasks(args.n, args.seed, worlds, kinds, args.split, args.part)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    client = args.teacher_endpoint and OpenAIClient(args.teacher_endpoint, args.teacher_model)
+    judge = endpoint and args.judge != "rubric" and LLMJudge(OpenAIClient(endpoint, args.judge_model))
+    with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
+        records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
+                             progress=bar.update, tries=args.tries, judge=args.judge, llm_judge=judge or None,
+                             system=args.system, temperature=args.temperature, max_tokens=args.max_tokens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]
+    with out.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+    print(summary(records))
+    print(f"wrote {len(kept)} trajectories to {out}")

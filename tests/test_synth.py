@@ -1,0 +1,264 @@
+"""Trajectory synthesis: the oracle teacher passes the judge on every world and task kind, the judge
+rejects corrupted trajectories for the right reason, the output is SFT data (read, masked and
+rendered by our own reader), runs are deterministic per seed, the LLM teacher and LLM judge work
+against a scripted OpenAI-compatible endpoint and the teacher against our own server, and
+`openk2 synth` runs end to end."""
+
+import asyncio
+import json
+
+import pytest
+
+from openk2.agent.client import ScriptedClient
+from openk2.cli import main as cli
+from openk2.envs import KINDS, World, domain_names, make_task, split
+from openk2.envs.judge import LLMJudge, category, parse_verdict
+from openk2.envs.oracle import Oracle
+from openk2.envs.synth import Teacher, pick_tasks, programmatic_client, summary, synthesize, trajectory
+from openk2.tokenizer import Tokenizer
+from openk2.tokenizer.sft import encode_with_mask, read_jsonl
+
+TOK = Tokenizer({bytes([b]): b for b in range(256)})  # byte-level, K2's special tokens above 255
+
+
+def one_per_kind_and_world():
+    out = []
+    for domain in domain_names():
+        for kind in KINDS:
+            try:
+                out.append(make_task(domain, kind, 7))
+            except ValueError:  # a kind this domain cannot make (checked below: at most a few)
+                pass
+    return out
+
+
+TASKS = one_per_kind_and_world()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_the_oracle_teacher_passes_the_judge_for_every_kind_and_world():
+    assert len(TASKS) >= len(domain_names()) * len(KINDS) - 3 and {t.kind for t in TASKS} == set(KINDS)
+    records = synthesize(TASKS, seed=0)
+    for task, r in zip(TASKS, records, strict=True):
+        m = r["meta"]
+        assert (m["task"], m["passed"], m["reasons"], m["stop_reason"]) == (task.id, True, [], "answered")
+        assert [x["content"] for x in r["messages"] if x["role"] == "user"] == task.turns
+        assert {t["function"]["name"] for t in r["tools"]} == set(World(task.domain).spec["operations"])
+        errors = [x["content"] for x in r["messages"] if x["role"] == "tool" and x["content"].startswith("Error")]
+        if task.kind == "recovery" and task.failures[0]["kind"] == "transient":
+            assert len(errors) == 1 and "try again" in errors[0]
+        else:
+            assert not errors
+    thoughts = {x.get("content") for r in records for x in r["messages"] if x.get("tool_calls")}
+    answers = {x["content"].split(" ")[0] for r in records for x in r["messages"]
+               if x["role"] == "assistant" and not x.get("tool_calls")}
+    assert len(thoughts) >= 4 and None in thoughts and len(answers) >= 8  # natural-language variety
+    last = summary(records).splitlines()[-1].split()
+    assert last[:4] == ["all", str(len(TASKS)), str(len(TASKS)), "0"]
+
+
+def corrupt(task, how):
+    """A ScriptedClient teacher that goes wrong in one way."""
+    teacher, ops = Teacher(task), list(World(task.domain).spec["operations"])
+
+    def reply(messages, tools):
+        out = teacher.reply(messages, tools)
+        if how == "format" and len(messages) == 1:  # a call with a malformed id: the parser drops it
+            c = out["tool_calls"][0]["function"]
+            return ("<|tool_calls_section_begin|><|tool_call_begin|>functions." + c["name"] + ":x"
+                    "<|tool_call_argument_begin|>" + c["arguments"] + "<|tool_call_end|><|tool_calls_section_end|>")
+        for c in out.get("tool_calls", []):
+            f = c["function"]
+            if how == "tool":
+                f["name"] = next(o for o in ops if o != f["name"])
+            if how == "args":
+                args = json.loads(f["arguments"])
+                k = sorted(args)[-1]
+                args[k] = args[k] + 1 if isinstance(args[k], (int, float)) else args[k] + "x"
+                f["arguments"] = json.dumps(args)
+        if how == "answer" and "content" in out and not out.get("tool_calls"):
+            out["content"] = "Sorry, I could not find that."
+        return out
+
+    return ScriptedClient([reply] * 16, name="corrupt")
+
+
+@pytest.mark.parametrize("how, expected", [("tool", "wrong_tool"), ("args", "wrong_args"),
+                                           ("answer", "wrong_answer"), ("loop", "stopped"),
+                                           ("format", "bad_format")])
+def test_the_judge_rejects_corrupted_trajectories_for_the_right_reason(how, expected):
+    task = next(t for t in TASKS if t.kind == "single" and t.rubric.mentions[0] and t.rubric.max_calls)
+    if how == "loop":  # calls forever: the budget stops it
+        call = {"id": "functions.x:0", "type": "function",
+                "function": {"name": task.plan[0]["tool"], "arguments": json.dumps(task.plan[0]["arguments"])}}
+        client = ScriptedClient([{"tool_calls": [call]}] * 40, name="loop")
+    else:
+        client = corrupt(task, how)
+    r = run(trajectory(task, client, seed=0))
+    assert not r["meta"]["passed"] and expected in r["meta"]["rejected_by"], r["meta"]["reasons"]
+    assert all(category(x) in r["meta"]["rejected_by"] for x in r["meta"]["reasons"])
+
+
+def test_output_is_sft_data_that_renders_with_the_chat_template(tmp_path, capsys):
+    out = tmp_path / "agentic.jsonl"
+    cli(["synth", "--n", "12", "--seed", "3", "--out", str(out), "--worlds", "bank,shop,units"])
+    table = capsys.readouterr().out
+    assert "all                 12      12         0" in table and f"wrote 12 trajectories to {out}" in table
+    rows = read_jsonl(out)  # the SFT reader: messages + tools; the meta field is ignored
+    metas = [json.loads(line)["meta"] for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and {m["domain"] for m in metas} <= {"bank", "shop", "units"}
+    for (_, messages, tools), meta in zip(rows, metas):
+        ids, mask = encode_with_mask(TOK, messages, tools)
+        text = TOK.decode(ids)
+        assert text.count("<|im_system|>tool_declare<|im_middle|>") == 1  # tools declared as K2 does
+        learned = TOK.decode([i for i, m in zip(ids, mask) if m])
+        for m in messages:
+            if m["role"] == "assistant":
+                assert (m.get("content") or "") in learned
+                for c in m.get("tool_calls") or []:
+                    assert f"<|tool_call_begin|>{c['id']}<|tool_call_argument_begin|>{c['function']['arguments']}" \
+                        in learned
+            elif m["role"] in ("user", "tool"):
+                assert m["content"] not in learned and m["content"] in text
+        assert learned.count("<|im_end|>") == sum(m["role"] == "assistant" for m in messages)
+
+
+def test_deterministic_per_seed_in_one_process_or_several():
+    tasks = TASKS[:8]
+    a, b = synthesize(tasks, seed=5), synthesize(tasks, seed=5, workers=2)
+    assert json.dumps(a) == json.dumps(b)
+    c = synthesize(tasks, seed=6)
+    assert [r["meta"]["passed"] for r in c] == [True] * 8
+    assert [r["messages"] for r in c] != [r["messages"] for r in a]  # another seed, other phrasings
+    assert pick_tasks(10, 2, kinds=["single"]) == pick_tasks(10, 2, kinds=["single"])
+
+
+def test_tasks_from_one_part_of_a_split_and_no_failures(tmp_path, capsys):
+    train = pick_tasks(30, 1, split_by="combo", part="train")
+    test = pick_tasks(10, 1, split_by="combo", part="test")
+    assert len(train) == 30 and len(test) == 10
+    assert not {"+".join(t.rubric.tools) for t in test} & {"+".join(t.rubric.tools) for t in train}
+    assert split(train, "combo")[1] == [] and split(test, "combo")[0] == []
+    out = tmp_path / "d.jsonl"
+    cli(["synth", "--n", "20", "--out", str(out), "--no-failures", "--split", "domain"])
+    metas = [json.loads(line)["meta"] for line in out.read_text().splitlines()]
+    assert "recovery" not in {m["kind"] for m in metas} and len({m["domain"] for m in metas}) == 5
+    with pytest.raises(SystemExit, match="unknown world"):
+        cli(["synth", "--n", "2", "--out", str(out), "--worlds", "bank,moon"])
+    with pytest.raises(SystemExit, match="needs --judge-endpoint"):
+        cli(["synth", "--n", "2", "--out", str(out), "--judge", "llm"])
+
+
+# ---------------------------------------------------------------- LLM teacher and judge over HTTP
+
+def completion(message: dict, finish: str = "stop") -> dict:
+    return {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", **message}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+def endpoint(handler, client_class=None):
+    """An OpenAIClient whose endpoint is `handler(request body) -> completion` (httpx2 mock transport)."""
+    httpx2 = pytest.importorskip("httpx2")
+    from openk2.agent.client import OpenAIClient
+
+    def respond(request):
+        out = handler(json.loads(request.content))
+        return out if isinstance(out, httpx2.Response) else httpx2.Response(200, json=out)
+
+    http = httpx2.AsyncClient(transport=httpx2.MockTransport(respond))
+    return (client_class or OpenAIClient)("http://endpoint/v1", "m", context_window=100_000, http_client=http)
+
+
+def test_llm_teacher_against_a_scripted_endpoint_with_rejection_sampling(tmp_path):
+    tasks = [t for t in TASKS if t.domain == "bank"]
+    by_request = {t.turns[0]: t for t in tasks}
+    starts, seen = {}, []
+
+    def handler(body):  # plays the oracle, except that each task's first episode gives up at once
+        seen.append(body)
+        task = by_request[body["messages"][0]["content"]]
+        if len(body["messages"]) == 1:
+            starts[task.id] = starts.get(task.id, 0) + 1
+        if starts[task.id] == 1:
+            return completion({"content": "I cannot help with that."})
+        reply = Oracle(task).reply(body["messages"], body["tools"])
+        return completion(reply, "tool_calls" if reply.get("tool_calls") else "stop")
+
+    records = synthesize(tasks, seed=1, client=endpoint(handler), tries=2, temperature=0.7, concurrency=3)
+    assert [r["meta"]["task"] for r in records] == [t.id for t in tasks for _ in range(2)]
+    for first, second in zip(records[::2], records[1::2]):
+        assert not first["meta"]["passed"] and first["meta"]["try"] == 0
+        assert set(first["meta"]["rejected_by"]) & {"wrong_answer", "missing_call", "too_few_calls"}
+        assert second["meta"]["passed"] and second["meta"]["teacher"] == "m", second["meta"]["reasons"]
+    assert all(b["temperature"] == 0.7 and b["tools"] and isinstance(b["seed"], int) for b in seen)
+    assert len({b["seed"] for b in seen if len(b["messages"]) == 1}) == 2 * len(tasks)  # a seed per try
+
+
+@pytest.mark.parametrize("reply, passed, reason", [
+    ('{"passed": true, "reasons": []}', True, None),
+    ('{"passed": false, "reasons": ["the transfer was never made"]}', False, "llm_judge"),
+    ('Looks good to me! {"passed": true}', False, "judge_unparsed"),
+    ('{"passed": "yes"}', False, "judge_unparsed"),
+    (400, False, "judge_error"),
+])
+def test_llm_judge_against_a_scripted_endpoint(reply, passed, reason):
+    httpx2 = pytest.importorskip("httpx2")
+    task = next(t for t in TASKS if t.kind == "chain")
+    prompts = []
+
+    def handler(body):
+        prompts.append(body["messages"][-1]["content"])
+        if reply == 400:
+            return httpx2.Response(400, json={"error": {"message": "bad model", "type": "invalid_request_error"}})
+        return completion({"content": reply})
+
+    r = run(trajectory(task, programmatic_client(task, 0), 0, judge="both", llm_judge=LLMJudge(endpoint(handler))))
+    assert r["meta"]["passed"] is passed and (reason is None or reason in r["meta"]["rejected_by"]), r["meta"]
+    for cp in task.rubric.checkpoints:  # the criteria and the conversation are in the judge's prompt
+        assert all(f"{c['name']}({json.dumps(c['arguments'])})" in prompts[0] for c in cp["calls"])
+    assert task.turns[0] in prompts[0] and "[tool result" in prompts[0]
+    assert parse_verdict('{"passed": false}') == (False, ["judge: failed, no reason given"])
+
+
+def test_llm_teacher_against_our_own_server():
+    pytest.importorskip("uvicorn")
+    from test_server import serving
+
+    from dataclasses import replace
+
+    from openk2.agent.client import OpenAIClient
+    from openk2.config import PRESETS
+    from openk2.model import build_model
+    from openk2.server import create_app
+
+    task = next(t for t in TASKS if t.kind == "single" and t.domain == "units")  # the shortest tool declarations
+    model = build_model(replace(PRESETS["k2-tiny"], max_position_embeddings=4096), seed=0)
+    with serving(create_app(model, TOK, "k2-tiny")) as port:
+        client = OpenAIClient(f"http://127.0.0.1:{port}/v1")
+        r = run(trajectory(task, client, 0, temperature=0.0, max_tokens=6))
+    assert r["meta"]["teacher"] == "k2-tiny" and not r["meta"]["passed"]  # random weights: rejected, with why
+    assert r["messages"][0]["content"] == task.turns[0] and r["messages"][1]["role"] == "assistant"
+    assert r["meta"]["reasons"] and r["meta"]["rejected_by"]
+
+
+def test_cli_with_an_llm_teacher_keeps_failed_trajectories_on_request(tmp_path, capsys, monkeypatch):
+    import openk2.agent.client
+
+    def give_up(body):
+        return completion({"content": "I cannot help with that."})
+
+    real = openk2.agent.client.OpenAIClient
+    monkeypatch.setattr(openk2.agent.client, "OpenAIClient", lambda url, model: endpoint(give_up, real))
+    out = tmp_path / "all.jsonl"
+    args = ["synth", "--n", "4", "--kinds", "single", "--teacher-endpoint", "http://endpoint/v1", "--out", str(out)]
+    cli(args)
+    assert out.read_text() == "" and "wrote 0 trajectories" in capsys.readouterr().out
+    cli(args + ["--keep-failed"])
+    metas = [json.loads(line)["meta"] for line in out.read_text().splitlines()]
+    assert len(metas) == 4 and not any(m["passed"] for m in metas) and all("missing_call" in m["rejected_by"]
+                                                                           for m in metas)
+    assert "single               4       0         4  " in capsys.readouterr().out
