@@ -6,6 +6,7 @@
 - rubric.py: `Rubric.check(final_state, answer, calls) -> (passed, reasons)`
 - oracle.py: the plan's programmatic solver (a `ScriptedClient` teacher) and the scripted user
 - splits.py: splits by seed, argument values, unseen tool combinations, unseen domain
+- evaluate.py: `openk2 eval tools`: the agent on held-out tasks, scored per split part and task kind
 Pure Python over openk2.agent's `Tool`: no torch, no model.
 """
 
@@ -33,6 +34,8 @@ def add_parsers(sub, load=None) -> None:
     s = sub.add_parser("envs", help="the tool worlds of agentic data and evaluation: `openk2 envs list`")
     s.add_argument("action", choices=["list"])
     s.set_defaults(fn=lambda args: print(describe()))
+    from openk2.envs.evaluate import add_parser as eval_parser  # `eval tools`
+    eval_parser(sub, load)
 
 
 __all__ = ["KINDS", "SPLITS", "Oracle", "Rubric", "ScriptedUser", "Task", "World", "add_parsers", "answers_of", "calls_of",
