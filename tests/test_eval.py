@@ -212,7 +212,8 @@ def test_endpoint_through_the_cli(tmp_path, capsys):
     assert len(out["tasks"]) == len({t.id for t in tasks})
     for row in out["rows"]:
         assert set(row) == {"split", "part", "kind", "tasks", "success", "format_validity", "tool_name", "arguments",
-                            "mean_turns", "calls", "failures"}
+                            "mean_turns", "calls", "failures", "stop_reasons"}
+        assert row["stop_reasons"] == {"answered": row["tasks"]}
         assert row["success"] == 1.0 and row["failures"] == {}
         assert f"| {row['split']} | {row['part']} | {row['kind']} | {row['tasks']} | 100.0 |" in stdout
     assert [r["kind"] for r in out["rows"] if r["split"] == "overall"] == ["all"]
@@ -250,8 +251,8 @@ def test_checkpoint_in_process_equals_the_server(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "give a checkpoint PATH or --endpoint URL"),
-    (["k2-tiny", "--endpoint", "http://127.0.0.1:9/v1"], "give a checkpoint PATH or --endpoint URL"),
+    ([], "give a checkpoint PATH, --endpoint URL or --oracle"),
+    (["k2-tiny", "--endpoint", "http://127.0.0.1:9/v1"], "give a checkpoint PATH, --endpoint URL or --oracle"),
     (["k2-tiny", "--split", "seed,memory"], "unknown split or part ['memory']"),
     (["k2-tiny", "--part", "dev"], "unknown split or part ['dev']"),
 ])
@@ -261,3 +262,12 @@ def test_bad_flags_fail_with_one_clear_line(argv, message):
     with pytest.raises(SystemExit) as e:
         main(["eval", "tools", *argv, "--n", "1"])
     assert message in str(e.value)
+
+
+def test_the_oracle_through_the_cli(capsys):
+    from openk2.cli import main
+
+    main(["eval", "tools", "--oracle", "--split", "domain,args", "--n", "4"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows if r[2] == "all"] == ["| domain", "| args", "| overall"]
+    assert all(r[4] == "100.0" and r[-1] == "– |" for r in rows)

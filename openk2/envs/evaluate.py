@@ -145,10 +145,11 @@ def summarize(results: list[dict]) -> dict:
     def share(num, den):
         return None if den == 0 else sum(r[num] for r in results) / den
     failures = {k: n for k in FAILURES if (n := sum(r["failure"] == k for r in results))}
+    stops = {k: sum(r["stop_reason"] == k for r in results) for k in sorted({r["stop_reason"] for r in results})}
     n, calls, expected = len(results), sum(r["calls"] for r in results), sum(r["expected_calls"] for r in results)
     return {"tasks": n, "success": share("success", n), "format_validity": share("valid_calls", calls),
             "tool_name": share("tool_name", expected), "arguments": share("arguments", expected),
-            "mean_turns": share("turns", n), "calls": calls, "failures": failures}
+            "mean_turns": share("turns", n), "calls": calls, "failures": failures, "stop_reasons": stops}
 
 
 def report(results: dict[tuple[str, str], list[dict]]) -> list[dict]:
@@ -203,12 +204,6 @@ async def evaluate(tasks: list, client_of, budget: Budget = Budget(max_turns=16,
         bar.close()
 
 
-def git_revision() -> str:
-    root = Path(__file__).resolve().parents[2]
-    sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return sha.stdout.strip() or "unknown"
-
-
 # ---------------------------------------------------------------- the command
 
 def add_parser(sub, load) -> None:
@@ -220,6 +215,7 @@ def add_parser(sub, load) -> None:
     s.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     s.add_argument("--model", help="model name at the endpoint (default: its first)")
     s.add_argument("--api-key", help="the endpoint's key (default: $OPENAI_API_KEY)")
+    s.add_argument("--oracle", action="store_true", help="score the programmatic teacher instead (a check: all 100 %%)")
     s.add_argument("--split", default="seed", help=f"comma-separated splits: {', '.join(SPLITS)} (default: seed)")
     s.add_argument("--part", default="test", help="comma-separated parts: test, train (default: test)")
     s.add_argument("--n", type=int, default=100, help="tasks per split part (default: 100)")
@@ -235,15 +231,18 @@ def add_parser(sub, load) -> None:
 
 
 def make_client(args, load):
-    """(client, a stop event or None): the endpoint's, or the checkpoint's in this process (as `openk2 agent`)."""
+    """(client of a task, the model's name, a stop event or None): the endpoint's, the checkpoint's in
+    this process (as `openk2 agent`), or the oracle's."""
     from openk2.agent.cli import in_process_client
-    from openk2.agent.client import OpenAIClient
+    from openk2.agent.client import OpenAIClient, ScriptedClient
 
-    if bool(args.path) == bool(args.endpoint):
-        raise SystemExit("openk2 eval tools: give a checkpoint PATH or --endpoint URL (one of them)")
-    if args.endpoint:
-        return OpenAIClient(args.endpoint, args.model, args.api_key), None
-    return in_process_client(load, args)
+    if sum(map(bool, (args.path, args.endpoint, args.oracle))) != 1:
+        raise SystemExit("openk2 eval tools: give a checkpoint PATH, --endpoint URL or --oracle (one of them)")
+    if args.oracle:
+        return lambda task: ScriptedClient([Oracle(task).reply] * args.max_turns), "oracle", None
+    client, stop = (OpenAIClient(args.endpoint, args.model, args.api_key), None) if args.endpoint \
+        else in_process_client(load, args)
+    return lambda task: client, client, stop
 
 
 def eval_command(args, load) -> None:
@@ -254,21 +253,24 @@ def eval_command(args, load) -> None:
     groups = {(by, part): held_out(by, part, args.n, args.seed) for by in splits for part in parts}
     tasks = list({t.id: t for ts in groups.values() for t in ts}.values())  # a task in two groups runs once
     budget = Budget(max_turns=args.max_turns, max_tokens=args.max_tokens, turn_tokens=args.turn_tokens)
-    client, stop = make_client(args, load)
+    client_of, client, stop = make_client(args, load)
     start = time.monotonic()
     try:
-        results = asyncio.run(evaluate(tasks, lambda task: client, budget, args.temperature, args.concurrency))
+        results = asyncio.run(evaluate(tasks, client_of, budget, args.temperature, args.concurrency))
     finally:
         if stop is not None:
             stop.set()
+    name = getattr(client, "name", client)  # an endpoint's model is known once it has answered
     by_id = {r["id"]: r for r in results}
     rows = report({g: [by_id[t.id] for t in ts] for g, ts in groups.items()})
     seconds = time.monotonic() - start
     print(table(rows))
-    print(f"[openk2] eval tools: {len(tasks)} tasks in {seconds:.1f} s ({client.name})", file=sys.stderr)
+    print(f"[openk2] eval tools: {len(tasks)} tasks in {seconds:.1f} s ({name})", file=sys.stderr)
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("fn", "api_key")}
-        out = {"config": {**config, "model": client.name, "git": git_revision()}, "seconds": round(seconds, 2),
+        git = subprocess.run(["git", "-C", str(Path(__file__).parents[2]), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip() or "unknown"
+        out = {"config": {**config, "model": name, "git": git}, "seconds": round(seconds, 2),
                "failure_kinds": FAILURES, "rows": rows,
                "groups": {f"{by}/{part}": [t.id for t in ts] for (by, part), ts in groups.items()}, "tasks": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
