@@ -17,6 +17,7 @@ No model code here: a model is reached through the agent's clients (see `make_cl
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
@@ -52,6 +53,11 @@ FAILURES = {  # first match wins, in this order
 OVER_BUDGET = ("max_turns", "max_tokens", "wall_time", "length", "context_length")
 
 
+@functools.lru_cache(maxsize=4)
+def pool(size: int, seed: int) -> list:
+    return generate(size, seed)  # the same pool serves every split of one run
+
+
 def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_seed: int = 0) -> list:
     """The first n tasks of `generate(…, seed)` in `part` ("train" or "test") of split `by`. Which part a
     task falls in depends on the task and `split_seed` alone, so the same split of synthesis data
@@ -59,9 +65,9 @@ def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_see
     if part not in ("train", "test"):
         raise ValueError(f"unknown part {part!r}: train or test")
     domains = held_out_domains([SimpleNamespace(domain=d) for d in domain_names()], split_seed)
-    size = max(200, 5 * n)
+    size = max(250, 5 * n)
     while True:
-        tasks = generate(size, seed)
+        tasks = pool(size, seed)
         chosen = split(tasks, by, seed=split_seed, test_domains=domains)[part == "test"]
         if len(chosen) >= n or size >= 400 * n:
             return chosen[:n]
@@ -241,7 +247,7 @@ def make_client(args, load):
     if args.oracle:
         return lambda task: ScriptedClient([Oracle(task).reply] * args.max_turns), "oracle", None
     client, stop = (OpenAIClient(args.endpoint, args.model, args.api_key), None) if args.endpoint \
-        else in_process_client(load, args)
+        else in_process_client(load, args, sequences=args.concurrency)
     return lambda task: client, client, stop
 
 
