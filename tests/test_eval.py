@@ -255,6 +255,7 @@ def test_checkpoint_in_process_equals_the_server(tmp_path, capsys):
     (["k2-tiny", "--endpoint", "http://127.0.0.1:9/v1"], "give a checkpoint PATH, --endpoint URL or --oracle"),
     (["k2-tiny", "--split", "seed,memory"], "unknown split or part ['memory']"),
     (["k2-tiny", "--part", "dev"], "unknown split or part ['dev']"),
+    (["--endpoint", "http://127.0.0.1:9/v1", "--model", "m"], "every model call failed; the first: stopped: model_"),
 ])
 def test_bad_flags_fail_with_one_clear_line(argv, message):
     from openk2.cli import main

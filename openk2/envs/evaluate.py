@@ -266,6 +266,8 @@ def eval_command(args, load) -> None:
     finally:
         if stop is not None:
             stop.set()
+    if results and all(r["failure"] == "error" for r in results):  # e.g. an endpoint that is not there
+        raise SystemExit(f"openk2 eval tools: every model call failed; the first: {results[0]['reasons'][-1]}")
     name = getattr(client, "name", client)  # an endpoint's model is known once it has answered
     by_id = {r["id"]: r for r in results}
     rows = report({g: [by_id[t.id] for t in ts] for g, ts in groups.items()})
