@@ -78,9 +78,10 @@ def mcp_server_command(args) -> None:
         raise SystemExit(130) from None
 
 
-def in_process_client(load, args):
+def in_process_client(load, args, sequences: int = 1):
     """An EngineClient whose model is loaded, warmed up and stepped on a thread of its own (one OpenMP
-    pool: the thread that loads a model is the one that runs it); the stop event ends that thread."""
+    pool: the thread that loads a model is the one that runs it), its cache room for `sequences` full
+    contexts at once; the stop event ends that thread."""
     from openk2.agent.client import EngineClient
     from openk2.server import make_engine
     from openk2.server.chat_format import ChatFormat
@@ -91,7 +92,7 @@ def in_process_client(load, args):
     def main():
         try:
             model, tokenizer = load()
-            engine = make_engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
+            engine = make_engine(model, args.quantize, args.compile, sequences * model.cfg.max_position_embeddings)
             fmt = ChatFormat.for_model(model, tokenizer, args.path)
             box["client"] = EngineClient(EngineLoop(engine), fmt, name=Path(args.path).name)
         except BaseException as e:  # noqa: BLE001 — re-raised on the caller's thread

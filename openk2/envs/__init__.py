@@ -7,6 +7,7 @@
 - oracle.py: the plan's programmatic solver (a `ScriptedClient` teacher) and the scripted user
 - splits.py: splits by seed, argument values, unseen tool combinations, unseen domain
 - judge.py, synth.py: trajectories for SFT, a teacher in the agent loop and a judge (`openk2 synth`)
+- evaluate.py: `openk2 eval tools`: the agent on held-out tasks, scored per split part and task kind
 Pure Python over openk2.agent's `Tool`: no torch, no model.
 """
 
@@ -36,6 +37,8 @@ def add_parsers(sub, load=None) -> None:
     s.set_defaults(fn=lambda args: print(describe()))
     from openk2.envs.synth import add_parser as synth_parser  # `openk2 synth`
     synth_parser(sub)
+    from openk2.envs.evaluate import add_parser as eval_parser  # `eval tools`
+    eval_parser(sub, load)
 
 
 __all__ = ["KINDS", "SPLITS", "Oracle", "Rubric", "ScriptedUser", "Task", "World", "add_parsers", "answers_of", "calls_of",
