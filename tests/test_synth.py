@@ -15,6 +15,7 @@ from openk2.envs import KINDS, World, domain_names, make_task, split
 from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import Teacher, pick_tasks, programmatic_client, summary, synthesize, trajectory
+from openk2.envs.tasks import SYSTEM
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
@@ -66,7 +67,7 @@ def corrupt(task, how):
 
     def reply(messages, tools):
         out = teacher.reply(messages, tools)
-        if how == "format" and len(messages) == 1:  # a call with a malformed id: the parser drops it
+        if how == "format" and messages[-1]["role"] == "user":  # a call with a malformed id: the parser drops it
             c = out["tool_calls"][0]["function"]
             return ("<|tool_calls_section_begin|><|tool_call_begin|>functions." + c["name"] + ":x"
                     "<|tool_call_argument_begin|>" + c["arguments"] + "<|tool_call_end|><|tool_calls_section_end|>")
@@ -180,8 +181,9 @@ def test_llm_teacher_against_a_scripted_endpoint_with_rejection_sampling(tmp_pat
 
     def handler(body):  # plays the oracle, except that each task's first episode gives up at once
         seen.append(body)
-        task = by_request[body["messages"][0]["content"]]
-        if len(body["messages"]) == 1:
+        talk = [m for m in body["messages"] if m["role"] != "system"]  # after the system prompt eval uses too
+        task = by_request[talk[0]["content"]]
+        if len(talk) == 1:
             starts[task.id] = starts.get(task.id, 0) + 1
         if starts[task.id] == 1:
             return completion({"content": "I cannot help with that."})
@@ -195,7 +197,8 @@ def test_llm_teacher_against_a_scripted_endpoint_with_rejection_sampling(tmp_pat
         assert set(first["meta"]["rejected_by"]) & {"wrong_answer", "missing_call", "too_few_calls"}
         assert second["meta"]["passed"] and second["meta"]["teacher"] == "m", second["meta"]["reasons"]
     assert all(b["temperature"] == 0.7 and b["tools"] and isinstance(b["seed"], int) for b in seen)
-    assert len({b["seed"] for b in seen if len(b["messages"]) == 1}) == 2 * len(tasks)  # a seed per try
+    firsts = [b for b in seen if len(b["messages"]) == 2 and b["messages"][0]["content"] == SYSTEM]
+    assert len({b["seed"] for b in firsts}) == 2 * len(tasks)  # a seed per try
 
 
 @pytest.mark.parametrize("reply, passed, reason", [
@@ -241,7 +244,8 @@ def test_llm_teacher_against_our_own_server():
         client = OpenAIClient(f"http://127.0.0.1:{port}/v1")
         r = run(trajectory(task, client, 0, temperature=0.0, max_tokens=6))
     assert r["meta"]["teacher"] == "k2-tiny" and not r["meta"]["passed"]  # random weights: rejected, with why
-    assert r["messages"][0]["content"] == task.turns[0] and r["messages"][1]["role"] == "assistant"
+    assert [m["role"] for m in r["messages"][:3]] == ["system", "user", "assistant"]
+    assert r["messages"][0]["content"] == SYSTEM and r["messages"][1]["content"] == task.turns[0]
     assert r["meta"]["reasons"] and r["meta"]["rejected_by"]
 
 

@@ -41,5 +41,5 @@ def add_parsers(sub, load=None) -> None:
     eval_parser(sub, load)
 
 
-__all__ = ["KINDS", "SPLITS", "Oracle", "Rubric", "ScriptedUser", "Task", "World", "add_parsers", "answers_of", "calls_of",
-           "describe", "domain_names", "generate", "load", "make_task", "split"]
+__all__ = ["KINDS", "SPLITS", "Oracle", "Rubric", "ScriptedUser", "Task", "World", "add_parsers", "answers_of",
+           "calls_of", "describe", "domain_names", "generate", "load", "make_task", "split"]

@@ -33,12 +33,9 @@ from openk2.envs.oracle import Oracle, ScriptedUser
 from openk2.envs.rubric import answers_of, calls_of, same_args
 from openk2.envs.spec import domain_names
 from openk2.envs.splits import SPLITS, held_out_domains, split
-from openk2.envs.tasks import generate
+from openk2.envs.tasks import SYSTEM, generate
 from openk2.envs.world import World
 
-SYSTEM = ("You are a helpful assistant with tools. Use them to do what the user asks (several at once when "
-          "they are independent), retry a call that failed for a passing reason, and answer plainly with the "
-          "values you found. When no tool is needed, answer directly.")
 FAILURES = {  # first match wins, in this order
     "error": "the model call failed (the endpoint or engine raised)",
     "bad_json": "a tool call could not be read: dropped by the parser, or arguments not a JSON object",

@@ -27,7 +27,7 @@ from openk2.envs.judge import LLMJudge, category, rubric_verdict
 from openk2.envs.oracle import LEADS, Oracle, ScriptedUser
 from openk2.envs.spec import domain_names, load
 from openk2.envs.splits import bucket, split
-from openk2.envs.tasks import KINDS, Task, generate
+from openk2.envs.tasks import KINDS, SYSTEM, Task, generate
 
 ANSWERS = ("{0}", "Here is what I found: {0}", "Done. {0}", "All set. {0}", "I checked: {0}", "Sure. {0}",
            "{0} Anything else?", "That's done. {0}", "OK. {0}", "Here you go. {0}")
@@ -83,7 +83,7 @@ def programmatic_client(task, seed: int):
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
-                     system: str | None = None, temperature: float | None = None, max_tokens: int = 1024) -> dict:
+                     system: str | None = SYSTEM, temperature: float | None = None, max_tokens: int = 1024) -> dict:
     """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`)."""
     from openk2.agent.runtime import Agent, Budget
 
@@ -197,7 +197,8 @@ def add_parser(sub) -> None:
     s.add_argument("--judge", choices=["rubric", "llm", "both"], default="rubric")
     s.add_argument("--judge-endpoint", help="the LLM judge's base URL (default: the teacher's)")
     s.add_argument("--judge-model", help="the LLM judge's model (default: the endpoint's first)")
-    s.add_argument("--system", help="a system prompt for every conversation (default: the chat template's)")
+    s.add_argument("--system", default=SYSTEM, help="the system prompt of every conversation (default: the one "
+                   "`openk2 eval tools` uses; '' for none)")
     s.add_argument("--workers", type=int, default=1, help="processes for the programmatic teacher")
     s.add_argument("--concurrency", type=int, default=8, help="episodes in flight against an endpoint")
     s.set_defaults(fn=main)
@@ -235,7 +236,7 @@ def main(args) -> None:
     with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
                              progress=bar.update, tries=args.tries, judge=args.judge, llm_judge=judge or None,
-                             system=args.system, temperature=args.temperature, max_tokens=args.max_tokens)
+                             system=args.system or None, temperature=args.temperature, max_tokens=args.max_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]

@@ -25,6 +25,11 @@ PLACEHOLDER = re.compile(r"{(\w+)}")
 JOINS = ("{0} {1}", "Two things. {0} {1}", "{0} And one more: {1}")
 FOLLOW_UPS = ("Thanks! {0}", "Great. Next: {0}", "One more thing. {0}", "{0}")
 
+# the system prompt of every synthesised and evaluated conversation: training and evaluation match
+SYSTEM = ("You are a helpful assistant with tools. Use them to do what the user asks (several at once when "
+          "they are independent), retry a call that failed for a passing reason, and answer plainly with the "
+          "values you found. When no tool is needed, answer directly.")
+
 
 @dataclass
 class Task:
