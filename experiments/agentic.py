@@ -1,0 +1,125 @@
+"""Issue 9's chain end to end on this machine: evaluate a checkpoint on held-out tool tasks, synthesise
+oracle trajectories, SFT the checkpoint on them, evaluate again on the same tasks.
+
+    .venv/bin/python experiments/agentic.py all [--checkpoint DIR] [--worlds files,units] [--n 30] [--steps N]
+    .venv/bin/python experiments/agentic.py eval --checkpoint DIR [--worlds files,units]
+
+Worlds are restricted by default to those whose conversations fit k2-mini's 1,024-token context
+(rendered bank, shop and calendar conversations take 1,272-1,900, 1,119-1,712 and 976-1,535 tokens).
+Held-out tasks are the library's (`evaluate.held_out`, split seed 0), filtered to `--worlds` (the
+domain split: to FITS); training data is drawn from the train part of the combo split (so no
+unseen-combination test task is in it) and never from
+the held-out domain. Tables go to stdout, JSON and logs under --out.
+"""
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from openk2.agent.runtime import Budget
+from openk2.envs.evaluate import held_out, report, table, evaluate
+from openk2.envs.splits import SPLITS
+
+PY = sys.executable
+MAIN_CKPT = "/work/main/runs/k2-mini/checkpoints/step_000200"
+FITS = ("files", "units", "weather")  # domains whose rendered conversations mostly fit 1,024 tokens
+
+
+def load_text():
+    return open("/proc/loadavg").read().split()[0]
+
+
+def eval_tasks(splits, n, worlds):
+    """The first n test tasks of each split whose domain is in `worlds` (the domain split: every held-out
+    domain that fits the context, `FITS`, as no training world is in it)."""
+    groups = {}
+    for by in splits:
+        pool = held_out(by, "test", 40 * n)
+        keep = FITS if by == "domain" else worlds
+        groups[(by, "test")] = [t for t in pool if t.domain in keep][:n]
+    return groups
+
+
+def run_eval(ckpt, splits, n, worlds, out: Path, concurrency=8):
+    from openk2.agent.cli import in_process_client
+    from openk2.cli import _load, _tokenizer
+    groups = eval_tasks(splits, n, worlds)
+    tasks = list({t.id: t for ts in groups.values() for t in ts}.values())
+    args = argparse.Namespace(path=str(ckpt), quantize=None, compile=False)
+    start, load0 = time.monotonic(), load_text()
+    client, stop = in_process_client(lambda: (_load(str(ckpt), None, 0), _tokenizer(str(ckpt))), args,
+                                     sequences=concurrency)
+    try:
+        results = asyncio.run(evaluate(tasks, lambda task: client,
+                                       Budget(max_turns=16, max_tokens=4096, turn_tokens=256), 0.0, concurrency))
+    finally:
+        stop.set()
+    by_id = {r["id"]: r for r in results}
+    rows = report({g: [by_id[t.id] for t in ts] for g, ts in groups.items()})
+    seconds = time.monotonic() - start
+    print(table(rows))
+    print(f"eval {ckpt}: {len(tasks)} tasks in {seconds:.1f} s (load {load0} -> {load_text()})", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(ckpt), "worlds": worlds, "seconds": seconds, "rows": rows,
+                               "tasks": results}, indent=1, default=str))
+    return rows
+
+
+def timed(cmd, log: Path):
+    start, load0 = time.monotonic(), load_text()
+    print("$", " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - start
+    print(f"  {seconds:.1f} s (load {load0} -> {load_text()}); log {log}", flush=True)
+    return seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["all", "eval"])
+    p.add_argument("--checkpoint", default=MAIN_CKPT)
+    p.add_argument("--out", default="runs/agentic")
+    p.add_argument("--worlds", default="files,units", help="synthesis worlds")
+    p.add_argument("--splits", default="seed,combo,domain")
+    p.add_argument("--n", type=int, default=30, help="tasks per split")
+    p.add_argument("--synth-n", type=int, default=2000)
+    p.add_argument("--no-before", action="store_true", help="skip the evaluation before SFT")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=1024)
+    a = p.parse_args()
+    out, splits, eval_worlds = Path(a.out), a.splits.split(","), a.worlds.split(",")
+    assert all(s in SPLITS for s in splits), splits
+    out.mkdir(parents=True, exist_ok=True)
+    if a.what == "eval":
+        run_eval(a.checkpoint, splits, a.n, eval_worlds, out / f"eval_{Path(a.checkpoint).name}.json")
+        return
+    times = {}
+    if not a.no_before:
+        t = time.monotonic()
+        run_eval(a.checkpoint, splits, a.n, eval_worlds, out / "eval_before.json")
+        times["eval before"] = time.monotonic() - t
+    data = out / "agentic.jsonl"
+    times["synth"] = timed([PY, "-m", "openk2.cli", "synth", "--worlds", a.worlds, "--split", "combo", "--part",
+                            "train", "--n", str(a.synth_n), "--seed", "1", "--out", str(data)], out / "synth.log")
+    sft_dir = out / "sft"
+    times["sft"] = timed([PY, "-m", "openk2.cli", "sft", a.checkpoint, "--data", str(data), "--out-dir", str(sft_dir),
+                          "--seq-len", str(a.seq_len), "--long", "drop", "--steps", str(a.steps), "--batch-size",
+                          str(a.batch_size), "--lr", str(a.lr), "--eval-every", str(a.steps), "--eval-batches", "2",
+                          "--ckpt-every", str(a.steps), "--log-every", "5", "--no-resume"], out / "sft.log")
+    t = time.monotonic()
+    latest = sft_dir / "checkpoints" / (sft_dir / "checkpoints" / "latest").read_text().strip()
+    run_eval(latest, splits, a.n, eval_worlds, out / "eval_after.json")
+    times["eval after"] = time.monotonic() - t
+    print("wall times:", {k: round(v, 1) for k, v in times.items()},
+          f"synth + SFT {times['synth'] + times['sft']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
