@@ -19,7 +19,7 @@ Rules (K2-SPEC §6.1; the decisions checked against vLLM's and SGLang's `kimi_k2
 from __future__ import annotations
 
 from openk2.tokenizer.chat import END_THINK, SECTION_BEGIN, THINK
-from openk2.tokenizer.toolcalls import MAX_CALLS, StreamingToolParser
+from openk2.tokenizer.toolcalls import MAX_CALLS, StreamingToolParser, earliest, partial_marker
 
 ENDS = (END_THINK, SECTION_BEGIN)  # what ends reasoning
 CHOICES = ("auto", "kimi_k2", "none")  # `--reasoning-parser`
@@ -31,12 +31,6 @@ def reasoning_enabled(choice: str, template: str | None) -> bool:
     if choice not in CHOICES:
         raise ValueError(f"reasoning parser {choice!r}: expected one of {', '.join(CHOICES)}")
     return choice == "kimi_k2" or (choice == "auto" and template is not None and THINK in template)
-
-
-def first_end(text: str) -> tuple[int, str] | None:
-    """Where reasoning ends in `text`: (position, marker) of the earliest of ENDS."""
-    hits = [(i, m) for m in ENDS if (i := text.find(m)) >= 0]
-    return min(hits) if hits else None
 
 
 def cut_at_end(text: str, i: int, marker: str) -> tuple[str, str]:
@@ -51,13 +45,8 @@ def split_reasoning(text: str, inside: bool = False) -> tuple[str | None, str]:
         if not text.startswith(THINK):
             return None, text
         text = text[len(THINK):]
-    end = first_end(text)
+    end = earliest(text, ENDS, 0)  # where reasoning ends: (position, marker)
     return cut_at_end(text, *end) if end else (text, "")
-
-
-def held(text: str, markers) -> int:
-    """Length of the longest end of `text` that is a proper prefix of one of `markers`."""
-    return max((k for m in markers for k in range(1, len(m)) if text.endswith(m[:k])), default=0)
 
 
 START, THINKING, REST = "start", "thinking", "rest"
@@ -82,10 +71,10 @@ class ReasoningStream:
                 self.state, rest, self.buf = REST, self.buf, ""
                 return "", rest
             self.state, self.buf = THINKING, self.buf[len(THINK):]
-        if end := first_end(self.buf):
+        if end := earliest(self.buf, ENDS, 0):
             self.state, (reasoning, rest), self.buf = REST, cut_at_end(self.buf, *end), ""
             return reasoning, rest
-        keep = held(self.buf, ENDS)
+        keep = partial_marker(self.buf, ENDS)
         reasoning, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
         return reasoning, ""
 
