@@ -25,9 +25,9 @@ from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls
 from openk2.tokenizer.chat import ARGUMENT_BEGIN, CALL_BEGIN, SECTION_BEGIN, THINK, template_variables
 from openk2.tokenizer.protect import encode_chat, protector
 from openk2.tokenizer.reasoning import ReplyStream, reasoning_enabled, split_reasoning
-from openk2.tokenizer.toolcalls import MAX_CALLS, finish_reason
+from openk2.tokenizer.toolcalls import MAX_CALLS, NAME, finish_reason
 
-TOOL_NAME = re.compile(r"(?=.{1,64}\Z)[\w-]+(?:\.[\w-]+)*", re.ASCII)  # what toolcalls.CALL_ID reads back
+TOOL_NAME = re.compile(rf"(?=.{{1,64}}\Z){NAME}", re.ASCII)  # what toolcalls.CALL_ID reads back, ASCII
 
 
 class ChatError(ValueError):

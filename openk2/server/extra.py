@@ -57,7 +57,7 @@ def router(srv) -> APIRouter:
                                      media_type="text/event-stream")
         if (texts := await srv.collect([(pieces, state)], request)) is None:
             return Response(status_code=499)  # the client left: its request was cancelled
-        text, lps = logprobs.whole_completion(srv.fmt, body, ids, state, texts[0])
+        text, lps = logprobs.whole_completion(srv.fmt, body, ids, state, texts[0], shaper)
         out = text_completion(cid, created, srv.model_name, text, state["reason"], Usage.of(len(ids), state))
         out["choices"][0]["logprobs"] = lps
         return out

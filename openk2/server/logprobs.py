@@ -118,15 +118,17 @@ class Stream:
         return self.shaper.completion(entries, [e.token for e in entries], self.at, self.utf8)
 
 
-def whole_completion(fmt, body, ids: list[int], state: dict, text: str) -> tuple[str, dict | None]:
-    """A whole text completion's text (after the prompt's, with echo) and log-probs. With max_tokens 0
-    the one token decoded is dropped (state: no completion tokens, finish_reason "length")."""
+def whole_completion(fmt, body, ids: list[int], state: dict, text: str,
+                     shaper: Shaper | None) -> tuple[str, dict | None]:
+    """A whole text completion's text (after the prompt's, with echo) and log-probs (`shaper_for` the
+    request's). With max_tokens 0 the one token decoded is dropped (state: no completion tokens,
+    finish_reason "length")."""
     if body.max_tokens == 0:
         text, state["completion_tokens"], state["reason"] = "", 0, "length"
     generated = text
     if body.echo:
         text = fmt.tokenizer.decode(ids) + text
-    if (shaper := shaper_for(fmt, body)) is None:
+    if shaper is None:
         return text, None
     req = state["request"]
     entries = shaper.listed(req, state["completion_tokens"])

@@ -44,7 +44,8 @@ from openk2.tokenizer.tokenizer import K2_SPECIALS
 SECTION_BEGINS = (SECTION_BEGIN, "<|tool_call_section_begin|>")
 SECTION_ENDS = (SECTION_END, "<|tool_call_section_end|>")
 MAX_CALLS = 128  # per reply: a model looping in a section cannot grow a reply without bound
-CALL_ID = re.compile(r"(?:functions\.)?([\w-]+(?:\.[\w-]+)*):(\d+)")
+NAME = r"[\w-]+(?:\.[\w-]+)*"  # a tool name as an id carries it: dot-separated runs of word characters, `-`
+CALL_ID = re.compile(rf"(?:functions\.)?({NAME}):(\d+)")
 # K2's special-token text that content never carries; reserved ids are 163584..163841 (6 digits)
 SPECIAL_TEXT = re.compile("|".join(map(re.escape, sorted(
     {*SECTION_BEGINS, *SECTION_ENDS, *(name for name in K2_SPECIALS if name.startswith("<|"))})))
