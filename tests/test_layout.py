@@ -80,3 +80,14 @@ def test_jail_needs_only_the_standard_library():
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     mods = {m.split(".")[0] for m in _imports(ROOT / "agent" / "jail.py")}
     assert mods <= stdlib, mods - stdlib
+
+
+def test_the_command_line_starts_without_torch():
+    """`openk2 --help` and `openk2 envs list` answer at once: building every subcommand's parser loads
+    no torch (each command imports what it runs)."""
+    code = ("import contextlib, io, sys, openk2.cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    openk2.cli.main(['envs', 'list'])\n"
+            "print(sorted(m for m in ('torch', 'tqdm', 'fastapi') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -25,9 +25,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from openk2.agent.runtime import Agent, Budget
 from openk2.agent.tools import ToolError
 from openk2.envs.oracle import Oracle, ScriptedUser
 from openk2.envs.rubric import answers_of, calls_of, same_args
@@ -35,6 +34,9 @@ from openk2.envs.spec import domain_names
 from openk2.envs.splits import SPLITS, held_out_domains, split
 from openk2.envs.tasks import SYSTEM, generate
 from openk2.envs.world import World
+
+if TYPE_CHECKING:  # the runtime's import reaches torch: loaded when an evaluation runs, not with the CLI
+    from openk2.agent.runtime import Budget
 
 FAILURES = {  # first match wins, in this order
     "error": "the model call failed (the endpoint or engine raised)",
@@ -182,6 +184,7 @@ def table(rows: list[dict]) -> str:
 
 async def run_task(task, client, budget: Budget, temperature: float | None = 0.0, system: str = SYSTEM) -> dict:
     """One episode of a task (its world, scripted user and budget), scored."""
+    from openk2.agent.runtime import Agent
     world = task.world()
     agent = Agent(client, world.tools(), system=system, budget=budget, temperature=temperature,
                   user=ScriptedUser(task))
@@ -189,10 +192,14 @@ async def run_task(task, client, budget: Budget, temperature: float | None = 0.0
     return {**score(task, ep, world), "messages": ep.transcript}
 
 
-async def evaluate(tasks: list, client_of, budget: Budget = Budget(max_turns=16, max_tokens=4096, turn_tokens=256),
-                   temperature: float | None = 0.0, concurrency: int = 8, progress: bool = True) -> list[dict]:
+async def evaluate(tasks: list, client_of, budget: Budget | None = None, temperature: float | None = 0.0,
+                   concurrency: int = 8, progress: bool = True) -> list[dict]:
     """Each task's result, in order; `client_of(task)` -> the model client of its episode; at most
-    `concurrency` episodes at once (an in-process engine batches them)."""
+    `concurrency` episodes at once (an in-process engine batches them). budget: 16 turns, 4,096 tokens,
+    256 a reply unless given."""
+    from tqdm import tqdm
+    from openk2.agent.runtime import Budget
+    budget = budget or Budget(max_turns=16, max_tokens=4096, turn_tokens=256)
     gate, bar = asyncio.Semaphore(concurrency), tqdm(total=len(tasks), desc="eval tools", unit="task",
                                                      disable=not progress, file=sys.stderr)
 
@@ -255,6 +262,7 @@ def eval_command(args, load) -> None:
                          "parts: train, test")
     groups = {(by, part): held_out(by, part, args.n, args.seed) for by in splits for part in parts}
     tasks = list({t.id: t for ts in groups.values() for t in ts}.values())  # a task in two groups runs once
+    from openk2.agent.runtime import Budget
     budget = Budget(max_turns=args.max_turns, max_tokens=args.max_tokens, turn_tokens=args.turn_tokens)
     client_of, client, stop = make_client(args, load)
     start = time.monotonic()
