@@ -22,6 +22,20 @@ from typing import Any
 from openk2.agent.schema import signature_schema
 
 
+@functools.lru_cache(maxsize=1024)
+def schema_validator(schema_json: str):
+    """The jsonschema validator of a schema (as canonical JSON), or None if the schema is broken."""
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError:
+        return None
+    return cls(schema)
+
+
 @dataclass
 class ToolContext:
     """What a tool may ask for by annotating a parameter with this type."""
@@ -46,16 +60,10 @@ class Tool:
 
     @functools.cached_property
     def validator(self):
-        """The schema's jsonschema validator, built once; None for a broken schema (an MCP server's,
-        say), in which case the tool itself judges its arguments."""
-        import jsonschema
-
-        cls = jsonschema.validators.validator_for(self.parameters)
-        try:
-            cls.check_schema(self.parameters)
-        except jsonschema.SchemaError:
-            return None
-        return cls(self.parameters)
+        """The schema's jsonschema validator; None for a broken schema (an MCP server's, say), in which
+        case the tool itself judges its arguments. Built once per schema, however many tools share it
+        (a tool world makes its tools anew for every task)."""
+        return schema_validator(json.dumps(self.parameters, sort_keys=True))
 
     def check(self, arguments: dict) -> None:
         """ArgumentError unless `arguments` satisfy the schema (the most relevant violation)."""
