@@ -15,7 +15,7 @@ import json
 import re
 
 from openk2.envs.rubric import answers_of, calls_of
-from openk2.envs.world import initial_state
+from openk2.envs.world import changes
 
 CATEGORIES = [  # (category, pattern of a reason), first match wins
     ("stopped", r"^stopped:"), ("bad_format", r"^bad format:"), ("wrong_tool", r"^wrong tool:"),
@@ -44,17 +44,6 @@ def rubric_verdict(task, world, episode) -> tuple[bool, list[str]]:
 
 
 # ---------------------------------------------------------------- the LLM judge
-
-def changes(world, seed: int) -> dict:
-    """{entity: {key: record, or None when deleted}}: what the episode did to the world."""
-    start, out = initial_state(world.spec, seed), {}
-    for entity, records in world.state.items():
-        diff = {k: r for k, r in records.items() if start[entity].get(k) != r}
-        diff.update({k: None for k in start[entity] if k not in records})
-        if diff:
-            out[entity] = diff
-    return out
-
 
 def criteria(task) -> str:
     """The rubric's success criteria, in words an LLM judge can apply."""

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from openk2.envs.oracle import Oracle, fmt
 from openk2.envs.rubric import Rubric
 from openk2.envs.spec import domain_names, generate as generate_value, load, op_params
-from openk2.envs.world import World, initial_state
+from openk2.envs.world import World, changes, initial_state
 
 KINDS = ("single", "parallel", "chain", "multi_turn", "recovery", "no_tool")
 PLACEHOLDER = re.compile(r"{(\w+)}")
@@ -208,18 +208,13 @@ def make_task(domain: str, kind: str, seed: int, attempts: int = 40) -> Task:
 
 def rubric(task: Task, calls: list[dict], mentions: list, world: World) -> Rubric:
     """The rubric of a task from the oracle's run: state changes, mentions, checkpoints, call bounds."""
-    start, changes = initial_state(world.spec, task.seed), {}
-    for entity, records in world.state.items():
-        diff = {k: r for k, r in records.items() if start[entity].get(k) != r}
-        diff.update({k: None for k in start[entity] if k not in records})
-        if diff:
-            changes[entity] = diff
     rounds = {}
     for c in calls:
         if not c.get("error"):
             rounds.setdefault(c["turn"], []).append({"name": c["name"], "arguments": c["arguments"]})
     checkpoints = [{"calls": cs, "parallel": len(cs) > 1} for _, cs in sorted(rounds.items())]
-    return Rubric(task.domain, task.seed, changes, mentions, checkpoints, len(calls), len(calls) + 2 if calls else 0)
+    return Rubric(task.domain, task.seed, changes(world, task.seed), mentions, checkpoints, len(calls),
+                  len(calls) + 2 if calls else 0)
 
 
 def generate(n: int, seed: int = 0, domains: list[str] | None = None, kinds: list[str] | None = None) -> list[Task]:

@@ -197,3 +197,14 @@ class World:
 
     def key(self, op: dict) -> str:
         return self.spec["entities"][op["entity"]]["key"]
+
+
+def changes(world: World, seed: int) -> dict:
+    """{entity: {key: record, or None when deleted}}: what was done to `world` since its seed's state."""
+    start, out = initial_state(world.spec, seed), {}
+    for entity, records in world.state.items():
+        diff = {k: r for k, r in records.items() if start[entity].get(k) != r}
+        diff.update({k: None for k in start[entity] if k not in records})
+        if diff:
+            out[entity] = diff
+    return out
