@@ -167,6 +167,19 @@ def test_tasks_deterministic_and_varied():
     assert len({t.turns[0] for t in TASKS}) > 80  # requests vary
 
 
+def test_each_task_offers_a_sampled_toolset():
+    """The plan's tools and 1-2 others (2-3 for no tool), shuffled, a function of the task; the agent
+    is given exactly those."""
+    for t in TASKS:
+        ops, needed = World(t.domain).spec["operations"], {s["tool"] for s in t.plan}
+        extra = set(t.tools) - needed
+        assert needed <= set(t.tools) <= set(ops) and len(set(t.tools)) == len(t.tools)
+        assert 1 + (not needed) <= len(extra) <= 2 + (not needed) or extra == set(ops) - needed
+        assert [x.name for x in t.world().tools(t.tools)] == t.tools
+    assert len({tuple(t.tools) for t in TASKS}) > 40  # varied, and not always the plan's tools first
+    assert any(t.tools[0] not in {s["tool"] for s in t.plan} for t in TASKS if t.plan)
+
+
 @pytest.mark.parametrize("by", SPLITS)
 def test_splits_disjoint(by):
     train, test = split(TASKS, by, seed=1)

@@ -287,6 +287,27 @@ def test_sft_errors(base, tmp_path):
         parse_sft_args([str(base[0])])  # no --data
 
 
+def test_sft_extends_the_context(base, tmp_path):
+    """--context N: YaRN's factor becomes N / the original window, the run trains at seq_len N and the
+    saved checkpoint says so (an engine then admits N-token prompts); longer rows without it are refused."""
+    from openk2.checkpoint import latest_checkpoint, load_hf
+    from openk2.config import ModelConfig
+    from openk2.model.rope import rope_inv_freq
+    from openk2.train.sft import sft, with_context
+    cfg = ModelConfig.from_json(base[0])
+    assert (cfg.max_position_embeddings, cfg.rope_scaling["factor"]) == (512, 4.0)
+    with pytest.raises(ValueError, match="give --context 1024"):
+        sft(_sft_cfg(base, tmp_path / "o", seq_len=1024))
+    with pytest.raises(ValueError, match="shorter than the original window"):
+        with_context(cfg, 64)
+    sft(_sft_cfg(base, tmp_path / "long", seq_len=1024, context=1024, steps=4, ckpt_every=4, eval_every=4))
+    saved = ModelConfig.from_json(latest_checkpoint(tmp_path / "long"))
+    assert (saved.max_position_embeddings, saved.rope_scaling["factor"]) == (1024, 8.0)
+    model = load_hf(latest_checkpoint(tmp_path / "long"), progress=False)
+    assert torch.equal(model.inv_freq, rope_inv_freq(saved)[0])
+    assert not torch.equal(model.inv_freq, rope_inv_freq(cfg)[0])  # the low frequencies were stretched
+
+
 def test_padding_is_not_counted_in_expert_loads():
     """Balancing reads the loads: padding (segment 0, all one id) would pile onto a few experts."""
     model = build_model(PRESETS["k2-tiny"], seed=0)

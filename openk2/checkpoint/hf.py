@@ -151,10 +151,11 @@ def _read_weight(shards: _Shards, name: str, block: int, group: int) -> tuple[st
 
 
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
-            progress: bool = True) -> Transformer:
-    """A Transformer from a HF folder (config.json + safetensors). dtype None: the config's."""
+            progress: bool = True, config: ModelConfig | None = None) -> Transformer:
+    """A Transformer from a HF folder (config.json + safetensors). dtype None: the config's. `config`:
+    the folder's with changes that keep every tensor's shape (a longer context, say)."""
     folder = Path(path)
-    cfg = ModelConfig.from_json(folder)
+    cfg = config or ModelConfig.from_json(folder)
     block, group = _quant_sizes(cfg.extra.get("quantization_config"))
     extra = {k: v for k, v in cfg.extra.items() if k != "quantization_config"}
     cfg = dataclasses.replace(cfg, extra=extra)  # weights are dequantised on load

@@ -186,7 +186,7 @@ async def run_task(task, client, budget: Budget, temperature: float | None = 0.0
     """One episode of a task (its world, scripted user and budget), scored."""
     from openk2.agent.runtime import Agent
     world = task.world()
-    agent = Agent(client, world.tools(), system=system, budget=budget, temperature=temperature,
+    agent = Agent(client, world.tools(task.tools), system=system, budget=budget, temperature=temperature,
                   user=ScriptedUser(task))
     ep = await agent.run(task.turns[0])
     return {**score(task, ep, world), "messages": ep.transcript}

@@ -89,7 +89,7 @@ async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubr
 
     world = task.world()
     episode_seed = int(bucket(f"{task.id}:{n_try}", seed) * 2**31)  # an endpoint's sampling seed, per try
-    agent = Agent(client, world.tools(), system=system, user=ScriptedUser(task), temperature=temperature,
+    agent = Agent(client, world.tools(task.tools), system=system, user=ScriptedUser(task), temperature=temperature,
                   budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
     ep = await agent.run(task.turns[0])
     passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])

@@ -42,6 +42,7 @@ class Task:
     failures: list = field(default_factory=list)  # the world's failure rules
     notes: list = field(default_factory=list)  # per turn: values the answer states without a tool
     rubric: Rubric | None = None
+    tools: list = field(default_factory=list)  # the toolset offered, in order ([]: every operation)
 
     def world(self) -> World:
         return World(self.domain, self.seed, self.failures)
@@ -202,8 +203,20 @@ def make_task(domain: str, kind: str, seed: int, attempts: int = 40) -> Task:
         if any(c.get("error") for c in calls if c not in retried) or kind == "recovery" and len(calls) < 2:
             continue  # the plan hit a real error (an overdraft, say) or the failure did not show: draw again
         task.rubric = rubric(task, calls, mentions, world)
+        task.tools = toolset(spec, plan, random.Random(f"{task.id}:tools"))
         return task
     raise ValueError(f"domain {domain} made no {kind} task in {attempts} attempts (seed {seed})")
+
+
+def toolset(spec: dict, plan: list, rng: random.Random, distractors: tuple = (1, 2)) -> list[str]:
+    """The tools a task offers, as K2's synthesised agents each hold a sampled subset of the tools:
+    every tool of the plan and 1-2 others of the domain (2-3 for a task that needs none), shuffled."""
+    needed = list(dict.fromkeys(s["tool"] for s in plan))
+    others = [name for name in spec["operations"] if name not in needed]
+    k = rng.randint(*distractors) + (not needed)
+    chosen = needed + rng.sample(others, min(k, len(others)))
+    rng.shuffle(chosen)
+    return chosen
 
 
 def rubric(task: Task, calls: list[dict], mentions: list, world: World) -> Rubric:

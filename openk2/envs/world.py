@@ -63,8 +63,9 @@ class World:
     def snapshot(self) -> dict:
         return copy.deepcopy(self.state)
 
-    def tools(self) -> list[Tool]:
-        return [self.tool(name) for name in self.spec["operations"]]
+    def tools(self, names: list[str] | None = None) -> list[Tool]:
+        """The tools of `names` (a task's toolset, in its order), or of every operation."""
+        return [self.tool(name) for name in names or self.spec["operations"]]
 
     def tool(self, name: str) -> Tool:  # one per world and operation, so its schema validator is built once
         async def run(arguments: dict, context=None):

@@ -7,6 +7,8 @@ is what checkpoints and logs record.
 
 import argparse
 import dataclasses
+import inspect
+import re
 from dataclasses import dataclass
 
 from openk2.config import ModelConfig
@@ -29,7 +31,7 @@ class TrainConfig:
     decay_frac: float = 0.3  # the last 30% of the steps decay (cosine)
     weight_decay: float = 0.1
     qk_clip_tau: float = 100.0  # 0: QK-Clip off
-    bias_update_speed: float = 1e-2  # balancing step γ (DeepSeek-V3: 1e-3 over ~10⁵ steps; short runs need more); 0: off
+    bias_update_speed: float = 1e-2  # balancing step γ (DeepSeek-V3 1e-3 over ~10⁵ steps; short runs need more); 0: off
     seq_aux_weight: float = 0.0  # sequence-wise balance loss weight α (DeepSeek-V3 used 1e-4); 0: off
     grad_clip: float = 1.0  # 0: off
     autocast: str = "bfloat16"  # bfloat16 | none
@@ -80,17 +82,31 @@ TRAIN_PRESETS["tiny"] = dataclasses.replace(  # tests: seconds, not minutes
     warmup_steps=2, eval_every=3, eval_batches=1, log_every=1, ckpt_every=3, lr=3e-3)
 
 
-def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()):
-    """One `--field value` flag per field of the dataclass `cls` (default None: not given)."""
+def field_notes(cls) -> dict[str, str]:
+    """Each field's trailing comment in the dataclass source (and its bases'): the flags' help."""
+    notes = {}
+    for c in reversed(cls.__mro__[:-1]):
+        notes |= dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.+)$", inspect.getsource(c), re.M))
+    return notes
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), notes: dict | None = None,
+                     defaults: dict | None = None):
+    """One `--field value` flag per field of the dataclass `cls` (default None: not given), its help the
+    field's comment (or `notes`), with its value from `defaults` when given."""
+    notes = {**field_notes(cls), **(notes or {})}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, text = "--" + f.name.replace("_", "-"), notes.get(f.name, "")
+        if defaults is not None:
+            text += f" (default: {defaults.get(f.name, f.default)})"
+        text = text.strip().replace("%", "%%") or None
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = f.type if f.type in (int, float) else str
-            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper())
+            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
 
 
 def config_from(p: argparse.ArgumentParser, base, args: dict):

@@ -11,6 +11,7 @@ embedding and lm_head like any other, trained by AdamW whether or not pretrainin
 `sft_data` checks that every id has a row. Loss is a mean over the loss tokens of each micro-batch.
 """
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,9 @@ from openk2.train.loop import RunData, check_fits, train
 class SFTConfig(TrainConfig):
     checkpoint: str = ""  # the HF folder to fine-tune: weights, tokenizer, chat template
     long: str = "truncate"  # conversations over seq_len + 1 ids: truncate | drop (counted either way)
+    context: int = 0  # fine-tune for a longer context (YaRN factor rescaled to it); 0: the checkpoint's
 
-    TRAJECTORY = TrainConfig.TRAJECTORY + ("checkpoint", "long")
+    TRAJECTORY = TrainConfig.TRAJECTORY + ("checkpoint", "long", "context")
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,7 +48,26 @@ class SFTConfig(TrainConfig):
     def model_config(self):
         if not (Path(self.checkpoint) / "config.json").is_file():
             raise ValueError(f"{self.checkpoint}: not a Hugging Face model folder (no config.json)")
-        return ModelConfig.from_json(Path(self.checkpoint))
+        cfg = ModelConfig.from_json(Path(self.checkpoint))
+        if self.context:
+            cfg = with_context(cfg, self.context)
+        if self.seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"seq_len {self.seq_len} is longer than the model's context "
+                             f"({cfg.max_position_embeddings}); give --context {self.seq_len} to extend it")
+        return cfg
+
+
+def with_context(cfg: ModelConfig, context: int) -> ModelConfig:
+    """`cfg` for a `context`-token window: YaRN's factor becomes context / the original window (the
+    frequencies and the softmax scale follow from it, as in K2's 4K -> 128K), for fine-tuning to adapt."""
+    rs = cfg.rope_scaling
+    if cfg.rope_type != "yarn":
+        raise ValueError(f"--context needs a YaRN rope_scaling in config.json, not {rs!r}")
+    factor = context / rs["original_max_position_embeddings"]
+    if factor < 1:
+        raise ValueError(f"--context {context} is shorter than the original window "
+                         f"({rs['original_max_position_embeddings']})")
+    return dataclasses.replace(cfg, max_position_embeddings=context, rope_scaling={**rs, "factor": factor})
 
 
 # fine-tuning defaults: a lower peak than pretraining, short warmup, the usual WSD tail
@@ -107,7 +128,8 @@ def sft_data(cfg: SFTConfig, rank: int, world: int) -> RunData:
     if rank == 0:
         print(f"[openk2] sft data: {summary}", file=sys.stderr, flush=True)
     return RunData(tok, model_cfg, loader, val,
-                   lambda device: load_hf(folder, dtype=torch.float32, device=device, progress=False),
+                   lambda device: load_hf(folder, dtype=torch.float32, device=device, progress=False,
+                                          config=model_cfg),
                    {"train_tokens": sum(len(ids) - 1 for ids, _ in train_ex), "sft": summary},
                    {"chat_template.jinja": template} if template else {})
 
@@ -123,7 +145,9 @@ def parse_sft_args(argv=None, prog: str = "openk2 sft") -> SFTConfig:
     p = argparse.ArgumentParser(prog=prog, description="Fine-tune a K2 checkpoint on chat / tool-use "
                                 "conversations (OpenAI messages JSONL), loss on assistant tokens only.")
     p.add_argument("checkpoint", help="Hugging Face folder (its tokenizer and chat template are used)")
-    add_config_flags(p, SFTConfig, skip=("checkpoint", "model", "tokenizer"))
+    add_config_flags(p, SFTConfig, skip=("checkpoint", "model", "tokenizer", "data"), defaults=SFT_DEFAULTS)
+    p.add_argument("--data", required=True, help="conversations: OpenAI messages JSONL, one {\"messages\", "
+                   "\"tools\"} object a line (tools optional)")
     args = vars(p.parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None}
     try:
