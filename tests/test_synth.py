@@ -14,8 +14,9 @@ from openk2.cli import main as cli
 from openk2.envs import KINDS, World, domain_names, make_task, split
 from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
-from openk2.envs.synth import Teacher, pick_tasks, programmatic_client, summary, synthesize, trajectory
+from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
 from openk2.envs.tasks import SYSTEM
+from openk2.envs.teacher import SLIPS, Teacher
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
@@ -127,6 +128,33 @@ def test_output_is_sft_data_that_renders_with_the_chat_template(tmp_path, capsys
             elif m["role"] in ("user", "tool"):
                 assert m["content"] not in learned and m["content"] in text
         assert learned.count("<|im_end|>") == sum(m["role"] == "assistant" for m in messages)
+
+
+@pytest.mark.parametrize("slip", SLIPS)
+def test_every_teacher_slip_is_rejected_by_the_judge(slip):
+    """Each way the teacher can slip, on every task where it can happen, fails the rubric."""
+    from openk2.envs.synth import byte_tokenizer
+    slipped = 0
+    for task in TASKS:
+        teacher = Teacher(task, seed=0)
+        teacher.slip = slip
+        r = run(trajectory(task, ScriptedClient([teacher.reply] * 16, byte_tokenizer(), name="oracle"), seed=0))
+        slipped += teacher.slipped
+        assert r["meta"]["passed"] != teacher.slipped, (task.id, r["meta"]["reasons"])
+    assert slipped >= 5
+
+
+def test_a_slipping_teacher_with_rejection_sampling():
+    """--teacher-slips P: about a share P of episodes is rejected; another try draws again, so --tries
+    recovers them; the data stays a function of the seed."""
+    tasks = TASKS * 3
+    once = synthesize(tasks, seed=0, slips=0.5)
+    rejected = sum(not r["meta"]["passed"] for r in once) / len(once)
+    assert 0.25 < rejected < 0.5  # a slip drawn for a task that cannot show it (no retry to skip) passes
+    tried = synthesize(tasks, seed=0, slips=0.5, tries=4)
+    passed = {r["meta"]["task"] for r in tried if r["meta"]["passed"]}
+    assert len(passed) >= 0.9 * len(set(t.id for t in tasks)) and len(tried) > len(tasks)
+    assert json.dumps(synthesize(tasks[:6], seed=0, slips=0.5)) == json.dumps(once[:6])
 
 
 def test_deterministic_per_seed_in_one_process_or_several():

@@ -14,8 +14,8 @@ per seed for the programmatic teacher (no ids, clocks or timings in the records)
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import random
 import sys
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -24,50 +24,13 @@ from functools import cache
 from pathlib import Path
 
 from openk2.envs.judge import LLMJudge, category, rubric_verdict
-from openk2.envs.oracle import LEADS, Oracle, ScriptedUser
+from openk2.envs.oracle import ScriptedUser
 from openk2.envs.spec import domain_names, load
 from openk2.envs.splits import bucket, split
 from openk2.envs.tasks import KINDS, SYSTEM, Task, generate
+from openk2.envs.teacher import Teacher
 
-ANSWERS = ("{0}", "Here is what I found: {0}", "Done. {0}", "All set. {0}", "I checked: {0}", "Sure. {0}",
-           "{0} Anything else?", "That's done. {0}", "OK. {0}", "Here you go. {0}")
-THOUGHTS = {  # a short thought before a round of calls, by what came before it in this turn
-    "first": ("", "", "Let me check that.", "I'll use {0} for this.", "Calling {0}.", "On it: {0}.",
-              "Let me look that up with {0}."),
-    "retry": ("That failed temporarily; trying again.", "A transient error, so I'll retry {0}.",
-              "The service asked me to try again. Retrying."),
-    "page": ("Only part of the results came back; reading the next page.", "There are more results; fetching them.",
-             "The list continues, so I'll ask {0} for the rest."),
-    "next": ("Now {0} with what I found.", "Next, {0}.", "Using that result, I'll call {0}.", ""),
-}
 MAX_TURNS = 16  # model calls an episode may take; the longest plan needs far fewer
-
-
-class Teacher(Oracle):
-    """The oracle with natural-language variety, seeded by (seed, task, position in the dialog)."""
-
-    def __init__(self, task, seed: int = 0):
-        super().__init__(task)
-        self.seed = seed
-
-    def rng(self, where) -> random.Random:
-        return random.Random(f"{self.seed}:{self.task.id}:{where}")
-
-    def answer(self, turn: int, results: dict) -> tuple[str, list]:
-        text, values = super().answer(turn, results)
-        body = next((text[len(lead):] for lead in LEADS if lead and text.startswith(lead)), text)
-        return self.rng(f"answer:{turn}").choice(ANSWERS).format(body), values
-
-    def reply(self, messages: list[dict], tools=None) -> dict:
-        out = super().reply(messages, tools)
-        if calls := out.get("tool_calls"):
-            start = max(i for i, m in enumerate(messages) if m["role"] != "tool") + 1
-            seen = " ".join(m["content"] for m in messages[start:])  # the last round's results
-            kind = ("first" if messages[-1]["role"] == "user" else "retry" if "try again" in seen
-                    else "page" if "next_offset" in seen else "next")
-            names = " and ".join(dict.fromkeys(c["function"]["name"] for c in calls))
-            out["content"] = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind]).format(names) or None
-        return out
 
 
 @cache
@@ -77,9 +40,10 @@ def byte_tokenizer():
     return Tokenizer({bytes([b]): b for b in range(256)})
 
 
-def programmatic_client(task, seed: int):
+def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0):
     from openk2.agent.client import ScriptedClient
-    return ScriptedClient([Teacher(task, seed).reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
+    teacher = Teacher(task, seed, slips, attempt)
+    return ScriptedClient([teacher.reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
@@ -106,15 +70,15 @@ async def sample(task, make_client, seed: int, tries: int = 1, **kw) -> list[dic
     """Up to `tries` trajectories of one task, stopping at the first that passes (rejection sampling)."""
     out = []
     for n in range(tries):
-        out.append(await trajectory(task, make_client(task, seed), seed, n, **kw))
+        out.append(await trajectory(task, make_client(task, seed, n), seed, n, **kw))
         if out[-1]["meta"]["passed"]:
             break
     return out
 
 
 def _programmatic_one(job) -> list[dict]:  # a process pool's unit of work (module level, so it pickles)
-    task, seed, kw = job
-    return asyncio.run(sample(Task.from_dict(task), programmatic_client, seed, **kw))
+    task, seed, slips, kw = job
+    return asyncio.run(sample(Task.from_dict(task), functools.partial(programmatic_client, slips=slips), seed, **kw))
 
 
 def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None = None, part: str = "train"):
@@ -133,11 +97,12 @@ def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None 
 
 
 def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8, client=None, progress=None,
-               **kw) -> list[dict]:
-    """Every task's trajectories, in task order. `client` None: the programmatic teacher, in `workers`
-    processes; else that endpoint client, `concurrency` episodes at a time."""
+               slips: float = 0.0, **kw) -> list[dict]:
+    """Every task's trajectories, in task order. `client` None: the programmatic teacher (erring in a
+    share `slips` of its episodes), in `workers` processes; else that endpoint client, `concurrency`
+    episodes at a time."""
     if client is None:
-        jobs, out = [(t.to_dict(), seed, kw) for t in tasks], []
+        jobs, out = [(t.to_dict(), seed, slips, kw) for t in tasks], []
         with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
             for records in pool.map(_programmatic_one, jobs, chunksize=8) if pool else map(_programmatic_one, jobs):
                 out += records
@@ -149,7 +114,7 @@ def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8
 
         async def one(task):
             async with gate:
-                records = await sample(task, lambda t, s: client, seed, **kw)
+                records = await sample(task, lambda *_: client, seed, **kw)
             progress and progress(1)
             return records
 
@@ -190,6 +155,9 @@ def add_parser(sub) -> None:
     s.add_argument("--no-failures", action="store_true", help="no injected tool failures (drops `recovery` tasks)")
     s.add_argument("--keep-failed", action="store_true", help="write rejected trajectories too (meta.passed false)")
     s.add_argument("--tries", type=int, default=1, help="samples per task until one passes (rejection sampling)")
+    s.add_argument("--teacher-slips", type=float, default=0.0, help="the share of episodes in which the "
+                   "programmatic teacher errs once, as an LLM teacher does (wrong argument or tool, no call, no "
+                   "retry, an answer without the values): the judge rejects them (default 0)")
     s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")
@@ -223,6 +191,8 @@ def main(args) -> None:
         kinds = [k for k in kinds or KINDS if k != "recovery"]
     if args.n < 1 or args.tries < 1 or args.workers < 1 or args.concurrency < 1:
         raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1")
+    if not 0 <= args.teacher_slips <= 1 or args.teacher_slips and args.teacher_endpoint:
+        raise SystemExit("--teacher-slips is a share in [0, 1], for the programmatic teacher only")
     endpoint = args.judge_endpoint or args.teacher_endpoint
     if args.judge != "rubric" and not endpoint:
         raise SystemExit(f"--judge {args.judge} needs --judge-endpoint (or --teacher-endpoint)")
@@ -235,8 +205,9 @@ def main(args) -> None:
     judge = endpoint and args.judge != "rubric" and LLMJudge(OpenAIClient(endpoint, args.judge_model))
     with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
-                             progress=bar.update, tries=args.tries, judge=args.judge, llm_judge=judge or None,
-                             system=args.system or None, temperature=args.temperature, max_tokens=args.max_tokens)
+                             progress=bar.update, slips=args.teacher_slips, tries=args.tries, judge=args.judge,
+                             llm_judge=judge or None, system=args.system or None, temperature=args.temperature,
+                             max_tokens=args.max_tokens)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]

@@ -1,0 +1,112 @@
+"""The programmatic teacher of `openk2 synth`: the oracle with natural-language variety, and slips.
+
+`Teacher` solves a task from its plan (oracle.py) and varies what an LLM teacher would: a short thought
+before a round of calls (by what came before it: the first round, a retry, a next page, a next step)
+and the lead of each answer, seeded by (seed, task, position), so data is the same for the same seed.
+
+Slips: with `slips` = P, a share P of episodes (drawn per attempt, so `--tries` samples again) goes
+wrong once, in one of the ways an LLM teacher goes wrong (SLIPS): a wrong argument value, a wrong tool,
+no call at all, giving up on a transient error instead of retrying, or an answer without the values.
+They are what the judge is for: the rubric rejects each, and `--keep-failed` shows what keeping them
+costs. With P = 0 (the default) the teacher never errs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from openk2.envs.oracle import LEADS, Oracle
+
+ANSWERS = ("{0}", "Here is what I found: {0}", "Done. {0}", "All set. {0}", "I checked: {0}", "Sure. {0}",
+           "{0} Anything else?", "That's done. {0}", "OK. {0}", "Here you go. {0}")
+THOUGHTS = {  # a short thought before a round of calls, by what came before it in this turn
+    "first": ("", "", "Let me check that.", "I'll use {0} for this.", "Calling {0}.", "On it: {0}.",
+              "Let me look that up with {0}."),
+    "retry": ("That failed temporarily; trying again.", "A transient error, so I'll retry {0}.",
+              "The service asked me to try again. Retrying."),
+    "page": ("Only part of the results came back; reading the next page.", "There are more results; fetching them.",
+             "The list continues, so I'll ask {0} for the rest."),
+    "next": ("Now {0} with what I found.", "Next, {0}.", "Using that result, I'll call {0}.", ""),
+}
+SLIPS = ("wrong_args", "wrong_tool", "no_call", "no_retry", "vague_answer")
+GIVE_UPS = ("The service is not working right now; please try again later.", "That failed, sorry.",
+            "I could not get that done: the tool returned an error.")
+VAGUE = ("Done.", "All set, that went through.", "I have taken care of it.")
+
+
+def near_miss(value):
+    """A plausible wrong value: a number off by a little, a string with its last character dropped."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return round(value * 1.1 + 1, 2)
+    return value[:-1] if isinstance(value, str) and len(value) > 1 else value
+
+
+class Teacher(Oracle):
+    """The oracle with variety, seeded by (seed, task, position in the dialog); `slips`: the share of
+    episodes (per `attempt`) that go wrong once."""
+
+    def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0):
+        super().__init__(task)
+        self.seed = seed
+        draw = self.rng(f"slip:{attempt}")
+        self.slip = draw.choice(SLIPS) if slips and draw.random() < slips else None
+        self.slipped, self.slipped_call = False, None
+
+    def rng(self, where) -> random.Random:
+        return random.Random(f"{self.seed}:{self.task.id}:{where}")
+
+    def answer(self, turn: int, results: dict) -> tuple[str, list]:
+        text, values = super().answer(turn, results)
+        if values and self._slips("vague_answer"):
+            return self.rng(f"vague:{turn}").choice(VAGUE), values
+        body = next((text[len(lead):] for lead in LEADS if lead and text.startswith(lead)), text)
+        return self.rng(f"answer:{turn}").choice(ANSWERS).format(body), values
+
+    def _slips(self, kind: str) -> bool:
+        """Whether to make this episode's slip now (once, and only the one drawn)."""
+        if self.slip != kind or self.slipped:
+            return False
+        self.slipped = True
+        return True
+
+    def reply(self, messages: list[dict], tools=None) -> dict:
+        if self.slipped_call and any(m.get("tool_call_id") == self.slipped_call and "try again" in m["content"]
+                                     for m in messages[-4:]):
+            self.slipped = False  # the wrong call met a transient error and did nothing: slip on its retry
+        try:
+            out = super().reply(messages, tools)
+        except (KeyError, IndexError, TypeError, ValueError):  # after a slip: a result the plan cannot read
+            return {"content": self.rng(f"lost:{len(messages)}").choice(GIVE_UPS)}
+        if not (calls := out.get("tool_calls")):
+            return out
+        start = max(i for i, m in enumerate(messages) if m["role"] != "tool") + 1
+        seen = " ".join(m["content"] for m in messages[start:])  # the last round's results
+        kind = ("first" if messages[-1]["role"] == "user" else "retry" if "try again" in seen
+                else "page" if "next_offset" in seen else "next")
+        if kind == "retry" and self._slips("no_retry") or kind == "first" and self._slips("no_call"):
+            return {"content": self.rng(f"give_up:{len(messages)}").choice(GIVE_UPS)}
+        if self.slip in ("wrong_args", "wrong_tool"):
+            call = calls[0]
+            self._wrong_call(call["function"], self.rng(f"wrong:{len(messages)}"))
+            call["id"] = f"functions.{call['function']['name']}:{call['id'].rsplit(':', 1)[1]}"
+            self.slipped_call = call["id"] if self.slipped else None
+        names = " and ".join(dict.fromkeys(c["function"]["name"] for c in calls))
+        out["content"] = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind]).format(names) or None
+        return out
+
+    def _wrong_call(self, function: dict, rng: random.Random) -> None:
+        """The slip in a call, in place: another tool of the task's toolset, or one argument a near miss."""
+        others = [t for t in self.task.tools if t != function["name"]]
+        if self.slip == "wrong_tool" and others and self._slips("wrong_tool"):
+            function["name"] = rng.choice(others)
+            return
+        args = json.loads(function["arguments"])
+        keys = [k for k, v in args.items() if near_miss(v) != v]
+        if keys and (self._slips("wrong_args") or self._slips("wrong_tool")):  # no other tool: an argument
+            key = rng.choice(keys)
+            function["arguments"] = json.dumps({**args, key: near_miss(args[key])})
