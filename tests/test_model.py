@@ -139,6 +139,12 @@ def test_max_logits_recorded_per_head(tiny):
         tiny.record_max_logits(False)
     assert got.shape == (TINY.num_hidden_layers, TINY.num_attention_heads)
     torch.testing.assert_close(got[0], expect, atol=1e-5, rtol=0)
+    # under bf16 the max is taken before the fp32 cast and the scale: exactly the max of the scaled fp32 logits
+    scores = torch.randn(2, 4, 9, 9, dtype=torch.bfloat16) * 30
+    attn._record(scores, None, True, head_dim=1, scale=attn.softmax_scale)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril()
+    full = (scores.float() * attn.softmax_scale).masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
+    assert attn.max_logits.dtype == torch.float32 and torch.equal(attn.max_logits, full)
     torch.testing.assert_close(got_absorbed, got, atol=1e-5, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(out_rec, tiny(ids), atol=1e-5, rtol=0)  # recording changes nothing
