@@ -93,6 +93,10 @@ def main():
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--context", type=int, default=2048, help="SFT extends the window to this (0: keep it)")
     p.add_argument("--optimizer", default="muonclip")
+    p.add_argument("--teacher-slips", type=float, default=0.2, help="share of teacher episodes that go wrong once")
+    p.add_argument("--keep-failed", action="store_true", help="ablation: no judge filtering")
+    p.add_argument("--no-failures", action="store_true", help="ablation: no injected tool failures")
+    p.add_argument("--data", help="reuse this synthesised JSONL instead of synthesising")
     a = p.parse_args()
     out, splits, eval_worlds = Path(a.out), a.splits.split(","), a.worlds.split(",")
     assert all(s in SPLITS for s in splits), splits
@@ -105,9 +109,13 @@ def main():
         t = time.monotonic()
         run_eval(a.checkpoint, splits, a.n, eval_worlds, out / "eval_before.json")
         times["eval before"] = time.monotonic() - t
-    data = out / "agentic.jsonl"
-    times["synth"] = timed([PY, "-m", "openk2.cli", "synth", "--worlds", a.worlds, "--split", "combo", "--part",
-                            "train", "--n", str(a.synth_n), "--seed", "1", "--out", str(data)], out / "synth.log")
+    data = Path(a.data) if a.data else out / "agentic.jsonl"
+    if not a.data:
+        flags = ["--teacher-slips", str(a.teacher_slips)] + ["--keep-failed"] * a.keep_failed + \
+            ["--no-failures"] * a.no_failures
+        times["synth"] = timed([PY, "-m", "openk2.cli", "synth", "--worlds", a.worlds, "--split", "combo", "--part",
+                                "train", "--n", str(a.synth_n), "--seed", "1", "--out", str(data), *flags],
+                               out / "synth.log")
     sft_dir = out / "sft"
     times["sft"] = timed([PY, "-m", "openk2.cli", "sft", a.checkpoint, "--data", str(data), "--out-dir", str(sft_dir),
                           "--seq-len", str(a.seq_len), "--context", str(a.context), "--optimizer", a.optimizer,
@@ -119,7 +127,7 @@ def main():
     run_eval(latest, splits, a.n, eval_worlds, out / "eval_after.json")
     times["eval after"] = time.monotonic() - t
     print("wall times:", {k: round(v, 1) for k, v in times.items()},
-          f"synth + SFT {times['synth'] + times['sft']:.0f} s")
+          f"synth + SFT {times.get('synth', 0) + times['sft']:.0f} s")
 
 
 if __name__ == "__main__":
