@@ -25,8 +25,8 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "agent/compact.py": 120, "agent/files.py": 150, "agent/sandbox.py": 175, "agent/jail.py": 150,
     "agent/subagents.py": 60, "agent/search.py": 60, "agent/mcp.py": 150, "agent/builtin.py": 40, "agent/cli.py": 150,
     "envs/__init__.py": 60, "envs/expr.py": 80, "envs/spec.py": 160, "envs/world.py": 215, "envs/tasks.py": 250,
-    "envs/rubric.py": 160, "envs/oracle.py": 160, "envs/splits.py": 80, "envs/judge.py": 150, "envs/synth.py": 250,
-    "envs/evaluate.py": 290, "envs/teacher.py": 120,
+    "envs/rubric.py": 160, "envs/oracle.py": 160, "envs/splits.py": 100, "envs/judge.py": 150, "envs/synth.py": 250,
+    "envs/evaluate.py": 290, "envs/teacher.py": 120, "envs/play.py": 60,
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
 }
 # package -> openk2 packages it must not import

@@ -17,22 +17,20 @@ No model code here: a model is reached through the agent's clients (see `make_cl
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from typing import TYPE_CHECKING
 
 from openk2.agent.tools import ToolError
-from openk2.envs.oracle import Oracle, ScriptedUser
+from openk2.envs.oracle import Oracle
+from openk2.envs.play import gather_limited, play
 from openk2.envs.rubric import answers_of, calls_of, same_args
-from openk2.envs.spec import domain_names
-from openk2.envs.splits import SPLITS, held_out_domains, split
-from openk2.envs.tasks import SYSTEM, generate
+from openk2.envs.splits import SPLITS, held_out
+from openk2.envs.tasks import SYSTEM
 from openk2.envs.world import World
 
 if TYPE_CHECKING:  # the runtime's import reaches torch: loaded when an evaluation runs, not with the CLI
@@ -50,27 +48,6 @@ FAILURES = {  # first match wins, in this order
              "independent calls made one by one)",
 }
 OVER_BUDGET = ("max_turns", "max_tokens", "wall_time", "length", "context_length")
-
-
-@functools.lru_cache(maxsize=4)
-def pool(size: int, seed: int) -> list:
-    return generate(size, seed)  # the same pool serves every split of one run
-
-
-def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_seed: int = 0) -> list:
-    """The first n tasks of `generate(…, seed)` in `part` ("train" or "test") of split `by`. Which part a
-    task falls in depends on the task and `split_seed` alone, so the same split of synthesis data
-    (`split(tasks, by)`, seed 0) holds these tasks out, whatever its generation seed."""
-    if part not in ("train", "test"):
-        raise ValueError(f"unknown part {part!r}: train or test")
-    domains = held_out_domains([SimpleNamespace(domain=d) for d in domain_names()], split_seed)
-    size = max(250, 5 * n)
-    while True:
-        tasks = pool(size, seed)
-        chosen = split(tasks, by, seed=split_seed, test_domains=domains)[part == "test"]
-        if len(chosen) >= n or size >= 400 * n:
-            return chosen[:n]
-        size *= 4
 
 
 def expected_calls(task) -> list[dict]:
@@ -184,11 +161,7 @@ def table(rows: list[dict]) -> str:
 
 async def run_task(task, client, budget: Budget, temperature: float | None = 0.0, system: str = SYSTEM) -> dict:
     """One episode of a task (its world, scripted user and budget), scored."""
-    from openk2.agent.runtime import Agent
-    world = task.world()
-    agent = Agent(client, world.tools(task.tools), system=system, budget=budget, temperature=temperature,
-                  user=ScriptedUser(task))
-    ep = await agent.run(task.turns[0])
+    world, ep = await play(task, client, system=system, budget=budget, temperature=temperature)
     return {**score(task, ep, world), "messages": ep.transcript}
 
 
@@ -200,18 +173,9 @@ async def evaluate(tasks: list, client_of, budget: Budget | None = None, tempera
     from tqdm import tqdm
     from openk2.agent.runtime import Budget
     budget = budget or Budget(max_turns=16, max_tokens=4096, turn_tokens=256)
-    gate, bar = asyncio.Semaphore(concurrency), tqdm(total=len(tasks), desc="eval tools", unit="task",
-                                                     disable=not progress, file=sys.stderr)
-
-    async def one(task):
-        async with gate:
-            result = await run_task(task, client_of(task), budget, temperature)
-        bar.update()
-        return result
-    try:
-        return list(await asyncio.gather(*(one(t) for t in tasks)))
-    finally:
-        bar.close()
+    with tqdm(total=len(tasks), desc="eval tools", unit="task", disable=not progress, file=sys.stderr) as bar:
+        return await gather_limited(tasks, lambda task: run_task(task, client_of(task), budget, temperature),
+                                    concurrency, bar.update)
 
 
 # ---------------------------------------------------------------- the command

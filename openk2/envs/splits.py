@@ -11,7 +11,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+
+from openk2.envs.spec import domain_names
+from openk2.envs.tasks import generate
 
 SPLITS = ("seed", "args", "combo", "domain")
 
@@ -32,9 +36,9 @@ def combo(task) -> str:
     return "+".join(task.rubric.tools)
 
 
-def held_out_domains(tasks, seed: int = 0) -> list[str]:
-    """The default unseen domain: one of the tasks' domains, chosen by the seed."""
-    return [min(sorted({t.domain for t in tasks}), key=lambda d: bucket(f"domain:{d}", seed))]
+def held_out_domains(domains, seed: int = 0) -> list[str]:
+    """The default unseen domain: one of `domains`, chosen by the seed."""
+    return [min(sorted(set(domains)), key=lambda d: bucket(f"domain:{d}", seed))]
 
 
 def split(tasks, by: str, test_fraction: float = 0.2, seed: int = 0, test_domains: list[str] | None = None):
@@ -46,8 +50,32 @@ def split(tasks, by: str, test_fraction: float = 0.2, seed: int = 0, test_domain
     elif by == "combo":
         is_test = [len(t.rubric.tools) > 1 and bucket(f"combo:{combo(t)}", seed) < test_fraction for t in tasks]
     elif by == "domain":
-        held = set(test_domains or held_out_domains(tasks, seed))
+        held = set(test_domains or held_out_domains([t.domain for t in tasks], seed))
         is_test = [t.domain in held for t in tasks]
     else:
         raise ValueError(f"unknown split {by!r}; the splits are: {', '.join(SPLITS)}")
     return [t for t, x in zip(tasks, is_test) if not x], [t for t, x in zip(tasks, is_test) if x]
+
+
+@functools.lru_cache(maxsize=8)
+def _pool(size: int, seed: int, worlds: tuple | None, kinds: tuple | None) -> list:
+    return generate(size, seed, worlds and list(worlds), kinds and list(kinds))
+
+
+def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_seed: int = 0, worlds=None,
+             kinds=None) -> list:
+    """The first n tasks of `generate(…, seed, worlds, kinds)` in `part` ("train" or "test") of split
+    `by`, the unseen domain chosen among all domains. Which part a task falls in depends on the task and
+    `split_seed` alone, so synthesis (a train part) and evaluation (a test part) agree whatever their
+    generation seeds. The pool grows until n are found (generate(m)'s first tasks are generate(n)'s)."""
+    if part not in ("train", "test"):
+        raise ValueError(f"unknown part {part!r}: train or test")
+    held, size = held_out_domains(domain_names(), split_seed), max(250, 5 * n)
+    while True:
+        pool = _pool(size, seed, worlds and tuple(worlds), kinds and tuple(kinds))
+        chosen = split(pool, by, seed=split_seed, test_domains=held)[part == "test"]
+        if len(chosen) >= n:
+            return chosen[:n]
+        if size > 64 * n + 1000:
+            raise ValueError(f"the {part} part of split {by!r} holds too few tasks of these worlds and kinds")
+        size *= 4

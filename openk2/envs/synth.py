@@ -24,9 +24,9 @@ from functools import cache
 from pathlib import Path
 
 from openk2.envs.judge import LLMJudge, category, rubric_verdict
-from openk2.envs.oracle import ScriptedUser
+from openk2.envs.play import gather_limited, play
 from openk2.envs.spec import domain_names, load
-from openk2.envs.splits import bucket, split
+from openk2.envs.splits import bucket, held_out
 from openk2.envs.tasks import KINDS, SYSTEM, Task, generate
 from openk2.envs.teacher import Teacher
 
@@ -49,13 +49,11 @@ def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0):
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
                      system: str | None = SYSTEM, temperature: float | None = None, max_tokens: int = 1024) -> dict:
     """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`)."""
-    from openk2.agent.runtime import Agent, Budget
+    from openk2.agent.runtime import Budget
 
-    world = task.world()
     episode_seed = int(bucket(f"{task.id}:{n_try}", seed) * 2**31)  # an endpoint's sampling seed, per try
-    agent = Agent(client, world.tools(task.tools), system=system, user=ScriptedUser(task), temperature=temperature,
-                  budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
-    ep = await agent.run(task.turns[0])
+    world, ep = await play(task, client, system=system, temperature=temperature,
+                           budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
     passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])
     if judge != "rubric":
         ok, why = await llm_judge(task, world, ep)
@@ -86,14 +84,7 @@ def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None 
     parts are properties of each task, so they match what eval draws from its own seed)."""
     if not split_by:
         return generate(n, seed, worlds, kinds)
-    m, chosen = n, []
-    held = [min(domain_names(), key=lambda d: bucket(f"domain:{d}", 0))]  # the same unseen domain for every run
-    while len(chosen) < n:
-        m *= 2  # generate(m)'s first tasks are generate(n)'s, so growing keeps the order
-        chosen = split(generate(m, seed, worlds, kinds), split_by, test_domains=held)[part == "test"][:n]
-        if m > 64 * n + 1000:
-            raise ValueError(f"the {part} part of split {split_by!r} holds too few tasks of these worlds and kinds")
-    return chosen
+    return held_out(split_by, part, n, seed, worlds=worlds, kinds=kinds)
 
 
 def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8, client=None, progress=None,
@@ -109,18 +100,10 @@ def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8
                 progress and progress(1)
         return out
 
-    async def run_all():
-        gate = asyncio.Semaphore(concurrency)
+    async def one(task):
+        return await sample(task, lambda *_: client, seed, **kw)
 
-        async def one(task):
-            async with gate:
-                records = await sample(task, lambda *_: client, seed, **kw)
-            progress and progress(1)
-            return records
-
-        return [rec for r in await asyncio.gather(*(one(t) for t in tasks)) for rec in r]
-
-    return asyncio.run(run_all())
+    return [rec for r in asyncio.run(gather_limited(tasks, one, concurrency, progress)) for rec in r]
 
 
 def summary(records: list[dict]) -> str:
