@@ -68,6 +68,15 @@ def test_line_budgets():
     assert not over, f"over budget: {over}"
 
 
+def test_an_engine_is_built_from_its_config():
+    """`Engine(model, config)`: every knob of the engine is an `EngineConfig` field, none a keyword."""
+    import inspect
+
+    from openk2.engine import Engine, EngineConfig
+    params = inspect.signature(Engine.__init__).parameters
+    assert list(params) == ["self", "model", "config"] and params["config"].annotation in (EngineConfig, "EngineConfig")
+
+
 def test_core_import_is_light():
     code = ("import sys, openk2, openk2.model, openk2.checkpoint, openk2.engine; "
             "print(sorted(m for m in ('transformers', 'fastapi', 'datasets', 'tokenizers') if m in sys.modules))")

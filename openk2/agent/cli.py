@@ -92,7 +92,8 @@ def in_process_client(load, args, sequences: int = 1):
     def main():
         try:
             model, tokenizer = load()
-            engine = make_engine(model, args.quantize, args.compile, sequences * model.cfg.max_position_embeddings)
+            engine = make_engine(model, args.quantize, compile=args.compile,
+                                 cache_tokens=sequences * model.cfg.max_position_embeddings)
             fmt = ChatFormat.for_model(model, tokenizer, args.path)
             box["client"] = EngineClient(EngineLoop(engine), fmt, name=Path(args.path).name)
         except BaseException as e:  # noqa: BLE001 — re-raised on the caller's thread

@@ -5,13 +5,13 @@ Each `step()` admits waiting requests whose whole budget (prompt + max_tokens) f
 `prefill_chunk` padded tokens — the next chunk of the oldest request still prefilling, with later
 prompts batched beside it (a long prompt cannot stall the others for more than one chunk) — then
 one batched decode step for every other running request, rows at different lengths, each at its
-own position (through the compiled step of `decode.py` with `compile=True`). Finished and cancelled
-requests leave and free their blocks at once; new ones join between steps. Sampling is per request
-(its own parameters and seeded generator; greedy rows share one argmax); a request with a grammar
-(`SamplingParams.grammar`) has its logits masked to the ids its `Constraint` allows first, all such
-rows in one bitmask (rows without one pay nothing), and ends once the grammar is complete. The reference is
-`generate_recompute`; tests/test_engine.py checks that greedy output equals it for every request of
-a mixed batch joining at different steps.
+own position (through the compiled step of `decode.py` with `compile`; sizes and `compile` are
+`EngineConfig`'s). Finished and cancelled requests leave and free their blocks at once; new ones join
+between steps. Sampling is per request (its own parameters and seeded generator; greedy rows share
+one argmax); a request with a grammar (`SamplingParams.grammar`) has its logits masked to the ids its
+`Constraint` allows first, all such rows in one bitmask (rows without one pay nothing), and ends once
+the grammar is complete. The reference is `generate_recompute`; tests/test_engine.py checks that
+greedy output equals it for every request of a mixed batch joining at different steps.
 
 Log-probs, for a request that asks (`SamplingParams.logprobs`, `prompt_logprobs`): `Request.logprobs`
 holds one `TokenLogprob` per output token, `Request.prompt_logprobs` one per prompt token (None for the
@@ -64,18 +64,33 @@ def score_prompt(req: Request, logits_SV: torch.Tensor, start: int) -> None:
         req.prompt_logprobs += token_logprobs(logits_SV[:len(targets)], targets, req.params.logprobs or 0)
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every knob of an Engine. Not here: sampling, which is per request (`SamplingParams`), and CPU
+    threads, which are process-wide (torch's pool; set by the command that owns the process:
+    `openk2 generate --threads`, training)."""
+    cache_tokens: int = 8192  # latent cache rows in the block pool, for all requests together
+    block_size: int = 16  # cache rows per block
+    max_batch: int = 32  # requests running (decoding together) at most
+    prefill_chunk: int = 256  # new prompt tokens per prefill forward, padded, across the rows it batches
+    compile: bool = False  # decode steps through `CompiledDecode` (int4 weights decode eagerly)
+
+    def __post_init__(self):
+        if min(self.cache_tokens, self.block_size, self.max_batch, self.prefill_chunk) < 1:
+            raise ValueError(f"every size of an EngineConfig must be >= 1: {self}")
+
+
 class Engine:
-    def __init__(self, model: Transformer, cache_tokens: int = 8192, block_size: int = 16,
-                 max_batch: int = 32, prefill_chunk: int = 256, compile: bool = False):
-        """compile: decode steps through `CompiledDecode` (fused kernels reading the pool in place;
-        each batch regime compiles on first use, or in `warmup`); int4 models decode eagerly."""
-        w = model.lm_head.weight
-        self.model, self.max_batch, self.prefill_chunk = model.eval(), max_batch, prefill_chunk
-        self.pool = BlockPool(model.cfg, -(-cache_tokens // block_size), block_size, w.dtype, w.device)
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig()):
+        """With `config.compile`, each batch regime's decode step compiles on first use (or in `warmup`),
+        fused kernels reading the pool in place."""
+        w, c = model.lm_head.weight, config
+        self.model, self.config = model.eval(), config
+        self.pool = BlockPool(model.cfg, -(-c.cache_tokens // c.block_size), c.block_size, w.dtype, w.device)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._ids = itertools.count()
-        self.compiled = CompiledDecode(model) if compile and compilable(model) else None
+        self.compiled = CompiledDecode(model) if c.compile and compilable(model) else None
         self._warming: CompiledDecode | None = None  # compiling on a thread (warmup(background=True))
 
     # --- requests ------------------------------------------------------------------------------
@@ -111,7 +126,7 @@ class Engine:
                 queue.remove(req)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch:
+        while self.waiting and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
             need = self.pool.blocks_for(len(req.prompt) + req.params.max_tokens)
             if need > len(self.pool.free):
@@ -137,11 +152,11 @@ class Engine:
         """One prefill forward of at most `prefill_chunk` (padded) new tokens: the oldest request's
         next chunk, plus later requests beside it at the same padded width, as long as the batch's
         cache (rows × the deepest row's length) stays within twice what the oldest alone would use."""
-        first = prefilling[0]
-        width = min(self.prefill_chunk, len(first.prompt) - first.prefilled)
-        depth = max(self.prefill_chunk, first.prefilled + width)  # its cache rows, or one chunk
+        first, chunk = prefilling[0], self.config.prefill_chunk
+        width = min(chunk, len(first.prompt) - first.prefilled)
+        depth = max(chunk, first.prefilled + width)  # its cache rows, or one chunk
         rows, deepest = [first], first.prefilled
-        for r in prefilling[1:self.prefill_chunk // width]:
+        for r in prefilling[1:chunk // width]:
             if (len(rows) + 1) * (max(deepest, r.prefilled) + width) > 2 * depth:
                 break
             rows.append(r)
@@ -231,8 +246,9 @@ class Engine:
         if self.compiled is None:
             return None
         compiled, cfg = self.compiled, self.model.cfg
-        large = next((n for n in range(2, self.max_batch + 1) if not small_batch(n, cfg)), None)
-        sizes = sorted({1, min(2, self.max_batch), large or 1})
+        most = self.config.max_batch
+        large = next((n for n in range(2, most + 1) if not small_batch(n, cfg)), None)
+        sizes = sorted({1, min(2, most), large or 1})
         started, interval = time.monotonic(), sys.getswitchinterval()
 
         def work():

@@ -28,18 +28,19 @@ def _text_setup(model, tokenizer, path: str, reasoning_parser: str = "auto"):
     return fmt.tokenizer, fmt.template, fmt.template_vars, fmt.reasoning
 
 
-def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192, wait: bool = False):
-    """The Engine for `openk2 serve` / `chat` / `agent`: quantized first if asked, decode steps compiled
-    unless `compile` is False or the weights are int4. The compiler runs on a thread while requests are
-    answered with eager steps (slower, but nobody waits on a silent server: a minute or more on a small
-    CPU with an empty inductor cache); `wait` compiles first instead, for full speed from the first
-    request. Progress goes to stderr."""
-    from openk2.engine import Engine
+def make_engine(model, quantize: str | None = None, wait: bool = False, **config):
+    """The Engine for `openk2 serve` / `chat` / `agent`, of `EngineConfig(**config)` (the agent may not
+    import the engine, so it names the fields): quantized first if asked, decode steps compiled if
+    `compile` and the weights are not int4. The compiler runs on a thread while requests are answered
+    with eager steps (slower, but nobody waits on a silent server: a minute or more on a small CPU with
+    an empty inductor cache); `wait` compiles first instead, for full speed from the first request.
+    Progress goes to stderr."""
+    from openk2.engine import Engine, EngineConfig
 
     if quantize:
         from openk2.quant import quantize_model
         quantize_model(model, quantize)
-    engine = Engine(model, cache_tokens=cache_tokens, compile=compile)
+    engine = Engine(model, EngineConfig(**config))
     if engine.compiled is not None:
         def say(message):
             print(f"[openk2] {message}", file=sys.stderr, flush=True)
@@ -58,7 +59,7 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     from openk2.server.app import create_app
     from openk2.server.protocol import APIError
 
-    engine = make_engine(model, quantize, compile, wait=compile_first)
+    engine = make_engine(model, quantize, wait=compile_first, compile=compile)
     tokenizer, template, variables, reasoning = _text_setup(model, tokenizer, path, reasoning_parser)
     folder = Path(path)
     app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
@@ -101,7 +102,7 @@ def run(args, model, tokenizer) -> None:
         return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile,
                      args.temperature, args.reasoning_parser, args.compile_first)
     from openk2.server.terminal import chat
-    engine = make_engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
+    engine = make_engine(model, args.quantize, cache_tokens=model.cfg.max_position_embeddings, compile=args.compile)
     try:
         tokenizer, template, variables, reasoning = _text_setup(model, tokenizer, args.path, args.reasoning_parser)
         chat(model, tokenizer, template, variables, temperature=args.temperature, engine=engine, reasoning=reasoning)

@@ -8,7 +8,7 @@ kept apart from the answer (reasoning.py). No fastapi here: it needs only the co
 
 import sys
 
-from openk2.engine import Engine, SamplingParams
+from openk2.engine import Engine, EngineConfig, SamplingParams
 from openk2.server.detokenizer import Detokenizer
 from openk2.tokenizer.chat import THINK
 from openk2.tokenizer.protect import encode_chat
@@ -20,7 +20,7 @@ DIM, PLAIN = "\x1b[2m", "\x1b[0m"
 def chat(model, tokenizer, template=None, variables=None, temperature: float = 0.6, max_tokens: int = 512,
          input_fn=input, out=sys.stdout, engine: Engine | None = None, reasoning: bool = False) -> list[dict]:
     """Run the loop; returns the final history (for tests)."""
-    engine = engine or Engine(model, cache_tokens=model.cfg.max_position_embeddings)
+    engine = engine or Engine(model, EngineConfig(cache_tokens=model.cfg.max_position_embeddings))
     stops = tuple(tokenizer.token_id(t) for t in ("<|im_end|>", "[EOS]"))
     hidden = range(tokenizer.n_base, tokenizer.n_vocab)  # text only: special and reserved ids are not shown
     history: list[dict] = []
