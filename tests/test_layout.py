@@ -77,6 +77,21 @@ def test_an_engine_is_built_from_its_config():
     assert list(params) == ["self", "model", "config"] and params["config"].annotation in (EngineConfig, "EngineConfig")
 
 
+def test_one_decode_path():
+    """Decoding token by token is the Engine's alone: nowhere else in openk2 is a decode cache built, a
+    decode step compiled or decode kernels chosen (`generate` submits Engine requests)."""
+    engine_only = {"new_cache", "CompiledDecode", "decode_step", "decode_kernels", "BlockPool"}
+    home = {"engine/engine.py", "engine/decode.py", "engine/kv_cache.py", "model/transformer.py"}
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.relative_to(ROOT).as_posix() in home:
+            continue
+        tree = ast.parse(path.read_text())
+        used = ({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+                | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+                | {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names})
+        assert not used & engine_only, f"{path.relative_to(ROOT)} decodes on its own: {used & engine_only}"
+
+
 def test_core_import_is_light():
     code = ("import sys, openk2, openk2.model, openk2.checkpoint, openk2.engine; "
             "print(sorted(m for m in ('transformers', 'fastapi', 'datasets', 'tokenizers') if m in sys.modules))")

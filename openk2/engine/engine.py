@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from openk2.engine.decode import CompiledDecode, compilable, decode_kernels, small_batch
 from openk2.engine.kv_cache import BlockPool
@@ -40,6 +41,7 @@ class Request:
     params: SamplingParams
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    slots: torch.Tensor | None = None  # pool rows of positions 0 .. prompt + max_tokens - 1, from admission
     prefilled: int = 0  # prompt tokens in the cache
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
@@ -106,9 +108,7 @@ class Engine:
                              f"context ({cfg.max_position_embeddings})")
         if self.pool.blocks_for(need) > self.pool.num_blocks:
             raise ValueError(f"the request needs {need} tokens of cache, the engine holds {self.pool.capacity}")
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.pool.pools[0].device).manual_seed(params.seed)
+        gen = None if params.seed is None else torch.Generator(device=self.pool.device).manual_seed(params.seed)
         req = Request(next(self._ids), list(prompt_ids), params, generator=gen,
                       constraint=params.grammar.start() if params.grammar is not None else None)
         self.waiting.append(req)
@@ -128,10 +128,12 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            need = self.pool.blocks_for(len(req.prompt) + req.params.max_tokens)
-            if need > len(self.pool.free):
+            budget = len(req.prompt) + req.params.max_tokens
+            if self.pool.blocks_for(budget) > len(self.pool.free):
                 return  # first come, first served: it waits for blocks to be freed
-            self.pool.grow(req.blocks, len(req.prompt) + req.params.max_tokens)
+            self.pool.grow(req.blocks, budget)
+            # its blocks are reserved up front: where each position's row lives is known from now on
+            req.slots = self.pool.slots([req.blocks], budget)[0].to(self.pool.device)
             self.running.append(self.waiting.pop(0))
 
     # --- one step ------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class Engine:
         ids = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: padding sits after
         for i, (r, s, n) in enumerate(zip(rows, starts, counts)):  # every real token, never seen
             ids[i, :n] = torch.tensor(r.prompt[s:s + n])
-        device = self.pool.pools[0].device
+        device = self.pool.device
         tables = [r.blocks for r in rows]
         cache = self.pool.gather(tables, max(starts) + width)
         start = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=device)
@@ -183,24 +185,26 @@ class Engine:
 
     def _decode(self, rows: list[Request]) -> list[tuple[Request, int]]:
         starts = [len(r.prompt) + len(r.output) - 1 for r in rows]  # where each last token goes
-        device = self.pool.pools[0].device
-        tables, pos = [r.blocks for r in rows], torch.tensor(starts, device=device)
-        ids = torch.tensor([r.output[-1] for r in rows], device=device)
+        device = self.pool.device
+        ids_N, pos_N = (torch.tensor(x, device=device) for x in ([r.output[-1] for r in rows], starts))
+        slots_NT = pad_sequence([r.slots[:max(starts) + 1] for r in rows], batch_first=True)
         if self.compiled is not None:
-            slots = self.pool.slots(tables, max(starts) + 1).to(device)
-            logits = self.compiled(ids, pos, slots, self.pool.rows)
-        else:
-            cache = self.pool.gather(tables, max(starts) + 1)
-            with decode_kernels(self.model, len(rows)):
-                logits = self.model(ids[:, None], pos, cache)[:, -1]
-            self.pool.scatter(cache, tables, starts, [1] * len(rows))
-        return self._emit(rows, logits)
+            return self._emit(rows, self.compiled(ids_N, pos_N, slots_NT, self.pool.rows))
+        cache = self.pool.read(slots_NT)
+        # rows at one position (one row; a batch that started together) take the model's shared-
+        # position path: a slice write and no mask, where per-row positions index and mask
+        start = starts[0] if len(set(starts)) == 1 else pos_N
+        with decode_kernels(self.model, len(rows)):
+            logits_NV = self.model(ids_N[:, None], start, cache)[:, -1]
+        self.pool.write(cache, slots_NT, starts)
+        return self._emit(rows, logits_NV)
 
     def _emit(self, rows: list[Request], logits_NV: torch.Tensor) -> list[tuple[Request, int]]:
         """Sample one token per row (greedy rows in one argmax), append it, finish rows that stop."""
         raw_NV, logits_NV = logits_NV, self._mask(rows, logits_NV)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
-        toks = dict(zip(greedy, logits_NV[greedy].argmax(-1).tolist())) if greedy else {}
+        greedy_GV = logits_NV if len(greedy) == len(rows) else logits_NV[greedy]  # (indexing copies)
+        toks = dict(zip(greedy, greedy_GV.argmax(-1).tolist())) if greedy else {}
         events = []
         for i, req in enumerate(rows):
             tok = toks[i] if i in toks else int(sample(logits_NV[i:i + 1], req.params, req.generator)[0])
