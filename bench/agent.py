@@ -27,6 +27,7 @@ from openk2.agent.tools import tool
 from openk2.config import PRESETS
 from openk2.engine import Engine, EngineConfig
 from openk2.model import build_model
+from openk2.sampling import GREEDY
 from openk2.server.chat_format import ChatFormat
 from openk2.server.engine_loop import EngineLoop
 
@@ -85,7 +86,7 @@ def episodes(model, n: int, reply: int, concurrent: bool) -> tuple[float, int]:
     client = EngineClient(loop, ChatFormat.for_model(model), name="bench")
 
     async def run_all():
-        make = lambda: Agent(client, [], temperature=0, user=follow_up, budget=Budget(turn_tokens=reply))  # noqa: E731
+        make = lambda: Agent(client, [], temperature=GREEDY, user=follow_up, budget=Budget(turn_tokens=reply))  # noqa: E731
         if concurrent:
             return await asyncio.gather(*(make().run(f"Episode {i}: say something.") for i in range(n)))
         return [await make().run(f"Episode {i}: say something.") for i in range(n)]

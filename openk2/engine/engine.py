@@ -68,9 +68,9 @@ def score_prompt(req: Request, logits_SV: torch.Tensor, start: int) -> None:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Every knob of an Engine. Not here: sampling, which is per request (`SamplingParams`), and CPU
-    threads, which are process-wide (torch's pool; set by the command that owns the process:
-    `openk2 generate --threads`, training)."""
+    """Every knob of an Engine. Not here: sampling, which is per request (`SamplingParams`; the commands'
+    defaults are named in openk2/sampling.py), and CPU threads, which are process-wide (torch's pool;
+    set by the command that owns the process: `openk2 generate --threads`, training)."""
     cache_tokens: int = 8192  # latent cache rows in the block pool, for all requests together
     block_size: int = 16  # cache rows per block
     max_batch: int = 32  # requests running (decoding together) at most

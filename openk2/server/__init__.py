@@ -6,6 +6,8 @@ import sys
 import threading
 from pathlib import Path
 
+from openk2.sampling import API_TEMPERATURE, K2_TEMPERATURE
+
 __all__ = ["create_app", "serve", "run", "make_engine", "add_parsers"]
 
 
@@ -51,7 +53,7 @@ def make_engine(model, quantize: str | None = None, wait: bool = False, **config
 
 
 def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          quantize: str | None = None, compile: bool = True, temperature: float = 1.0,
+          quantize: str | None = None, compile: bool = True, temperature: float = API_TEMPERATURE,
           reasoning_parser: str = "auto", compile_first: bool = False) -> None:
     """Serve `model` under the name of its folder."""
     import uvicorn
@@ -123,9 +125,9 @@ def add_parsers(sub, load) -> None:
             s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
             s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
         s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights at load time")
-        s.add_argument("--temperature", type=float, default=1.0 if name == "serve" else 0.6,
-                       help="for requests that give none (OpenAI's default, 1.0)" if name == "serve" else
-                       "sampling temperature (K2's recommended 0.6)")
+        s.add_argument("--temperature", type=float, default=API_TEMPERATURE if name == "serve" else K2_TEMPERATURE,
+                       help=f"for requests that give none (OpenAI's default, {API_TEMPERATURE})" if name == "serve"
+                       else f"sampling temperature (K2's recommended {K2_TEMPERATURE})")
         s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                        help="compiled decode steps (compiled in the background: eager steps until then)")
         if name == "serve":

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from openk2.engine.engine import Engine
+from openk2.sampling import API_MAX_TOKENS, API_TEMPERATURE
 from openk2.server import extra, logprobs
 from openk2.server.chat_format import ChatError, ChatFormat, Prompt
 from openk2.server.engine_loop import EngineLoop, text_pieces
@@ -126,8 +127,9 @@ async def merge(streams: list):
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, engine=None,
-               chat_template: str | None = None, template_vars: dict | None = None, default_temperature: float = 1.0,
-               default_max_tokens: int = 1024, engine_thread: bool = True, reasoning: bool = False) -> FastAPI:
+               chat_template: str | None = None, template_vars: dict | None = None,
+               default_temperature: float = API_TEMPERATURE, default_max_tokens: int = API_MAX_TOKENS,
+               engine_thread: bool = True, reasoning: bool = False) -> FastAPI:
     """The server for `model` + `tokenizer`. `engine` (default `Engine(model)`) may be any object with
     the Engine's add_request/step/cancel/has_work, e.g. a scripted fake in tests. engine_thread: the
     app steps the engine on a thread it starts; False leaves that to the caller
