@@ -158,3 +158,24 @@ def test_block_pool_gather_scatter_round_trip():
         pool.grow(b, 20)
     pool.release(a)
     assert len(pool.free) == 5 and not a
+
+
+def test_block_pool_views_runs_of_consecutive_blocks_in_place():
+    pool = BlockPool(PRESETS["k2-tiny"], num_blocks=12, block_size=4)
+    for r in pool.rows:
+        r.normal_()
+    tables, firsts = [[], [], []], []
+    for t in tables:  # a fresh pool hands out consecutive blocks: runs 3 blocks apart
+        slots, first = pool.reserve(t, 10)
+        firsts.append(first)
+        assert torch.equal(slots, pool.slots([t], 10)[0])
+    assert firsts == [0, 12, 24]
+    view = pool.view(firsts, 9)
+    assert all(torch.equal(v.ckv, g.ckv) for v, g in zip(view, pool.gather(tables, 9)))
+    view[0].ckv[1, 8] = 7.0  # a step's write lands in the pool
+    assert (pool.rows[0][12 + 8] == 7.0).all()
+    assert pool.view(firsts, 13) is None  # row 0's run would reach into row 1's
+    assert pool.view([firsts[0], firsts[2]], 9) is not None and pool.view([firsts[2], firsts[0]], 9) is None
+    pool.release(tables[1])
+    other = []
+    assert pool.reserve(other, 20)[1] is None and pool.view([None], 4) is None  # blocks 3, 4, 5, 9, 10

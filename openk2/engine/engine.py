@@ -42,6 +42,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     slots: torch.Tensor | None = None  # pool rows of positions 0 .. prompt + max_tokens - 1, from admission
+    first_row: int | None = None  # where its rows start in the pool, if its blocks are consecutive
     prefilled: int = 0  # prompt tokens in the cache
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
@@ -131,9 +132,8 @@ class Engine:
             budget = len(req.prompt) + req.params.max_tokens
             if self.pool.blocks_for(budget) > len(self.pool.free):
                 return  # first come, first served: it waits for blocks to be freed
-            self.pool.grow(req.blocks, budget)
             # its blocks are reserved up front: where each position's row lives is known from now on
-            req.slots = self.pool.slots([req.blocks], budget)[0].to(self.pool.device)
+            req.slots, req.first_row = self.pool.reserve(req.blocks, budget)
             self.running.append(self.waiting.pop(0))
 
     # --- one step ------------------------------------------------------------------------------
@@ -185,18 +185,22 @@ class Engine:
 
     def _decode(self, rows: list[Request]) -> list[tuple[Request, int]]:
         starts = [len(r.prompt) + len(r.output) - 1 for r in rows]  # where each last token goes
-        device = self.pool.device
-        ids_N, pos_N = (torch.tensor(x, device=device) for x in ([r.output[-1] for r in rows], starts))
-        slots_NT = pad_sequence([r.slots[:max(starts) + 1] for r in rows], batch_first=True)
+        ids_N, pos_N = (torch.tensor(x, device=self.pool.device) for x in ([r.output[-1] for r in rows], starts))
+        length = max(starts) + 1
+        # eager steps of requests whose blocks are one run each read and write the pool in place;
+        # the others go through their pool rows, fixed at admission (a step only slices them)
+        view = None if self.compiled is not None else self.pool.view([r.first_row for r in rows], length)
+        slots_NT = None if view else pad_sequence([r.slots[:length] for r in rows], batch_first=True)
         if self.compiled is not None:
             return self._emit(rows, self.compiled(ids_N, pos_N, slots_NT, self.pool.rows))
-        cache = self.pool.read(slots_NT)
+        cache = view or self.pool.read(slots_NT)
         # rows at one position (one row; a batch that started together) take the model's shared-
         # position path: a slice write and no mask, where per-row positions index and mask
         start = starts[0] if len(set(starts)) == 1 else pos_N
         with decode_kernels(self.model, len(rows)):
             logits_NV = self.model(ids_N[:, None], start, cache)[:, -1]
-        self.pool.write(cache, slots_NT, starts)
+        if view is None:
+            self.pool.write(cache, slots_NT, starts)
         return self._emit(rows, logits_NV)
 
     def _emit(self, rows: list[Request], logits_NV: torch.Tensor) -> list[tuple[Request, int]]:

@@ -31,9 +31,12 @@ def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: Sampli
     rows = (prompt_ids[None] if prompt_ids.dim() == 1 else prompt_ids).tolist()
     if params.max_tokens == 0:
         return
-    B, S, block = len(rows), len(rows[0]), EngineConfig.block_size
-    need = -(-(S + params.max_tokens) // block) * block  # one row's cache, in whole blocks
-    engine = Engine(model, EngineConfig(cache_tokens=B * need, max_batch=B, compile=compile))
+    B, S = len(rows), len(rows[0])
+    # every prompt in one prefill forward (chunks keep a long prompt from stalling other requests;
+    # here there are none, and each chunk would re-read the cache before it)
+    config = EngineConfig(max_batch=B, prefill_chunk=B * S, compile=compile)
+    row_tokens = -(-(S + params.max_tokens) // config.block_size) * config.block_size  # in whole blocks
+    engine = Engine(model, dataclasses.replace(config, cache_tokens=B * row_tokens))
     reqs = [engine.add_request(ids, _row_params(params, r)) for r, ids in enumerate(rows)]
     stops, done = set(params.stop_token_ids), [False] * B
     for n in range(params.max_tokens):

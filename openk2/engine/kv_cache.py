@@ -5,9 +5,10 @@ Per layer the pool is [num_blocks, block_size, L] (L = C + R: K2's 576 values pe
 owns a list of blocks; memory is bounded by the pool, and a request that can never fit is refused
 up front. The model's forward attends over contiguous rows, so an eager step gathers each running
 request's rows into a padded batch cache (`gather` by block tables, `read` by a slot table) and writes
-the rows the step produced back (`scatter`; `write`: a decode step's one row per request); the
-compiled decode step (`decode.py`) reads and writes the pool rows (`rows`) in place through a slot
-table (`slots`) instead.
+the rows the step produced back (`scatter`; `write`: a decode step's one row per request), unless each
+request's blocks are consecutive, as a fresh pool hands them out: then the batch cache is a view of
+the pool (`view`), read and written in place. The compiled decode step (`decode.py`) reads and writes
+the pool rows (`rows`) in place through a slot table (`slots`) instead.
 """
 
 import torch
@@ -47,6 +48,13 @@ class BlockPool:
             raise CacheFull(f"{need} blocks needed, {len(self.free)} free")
         table.extend(self.free.pop() for _ in range(max(need, 0)))
 
+    def reserve(self, table: list[int], n_tokens: int) -> tuple[torch.Tensor, int | None]:
+        """Grow an empty table to n_tokens rows (CacheFull if the pool cannot): its slot row [n_tokens]
+        on the pool's device, and its first pool row when its blocks are consecutive (else None)."""
+        self.grow(table, n_tokens)
+        one_run = table == list(range(table[0], table[0] + len(table)))
+        return self.slots([table], n_tokens)[0].to(self.device), table[0] * self.block_size if one_run else None
+
     def release(self, table: list[int]) -> None:
         self.free.extend(reversed(table))
         table.clear()
@@ -67,6 +75,19 @@ class BlockPool:
         """A batch cache [R, T, L] per layer: the pool rows `slots_RT` names."""
         idx = slots_RT.flatten()
         return [LatentCache(rows.index_select(0, idx).view(*slots_RT.shape, -1)) for rows in self.rows]
+
+    def view(self, firsts: list[int | None], length: int) -> list[LatentCache] | None:
+        """The batch cache [R, length, L] per layer as a view of the pool, when row r's rows are the run
+        from pool row firsts[r] and the runs lie equally spaced, none overlapping the next (requests whose
+        blocks are consecutive, as a fresh pool hands them out); None otherwise. A step then reads and
+        writes the pool in place: no copy of the cache, nothing to write back."""
+        step = firsts[1] - firsts[0] if len(firsts) > 1 and None not in firsts[:2] else length
+        if None in firsts or step < length or firsts[-1] + length > self.capacity \
+                or any(b - a != step for a, b in zip(firsts, firsts[1:])):
+            return None
+        L = self.rows[0].shape[-1]
+        return [LatentCache(rows.as_strided((len(firsts), length, L), (step * L, L, 1), firsts[0] * L))
+                for rows in self.rows]
 
     def write(self, cache: list[LatentCache], slots_RT: torch.Tensor, starts: list[int]) -> None:
         """Write the row at position starts[r] of each batch row back to its pool row `slots_RT[r,
