@@ -25,8 +25,9 @@ from openk2.agent.client import Completion, EngineClient
 from openk2.agent.runtime import Agent, Budget
 from openk2.agent.tools import tool
 from openk2.config import PRESETS
-from openk2.engine import Engine
+from openk2.engine import Engine, EngineConfig
 from openk2.model import build_model
+from openk2.sampling import GREEDY
 from openk2.server.chat_format import ChatFormat
 from openk2.server.engine_loop import EngineLoop
 
@@ -81,11 +82,11 @@ def loop_overhead(turns: int = 2000) -> list[tuple[str, float]]:
 
 def episodes(model, n: int, reply: int, concurrent: bool) -> tuple[float, int]:
     """(seconds, generated tokens) of n three-turn episodes, together or one by one."""
-    loop, done, out = EngineLoop(Engine(model, cache_tokens=8192, max_batch=max(n, 1))), threading.Event(), {}
+    loop, done, out = EngineLoop(Engine(model, EngineConfig(max_batch=max(n, 1)))), threading.Event(), {}
     client = EngineClient(loop, ChatFormat.for_model(model), name="bench")
 
     async def run_all():
-        make = lambda: Agent(client, [], temperature=0, user=follow_up, budget=Budget(turn_tokens=reply))  # noqa: E731
+        make = lambda: Agent(client, [], temperature=GREEDY, user=follow_up, budget=Budget(turn_tokens=reply))  # noqa: E731
         if concurrent:
             return await asyncio.gather(*(make().run(f"Episode {i}: say something.") for i in range(n)))
         return [await make().run(f"Episode {i}: say something.") for i in range(n)]

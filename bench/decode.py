@@ -22,7 +22,7 @@ import torch
 
 from bench.forward import decode_ours, decode_theirs, load_pair, machine_line
 from openk2.config import PRESETS
-from openk2.engine import Engine, SamplingParams
+from openk2.engine import Engine, EngineConfig, SamplingParams
 from openk2.info import breakdown
 from openk2.quant import quantize_model
 
@@ -56,7 +56,8 @@ def active_bytes(cfg, mode: str) -> float:
 
 
 def aggregate(model, cfg, batch: int, n_requests: int, compile: bool) -> float:
-    engine = Engine(model, cache_tokens=n_requests * (PROMPT + NEW) + 64, max_batch=batch, compile=compile)
+    config = EngineConfig(cache_tokens=n_requests * (PROMPT + NEW) + 64, max_batch=batch, compile=compile)
+    engine = Engine(model, config)
     gen = torch.Generator().manual_seed(0)
 
     def run() -> float:

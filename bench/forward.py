@@ -128,7 +128,7 @@ def profile_decode_step(model, cfg):
     cache = model.new_cache(1, PROMPT + 1)
     model(torch.randint(0, 1000, (1, PROMPT)), 0, cache)
     tok = torch.tensor([[5]])
-    with decode_kernels(model, 1):  # as generate runs a decode step
+    with decode_kernels(model, 1):  # as the Engine runs an eager decode step
         model(tok, PROMPT, cache)  # warm-up (overwrites the same slot)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(tok, PROMPT, cache)

@@ -21,7 +21,7 @@ import torch
 
 from bench.forward import machine_line
 from openk2.config import PRESETS
-from openk2.engine import Engine, SamplingParams
+from openk2.engine import Engine, EngineConfig, SamplingParams
 from openk2.engine.sampler import apply_mask
 from openk2.model import build_model
 from openk2.server.chat_format import ChatFormat
@@ -46,7 +46,7 @@ CASES = {  # (prompt kwargs, the reply after the prompt's forced prefix)
 
 def step_ms(model, vocab: int, compile: bool, n: int = 48) -> float:
     """Median batch-1 decode step of the Engine (prefill and warm-up not counted)."""
-    engine = Engine(model, cache_tokens=1024, max_batch=1, compile=compile)
+    engine = Engine(model, EngineConfig(cache_tokens=1024, max_batch=1, compile=compile))
     engine.warmup()
     engine.add_request(torch.randint(0, vocab // 2, (32,)).tolist(), SamplingParams(max_tokens=n + 2))
     engine.step()  # prefill

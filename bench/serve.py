@@ -4,8 +4,8 @@ completions) against the same Engine driven directly in-process, on the same wei
 A k2-small folder with random bf16 weights is written to a temporary directory, served by a real
 `openk2 serve` process (compiled decode, byte-level text), and asked by 1, 8 and 32 concurrent
 clients for 128 new tokens each (greedy; the prompt is the chat-templated "hello", 85 tokens). The
-in-process column runs the same requests through `Engine(compile=True)` with max_batch 32. The ratio
-is what HTTP, the chat template, detokenizing and the asyncio/engine hand-off cost.
+in-process column runs the same requests through an Engine of `EngineConfig(compile=True)` (max_batch
+32). The ratio is what HTTP, the chat template, detokenizing and the asyncio/engine hand-off cost.
 
     .venv/bin/python -m bench.serve [--threads 2]
 """
@@ -25,7 +25,7 @@ import torch
 from bench.forward import machine_line
 from openk2.checkpoint import save_hf
 from openk2.config import PRESETS
-from openk2.engine import Engine, SamplingParams
+from openk2.engine import Engine, EngineConfig, SamplingParams
 from openk2.model import build_model
 
 NEW, CLIENTS = 128, (1, 8, 32)
@@ -98,7 +98,7 @@ def main():
             proc.terminate()
             proc.wait(timeout=30)
         prompt_len = http[1][1][0]
-        engine = Engine(model, compile=True)
+        engine = Engine(model, EngineConfig(compile=True))
         engine.warmup()
         in_process(engine, prompt_len, 1)  # warm-up
         print(f"\n| concurrent clients × {NEW} tokens | openk2 serve tok/s | Engine in-process tok/s | ratio |")

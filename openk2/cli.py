@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from openk2.sampling import CHAT_TOP_P, GREEDY, K2_TEMPERATURE, MAX_TOKENS, TOP_K_OFF, TOP_P_OFF
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
@@ -83,8 +85,7 @@ def cmd_generate(args):
         out.append(int(tok[0]))
         stamps.append(time.perf_counter())
         if args.prompt_ids is None:
-            sys.stdout.write(text.decode(as_bytes([out[-1]])))
-            sys.stdout.flush()
+            print(text.decode(as_bytes([out[-1]])), end="", flush=True)
     print(" ".join(map(str, out)) if args.prompt_ids is not None else "")
     firsts = ", ".join(f"{b - a:.2f}s" for a, b in zip(stamps, stamps[1:3]))  # the prompt; a compile
     rate = f", then {(len(out) - 2) / (stamps[-1] - stamps[2]):.1f} tok/s" if len(out) > 2 else ""
@@ -100,8 +101,7 @@ def cmd_train(args):
     import torch
 
     from openk2.checkpoint import load_hf
-    from openk2.engine.generate import generate
-    from openk2.engine.sampler import SamplingParams
+    from openk2.engine import SamplingParams, generate
     from openk2.tokenizer import Tokenizer
     from openk2.train import latest_checkpoint, parse_args, train
     from openk2.train.plot import plot_run
@@ -117,8 +117,8 @@ def cmd_train(args):
     for prompt in PROMPTS:
         ids, stop = torch.tensor([tok.encode(prompt)]), (tok.eos_id,)
         for name, params in (("greedy", SamplingParams(max_tokens=48, stop_token_ids=stop)),
-                             ("sampled", SamplingParams(max_tokens=48, temperature=0.8, top_p=0.95, seed=0,
-                                                        stop_token_ids=stop))):
+                             ("sampled", SamplingParams(max_tokens=48, temperature=K2_TEMPERATURE,
+                                                        top_p=CHAT_TOP_P, seed=0, stop_token_ids=stop))):
             out = [i for i in generate(model, ids, params)[0].tolist() if i < tok.n_base]  # text ids only
             print(f"--- {name}: {prompt!r}\n{prompt}{tok.decode(out)}")
 
@@ -159,10 +159,10 @@ def main(argv=None):
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt-ids", help="comma- or space-separated token ids")
     g.add_argument("--prompt", help="text (byte-level ids until the folder ships a tokenizer)")
-    s.add_argument("--max-tokens", type=_positive, default=32)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--max-tokens", type=_positive, default=MAX_TOKENS)
+    s.add_argument("--temperature", type=float, default=GREEDY, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=TOP_P_OFF)
+    s.add_argument("--top-k", type=int, default=TOP_K_OFF)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")

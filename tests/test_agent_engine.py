@@ -21,7 +21,7 @@ from test_server import serving  # noqa: E402
 from openk2.agent.client import EngineClient, OpenAIClient  # noqa: E402
 from openk2.agent.files import Workspace  # noqa: E402
 from openk2.agent.runtime import Agent, Budget  # noqa: E402
-from openk2.engine import Engine  # noqa: E402
+from openk2.engine import Engine, EngineConfig  # noqa: E402
 from openk2.server import create_app  # noqa: E402
 from openk2.server.engine_loop import EngineLoop  # noqa: E402
 
@@ -29,7 +29,7 @@ FORCE = {"type": "function", "function": {"name": "read_file"}}
 
 
 def engine_client(tm, engine=None):
-    loop = EngineLoop(engine or Engine(tm.model, cache_tokens=4096))
+    loop = EngineLoop(engine or Engine(tm.model, EngineConfig(cache_tokens=4096)))
     loop.start()
     return EngineClient(loop, tm.fmt, name="tool-model")
 
@@ -92,7 +92,7 @@ def test_in_process_replies_equal_the_servers(tool_model):
 
 
 def test_concurrent_episodes_share_the_engine_and_match_one_by_one(tool_model):
-    engine = Engine(tool_model.model, cache_tokens=8192)
+    engine = Engine(tool_model.model, EngineConfig(cache_tokens=8192))
     batch_sizes = []
     step = engine.step
     engine.step = lambda: (batch_sizes.append(len(engine.running)), step())[1]

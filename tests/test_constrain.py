@@ -13,7 +13,7 @@ jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 
 from openk2.config import PRESETS  # noqa: E402
-from openk2.engine import Engine  # noqa: E402
+from openk2.engine import Engine, EngineConfig  # noqa: E402
 from openk2.engine.sampler import allowed_NV, apply_mask  # noqa: E402
 from openk2.model import build_model  # noqa: E402
 from openk2.server import constrain  # noqa: E402
@@ -53,7 +53,7 @@ def fmt_model():
 
 def run_rows(fmt, model, prompt, rows=ROWS, max_tokens=300, compile=False, extra=()):
     """Decode `rows` of `prompt` together in one engine (plus `extra` unconstrained prompts); the replies."""
-    engine = Engine(model, cache_tokens=16384, compile=compile)
+    engine = Engine(model, EngineConfig(cache_tokens=16384, compile=compile))
     reqs = [engine.add_request(prompt.ids, fmt.sampling(len(prompt.ids), t, None, max_tokens, s,
                                                         grammar=prompt.grammar)) for t, s in rows]
     plain = [engine.add_request(ids, fmt.sampling(len(ids), 0.0, None, 24)) for ids in extra]
@@ -81,7 +81,7 @@ def test_forced_calls_are_valid_with_running_ids(fmt_model, monkeypatch):
     prompts = {"parallel": fmt.prompt(DIALOG, TOOLS, "required"),
                "single": fmt.prompt(DIALOG, TOOLS, "required", parallel_tool_calls=False),
                "named": fmt.prompt(DIALOG, TOOLS, named)}
-    engine, reqs = Engine(model, cache_tokens=16384), []
+    engine, reqs = Engine(model, EngineConfig(cache_tokens=16384)), []
     for kind, prompt in prompts.items():
         for t, s in ROWS:
             params = fmt.sampling(len(prompt.ids), t, None, 300, s, grammar=prompt.grammar)

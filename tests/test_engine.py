@@ -8,7 +8,7 @@ import torch
 
 from openk2.config import PRESETS
 from openk2.engine import SamplingParams, generate_recompute
-from openk2.engine.engine import Engine
+from openk2.engine.engine import Engine, EngineConfig
 from openk2.engine.kv_cache import BlockPool, CacheFull
 from openk2.model import build_model
 
@@ -24,7 +24,7 @@ def _prompt(n, seed):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
-    engine = Engine(tiny, cache_tokens=512, block_size=8, prefill_chunk=5, compile=compile)
+    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=8, prefill_chunk=5, compile=compile))
     engine.warmup()  # compiles each batch regime's graph (a no-op when eager); leaves the pool empty
     assert len(engine.pool.free) == engine.pool.num_blocks and not engine.has_work()
     specs = [(3, 9), (17, 6), (8, 12), (1, 5), (26, 4)]  # (prompt length, max_tokens)
@@ -49,7 +49,7 @@ def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
 def test_background_warmup_answers_eagerly_then_hands_over_without_recompiling(tiny):
     """`openk2 serve` answers while its decode step compiles: the engine decodes eagerly until the
     compile thread has every regime's graph, then switches to it — with no compile left for later."""
-    engine = Engine(tiny, cache_tokens=512, block_size=8, prefill_chunk=5, compile=True)
+    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=8, prefill_chunk=5, compile=True))
     heard, eager_done = [], threading.Event()
 
     def progress(message):  # hold the compile thread until the early requests are answered
@@ -77,7 +77,7 @@ def test_background_warmup_answers_eagerly_then_hands_over_without_recompiling(t
 def test_batched_prefill_of_prompts_at_different_offsets_equals_recompute(tiny):
     """Prompts prefill several to a forward, right-padded, at per-row offsets (the first one is in
     its second chunk when the short ones join it)."""
-    engine = Engine(tiny, cache_tokens=512, block_size=4, prefill_chunk=12)
+    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=4, prefill_chunk=12))
     lengths = [14, 5, 3, 9, 4, 7]
     reqs = [engine.add_request(_prompt(n, 10 + i), SamplingParams(max_tokens=6)) for i, n in enumerate(lengths)]
     engine.step(), engine.step()  # 12 tokens of the first, then its last 2 beside 2 tokens of the next
@@ -90,7 +90,7 @@ def test_batched_prefill_of_prompts_at_different_offsets_equals_recompute(tiny):
 
 
 def test_stop_token_and_seeded_sampling(tiny):
-    engine = Engine(tiny, cache_tokens=256)
+    engine = Engine(tiny, EngineConfig(cache_tokens=256))
     free = engine.add_request(_prompt(4, 1), SamplingParams(max_tokens=10))
     engine.run()
     stop = free.output[3]
@@ -104,13 +104,15 @@ def test_stop_token_and_seeded_sampling(tiny):
 
 
 def test_memory_bound_queueing_and_clear_errors(tiny):
-    engine = Engine(tiny, cache_tokens=64, block_size=16)  # 4 blocks
+    engine = Engine(tiny, EngineConfig(cache_tokens=64, block_size=16))  # 4 blocks
     with pytest.raises(ValueError, match="needs 80 tokens of cache, the engine holds 64"):
         engine.add_request(_prompt(40, 0), SamplingParams(max_tokens=40))
     with pytest.raises(ValueError, match="exceeds the context"):
-        Engine(tiny, cache_tokens=4096).add_request(_prompt(500, 0), SamplingParams(max_tokens=20))
+        Engine(tiny, EngineConfig(cache_tokens=4096)).add_request(_prompt(500, 0), SamplingParams(max_tokens=20))
     with pytest.raises(ValueError, match="prompt ids"):
         engine.add_request([0, 9999], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="must be >= 1"):
+        EngineConfig(max_batch=0)
     first = engine.add_request(_prompt(20, 1), SamplingParams(max_tokens=20))  # 3 blocks
     second = engine.add_request(_prompt(10, 2), SamplingParams(max_tokens=10))  # 2 blocks: must wait
     engine.step()
@@ -120,7 +122,7 @@ def test_memory_bound_queueing_and_clear_errors(tiny):
 
 
 def test_cancel_frees_blocks_and_others_continue(tiny):
-    engine = Engine(tiny, cache_tokens=256, block_size=8)
+    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8))
     a = engine.add_request(_prompt(6, 3), SamplingParams(max_tokens=30))
     b = engine.add_request(_prompt(6, 4), SamplingParams(max_tokens=5))
     engine.step(), engine.step()
@@ -132,7 +134,7 @@ def test_cancel_frees_blocks_and_others_continue(tiny):
 
 
 def test_stream_yields_tokens_as_produced(tiny):
-    engine = Engine(tiny, cache_tokens=256)
+    engine = Engine(tiny, EngineConfig(cache_tokens=256))
     req = engine.add_request(_prompt(7, 5), SamplingParams(max_tokens=6))
     seen = []
     for tok in engine.stream(req):
@@ -156,3 +158,24 @@ def test_block_pool_gather_scatter_round_trip():
         pool.grow(b, 20)
     pool.release(a)
     assert len(pool.free) == 5 and not a
+
+
+def test_block_pool_views_runs_of_consecutive_blocks_in_place():
+    pool = BlockPool(PRESETS["k2-tiny"], num_blocks=12, block_size=4)
+    for r in pool.rows:
+        r.normal_()
+    tables, firsts = [[], [], []], []
+    for t in tables:  # a fresh pool hands out consecutive blocks: runs 3 blocks apart
+        slots, first = pool.reserve(t, 10)
+        firsts.append(first)
+        assert torch.equal(slots, pool.slots([t], 10)[0])
+    assert firsts == [0, 12, 24]
+    view = pool.view(firsts, 9)
+    assert all(torch.equal(v.ckv, g.ckv) for v, g in zip(view, pool.gather(tables, 9)))
+    view[0].ckv[1, 8] = 7.0  # a step's write lands in the pool
+    assert (pool.rows[0][12 + 8] == 7.0).all()
+    assert pool.view(firsts, 13) is None  # row 0's run would reach into row 1's
+    assert pool.view([firsts[0], firsts[2]], 9) is not None and pool.view([firsts[2], firsts[0]], 9) is None
+    pool.release(tables[1])
+    other = []
+    assert pool.reserve(other, 20)[1] is None and pool.view([None], 4) is None  # blocks 3, 4, 5, 9, 10

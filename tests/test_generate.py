@@ -1,4 +1,5 @@
-"""Generation on the latent cache: greedy equals full recompute; sampling is seeded and well-formed."""
+"""Generation as Engine requests: greedy and seeded sampling equal the full recompute; sampling is
+well-formed."""
 
 import pytest
 import torch
@@ -30,6 +31,9 @@ def test_seeded_sampling_is_reproducible_and_matches_recompute(tiny):
     assert torch.equal(a, generate_recompute(tiny, prompt, params))
     other = generate(tiny, prompt, SamplingParams(max_tokens=12, temperature=1.0, seed=8))
     assert not torch.equal(a, other)
+    rows = generate(tiny, prompt.repeat(2, 1), params)  # row r samples from seed + r
+    assert torch.equal(rows[0], a[0]) and not torch.equal(rows[1], a[0])
+    assert torch.equal(rows, generate_recompute(tiny, prompt.repeat(2, 1), params))
 
 
 def test_stop_token_ends_generation(tiny):
@@ -80,7 +84,7 @@ def test_cli_generate_rejects_bad_ids():
 
 
 def test_bf16_decode_kernels_match_default_kernels():
-    """One-row bf16 decode steps run without oneDNN (engine.generate.decode_kernels): same logits."""
+    """One-row bf16 decode steps run without oneDNN (engine.decode.decode_kernels): same logits."""
     from openk2.engine.decode import decode_kernels
     model = build_model(PRESETS["k2-tiny"], dtype=torch.bfloat16, seed=3).eval()
     prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(4))

@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "config.py": 250, "cli.py": 200, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
     "model/moe.py": 300, "model/transformer.py": 250, "checkpoint/hf.py": 300, "engine/sampler.py": 100,
-    "engine/generate.py": 300, "engine/engine.py": 300, "engine/kv_cache.py": 200, "engine/decode.py": 300,
+    "engine/generate.py": 100, "engine/engine.py": 300, "engine/kv_cache.py": 200, "engine/decode.py": 300,
     "tokenizer/tokenizer.py": 250, "tokenizer/toolcalls.py": 330, "data/corpus.py": 200, "data/loader.py": 200,
     "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 310,
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,
-    "server/engine_loop.py": 150, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
+    "server/engine_loop.py": 160, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
     "server/chat_format.py": 190, "server/constrain.py": 220, "server/guard.py": 80, "tokenizer/protect.py": 100,
     "checkpoint/state.py": 200, "tokenizer/reasoning.py": 150, "server/logprobs.py": 150,
     "agent/runtime.py": 250, "agent/episode.py": 100, "agent/client.py": 250, "agent/tools.py": 150,
@@ -28,6 +28,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "envs/rubric.py": 160, "envs/oracle.py": 160, "envs/splits.py": 100, "envs/judge.py": 150, "envs/synth.py": 250,
     "envs/evaluate.py": 290, "envs/teacher.py": 120, "envs/play.py": 60,
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
+    "sampling.py": 40,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {
@@ -66,6 +67,72 @@ def test_line_budgets():
     over = {name: n for name, limit in BUDGETS.items()
             if (ROOT / name).exists() and (n := len((ROOT / name).read_text().splitlines())) > limit}
     assert not over, f"over budget: {over}"
+
+
+def test_an_engine_is_built_from_its_config():
+    """`Engine(model, config)`: every knob of the engine is an `EngineConfig` field, none a keyword."""
+    import inspect
+
+    from openk2.engine import Engine, EngineConfig
+    params = inspect.signature(Engine.__init__).parameters
+    assert list(params) == ["self", "model", "config"] and params["config"].annotation in (EngineConfig, "EngineConfig")
+
+
+def test_one_decode_path():
+    """Decoding token by token is the Engine's alone: nowhere else in openk2 is a decode cache built, a
+    decode step compiled or decode kernels chosen (`generate` submits Engine requests)."""
+    engine_only = {"new_cache", "CompiledDecode", "decode_step", "decode_kernels", "BlockPool"}
+    home = {"engine/engine.py", "engine/decode.py", "engine/kv_cache.py", "model/transformer.py"}
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.relative_to(ROOT).as_posix() in home:
+            continue
+        tree = ast.parse(path.read_text())
+        used = ({n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+                | {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+                | {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names})
+        assert not used & engine_only, f"{path.relative_to(ROOT)} decodes on its own: {used & engine_only}"
+
+
+def test_the_way_back_from_the_engine_is_typed():
+    """The server and the in-process agent client read a request's result off its `Run`
+    (engine_loop.py), never out of a dict by "completion_tokens", "reason" or "request"."""
+    keys = {"completion_tokens", "reason", "finish_reason", "request"}
+    for path in sorted([*(ROOT / "server").glob("*.py"), ROOT / "agent" / "client.py"]):
+        read = {n.slice.value for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.Subscript) and isinstance(n.slice, ast.Constant)}
+        assert not read & keys, f"{path.relative_to(ROOT)} reads a result out of a dict: {read & keys}"
+
+
+def _bound_numbers(tree: ast.AST):
+    """(name, number) for every number bound to a name (either branch of a conditional too): keyword
+    arguments, parameter and field defaults, argparse flags' defaults (`add_argument("--top-p", default=1.0)`)."""
+    for node in ast.walk(tree):
+        pairs = []
+        if isinstance(node, ast.keyword):
+            pairs = [(node.arg, node.value)]
+        elif isinstance(node, ast.arguments):
+            positional = node.posonlyargs + node.args
+            pairs = [*zip([a.arg for a in positional[len(positional) - len(node.defaults):]], node.defaults),
+                     *zip([a.arg for a in node.kwonlyargs], node.kw_defaults)]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            pairs = [(node.target.id, node.value)]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and str(node.args[0].value).startswith("--"):
+            pairs = [(node.args[0].value[2:].replace("-", "_"), k.value) for k in node.keywords if k.arg == "default"]
+        for name, value in pairs:
+            for v in (value.body, value.orelse) if isinstance(value, ast.IfExp) else (value,):
+                if isinstance(v, ast.Constant) and type(v.value) in (int, float):
+                    yield name, v.value
+
+
+def test_sampling_defaults_are_named_once():
+    """A default temperature, top-p or top-k is a name from openk2/sampling.py (each defined once, with
+    its reason), never a number written where it is used."""
+    for path in sorted(ROOT.rglob("*.py")):
+        if path != ROOT / "sampling.py":
+            bad = [(n, v) for n, v in _bound_numbers(ast.parse(path.read_text()))
+                   if n and any(k in n for k in ("temperature", "top_p", "top_k"))]
+            assert not bad, f"{path.relative_to(ROOT)}: {bad} (name it in openk2/sampling.py)"
 
 
 def test_core_import_is_light():

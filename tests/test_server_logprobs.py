@@ -151,6 +151,7 @@ def test_echo_lists_a_generated_stop_id_where_lm_eval_drops_it():
     from openk2.engine.sampler import TokenLogprob
     from openk2.server import logprobs
     from openk2.server.chat_format import ChatFormat
+    from openk2.server.engine_loop import Run
     from openk2.server.protocol import ChatCompletionRequest, CompletionRequest
 
     tok = Tokenizer({bytes([b]): b for b in range(256)})
@@ -161,8 +162,8 @@ def test_echo_lists_a_generated_stop_id_where_lm_eval_drops_it():
     req.prompt_logprobs = [None, TokenLogprob(ids[1], -1.5, [(ids[1], -1.5)])]
     req.logprobs = [TokenLogprob(end, -0.25, [(end, -0.25)])]
     body = CompletionRequest(model=NAME, prompt="ab", max_tokens=1, logprobs=1, echo=True)
-    state = {"completion_tokens": 1, "reason": "stop", "request": req}
-    text, lp = logprobs.whole_completion(fmt, body, ids, state, "", logprobs.shaper_for(fmt, body))
+    text, lp = logprobs.whole_completion(fmt, body, ids, Run(req, completion_tokens=1), "",
+                                         logprobs.shaper_for(fmt, body))
     assert text == "ab" and lp["tokens"] == ["a", "b", "<|im_end|>"] and lp["text_offset"] == [0, 1, 2]
     assert lp["token_logprobs"] == [None, -1.5, -0.25] and lp["top_logprobs"] == [None, {"b": -1.5},
                                                                                    {"<|im_end|>": -0.25}]
@@ -170,6 +171,7 @@ def test_echo_lists_a_generated_stop_id_where_lm_eval_drops_it():
     shaper = logprobs.shaper_for(fmt, chat)
     assert shaper.chat(shaper.listed(req, 1)) == {"content": [], "refusal": None}
     zero = CompletionRequest(model=NAME, prompt="ab", max_tokens=0, logprobs=0, echo=True)
-    text, lp = logprobs.whole_completion(fmt, zero, ids, dict(state), "zzz", logprobs.shaper_for(fmt, zero))
+    text, lp = logprobs.whole_completion(fmt, zero, ids, Run(req, completion_tokens=1), "zzz",
+                                         logprobs.shaper_for(fmt, zero))
     assert text == "ab" and lp["tokens"] == ["a", "b"] and lp["token_logprobs"] == [None, -1.5]
     assert zero.max_tokens == 0 and logprobs.engine_params(SamplingParams(), zero).max_tokens == 1

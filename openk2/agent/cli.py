@@ -16,6 +16,8 @@ import sys
 import threading
 from pathlib import Path
 
+from openk2.sampling import K2_TEMPERATURE
+
 DEFAULT_TRAJECTORY = Path.home() / ".openk2" / "trajectories.jsonl"
 SYSTEM = ("You are Kimi, an AI assistant created by Moonshot AI, working in the user's workspace {workspace} "
           "through tools (paths are relative to it). Use the tools when they help, several at once when they are "
@@ -42,7 +44,8 @@ def add_parsers(sub, load) -> None:
     s.add_argument("--max-seconds", type=float, help="wall-clock seconds per task")
     s.add_argument("--turn-tokens", type=int, default=4096, help="max_tokens of each model call")
     s.add_argument("--context-window", type=int, help="the model's context, for compaction (default: the server's)")
-    s.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (K2's recommended 0.6)")
+    s.add_argument("--temperature", type=float, default=K2_TEMPERATURE,
+                   help=f"sampling temperature (K2's recommended {K2_TEMPERATURE})")
     s.add_argument("--system", help="system prompt (default: a short one naming the workspace)")
     s.add_argument("--trajectory", default=str(DEFAULT_TRAJECTORY), help="append each episode here (JSONL)")
     s.add_argument("--no-trajectory", action="store_true", help="do not record episodes")
@@ -92,7 +95,8 @@ def in_process_client(load, args, sequences: int = 1):
     def main():
         try:
             model, tokenizer = load()
-            engine = make_engine(model, args.quantize, args.compile, sequences * model.cfg.max_position_embeddings)
+            engine = make_engine(model, args.quantize, compile=args.compile,
+                                 cache_tokens=sequences * model.cfg.max_position_embeddings)
             fmt = ChatFormat.for_model(model, tokenizer, args.path)
             box["client"] = EngineClient(EngineLoop(engine), fmt, name=Path(args.path).name)
         except BaseException as e:  # noqa: BLE001 — re-raised on the caller's thread

@@ -165,8 +165,6 @@ class EngineClient:
 
     async def complete(self, messages, tools=None, *, tool_choice=None, max_tokens=None, temperature=None,
                        seed=None, on_delta=None) -> Completion:
-        from openk2.server.engine_loop import text_pieces
-
         try:
             prompt = self.fmt.prompt(messages, tools, tool_choice)
             room = self.fmt.context - len(prompt.ids)
@@ -174,19 +172,18 @@ class EngineClient:
                                        grammar=prompt.grammar)
         except ChatError as e:
             raise (ContextLengthExceeded(str(e)) if e.code == "context_length_exceeded" else e) from None
-        req, queue = self.loop.submit(prompt.ids, params)
-        state = {"completion_tokens": 0, "reason": "stop", "request": req}
+        run = self.loop.generate(prompt.ids, params, self.fmt.detokenizer())
         parser, pieces = self.fmt.stream_parser(prompt), []
         parser.feed(prompt.prefix)
-        async for piece in text_pieces(self.loop, req, queue, self.fmt.detokenizer(), state):
+        async for piece in run.pieces:
             pieces.append(piece)
             for delta in parser.feed(piece) if on_delta else []:
                 for kind, key in (("reasoning", "reasoning_content"), ("content", "content")):
                     if delta.get(key):
                         on_delta(kind, delta[key])
-        reply = self.fmt.reply("".join(pieces), prompt, state["reason"])
-        return Completion(reply.message, reply.finish_reason, len(prompt.ids), state["completion_tokens"],
-                          reply.errors, prompt.ids, list(req.output))
+        reply = self.fmt.reply("".join(pieces), prompt, run.finish_reason)
+        return Completion(reply.message, reply.finish_reason, len(prompt.ids), run.completion_tokens,
+                          reply.errors, prompt.ids, list(run.request.output))
 
 
 # ---------------------------------------------------------------- scripted

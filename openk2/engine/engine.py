@@ -5,13 +5,13 @@ Each `step()` admits waiting requests whose whole budget (prompt + max_tokens) f
 `prefill_chunk` padded tokens — the next chunk of the oldest request still prefilling, with later
 prompts batched beside it (a long prompt cannot stall the others for more than one chunk) — then
 one batched decode step for every other running request, rows at different lengths, each at its
-own position (through the compiled step of `decode.py` with `compile=True`). Finished and cancelled
-requests leave and free their blocks at once; new ones join between steps. Sampling is per request
-(its own parameters and seeded generator; greedy rows share one argmax); a request with a grammar
-(`SamplingParams.grammar`) has its logits masked to the ids its `Constraint` allows first, all such
-rows in one bitmask (rows without one pay nothing), and ends once the grammar is complete. The reference is
-`generate_recompute`; tests/test_engine.py checks that greedy output equals it for every request of
-a mixed batch joining at different steps.
+own position (through the compiled step of `decode.py` with `compile`; sizes and `compile` are
+`EngineConfig`'s). Finished and cancelled requests leave and free their blocks at once; new ones join
+between steps. Sampling is per request (its own parameters and seeded generator; greedy rows share
+one argmax); a request with a grammar (`SamplingParams.grammar`) has its logits masked to the ids its
+`Constraint` allows first, all such rows in one bitmask (rows without one pay nothing), and ends once
+the grammar is complete. The reference is `generate_recompute`; tests/test_engine.py checks that
+greedy output equals it for every request of a mixed batch joining at different steps.
 
 Log-probs, for a request that asks (`SamplingParams.logprobs`, `prompt_logprobs`): `Request.logprobs`
 holds one `TokenLogprob` per output token, `Request.prompt_logprobs` one per prompt token (None for the
@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from openk2.engine.decode import CompiledDecode, compilable, decode_kernels, small_batch
 from openk2.engine.kv_cache import BlockPool
@@ -40,6 +41,8 @@ class Request:
     params: SamplingParams
     output: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
+    slots: torch.Tensor | None = None  # pool rows of positions 0 .. prompt + max_tokens - 1, from admission
+    first_row: int | None = None  # where its rows start in the pool, if its blocks are consecutive
     prefilled: int = 0  # prompt tokens in the cache
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
@@ -64,18 +67,33 @@ def score_prompt(req: Request, logits_SV: torch.Tensor, start: int) -> None:
         req.prompt_logprobs += token_logprobs(logits_SV[:len(targets)], targets, req.params.logprobs or 0)
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every knob of an Engine. Not here: sampling, which is per request (`SamplingParams`; the commands'
+    defaults are named in openk2/sampling.py), and CPU threads, which are process-wide (torch's pool;
+    set by the command that owns the process: `openk2 generate --threads`, training)."""
+    cache_tokens: int = 8192  # latent cache rows in the block pool, for all requests together
+    block_size: int = 16  # cache rows per block
+    max_batch: int = 32  # requests running (decoding together) at most
+    prefill_chunk: int = 256  # new prompt tokens per prefill forward, padded, across the rows it batches
+    compile: bool = False  # decode steps through `CompiledDecode` (int4 weights decode eagerly)
+
+    def __post_init__(self):
+        if min(self.cache_tokens, self.block_size, self.max_batch, self.prefill_chunk) < 1:
+            raise ValueError(f"every size of an EngineConfig must be >= 1: {self}")
+
+
 class Engine:
-    def __init__(self, model: Transformer, cache_tokens: int = 8192, block_size: int = 16,
-                 max_batch: int = 32, prefill_chunk: int = 256, compile: bool = False):
-        """compile: decode steps through `CompiledDecode` (fused kernels reading the pool in place;
-        each batch regime compiles on first use, or in `warmup`); int4 models decode eagerly."""
-        w = model.lm_head.weight
-        self.model, self.max_batch, self.prefill_chunk = model.eval(), max_batch, prefill_chunk
-        self.pool = BlockPool(model.cfg, -(-cache_tokens // block_size), block_size, w.dtype, w.device)
+    def __init__(self, model: Transformer, config: EngineConfig = EngineConfig()):
+        """With `config.compile`, each batch regime's decode step compiles on first use (or in `warmup`),
+        fused kernels reading the pool in place."""
+        w, c = model.lm_head.weight, config
+        self.model, self.config = model.eval(), config
+        self.pool = BlockPool(model.cfg, -(-c.cache_tokens // c.block_size), c.block_size, w.dtype, w.device)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._ids = itertools.count()
-        self.compiled = CompiledDecode(model) if compile and compilable(model) else None
+        self.compiled = CompiledDecode(model) if c.compile and compilable(model) else None
         self._warming: CompiledDecode | None = None  # compiling on a thread (warmup(background=True))
 
     # --- requests ------------------------------------------------------------------------------
@@ -91,9 +109,7 @@ class Engine:
                              f"context ({cfg.max_position_embeddings})")
         if self.pool.blocks_for(need) > self.pool.num_blocks:
             raise ValueError(f"the request needs {need} tokens of cache, the engine holds {self.pool.capacity}")
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.pool.pools[0].device).manual_seed(params.seed)
+        gen = None if params.seed is None else torch.Generator(device=self.pool.device).manual_seed(params.seed)
         req = Request(next(self._ids), list(prompt_ids), params, generator=gen,
                       constraint=params.grammar.start() if params.grammar is not None else None)
         self.waiting.append(req)
@@ -111,12 +127,13 @@ class Engine:
                 queue.remove(req)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch:
+        while self.waiting and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            need = self.pool.blocks_for(len(req.prompt) + req.params.max_tokens)
-            if need > len(self.pool.free):
+            budget = len(req.prompt) + req.params.max_tokens
+            if self.pool.blocks_for(budget) > len(self.pool.free):
                 return  # first come, first served: it waits for blocks to be freed
-            self.pool.grow(req.blocks, len(req.prompt) + req.params.max_tokens)
+            # its blocks are reserved up front: where each position's row lives is known from now on
+            req.slots, req.first_row = self.pool.reserve(req.blocks, budget)
             self.running.append(self.waiting.pop(0))
 
     # --- one step ------------------------------------------------------------------------------
@@ -137,11 +154,11 @@ class Engine:
         """One prefill forward of at most `prefill_chunk` (padded) new tokens: the oldest request's
         next chunk, plus later requests beside it at the same padded width, as long as the batch's
         cache (rows × the deepest row's length) stays within twice what the oldest alone would use."""
-        first = prefilling[0]
-        width = min(self.prefill_chunk, len(first.prompt) - first.prefilled)
-        depth = max(self.prefill_chunk, first.prefilled + width)  # its cache rows, or one chunk
+        first, chunk = prefilling[0], self.config.prefill_chunk
+        width = min(chunk, len(first.prompt) - first.prefilled)
+        depth = max(chunk, first.prefilled + width)  # its cache rows, or one chunk
         rows, deepest = [first], first.prefilled
-        for r in prefilling[1:self.prefill_chunk // width]:
+        for r in prefilling[1:chunk // width]:
             if (len(rows) + 1) * (max(deepest, r.prefilled) + width) > 2 * depth:
                 break
             rows.append(r)
@@ -151,7 +168,7 @@ class Engine:
         ids = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: padding sits after
         for i, (r, s, n) in enumerate(zip(rows, starts, counts)):  # every real token, never seen
             ids[i, :n] = torch.tensor(r.prompt[s:s + n])
-        device = self.pool.pools[0].device
+        device = self.pool.device
         tables = [r.blocks for r in rows]
         cache = self.pool.gather(tables, max(starts) + width)
         start = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=device)
@@ -168,24 +185,30 @@ class Engine:
 
     def _decode(self, rows: list[Request]) -> list[tuple[Request, int]]:
         starts = [len(r.prompt) + len(r.output) - 1 for r in rows]  # where each last token goes
-        device = self.pool.pools[0].device
-        tables, pos = [r.blocks for r in rows], torch.tensor(starts, device=device)
-        ids = torch.tensor([r.output[-1] for r in rows], device=device)
+        ids_N, pos_N = (torch.tensor(x, device=self.pool.device) for x in ([r.output[-1] for r in rows], starts))
+        length = max(starts) + 1
+        # eager steps of requests whose blocks are one run each read and write the pool in place;
+        # the others go through their pool rows, fixed at admission (a step only slices them)
+        view = None if self.compiled is not None else self.pool.view([r.first_row for r in rows], length)
+        slots_NT = None if view else pad_sequence([r.slots[:length] for r in rows], batch_first=True)
         if self.compiled is not None:
-            slots = self.pool.slots(tables, max(starts) + 1).to(device)
-            logits = self.compiled(ids, pos, slots, self.pool.rows)
-        else:
-            cache = self.pool.gather(tables, max(starts) + 1)
-            with decode_kernels(self.model, len(rows)):
-                logits = self.model(ids[:, None], pos, cache)[:, -1]
-            self.pool.scatter(cache, tables, starts, [1] * len(rows))
-        return self._emit(rows, logits)
+            return self._emit(rows, self.compiled(ids_N, pos_N, slots_NT, self.pool.rows))
+        cache = view or self.pool.read(slots_NT)
+        # rows at one position (one row; a batch that started together) take the model's shared-
+        # position path: a slice write and no mask, where per-row positions index and mask
+        start = starts[0] if len(set(starts)) == 1 else pos_N
+        with decode_kernels(self.model, len(rows)):
+            logits_NV = self.model(ids_N[:, None], start, cache)[:, -1]
+        if view is None:
+            self.pool.write(cache, slots_NT, starts)
+        return self._emit(rows, logits_NV)
 
     def _emit(self, rows: list[Request], logits_NV: torch.Tensor) -> list[tuple[Request, int]]:
         """Sample one token per row (greedy rows in one argmax), append it, finish rows that stop."""
         raw_NV, logits_NV = logits_NV, self._mask(rows, logits_NV)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
-        toks = dict(zip(greedy, logits_NV[greedy].argmax(-1).tolist())) if greedy else {}
+        greedy_GV = logits_NV if len(greedy) == len(rows) else logits_NV[greedy]  # (indexing copies)
+        toks = dict(zip(greedy, greedy_GV.argmax(-1).tolist())) if greedy else {}
         events = []
         for i, req in enumerate(rows):
             tok = toks[i] if i in toks else int(sample(logits_NV[i:i + 1], req.params, req.generator)[0])
@@ -231,8 +254,9 @@ class Engine:
         if self.compiled is None:
             return None
         compiled, cfg = self.compiled, self.model.cfg
-        large = next((n for n in range(2, self.max_batch + 1) if not small_batch(n, cfg)), None)
-        sizes = sorted({1, min(2, self.max_batch), large or 1})
+        most = self.config.max_batch
+        large = next((n for n in range(2, most + 1) if not small_batch(n, cfg)), None)
+        sizes = sorted({1, min(2, most), large or 1})
         started, interval = time.monotonic(), sys.getswitchinterval()
 
         def work():

@@ -1,60 +1,52 @@
-"""Simple generation for one batch of equal-length prompts, on the absorbed-MLA latent cache.
+"""Generation for one batch of equal-length prompts, as requests to an Engine (the one decode path),
+and its reference.
 
-`generate_recompute` is its reference: no cache, the whole sequence re-run every step;
-tests/test_generate.py checks the two give identical greedy tokens. Decode steps run the model's
-forward, or the compiled step of `decode.py` with `compile=True`. The continuous-batching engine
-over a block cache is `engine.py`.
+`generate_stream` gives each prompt row a request of its own in an Engine sized for the batch and
+steps it; `generate` collects the tokens. `generate_recompute` is the reference: no cache, the whole
+sequence re-run every step; tests/test_generate.py checks the two give identical tokens, greedy and
+seeded. Rows sample independently, row r from a generator seeded `seed + r` (as the server's n
+choices), in both.
 """
 
+import dataclasses
 from collections.abc import Iterator
 
 import torch
 
-from openk2.engine.decode import CompiledDecode, decode_kernels
+from openk2.engine.engine import Engine, EngineConfig
 from openk2.engine.sampler import SamplingParams, sample
 from openk2.model.transformer import Transformer
 
 
-def _generator(params: SamplingParams, device) -> torch.Generator | None:
-    return torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+def _row_params(params: SamplingParams, row: int) -> SamplingParams:
+    """Row `row`'s parameters: its own seed, and no stop ids (the caller stops the batch as a whole)."""
+    seed = None if params.seed is None else params.seed + row
+    return dataclasses.replace(params, seed=seed, stop_token_ids=())
 
 
-@torch.inference_mode()
 def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams,
                     compile: bool = False) -> Iterator[torch.Tensor]:
-    """Yield next-token ids [B] one step at a time; prompt_ids [B, S] (or [S]).
-    compile: decode steps through `CompiledDecode` (the prompt runs eagerly)."""
-    if prompt_ids.dim() == 1:
-        prompt_ids = prompt_ids[None]
-    B, S = prompt_ids.shape
-    limit = model.cfg.max_position_embeddings
-    if S + params.max_tokens > limit:
-        raise ValueError(f"prompt ({S}) + max_tokens ({params.max_tokens}) exceeds the context ({limit})")
-    if S == 0:
-        raise ValueError("empty prompt")
-    device = model.lm_head.weight.device
-    gen = _generator(params, device)
-    compiled = CompiledDecode(model) if compile else None  # refuses int4 before any work
-    cache = model.new_cache(B, S + params.max_tokens)
-    logits = model(prompt_ids.to(device), 0, cache)[:, -1]
-    # the caches seen as pools with one run of rows per batch row, for the compiled step
-    pools = [c.ckv.view(-1, c.ckv.shape[-1]) for c in cache]
-    base_B1 = torch.arange(B, device=device)[:, None] * cache[0].ckv.shape[1]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    stops = torch.tensor(params.stop_token_ids, device=device, dtype=torch.long)
-    for step in range(params.max_tokens):
-        tok = sample(logits, params, gen)
-        yield tok
-        done |= torch.isin(tok, stops)
-        if done.all() or step == params.max_tokens - 1:
+    """Yield next-token ids [B] one step at a time; prompt_ids [B, S] (or [S]). Rows that stopped keep
+    producing until all have (as the reference does). compile: `EngineConfig.compile`."""
+    rows = (prompt_ids[None] if prompt_ids.dim() == 1 else prompt_ids).tolist()
+    if params.max_tokens == 0:
+        return
+    B, S = len(rows), len(rows[0])
+    # every prompt in one prefill forward (chunks keep a long prompt from stalling other requests;
+    # here there are none, and each chunk would re-read the cache before it)
+    config = EngineConfig(max_batch=B, prefill_chunk=B * S, compile=compile)
+    row_tokens = -(-(S + params.max_tokens) // config.block_size) * config.block_size  # in whole blocks
+    engine = Engine(model, dataclasses.replace(config, cache_tokens=B * row_tokens))
+    reqs = [engine.add_request(ids, _row_params(params, r)) for r, ids in enumerate(rows)]
+    stops, done = set(params.stop_token_ids), [False] * B
+    for n in range(params.max_tokens):
+        while any(len(r.output) <= n for r in reqs):  # a long prompt prefills over several steps
+            engine.step()
+        toks = [r.output[n] for r in reqs]
+        yield torch.tensor(toks, device=prompt_ids.device)
+        done = [d or t in stops for d, t in zip(done, toks)]
+        if all(done):
             return
-        pos = S + step  # where tok goes
-        if compiled is not None:
-            pos_B = torch.full((B,), pos, device=device)
-            logits = compiled(tok, pos_B, base_B1 + torch.arange(pos + 1, device=device), pools)
-        else:
-            with decode_kernels(model, B):
-                logits = model(tok[:, None], pos, cache)[:, -1]
 
 
 def generate(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams,
@@ -69,10 +61,12 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParam
 def generate_recompute(model: Transformer, prompt_ids: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Reference: recompute the full sequence (materialised MLA, no cache) for every new token."""
     ids = prompt_ids[None] if prompt_ids.dim() == 1 else prompt_ids
-    gen = _generator(params, ids.device)
+    seeds = [_row_params(params, r).seed for r in range(ids.shape[0])]
+    gens = [None if s is None else torch.Generator(device=ids.device).manual_seed(s) for s in seeds]
     out = []
     for _ in range(params.max_tokens):
-        tok = sample(model(ids)[:, -1], params, gen)
+        logits_BV = model(ids)[:, -1]
+        tok = torch.cat([sample(logits_BV[r:r + 1], params, g) for r, g in enumerate(gens)])
         out.append(tok)
         ids = torch.cat([ids, tok[:, None]], dim=1)
         if params.stop_token_ids and torch.isin(torch.stack(out, 1), torch.tensor(params.stop_token_ids)).any(1).all():

@@ -3,10 +3,12 @@ per-request block tables.
 
 Per layer the pool is [num_blocks, block_size, L] (L = C + R: K2's 576 values per token). A request
 owns a list of blocks; memory is bounded by the pool, and a request that can never fit is refused
-up front. The model's forward attends over contiguous rows, so an eager step gathers each running request's
-blocks into a padded batch cache (`gather`) and writes the rows the step produced back (`scatter`);
-the compiled decode step (`decode.py`) reads and writes the pool rows (`rows`) in place through a
-slot table (`slots`) instead.
+up front. The model's forward attends over contiguous rows, so an eager step gathers each running
+request's rows into a padded batch cache (`gather` by block tables, `read` by a slot table) and writes
+the rows the step produced back (`scatter`; `write`: a decode step's one row per request), unless each
+request's blocks are consecutive, as a fresh pool hands them out: then the batch cache is a view of
+the pool (`view`), read and written in place. The compiled decode step (`decode.py`) reads and writes
+the pool rows (`rows`) in place through a slot table (`slots`) instead.
 """
 
 import torch
@@ -29,6 +31,7 @@ class BlockPool:
         self.pools = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
                       for _ in range(cfg.num_hidden_layers)]
         self.rows = [pool.view(-1, width) for pool in self.pools]  # [num_blocks · block_size, L] views
+        self.device = self.rows[0].device
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: the last freed is reused first
 
     @property
@@ -45,25 +48,57 @@ class BlockPool:
             raise CacheFull(f"{need} blocks needed, {len(self.free)} free")
         table.extend(self.free.pop() for _ in range(max(need, 0)))
 
+    def reserve(self, table: list[int], n_tokens: int) -> tuple[torch.Tensor, int | None]:
+        """Grow an empty table to n_tokens rows (CacheFull if the pool cannot): its slot row [n_tokens]
+        on the pool's device, and its first pool row when its blocks are consecutive (else None)."""
+        self.grow(table, n_tokens)
+        one_run = table == list(range(table[0], table[0] + len(table)))
+        return self.slots([table], n_tokens)[0].to(self.device), table[0] * self.block_size if one_run else None
+
     def release(self, table: list[int]) -> None:
         self.free.extend(reversed(table))
         table.clear()
 
     def slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
-        """[R, length] pool row indices (block · block_size + offset); padding points at row 0."""
-        pos = torch.arange(length)
-        idx = torch.zeros(len(tables), length, dtype=torch.long)
-        for r, table in enumerate(tables):
-            n = min(length, len(table) * self.block_size)
-            blocks = torch.tensor(table, dtype=torch.long)[pos[:n] // self.block_size]
-            idx[r, :n] = blocks * self.block_size + pos[:n] % self.block_size
-        return idx
+        """[R, length] pool row indices (block · block_size + offset); past the end of a table, rows of
+        block 0 (padding, which the step masks)."""
+        n, pos_T = self.blocks_for(length), torch.arange(length)
+        blocks_RN = torch.tensor([t[:n] + [0] * (n - len(t)) for t in tables], dtype=torch.long)
+        return blocks_RN[:, pos_T // self.block_size] * self.block_size + pos_T % self.block_size
 
     def gather(self, tables: list[list[int]], length: int) -> list[LatentCache]:
         """A batch cache [R, length, L] per layer holding each request's rows (past the end of its
-        blocks, copies of pool row 0: padding the model masks or overwrites)."""
-        idx = self.slots(tables, length).flatten()
-        return [LatentCache(rows.index_select(0, idx).view(len(tables), length, -1)) for rows in self.rows]
+        blocks, copies of block 0's rows: padding the model masks or overwrites)."""
+        return self.read(self.slots(tables, length))
+
+    def read(self, slots_RT: torch.Tensor) -> list[LatentCache]:
+        """A batch cache [R, T, L] per layer: the pool rows `slots_RT` names."""
+        idx = slots_RT.flatten()
+        return [LatentCache(rows.index_select(0, idx).view(*slots_RT.shape, -1)) for rows in self.rows]
+
+    def view(self, firsts: list[int | None], length: int) -> list[LatentCache] | None:
+        """The batch cache [R, length, L] per layer as a view of the pool, when row r's rows are the run
+        from pool row firsts[r] and the runs lie equally spaced, none overlapping the next (requests whose
+        blocks are consecutive, as a fresh pool hands them out); None otherwise. A step then reads and
+        writes the pool in place: no copy of the cache, nothing to write back."""
+        step = firsts[1] - firsts[0] if len(firsts) > 1 and None not in firsts[:2] else length
+        if None in firsts or step < length or firsts[-1] + length > self.capacity \
+                or any(b - a != step for a, b in zip(firsts, firsts[1:])):
+            return None
+        L = self.rows[0].shape[-1]
+        return [LatentCache(rows.as_strided((len(firsts), length, L), (step * L, L, 1), firsts[0] * L))
+                for rows in self.rows]
+
+    def write(self, cache: list[LatentCache], slots_RT: torch.Tensor, starts: list[int]) -> None:
+        """Write the row at position starts[r] of each batch row back to its pool row `slots_RT[r,
+        starts[r]]` (a decode step's one new row per request)."""
+        device, s = slots_RT.device, starts[0]
+        # rows at one position (one row; a batch that started together): plain views, no index tensors
+        at = (slice(None), s) if starts.count(s) == len(starts) else \
+            (torch.arange(len(starts), device=device), torch.tensor(starts, device=device))
+        new_R = slots_RT[at]
+        for flat, c in zip(self.rows, cache):
+            flat.index_copy_(0, new_R, c.ckv[at])
 
     def scatter(self, cache: list[LatentCache], tables: list[list[int]], starts: list[int],
                 counts: list[int]) -> None:

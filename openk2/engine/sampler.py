@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import torch
 
+from openk2.sampling import GREEDY, MAX_TOKENS, TOP_K_OFF, TOP_P_OFF
+
 
 class Constraint(Protocol):
     """One request's grammar state. Each step the engine asks for the allowed ids, samples among them,
@@ -23,10 +25,10 @@ class Constraint(Protocol):
 
 @dataclass
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_tokens: int = 32
+    temperature: float = GREEDY  # 0: greedy (the commands' own defaults: openk2/sampling.py)
+    top_p: float = TOP_P_OFF  # 1: off
+    top_k: int = TOP_K_OFF  # 0: off
+    max_tokens: int = MAX_TOKENS
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: each output token's log-prob and the k most likely

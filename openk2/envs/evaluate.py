@@ -32,6 +32,7 @@ from openk2.envs.rubric import answers_of, calls_of, same_args
 from openk2.envs.splits import SPLITS, held_out
 from openk2.envs.tasks import SYSTEM
 from openk2.envs.world import World
+from openk2.sampling import GREEDY
 
 if TYPE_CHECKING:  # the runtime's import reaches torch: loaded when an evaluation runs, not with the CLI
     from openk2.agent.runtime import Budget
@@ -159,13 +160,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-async def run_task(task, client, budget: Budget, temperature: float | None = 0.0, system: str = SYSTEM) -> dict:
+async def run_task(task, client, budget: Budget, temperature: float | None = GREEDY, system: str = SYSTEM) -> dict:
     """One episode of a task (its world, scripted user and budget), scored."""
     world, ep = await play(task, client, system=system, budget=budget, temperature=temperature)
     return {**score(task, ep, world), "messages": ep.transcript}
 
 
-async def evaluate(tasks: list, client_of, budget: Budget | None = None, temperature: float | None = 0.0,
+async def evaluate(tasks: list, client_of, budget: Budget | None = None, temperature: float | None = GREEDY,
                    concurrency: int = 8, progress: bool = True) -> list[dict]:
     """Each task's result, in order; `client_of(task)` -> the model client of its episode; at most
     `concurrency` episodes at once (an in-process engine batches them). budget: 16 turns, 4,096 tokens,
@@ -199,7 +200,7 @@ def add_parser(sub, load) -> None:
     s.add_argument("--max-turns", type=int, default=16, help="model calls per task (default: 16)")
     s.add_argument("--max-tokens", type=int, default=4096, help="generated tokens per task (default: 4096)")
     s.add_argument("--turn-tokens", type=int, default=256, help="max_tokens of each model call (default: 256)")
-    s.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    s.add_argument("--temperature", type=float, default=GREEDY, help="sampling temperature (default: 0, greedy)")
     s.add_argument("--quantize", choices=["int8", "int4"], help="in-process model: quantize the weights")
     s.set_defaults(fn=lambda args: eval_command(args, lambda: load(args.path)), compile=False)
 

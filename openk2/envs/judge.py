@@ -16,6 +16,7 @@ import re
 
 from openk2.envs.rubric import answers_of, calls_of
 from openk2.envs.world import changes
+from openk2.sampling import GREEDY
 
 CATEGORIES = [  # (category, pattern of a reason), first match wins
     ("stopped", r"^stopped:"), ("bad_format", r"^bad format:"), ("wrong_tool", r"^wrong tool:"),
@@ -104,7 +105,7 @@ class LLMJudge:
     async def __call__(self, task, world, episode) -> tuple[bool, list[str]]:
         try:
             c = await self.client.complete(self.prompt(task, world, episode), max_tokens=self.max_tokens,
-                                           temperature=0.0)
+                                           temperature=GREEDY)
         except Exception as e:  # noqa: BLE001 — an endpoint failure rejects this one trajectory, with why
             return False, [f"judge: the request failed: {type(e).__name__}: {e}"]
         return parse_verdict(c.message.get("content"))

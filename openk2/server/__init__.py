@@ -6,6 +6,8 @@ import sys
 import threading
 from pathlib import Path
 
+from openk2.sampling import API_TEMPERATURE, K2_TEMPERATURE
+
 __all__ = ["create_app", "serve", "run", "make_engine", "add_parsers"]
 
 
@@ -28,18 +30,19 @@ def _text_setup(model, tokenizer, path: str, reasoning_parser: str = "auto"):
     return fmt.tokenizer, fmt.template, fmt.template_vars, fmt.reasoning
 
 
-def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 8192, wait: bool = False):
-    """The Engine for `openk2 serve` / `chat` / `agent`: quantized first if asked, decode steps compiled
-    unless `compile` is False or the weights are int4. The compiler runs on a thread while requests are
-    answered with eager steps (slower, but nobody waits on a silent server: a minute or more on a small
-    CPU with an empty inductor cache); `wait` compiles first instead, for full speed from the first
-    request. Progress goes to stderr."""
-    from openk2.engine import Engine
+def make_engine(model, quantize: str | None = None, wait: bool = False, **config):
+    """The Engine for `openk2 serve` / `chat` / `agent`, of `EngineConfig(**config)` (the agent may not
+    import the engine, so it names the fields): quantized first if asked, decode steps compiled if
+    `compile` and the weights are not int4. The compiler runs on a thread while requests are answered
+    with eager steps (slower, but nobody waits on a silent server: a minute or more on a small CPU with
+    an empty inductor cache); `wait` compiles first instead, for full speed from the first request.
+    Progress goes to stderr."""
+    from openk2.engine import Engine, EngineConfig
 
     if quantize:
         from openk2.quant import quantize_model
         quantize_model(model, quantize)
-    engine = Engine(model, cache_tokens=cache_tokens, compile=compile)
+    engine = Engine(model, EngineConfig(**config))
     if engine.compiled is not None:
         def say(message):
             print(f"[openk2] {message}", file=sys.stderr, flush=True)
@@ -50,7 +53,7 @@ def make_engine(model, quantize: str | None, compile: bool, cache_tokens: int = 
 
 
 def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          quantize: str | None = None, compile: bool = True, temperature: float = 1.0,
+          quantize: str | None = None, compile: bool = True, temperature: float = API_TEMPERATURE,
           reasoning_parser: str = "auto", compile_first: bool = False) -> None:
     """Serve `model` under the name of its folder."""
     import uvicorn
@@ -58,7 +61,7 @@ def serve(model, tokenizer, path: str, host: str = "127.0.0.1", port: int = 8000
     from openk2.server.app import create_app
     from openk2.server.protocol import APIError
 
-    engine = make_engine(model, quantize, compile, wait=compile_first)
+    engine = make_engine(model, quantize, wait=compile_first, compile=compile)
     tokenizer, template, variables, reasoning = _text_setup(model, tokenizer, path, reasoning_parser)
     folder = Path(path)
     app = create_app(model, tokenizer, folder.name if folder.is_dir() else path, api_key=api_key, engine=engine,
@@ -101,7 +104,7 @@ def run(args, model, tokenizer) -> None:
         return serve(model, tokenizer, args.path, args.host, args.port, args.api_key, args.quantize, args.compile,
                      args.temperature, args.reasoning_parser, args.compile_first)
     from openk2.server.terminal import chat
-    engine = make_engine(model, args.quantize, args.compile, model.cfg.max_position_embeddings)
+    engine = make_engine(model, args.quantize, cache_tokens=model.cfg.max_position_embeddings, compile=args.compile)
     try:
         tokenizer, template, variables, reasoning = _text_setup(model, tokenizer, args.path, args.reasoning_parser)
         chat(model, tokenizer, template, variables, temperature=args.temperature, engine=engine, reasoning=reasoning)
@@ -122,9 +125,9 @@ def add_parsers(sub, load) -> None:
             s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
             s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
         s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights at load time")
-        s.add_argument("--temperature", type=float, default=1.0 if name == "serve" else 0.6,
-                       help="for requests that give none (OpenAI's default, 1.0)" if name == "serve" else
-                       "sampling temperature (K2's recommended 0.6)")
+        s.add_argument("--temperature", type=float, default=API_TEMPERATURE if name == "serve" else K2_TEMPERATURE,
+                       help=f"for requests that give none (OpenAI's default, {API_TEMPERATURE})" if name == "serve"
+                       else f"sampling temperature (K2's recommended {K2_TEMPERATURE})")
         s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                        help="compiled decode steps (compiled in the background: eager steps until then)")
         if name == "serve":

@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI's chat completions ⇄ K2's chat template ⇄ the engine (ids only).
 
 The engine runs on `EngineLoop`'s thread (engine_loop.py), shared by every client; `Server.generate`
-validates a prompt's ids and returns its text in safe increments (`stop` strings trimmed). Prompts,
+submits a prompt's ids and returns its `Run` (the text in safe increments, `stop` strings trimmed; the
+tokens it took, the finish reason and the engine's record of the request). Prompts,
 sampling defaults, forced tool calls, reasoning and the parse of replies, whole or streamed, are
 `ChatFormat`'s (chat_format.py, shared with the in-process agent client).
 Errors keep OpenAI's shape and status; a client mistake is never a 500. `/v1/completions`,
@@ -22,9 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from openk2.engine.engine import Engine
+from openk2.sampling import API_MAX_TOKENS, API_TEMPERATURE
 from openk2.server import extra, logprobs
 from openk2.server.chat_format import ChatError, ChatFormat, Prompt
-from openk2.server.engine_loop import EngineLoop, text_pieces
+from openk2.server.engine_loop import EngineLoop, Run
 from openk2.server.guard import RequireKey, truthful_openapi
 from openk2.server.metrics import CountRequests, Metrics
 from openk2.server.protocol import (APIError, AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice,
@@ -47,22 +49,19 @@ class Server:
         if body.n > max_n:
             raise APIError(400, f"n must be 1..{max_n}" if max_n > 1 else "n must be 1 here", param="n")
 
-    def generate(self, ids: list[int], body: SamplingRequest, param: str, choice: int = 0, grammar=None):
-        """Submit `ids` under the body's sampling fields: (text pieces, state) — state gets
-        "completion_tokens" and "reason" as the pieces are consumed."""
+    def generate(self, ids: list[int], body: SamplingRequest, param: str, choice: int = 0, grammar=None) -> Run:
+        """Submit `ids` under the body's sampling fields."""
         seed = None if body.seed is None else body.seed + choice  # n choices: distinct, reproducible
         params = self.fmt.sampling(len(ids), body.temperature, body.top_p, body.max_new_tokens(), seed, param,
                                    grammar)
         params = logprobs.engine_params(params, body)
         detok = self.fmt.detokenizer(body.stop_strings())
         try:
-            req, queue = self.loop.submit(ids, params)
+            return self.loop.generate(ids, params, detok)
         except ValueError as e:
             raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded")
-        state = {"completion_tokens": 0, "reason": "stop", "request": req}
-        return text_pieces(self.loop, req, queue, detok, state), state
 
-    async def collect(self, runs: list, request: Request) -> list[str] | None:
+    async def collect(self, runs: list[Run], request: Request) -> list[str] | None:
         """Each run's whole text (one failing cancels the others), or None if the client goes away
         first: then its requests are cancelled at once instead of decoding on to max_tokens."""
         async def whole(pieces) -> str:
@@ -70,7 +69,7 @@ class Server:
 
         async def all_texts() -> list[str]:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(whole(pieces)) for pieces, _ in runs]
+                tasks = [group.create_task(whole(run.pieces)) for run in runs]
             return [task.result() for task in tasks]
 
         async def disconnected() -> None:  # the body is read: what comes next is the client leaving
@@ -92,11 +91,11 @@ class Server:
             gone.cancel()
             self.release(runs)
 
-    def release(self, runs: list) -> None:
+    def release(self, runs: list[Run]) -> None:
         """Cancel the runs' requests that are still going (a reply abandoned before its text
         generators ever started would otherwise decode on to max_tokens)."""
-        for _, state in runs:
-            self.loop.cancel(state["request"])
+        for run in runs:
+            self.loop.cancel(run.request)
 
 
 async def merge(streams: list):
@@ -126,8 +125,9 @@ async def merge(streams: list):
 
 
 def create_app(model, tokenizer, model_name: str, api_key: str | None = None, engine=None,
-               chat_template: str | None = None, template_vars: dict | None = None, default_temperature: float = 1.0,
-               default_max_tokens: int = 1024, engine_thread: bool = True, reasoning: bool = False) -> FastAPI:
+               chat_template: str | None = None, template_vars: dict | None = None,
+               default_temperature: float = API_TEMPERATURE, default_max_tokens: int = API_MAX_TOKENS,
+               engine_thread: bool = True, reasoning: bool = False) -> FastAPI:
     """The server for `model` + `tokenizer`. `engine` (default `Engine(model)`) may be any object with
     the Engine's add_request/step/cancel/has_work, e.g. a scripted fake in tests. engine_thread: the
     app steps the engine on a thread it starts; False leaves that to the caller
@@ -201,24 +201,24 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         shaper = logprobs.shaper_for(fmt, body)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            streams = [logprobs.Stream(shaper, state, chat=True) if shaper else None for _, state in runs]
+            streams = [logprobs.Stream(shaper, run, chat=True) if shaper else None for run in runs]
             return StreamingResponse(sse(runs, prompt, include, streams), media_type="text/event-stream")
         if (texts := await srv.collect(runs, request)) is None:
             return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
-        replies = [fmt.reply(text, prompt, state["reason"]) for text, (_, state) in zip(texts, runs)]
+        replies = [fmt.reply(text, prompt, run.finish_reason) for text, run in zip(texts, runs)]
         for reply in replies:
             metrics.count_parse_errors(reply.errors)
-        lps = [shaper.chat(shaper.listed(s["request"], s["completion_tokens"])) if shaper else None for _, s in runs]
+        lps = [shaper.chat(shaper.listed(run.request, run.completion_tokens)) if shaper else None for run in runs]
         choices = [choice_of(i, reply, lp) for i, (reply, lp) in enumerate(zip(replies, lps))]
-        used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
-        return ChatCompletion(id=completion_id(), model=model_name, usage=Usage.of(len(ids), used), choices=choices)
+        used = Usage.of(len(ids), sum(run.completion_tokens for run in runs))
+        return ChatCompletion(id=completion_id(), model=model_name, usage=used, choices=choices)
 
     def choice_of(index: int, reply, lp: dict | None) -> Choice:
         message = AssistantMessage(content=reply.message["content"], tool_calls=reply.message.get("tool_calls"),
                                    reasoning_content=reply.message.get("reasoning_content"))
         return Choice(index=index, message=message, finish_reason=reply.finish_reason, logprobs=lp)
 
-    async def sse(runs: list, prompt: Prompt, include_usage: bool, streams: list):
+    async def sse(runs: list[Run], prompt: Prompt, include_usage: bool, streams: list):
         """The SSE stream of n choices decoding together: each choice's chunks carry its index and
         arrive as produced (role first, finish_reason last); one usage chunk for all; then [DONE]."""
         cid, created = completion_id(), int(time.time())
@@ -229,21 +229,21 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
                 body["choices"][0]["logprobs"] = streams[index].take()
             return f"data: {json.dumps(body)}\n\n"
 
-        async def one(index: int, pieces, state: dict):
+        async def one(index: int, run: Run):
             parser = fmt.stream_parser(prompt)
             yield event(index, {"role": "assistant", "content": ""})
             for delta in parser.feed(prompt.prefix):
                 yield event(index, delta)
-            async for piece in pieces:
+            async for piece in run.pieces:
                 for delta in parser.feed(piece):
                     yield event(index, delta)
-            for delta in parser.finish(state["reason"]):
+            for delta in parser.finish(run.finish_reason):
                 yield event(index, delta)
             metrics.count_parse_errors(parser.errors)
             yield event(index, {}, parser.finish_reason)
 
         try:
-            async with contextlib.aclosing(merge([one(i, p, state) for i, (p, state) in enumerate(runs)])) as lines:
+            async with contextlib.aclosing(merge([one(i, run) for i, run in enumerate(runs)])) as lines:
                 async for line in lines:
                     yield line
         except Exception as e:  # noqa: BLE001 — headers are out: reported in-band
@@ -252,8 +252,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         finally:
             srv.release(runs)
         if include_usage:
-            used = {"completion_tokens": sum(state["completion_tokens"] for _, state in runs)}
-            yield event(0, None, use=Usage.of(len(prompt.ids), used))
+            yield event(0, None, use=Usage.of(len(prompt.ids), sum(run.completion_tokens for run in runs)))
         yield "data: [DONE]\n\n"
 
     api = extra.router(srv)

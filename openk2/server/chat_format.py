@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openk2.engine.sampler import SamplingParams
+from openk2.sampling import API_MAX_TOKENS, API_TEMPERATURE, TOP_P_OFF
 from openk2.server import constrain
 from openk2.server.detokenizer import Detokenizer
 from openk2.tokenizer import Tokenizer, load_chat_template, parse_tool_calls
@@ -96,8 +97,8 @@ class ChatFormat:
     vocab_size: int
     template: str | None = None  # a checkpoint's jinja template; None: the built-in K2 v2 renderer
     template_vars: dict = field(default_factory=dict)
-    default_temperature: float = 1.0
-    default_max_tokens: int = 1024
+    default_temperature: float = API_TEMPERATURE
+    default_max_tokens: int = API_MAX_TOKENS
     reasoning: bool = False  # K2-Thinking's `<think>` blocks: parsed out of replies, rendered back
 
     @classmethod
@@ -161,7 +162,7 @@ class ChatFormat:
             raise ChatError(f"the prompt is {n_prompt} tokens; the context is {self.context}", param,
                             "context_length_exceeded")
         return SamplingParams(temperature=self.default_temperature if temperature is None else temperature,
-                              top_p=1.0 if top_p is None else top_p,
+                              top_p=TOP_P_OFF if top_p is None else top_p,
                               max_tokens=max_tokens or min(self.default_max_tokens, self.context - n_prompt),
                               stop_token_ids=self.stop_ids, seed=seed, grammar=grammar)
 

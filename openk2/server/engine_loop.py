@@ -1,7 +1,8 @@
 """The engine behind the server, in text: `EngineLoop` runs `engine.step()` on a thread while there
 is work (handlers add requests under the same lock and receive their tokens on an asyncio queue via
 `loop.call_soon_threadsafe`, so any number of clients share one continuously batched engine);
-`text_pieces` turns one request's tokens into safe text increments with a `Detokenizer`. No HTTP here.
+`EngineLoop.generate` returns one request's `Run`: its text in safe increments with a `Detokenizer`.
+No HTTP here.
 """
 
 from __future__ import annotations
@@ -11,11 +12,24 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+from openk2.engine.engine import Request
 from openk2.engine.sampler import SamplingParams
 from openk2.server.detokenizer import Detokenizer
 
 log = logging.getLogger("openk2.server")
+
+
+@dataclass(eq=False)
+class Run:
+    """A request on its way back as text: `pieces` (safe increments, stop strings cut); as they are consumed,
+    the tokens they were made of and why the text ended ("stop": a stop id or string; "length")."""
+    request: Request
+    pieces: AsyncIterator[str] | None = None  # set by `EngineLoop.generate`
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
 
 
 class EngineLoop:
@@ -46,9 +60,9 @@ class EngineLoop:
         if self.thread.is_alive():
             self.thread.join(timeout=10)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams):
-        """Queue a request (ValueError if it can never be served); its tokens arrive on the queue as
-        (token, finish_reason or None), or an exception if the engine failed."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams, detok: Detokenizer) -> Run:
+        """Queue a request (ValueError if it can never be served) and return its Run; the tokens reach
+        its pieces on a queue as (token, finish_reason or None), or an exception if the engine failed."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         with self.lock:
             req = self.engine.add_request(prompt_ids, params)
@@ -56,7 +70,9 @@ class EngineLoop:
         if self.metrics:
             self.metrics.prompt_tokens.inc(len(prompt_ids))
         self.wake.set()
-        return req, queue
+        run = Run(req)
+        run.pieces = _pieces(self, run, queue, detok)
+        return run
 
     def cancel(self, req) -> None:
         """Drop a request (its client is gone or has what it needs). Never waits for a step: the
@@ -124,21 +140,21 @@ class EngineLoop:
             self.metrics.generation_tokens.inc(len(events))
 
 
-async def text_pieces(loop: EngineLoop, req, queue: asyncio.Queue, detok: Detokenizer, state: dict):
-    """The response text in safe increments; sets state["completion_tokens"] and state["reason"]
-    ("stop" for a stop id or string, "length"). Cancels the request if abandoned or stopped early."""
+async def _pieces(loop: EngineLoop, run: Run, queue: asyncio.Queue, detok: Detokenizer):
+    """`run`'s text in safe increments, counting its tokens and setting its finish reason as it goes.
+    Cancels the request if abandoned or stopped early."""
     try:
         while True:
             item = await queue.get()
             if isinstance(item, BaseException):
                 raise item
             tok, reason = item
-            state["completion_tokens"] += 1
+            run.completion_tokens += 1
             piece = detok.add(tok, final=reason is not None)
             if piece:
                 yield piece
             if detok.stopped or reason is not None:
-                state["reason"] = "stop" if detok.stopped else reason
+                run.finish_reason = "stop" if detok.stopped else reason
                 return
     finally:
-        loop.cancel(req)
+        loop.cancel(run.request)

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from openk2.server import logprobs
+from openk2.server.engine_loop import Run
 from openk2.server.protocol import (APIError, CompletionRequest, DetokenizeRequest, TokenizeRequest, Usage,
                                     completion_id, message_dicts, stream_error, text_completion)
 
@@ -47,22 +48,23 @@ def router(srv) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request):
         srv.check(body)
         ids = prompt_ids(srv, body.prompt)
-        pieces, state = srv.generate(ids, body, "prompt")
+        run = srv.generate(ids, body, "prompt")
         cid, created = completion_id("cmpl"), int(time.time())
         shaper = logprobs.shaper_for(srv.fmt, body)
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            lps = logprobs.Stream(shaper, state, chat=False) if shaper else None
-            return StreamingResponse(sse(pieces, state, len(ids), cid, created, include, lps),
+            lps = logprobs.Stream(shaper, run, chat=False) if shaper else None
+            return StreamingResponse(sse(run, len(ids), cid, created, include, lps),
                                      media_type="text/event-stream")
-        if (texts := await srv.collect([(pieces, state)], request)) is None:
+        if (texts := await srv.collect([run], request)) is None:
             return Response(status_code=499)  # the client left: its request was cancelled
-        text, lps = logprobs.whole_completion(srv.fmt, body, ids, state, texts[0], shaper)
-        out = text_completion(cid, created, srv.model_name, text, state["reason"], Usage.of(len(ids), state))
+        text, lps = logprobs.whole_completion(srv.fmt, body, ids, run, texts[0], shaper)
+        out = text_completion(cid, created, srv.model_name, text, run.finish_reason,
+                              Usage.of(len(ids), run.completion_tokens))
         out["choices"][0]["logprobs"] = lps
         return out
 
-    async def sse(pieces, state: dict, n_prompt: int, cid: str, created: int, include_usage: bool, lps):
+    async def sse(run: Run, n_prompt: int, cid: str, created: int, include_usage: bool, lps):
         def event(text, reason=None, use=None):
             body = text_completion(cid, created, srv.model_name, text, reason, use, include_usage)
             if text is not None and lps:  # the tokens consumed since the last chunk
@@ -70,16 +72,16 @@ def router(srv) -> APIRouter:
             return f"data: {json.dumps(body)}\n\n"
 
         try:
-            async for piece in pieces:
+            async for piece in run.pieces:
                 yield event(piece)
         except Exception as e:  # noqa: BLE001 — headers are out: reported in-band
             yield stream_error(e)
             return
         finally:
-            srv.release([(pieces, state)])
-        yield event("", state["reason"])
+            srv.release([run])
+        yield event("", run.finish_reason)
         if include_usage:
-            yield event(None, use=Usage.of(n_prompt, state))
+            yield event(None, use=Usage.of(n_prompt, run.completion_tokens))
         yield "data: [DONE]\n\n"
 
     @api.post("/tokenize")

@@ -20,6 +20,7 @@ import codecs
 import dataclasses
 
 from openk2.engine.sampler import SamplingParams, TokenLogprob
+from openk2.server.engine_loop import Run
 from openk2.server.protocol import APIError, ChatCompletionRequest
 
 FLOOR = -9999.0  # a log-prob that underflowed to -inf (JSON has no infinity)
@@ -104,12 +105,12 @@ def shaper_for(fmt, body) -> Shaper | None:
 class Stream:
     """Hands a streamed choice's log-probs out chunk by chunk: the tokens consumed since the last call."""
 
-    def __init__(self, shaper: Shaper, state: dict, chat: bool):
-        self.shaper, self.state, self.chat, self.sent = shaper, state, chat, 0
+    def __init__(self, shaper: Shaper, run: Run, chat: bool):
+        self.shaper, self.run, self.chat, self.sent = shaper, run, chat, 0
         self.at, self.utf8 = [0], codecs.getincrementaldecoder("utf-8")("replace")
 
     def take(self) -> dict | None:
-        upto, req = self.state["completion_tokens"], self.state["request"]
+        upto, req = self.run.completion_tokens, self.run.request
         entries, self.sent = self.shaper.listed(req, upto, self.sent), upto
         if not entries:
             return None
@@ -118,20 +119,20 @@ class Stream:
         return self.shaper.completion(entries, [e.token for e in entries], self.at, self.utf8)
 
 
-def whole_completion(fmt, body, ids: list[int], state: dict, text: str,
+def whole_completion(fmt, body, ids: list[int], run: Run, text: str,
                      shaper: Shaper | None) -> tuple[str, dict | None]:
     """A whole text completion's text (after the prompt's, with echo) and log-probs (`shaper_for` the
-    request's). With max_tokens 0 the one token decoded is dropped (state: no completion tokens,
+    request's). With max_tokens 0 the one token decoded is dropped (the run: no completion tokens,
     finish_reason "length")."""
     if body.max_tokens == 0:
-        text, state["completion_tokens"], state["reason"] = "", 0, "length"
+        text, run.completion_tokens, run.finish_reason = "", 0, "length"
     generated = text
     if body.echo:
         text = fmt.tokenizer.decode(ids) + text
     if shaper is None:
         return text, None
-    req = state["request"]
-    entries = shaper.listed(req, state["completion_tokens"])
+    req = run.request
+    entries = shaper.listed(req, run.completion_tokens)
     out = shaper.completion(entries, [e.token for e in entries], [len(text) - len(generated)])
     if not body.echo:
         return text, out

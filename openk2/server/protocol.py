@@ -138,9 +138,8 @@ class Usage(BaseModel):
     total_tokens: int
 
     @classmethod
-    def of(cls, n_prompt: int, state: dict) -> Usage:
-        n = state["completion_tokens"]
-        return cls(prompt_tokens=n_prompt, completion_tokens=n, total_tokens=n_prompt + n)
+    def of(cls, n_prompt: int, n_completion: int) -> Usage:
+        return cls(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion)
 
 
 class AssistantMessage(BaseModel):

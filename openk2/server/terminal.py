@@ -8,7 +8,8 @@ kept apart from the answer (reasoning.py). No fastapi here: it needs only the co
 
 import sys
 
-from openk2.engine import Engine, SamplingParams
+from openk2.engine import Engine, EngineConfig, SamplingParams
+from openk2.sampling import CHAT_MAX_TOKENS, CHAT_TOP_P, K2_TEMPERATURE
 from openk2.server.detokenizer import Detokenizer
 from openk2.tokenizer.chat import THINK
 from openk2.tokenizer.protect import encode_chat
@@ -17,10 +18,11 @@ from openk2.tokenizer.reasoning import ReasoningStream
 DIM, PLAIN = "\x1b[2m", "\x1b[0m"
 
 
-def chat(model, tokenizer, template=None, variables=None, temperature: float = 0.6, max_tokens: int = 512,
-         input_fn=input, out=sys.stdout, engine: Engine | None = None, reasoning: bool = False) -> list[dict]:
+def chat(model, tokenizer, template=None, variables=None, temperature: float = K2_TEMPERATURE,
+         max_tokens: int = CHAT_MAX_TOKENS, input_fn=input, out=sys.stdout, engine: Engine | None = None,
+         reasoning: bool = False) -> list[dict]:
     """Run the loop; returns the final history (for tests)."""
-    engine = engine or Engine(model, cache_tokens=model.cfg.max_position_embeddings)
+    engine = engine or Engine(model, EngineConfig(cache_tokens=model.cfg.max_position_embeddings))
     stops = tuple(tokenizer.token_id(t) for t in ("<|im_end|>", "[EOS]"))
     hidden = range(tokenizer.n_base, tokenizer.n_vocab)  # text only: special and reserved ids are not shown
     history: list[dict] = []
@@ -46,7 +48,7 @@ def chat(model, tokenizer, template=None, variables=None, temperature: float = 0
             history.pop()
             out.write("(the dialog fills the context: /reset to start again)\n")
             continue
-        req = engine.add_request(ids, SamplingParams(temperature=temperature, top_p=0.95, max_tokens=budget,
+        req = engine.add_request(ids, SamplingParams(temperature=temperature, top_p=CHAT_TOP_P, max_tokens=budget,
                                                      stop_token_ids=stops))
         detok, thought, reply = Detokenizer(tokenizer, hidden, []), [], []
         split = ReasoningStream(tokenizer.decode(ids[-len(THINK):]).endswith(THINK)) if reasoning else None
