@@ -2,6 +2,7 @@
 a light core import."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "engine/generate.py": 300, "engine/engine.py": 300, "engine/kv_cache.py": 200, "engine/decode.py": 300,
     "tokenizer/tokenizer.py": 250, "tokenizer/toolcalls.py": 330, "data/corpus.py": 200, "data/loader.py": 200,
     "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 310,
-    "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200,
+    "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200, "quant/fp8.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,
     "server/engine_loop.py": 150, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
     "server/chat_format.py": 190, "server/constrain.py": 220, "server/guard.py": 80, "tokenizer/protect.py": 100,
@@ -34,6 +35,9 @@ FORBIDDEN = {
     "model": ["openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.checkpoint", "openk2.optim",
               "openk2.train", "openk2.data", "torch.distributed"],
     "engine": ["openk2.tokenizer", "openk2.server", "openk2.train"],
+    # quantization formats and module swaps: checkpoint load/save uses them, never the other way round
+    "quant": ["openk2.checkpoint", "openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.train",
+              "openk2.agent", "openk2.cli", "torch.distributed"],
     "tokenizer": ["openk2.model", "openk2.engine"],
     # the agent reaches a model through a client: HTTP, or the server's own chat layer in process
     "agent": ["torch", "openk2.model", "openk2.engine", "openk2.checkpoint", "openk2.quant", "openk2.train",
@@ -66,6 +70,16 @@ def test_line_budgets():
     over = {name: n for name, limit in BUDGETS.items()
             if (ROOT / name).exists() and (n := len((ROOT / name).read_text().splitlines())) > limit}
     assert not over, f"over budget: {over}"
+
+
+def test_quant_formats_have_one_owner():
+    """FP8 blocks, INT4 groups, int8 rows: each format's (de)quantise and (un)pack functions are defined
+    in openk2/quant only; checkpoint load/save and the module swaps both call them."""
+    fmt = re.compile(r"^_?(de|un)?(quant|quantize|pack)_(fp|int)\d")
+    stray = [f"{path.relative_to(ROOT)}:{node.name}" for path in sorted(ROOT.rglob("*.py"))
+             if path.parent.name != "quant" for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.FunctionDef) and fmt.match(node.name)]
+    assert not stray, stray
 
 
 def test_core_import_is_light():
