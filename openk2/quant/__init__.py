@@ -35,9 +35,10 @@ class QuantizedExperts(nn.Module):
     """Drop-in for `Experts`: per expert, gate+up [2F, D] (gate rows first) and down [D, F] quantized
     linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel).
 
-    int8 experts also keep their codes stacked (`stacked`: gate_up [E, 2F, D] int8 and scale [E, 2F],
-    down [E, D, F] and [E, D]; not persistent), and each expert's Int8Linear holds views into them, so
-    the compiled decode step can index experts by tensor at no extra memory."""
+    int8 experts also keep their codes stacked (gate_up [E, 2F, D] int8 and scale [E, 2F], down
+    [E, D, F] and [E, D]; not persistent), and each expert's Int8Linear holds views into them, so the
+    compiled decode step can index experts by tensor at no extra memory: that is their face
+    (`decode_weights`, see openk2.model.linear); int4 experts have none (None)."""
 
     def __init__(self, gate_up: list[nn.Module], down: list[nn.Module], stacked: tuple | None = None):
         super().__init__()
@@ -46,7 +47,7 @@ class QuantizedExperts(nn.Module):
             self.register_buffer(name, t, persistent=False)
 
     @property
-    def stacked(self) -> tuple | None:
+    def decode_weights(self) -> tuple | None:
         return None if self.gate_up_q is None else (self.gate_up_q, self.gate_up_scale, self.down_q, self.down_scale)
 
     @classmethod

@@ -116,6 +116,12 @@ class Int4Linear(nn.Module):
     def from_weight(cls, w_OI: torch.Tensor, group: int = INT4_GROUP) -> "Int4Linear":
         return cls(*quantize_int4(w_OI, group))
 
+    @property
+    def decode_weights(self):
+        """None: the compiled decode step cannot read packed codes (openk2.model.linear); int4 models
+        decode eagerly, through this module's forward."""
+        return None
+
     def forward(self, x):
         if self.kernel_weight is not None:
             return int4_linear(x, self.kernel_weight, self.scales_and_zeros, self.group)
