@@ -133,3 +133,31 @@ def test_compiler_failure_falls_back_to_the_reference_once(tiny, monkeypatch):
     monkeypatch.setattr(fresh, "_fn", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError, match="out of memory"):  # a run-time error is not a compiler's
         fresh(ids, pos, slots, pool.rows)
+
+
+def test_eager_kernel_switch_survives_overlapping_steps():
+    """decode_kernels turns oneDNN off for one- and two-row bf16 eager steps; overlapping steps (two
+    threads, or nested) keep it off until the last leaves, then restore it as it was."""
+    import threading
+
+    from openk2.engine.decode import decode_kernels
+    bf16 = build_model(CFG, dtype=torch.bfloat16, seed=1)
+    before = torch.backends.mkldnn.enabled
+    with decode_kernels(bf16, 3), decode_kernels(build_model(CFG, seed=1), 1):  # 3 rows, fp32: untouched
+        assert torch.backends.mkldnn.enabled == before
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def other_step():
+        with decode_kernels(bf16, 1):
+            entered.set()
+            leave.wait()
+            seen.append(torch.backends.mkldnn.enabled)
+    thread = threading.Thread(target=other_step)
+    with decode_kernels(bf16, 2):
+        assert torch.backends.mkldnn.enabled is False
+        thread.start()
+        entered.wait()
+    assert torch.backends.mkldnn.enabled is False  # the other step is still running
+    leave.set()
+    thread.join()
+    assert seen == [False] and torch.backends.mkldnn.enabled == before

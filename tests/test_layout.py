@@ -84,6 +84,34 @@ def test_quant_formats_have_one_owner():
     assert not stray, stray
 
 
+def _dotted(node) -> str:
+    return f"{_dotted(node.value)}.{node.attr}" if isinstance(node, ast.Attribute) else getattr(node, "id", "?")
+
+
+def _switches_backend(node) -> bool:
+    """An assignment to a torch.backends attribute, or a call of `torch.backends.*.flags`,
+    `torch._C._set_*` or `setattr(torch.backends.*, ...)`."""
+    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(_dotted(t).startswith("torch.backends.") for t in targets)
+    if isinstance(node, ast.Call):
+        name = _dotted(node.func)
+        return (name.startswith("torch._C._set_") or name.startswith("torch.backends.") and name.endswith(".flags")
+                or name == "setattr" and bool(node.args) and _dotted(node.args[0]).startswith("torch.backends"))
+    return False
+
+
+def test_no_backend_flag_is_switched():
+    """torch.backends flags are process-wide: one thread's switch changes every other thread's kernels,
+    and inductor reads them once per process. openk2 sets none, but for one measured exception: oneDNN
+    off during one- and two-row eager decode steps (`engine/decode.py` `_OneDNNOff`: ~2x an eager bf16
+    step on CPU, and ATen offers no per-call choice between its own bf16 kernel and oneDNN's)."""
+    found = {f"{path.relative_to(ROOT).as_posix()}:{getattr(top, 'name', '<module>')}"
+             for path in sorted(ROOT.rglob("*.py")) for top in ast.parse(path.read_text()).body
+             for node in ast.walk(top) if _switches_backend(node)}
+    assert found <= {"engine/decode.py:_OneDNNOff"}, found
+
+
 def test_core_import_is_light():
     code = ("import sys, openk2, openk2.model, openk2.checkpoint, openk2.engine; "
             "print(sorted(m for m in ('transformers', 'fastapi', 'datasets', 'tokenizers') if m in sys.modules))")

@@ -13,6 +13,7 @@ of an eager step. This module knows no quantization format: it reads the face.
 """
 
 import contextlib
+import threading
 import time
 import warnings
 
@@ -37,23 +38,50 @@ def compilable(model: Transformer) -> bool:
     return all(face is not None for face in _faces(model))
 
 
-@contextlib.contextmanager
-def decode_kernels(model: Transformer, rows: int):
-    """Matmul kernels for a decode step of `rows` tokens.
+class _OneDNNOff:
+    """oneDNN switched off while any eager decode step needs it off, on any thread, and back on (as it
+    was) when the last one leaves: overlapping users — the engine's thread and a background compile's
+    fallback, nested calls — can never leave it stuck off, nor turn it on under another's step."""
 
-    On CPU, oneDNN's bf16/fp16 matmul costs ~30 µs a call whatever its size, while ATen's own kernel
-    takes ~11 µs for a single row (and far longer for many): one- or two-row decode steps, where
-    every matmul is a matrix-vector product, run without oneDNN (bench/forward.py measures it).
-    The switch is process-wide (`torch.backends.mkldnn.enabled`): not for concurrent threads.
+    def __init__(self):
+        self._lock, self._users, self._was = threading.Lock(), 0, True
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._users == 0:
+                self._was = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch.backends.mkldnn.enabled = self._was
+
+
+_onednn_off = _OneDNNOff()  # one per process, as the flag it guards
+
+
+def decode_kernels(model: Transformer, rows: int):
+    """Matmul kernels for an eager decode step of `rows` tokens (a context manager).
+
+    On CPU, oneDNN's bf16 matmul costs 2-3x ATen's own matrix-vector kernel at one or two rows on
+    weights that are not in cache (one thread: a 512×512 weight ~100 vs ~45 µs, k2-small's lm_head
+    ~1.2 vs ~0.55 ms), so an eager k2-small bf16 step takes ~2x as long with it (bench/forward.py).
+    ATen has no per-call way to pick its own kernel over oneDNN's for bf16 (mm, bmm, mv and linear
+    all ask one process-wide switch, `torch.backends.mkldnn.enabled`; prepacked oneDNN weights would
+    hold every weight twice), so one- and two-row eager steps turn that switch off. `_OneDNNOff` is
+    the only code in openk2 that sets a torch.backends flag (tests/test_layout.py). Being process-wide,
+    it also slows another thread's bf16 matmuls meanwhile (same results), and inductor registers its
+    oneDNN fusion passes only if the switch is on when it first compiles in a process. The compiled
+    step needs none of it (its small-batch matmuls are fused loops); only its fallback does.
     """
     w = model.lm_head.weight
-    off = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and rows <= 2
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = before and not off
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
+    native = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and rows <= 2
+    return _onednn_off() if native else contextlib.nullcontext()
 
 
 COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError,
