@@ -138,7 +138,7 @@ def cmd_plot(args):
 
 
 def cmd_convert(args):
-    from openk2.quant import convert
+    from openk2.checkpoint import convert
     print(convert(args.src, args.dst, args.quantize))
 
 

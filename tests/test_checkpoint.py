@@ -14,9 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from openk2.checkpoint import dequant_fp8, dequant_int4, load_hf, quant_fp8, quant_int4, save_hf
+from openk2.checkpoint import load_hf, save_hf
 from openk2.config import KIMI_K2, PRESETS, ModelConfig
 from openk2.model import build_model
+from openk2.quant.fp8 import dequantize_fp8, quantize_fp8
+from openk2.quant.int4 import dequantize_int4, quantize_int4
 
 # layer 0 dense, layer 1 MoE; hidden 160 and intermediate 320 give several (partial) 128-tiles,
 # and every routed-expert input dim (160, 64) is a multiple of the INT4 group of 32
@@ -210,10 +212,10 @@ def _tiled_weight(rows, cols, seed=0):
 
 
 @pytest.mark.parametrize("shape", [(200, 300), (576, 160), (128, 256), (7, 5)])
-def test_quant_fp8_tiles_scales_and_error(shape):
+def test_quantize_fp8_tiles_scales_and_error(shape):
     rows, cols = shape
     w = _tiled_weight(rows, cols)
-    w_fp8, scale_inv = quant_fp8(w)
+    w_fp8, scale_inv = quantize_fp8(w)
     assert w_fp8.dtype == torch.float8_e4m3fn and w_fp8.shape == w.shape
     assert scale_inv.dtype == torch.float32 and scale_inv.shape == (math.ceil(rows / 128), math.ceil(cols / 128))
     for r in range(scale_inv.shape[0]):
@@ -223,7 +225,7 @@ def test_quant_fp8_tiles_scales_and_error(shape):
             q = w_fp8[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128].float()
             assert q.abs().max() == 448  # each tile's amax lands on e4m3's largest value
 
-    dq = dequant_fp8(w_fp8, scale_inv)
+    dq = dequantize_fp8(w_fp8, scale_inv)
     assert dq.dtype == torch.float32
     assert torch.equal(dq, _index_dequant(w_fp8, scale_inv))
     assert torch.equal(dq.bfloat16(), _spec_dequant(w_fp8, scale_inv))
@@ -235,11 +237,11 @@ def test_quant_fp8_tiles_scales_and_error(shape):
     assert (dq - w).abs().max() > 0  # it did quantise
 
 
-def test_dequant_fp8_matches_spec_formula_on_arbitrary_codes():
+def test_dequantize_fp8_matches_spec_formula_on_arbitrary_codes():
     g = torch.Generator().manual_seed(3)
     w_fp8 = (torch.randn(300, 200, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     scale_inv = torch.rand(3, 2, generator=g) + 0.01
-    dq = dequant_fp8(w_fp8, scale_inv)
+    dq = dequantize_fp8(w_fp8, scale_inv)
     assert torch.equal(dq, _index_dequant(w_fp8, scale_inv))
     assert torch.equal(dq.bfloat16(), _spec_dequant(w_fp8, scale_inv))
 
@@ -250,7 +252,7 @@ def _fp8_reference_state(model, dtype=torch.bfloat16):
     ref = {}
     for name, t in _hf_tensors(model).items():
         if _fp8_quantised(name):
-            ref[name] = _index_dequant(*quant_fp8(t))
+            ref[name] = _index_dequant(*quantize_fp8(t))
         elif name.endswith("e_score_correction_bias"):
             ref[name] = t.float()
         else:
@@ -319,34 +321,35 @@ def _pack_by_hand(codes: list[int]) -> int:
 def test_int4_packing_by_hand():
     q = [1, -2, 3, -4, 5, -6, 7, 0, -7, 6, -5, 4, -3, 2, -1, 0] + [0] * 16  # amax 7 -> scale 1
     w = torch.tensor([q, [v * 0.5 for v in q]], dtype=torch.float32)
-    packed, scale, shape = quant_int4(w)
+    packed, scale = quantize_int4(w, scale_dtype=torch.bfloat16)
     assert packed.dtype == torch.int32 and packed.shape == (2, 4)
     assert scale.shape == (2, 1) and scale.float().flatten().tolist() == [1.0, 0.5]
-    assert shape.tolist() == [2, 32]
     row = [_pack_by_hand([v + 8 for v in q[k:k + 8]]) for k in range(0, 32, 8)]  # offset-binary codes
     assert row[0] == _pack_by_hand([9, 6, 11, 4, 13, 2, 15, 8]) and row[2] == _i32(0x88888888)
     assert packed.tolist() == [row, row]
-    assert torch.equal(dequant_int4(packed, scale, shape), w)
+    assert torch.equal(dequantize_int4(packed, scale), w)
 
     # dequant on hand-made words: lowest nibble first, W = (code - 8) · scale
     words = torch.tensor([[_i32(0x76543210), _i32(0xFEDCBA98), _i32(0x88888888), _i32(0x8888888F)]],
                          dtype=torch.int32)
     want = [float(c - 8) * 0.25 for c in range(16)] + [0.0] * 8 + [1.75] + [0.0] * 7
-    assert dequant_int4(words, torch.tensor([[0.25]], dtype=torch.bfloat16), [1, 32]).flatten().tolist() == want
+    scale = torch.tensor([[0.25]], dtype=torch.bfloat16)
+    assert dequantize_int4(words, scale, shape=[1, 32]).flatten().tolist() == want
 
 
 def test_int4_round_trip_error():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(48, 128, generator=g) * 10 ** (2 * torch.rand(48, 4, 1, generator=g) - 1).repeat(1, 1, 32) \
         .flatten(1)
-    packed, scale, shape = quant_int4(w)
+    packed, scale = quantize_int4(w, scale_dtype=torch.bfloat16)
     assert packed.shape == (48, 16) and scale.shape == (48, 4) and scale.dtype == torch.bfloat16
-    dq = dequant_int4(packed, scale, shape)
+    dq = dequantize_int4(packed, scale)
     s = scale.float().repeat_interleave(32, 1)
     amax = w.abs().unflatten(1, (4, 32)).amax(-1).repeat_interleave(32, 1)
     # round to nearest (half a step), plus clipping at ±7 steps when the bf16 scale rounded down
     assert ((dq - w).abs() <= 0.5 * s + (amax - 7 * s).clamp(min=0) + 1e-6 * amax).all()
-    assert torch.equal(dequant_int4(*quant_int4(dq)), dq)  # already on the grid: a fixed point
+    # already on the grid: a fixed point
+    assert torch.equal(dequantize_int4(*quantize_int4(dq, scale_dtype=torch.bfloat16)), dq)
 
 
 def test_save_int4_layout_and_load(tmp_path):
@@ -375,8 +378,9 @@ def test_save_int4_layout_and_load(tmp_path):
     assert {v[1] for n, v in files.items() if n in expected and not n.endswith("bias")} == {"BF16"}
 
     loaded = load_hf(tmp_path, dtype=torch.float32, progress=False)
-    hf_ref = {n: (dequant_int4(*quant_int4(t)) if _routed(n) else t.float() if n.endswith("bias")
-                  else t.bfloat16().float()) for n, t in _hf_tensors(model).items()}
+    int4 = lambda t: dequantize_int4(*quantize_int4(t, scale_dtype=torch.bfloat16))  # noqa: E731
+    hf_ref = {n: (int4(t) if _routed(n) else t.float() if n.endswith("bias") else t.bfloat16().float())
+              for n, t in _hf_tensors(model).items()}
     want = _state_from_hf(model, hf_ref)
     got = loaded.state_dict()
     for name in want:

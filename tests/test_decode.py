@@ -1,14 +1,16 @@
-"""The compiled decode step (engine/decode.py) against its reference, the model's own forward:
-logits and the cache rows it writes, in both batch regimes, eager and through torch.compile."""
+"""The decode step (`Transformer.decode`, compiled by engine/decode.py) against its reference, the
+model's own forward (`Transformer.decode_reference`): logits and the cache rows it writes, in both
+batch regimes, eager and through torch.compile, float and int8 (read through the linears' face)."""
 
 import pytest
 import torch
 
 from openk2.config import PRESETS
 from openk2.engine import SamplingParams, generate
-from openk2.engine.decode import CompiledDecode, compilable, decode_step, reference_step, small_batch
+from openk2.engine.decode import CompiledDecode, compilable
 from openk2.engine.kv_cache import BlockPool
 from openk2.model import build_model
+from openk2.model.moe import small_batch
 from openk2.quant import quantize_model
 
 CFG = PRESETS["k2-tiny"]
@@ -43,8 +45,8 @@ def test_decode_step_equals_forward_and_writes_the_same_rows(tiny, lengths):
     slots = pool.slots(tables, max(lengths) + 1)
     ref_rows = [r.clone() for r in pool.rows]
     with torch.inference_mode():
-        expect = reference_step(tiny, ids, pos, slots, ref_rows)
-        got = decode_step(tiny, ids, pos, slots, pool.rows)
+        expect = tiny.decode_reference(ids, pos, slots, ref_rows)
+        got = tiny.decode(ids, pos, slots, pool.rows)
     torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
     for a, b in zip(pool.rows, ref_rows):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
@@ -63,8 +65,8 @@ def test_decode_step_family_variants(variant):
     slots = pool.slots(tables, 11)
     for rows in (slice(0, 1), slice(0, 3)):  # both regimes
         with torch.inference_mode():
-            expect = reference_step(model, ids[rows], pos[rows], slots[rows], [r.clone() for r in pool.rows])
-            got = decode_step(model, ids[rows], pos[rows], slots[rows], [r.clone() for r in pool.rows])
+            expect = model.decode_reference(ids[rows], pos[rows], slots[rows], [r.clone() for r in pool.rows])
+            got = model.decode(ids[rows], pos[rows], slots[rows], [r.clone() for r in pool.rows])
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
 
 
@@ -75,7 +77,7 @@ def test_compiled_step_equals_reference(tiny):
         slots = pool.slots(tables, max(lengths) + 1)
         ref_rows = [r.clone() for r in pool.rows]
         with torch.inference_mode():
-            expect = reference_step(tiny, ids, pos, slots, ref_rows)
+            expect = tiny.decode_reference(ids, pos, slots, ref_rows)
             got = compiled(ids, pos, slots, pool.rows)
         assert not compiled.failed
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
@@ -99,7 +101,7 @@ def test_int8_compiles_for_small_batches_int4_does_not(tiny):
         pool, tables, ids, pos = _pool_with_prompts(q8, lengths)
         slots = pool.slots(tables, max(lengths) + 1)
         with torch.inference_mode():
-            expect = reference_step(q8, ids, pos, slots, [r.clone() for r in pool.rows])
+            expect = q8.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
             got = compiled(ids, pos, slots, pool.rows)
         assert not compiled.failed
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
@@ -120,7 +122,7 @@ def test_compiler_failure_falls_back_to_the_reference_once(tiny, monkeypatch):
     pool, tables, ids, pos = _pool_with_prompts(tiny, [5, 8])
     slots = pool.slots(tables, 9)
     with torch.inference_mode():
-        expect = reference_step(tiny, ids, pos, slots, [r.clone() for r in pool.rows])
+        expect = tiny.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
         with pytest.warns(UserWarning, match="decoding eagerly.*no C\\+\\+ compiler"):
             got = compiled(ids, pos, slots, pool.rows)
         again = compiled(ids, pos, slots, pool.rows)
@@ -131,3 +133,31 @@ def test_compiler_failure_falls_back_to_the_reference_once(tiny, monkeypatch):
     monkeypatch.setattr(fresh, "_fn", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
     with pytest.raises(RuntimeError, match="out of memory"):  # a run-time error is not a compiler's
         fresh(ids, pos, slots, pool.rows)
+
+
+def test_eager_kernel_switch_survives_overlapping_steps():
+    """decode_kernels turns oneDNN off for one- and two-row bf16 eager steps; overlapping steps (two
+    threads, or nested) keep it off until the last leaves, then restore it as it was."""
+    import threading
+
+    from openk2.engine.decode import decode_kernels
+    bf16 = build_model(CFG, dtype=torch.bfloat16, seed=1)
+    before = torch.backends.mkldnn.enabled
+    with decode_kernels(bf16, 3), decode_kernels(build_model(CFG, seed=1), 1):  # 3 rows, fp32: untouched
+        assert torch.backends.mkldnn.enabled == before
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def other_step():
+        with decode_kernels(bf16, 1):
+            entered.set()
+            leave.wait()
+            seen.append(torch.backends.mkldnn.enabled)
+    thread = threading.Thread(target=other_step)
+    with decode_kernels(bf16, 2):
+        assert torch.backends.mkldnn.enabled is False
+        thread.start()
+        entered.wait()
+    assert torch.backends.mkldnn.enabled is False  # the other step is still running
+    leave.set()
+    thread.join()
+    assert seen == [False] and torch.backends.mkldnn.enabled == before

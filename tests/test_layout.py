@@ -2,6 +2,7 @@
 a light core import."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "config.py": 250, "cli.py": 200, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
-    "model/moe.py": 300, "model/transformer.py": 250, "checkpoint/hf.py": 300, "engine/sampler.py": 100,
+    "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 60, "checkpoint/hf.py": 300,
+    "engine/sampler.py": 100,
     "engine/generate.py": 100, "engine/engine.py": 300, "engine/kv_cache.py": 200, "engine/decode.py": 300,
     "tokenizer/tokenizer.py": 250, "tokenizer/toolcalls.py": 330, "data/corpus.py": 200, "data/loader.py": 200,
     "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 310,
-    "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200,
+    "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200, "quant/fp8.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,
     "server/engine_loop.py": 160, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
     "server/chat_format.py": 190, "server/constrain.py": 220, "server/guard.py": 80, "tokenizer/protect.py": 100,
@@ -32,9 +34,14 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {
+    # quantization is a transform from outside: the model reads quantized weights through one face
     "model": ["openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.checkpoint", "openk2.optim",
-              "openk2.train", "openk2.data", "torch.distributed"],
-    "engine": ["openk2.tokenizer", "openk2.server", "openk2.train"],
+              "openk2.train", "openk2.data", "openk2.quant", "torch.distributed"],
+    # the engine reads quantized weights through the linears' face (openk2.model.linear), never a format
+    "engine": ["openk2.tokenizer", "openk2.server", "openk2.train", "openk2.quant", "openk2.checkpoint"],
+    # quantization formats and module swaps: checkpoint load/save uses them, never the other way round
+    "quant": ["openk2.checkpoint", "openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.train",
+              "openk2.agent", "openk2.cli", "torch.distributed"],
     "tokenizer": ["openk2.model", "openk2.engine"],
     # the agent reaches a model through a client: HTTP, or the server's own chat layer in process
     "agent": ["torch", "openk2.model", "openk2.engine", "openk2.checkpoint", "openk2.quant", "openk2.train",
@@ -133,6 +140,42 @@ def test_sampling_defaults_are_named_once():
             bad = [(n, v) for n, v in _bound_numbers(ast.parse(path.read_text()))
                    if n and any(k in n for k in ("temperature", "top_p", "top_k"))]
             assert not bad, f"{path.relative_to(ROOT)}: {bad} (name it in openk2/sampling.py)"
+def test_quant_formats_have_one_owner():
+    """FP8 blocks, INT4 groups, int8 rows: each format's (de)quantise and (un)pack functions are defined
+    in openk2/quant only; checkpoint load/save and the module swaps both call them."""
+    fmt = re.compile(r"^_?(de|un)?(quant|quantize|pack)_(fp|int)\d")
+    stray = [f"{path.relative_to(ROOT)}:{node.name}" for path in sorted(ROOT.rglob("*.py"))
+             if path.parent.name != "quant" for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.FunctionDef) and fmt.match(node.name)]
+    assert not stray, stray
+
+
+def _dotted(node) -> str:
+    return f"{_dotted(node.value)}.{node.attr}" if isinstance(node, ast.Attribute) else getattr(node, "id", "?")
+
+
+def _switches_backend(node) -> bool:
+    """An assignment to a torch.backends attribute, or a call of `torch.backends.*.flags`,
+    `torch._C._set_*` or `setattr(torch.backends.*, ...)`."""
+    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return any(_dotted(t).startswith("torch.backends.") for t in targets)
+    if isinstance(node, ast.Call):
+        name = _dotted(node.func)
+        return (name.startswith("torch._C._set_") or name.startswith("torch.backends.") and name.endswith(".flags")
+                or name == "setattr" and bool(node.args) and _dotted(node.args[0]).startswith("torch.backends"))
+    return False
+
+
+def test_no_backend_flag_is_switched():
+    """torch.backends flags are process-wide: one thread's switch changes every other thread's kernels,
+    and inductor reads them once per process. openk2 sets none, but for one measured exception: oneDNN
+    off during one- and two-row eager decode steps (`engine/decode.py` `_OneDNNOff`: ~2x an eager bf16
+    step on CPU, and ATen offers no per-call choice between its own bf16 kernel and oneDNN's)."""
+    found = {f"{path.relative_to(ROOT).as_posix()}:{getattr(top, 'name', '<module>')}"
+             for path in sorted(ROOT.rglob("*.py")) for top in ast.parse(path.read_text()).body
+             for node in ast.walk(top) if _switches_backend(node)}
+    assert found <= {"engine/decode.py:_OneDNNOff"}, found
 
 
 def test_core_import_is_light():

@@ -7,7 +7,9 @@ per-expert tensors (`mlp.experts.{e}.gate_proj.weight`, `up_proj`, `down_proj`).
 Loading goes shard by shard through safetensors' mmap and copies each tensor once into a model
 built on `meta`, so a checkpoint is never in memory twice. Quantised weights are dequantised on
 the way in: block FP8 (`weight_scale_inv`, 128×128 tiles, K2-SPEC §4.2) and compressed-tensors
-INT4 (`weight_packed` / `weight_scale` / `weight_shape`, group 32, K2-SPEC §4.3).
+INT4 (`weight_packed` / `weight_scale` / `weight_shape`, group 32, K2-SPEC §4.3). The formats
+themselves are defined once, in `openk2.quant` (fp8.py, int4.py); here are only their tensor names
+and `quantization_config`. `convert` rewrites a folder in another of K2's release formats.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,61 +28,11 @@ from tqdm import tqdm
 from openk2 import __version__
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer, cast
+from openk2.quant.fp8 import FP8_BLOCK, dequantize_fp8, is_fp8, quantize_fp8
+from openk2.quant.int4 import INT4_GROUP, dequantize_int4, quantize_int4
 
-FP8_BLOCK = 128
-FP8_MAX = 448.0  # largest float8_e4m3fn value
-INT4_GROUP = 32
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-# --- quantised formats: pure functions, each direction ---------------------------------------------
-def _tile_scale(scale: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
-    """One scale per block×block tile, expanded to [rows, cols] (edge tiles partial)."""
-    return scale.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
-
-
-def dequant_fp8(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
-    """W[i, j] = float(W_fp8[i, j]) · scale_inv[i // block, j // block]; fp32."""
-    rows, cols = w_fp8.shape
-    want = (-(-rows // block), -(-cols // block))
-    if tuple(scale_inv.shape) != want:
-        raise ValueError(f"FP8 scale of shape {tuple(scale_inv.shape)} for a {rows}x{cols} weight with "
-                         f"{block}x{block} blocks (expected {want})")
-    return w_fp8.float() * _tile_scale(scale_inv, rows, cols, block)
-
-
-def quant_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block FP8 as K2 ships it: scale_inv = amax(|tile|) / 448, W_fp8 = W / scale_inv."""
-    rows, cols = w.shape
-    tiles = w.float().new_zeros(-(-rows // block) * block, -(-cols // block) * block)
-    tiles[:rows, :cols] = w.float()
-    tiles = tiles.unflatten(0, (-1, block)).unflatten(2, (-1, block))  # [rt, block, ct, block]
-    scale_inv = (tiles.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12)
-    return (w.float() / _tile_scale(scale_inv, rows, cols, block)).to(torch.float8_e4m3fn), scale_inv
-
-
-def dequant_int4(packed: torch.Tensor, scale: torch.Tensor, shape, group: int = INT4_GROUP) -> torch.Tensor:
-    """W = (code − 8) · scale[row, col // group]; eight codes per int32, lowest nibble first; fp32."""
-    rows, cols = (int(n) for n in shape)
-    if tuple(packed.shape) != (rows, -(-cols // 8)) or tuple(scale.shape) != (rows, -(-cols // group)):
-        raise ValueError(f"INT4 tensors packed {tuple(packed.shape)} / scale {tuple(scale.shape)} do not fit "
-                         f"a {rows}x{cols} weight with groups of {group}")
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    codes = (packed[..., None] >> shifts) & 0xF  # [rows, cols / 8, 8]
-    q = codes.reshape(rows, -1)[:, :cols].float() - 8
-    return q * scale.float().repeat_interleave(group, 1)[:, :cols]
-
-
-def quant_int4(w: torch.Tensor, group: int = INT4_GROUP, scale_dtype=torch.bfloat16):
-    """Symmetric per-group int4 (q ∈ [-8, 7]): (weight_packed int32, weight_scale, weight_shape)."""
-    rows, cols = w.shape
-    g = w.float().unflatten(1, (-1, group))
-    scale = (g.abs().amax(-1) / 7).clamp(min=1e-12).to(scale_dtype)
-    codes = (torch.round(g / scale.float()[..., None]).clamp(-8, 7) + 8).to(torch.int32).reshape(rows, cols)
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    packed = (codes.unflatten(1, (-1, 8)) << shifts).sum(-1, dtype=torch.int32)
-    return packed, scale, torch.tensor([rows, cols], dtype=torch.int32)
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -141,10 +94,10 @@ def _read_weight(shards: _Shards, name: str, block: int, group: int) -> tuple[st
         if name.endswith(".weight_packed"):
             base = name[: -len("_packed")]
             packed, scale, shape = (shards.get(base + k) for k in ("_packed", "_scale", "_shape"))
-            return base, dequant_int4(packed, scale, shape, group)
+            return base, dequantize_int4(packed, scale, shape=shape.tolist(), group=group)
         t = shards.get(name)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return name, dequant_fp8(t, shards.get(name + "_scale_inv"), block)
+        if is_fp8(t):
+            return name, dequantize_fp8(t, shards.get(name + "_scale_inv"), block)
         return name, t
     except ValueError as e:
         raise ValueError(f"{shards.where[name]}: tensor {name}: {e}") from None
@@ -221,12 +174,13 @@ def _fp8_target(name: str) -> bool:
 def _encode(name: str, t: torch.Tensor, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     t = t.detach().cpu()
     if fmt == "fp8" and _fp8_target(name):
-        w, s = quant_fp8(t)
+        w, s = quantize_fp8(t)
         return {name: w, name + "_scale_inv": s}
     if fmt == "int4" and _EXPERT.match(name):
-        packed, scale, shape = quant_int4(t)
+        packed, scale = quantize_int4(t, INT4_GROUP, torch.bfloat16)
         base = name[: -len(".weight")]
-        return {base + ".weight_packed": packed, base + ".weight_scale": scale, base + ".weight_shape": shape}
+        return {base + ".weight_packed": packed, base + ".weight_scale": scale,
+                base + ".weight_shape": torch.tensor(t.shape, dtype=torch.int32)}
     keep_fp32 = name.endswith("e_score_correction_bias")
     return {name: t.float().contiguous() if keep_fp32 else t.to(dtype).contiguous()}
 
@@ -297,3 +251,27 @@ def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = No
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
+
+
+CONVERT_FORMATS = ("int4", "fp8", "bf16")
+
+
+def convert(src: str | Path, dst: str | Path, fmt: str, progress: bool = True) -> Path:
+    """Rewrite the HF folder SRC as DST in a K2 release format, copying SRC's other files (tokenizer):
+    int4 as K2-Thinking (routed experts, compressed-tensors), fp8 as K2-Instruct, bf16 plain.
+
+    int8 has no format: K2 ships none and `load_hf` reads none; quantizing per channel takes seconds,
+    so it is done at load time (`quantize_model(model, "int8")`).
+    """
+    if fmt not in CONVERT_FORMATS:
+        hint = " (int8 is applied at load time: quantize_model(model, 'int8'))" if fmt == "int8" else ""
+        raise ValueError(f"convert format must be one of {', '.join(CONVERT_FORMATS)}, not {fmt!r}{hint}")
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"convert would overwrite its source {src}")
+    out = save_hf(load_hf(src, progress=progress), dst, fmt=fmt, progress=progress)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in (
+                "config.json", "model.safetensors.index.json", "train_state.pt"):  # not a training run's state
+            shutil.copy2(f, dst / f.name)
+    return out

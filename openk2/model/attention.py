@@ -5,13 +5,17 @@ Two paths over the same weights, chosen by the `absorb` argument:
   scaled_dot_product_attention (training, prefill);
 - absorbed: keep only the normalised C-d latent and the R-d rotary key per token and fold
   kv_b_proj into the query (W_UK) and the output (W_UV) (decode; what `LatentCache` stores).
-tests/test_model.py binds the two. When `record_max_logits` is set, the largest pre-softmax logit
-(softmax scale included, masked positions excluded) per head is kept in `max_logits` for QK-Clip.
+tests/test_model.py binds the two. `MLA.decode` is the absorbed path once more, for one token per
+row over a pool of cache rows, in the form torch.compile fuses (the compiled decode step);
+tests/test_decode.py binds it to the absorbed `forward`. When `record_max_logits` is set, the
+largest pre-softmax logit (softmax scale included, masked positions excluded) per head is kept in
+`max_logits` for QK-Clip.
 
     B batch  S query positions  T key positions  D hidden  H heads  Q q latent rank
     C kv latent rank  P no-rope qk head dim  R rotary dim  O value head dim
     A = P + R (q/k head dim)  L = C + R (latent cache row)  Y = P + O (kv_b_proj rows per head)
-    N = B·S  X = S·H (query rows per sequence in the absorbed path)
+    N = B·S (decode: one row per request)  X = S·H (query rows per sequence in the absorbed path)
+    Z rows of a cache pool
 """
 
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
+from openk2.model.linear import decode_linear
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import apply_rope
 
@@ -149,6 +154,44 @@ class MLA(nn.Module):
         o_lat_BXC = torch.bmm(probs_BSHT.to(ckv_BTL.dtype).view(B, S * H, -1), ckv_BTL[..., :C])
         out_HNO = torch.bmm(o_lat_BXC.view(B * S, H, C).transpose(0, 1), w_uv_HOC.transpose(1, 2))
         return out_HNO.transpose(0, 1).reshape(B, S, H, O)
+
+    def decode(self, x_ND, cos, sin, pool_ZL, slots_NT, pos_N, small: bool):
+        """The absorbed path for one new token per row, written for torch.compile; its reference is
+        `forward(absorb=True)` on the same rows gathered into a `LatentCache` (tests/test_decode.py).
+
+        The cache is a flat pool of rows (an engine's block pool): row n's positions 0..T-1 are
+        pool_ZL[slots_NT[n]], and its new row goes to position pos_N[n], written in place first. No
+        data-dependent shapes: the gather fuses into the score loop (no per-step copy of the cache)
+        and masking replaces slicing. `small`: projections as `matvec` (see `decode_linear`).
+        Shapes: x_ND [N, D], pool_ZL [Z, L], slots_NT [N, T], pos_N [N] -> [N, D].
+        """
+        cfg = self.cfg
+        N = x_ND.shape[0]
+        H, P, R, C, O = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                         cfg.kv_lora_rank, cfg.v_head_dim)
+        if cfg.q_lora_rank:
+            q = decode_linear(self.q_b_proj, self.q_a_layernorm(decode_linear(self.q_a_proj, x_ND, small)), small)
+        else:
+            q = decode_linear(self.q_proj, x_ND, small)
+        q_nope_NHP, q_pe_NHR = q.view(N, H, P + R).split([P, R], -1)
+        q_pe_NHR = apply_rope(q_pe_NHR[:, None], cos, sin)[:, 0]
+        kv_NL = decode_linear(self.kv_a_proj_with_mqa, x_ND, small)
+        row_NL = torch.cat([self.kv_a_layernorm(kv_NL[:, :C]), apply_rope(kv_NL[:, None, C:], cos, sin)[:, 0]], -1)
+        pool_ZL.index_put_((slots_NT.gather(1, pos_N[:, None])[:, 0],), row_NL)
+        ckv_NTL = pool_ZL[slots_NT]
+        w_HYC = self.kv_b_proj.weight.view(H, P + O, C)
+        # fold W_UK into the query, score latent and rotary parts at once (as `_absorbed`), mask, softmax
+        q_lat_NHC = (q_nope_NHP[..., None] * w_HYC[:, :P]).sum(-2, dtype=torch.float32).to(x_ND.dtype)
+        q_NHL = torch.cat([q_lat_NHC, q_pe_NHR], -1)
+        scores_NHT = (q_NHL[:, :, None, :] * ckv_NTL[:, None]).sum(-1, dtype=torch.float32) * self.softmax_scale
+        visible_NT = torch.arange(slots_NT.shape[1], device=x_ND.device) <= pos_N[:, None]
+        probs_NHT = scores_NHT.masked_fill(~visible_NT[:, None], float("-inf")).softmax(-1)
+        # a library matmul (fp32: no rounding of the probabilities, and MKL's small-matrix kernel is the
+        # fastest here), not multiply-and-reduce, which the compiler would fuse with the softmax and then
+        # recompute each probability (an exp) once per latent channel
+        o_lat_NHC = torch.bmm(probs_NHT, ckv_NTL[..., :C].float()).to(x_ND.dtype)
+        out_NHO = (o_lat_NHC[:, :, None, :] * w_HYC[:, P:]).sum(-1, dtype=torch.float32)
+        return decode_linear(self.o_proj, out_NHO.to(x_ND.dtype).flatten(1), small)
 
     def _record(self, scores, mask, causal: bool, head_dim: int, scale: float = 1.0):
         """Keep the per-head max of the unmasked logits (scores · scale, fp32) in `max_logits`. The max

@@ -6,7 +6,8 @@ only; optional group-limited top-k; weights are the unbiased scores, normalised,
 grouped matmul serves all experts; `LocalDispatcher` sorts tokens by expert and puts them back, the seam
 expert parallelism will swap. `Experts.forward_reference` is the obviously-correct loop that
 tests/test_model.py binds to the grouped path. Each forward leaves per-expert token counts in
-`MoE.load` (for balancing and diagnostics).
+`MoE.load` (for balancing and diagnostics). `MoE.decode` is the compiled decode step's form of the
+same layer: multiply-and-reduce over only the chosen experts at small batches, dense experts above.
 
     N tokens  D hidden  E routed experts  K experts per token  G expert groups  F expert hidden
     M = N·K (token, expert) pairs, sorted by expert
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
+from openk2.model.linear import decode_linear, decode_weights, matvec
 
 
 class MLP(nn.Module):
@@ -30,6 +32,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def decode(self, x_ND, small: bool):
+        """`forward` in the compiled decode step's form (`decode_linear`)."""
+        h_NF = F.silu(decode_linear(self.gate_proj, x_ND, small)) * decode_linear(self.up_proj, x_ND, small)
+        return decode_linear(self.down_proj, h_NF, small)
 
 
 def route(logits_NE, bias_E, cfg: ModelConfig):
@@ -131,6 +138,11 @@ class Experts(nn.Module):
                 start += n
         return torch.cat(out).mul_(w_M[:, None])
 
+    @property
+    def decode_weights(self):
+        """The face the decode step reads (openk2.model.linear): float weights, no scales."""
+        return self.gate_up_proj, None, self.down_proj, None
+
     def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
         """The specification: for each expert, its tokens through its SwiGLU, weighted, summed."""
         out_ND = torch.zeros_like(x_ND)
@@ -144,6 +156,36 @@ class Experts(nn.Module):
             y = (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ self.down_proj[e].T
             out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
         return out_ND
+
+
+# --- the decode step's forms (`MoE.decode`), written for torch.compile -----------------------------
+def small_batch(rows: int, cfg: ModelConfig) -> bool:
+    """Few enough rows that the chosen (token, expert) pairs read less than half of the experts:
+    multiply-and-reduce everywhere. Above it, library matmuls and dense experts."""
+    return rows * cfg.num_experts_per_tok <= cfg.n_routed_experts // 2
+
+
+def _experts_pairs(experts: nn.Module, x_ND, idx_NK, w_NK):
+    """Only the chosen experts' weights, one multiply-and-reduce per (token, expert) pair, through the
+    experts' face (int8 codes: scaled per row after the sum)."""
+    N, K = idx_NK.shape
+    flat_M = idx_NK.flatten()
+    x_MD = x_ND.repeat_interleave(K, 0)
+    gate_up, gate_up_scale, down, down_scale = (None if t is None else t[flat_M] for t in decode_weights(experts))
+    gate, up = matvec(x_MD, gate_up, gate_up_scale).chunk(2, -1)
+    h_MF = (F.silu(gate) * up * w_NK.flatten()[:, None]).to(x_ND.dtype)
+    return matvec(h_MF, down, down_scale).view(N, K, -1).sum(1).to(x_ND.dtype)
+
+
+def _experts_dense(experts: "Experts", x_ND, idx_NK, w_NK):
+    """Every expert on every row, weighted by the dense routing weights (zero where not chosen): every
+    expert is read once anyway when N·K ≫ E, and weight-first batched matmuls reach the machine's
+    bandwidth. Float experts only (a quantized model keeps its own kernels at these batch sizes)."""
+    (N, D), E = x_ND.shape, experts.gate_up_proj.shape[0]
+    w_NE = torch.zeros(N, E, dtype=w_NK.dtype, device=x_ND.device).scatter(1, idx_NK, w_NK)
+    gate, up = torch.bmm(experts.gate_up_proj, x_ND.T.expand(E, D, N)).chunk(2, 1)  # [E, F, N] each
+    h_EFN = (F.silu(gate.float()) * up.float() * w_NE.T[:, None, :]).to(x_ND.dtype)
+    return torch.matmul(experts.down_proj, h_EFN).sum(0, dtype=torch.float32).T.to(x_ND.dtype)
 
 
 class MoE(nn.Module):
@@ -179,3 +221,12 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         return y_ND.view_as(x_BSD)
+
+    def decode(self, x_ND, small: bool):
+        """`forward` for the decode step, in the form torch.compile fuses: the same fp32 routing, then
+        the chosen pairs (small batches) or all experts densely, plus the shared experts; no `load`.
+        Its reference is `forward` (tests/test_decode.py binds whole steps)."""
+        logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
+        idx_NK, w_NK = route(logits_NE, self.gate.e_score_correction_bias.float(), self.cfg)
+        y_ND = (_experts_pairs if small else _experts_dense)(self.experts, x_ND, idx_NK, w_NK)
+        return y_ND + self.shared_experts.decode(x_ND, small) if self.shared_experts is not None else y_ND

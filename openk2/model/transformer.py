@@ -3,7 +3,9 @@
 Module names are Hugging Face's (`model.layers.N.self_attn.kv_b_proj`, `mlp.gate.e_score_correction_bias`),
 so the state dict *is* the checkpoint layout except for the stacked routed experts, which
 `openk2.checkpoint` splits and joins. Construct on the `meta` device for free (the full 1.04T config
-costs no memory), then `to_empty()` + `init_weights()` or load a checkpoint.
+costs no memory), then `to_empty()` + `init_weights()` or load a checkpoint. `Transformer.decode` is
+one decode step over a pool of cache rows in the form torch.compile fuses (openk2.engine compiles
+it), beside its reference `decode_reference` (the same step through `forward`).
 """
 
 import torch
@@ -12,7 +14,8 @@ from torch import nn
 
 from openk2.config import ModelConfig
 from openk2.model.attention import MLA, LatentCache
-from openk2.model.moe import MLP, MoE
+from openk2.model.linear import decode_linear
+from openk2.model.moe import MLP, MoE, small_batch
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import rope_cos_sin, rope_inv_freq
 
@@ -29,6 +32,10 @@ class Block(nn.Module):
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb, mask)
         y = self.post_attention_layernorm(h)
         return h + (self.mlp(y, reference) if isinstance(self.mlp, MoE) else self.mlp(y))
+
+    def decode(self, x_ND, cos, sin, pool_ZL, slots_NT, pos_N, small: bool):
+        h_ND = x_ND + self.self_attn.decode(self.input_layernorm(x_ND), cos, sin, pool_ZL, slots_NT, pos_N, small)
+        return h_ND + self.mlp.decode(self.post_attention_layernorm(h_ND), small)
 
 
 class Transformer(nn.Module):
@@ -108,6 +115,31 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache[i] if cache is not None else None, start_pos, absorb, reference)
         return self.lm_head(self.model.norm(x))
+
+    # --- one decode step over a pool of cache rows: the compiled form and its reference ----------
+    def decode(self, ids_N, pos_N, slots_NT, pools_ZL: list[torch.Tensor]):
+        """Logits [N, V] for tokens ids_N at positions pos_N, one per row, written for torch.compile
+        (`MLA.decode`, `MoE.decode`: no data-dependent shapes, multiply-and-reduce at small batches).
+        Row n's cache rows for positions 0..T-1 are pools_ZL[layer][slots_NT[n]] (an engine's block
+        pool; rows past pos_N[n] are ignored); the new rows are written there. `decode_reference`
+        computes the same through `forward` (tests/test_decode.py)."""
+        small = small_batch(ids_N.shape[0], self.cfg)
+        x_ND = self.model.embed_tokens(ids_N)
+        cos, sin = rope_cos_sin(self.inv_freq, pos_N[:, None], self.rope_mult, x_ND.dtype)
+        for layer, pool_ZL in zip(self.layers, pools_ZL):
+            x_ND = layer.decode(x_ND, cos, sin, pool_ZL, slots_NT, pos_N, small)
+        return decode_linear(self.lm_head, self.model.norm(x_ND), small)
+
+    def decode_reference(self, ids_N, pos_N, slots_NT, pools_ZL: list[torch.Tensor]):
+        """What `decode` computes, through `forward`: gather each row's cache, run the absorbed path
+        at per-row positions, write the new rows back."""
+        caches = [LatentCache(pool_ZL[slots_NT]) for pool_ZL in pools_ZL]
+        logits_N1V = self(ids_N[:, None], pos_N, caches)
+        new_N = slots_NT.gather(1, pos_N[:, None])[:, 0]
+        rows_N = torch.arange(ids_N.shape[0], device=ids_N.device)
+        for pool_ZL, cache in zip(pools_ZL, caches):
+            pool_ZL[new_N] = cache.ckv[rows_N, pos_N]
+        return logits_N1V[:, -1]
 
     def _packed(self, input_ids, segment_ids_BS, absorb: bool, reference: bool):
         B, S = input_ids.shape

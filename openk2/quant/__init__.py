@@ -1,5 +1,6 @@
 """Weight-only quantization as a transform: `quantize_model(model, "int8" | "int4")` swaps modules in
-place; the model code never knows. `convert` writes a quantized Hugging Face folder.
+place; the model code never knows. The formats are defined here once (int8.py, int4.py, fp8.py), and
+`openk2.checkpoint` reads and writes K2's int4 and FP8 releases through them (`convert`).
 
 What is quantized (and why the rest is not):
 - routed experts (98.9% of K2's parameters) -> `QuantizedExperts`, always;
@@ -16,14 +17,10 @@ References: each kernel has a dequantise-then-matmul twin in its file; the whole
     M (token, expert) pairs sorted by expert  N tokens  D hidden  F expert hidden  E experts  K per token
 """
 
-import shutil
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.checkpoint import load_hf, save_hf
 from openk2.model.moe import Experts
 from openk2.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from openk2.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
@@ -38,9 +35,10 @@ class QuantizedExperts(nn.Module):
     """Drop-in for `Experts`: per expert, gate+up [2F, D] (gate rows first) and down [D, F] quantized
     linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel).
 
-    int8 experts also keep their codes stacked (`stacked`: gate_up [E, 2F, D] int8 and scale [E, 2F],
-    down [E, D, F] and [E, D]; not persistent), and each expert's Int8Linear holds views into them, so
-    the compiled decode step can index experts by tensor at no extra memory."""
+    int8 experts also keep their codes stacked (gate_up [E, 2F, D] int8 and scale [E, 2F], down
+    [E, D, F] and [E, D]; not persistent), and each expert's Int8Linear holds views into them, so the
+    compiled decode step can index experts by tensor at no extra memory: that is their face
+    (`decode_weights`, see openk2.model.linear); int4 experts have none (None)."""
 
     def __init__(self, gate_up: list[nn.Module], down: list[nn.Module], stacked: tuple | None = None):
         super().__init__()
@@ -49,7 +47,7 @@ class QuantizedExperts(nn.Module):
             self.register_buffer(name, t, persistent=False)
 
     @property
-    def stacked(self) -> tuple | None:
+    def decode_weights(self) -> tuple | None:
         return None if self.gate_up_q is None else (self.gate_up_q, self.gate_up_scale, self.down_q, self.down_scale)
 
     @classmethod
@@ -130,27 +128,3 @@ def fake_quantize(model: nn.Module, mode: str, linears: bool | None = None) -> n
         else:
             child.weight.copy_(ROUND_TRIP[mode](child.weight))
     return model
-
-
-CONVERT_FORMATS = ("int4", "fp8", "bf16")
-
-
-def convert(src: str | Path, dst: str | Path, fmt: str, progress: bool = True) -> Path:
-    """Rewrite the HF folder SRC as DST in a K2 release format, copying SRC's other files (tokenizer):
-    int4 as K2-Thinking (routed experts, compressed-tensors), fp8 as K2-Instruct, bf16 plain.
-
-    int8 has no format: K2 ships none and `load_hf` reads none; quantizing per channel takes seconds,
-    so it is done at load time (`quantize_model(model, "int8")`).
-    """
-    if fmt not in CONVERT_FORMATS:
-        hint = " (int8 is applied at load time: quantize_model(model, 'int8'))" if fmt == "int8" else ""
-        raise ValueError(f"convert format must be one of {', '.join(CONVERT_FORMATS)}, not {fmt!r}{hint}")
-    src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"convert would overwrite its source {src}")
-    out = save_hf(load_hf(src, progress=progress), dst, fmt=fmt, progress=progress)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in (
-                "config.json", "model.safetensors.index.json", "train_state.pt"):  # not a training run's state
-            shutil.copy2(f, dst / f.name)
-    return out

@@ -3,8 +3,9 @@ W[o, i] ≈ q · scale[o, i // 32], q ∈ [-8, 7] (stored as q + 8, eight codes 
 
 Two layouts of the same codes:
 - the checkpoint layout (`weight_packed` int32 [O, I/8], `weight_scale` [O, I/32], the tensors of a
-  K2-Thinking shard): `quantize_int4` / `dequantize_int4` (openk2.checkpoint.hf's packing), read by the
-  reference `int4_linear_reference` (dequantise to the activation dtype, then F.linear);
+  K2-Thinking shard): `quantize_int4` / `dequantize_int4`, the one definition of the format (checkpoint
+  load and save use it too), read by the reference `int4_linear_reference` (dequantise to the
+  activation dtype, then F.linear);
 - ATen's CPU kernel layout (`_convert_weight_to_int4pack_for_cpu`: uint8 [O, I/2], blocked by rows,
   an implementation detail, so never saved) with `scales_and_zeros` [I/32, O, 2], read by the fast
   path `int4_linear` (`_weight_int4pack_mm_for_cpu`, which computes W = (code − 8) · scale + zero:
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.checkpoint.hf import INT4_GROUP, dequant_int4, quant_int4
+INT4_GROUP = 32  # K2-Thinking's group size (a checkpoint's own comes from its quantization_config)
+_SHIFTS = tuple(range(0, 32, 4))  # code k of a word sits at bits 4k..4k+3: lowest nibble first
 
 
 def quantize_int4(w_OI: torch.Tensor, group: int = INT4_GROUP, scale_dtype: torch.dtype | None = None):
@@ -34,15 +36,34 @@ def quantize_int4(w_OI: torch.Tensor, group: int = INT4_GROUP, scale_dtype: torc
     """
     if w_OI.shape[1] % group:
         raise ValueError(f"int4: in features ({w_OI.shape[1]}) must be a multiple of the group ({group})")
-    packed, scale, _ = quant_int4(w_OI.cpu(), group, scale_dtype or w_OI.dtype)
-    return packed.to(w_OI.device), scale.to(w_OI.device)
+    g_OGS = w_OI.float().unflatten(1, (-1, group))
+    scale_OG = (g_OGS.abs().amax(-1) / 7).clamp(min=1e-12).to(scale_dtype or w_OI.dtype)
+    codes_OI = (torch.round(g_OGS / scale_OG.float()[..., None]).clamp(-8, 7) + 8).to(torch.int32).flatten(1)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=w_OI.device)
+    # the eight 4-bit fields are disjoint, so their sum is their bitwise or (the top one wraps the sign)
+    return (codes_OI.unflatten(1, (-1, 8)) << shifts).sum(-1, dtype=torch.int32), scale_OG
 
 
-def dequantize_int4(packed_OP: torch.Tensor, scale_OG: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """W = (code − 8) · scale, computed in fp32 and rounded once to `dtype`; [O, I]."""
-    O, G = scale_OG.shape
-    group = packed_OP.shape[1] * 8 // G
-    return dequant_int4(packed_OP, scale_OG, (O, G * group), group).to(dtype)
+def unpack_int4(packed_OP: torch.Tensor) -> torch.Tensor:
+    """The unsigned codes 0..15 of packed words, int32 [O, 8P]."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed_OP.device)
+    return ((packed_OP[..., None] >> shifts) & 0xF).flatten(1)
+
+
+def dequantize_int4(packed_OP: torch.Tensor, scale_OG: torch.Tensor, dtype=torch.float32,
+                    shape=None, group: int | None = None) -> torch.Tensor:
+    """W = (code − 8) · scale[o, i // group], computed in fp32 and rounded once to `dtype`; [O, I].
+
+    shape (O, I) defaults to the packed width and group to the one it implies; a checkpoint passes
+    its `weight_shape` and its config's group size, checked here against the tensors.
+    """
+    rows, cols = (int(n) for n in shape) if shape is not None else (packed_OP.shape[0], packed_OP.shape[1] * 8)
+    group = group or cols // scale_OG.shape[1]
+    if tuple(packed_OP.shape) != (rows, -(-cols // 8)) or tuple(scale_OG.shape) != (rows, -(-cols // group)):
+        raise ValueError(f"INT4 tensors packed {tuple(packed_OP.shape)} / scale {tuple(scale_OG.shape)} do not "
+                         f"fit a {rows}x{cols} weight with groups of {group}")
+    q_OI = unpack_int4(packed_OP)[:, :cols].float() - 8
+    return (q_OI * scale_OG.float().repeat_interleave(group, 1)[:, :cols]).to(dtype)
 
 
 def int4_linear_reference(x_NI, packed_OP, scale_OG):
@@ -56,9 +77,7 @@ def cpu_kernel_fits(out_features: int, in_features: int, group: int = INT4_GROUP
 
 def pack_for_cpu(packed_OP: torch.Tensor, scale_OG: torch.Tensor):
     """Checkpoint layout -> (ATen CPU kernel weight uint8 [O, I/2], scales_and_zeros [G, O, 2])."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed_OP.device)
-    codes_OI = ((packed_OP[..., None] >> shifts) & 0xF).flatten(1)  # unsigned codes 0..15
-    kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_OI.contiguous(), 1)
+    kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed_OP).contiguous(), 1)
     scales_and_zeros = torch.stack([scale_OG.t(), torch.zeros_like(scale_OG.t())], dim=-1).contiguous()
     return kernel_weight, scales_and_zeros
 
@@ -96,6 +115,12 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def from_weight(cls, w_OI: torch.Tensor, group: int = INT4_GROUP) -> "Int4Linear":
         return cls(*quantize_int4(w_OI, group))
+
+    @property
+    def decode_weights(self):
+        """None: the compiled decode step cannot read packed codes (openk2.model.linear); int4 models
+        decode eagerly, through this module's forward."""
+        return None
 
     def forward(self, x):
         if self.kernel_weight is not None:

@@ -79,6 +79,11 @@ class Int8Linear(nn.Module):
     def from_weight(cls, w_OI: torch.Tensor) -> "Int8Linear":
         return cls(*quantize_int8(w_OI))
 
+    @property
+    def decode_weights(self):
+        """The face the compiled decode step reads (openk2.model.linear): codes and row scales."""
+        return self.weight, self.weight_scale
+
     def forward(self, x):
         if use_kernel(x):
             return int8_linear(x, self.weight, self.weight_scale)
