@@ -11,7 +11,7 @@ from test_chat import K2_LIKE_TEMPLATE
 
 from openk2.config import PRESETS
 from openk2.data.packing import IGNORE, PackedSFTLoader, fit_examples, pack_rows, sft_val_batches
-from openk2.model import build_model
+from openk2.model import build_model, lm_loss
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
@@ -333,3 +333,34 @@ def test_gradient_accumulation_weighs_micro_batches_by_their_loss_tokens(base, t
                          seed=1)) for bs, ga in ((2, 1), (1, 2))]
     assert runs[0]["loss"] == pytest.approx(runs[1]["loss"], rel=1e-6)
     assert runs[0]["grad_norm"] == pytest.approx(runs[1]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("absorb", [False, True], ids=["materialised", "absorbed"])
+def test_packed_max_logits_are_each_conversations(absorb):
+    """QK-Clip's per-head max logit of a packed row is the largest over its conversations run alone
+    (padding included, as a run of its own): no cross-conversation score counts."""
+    model = build_model(PRESETS["k2-tiny"], seed=0).eval()
+    model.record_max_logits(True)
+    examples = _examples([9, 14, 6])
+    x, _, seg = sft_val_batches(examples, 1, 32, 1)[0]
+    with torch.no_grad():
+        model(x, segment_ids=seg, absorb=absorb)
+        packed = model.max_logits()
+        alone = [(model(x[:, a:b]), model.max_logits())[1] for a, b in ((0, 8), (8, 21), (21, 26), (26, 32))]
+    torch.testing.assert_close(packed, torch.stack(alone).amax(0), rtol=0, atol=1e-5)
+
+
+def test_loss_on_kept_positions_equals_the_full_loss():
+    """`keep=`: logits only where a target is; the loss and every gradient are the full forward's."""
+    model = build_model(PRESETS["k2-tiny"], seed=0)
+    x, y, seg = sft_val_batches(_examples([9, 14, 6]), 1, 32, 1)[0]
+    grads = []
+    for keep in (None, y != IGNORE):
+        model.zero_grad()
+        loss = lm_loss(model(x, segment_ids=seg, keep=keep), y if keep is None else y[keep])
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full, full_g), (kept, kept_g) = grads
+    torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(full_g, kept_g):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

@@ -48,6 +48,20 @@ def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:
     return torch.arange(T, device=device)[None, :] <= q_pos[:, None]
 
 
+@dataclass(frozen=True)
+class Packed:
+    """Packed rows (SFT): causal sequences back to back, `runs` their lengths in order over the B·S
+    positions (row by row; every row starts a run), none attending outside its own run."""
+    runs: tuple[int, ...]
+    shape: tuple[int, int]  # (B, S)
+
+    def mask(self, device) -> torch.Tensor:
+        """[B, S, S] bool, True where query s may see key t (block-diagonal causal)."""
+        run_N = torch.repeat_interleave(torch.arange(len(self.runs), device=device),
+                                        torch.tensor(self.runs, device=device)).view(self.shape)
+        return (run_N[:, :, None] == run_N[:, None, :]) & causal_mask(self.shape[1], self.shape[1], 0, device)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -77,10 +91,11 @@ class MLA(nn.Module):
         return q_BSHA.split([self.cfg.qk_nope_head_dim, self.cfg.qk_rope_head_dim], dim=-1)
 
     def forward(self, x_BSD, cos, sin, cache: LatentCache | None = None, start_pos: int | torch.Tensor = 0,
-                absorb: bool = False, mask_BST: torch.Tensor | None = None):
+                absorb: bool = False, packed: Packed | None = None):
         """start_pos: where this chunk starts, for all rows (int), or per row (LongTensor [B], with a
         cache: rows at different lengths decode together, each seeing only its own keys).
-        mask_BST: an explicit key mask (packed rows, no cache), True where query s may see key t."""
+        packed: packed rows (no cache); the materialised path attends run by run, the absorbed one
+        under the block-diagonal mask."""
         B, S, _ = x_BSD.shape
         C = self.cfg.kv_lora_rank
         q_nope_BSHP, q_pe_BSHR = self._query(x_BSD)
@@ -88,8 +103,8 @@ class MLA(nn.Module):
         kv_BSL = self.kv_a_proj_with_mqa(x_BSD)
         ckv_BSL = torch.cat([self.kv_a_layernorm(kv_BSL[..., :C]), apply_rope(kv_BSL[..., C:], cos, sin)], -1)
         ckv_BTL = ckv_BSL  # keys: this chunk, or everything cached up to it
-        if mask_BST is not None:
-            mask_ST = mask_BST
+        if packed is not None:
+            mask_ST = packed if not absorb else packed.mask(x_BSD.device)
         elif isinstance(start_pos, torch.Tensor):  # per-row positions [B, S]; the mask is per row too
             pos_BS = start_pos[:, None] + torch.arange(S, device=x_BSD.device)
             cache.ckv[torch.arange(B, device=x_BSD.device)[:, None], pos_BS] = ckv_BSL
@@ -115,19 +130,35 @@ class MLA(nn.Module):
         k_BTHA = torch.cat([k_nope_BTHP, pe_BTR[:, :, None, :].expand(-1, -1, H, -1)], dim=-1)
         q_BHSA = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1).transpose(1, 2)
         k_BHTA, v_BHTO = k_BTHA.transpose(1, 2), v_BTHO.transpose(1, 2)
+        O, A = cfg.v_head_dim, cfg.qk_head_dim
+        if isinstance(mask_ST, Packed):
+            return self._by_runs(q_BHSA, k_BHTA, v_BHTO, mask_ST.runs)[..., :O].transpose(1, 2)
         if self.record_max_logits:  # logits once more, outside autograd: the fused kernel hides them
             with torch.no_grad():  # the max in the matmul's dtype, scaled after (in fp32): the same value
                 scores_BHST = q_BHSA @ k_BHTA.transpose(-1, -2)
                 self._record(scores_BHST, None if mask_ST is None else mask_ST.unsqueeze(-3), causal, head_dim=1,
                              scale=self.softmax_scale)
         # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
-        O, A = cfg.v_head_dim, cfg.qk_head_dim
         v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
         out_BHSO = F.scaled_dot_product_attention(
             q_BHSA, k_BHTA, v_pad, attn_mask=None if mask_ST is None else mask_ST.unsqueeze(-3),
             is_causal=causal and mask_ST is None,
             scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)
+
+    def _by_runs(self, q_BHSA, k_BHSA, v_BHSO, runs):
+        """Packed rows, one causal attention per run: a block-diagonal mask would score every key of
+        the row and skip none (~2.5x slower fwd+bwd at four 512-token runs per 2,048-token row)."""
+        (B, H, S, A), O = q_BHSA.shape, v_BHSO.shape[-1]
+        v_BHSA = F.pad(v_BHSO, (0, A - O)) if A > O else v_BHSO
+        q_R, k_R, v_R = (t.transpose(0, 1).reshape(H, B * S, A).split(runs, dim=1) for t in (q_BHSA, k_BHSA, v_BHSA))
+        if self.record_max_logits:
+            with torch.no_grad():
+                top_RH = [self._masked_max(q @ k.transpose(-1, -2), None, True, head_dim=0) for q, k in zip(q_R, k_R)]
+                self.max_logits = torch.stack(top_RH).amax(0) * self.softmax_scale
+        out_R = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=self.softmax_scale)[0]
+                 for q, k, v in zip(q_R, k_R, v_R)]
+        return torch.cat(out_R, dim=1).view(H, B, S, A).transpose(0, 1)
 
     def _absorbed(self, q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal: bool):
         cfg = self.cfg
@@ -197,9 +228,14 @@ class MLA(nn.Module):
         """Keep the per-head max of the unmasked logits (scores · scale, fp32) in `max_logits`. The max
         is taken before the cast and the scaling: both are monotonic, so it is the same number, and at
         bf16 the full [B, H, S, T] scores are half the bytes (this was ~40% of attention's cost)."""
+        self.max_logits = self._masked_max(scores, mask, causal, head_dim) * scale
+
+    @staticmethod
+    def _masked_max(scores, mask, causal: bool, head_dim: int) -> torch.Tensor:
+        """Per-head max of the unmasked scores, fp32."""
         if mask is None and causal:
             S, T = scores.shape[-2:]
             mask = causal_mask(S, T, T - S, scores.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        self.max_logits = scores.amax(dim=[d for d in range(scores.dim()) if d != head_dim]).float() * scale
+        return scores.amax(dim=[d for d in range(scores.dim()) if d != head_dim]).float()

@@ -127,15 +127,18 @@ class Experts(nn.Module):
             return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
         if torch.is_grad_enabled() and w_gate_up.requires_grad:
-            # under autograd, indexing expert e back-propagates a zero-filled full-size gradient per
-            # expert; one unbind gathers all experts' gradients into a single stacked tensor instead
+            # under autograd, slicing out one expert (or one expert's rows) back-propagates a zero-filled
+            # gradient of the whole tensor, once per expert; unbind and split gather every expert's
+            # gradient into one tensor instead. Under autocast the stacks are cast once, not per expert.
+            if torch.is_autocast_enabled(x_MD.device.type):
+                dtype = torch.get_autocast_dtype(x_MD.device.type)
+                x_MD, w_gate_up, w_down = x_MD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
             w_gate_up, w_down = w_gate_up.unbind(0), w_down.unbind(0)
-        out, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                gate, up = F.linear(x_MD[start:start + n], w_gate_up[e]).chunk(2, dim=-1)
+        out = []
+        for e, x in enumerate(x_MD.split(counts_E.tolist())):
+            if len(x):
+                gate, up = F.linear(x, w_gate_up[e]).chunk(2, dim=-1)
                 out.append(F.linear(F.silu(gate).mul_(up), w_down[e]))
-                start += n
         return torch.cat(out).mul_(w_M[:, None])
 
     @property

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.attention import MLA, LatentCache
+from openk2.model.attention import MLA, LatentCache, Packed
 from openk2.model.linear import decode_linear
 from openk2.model.moe import MLP, MoE, small_batch
 from openk2.model.norm import RMSNorm
@@ -28,8 +28,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, start_pos=0, absorb=False, reference=False, mask=None):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb, mask)
+    def forward(self, x, cos, sin, cache=None, start_pos=0, absorb=False, reference=False, packed=None):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, absorb, packed)
         y = self.post_attention_layernorm(h)
         return h + (self.mlp(y, reference) if isinstance(self.mlp, MoE) else self.mlp(y))
 
@@ -90,7 +90,8 @@ class Transformer(nn.Module):
                 for _ in self.layers]
 
     def forward(self, input_ids, start_pos: int | torch.Tensor = 0, cache: list[LatentCache] | None = None,
-                absorb: bool | None = None, reference: bool = False, segment_ids: torch.Tensor | None = None):
+                absorb: bool | None = None, reference: bool = False, segment_ids: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None):
         """Logits [B, S, V] for input_ids [B, S] at positions start_pos.. (fp32 or model dtype);
         start_pos per row (LongTensor [B]) lets rows of different lengths decode in one batch.
 
@@ -98,10 +99,12 @@ class Transformer(nn.Module):
         reference: run routed experts through the per-expert reference loop.
         segment_ids [B, S]: packed rows (SFT); each run of equal ids is one sequence, attending only
         to itself, its positions counted from 0. Without a cache; None: the plain causal path.
+        keep [B, S] bool: logits [M, V] of the kept positions only (training: those with a target; SFT
+        keeps ~10 %, and the vocabulary projection and softmax are a large share of a small model's step).
         """
         B, S = input_ids.shape
         if segment_ids is not None:
-            return self._packed(input_ids, segment_ids, absorb or False, reference)
+            return self._head(self._packed(input_ids, segment_ids, absorb or False, reference), keep)
         per_row = isinstance(start_pos, torch.Tensor)
         if per_row and cache is None:
             raise ValueError("per-row start positions need a cache")
@@ -114,7 +117,10 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache[i] if cache is not None else None, start_pos, absorb, reference)
-        return self.lm_head(self.model.norm(x))
+        return self._head(x, keep)
+
+    def _head(self, x_BSD, keep_BS: torch.Tensor | None):
+        return self.lm_head(self.model.norm(x_BSD if keep_BS is None else x_BSD[keep_BS]))
 
     # --- one decode step over a pool of cache rows: the compiled form and its reference ----------
     def decode(self, ids_N, pos_N, slots_NT, pools_ZL: list[torch.Tensor]):
@@ -150,8 +156,8 @@ class Transformer(nn.Module):
         starts_BS[:, 1:] = segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]
         # a position's offset in its segment: its index minus that of the latest segment start
         positions_BS = idx_S - torch.where(starts_BS, idx_S, 0).cummax(dim=1).values
-        same_BST = segment_ids_BS[:, :, None] == segment_ids_BS[:, None, :]
-        mask_BST = same_BST & (idx_S[None, :] <= idx_S[:, None])  # block-diagonal causal
+        start_N = starts_BS.flatten().nonzero().flatten().tolist() + [B * S]
+        packed = Packed(tuple(b - a for a, b in zip(start_N, start_N[1:])), (B, S))
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions_BS, self.rope_mult, x.dtype)
         moes = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
@@ -159,11 +165,11 @@ class Transformer(nn.Module):
             for moe in moes:
                 moe.counted = (segment_ids_BS != 0).flatten()
             for layer in self.layers:
-                x = layer(x, cos, sin, None, 0, absorb, reference, mask_BST)
+                x = layer(x, cos, sin, None, 0, absorb, reference, packed)
         finally:
             for moe in moes:
                 moe.counted = None
-        return self.lm_head(self.model.norm(x))
+        return x
 
     # --- diagnostics for training (QK-Clip, balancing) -------------------------------------------
     def record_max_logits(self, on: bool = True):
@@ -189,8 +195,10 @@ class Transformer(nn.Module):
 
 
 def lm_loss(logits_BSV, targets_BS, ignore_index: int = -100):
-    """Mean next-token cross entropy in fp32; targets are already shifted."""
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=ignore_index)
+    """Mean next-token cross entropy in fp32; targets are already shifted. Logits [B, S, V] with targets
+    [B, S], or the kept rows [M, V] (`forward(keep=)`) with theirs [M]."""
+    logits_NV = logits_BSV.float().reshape(-1, logits_BSV.shape[-1])
+    return F.cross_entropy(logits_NV, targets_BS.reshape(-1), ignore_index=ignore_index)
 
 
 def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int | None = 0) -> Transformer:

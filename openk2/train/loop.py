@@ -243,7 +243,10 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
             loss_share += (y != -100).float().mean().item() / cfg.grad_accum
             with ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
                 with autocast():  # the balance loss, if on, is only optimised; lm is logged
-                    lm = lm_loss(ddp(x, segment_ids=seg[0] if seg else None), y)
+                    keep = y != -100  # logits only where a target is (SFT: ~10 % of positions)
+                    keep = None if keep.all() else keep
+                    lm = lm_loss(ddp(x, segment_ids=seg[0] if seg else None, keep=keep),
+                                 y if keep is None else y[keep])
                     loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
                 (loss * weight).backward()
             loss_sum += lm.item() * weight
