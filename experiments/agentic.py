@@ -3,6 +3,7 @@ oracle trajectories, SFT the checkpoint on them, evaluate again on the same task
 
     .venv/bin/python experiments/agentic.py all [--checkpoint DIR] [--worlds bank,shop] [--n 30] [--steps N]
     .venv/bin/python experiments/agentic.py eval --checkpoint DIR [--worlds bank,shop]
+    .venv/bin/python experiments/agentic.py probe --checkpoint DIR [DIR ...]   # in-context copying
 
 SFT extends k2-mini's 1,024-token window to `--context` (2,048 by default: a rendered conversation with
 its task's toolset takes 440-2,060 tokens). Held-out tasks are the library's (`evaluate.held_out`,
@@ -67,6 +68,26 @@ def run_eval(ckpt, splits, n, worlds, out: Path, concurrency=8):
     return rows
 
 
+def copy_probe(ckpt, n: int = 8, length: int = 40, seed: int = 0) -> tuple[float, float]:
+    """In-context copying, the skill arguments need: mean nats/token over n random token sequences
+    (ids from the whole vocabulary, special ones excepted) shown twice in a row, on the first showing
+    and on the repeat. A model that copies predicts the repeat (~0 nats); one that does not pays the
+    same on both."""
+    import torch
+    import torch.nn.functional as F
+
+    from openk2.checkpoint import load_hf
+    model = load_hf(ckpt, dtype=torch.float32, progress=False).eval()
+    V = model.cfg.vocab_size
+    r = torch.randint(100, min(model.cfg.bos_token_id or V, V) - 100, (n, length),
+                      generator=torch.Generator().manual_seed(seed))
+    x = torch.cat([r, r], 1)
+    with torch.no_grad():
+        nats = F.cross_entropy(model(x[:, :-1]).float().flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+    nats = nats.view(n, -1)
+    return nats[:, :length - 1].mean().item(), nats[:, length:].mean().item()
+
+
 def timed(cmd, log: Path):
     start, load0 = time.monotonic(), load_text()
     print("$", " ".join(cmd), flush=True)
@@ -79,7 +100,8 @@ def timed(cmd, log: Path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["all", "eval"])
+    p.add_argument("what", choices=["all", "eval", "probe"])
+    p.add_argument("more", nargs="*", help="probe: further checkpoints")
     p.add_argument("--checkpoint", default=MAIN_CKPT)
     p.add_argument("--out", default="runs/agentic")
     p.add_argument("--worlds", default=TRAIN_WORLDS, help="synthesis worlds")
@@ -101,6 +123,11 @@ def main():
     out, splits, eval_worlds = Path(a.out), a.splits.split(","), a.worlds.split(",")
     assert all(s in SPLITS for s in splits), splits
     out.mkdir(parents=True, exist_ok=True)
+    if a.what == "probe":
+        for ckpt in [a.checkpoint, *a.more]:
+            first, repeat = copy_probe(ckpt)
+            print(f"copy probe {ckpt}: {first:.2f} nats/token on first showing, {repeat:.2f} on the repeat")
+        return
     if a.what == "eval":
         run_eval(a.checkpoint, splits, a.n, eval_worlds, out / f"eval_{Path(a.checkpoint).name}.json")
         return
@@ -126,6 +153,8 @@ def main():
     latest = sft_dir / "checkpoints" / (sft_dir / "checkpoints" / "latest").read_text().strip()
     run_eval(latest, splits, a.n, eval_worlds, out / "eval_after.json")
     times["eval after"] = time.monotonic() - t
+    for name, ckpt in (("before", a.checkpoint), ("after", latest)):
+        print(f"copy probe {name} SFT: %.2f nats/token on first showing, %.2f on the repeat" % copy_probe(ckpt))
     print("wall times:", {k: round(v, 1) for k, v in times.items()},
           f"synth + SFT {times.get('synth', 0) + times['sft']:.0f} s")
 
