@@ -63,7 +63,7 @@ def test_lm_eval_scores_through_the_server_equal_the_model(tmp_path, monkeypatch
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    tok = Tokenizer.byte_level()
     model = build_model(PRESETS["k2-tiny"], seed=0).eval()
     with serving(create_app(model, tok, NAME)) as port:
         results = simple_evaluate(

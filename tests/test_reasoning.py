@@ -17,7 +17,7 @@ from openk2.tokenizer import Tokenizer, render_chat
 from openk2.tokenizer.protect import encode_chat
 from openk2.tokenizer.reasoning import ReasoningStream, reasoning_enabled, split_reasoning
 
-TOK = Tokenizer({bytes([b]): b for b in range(256)})
+TOK = Tokenizer.byte_level()
 SB, SE, CB, AB, CE = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
                       "<|tool_call_argument_begin|>", "<|tool_call_end|>")
 CALL_TEXT = SB + CB + 'functions.get_weather:0' + AB + '{"city": "Paris"}' + CE + SE

@@ -89,7 +89,7 @@ def serving(app):
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer({bytes([b]): b for b in range(256)})
+    return Tokenizer.byte_level()
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_tool_calls(fake):
                          {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 18}'}]
     r = c.chat.completions.create(model=NAME, messages=follow, tools=TOOLS)
     assert r.choices[0].finish_reason == "tool_calls"
-    prompt = Tokenizer({bytes([b]): b for b in range(256)}).decode(engine.prompts[-1])
+    prompt = Tokenizer.byte_level().decode(engine.prompts[-1])
     assert "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>" in prompt
     assert prompt.endswith("## Return of functions.get_weather:0\n{\"temp_c\": 18}<|im_end|>"
                            "<|im_assistant|>assistant<|im_middle|>")
@@ -338,7 +338,7 @@ def test_terminal_chat_streams_resets_and_exits():
     from openk2.model import build_model
     from openk2.server.terminal import chat
     model = build_model(PRESETS["k2-tiny"], seed=0).eval()
-    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    tok = Tokenizer.byte_level()
     lines = iter(["hello", "/reset", "", "again", "/exit", "never read"])
     out = io.StringIO()
     history = chat(model, tok, temperature=0.0, max_tokens=6, input_fn=lambda _: next(lines), out=out)
@@ -418,7 +418,7 @@ def test_detokenizer_holds_split_characters_and_skips_ids_without_text():
     """Text increments never split a UTF-8 character; ids past the tokenizer's vocabulary (random
     weights of a larger model over the byte-level fallback) give no text instead of an error."""
     from openk2.server.detokenizer import Detokenizer
-    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    tok = Tokenizer.byte_level()
     detok = Detokenizer(tok, stop_ids=[], stop_strings=[])
     euro = "€".encode()  # three bytes, three ids
     assert [detok.add(b) for b in euro[:2]] == ["", ""]

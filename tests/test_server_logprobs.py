@@ -22,7 +22,7 @@ NAME = "k2-tiny"
 
 @pytest.fixture(scope="module")
 def setup():
-    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    tok = Tokenizer.byte_level()
     model = build_model(PRESETS["k2-tiny"], seed=0).eval()
     app = create_app(model, tok, NAME)
     with serving(app) as port:
@@ -154,7 +154,7 @@ def test_echo_lists_a_generated_stop_id_where_lm_eval_drops_it():
     from openk2.server.engine_loop import Run
     from openk2.server.protocol import ChatCompletionRequest, CompletionRequest
 
-    tok = Tokenizer({bytes([b]): b for b in range(256)})
+    tok = Tokenizer.byte_level()
     fmt = ChatFormat(tok, 64, 512)
     end = tok.token_id("<|im_end|>")
     ids = tok.encode("ab")

@@ -15,7 +15,7 @@ from openk2.model import build_model, lm_loss
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
-TOK = Tokenizer({bytes([b]): b for b in range(256)})  # byte-level: ids 0..255, K2's specials from 256
+TOK = Tokenizer.byte_level()  # byte-level: ids 0..255, K2's specials from 256
 CALL = {"id": "functions.get_weather:0", "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
 TOOLS = [{"type": "function", "function": {

@@ -20,7 +20,7 @@ from openk2.envs.teacher import SLIPS, Teacher
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
-TOK = Tokenizer({bytes([b]): b for b in range(256)})  # byte-level, K2's special tokens above 255
+TOK = Tokenizer.byte_level()  # byte-level, K2's special tokens above 255
 
 
 def one_per_kind_and_world():

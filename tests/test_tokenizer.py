@@ -264,3 +264,13 @@ def test_k2_folder_save_is_byte_identical(small, tmp_path):
     model = (src / "tiktoken.model").read_text().replace("\n\n", "\n")
     assert (out / "tiktoken.model").read_text() == model
     assert Tokenizer.from_dir(out).special_ids == small.special_ids
+
+
+def test_byte_level_fallback():
+    """A checkpoint without a tokenizer reads text as UTF-8 bytes, K2's specials from 256; its model
+    must hold those 512 rows."""
+    tok = Tokenizer.byte_level(512)
+    assert tok.encode("é!") == [0xC3, 0xA9, 0x21] and tok.decode([0xC3, 0xA9, 0x21]) == "é!"
+    assert tok.token_id("<|im_end|>") >= 256
+    with pytest.raises(ValueError, match="511 < 512"):
+        Tokenizer.byte_level(511, "runs/x")

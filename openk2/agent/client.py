@@ -198,7 +198,7 @@ class ScriptedClient:
 
     def __init__(self, turns, tokenizer: Tokenizer | None = None, context_window: int = 131072,
                  name: str = "scripted"):
-        tokenizer = tokenizer or Tokenizer({bytes([b]): b for b in range(256)})
+        tokenizer = tokenizer or Tokenizer.byte_level()
         self.fmt = ChatFormat(tokenizer, context_window, tokenizer.n_vocab)
         self.turns, self.requests, self.name, self.context_window = list(turns), [], name, context_window
 

@@ -37,7 +37,7 @@ MAX_TURNS = 16  # model calls an episode may take; the longest plan needs far fe
 def byte_tokenizer():
     """The ScriptedClient's tokenizer (renders each request as the engine would), built once: ~10 ms."""
     from openk2.tokenizer import Tokenizer
-    return Tokenizer({bytes([b]): b for b in range(256)})
+    return Tokenizer.byte_level()
 
 
 def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0):

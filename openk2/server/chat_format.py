@@ -107,9 +107,7 @@ class ChatFormat:
         """The chat of `model`, with the folder's template if it ships one (`reasoning_parser`: reasoning.py).
         Without a tokenizer, text is byte-level (ids 0..255 bytes, 256.. K2's specials): 512 embedding rows."""
         if tokenizer is None:
-            if model.cfg.vocab_size < 512:
-                raise ValueError(f"no tokenizer in {path} and vocab_size {model.cfg.vocab_size} < 512 (byte-level)")
-            tokenizer = Tokenizer({bytes([b]): b for b in range(256)})
+            tokenizer = Tokenizer.byte_level(model.cfg.vocab_size, str(path))
         folder = Path(path) if path is not None else None
         template = load_chat_template(folder) if folder is not None and folder.is_dir() else None
         variables = template_variables(folder) if template else {}

@@ -187,13 +187,22 @@ class Tokenizer:
         return cls(ranks, read_named(path / "tokenizer_config.json", len(ranks)), name=path.name or "k2")
 
     @classmethod
+    def byte_level(cls, vocab_size: int | None = None, where: str = "the checkpoint") -> Tokenizer:
+        """UTF-8 bytes as ids 0..255 and K2's reserved specials from 256: the text of a checkpoint that
+        ships no tokenizer. vocab_size: the model's, which must hold those 512 rows (else an error)."""
+        if vocab_size is not None and vocab_size < 256 + N_RESERVED:
+            raise ValueError(f"{where} has no tokenizer and vocab_size {vocab_size} < {256 + N_RESERVED} "
+                             "(byte-level text + specials)")
+        return cls({bytes([b]): b for b in range(256)})
+
+    @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
         """Learn a BPE whose n_base + 256 special ids fill `vocab_size` embedding rows.
         Notes: a corpus too small for n_base - 256 merges yields fewer; read `n_vocab` afterwards."""
         if vocab_size <= 256 + N_RESERVED:  # no room for a merge: byte-level, if it fits at all
             if vocab_size < 256 + N_RESERVED:
                 raise ValueError(f"vocab_size {vocab_size} cannot hold 256 bytes + {N_RESERVED} special ids")
-            return cls({bytes([b]): b for b in range(256)})
+            return cls.byte_level()
         return cls(ranks_from_hf(train_bpe(texts, vocab_size - N_RESERVED, min_frequency).get_vocab()))
 
     def save(self, path: str | Path, model_max_length: int = HF_MAX_LENGTH) -> Path:

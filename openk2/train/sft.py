@@ -79,9 +79,7 @@ def chat_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     """The checkpoint's tokenizer, or byte-level text (ids 0..255, specials from 256) if it ships none."""
     if (folder / "tiktoken.model").is_file():
         return Tokenizer.from_dir(folder)
-    if vocab_size < 512:
-        raise ValueError(f"{folder} has no tokenizer and vocab_size {vocab_size} < 512 (byte-level + specials)")
-    return Tokenizer({bytes([b]): b for b in range(256)})
+    return Tokenizer.byte_level(vocab_size, str(folder))
 
 
 def encode_file(path, tok: Tokenizer, template: str | None, variables: dict, show: bool):
