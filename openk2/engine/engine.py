@@ -166,21 +166,25 @@ class Engine:
         starts = [r.prefilled for r in rows]
         counts = [min(width, len(r.prompt) - r.prefilled) for r in rows]
         ids = torch.zeros(len(rows), width, dtype=torch.long)  # right-padded: padding sits after
+        # logits only where they are read: every prompt position of rows that score their prompt, the
+        # last one of rows whose prompt ends here (to sample from), none elsewhere
+        keep = torch.zeros(len(rows), width, dtype=torch.bool)
         for i, (r, s, n) in enumerate(zip(rows, starts, counts)):  # every real token, never seen
             ids[i, :n] = torch.tensor(r.prompt[s:s + n])
-        device = self.pool.device
-        tables = [r.blocks for r in rows]
+            keep[i, :n] = bool(r.params.prompt_logprobs)
+            keep[i, n - 1] |= s + n == len(r.prompt)
+        device, tables = self.pool.device, [r.blocks for r in rows]
         cache = self.pool.gather(tables, max(starts) + width)
         start = starts[0] if len(set(starts)) == 1 else torch.tensor(starts, device=device)
-        logits = self.model(ids.to(device), start, cache)
+        logits_MV = self.model(ids.to(device), start, cache, keep=keep.to(device))
         self.pool.scatter(cache, tables, starts, counts)
         done = []
-        for i, (r, s, n) in enumerate(zip(rows, starts, counts)):
+        for r, s, n, logits_KV in zip(rows, starts, counts, logits_MV.split(keep.sum(1).tolist())):
             if r.params.prompt_logprobs:
-                score_prompt(r, logits[i, :n], s)
+                score_prompt(r, logits_KV, s)
             r.prefilled += n
             if r.prefilled == len(r.prompt):
-                done.append((r, logits[i, n - 1]))
+                done.append((r, logits_KV[-1]))
         return self._emit([r for r, _ in done], torch.stack([l for _, l in done])) if done else []
 
     def _decode(self, rows: list[Request]) -> list[tuple[Request, int]]:
