@@ -127,6 +127,13 @@ def balance_experts(model, loads: dict[int, torch.Tensor], speed: float, world: 
     return relative
 
 
+def target_loss(model, x, y, seg: list) -> torch.Tensor:
+    """lm_loss of `model` (or DDP) on x, seg [segment_ids] or []; logits only where y has a target."""
+    keep = y != -100
+    keep = None if keep.all() else keep
+    return lm_loss(model(x, segment_ids=seg[0] if seg else None, keep=keep), y if keep is None else y[keep])
+
+
 @torch.no_grad()
 def evaluate(model, batches, autocast, world: int) -> float:
     model.eval()
@@ -134,7 +141,7 @@ def evaluate(model, batches, autocast, world: int) -> float:
     for x, y, *seg in batches:
         n = (y != -100).sum().item()
         with autocast():
-            total += torch.tensor([lm_loss(model(x, segment_ids=seg[0] if seg else None), y).item() * n, n])
+            total += torch.tensor([target_loss(model, x, y, seg).item() * n, n])
     if world > 1:
         dist.all_reduce(total)
     model.train()
@@ -243,10 +250,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
             loss_share += (y != -100).float().mean().item() / cfg.grad_accum
             with ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
                 with autocast():  # the balance loss, if on, is only optimised; lm is logged
-                    keep = y != -100  # logits only where a target is (SFT: ~10 % of positions)
-                    keep = None if keep.all() else keep
-                    lm = lm_loss(ddp(x, segment_ids=seg[0] if seg else None, keep=keep),
-                                 y if keep is None else y[keep])
+                    lm = target_loss(ddp, x, y, seg)
                     loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
                 (loss * weight).backward()
             loss_sum += lm.item() * weight
