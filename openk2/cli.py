@@ -132,6 +132,11 @@ def cmd_sft(args):  # fine-tune on chat JSONL, then the masked validation loss a
               f"{cfg.steps} steps; plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
 
 
+def cmd_rl(args):  # RL on the tool worlds, then held-out success before and after, and the plots
+    from openk2.rl.loop import rl_command
+    rl_command(args.rest)
+
+
 def cmd_plot(args):
     from openk2.train.plot import plot_run
     print(*plot_run(args.run_dir), sep="\n")
@@ -169,7 +174,8 @@ def main(argv=None):
     s.add_argument("--compile", action="store_true", help="compiled decode steps (compiling takes 10-60 s)")
     s.set_defaults(fn=cmd_generate)
     raw = {"train": (cmd_train, "pretrain a K2 with MuonClip (`openk2 train --help`)"),  # flags: TrainConfig's
-           "sft": (cmd_sft, "fine-tune a checkpoint on chat JSONL (`openk2 sft CHECKPOINT --data F.jsonl`)")}
+           "sft": (cmd_sft, "fine-tune a checkpoint on chat JSONL (`openk2 sft CHECKPOINT --data F.jsonl`)"),
+           "rl": (cmd_rl, "RL on the tool worlds: K samples per task, K2's objective (`openk2 rl CHECKPOINT`)")}
     for name, (fn, text) in raw.items():
         sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     s = sub.add_parser("plot", help="PNGs of a training run's metrics (loss, max logit, expert load)")

@@ -10,6 +10,8 @@ temperature, top-p and top-k numbers out of every other module.
 GREEDY = 0.0  # the argmax, reproducible: SamplingParams, `openk2 generate`, evaluations, the LLM judge
 K2_TEMPERATURE = 0.6  # Moonshot's recommended temperature for K2 (K2-SPEC §6.4): `openk2 chat`, `agent`
 API_TEMPERATURE = 1.0  # OpenAI's default, for a request to `openk2 serve` that gives none
+RL_TEMPERATURE = 1.0  # RL rollouts start at the policy's own distribution (exploration) ...
+RL_TEMPERATURE_END = K2_TEMPERATURE  # ... and decay to where the model is used (K2's temperature decay)
 
 # truncation
 TOP_P_OFF = 1.0  # the whole distribution

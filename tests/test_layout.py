@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
-    "config.py": 250, "cli.py": 200, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
+    "config.py": 250, "cli.py": 210, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
     "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 60, "checkpoint/hf.py": 300,
     "engine/sampler.py": 100,
     "engine/generate.py": 100, "engine/engine.py": 310, "engine/kv_cache.py": 200, "engine/decode.py": 300,
@@ -30,7 +30,8 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "envs/rubric.py": 160, "envs/oracle.py": 160, "envs/splits.py": 100, "envs/judge.py": 150, "envs/synth.py": 250,
     "envs/evaluate.py": 290, "envs/teacher.py": 120, "envs/play.py": 60,
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
-    "sampling.py": 40,
+    "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
+    "rl/loop.py": 300, "train/plot.py": 130,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {
@@ -50,6 +51,8 @@ FORBIDDEN = {
     # tool worlds and tasks: pure Python over the agent's Tool (data for SFT, eval and RL)
     "envs": ["torch", "openk2.model", "openk2.engine", "openk2.server", "openk2.checkpoint", "openk2.train",
              "openk2.cli"],
+    # RL composes the others (engine, agent loop, worlds, trainer); only the command line composes RL
+    "rl": ["openk2.cli"],
 }
 
 

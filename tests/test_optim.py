@@ -236,6 +236,8 @@ def test_wsd_shape():
     assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly down along the cosine
     assert lrs[50] == pytest.approx((2e-4 + 2e-5) / 2)  # half-way: the midpoint
     assert all(lr == pytest.approx(2e-5) for lr in lrs[70:])  # held at final
+    flat = [wsd_lr(s, peak=1.0, warmup=0, stable=9, decay=0, final=0.1) for s in range(10)]
+    assert flat == [1.0] * 9 + [0.1]  # no decay: the peak until the last step (was `final` throughout)
     assert K2_WSD["warmup"] + K2_WSD["stable"] + K2_WSD["decay"] == pytest.approx(231_000, rel=0.01)
 
 

@@ -39,7 +39,8 @@ class Completion:
     completion_tokens: int = 0
     errors: list[str] = field(default_factory=list)  # tool calls the parser dropped, and why
     prompt_ids: list[int] | None = None  # in-process clients: what the model read ...
-    completion_ids: list[int] | None = None  # ... and what it sampled (RL trains on these)
+    completion_ids: list[int] | None = None  # ... and what it sampled (RL trains on these) ...
+    logprobs: list[float] | None = None  # ... with each sampled token's log-prob, if the client was asked
 
 
 def clean_message(message: dict) -> dict:
@@ -155,10 +156,13 @@ class OpenAIClient:
 # ---------------------------------------------------------------- in process
 
 class EngineClient:
-    """Our Engine behind an `EngineLoop` (started by the caller: `loop.start()` or `loop.run_here()`)."""
+    """Our Engine behind an `EngineLoop` (started by the caller: `loop.start()` or `loop.run_here()`).
+    logprobs: each completion also carries its sampled tokens' log-probs, taken by the engine as it
+    samples them (under the raw logits: the policy's own, whatever the temperature), for RL."""
 
-    def __init__(self, loop, fmt: ChatFormat, name: str = "openk2"):
+    def __init__(self, loop, fmt: ChatFormat, name: str = "openk2", logprobs: bool = False):
         self.loop, self.fmt, self.name, self.context_window = loop, fmt, name, fmt.context
+        self.logprobs = logprobs
 
     def count_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> int:
         return len(self.fmt.prompt(messages, tools).ids)
@@ -170,6 +174,7 @@ class EngineClient:
             room = self.fmt.context - len(prompt.ids)
             params = self.fmt.sampling(len(prompt.ids), temperature, None, max_tokens and min(max_tokens, room), seed,
                                        grammar=prompt.grammar)
+            params.logprobs = 0 if self.logprobs else None
         except ChatError as e:
             raise (ContextLengthExceeded(str(e)) if e.code == "context_length_exceeded" else e) from None
         run = self.loop.generate(prompt.ids, params, self.fmt.detokenizer())
@@ -182,8 +187,10 @@ class EngineClient:
                     if delta.get(key):
                         on_delta(kind, delta[key])
         reply = self.fmt.reply("".join(pieces), prompt, run.finish_reason)
+        req = run.request
         return Completion(reply.message, reply.finish_reason, len(prompt.ids), run.completion_tokens,
-                          reply.errors, prompt.ids, list(run.request.output))
+                          reply.errors, prompt.ids, list(req.output),
+                          [t.logprob for t in req.logprobs] if self.logprobs else None)
 
 
 # ---------------------------------------------------------------- scripted

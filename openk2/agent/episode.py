@@ -35,6 +35,9 @@ class Episode:
     tool_errors: list[dict] = field(default_factory=list)
     compactions: list[dict] = field(default_factory=list)
     subagents: list[dict] = field(default_factory=list)
+    # per model call of an in-process client: {"kind", "prompt_ids", "completion_ids", "logprobs"}
+    # (what RL trains on; not in `record()`)
+    generations: list[dict] = field(default_factory=list)
     tools_s: float = 0.0
     seconds: float = 0.0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)

@@ -102,6 +102,9 @@ class Agent:
                                        temperature=self.temperature, seed=self.seed, on_delta=stream)
         ep.turns.append({"kind": kind, "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
                          "finish_reason": c.finish_reason, "seconds": round(time.monotonic() - start, 4)})
+        if c.completion_ids is not None:
+            ep.generations.append({"kind": kind, "prompt_ids": c.prompt_ids, "completion_ids": c.completion_ids,
+                                   "logprobs": c.logprobs})
         return c
 
     async def _turn(self, ep: Episode, t0: float) -> None:

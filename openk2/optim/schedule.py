@@ -19,10 +19,11 @@ def wsd_lr(step: int, *, peak: float, warmup: int, stable: int, decay: int, fina
     - step < warmup: peak · step / warmup (0 at step 0);
     - warmup ≤ step < warmup + stable: peak;
     - then final + (peak − final) · (1 + cos(π·t)) / 2 with t = (step − warmup − stable) / decay,
-      reaching `final` at step warmup + stable + decay and staying there.
+      reaching `final` at step warmup + stable + decay and staying there (decay 0: the peak through
+      the stable stretch, `final` from step warmup + stable on).
     """
     if step < warmup:
         return peak * step / warmup
-    t = (step - warmup - stable) / decay if decay > 0 else 1.0
+    t = (step - warmup - stable) / decay if decay > 0 else float(step >= warmup + stable)
     t = min(max(t, 0.0), 1.0)
     return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * t))

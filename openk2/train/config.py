@@ -105,7 +105,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()
         if f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            kind = f.type if f.type in (int, float) else str
+            kind = {"int": int, "float": float}.get(f.type, f.type if f.type in (int, float) else str)
             p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=text)
 
 

@@ -1,6 +1,7 @@
 """`openk2 plot RUN_DIR`: PNGs of a run's metrics.jsonl — loss (train and validation; for SFT also the
 share of loss tokens), max attention logit per layer (what QK-Clip bounds), and expert load per MoE
-layer as a heat map over steps."""
+layer as a heat map over steps; for an RL run (`openk2 rl`), reward, success and response length per
+step with the held-out success, instead of the loss."""
 
 import json
 from pathlib import Path
@@ -22,9 +23,36 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     run_dir, rows = Path(run_dir), read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir}/metrics.jsonl has no step records yet")
-    steps = [r["step"] for r in rows]
-    written = []
+    if any("reward_mean" in r for r in rows):
+        written = [_plot_rl(plt, run_dir, rows)]
+        rows = [r for r in rows if "reward_mean" in r]
+    else:
+        written = [_plot_loss(plt, run_dir, rows)]
+    return written + _plot_logits_and_load(plt, run_dir, rows)
 
+
+def _plot_rl(plt, run_dir: Path, rows: list[dict]) -> Path:
+    """rl.png: reward and success of the rollouts, held-out success (dots); response length beside."""
+    train = [r for r in rows if "reward_mean" in r]
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["reward_mean"] for r in train], label="reward (mean)")
+    ax.plot(steps, [r["success"] for r in train], label="rollout success")
+    for key in sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_success")}):
+        seen = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        ax.plot(*zip(*seen), "o-", label=f"held-out success ({key[5:-8]})")
+    ax.set(xlabel="step", title=f"{run_dir.name}: reward and success")
+    ax.legend(fontsize=7)
+    right.plot(steps, [r["response_tokens"] for r in train], label="tokens per episode")
+    right.set(xlabel="step", ylabel="generated tokens per episode", title="response length")
+    twin = right.twinx()
+    twin.plot(steps, [r["truncation_rate"] for r in train], ":", color="gray")
+    twin.set(ylabel="truncated share (dotted)", ylim=(0, 1))
+    return _save(fig, run_dir / "rl.png")
+
+
+def _plot_loss(plt, run_dir: Path, rows: list[dict]) -> Path:
+    steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, [r["loss"] for r in rows], label="train")
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -37,8 +65,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         twin = ax.twinx()
         twin.plot(steps, share, ":", color="gray")
         twin.set(ylabel="loss-token share (dotted)", ylim=(0, 1))
-    written.append(_save(fig, run_dir / "loss.png"))
+    return _save(fig, run_dir / "loss.png")
 
+
+def _plot_logits_and_load(plt, run_dir: Path, rows: list[dict]) -> list[Path]:
+    written = []
     if any("max_logit" in r for r in rows):
         fig, ax = plt.subplots(figsize=(7, 4))
         logit_rows = [r for r in rows if "max_logit" in r]
