@@ -42,7 +42,7 @@ def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
         expect = generate_recompute(tiny, torch.tensor([_prompt(n, i)]), SamplingParams(max_tokens=m))[0]
         assert req.output == expect.tolist(), i
         assert req.finish_reason == "length" and not req.blocks
-    assert len(engine.pool.free) == engine.pool.num_blocks  # every block back
+    assert engine.pool.available == engine.pool.num_blocks  # every block back (free, or idle in the prefix cache)
     assert not compile or not engine.compiled.failed
 
 
@@ -179,3 +179,46 @@ def test_block_pool_views_runs_of_consecutive_blocks_in_place():
     pool.release(tables[1])
     other = []
     assert pool.reserve(other, 20)[1] is None and pool.view([None], 4) is None  # blocks 3, 4, 5, 9, 10
+
+
+# --- prefix cache ----------------------------------------------------------------------------------
+def test_a_prompt_that_extends_a_finished_one_reuses_its_rows_and_equals_recompute(tiny):
+    """An agent's next turn re-sends the conversation: prompt, reply, more. The engine computes only what
+    follows the cached full blocks (prompt rows from prefill, reply rows from decode steps), and the
+    greedy reply equals recompute and an engine without the cache."""
+    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=64))
+    first = engine.add_request(_prompt(21, 0), SamplingParams(max_tokens=12))
+    engine.run()
+    assert first.cached_tokens == 0
+    follow = first.prompt + first.output + _prompt(9, 1)  # 42 ids: rows 0..31 cached (4 full blocks)
+    second = engine.add_request(follow, SamplingParams(max_tokens=6))
+    engine.run()
+    assert second.cached_tokens == 32
+    plain = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=64, prefix_cache=False))
+    again = plain.add_request(follow, SamplingParams(max_tokens=6))
+    plain.run()
+    expect = generate_recompute(tiny, torch.tensor([follow]), SamplingParams(max_tokens=6))[0].tolist()
+    assert second.output == again.output == expect and again.cached_tokens == 0
+    assert plain.pool.available == len(plain.pool.free) == plain.pool.num_blocks and not plain.pool.index
+
+
+def test_requests_share_cached_blocks_and_the_pool_evicts_idle_ones(tiny):
+    engine = Engine(tiny, EngineConfig(cache_tokens=64, block_size=8, prefill_chunk=64))  # 8 blocks
+    shared = _prompt(16, 3)
+    a = engine.add_request(shared + [1, 2, 3], SamplingParams(max_tokens=4))
+    engine.step()  # a's prompt is prefilled and registered; a keeps decoding
+    b = engine.add_request(shared + [4], SamplingParams(max_tokens=4))
+    engine.step()
+    assert b.cached_tokens == 16 and b.blocks[:2] == a.blocks[:2]
+    assert [engine.pool.refs[x] for x in a.blocks[:2]] == [2, 2]  # held by both, written by neither
+    engine.run()
+    expect = generate_recompute(tiny, torch.tensor([shared + [4]]), SamplingParams(max_tokens=4))[0].tolist()
+    assert b.output == expect and engine.pool.available == 8 and engine.pool.idle
+    # a prompt that needs every block: idle cached blocks are evicted for it, the least recently used first
+    c = engine.add_request(_prompt(60, 4), SamplingParams(max_tokens=4))
+    engine.run()
+    assert c.finish_reason == "length" and c.cached_tokens == 0 and engine.pool.match(shared) == []
+    # prompt log-probs need every position's logits: never served from the cache
+    d = engine.add_request(c.prompt, SamplingParams(max_tokens=1, logprobs=0, prompt_logprobs=True))
+    engine.run()
+    assert d.cached_tokens == 0 and len(d.prompt_logprobs) == 60

@@ -10,7 +10,10 @@ own position (through the compiled step of `decode.py` with `compile`; sizes and
 between steps. Sampling is per request (its own parameters and seeded generator; greedy rows share
 one argmax); a request with a grammar (`SamplingParams.grammar`) has its logits masked to the ids its
 `Constraint` allows first, all such rows in one bitmask (rows without one pay nothing), and ends once
-the grammar is complete. The reference is `generate_recompute`; tests/test_engine.py checks that
+the grammar is complete. With `prefix_cache` (the default) a request starts from the cached rows of
+the longest full-block prefix of its prompt that an earlier request computed (its prompt, or its
+prompt and reply: an agent's next turn re-sends both) and prefills only the rest (`Request.cached_tokens`;
+kv_cache.py). The reference is `generate_recompute`; tests/test_engine.py checks that
 greedy output equals it for every request of a mixed batch joining at different steps.
 
 Log-probs, for a request that asks (`SamplingParams.logprobs`, `prompt_logprobs`): `Request.logprobs`
@@ -44,6 +47,7 @@ class Request:
     slots: torch.Tensor | None = None  # pool rows of positions 0 .. prompt + max_tokens - 1, from admission
     first_row: int | None = None  # where its rows start in the pool, if its blocks are consecutive
     prefilled: int = 0  # prompt tokens in the cache
+    cached_tokens: int = 0  # of those, how many were found in the prefix cache (not computed)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     generator: torch.Generator | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, if params.logprobs
@@ -77,6 +81,7 @@ class EngineConfig:
     max_batch: int = 32  # requests running (decoding together) at most
     prefill_chunk: int = 256  # new prompt tokens per prefill forward, padded, across the rows it batches
     compile: bool = False  # decode steps through `CompiledDecode` (int4 weights decode eagerly)
+    prefix_cache: bool = True  # reuse the cached rows of a prompt's longest already-computed prefix
 
     def __post_init__(self):
         if min(self.cache_tokens, self.block_size, self.max_batch, self.prefill_chunk) < 1:
@@ -121,6 +126,9 @@ class Engine:
 
     def _finish(self, req: Request, reason: str) -> None:
         req.finish_reason = reason
+        if self.config.prefix_cache and req.blocks:  # rows computed: the prompt's, then all but the last output's
+            done = len(req.prompt) + len(req.output) - 1 if req.output else req.prefilled
+            self.pool.register(req.blocks, (req.prompt + req.output)[:done])
         self.pool.release(req.blocks)
         for queue in (self.waiting, self.running):
             if req in queue:
@@ -129,10 +137,16 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            budget = len(req.prompt) + req.params.max_tokens
-            if self.pool.blocks_for(budget) > len(self.pool.free):
+            budget, shared = len(req.prompt) + req.params.max_tokens, []
+            if self.config.prefix_cache and not req.params.prompt_logprobs:  # (those need every position)
+                shared = self.pool.match(req.prompt[:-1])  # the last prompt token is always computed
+            idle = sum(b in self.pool.idle for b in shared)
+            if self.pool.blocks_for(budget) - len(shared) > self.pool.available - idle:
                 return  # first come, first served: it waits for blocks to be freed
             # its blocks are reserved up front: where each position's row lives is known from now on
+            self.pool.share(shared)
+            req.blocks = list(shared)
+            req.prefilled = req.cached_tokens = len(shared) * self.pool.block_size
             req.slots, req.first_row = self.pool.reserve(req.blocks, budget)
             self.running.append(self.waiting.pop(0))
 
@@ -185,6 +199,8 @@ class Engine:
             r.prefilled += n
             if r.prefilled == len(r.prompt):
                 done.append((r, logits_KV[-1]))
+                if self.config.prefix_cache:  # its prompt's rows, for requests that start the same way
+                    self.pool.register(r.blocks, r.prompt)
         return self._emit([r for r, _ in done], torch.stack([l for _, l in done])) if done else []
 
     def _decode(self, rows: list[Request]) -> list[tuple[Request, int]]:

@@ -9,7 +9,16 @@ the rows the step produced back (`scatter`; `write`: a decode step's one row per
 request's blocks are consecutive, as a fresh pool hands them out: then the batch cache is a view of
 the pool (`view`), read and written in place. The compiled decode step (`decode.py`) reads and writes
 the pool rows (`rows`) in place through a slot table (`slots`) instead.
+
+Prefix cache: full blocks whose rows are computed can be registered under a digest of every token up
+to their end (`register`); a later request whose prompt starts with those tokens shares the blocks
+(`match`, `share`: reference-counted, read-only — a request only writes rows after its shared ones)
+and computes only the rest. A registered block no request holds is idle: kept, least recently used
+first out, until a new block is needed (`grow` takes free blocks first, then evicts idle ones).
 """
+
+import hashlib
+from collections import OrderedDict
 
 import torch
 
@@ -33,10 +42,48 @@ class BlockPool:
         self.rows = [pool.view(-1, width) for pool in self.pools]  # [num_blocks · block_size, L] views
         self.device = self.rows[0].device
         self.free = list(range(num_blocks - 1, -1, -1))  # a stack: the last freed is reused first
+        self.refs = [0] * num_blocks  # requests holding each block
+        self.index: dict[bytes, int] = {}  # digest of the tokens up to a block's end -> the block
+        self.digest_of: dict[int, bytes] = {}  # registered blocks
+        self.idle: OrderedDict[int, None] = OrderedDict()  # registered, held by none: least recent first
 
     @property
     def capacity(self) -> int:
         return self.num_blocks * self.block_size
+
+    @property
+    def available(self) -> int:
+        """Blocks a request can get now: free ones and idle registered ones (evicted on demand)."""
+        return len(self.free) + len(self.idle)
+
+    def digests(self, tokens: list[int]) -> list[bytes]:
+        """One digest per full block of `tokens`, each covering every token up to that block's end."""
+        out, h, B = [], b"", self.block_size
+        for i in range(len(tokens) // B):
+            h = hashlib.blake2b(h + repr(tokens[i * B:(i + 1) * B]).encode(), digest_size=16).digest()
+            out.append(h)
+        return out
+
+    def match(self, tokens: list[int]) -> list[int]:
+        """The registered blocks holding the longest full-block prefix of `tokens` (not yet shared)."""
+        out = []
+        for d in self.digests(tokens):
+            if d not in self.index:
+                break
+            out.append(self.index[d])
+        return out
+
+    def share(self, blocks: list[int]) -> None:
+        for b in blocks:
+            self.refs[b] += 1
+            self.idle.pop(b, None)
+
+    def register(self, table: list[int], tokens: list[int]) -> None:
+        """Offer the full blocks of `table` whose rows hold `tokens` (computed) to later requests; a block
+        whose digest another block already has stays private."""
+        for b, d in zip(table, self.digests(tokens)):
+            if d not in self.index and b not in self.digest_of:
+                self.index[d], self.digest_of[b] = b, d
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
@@ -44,19 +91,35 @@ class BlockPool:
     def grow(self, table: list[int], n_tokens: int) -> None:
         """Extend a block table in place so it holds n_tokens rows; CacheFull if the pool cannot."""
         need = self.blocks_for(n_tokens) - len(table)
-        if need > len(self.free):
-            raise CacheFull(f"{need} blocks needed, {len(self.free)} free")
-        table.extend(self.free.pop() for _ in range(max(need, 0)))
+        if need > self.available:
+            raise CacheFull(f"{need} blocks needed, {self.available} available")
+        for _ in range(max(need, 0)):
+            b = self.free.pop() if self.free else self._evict()
+            self.refs[b] = 1
+            table.append(b)
+
+    def _evict(self) -> int:
+        b, _ = self.idle.popitem(last=False)
+        del self.index[self.digest_of.pop(b)]
+        return b
 
     def reserve(self, table: list[int], n_tokens: int) -> tuple[torch.Tensor, int | None]:
-        """Grow an empty table to n_tokens rows (CacheFull if the pool cannot): its slot row [n_tokens]
-        on the pool's device, and its first pool row when its blocks are consecutive (else None)."""
+        """Grow a table (empty, or holding shared blocks) to n_tokens rows (CacheFull if the pool cannot):
+        its slot row [n_tokens] on the pool's device, and its first pool row when its blocks are
+        consecutive (else None)."""
         self.grow(table, n_tokens)
         one_run = table == list(range(table[0], table[0] + len(table)))
         return self.slots([table], n_tokens)[0].to(self.device), table[0] * self.block_size if one_run else None
 
     def release(self, table: list[int]) -> None:
-        self.free.extend(reversed(table))
+        """Drop a request's hold on its blocks: a block nobody holds becomes free, or idle if registered."""
+        for b in reversed(table):
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.digest_of:
+                    self.idle[b] = None
+                else:
+                    self.free.append(b)
         table.clear()
 
     def slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
