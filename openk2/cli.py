@@ -132,6 +132,11 @@ def cmd_sft(args):  # fine-tune on chat JSONL, then the masked validation loss a
               f"{cfg.steps} steps; plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
 
 
+def cmd_pipeline(args):  # the whole recipe: pretrain → agentic data → SFT → RL, each stage evaluated
+    from openk2.pipeline import main as pipeline_main
+    pipeline_main(args.rest)
+
+
 def cmd_rl(args):  # RL on the tool worlds, then held-out success before and after, and the plots
     from openk2.rl.loop import rl_command
     rl_command(args.rest)
@@ -175,6 +180,7 @@ def main(argv=None):
     s.set_defaults(fn=cmd_generate)
     raw = {"train": (cmd_train, "pretrain a K2 with MuonClip (`openk2 train --help`)"),  # flags: TrainConfig's
            "sft": (cmd_sft, "fine-tune a checkpoint on chat JSONL (`openk2 sft CHECKPOINT --data F.jsonl`)"),
+           "pipeline": (cmd_pipeline, "the whole K2 recipe: pretrain, agentic SFT data, SFT, RL, evaluated after each"),
            "rl": (cmd_rl, "RL on the tool worlds: K samples per task, K2's objective (`openk2 rl CHECKPOINT`)")}
     for name, (fn, text) in raw.items():
         sub.add_parser(name, help=text, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)

@@ -11,10 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
-    "config.py": 250, "cli.py": 210, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
+    "config.py": 250, "cli.py": 220, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
     "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 60, "checkpoint/hf.py": 300,
     "engine/sampler.py": 100,
-    "engine/generate.py": 100, "engine/engine.py": 310, "engine/kv_cache.py": 200, "engine/decode.py": 300,
+    "engine/generate.py": 100, "engine/engine.py": 320, "engine/kv_cache.py": 200, "engine/decode.py": 300,
     "tokenizer/tokenizer.py": 260, "tokenizer/toolcalls.py": 330, "data/corpus.py": 200, "data/loader.py": 200,
     "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 310,
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200, "quant/fp8.py": 200,
@@ -31,7 +31,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "envs/evaluate.py": 290, "envs/teacher.py": 120, "envs/play.py": 60,
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
     "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
-    "rl/loop.py": 300, "train/plot.py": 130,
+    "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {

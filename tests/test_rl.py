@@ -269,3 +269,31 @@ def test_rl_runs_logs_checkpoints_and_resumes(tmp_path, tiny_policy, capsys):
     assert not torch.equal(reloaded.lm_head.weight, tiny_policy.lm_head.weight)  # PTX moved the weights
     with pytest.raises(SystemExit):
         parse_rl_args([str(folder), "--algo", "ppo"])
+
+
+def test_the_pipeline_runs_every_stage_and_continues(tmp_path, capsys):
+    """`openk2 pipeline --preset tiny`: pretrain → synth → SFT → RL, each evaluated, one table; run again,
+    every stage is found complete and nothing is redone."""
+    import sysconfig
+    from pathlib import Path
+
+    from openk2.cli import main
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, f in enumerate(sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]):
+        (corpus / f"{i:02d}.txt").write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+    argv = ["pipeline", "--preset", "tiny", "--out-dir", str(tmp_path / "p"), "--data", str(corpus)]
+    main(argv)
+    shown = capsys.readouterr().out
+    rows = [line for line in shown.splitlines() if line.startswith("| ") and "split" not in line]
+    assert [r.split(" | ")[:2] for r in rows] == [[f"| {stage}", by] for stage in ("pretrain", "sft", "rl")
+                                                  for by in ("seed", "combo", "domain")]
+    assert "openk2 serve" in shown and "rl/checkpoints/step_000001" in shown
+    scores = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert list(scores) == ["pretrain", "sft", "rl"] and scores["rl"]["seed"]["tasks"] == 1
+    kept = [json.loads(x) for x in (tmp_path / "p" / "agentic.jsonl").read_text().splitlines()]
+    assert kept and all(r["meta"]["passed"] for r in kept)  # the judge's rejects are not trained on
+    before = (tmp_path / "p" / "rl" / "metrics.jsonl").read_text()
+    main(argv)  # complete: each stage says so, the same table
+    assert (tmp_path / "p" / "rl" / "metrics.jsonl").read_text() == before
+    assert capsys.readouterr().out.count("| rl |") == 3

@@ -137,16 +137,15 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_batch:
             req = self.waiting[0]
-            budget, shared = len(req.prompt) + req.params.max_tokens, []
-            if self.config.prefix_cache and not req.params.prompt_logprobs:  # (those need every position)
-                shared = self.pool.match(req.prompt[:-1])  # the last prompt token is always computed
-            idle = sum(b in self.pool.idle for b in shared)
-            if self.pool.blocks_for(budget) - len(shared) > self.pool.available - idle:
+            budget, reuse = len(req.prompt) + req.params.max_tokens, self.config.prefix_cache
+            # cached rows of its prompt (the last token is always computed; prompt log-probs need every one)
+            shared = self.pool.match(req.prompt[:-1]) if reuse and not req.params.prompt_logprobs else []
+            if not self.pool.fits(shared, budget):
                 return  # first come, first served: it waits for blocks to be freed
             # its blocks are reserved up front: where each position's row lives is known from now on
             self.pool.share(shared)
-            req.blocks = list(shared)
-            req.prefilled = req.cached_tokens = len(shared) * self.pool.block_size
+            req.blocks, req.prefilled = list(shared), len(shared) * self.pool.block_size
+            req.cached_tokens = req.prefilled
             req.slots, req.first_row = self.pool.reserve(req.blocks, budget)
             self.running.append(self.waiting.pop(0))
 

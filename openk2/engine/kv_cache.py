@@ -73,6 +73,10 @@ class BlockPool:
             out.append(self.index[d])
         return out
 
+    def fits(self, shared: list[int], n_tokens: int) -> bool:
+        """Whether a table of n_tokens rows starting with the `shared` blocks can be had now."""
+        return self.blocks_for(n_tokens) - len(shared) <= self.available - sum(b in self.idle for b in shared)
+
     def share(self, blocks: list[int]) -> None:
         for b in blocks:
             self.refs[b] += 1
