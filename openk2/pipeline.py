@@ -140,9 +140,10 @@ def pipeline(cfg: PipelineConfig) -> dict:
     data = out / "agentic.jsonl"
 
     def make_data():
-        if not data.exists():
+        if not data.exists() or not data.stat().st_size:
             picked = pick_tasks(cfg.synth_n, 1, worlds, None, "combo", "train")
             kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]]
+            data.with_suffix(".tmp").unlink(missing_ok=True)  # (write_jsonl appends)
             write_jsonl(data.with_suffix(".tmp"), kept)
             data.with_suffix(".tmp").replace(data)
         return data
@@ -158,7 +159,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
                          "steps": cfg.rl_steps, "kinds": cfg.rl_kinds, "worlds": cfg.worlds, "ptx_data": str(data),
                          "eval_every": cfg.rl_steps, "ckpt_every": cfg.rl_steps, "eval_tasks": cfg.eval_n,
                          "lr": 2e-4, "partial": 0.3, "budget": 256, "concurrency": 32, "resume": True,
-                         "threads": cfg.threads, "seq_len": max(cfg.context, 4096)})
+                         "threads": cfg.threads, "seq_len": 4096})
     final = stage("rl", lambda: (rl(rl_cfg), latest(out / "rl"))[1])
     print(table(scores))
     print(f"\nthe result: {final}\n  serve it:  .venv/bin/openk2 serve {final}\n"

@@ -1,20 +1,19 @@
 """Continuous batching over the latent block cache: token ids in, token ids out (no text, no tools).
 
-Each `step()` admits waiting requests whose whole budget (prompt + max_tokens) fits the free blocks
-(reserved up front, so a running request never waits for memory), runs one prefill forward of at most
-`prefill_chunk` padded tokens — the next chunk of the oldest request still prefilling, with later
-prompts batched beside it (a long prompt cannot stall the others for more than one chunk) — then
-one batched decode step for every other running request, rows at different lengths, each at its
-own position (through the compiled step of `decode.py` with `compile`; sizes and `compile` are
-`EngineConfig`'s). Finished and cancelled requests leave and free their blocks at once; new ones join
-between steps. Sampling is per request (its own parameters and seeded generator; greedy rows share
-one argmax); a request with a grammar (`SamplingParams.grammar`) has its logits masked to the ids its
-`Constraint` allows first, all such rows in one bitmask (rows without one pay nothing), and ends once
-the grammar is complete. With `prefix_cache` (the default) a request starts from the cached rows of
-the longest full-block prefix of its prompt that an earlier request computed (its prompt, or its
-prompt and reply: an agent's next turn re-sends both) and prefills only the rest (`Request.cached_tokens`;
-kv_cache.py). The reference is `generate_recompute`; tests/test_engine.py checks that
-greedy output equals it for every request of a mixed batch joining at different steps.
+Each `step()` admits waiting requests whose whole budget (prompt + max_tokens) fits the available
+blocks (reserved up front: a running request never waits for memory), runs one prefill forward of at
+most `prefill_chunk` padded tokens — the oldest prefilling request's next chunk, later prompts batched
+beside it (a long prompt stalls the others for one chunk at most) — then one batched decode step for
+every other running request, each row at its own position (the compiled step of `decode.py` with
+`compile`). Finished and cancelled requests free their blocks at once; new ones join between steps.
+Sampling is per request (its own parameters and seeded generator; greedy rows share one argmax); a
+request with a grammar (`SamplingParams.grammar`) has its logits masked to what its `Constraint`
+allows, all such rows in one bitmask, and ends once the grammar is complete. With `prefix_cache` (the
+default) a request starts from the cached rows of the longest full-block prefix of its prompt that an
+earlier request computed (its prompt, or prompt and reply: an agent's next turn re-sends both) and
+prefills only the rest (`Request.cached_tokens`; kv_cache.py). The reference is `generate_recompute`;
+tests/test_engine.py checks that greedy output equals it for every request of a mixed batch joining
+at different steps.
 
 Log-probs, for a request that asks (`SamplingParams.logprobs`, `prompt_logprobs`): `Request.logprobs`
 holds one `TokenLogprob` per output token, `Request.prompt_logprobs` one per prompt token (None for the
@@ -119,6 +118,12 @@ class Engine:
                       constraint=params.grammar.start() if params.grammar is not None else None)
         self.waiting.append(req)
         return req
+
+    def weights_changed(self) -> None:
+        """After an in-place weight update (RL): no row of the old weights is served again."""
+        if self.running or self.waiting:
+            raise RuntimeError("update the weights between requests: some are still running")
+        self.pool.forget()
 
     def cancel(self, req: Request) -> None:
         if not req.finished:

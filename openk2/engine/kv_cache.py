@@ -73,6 +73,12 @@ class BlockPool:
             out.append(self.index[d])
         return out
 
+    def forget(self) -> None:
+        """Drop every registered block (their rows were computed by weights that have changed): idle ones
+        become free; blocks a request still holds stay its own."""
+        self.free.extend(reversed(self.idle))
+        self.index.clear(), self.digest_of.clear(), self.idle.clear()
+
     def fits(self, shared: list[int], n_tokens: int) -> bool:
         """Whether a table of n_tokens rows starting with the `shared` blocks can be had now."""
         return self.blocks_for(n_tokens) - len(shared) <= self.available - sum(b in self.idle for b in shared)

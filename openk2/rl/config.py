@@ -46,7 +46,9 @@ class RLConfig(TrainConfig):
 
     TRAJECTORY = TrainConfig.TRAJECTORY + ("checkpoint", "algo", "samples", "tau", "clip", "kl_coef", "updates",
                                            "temperature", "temperature_end", "budget", "budgets", "split", "kinds",
-                                           "worlds", "ptx_data", "ptx_weight")
+                                           "worlds", "ptx_data", "ptx_weight", "ptx_batch", "pool", "partial",
+                                           "budget_penalty", "format_penalty", "critic", "critic_weight",
+                                           "max_turns")
 
     def __post_init__(self):
         super().__post_init__()

@@ -89,12 +89,15 @@ class RunState:
             self.ptx.load_state_dict(state["ptx"])
 
 
-def ptx_loader(cfg: RLConfig, tok, template, variables):
+def ptx_loader(cfg: RLConfig, tok, template, variables, context: int):
     """Packed batches of the PTX conversations (loss on assistant tokens, as SFT), or None."""
     if not cfg.ptx_data:
         return None
-    examples, _ = fit_examples(encode_file(cfg.ptx_data, tok, template, variables, False), cfg.seq_len, "truncate")
-    return PackedSFTLoader(examples, cfg.ptx_batch, cfg.seq_len, seed=cfg.seed)
+    width = min(cfg.seq_len, context)  # never past the model's window; longer conversations are left out
+    examples, _ = fit_examples(encode_file(cfg.ptx_data, tok, template, variables, False), width, "drop")
+    if not examples:
+        raise ValueError(f"{cfg.ptx_data}: no conversation fits {width} tokens for PTX")
+    return PackedSFTLoader(examples, cfg.ptx_batch, width, seed=cfg.seed)
 
 
 def policy_loss(cfg: RLConfig, model, batch: list[Sample], adv: dict, weight: dict, stats: dict) -> torch.Tensor:
@@ -205,7 +208,7 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
     pick = dict(n=cfg.pool, worlds=cfg.world_list, kinds=cfg.kind_list)
     sampler = TaskSampler(held_out(cfg.split, "train", **pick), cfg.seed)
     test = eval_groups(cfg)
-    ptx = ptx_loader(cfg, fmt.tokenizer, template, fmt.template_vars)
+    ptx = ptx_loader(cfg, fmt.tokenizer, template, fmt.template_vars, ctx)
     data, opt, step = RunState(sampler, ptx), build_optimizer(cfg, model), 0
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -232,7 +235,8 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
     log = open_log(out / "metrics.jsonl", step)
     log.write(json.dumps({"event": "start", "config": dataclasses.asdict(cfg), "model": model.cfg.to_hf_dict(),
                           "git": git_revision(), "torch": torch.__version__, "resumed_from": step,
-                          "train_tasks": len(sampler.tasks), "eval_tasks": len(test)}) + "\n")
+                          "train_tasks": len(sampler.tasks),
+                          "eval_tasks": {name: len(ts) for name, ts in test.items()}}) + "\n")
     if step == 0:
         log.write(json.dumps({"step": 0, **held_out_eval()}) + "\n")
         log.flush()
@@ -249,8 +253,9 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
         lr = lr_at(cfg, step)
         stats = update(cfg, model, opt, samples, ptx, autocast, lr)
         t2 = time.perf_counter()
-        model.eval()  # the sync: the engine's next step reads the updated parameters in place
+        model.eval()  # the sync: the engine's next step reads the updated parameters in place, and
         model.record_max_logits(False)
+        engine.weights_changed()  # no row cached under the old weights is served again
         t3 = time.perf_counter()
         step += 1
         metrics = {"step": step, "temperature": temperature, "lr": lr, **rollout_metrics(samples),

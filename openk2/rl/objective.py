@@ -14,6 +14,9 @@ and gradient as in one piece (each micro-batch holds whole samples).
   A = (r_i − r̄) / (std of the group's rewards + 1e-6), averaged over a sample's tokens, then over
   samples; plus β times the k3 estimate of KL(π_θ ‖ π_ref) per token, where π_ref is the rollout
   policy (no second copy of the model is kept; the usual reference is the starting checkpoint).
+π_old is what the engine recorded: the log-prob under the raw logits (temperature 1, no grammar mask),
+the distribution the trainer computes too; a sample drawn at another temperature is then weighed
+against the policy, not against the sampler's tempered distribution.
 `tests/test_rl.py` binds both to a direct per-sample computation.
 """
 

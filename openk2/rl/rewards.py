@@ -12,7 +12,8 @@ of the calls), budget control, and K2's self-critique rubric reward.
 - `critique(critic, task, episodes)`: the critic — any model client: the policy itself on the same
   engine, another checkpoint, an endpoint — compares the K samples pairwise against the core,
   prescriptive and task rubrics (K2-SPEC §9) and answers A or B; a sample's reward is its share of
-  wins (an unreadable verdict is half a win each). Pairs alternate which sample is shown first.
+  wins (an unreadable verdict, or a failed critic call — two transcripts may not fit its context — is
+  half a win each). Pairs alternate which sample is shown first.
 """
 
 from __future__ import annotations
@@ -105,10 +106,13 @@ async def critique(critic, task, episodes: list, rubrics: tuple[str, ...] = CORE
         prompt = (f"Rubrics:\n{listed}\n\nConversation A:\n{shown(episodes[first])}\n\n"
                   f"Conversation B:\n{shown(episodes[second])}\n\nWhich assistant follows the rubrics better? "
                   "Reply A or B.")
-        reply = await critic.complete([{"role": "system", "content": CRITIC_SYSTEM},
-                                       {"role": "user", "content": prompt}], None, max_tokens=32,
-                                      temperature=temperature)
-        pick = verdict(reply.message.get("content"))
+        try:
+            reply = await critic.complete([{"role": "system", "content": CRITIC_SYSTEM},
+                                           {"role": "user", "content": prompt}], None, max_tokens=32,
+                                          temperature=temperature)
+            pick = verdict(reply.message.get("content"))
+        except Exception:  # noqa: BLE001 — too long for the critic's context, an endpoint down: no verdict
+            pick = None
         if pick is None:
             wins[i] += 0.5
             wins[j] += 0.5

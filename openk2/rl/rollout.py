@@ -91,7 +91,7 @@ def policy_logprobs(model, seqs: list[Sequence]) -> list[torch.Tensor]:
     attention kept inside each (segment ids); logits only where a target is predicted."""
     device = model.lm_head.weight.device
     x = torch.tensor([i for s in seqs for i in s.ids[:-1]], device=device)
-    seg = torch.tensor([n for n, s in enumerate(seqs) for _ in s.ids[:-1]], device=device)
+    seg = torch.tensor([n for n, s in enumerate(seqs, 1) for _ in s.ids[:-1]], device=device)  # (0: padding)
     keep = torch.zeros(len(x), dtype=torch.bool, device=device)
     offsets = torch.tensor([0] + [len(s.ids) - 1 for s in seqs[:-1]]).cumsum(0).tolist()
     keep[[o + t - 1 for o, s in zip(offsets, seqs) for t in s.targets]] = True
