@@ -2,6 +2,6 @@
 checkpoints built on it (`state.py`)."""
 
 from openk2.checkpoint.hf import convert, load_hf, save_hf
-from openk2.checkpoint.state import latest_checkpoint, save_train_state
+from openk2.checkpoint.state import latest_checkpoint, restore, save_train_state
 
-__all__ = ["load_hf", "save_hf", "convert", "latest_checkpoint", "save_train_state"]
+__all__ = ["load_hf", "save_hf", "convert", "latest_checkpoint", "restore", "save_train_state"]

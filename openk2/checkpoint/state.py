@@ -42,3 +42,14 @@ def latest_checkpoint(out_dir: str | Path, note=lambda text: None) -> Path | Non
                    "is empty" if name == "" else "is missing")
         note(f"{folder / 'latest'} {problem}; using the newest complete checkpoint, {found[-1].name}")
     return found[-1] if found else None
+
+
+def restore(state: dict | None, opt, loader) -> int:
+    """Optimizer, loader and RNG as a checkpoint's train_state left them; the step to continue from
+    (0 without one)."""
+    if not state:
+        return 0
+    opt.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loader"])
+    torch.set_rng_state(state["rng"])
+    return state["step"]

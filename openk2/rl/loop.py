@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from openk2.agent.client import EngineClient, OpenAIClient
 from openk2.agent.runtime import Budget
-from openk2.checkpoint import latest_checkpoint, load_hf
+from openk2.checkpoint import latest_checkpoint, load_hf, restore
 from openk2.data.packing import PackedSFTLoader, fit_examples
 from openk2.engine import Engine, EngineConfig
 from openk2.envs.evaluate import evaluate, summarize
@@ -209,12 +209,8 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
     sampler = TaskSampler(held_out(cfg.split, "train", **pick), cfg.seed)
     test = eval_groups(cfg)
     ptx = ptx_loader(cfg, fmt.tokenizer, template, fmt.template_vars, ctx)
-    data, opt, step = RunState(sampler, ptx), build_optimizer(cfg, model), 0
-    if state:
-        opt.load_state_dict(state["optimizer"])
-        data.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+    data, opt = RunState(sampler, ptx), build_optimizer(cfg, model)
+    step = restore(state, opt, data)
     if step >= cfg.steps:
         note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
         return final_metrics(out)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from openk2.checkpoint import latest_checkpoint, load_hf, save_train_state
+from openk2.checkpoint import latest_checkpoint, load_hf, restore, save_train_state
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
 from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model, lm_loss
@@ -213,12 +213,8 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     else:
         model = data.init_model(device)
     model.train()
-    opt, step = build_optimizer(cfg, model), 0
-    if ckpt:
-        opt.load_state_dict(state["optimizer"])
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(state["rng"])
-        step = state["step"]
+    opt = build_optimizer(cfg, model)
+    step = restore(state if ckpt else None, opt, loader)
     if step >= cfg.steps:
         note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
         return final_metrics(out)
