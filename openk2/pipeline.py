@@ -67,25 +67,12 @@ def evaluate_checkpoint(folder: Path, tasks: dict[str, list], concurrency: int =
     import torch
 
     from openk2.agent.client import EngineClient
-    from openk2.agent.runtime import Budget
     from openk2.checkpoint import load_hf
-    from openk2.engine import Engine, EngineConfig
-    from openk2.envs.evaluate import evaluate, summarize
-    from openk2.rl.rollout import collect
-    from openk2.sampling import GREEDY
-    from openk2.server.chat_format import ChatFormat
-    from openk2.server.engine_loop import EngineLoop
-    from openk2.train.sft import chat_tokenizer
+    from openk2.rl.loop import engine_of, evaluate_groups
 
     model = load_hf(folder, dtype=torch.float32, progress=False).eval()
-    fmt = ChatFormat.for_model(model, chat_tokenizer(folder, model.cfg.vocab_size), folder)
-    loop = EngineLoop(Engine(model, EngineConfig(cache_tokens=concurrency * model.cfg.max_position_embeddings,
-                                                 max_batch=concurrency, prefill_chunk=1024)))
-    client, every = EngineClient(loop, fmt), list({t.id: t for ts in tasks.values() for t in ts}.values())
-    budget = Budget(max_turns=16, max_tokens=4096, turn_tokens=256)
-    results = collect(loop, lambda: evaluate(every, lambda t: client, budget, GREEDY, concurrency, progress=False))
-    by_id = {r["id"]: r for r in results}
-    return {by: summarize([by_id[t.id] for t in ts]) for by, ts in tasks.items()}
+    _, loop, fmt = engine_of(model, folder, concurrency)
+    return evaluate_groups(loop, EngineClient(loop, fmt), tasks, concurrency)
 
 
 def table(scores: dict[str, dict[str, dict]]) -> str:

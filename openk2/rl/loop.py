@@ -177,6 +177,25 @@ def eval_groups(cfg: RLConfig) -> dict[str, list]:
             **({"other": held_out(cfg.split, "test", kinds=others, **pick)} if others else {})}
 
 
+def engine_of(model, folder: Path, concurrency: int) -> tuple[Engine, EngineLoop, ChatFormat]:
+    """An engine over `model` (room for `concurrency` full contexts), its loop (stepped by `collect`) and
+    the chat format of the checkpoint folder."""
+    fmt = ChatFormat.for_model(model, chat_tokenizer(folder, model.cfg.vocab_size), folder)
+    engine = Engine(model, EngineConfig(cache_tokens=concurrency * model.cfg.max_position_embeddings,
+                                        max_batch=concurrency, prefill_chunk=1024))
+    return engine, EngineLoop(engine), fmt
+
+
+def evaluate_groups(loop: EngineLoop, client, groups: dict[str, list], concurrency: int) -> dict[str, dict]:
+    """Greedy episodes of every task of `groups` (each once) on `loop`'s engine: each group's summary
+    (envs/evaluate.summarize)."""
+    tasks = list({t.id: t for ts in groups.values() for t in ts}.values())
+    budget = Budget(max_turns=16, max_tokens=4096, turn_tokens=256)
+    results = collect(loop, lambda: evaluate(tasks, lambda t: client, budget, GREEDY, concurrency, progress=False))
+    by_id = {r["id"]: r for r in results}
+    return {name: summarize([by_id[t.id] for t in ts]) for name, ts in groups.items()}
+
+
 def make_critic(cfg: RLConfig, policy):
     if cfg.critic == "none":
         return None
@@ -198,12 +217,8 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
     if state:
         _check_same_trajectory(cfg, state["config"], ckpt)
     model = load_hf(ckpt or folder, dtype=torch.float32, progress=False)
-    fmt = ChatFormat.for_model(model, chat_tokenizer(folder, model.cfg.vocab_size), folder)
-    template = load_chat_template(folder)
-    ctx = model.cfg.max_position_embeddings
-    engine = Engine(model, EngineConfig(cache_tokens=cfg.concurrency * ctx, max_batch=cfg.concurrency,
-                                        prefill_chunk=1024))
-    loop = EngineLoop(engine)
+    engine, loop, fmt = engine_of(model, folder, cfg.concurrency)
+    template, ctx = load_chat_template(folder), model.cfg.max_position_embeddings
     client, eval_client = EngineClient(loop, fmt, logprobs=True), EngineClient(loop, fmt)
     pick = dict(n=cfg.pool, worlds=cfg.world_list, kinds=cfg.kind_list)
     sampler = TaskSampler(held_out(cfg.split, "train", **pick), cfg.seed)
@@ -215,18 +230,12 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
         note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
         return final_metrics(out)
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.autocast == "bfloat16" else nullcontext
-    critic, budget = make_critic(cfg, eval_client), Budget(max_turns=16, max_tokens=4096, turn_tokens=256)
+    critic = make_critic(cfg, eval_client)
 
     def held_out_eval() -> dict:
         model.eval()
-        tasks = [t for ts in test.values() for t in ts]
-        results = collect(loop, lambda: evaluate(tasks, lambda t: eval_client, budget, GREEDY, cfg.concurrency,
-                                                 progress=False))
-        by_id, out = {r["id"]: r for r in results}, {}
-        for name, ts in test.items():
-            s = summarize([by_id[t.id] for t in ts])
-            out |= {f"eval_{name}_success": s["success"], f"eval_{name}_arguments": s["arguments"]}
-        return out
+        scores = evaluate_groups(loop, eval_client, test, cfg.concurrency)
+        return {f"eval_{name}_{k}": s[k] for name, s in scores.items() for k in ("success", "arguments")}
 
     log = open_log(out / "metrics.jsonl", step)
     log.write(json.dumps({"event": "start", "config": dataclasses.asdict(cfg), "model": model.cfg.to_hf_dict(),
@@ -275,11 +284,11 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
 def rl_command(argv: list[str]) -> None:
     """`openk2 rl CHECKPOINT [flags]`: the run, then held-out success at its first and last evaluation,
     and the plots."""
-    from openk2.train.plot import plot_run, read_metrics
+    from openk2.train.plot import eval_success_keys, plot_run, read_metrics
     cfg = parse_rl_args(argv)
     rl(cfg)
     rows = read_metrics(cfg.out_dir)
-    for key in sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_success")}):
+    for key in eval_success_keys(rows):
         seen = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         print(f"{key}: " + " -> ".join(f"{100 * v:.1f} % (step {s})" for s, v in (seen[0], seen[-1])))
     print(f"plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")

@@ -31,6 +31,11 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     return written + _plot_logits_and_load(plt, run_dir, rows)
 
 
+def eval_success_keys(rows: list[dict]) -> list[str]:
+    """An RL run's held-out success series (`eval_<group>_success`), in order."""
+    return sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_success")})
+
+
 def _plot_rl(plt, run_dir: Path, rows: list[dict]) -> Path:
     """rl.png: reward and success of the rollouts, held-out success (dots); response length beside."""
     train = [r for r in rows if "reward_mean" in r]
@@ -38,7 +43,7 @@ def _plot_rl(plt, run_dir: Path, rows: list[dict]) -> Path:
     steps = [r["step"] for r in train]
     ax.plot(steps, [r["reward_mean"] for r in train], label="reward (mean)")
     ax.plot(steps, [r["success"] for r in train], label="rollout success")
-    for key in sorted({k for r in rows for k in r if k.startswith("eval_") and k.endswith("_success")}):
+    for key in eval_success_keys(rows):
         seen = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
         ax.plot(*zip(*seen), "o-", label=f"held-out success ({key[5:-8]})")
     ax.set(xlabel="step", title=f"{run_dir.name}: reward and success")
