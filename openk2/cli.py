@@ -12,8 +12,9 @@ from openk2.sampling import CHAT_TOP_P, GREEDY, K2_TEMPERATURE, MAX_TOKENS, TOP_
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
-def _load(spec: str, dtype_name: str | None, seed: int):
-    """A model from a HF folder, or a randomly initialised one from a preset / config.json."""
+def _load(spec: str, dtype_name: str | None, seed: int, expert_cache: float | None = None):
+    """A model from a HF folder, or a randomly initialised one from a preset / config.json; with
+    `expert_cache` (GB), the folder's routed experts stay on disk behind a cache of that size."""
     import torch
 
     from openk2.checkpoint import load_hf
@@ -26,8 +27,13 @@ def _load(spec: str, dtype_name: str | None, seed: int):
     if path.is_dir():  # weights, never random ones in their place
         if not any(path.glob("*.safetensors")):
             raise ValueError(f"{path} holds no *.safetensors weights; for random ones, name a preset or a config.json")
+        if expert_cache is not None:  # checks the memory it needs itself
+            from openk2.offload import load_offloaded
+            return load_offloaded(path, int(expert_cache * 1e9), dtype)
         check_memory(cfg, dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32))
         return load_hf(path, dtype=dtype)
+    if expert_cache is not None:
+        raise ValueError("--expert-cache reads the experts from a checkpoint folder; a preset has none")
     check_memory(cfg, dtype or torch.float32)
     print(f"[openk2] {spec}: no weights, randomly initialised (seed {seed})", file=sys.stderr)
     return build_model(cfg, dtype=dtype or torch.float32, seed=seed)
@@ -61,8 +67,9 @@ def _prompt_ids(args, vocab_size: int, tok) -> list[int]:
 
 def cmd_info(args):
     from openk2.config import resolve_config
-    from openk2.info import report
-    print(*(report(resolve_config(spec), spec) for spec in args.config), sep="\n")
+    from openk2.info import offload_report, report
+    print(*(report(resolve_config(spec), spec) + ("" if args.expert_cache is None else "\n" + offload_report(
+        resolve_config(spec), args.expert_cache, spec)) for spec in args.config), sep="\n")
 
 
 def cmd_generate(args):
@@ -71,7 +78,7 @@ def cmd_generate(args):
     from openk2.engine import SamplingParams, generate_stream
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    model = _load(args.path, args.dtype, args.seed).eval()
+    model = _load(args.path, args.dtype, args.seed, args.expert_cache).eval()
     tokenizer = _tokenizer(args.path)
     ids = _prompt_ids(args, model.cfg.vocab_size, tokenizer)
     as_bytes = tokenizer.decode_bytes if tokenizer else (lambda t: bytes(t) if t[0] < 256 else f"<{t[0]}>".encode())
@@ -91,6 +98,8 @@ def cmd_generate(args):
     rate = f", then {(len(out) - 2) / (stamps[-1] - stamps[2]):.1f} tok/s" if len(out) > 2 else ""
     print(f"[openk2] {len(ids)} prompt + {len(out)} generated tokens in {stamps[-1] - stamps[0]:.2f}s "
           f"(first tokens {firsts}{rate})", file=sys.stderr)
+    if (cache := getattr(model, "expert_cache", None)) is not None:
+        print(f"[openk2] {cache.summary()}", file=sys.stderr)
 
 
 PROMPTS = ["def ", "import ", "class ", "    def __init__(self", "for i in range(", "    return "]
@@ -163,6 +172,8 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("info", help="parameters, active parameters, KV cache and FLOPs of a config")
     s.add_argument("config", nargs="+", help="preset name, config.json or Hugging Face folder")
+    s.add_argument("--expert-cache", type=float, metavar="GB", help="also the memory split with the routed "
+                   "experts on disk behind a cache of GB (and what fits in 64-512 GB of RAM)")
     s.set_defaults(fn=cmd_info)
     s = sub.add_parser("generate", help="generate from a HF folder (or a random preset)")
     s.add_argument("path", help="Hugging Face folder, or a preset / config.json for random weights")
@@ -177,6 +188,8 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
     s.add_argument("--compile", action="store_true", help="compiled decode steps (compiling takes 10-60 s)")
+    s.add_argument("--expert-cache", type=float, metavar="GB", help="keep the routed experts on disk, read "
+                   "into a cache of GB in memory (models bigger than RAM)")
     s.set_defaults(fn=cmd_generate)
     raw = {"train": (cmd_train, "pretrain a K2 with MuonClip (`openk2 train --help`)"),  # flags: TrainConfig's
            "sft": (cmd_sft, "fine-tune a checkpoint on chat JSONL (`openk2 sft CHECKPOINT --data F.jsonl`)"),
@@ -196,7 +209,7 @@ def main(argv=None):
     from openk2.envs import add_parsers as envs_parsers  # `envs`
     from openk2.server import add_parsers as server_parsers  # `serve` and `chat`
     for add in (server_parsers, agent_parsers, envs_parsers):
-        add(sub, load=lambda path: (_load(path, None, 0), _tokenizer(path)))
+        add(sub, load=lambda path, cache=None: (_load(path, None, 0, cache), _tokenizer(path)))
     argv = sys.argv[1:] if argv is None else list(argv)
     cmd = argv[0] if argv and argv[0] in raw else None
     args = argparse.Namespace(cmd=cmd, rest=argv[1:], fn=raw[cmd][0]) if cmd else p.parse_args(argv)

@@ -134,6 +134,57 @@ def require_memory(need: int, what: str, hint: str = "") -> None:
                          f"available{hint}")
 
 
-def check_memory(cfg, dtype) -> None:
-    """Refuse a model whose weights cannot fit in this machine's available memory."""
-    require_memory(breakdown(cfg).total * dtype.itemsize, f"this model in {str(dtype).removeprefix('torch.')}")
+def check_memory(cfg, dtype, expert_cache_gb: float | None = None) -> None:
+    """Refuse a model whose weights cannot fit in this machine's available memory (with an expert
+    cache: the resident weights and the cache)."""
+    name = str(dtype).removeprefix("torch.")
+    if expert_cache_gb is None:
+        require_memory(breakdown(cfg).total * dtype.itemsize, f"this model in {name}")
+    else:
+        need = resident_bytes(cfg, dtype.itemsize) + int(expert_cache_gb * 1e9)
+        require_memory(need, f"this model in {name} with a {expert_cache_gb:g} GB expert cache",
+                       " (give a smaller --expert-cache)")
+
+
+# --- expert offload (openk2.offload): what stays in memory, what is read from disk ---------------
+# bytes per routed-expert weight on disk: plain bf16; FP8 with an fp32 scale per 128×128 tile (as
+# K2-Instruct); INT4 with a bf16 scale per 32 (as K2-Thinking). In memory every format is bf16: the
+# loader dequantises, and the cache holds what the model multiplies with.
+DISK_BYTES = {"bf16": 2.0, "fp8": 1 + 4 / 128**2, "int4": 0.5 + 2 / 32}
+RAM_SIZES_GB = (64, 128, 256, 512)
+
+
+def resident_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
+    """Memory of everything but the routed experts (the routers in fp32)."""
+    b = breakdown(cfg)
+    return (b.total - b.routed_experts - b.router) * itemsize + 4 * b.router
+
+
+def offload_report(cfg: ModelConfig, cache_gb: float, name: str = "") -> str:
+    """The memory split of `cfg` served with routed experts on disk behind a `cache_gb` cache."""
+    b, K = breakdown(cfg), cfg.num_experts_per_tok
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_experts, per = n_moe * (cfg.n_routed_experts or 0), 2 * expert_params(cfg)
+    if not n_experts:
+        return f"{name or cfg.model_type}: no routed experts to offload"
+    resident = resident_bytes(cfg)
+    slots = min(n_experts, int(cache_gb * 1e9 // per))
+    gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
+    lines = [f"{name or cfg.model_type} with --expert-cache {cache_gb:g} (weights in memory as bf16):",
+             f"  resident (all but the routed experts)  {gb(resident)}",
+             f"  routed experts                         {n_experts:,} of {per / 1e6:,.1f} MB each = {gb(n_experts * per)}",
+             f"  the cache holds                        {slots:,} experts ({100 * slots / n_experts:.1f} %); "
+             f"the least that works: one layer's top-{K}, {gb(K * per)}",
+             f"  in memory: resident + cache            {gb(resident + slots * per)}",
+             "  format of the routed experts (the rest bf16) | on disk | read per token if every expert misses"]
+    for fmt, nbytes in DISK_BYTES.items():
+        disk = (b.total - b.routed_experts) * 2 + b.routed_experts * nbytes
+        lines.append(f"  {fmt:<6} | {gb(disk)} | {gb(n_moe * K * nbytes * expert_params(cfg))}")
+    lines.append("  RAM | fully resident (bf16) | largest cache (RAM - resident - 10 %) | experts cached")
+    for ram in RAM_SIZES_GB:
+        cache = 0.9 * ram * 1e9 - resident
+        fits = "yes" if b.total * 2 <= 0.9 * ram * 1e9 else "no"
+        held = max(0, min(n_experts, int(cache // per)))
+        usable = "too small" if held < K else f"{held:,} ({100 * held / n_experts:.1f} %)"
+        lines.append(f"  {ram} GB | {fits} | {gb(max(cache, 0))} | {usable}")
+    return "\n".join(lines)

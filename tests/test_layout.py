@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
-    "config.py": 250, "cli.py": 220, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
+    "config.py": 250, "cli.py": 230, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
     "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 60, "checkpoint/hf.py": 300,
     "engine/sampler.py": 100,
     "engine/generate.py": 100, "engine/engine.py": 325, "engine/kv_cache.py": 200, "engine/decode.py": 300,
@@ -19,7 +19,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 310,
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200, "quant/fp8.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,
-    "server/engine_loop.py": 160, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
+    "server/engine_loop.py": 165, "server/detokenizer.py": 80, "server/extra.py": 150, "server/metrics.py": 80,
     "server/chat_format.py": 190, "server/constrain.py": 220, "server/guard.py": 80, "tokenizer/protect.py": 100,
     "checkpoint/state.py": 200, "tokenizer/reasoning.py": 150, "server/logprobs.py": 150,
     "agent/runtime.py": 250, "agent/episode.py": 100, "agent/client.py": 250, "agent/tools.py": 150,
@@ -31,15 +31,15 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "envs/evaluate.py": 290, "envs/teacher.py": 120, "envs/play.py": 60,
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
     "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
-    "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200,
+    "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200, "offload/store.py": 250, "offload/experts.py": 120,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {
     # quantization is a transform from outside: the model reads quantized weights through one face
     "model": ["openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.checkpoint", "openk2.optim",
-              "openk2.train", "openk2.data", "openk2.quant", "torch.distributed"],
+              "openk2.train", "openk2.data", "openk2.quant", "openk2.offload", "torch.distributed"],
     # the engine reads quantized weights through the linears' face (openk2.model.linear), never a format
-    "engine": ["openk2.tokenizer", "openk2.server", "openk2.train", "openk2.quant", "openk2.checkpoint"],
+    "engine": ["openk2.tokenizer", "openk2.server", "openk2.train", "openk2.quant", "openk2.checkpoint", "openk2.offload"],
     # quantization formats and module swaps: checkpoint load/save uses them, never the other way round
     "quant": ["openk2.checkpoint", "openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.train",
               "openk2.agent", "openk2.cli", "torch.distributed"],
@@ -47,12 +47,15 @@ FORBIDDEN = {
     # the agent reaches a model through a client: HTTP, or the server's own chat layer in process
     "agent": ["torch", "openk2.model", "openk2.engine", "openk2.checkpoint", "openk2.quant", "openk2.train",
               "openk2.optim", "openk2.data", "openk2.cli"],
-    "server": ["openk2.agent", "openk2.train", "openk2.cli"],
+    "server": ["openk2.agent", "openk2.train", "openk2.cli", "openk2.offload"],
     # tool worlds and tasks: pure Python over the agent's Tool (data for SFT, eval and RL)
     "envs": ["torch", "openk2.model", "openk2.engine", "openk2.server", "openk2.checkpoint", "openk2.train",
              "openk2.cli"],
     # RL composes the others (engine, agent loop, worlds, trainer); only the command line composes RL
     "rl": ["openk2.cli"],
+    # expert offload: a loader and a drop-in experts module over the checkpoint reader; the engine, the
+    # server and the model never import it (they see a model, and its `expert_cache` by duck typing)
+    "offload": ["openk2.engine", "openk2.server", "openk2.agent", "openk2.train", "openk2.cli", "openk2.rl"],
 }
 
 

@@ -25,7 +25,7 @@ SYSTEM = ("You are Kimi, an AI assistant created by Moonshot AI, working in the 
 
 
 def add_parsers(sub, load) -> None:
-    """The `agent` and `mcp-server` subcommands; `load(path)` -> (model, tokenizer) for a checkpoint."""
+    """The `agent` and `mcp-server` subcommands; `load(path, expert_cache_gb)` -> (model, tokenizer)."""
     s = sub.add_parser("agent", help="an agent with tools: files, sandboxed code, sub-agents, MCP servers")
     s.add_argument("path", nargs="?", help="checkpoint folder or preset, run in this process (or use --endpoint)")
     s.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
@@ -50,9 +50,10 @@ def add_parsers(sub, load) -> None:
     s.add_argument("--trajectory", default=str(DEFAULT_TRAJECTORY), help="append each episode here (JSONL)")
     s.add_argument("--no-trajectory", action="store_true", help="do not record episodes")
     s.add_argument("--quantize", choices=["int8", "int4"], help="in-process model: quantize the weights")
+    s.add_argument("--expert-cache", type=float, metavar="GB", help="in-process model: routed experts on disk, GB cached")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="in-process model: compiled decode (a minute of compiling first)")
-    s.set_defaults(fn=lambda args: agent_command(args, lambda: load(args.path)))
+    s.set_defaults(fn=lambda args: agent_command(args, lambda: load(args.path, args.expert_cache)))
     s = sub.add_parser("mcp-server", help="the built-in tools (files, sandboxed code) as an MCP server")
     s.add_argument("--workspace", default=".", help="the directory the tools work in (default: .)")
     s.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at http://HOST:PORT/mcp (default: stdio)")

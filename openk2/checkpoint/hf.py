@@ -32,6 +32,7 @@ from openk2.quant.fp8 import FP8_BLOCK, dequantize_fp8, is_fp8, quantize_fp8
 from openk2.quant.int4 import INT4_GROUP, dequantize_int4, quantize_int4
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_ROUTED = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")  # any routed-expert tensor, any format
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -103,19 +104,28 @@ def _read_weight(shards: _Shards, name: str, block: int, group: int) -> tuple[st
         raise ValueError(f"{shards.where[name]}: tensor {name}: {e}") from None
 
 
+def load_dtype(cfg: ModelConfig, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `load_hf` gives a folder's weights: `dtype`, else the config's, else fp32."""
+    return dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32)
+
+
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
-            progress: bool = True, config: ModelConfig | None = None) -> Transformer:
+            progress: bool = True, config: ModelConfig | None = None, experts=None) -> Transformer:
     """A Transformer from a HF folder (config.json + safetensors). dtype None: the config's. `config`:
-    the folder's with changes that keep every tensor's shape (a longer context, say)."""
+    the folder's with changes that keep every tensor's shape (a longer context, say). `experts(i)`:
+    a module to stand in for layer i's routed experts, which are then not read (`openk2.offload`)."""
     folder = Path(path)
     cfg = config or ModelConfig.from_json(folder)
     block, group = _quant_sizes(cfg.extra.get("quantization_config"))
     extra = {k: v for k, v in cfg.extra.items() if k != "quantization_config"}
     cfg = dataclasses.replace(cfg, extra=extra)  # weights are dequantised on load
-    dtype = dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32)
+    dtype = load_dtype(cfg, dtype)
     shards = _Shards(folder)
     with torch.device("meta"):
         model = Transformer(cfg)
+    for i, layer in enumerate(model.layers if experts else []):
+        if hasattr(layer.mlp, "experts"):
+            layer.mlp.experts = experts(i)
     model = cast(model.to_empty(device=device), dtype)  # router stays fp32: the copy must not round it
     targets = dict(_hf_entries(model))  # HF name -> the view of our tensor it fills
     filled: set[str] = set()
@@ -123,7 +133,8 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
     for file in tqdm(sorted(by_file), desc=f"loading {folder.name}", disable=not progress, unit="shard"):
         for name in by_file[file]:
             layer = _LAYER.match(name)
-            if _is_companion(name) or (layer and int(layer.group(1)) >= cfg.num_hidden_layers):
+            if (_is_companion(name) or (layer and int(layer.group(1)) >= cfg.num_hidden_layers)
+                    or (experts and _ROUTED.match(name))):
                 continue  # scales are read with their weight; MTP layers are not run
             hf_name, t = _read_weight(shards, name, block, group)
             if hf_name not in targets:

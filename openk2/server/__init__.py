@@ -113,8 +113,11 @@ def run(args, model, tokenizer) -> None:
     leave(engine)
 
 
+EXPERT_CACHE_HELP = "keep the routed experts on disk, read into a cache of GB in memory (models bigger than RAM)"
+
+
 def add_parsers(sub, load) -> None:
-    """The `serve` and `chat` subcommands of `openk2`; `load(path)` -> (model, tokenizer)."""
+    """The `serve` and `chat` subcommands of `openk2`; `load(path, expert_cache_gb)` -> (model, tokenizer)."""
     import argparse
 
     for name in ("serve", "chat"):
@@ -125,6 +128,7 @@ def add_parsers(sub, load) -> None:
             s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
             s.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
         s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights at load time")
+        s.add_argument("--expert-cache", type=float, metavar="GB", help=EXPERT_CACHE_HELP)
         s.add_argument("--temperature", type=float, default=API_TEMPERATURE if name == "serve" else K2_TEMPERATURE,
                        help=f"for requests that give none (OpenAI's default, {API_TEMPERATURE})" if name == "serve"
                        else f"sampling temperature (K2's recommended {K2_TEMPERATURE})")
@@ -136,4 +140,4 @@ def add_parsers(sub, load) -> None:
         s.add_argument("--reasoning-parser", choices=["auto", "kimi_k2", "none"], default="auto",
                        help="split K2-Thinking's <think>…</think> into reasoning_content (auto: when the "
                             "checkpoint's chat template writes <think>)")
-        s.set_defaults(fn=lambda args: run(args, *load(args.path)))
+        s.set_defaults(fn=lambda args: run(args, *load(args.path, args.expert_cache)))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from openk2.engine.engine import Request
 from openk2.engine.sampler import SamplingParams
 from openk2.server.detokenizer import Detokenizer
+from openk2.server.protocol import APIError
 
 log = logging.getLogger("openk2.server")
 
@@ -110,6 +111,8 @@ class EngineLoop:
 
     def _fail_all(self, error: Exception) -> list:
         """Under the lock: cancel every request; [(sink, error)] for each waiting client."""
+        if not isinstance(error, APIError):  # logged by the caller; a client gets a 500 the app answers
+            error = APIError(500, "internal server error", "server_error")  # (keeping its connection open)
         out = [(sink, error) for sink in self.sinks.values()]
         for req in [*self.engine.waiting, *self.engine.running]:
             self.engine.cancel(req)

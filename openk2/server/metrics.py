@@ -15,6 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from openk2.tokenizer.toolcalls import REASONS
 
+EXPERT_CACHE = (  # (stats key, metric name, help) of the expert cache of `--expert-cache`
+    ("hits", "hits", "routed-expert lookups served from the cache"), ("hit_rate", "hit_rate", "hits / lookups"),
+    ("misses", "misses", "lookups that read the expert from disk"), ("slots", "slots", "experts the cache holds"),
+    ("bytes_read", "read_bytes", "bytes of expert weights read from the checkpoint files"),
+    ("stall_s", "stall_seconds", "seconds decoding waited on expert reads"))
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -39,6 +44,10 @@ class Metrics:
             Gauge("openk2_decode_compiled", "1 once decode steps run compiled (0: eager, or still compiling)",
                   registry=r).set_function(lambda: engine.decode_mode == "compiled")
 
+        if (cache := getattr(getattr(engine, "model", None), "expert_cache", None)) is not None:
+            for key, metric, text in EXPERT_CACHE:
+                Gauge(f"openk2_expert_cache_{metric}", text, registry=r).set_function(lambda k=key: cache.stats()[k])
+
     def count_parse_errors(self, errors) -> None:
         """Count a reply's tool-call parse errors (`ParseError`s) by reason."""
         for error in errors:
@@ -46,7 +55,6 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
 
 
 class CountRequests:

@@ -1,0 +1,12 @@
+"""Models bigger than memory: routed experts stay on disk and pass through a bounded cache.
+
+`load_offloaded(folder, cache_bytes)` gives a model like `load_hf`'s whose routed experts (98.9% of
+K2's weights) are read on demand into an `ExpertCache`; `plan` predicts the memory split of any
+config (`openk2 info --expert-cache GB`).
+"""
+
+from openk2.offload.experts import OffloadedExperts, cache_slots, load_offloaded
+from openk2.offload.store import POLICIES, ExpertCache, ExpertStore, SafetensorsFile, expert_bytes
+
+__all__ = ["OffloadedExperts", "ExpertCache", "ExpertStore", "SafetensorsFile", "POLICIES", "cache_slots",
+           "expert_bytes", "load_offloaded"]

@@ -1,0 +1,93 @@
+"""A model whose routed experts stay on disk: `load_offloaded` and the module that stands in for them.
+
+`OffloadedExperts` is a drop-in for `openk2.model.moe.Experts` (as `QuantizedExperts` is): the MoE
+layer routes as always and hands it the rows sorted by expert; it asks the shared `ExpertCache` for
+the experts used (reading the missing ones from disk) and runs each one's SwiGLU on its rows with the
+same calls as `Experts`' CPU path, on weights equal to those `load_hf` would load: the logits equal the
+fully resident model's bit for bit (tests/test_offload.py). Its decode face is None: the compiled
+decode step indexes every expert as one tensor, which experts on disk are not, so the engine decodes
+these models eagerly (see `decode_weights` below).
+
+    M (token, expert) pairs sorted by expert  N tokens  D hidden  E experts  K per token
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.checkpoint.hf import load_dtype, load_hf
+from openk2.config import ModelConfig
+from openk2.info import check_memory
+from openk2.offload.store import ExpertCache, ExpertStore, expert_bytes
+
+
+class OffloadedExperts(nn.Module):
+    """Layer `layer`'s routed experts, fetched through `cache` when used."""
+
+    # The compiled decode step reads experts as one stacked tensor indexed by expert id; these live in
+    # cache slots filled on demand (a read between routing and the experts' matmuls), so the engine's
+    # face check (`openk2.engine.decode.compilable`) keeps such a model on the eager step.
+    decode_weights = None
+
+    def __init__(self, layer: int, cache: ExpertCache):
+        super().__init__()
+        self.layer, self.cache = layer, cache
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, cache={self.cache.slots} experts"
+
+    def _runs(self, used: list[int]):
+        """(expert, gate_up [2F, D], down [D, F]) for each used expert, at most a cache-full at a time."""
+        for i in range(0, len(used), self.cache.slots):
+            group = used[i:i + self.cache.slots]
+            for e, slot in zip(group, self.cache.fetch(self.layer, group)):
+                yield e, self.cache.gate_up_S2FD[slot], self.cache.down_SDF[slot]
+
+    def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
+        """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
+        if grouped:
+            raise NotImplementedError("offloaded experts have no grouped kernel; pass grouped=None/False")
+        counts = counts_E.tolist()
+        starts = [0]
+        for n in counts:
+            starts.append(starts[-1] + n)
+        out = {}
+        for e, w_gate_up, w_down in self._runs([e for e, n in enumerate(counts) if n]):
+            gate, up = F.linear(x_MD[starts[e]:starts[e + 1]], w_gate_up).chunk(2, dim=-1)
+            out[e] = F.linear(F.silu(gate).mul_(up), w_down)
+        return torch.cat([out[e] for e in sorted(out)]).mul_(w_M[:, None])
+
+    def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
+        """The routing reference (as `Experts.forward_reference`), over the cached weights."""
+        out_ND = torch.zeros_like(x_ND)
+        F_ = self.cache.down_SDF.shape[-1]
+        for e, w_gate_up, w_down in self._runs(torch.unique(topk_idx_NK).tolist()):
+            tok, slot = torch.where(topk_idx_NK == e)
+            x = x_ND[tok]
+            y = (F.silu(x @ w_gate_up[:F_].T) * (x @ w_gate_up[F_:].T)) @ w_down.T
+            out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
+        return out_ND
+
+
+def cache_slots(cfg: ModelConfig, cache_bytes: int, dtype: torch.dtype) -> int:
+    """How many experts `cache_bytes` hold (never more than the model has)."""
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    return min(int(cache_bytes // expert_bytes(cfg, dtype)), n_moe * cfg.n_routed_experts)
+
+
+def load_offloaded(path, cache_bytes: int, dtype: torch.dtype | None = None, device="cpu",
+                   policy: str = "lru", progress: bool = True):
+    """A model from a HF folder with everything resident but the routed experts, which are read from
+    the folder's files into one cache of `cache_bytes` shared by all layers. The cache is the model's
+    `expert_cache` (its `stats()` for the CLI and `/metrics`)."""
+    cfg = ModelConfig.from_json(path)
+    if not cfg.n_routed_experts:
+        raise ValueError(f"{path}: the model has no routed experts to offload")
+    dtype = load_dtype(cfg, dtype)
+    check_memory(cfg, dtype, cache_bytes / 1e9)
+    cache = ExpertCache(ExpertStore(path, cfg), cache_slots(cfg, cache_bytes, dtype), dtype, device, policy)
+    model = load_hf(path, dtype, device, progress, experts=lambda i: OffloadedExperts(i, cache))
+    model.expert_cache = cache
+    return model

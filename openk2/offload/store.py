@@ -1,0 +1,237 @@
+"""Routed experts read from a checkpoint folder on demand, and a bounded cache of them in memory.
+
+`ExpertStore` reads one expert (gate, up, down) of one layer straight from the folder's safetensors
+files with `os.preadv` at the offsets their headers give: no mmap, so pages read are never counted in
+the process's resident memory, and a bf16 expert lands in its cache slot with no copy. FP8 block and
+INT4 group experts are dequantised on the way in by the checkpoint reader's own code, so the cache
+holds exactly the tensors `load_hf` would have put in the model.
+
+`ExpertCache` holds `slots` experts of every layer in two stacked tensors (gate_up [S, 2F, D] and
+down [S, D, F], allocated once: the cache never grows), on the CPU or a GPU, and evicts by LRU or
+LFU. It counts hits, misses, bytes read and the seconds decoding waited on reads (`stats`).
+
+    L layers  E experts per layer  S cache slots  F expert hidden  D hidden
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from openk2.checkpoint.hf import _quant_sizes, _read_weight, _Shards
+from openk2.config import ModelConfig
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
+           "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+POLICIES = ("lru", "lfu")
+
+
+class SafetensorsFile:
+    """One safetensors file, read tensor by tensor with pread: an 8-byte little-endian header length,
+    a JSON header of {name: {dtype, shape, data_offsets}}, then the data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        try:
+            n = int.from_bytes(os.pread(self.fd, 8, 0), "little")
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (ValueError, OSError) as e:
+            os.close(self.fd)
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.base, self.entries = 8 + n, header
+
+    def empty(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        return torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+
+    def read_into(self, name: str, out: torch.Tensor) -> int:
+        """Fill the contiguous CPU tensor `out` with `name`'s bytes; returns the bytes read."""
+        begin, end = self.entries[name]["data_offsets"]
+        if out.nbytes != end - begin:
+            raise ValueError(f"{self.path}: tensor {name} holds {end - begin} bytes, the slot {out.nbytes}")
+        view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], self.base + begin + done)
+            if got == 0:
+                raise OSError(f"{self.path}: tensor {name} cut short ({done} of {len(view)} bytes on disk)")
+            done += got
+        return done
+
+    def read(self, name: str) -> torch.Tensor:
+        out = self.empty(name)
+        self.read_into(name, out)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Reader(_Shards):
+    """The checkpoint reader's name -> tensor map over pread files instead of mmapped ones."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.files: dict[str, SafetensorsFile] = {}
+        self.bytes_read = 0
+
+    def file(self, name: str) -> SafetensorsFile:
+        if name not in self.where:
+            raise KeyError(f"tensor {name} is not in the checkpoint {self.folder}")
+        file = self.where[name]
+        if file not in self.files:
+            self.files[file] = SafetensorsFile(self.folder / file)
+        return self.files[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self.file(name).read(name)
+        self.bytes_read += t.nbytes
+        return t
+
+
+class ExpertStore:
+    """Layer i's expert e from a HF folder, in any format `load_hf` reads (bf16/fp32, FP8, INT4)."""
+
+    def __init__(self, folder: str | Path, cfg: ModelConfig):
+        self.folder, self.cfg = Path(folder), cfg
+        self.reader = _Reader(self.folder)
+        self.block, self.group = _quant_sizes(cfg.extra.get("quantization_config"))
+        moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        self.names = {(i, e, proj): self._stored(i, e, proj) for i in moe_layers
+                      for e in range(cfg.n_routed_experts) for proj in ("gate_proj", "up_proj", "down_proj")}
+        for name in self.names.values():  # every shard opened now: a missing or unreadable one fails here
+            self.reader.file(name)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    def _stored(self, layer: int, expert: int, proj: str) -> str:
+        """The name a weight is stored under (plain, FP8 beside its scale, or INT4 packed)."""
+        base = f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+        for name in (base, base + "_packed"):
+            if name in self.reader.where:
+                return name
+        raise KeyError(f"{self.folder}: checkpoint lacks {base}")
+
+    def read_into(self, layer: int, expert: int, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> None:
+        """Write the expert's weights into the two slots (views of the cache's tensors)."""
+        F_ = down_DF.shape[-1]
+        for proj, dest in (("gate_proj", gate_up_2FD[:F_]), ("up_proj", gate_up_2FD[F_:]), ("down_proj", down_DF)):
+            name = self.names[layer, expert, proj]
+            file = self.reader.file(name)
+            entry = file.entries[name]
+            if (dest.device.type == "cpu" and _DTYPES[entry["dtype"]] == dest.dtype
+                    and list(entry["shape"]) == list(dest.shape)):
+                self.reader.bytes_read += file.read_into(name, dest)  # straight into the slot
+                continue
+            _, t = _read_weight(self.reader, name, self.block, self.group)
+            if tuple(t.shape) != tuple(dest.shape):
+                raise ValueError(f"{file.path}: tensor {name} has shape {tuple(t.shape)}, "
+                                 f"the config expects {tuple(dest.shape)}")
+            dest.copy_(t)
+
+    def close(self) -> None:
+        for f in self.reader.files.values():
+            f.close()
+        self.reader.files.clear()
+
+
+def expert_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """One routed expert's weights in `dtype` (gate, up and down)."""
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
+
+
+class ExpertCache:
+    """`slots` routed experts (of any layers) in memory, filled from `store` when the router picks them.
+
+    `fetch(layer, experts)` returns the slot of each expert, reading the missing ones and evicting
+    others (never one fetched by the same call): LRU evicts the least recently used, LFU the least
+    often used over the whole run (ties: least recently). One layer's top-k experts must fit."""
+
+    def __init__(self, store: ExpertStore, slots: int, dtype: torch.dtype, device="cpu", policy: str = "lru"):
+        cfg = store.cfg
+        if policy not in POLICIES:
+            raise ValueError(f"expert cache policy must be one of {', '.join(POLICIES)}, not {policy!r}")
+        if slots < cfg.num_experts_per_tok:
+            need = cfg.num_experts_per_tok * expert_bytes(cfg, dtype)
+            raise ValueError(f"an expert cache of {slots} experts cannot hold one layer's top-"
+                             f"{cfg.num_experts_per_tok}: give it at least {need / 2**30:.3f} GiB")
+        D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
+        self.store, self.slots, self.policy = store, slots, policy
+        self.gate_up_S2FD = torch.empty(slots, 2 * F_, D, dtype=dtype, device=device)
+        self.down_SDF = torch.empty(slots, D, F_, dtype=dtype, device=device)
+        self._staging = None if torch.device(device).type == "cpu" else (
+            torch.empty(2 * F_, D, dtype=dtype, pin_memory=True), torch.empty(D, F_, dtype=dtype, pin_memory=True))
+        self.where: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot, by recency
+        self.uses: dict[tuple[int, int], int] = {}
+        self.free = list(range(slots - 1, -1, -1))
+        self.hits = self.misses = self.evictions = 0
+        self.stall_s = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up_S2FD.nbytes + self.down_SDF.nbytes
+
+    def fetch(self, layer: int, experts: list[int]) -> list[int]:
+        if len(experts) > self.slots:
+            raise ValueError(f"{len(experts)} experts asked at once from a cache of {self.slots}")
+        keep = {(layer, e) for e in experts}
+        out = []
+        for e in experts:
+            key = (layer, e)
+            self.uses[key] = self.uses.get(key, 0) + 1
+            if key in self.where:
+                self.hits += 1
+                self.where.move_to_end(key)
+                out.append(self.where[key])
+                continue
+            self.misses += 1
+            slot = self.free.pop() if self.free else self._evict(keep)
+            t0 = time.perf_counter()
+            try:
+                self._read(layer, e, slot)
+            except BaseException:
+                self.free.append(slot)  # the slot's contents are undefined: never serve them
+                raise
+            self.stall_s += time.perf_counter() - t0
+            self.where[key] = slot
+            out.append(slot)
+        return out
+
+    def _evict(self, keep: set) -> int:
+        candidates = (k for k in self.where if k not in keep)  # oldest first
+        if self.policy == "lru":
+            victim = next(candidates)
+        else:
+            victim = min(candidates, key=self.uses.__getitem__)  # min keeps the first (oldest) of ties
+        self.evictions += 1
+        return self.where.pop(victim)
+
+    def _read(self, layer: int, expert: int, slot: int) -> None:
+        if self._staging is None:
+            self.store.read_into(layer, expert, self.gate_up_S2FD[slot], self.down_SDF[slot])
+            return
+        gate_up, down = self._staging  # GPU cache: disk -> pinned CPU -> device
+        self.store.read_into(layer, expert, gate_up, down)
+        self.gate_up_S2FD[slot].copy_(gate_up)
+        self.down_SDF[slot].copy_(down)
+
+    def summary(self) -> str:
+        s = self.stats()
+        return (f"expert cache: {s['resident']}/{s['slots']} experts ({s['bytes'] / 1e9:.2f} GB, {s['policy']}), "
+                f"hit rate {100 * s['hit_rate']:.1f} % ({s['hits']:,} hits, {s['misses']:,} misses), "
+                f"{s['bytes_read'] / 1e9:.2f} GB read, {s['stall_s']:.2f} s stalled on reads")
+
+    def stats(self) -> dict:
+        asked = self.hits + self.misses
+        return {"slots": self.slots, "resident": len(self.where), "bytes": self.nbytes, "policy": self.policy,
+                "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / asked if asked else 0.0,
+                "evictions": self.evictions, "bytes_read": self.store.bytes_read, "stall_s": self.stall_s}

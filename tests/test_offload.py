@@ -1,0 +1,177 @@
+"""Expert offload (openk2.offload): routed experts read from the checkpoint into a bounded cache give
+exactly the fully resident model's logits, in every stored format, through the model, the Engine, the
+CLI and the server; the cache's policies, errors and memory plan."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from openk2.checkpoint import load_hf, save_hf
+from openk2.config import PRESETS
+from openk2.engine import SamplingParams
+from openk2.engine.engine import Engine, EngineConfig
+from openk2.info import offload_report, resident_bytes
+from openk2.model import build_model
+from openk2.offload import ExpertCache, ExpertStore, OffloadedExperts, expert_bytes, load_offloaded
+
+CFG = PRESETS["k2-tiny"]  # 2 MoE layers of 16 experts, top-4
+EXPERT = expert_bytes(CFG, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    model = build_model(CFG, dtype=torch.bfloat16, seed=5).eval()
+    out = {}
+    for fmt in ("bf16", "fp8", "int4"):
+        out[fmt] = save_hf(model, tmp_path_factory.mktemp(fmt), fmt=fmt, progress=False)
+    return out
+
+
+def _ids(B=2, S=24, seed=0):
+    return torch.randint(0, CFG.vocab_size, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int4"])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_logits_equal_the_resident_model_bit_for_bit(folders, fmt, policy):
+    resident = load_hf(folders[fmt], progress=False).eval()
+    model = load_offloaded(folders[fmt], 5 * EXPERT, policy=policy, progress=False).eval()  # 5 of 32 experts
+    cache = model.expert_cache
+    assert cache.slots == 5 and isinstance(model.layers[1].mlp.experts, OffloadedExperts)
+    assert not any("experts.gate_up_proj" in n for n, _ in model.named_parameters())
+    with torch.inference_mode():
+        for reference in (False, True):
+            assert torch.equal(model(_ids(), reference=reference), resident(_ids(), reference=reference))
+    s = cache.stats()
+    assert s["misses"] > 32 and s["evictions"] == s["misses"] - 5  # it cycled through its 5 slots
+    assert s["bytes"] == 5 * EXPERT and s["stall_s"] > 0
+    stored = {"bf16": EXPERT, "fp8": EXPERT // 2, "int4": EXPERT // 4}[fmt]
+    assert stored <= s["bytes_read"] / s["misses"] <= 1.2 * stored  # the stored bytes (+ scales), not bf16
+
+
+def test_engine_decodes_the_resident_models_tokens_and_logprobs(folders):
+    """Continuous batching (two requests, chunked prefill) over a cache that cannot hold one prompt's
+    experts: the same tokens and the same log-probs as the resident model in the same engine."""
+    runs = {}
+    for name, model in (("resident", load_hf(folders["bf16"], progress=False)),
+                        ("offloaded", load_offloaded(folders["bf16"], 6 * EXPERT, progress=False))):
+        engine = Engine(model.eval(), EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=7, compile=True))
+        assert name == "resident" or engine.compiled is None  # offloaded experts decode eagerly
+        if engine.compiled is not None:
+            engine.compiled = None  # the same (eager) step for both: bit-for-bit comparable
+        reqs = [engine.add_request(_ids(1, n, seed=n)[0].tolist(), SamplingParams(max_tokens=12, logprobs=2))
+                for n in (9, 20)]
+        engine.run()
+        runs[name] = [(r.output, [(lp.token, lp.logprob, lp.top) for lp in r.logprobs]) for r in reqs]
+    assert runs["offloaded"] == runs["resident"]
+
+
+def test_policies_evict_the_least_recently_or_least_often_used(folders):
+    for policy, expect in (("lru", {(1, 2), (1, 3)}), ("lfu", {(1, 1), (1, 3)})):
+        cache = ExpertCache(ExpertStore(folders["bf16"], CFG), 4, torch.bfloat16, policy=policy)
+        for experts in ([0, 1, 2, 3], [1], [1], [0, 2], [3]):
+            cache.fetch(1, experts)
+        # recency 1, 0, 2, 3 (oldest first); uses 0: 2, 1: 3, 2: 2, 3: 2. Two evictions: LRU drops 1 and 0,
+        # LFU the least used, the older first among equals: 0 and 2 (1, used most, stays)
+        cache.fetch(1, [4, 5])
+        assert set(cache.where) - {(1, 4), (1, 5)} == expect, policy
+        assert (cache.hits, cache.misses) == (5, 6)
+        slots = cache.fetch(1, [0, 4])
+        w = load_hf(folders["bf16"], progress=False).layers[1].mlp.experts
+        assert torch.equal(cache.gate_up_S2FD[slots[0]], w.gate_up_proj[0])
+        assert torch.equal(cache.down_SDF[slots[1]], w.down_proj[4])
+
+
+def test_clear_errors(folders, tmp_path):
+    with pytest.raises(ValueError, match="cannot hold one layer's top-4: give it at least"):
+        load_offloaded(folders["bf16"], 3 * EXPERT, progress=False)
+    with pytest.raises(ValueError, match="policy must be one of lru, lfu"):
+        load_offloaded(folders["bf16"], 8 * EXPERT, policy="fifo", progress=False)
+    broken = shutil.copytree(folders["bf16"], tmp_path / "broken")
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.2.mlp.experts.3.up_proj.weight"] = "model-00009-of-00009.safetensors"
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="missing shard .*model-00009-of-00009.safetensors"):
+        load_offloaded(broken, 8 * EXPERT, progress=False)
+    with pytest.raises(ValueError, match="a preset has none"):
+        from openk2.cli import _load
+        _load("k2-tiny", None, 0, expert_cache=1.0)
+
+
+def test_a_read_error_mid_decode_fails_that_step_and_the_cache_recovers(folders, tmp_path):
+    folder = shutil.copytree(folders["bf16"], tmp_path / "model")
+    model = load_offloaded(folder, 6 * EXPERT, progress=False).eval()
+    shard = next(folder.glob("*.safetensors"))
+    data = shard.read_bytes()
+    with open(shard, "r+b") as f:
+        f.truncate(len(data) // 2)  # the disk "loses" the second half of the experts
+    engine = Engine(model, EngineConfig(cache_tokens=256, block_size=8))
+    engine.add_request(_ids(1, 20)[0].tolist(), SamplingParams(max_tokens=4))
+    with pytest.raises(OSError, match="cut short"):
+        engine.run()
+    assert all(slot not in model.expert_cache.free for slot in model.expert_cache.where.values())
+    shard.write_bytes(data)  # the disk is back: the same cache serves, with the right weights
+    resident = load_hf(folder, progress=False).eval()
+    with torch.inference_mode():
+        assert torch.equal(model(_ids()), resident(_ids()))
+
+
+def test_cli_generate_with_an_expert_cache_prints_the_same_tokens_and_the_cache_stats(folders):
+    def run(*extra):
+        cmd = [sys.executable, "-m", "openk2", "generate", str(folders["int4"]), "--prompt-ids", "5,6,7,8",
+               "--max-tokens", "6", *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    full, cached = run(), run("--expert-cache", str(4 * EXPERT / 1e9))
+    assert cached.returncode == 0, cached.stderr
+    assert cached.stdout == full.stdout and len(full.stdout.split()) == 6
+    assert "expert cache: 4/4 experts" in cached.stderr and "hit rate" in cached.stderr
+    small = run("--expert-cache", "1e-6")
+    assert small.returncode == 1 and "cannot hold one layer's top-4" in small.stderr
+    assert "Traceback" not in small.stderr
+
+
+def test_offload_report_predicts_the_split(folders):
+    model = load_offloaded(folders["bf16"], 4 * EXPERT, progress=False)
+    assert resident_bytes(CFG) == sum(t.nbytes for t in [*model.parameters(), *model.buffers()]
+                                      if t is not model.inv_freq)
+    k2 = offload_report(PRESETS["kimi-k2"], 8)
+    assert f"{60 * 384:,} of {3 * 7168 * 2048 * 2 / 1e6:,.1f} MB each" in k2
+    int4_disk = float(next(line for line in k2.splitlines() if line.strip().startswith("int4")).split("|")[1]
+                      .strip().removesuffix(" GB").replace(",", ""))
+    assert 580 < int4_disk < 610  # K2-Thinking's int4 release is ~594 GB
+    assert "64 GB | no |" in k2 and "the least that works: one layer's top-8, 0.70 GB" in k2
+
+
+def test_server_answers_through_the_cache_fails_a_read_error_cleanly_and_keeps_serving(folders, tmp_path):
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    from test_server import serving
+
+    from openk2.server import create_app
+    from openk2.tokenizer import Tokenizer
+
+    folder = shutil.copytree(folders["bf16"], tmp_path / "model")
+    model = load_offloaded(folder, 4 * EXPERT, progress=False).eval()
+    with serving(create_app(model, Tokenizer.byte_level(), "tiny")) as port:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+
+        def ask():
+            return c.completions.create(model="tiny", prompt="the cache", max_tokens=6, temperature=0)
+        first = ask().choices[0].text
+        shard = next(folder.glob("*.safetensors"))
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])  # a disk read error mid-decode
+        model.expert_cache.where.clear()  # make the next request read
+        model.expert_cache.free = list(range(model.expert_cache.slots))
+        with pytest.raises(openai.InternalServerError):
+            ask()
+        shard.write_bytes(data)
+        assert ask().choices[0].text == first  # still serving, the same answer
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    hits = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("openk2_expert_cache_hits ")))
+    assert hits == model.expert_cache.hits > 0 and "openk2_expert_cache_read_bytes" in metrics
