@@ -172,7 +172,8 @@ def offload_report(cfg: ModelConfig, cache_gb: float, name: str = "") -> str:
     gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
     lines = [f"{name or cfg.model_type} with --expert-cache {cache_gb:g} (weights in memory as bf16):",
              f"  resident (all but the routed experts)  {gb(resident)}",
-             f"  routed experts                         {n_experts:,} of {per / 1e6:,.1f} MB each = {gb(n_experts * per)}",
+             f"  routed experts                         {n_experts:,} of {per / 1e6:,.1f} MB each = "
+             f"{gb(n_experts * per)}",
              f"  the cache holds                        {slots:,} experts ({100 * slots / n_experts:.1f} %); "
              f"the least that works: one layer's top-{K}, {gb(K * per)}",
              f"  in memory: resident + cache            {gb(resident + slots * per)}",
