@@ -156,7 +156,7 @@ def test_server_answers_through_the_cache_fails_a_read_error_cleanly_and_keeps_s
     from openk2.tokenizer import Tokenizer
 
     folder = shutil.copytree(folders["bf16"], tmp_path / "model")
-    model = load_offloaded(folder, 4 * EXPERT, progress=False).eval()
+    model = load_offloaded(folder, 12 * EXPERT, progress=False).eval()
     with serving(create_app(model, Tokenizer.byte_level(), "tiny")) as port:
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
