@@ -92,7 +92,8 @@ def write(folder: Path, seed: int = 0) -> None:
           f"RAM {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 1e9:.1f} GB")
 
 
-def _decode_one(folder: str, cache_gb: float, policy: str, tokens: int, threads: int) -> dict:
+def _decode_one(folder: str, cache_gb: float, policy: str, tokens: int, threads: int, prefetch: bool = True,
+                dtype: torch.dtype | None = None) -> dict:
     """One run, in this process: load, decode greedily, report."""
     from openk2.engine.generate import generate_stream
     from openk2.engine.sampler import SamplingParams
@@ -100,7 +101,7 @@ def _decode_one(folder: str, cache_gb: float, policy: str, tokens: int, threads:
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = load_offloaded(folder, int(cache_gb * 1e9), policy=policy, progress=False).eval()
+    model = load_offloaded(folder, int(cache_gb * 1e9), dtype, policy=policy, progress=False, prefetch=prefetch).eval()
     load_s, cache = time.perf_counter() - t0, model.expert_cache
     stamps, out = [time.perf_counter()], []
     for tok in generate_stream(model, torch.tensor([PROMPT]), SamplingParams(max_tokens=tokens)):
@@ -110,7 +111,8 @@ def _decode_one(folder: str, cache_gb: float, policy: str, tokens: int, threads:
             first = cache.stats()
     s = cache.stats()
     steps = len(out) - 1
-    return {"cache_gb": cache_gb, "policy": policy, "slots": s["slots"], "load_s": load_s,
+    return {"cache_gb": cache_gb, "policy": policy, "prefetch": prefetch, "slots": s["slots"], "load_s": load_s,
+            "prefetch_used": (s["prefetch_used"] - first["prefetch_used"]) / max(1, s["misses"] - first["misses"]),
             "first_token_s": stamps[1] - stamps[0], "tok_s": steps / (stamps[-1] - stamps[1]),
             "hit_rate": (s["hits"] - first["hits"]) / max(1, s["hits"] + s["misses"] - first["hits"] - first["misses"]),
             "read_gb_per_token": (s["bytes_read"] - first["bytes_read"]) / steps / 1e9,
@@ -128,50 +130,54 @@ def disk_rate(folder: Path, nbytes: int = 2 * 10**9) -> float:
     return done / (time.perf_counter() - t0) / 1e9
 
 
-def decode(folder: Path, caches: list[float], policies: list[str], tokens: int, threads: int, cold: bool):
+def decode(folder: Path, caches: list[float], policies: list[str], tokens: int, threads: int, cold: bool,
+           prefetch: list[str]):
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
     disk = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
     print(f"model {disk:.1f} GB on disk, RAM {ram:.1f} GB ({disk / ram:.2f}x), available "
           f"{available_bytes() / 1e9:.1f} GB, {threads} threads, load {os.getloadavg()[0]:.2f}")
     rows = []
-    for gb in caches:
-        for policy in policies:
-            if cold:
-                subprocess.run(["sync"], check=True)
-                Path("/proc/sys/vm/drop_caches").write_text("1\n")
-            cmd = [sys.executable, __file__, "_one", str(folder), str(gb), policy, str(tokens), str(threads)]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-            r = rows[-1]
-            print(f"  cache {gb:5.1f} GB {policy}: {r['tok_s']:.2f} tok/s, hits {100 * r['hit_rate']:.0f} %, "
-                  f"peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
+    for gb, policy, pre in ((gb, policy, pre) for gb in caches for policy in policies for pre in prefetch):
+        if cold:
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        cmd = [sys.executable, __file__, "_one", str(folder), str(gb), policy, str(tokens), str(threads), pre]
+        rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+        r = rows[-1]
+        print(f"  cache {gb:5.1f} GB {policy} prefetch {pre}: {r['tok_s']:.2f} tok/s, "
+              f"hits {100 * r['hit_rate']:.0f} %, "
+              f"peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
     print(f"disk read rate now (page cache included): {disk_rate(folder):.2f} GB/s")
-    head = ("cache GB", "slots", "policy", "tok/s", "hit %", "GB read/tok", "stall %", "1st tok s", "peak RSS GB")
+    head = ("cache GB", "slots", "policy", "prefetch", "tok/s", "hit %", "misses prefetched %", "GB read/tok",
+            "stall %", "1st tok s", "peak RSS GB")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        print(f"| {r['cache_gb']:g} | {r['slots']} | {r['policy']} | {r['tok_s']:.2f} | {100 * r['hit_rate']:.0f} | "
+        print(f"| {r['cache_gb']:g} | {r['slots']} | {r['policy']} | {'on' if r['prefetch'] else 'off'} | "
+              f"{r['tok_s']:.2f} | {100 * r['hit_rate']:.0f} | {100 * r['prefetch_used']:.0f} | "
               f"{r['read_gb_per_token']:.2f} | {100 * r['stall_share']:.0f} | {r['first_token_s']:.1f} | "
               f"{r['peak_rss_gb']:.2f} |")
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
     print(f"greedy tokens identical across all runs: {same}")
-    (folder / "decoded.json").write_text(json.dumps({"prompt": PROMPT, "tokens": rows[0]["tokens"]}))
 
 
 @torch.inference_mode()
 def reference(folder: Path, threads: int) -> None:
-    """Teacher-forced forward of prompt + decoded tokens, one layer at a time with all its experts."""
+    """A cached greedy decode in fp32, then a teacher-forced forward of prompt + its tokens, one layer at a
+    time with all of that layer's experts in memory: the greedy choices must agree. (In fp32: a random
+    model's bf16 logits tie often, and ties break by rounding differences between the two paths.)"""
     from openk2.offload import load_offloaded
 
-    torch.set_num_threads(threads)
-    done = json.loads((folder / "decoded.json").read_text())
-    ids = torch.tensor([done["prompt"] + done["tokens"]])
-    model = load_offloaded(folder, 0.1e9, progress=False).eval()
+    done = _decode_one(str(folder), 4.0, "lru", 16, threads, dtype=torch.float32)
+    print(f"cached decode (fp32, 4 GB cache): {done['tok_s']:.2f} tok/s, hits {100 * done['hit_rate']:.0f} %")
+    ids = torch.tensor([PROMPT + done["tokens"]])
+    model = load_offloaded(folder, 0.1e9, torch.float32, progress=False, prefetch=False).eval()
     store, cfg = model.expert_cache.store, model.cfg
     x = model.model.embed_tokens(ids)
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(ids.shape[1]), model.rope_mult, x.dtype)
     t0 = time.perf_counter()
     for i, layer in enumerate(model.layers):
         if isinstance(layer.mlp, MoE):
-            offloaded, full = layer.mlp.experts, Experts(cfg).to(torch.bfloat16)
+            offloaded, full = layer.mlp.experts, Experts(cfg)
             for e in range(cfg.n_routed_experts):
                 store.read_into(i, e, full.gate_up_proj.data[e], full.down_proj.data[e])
             layer.mlp.experts = full
@@ -182,7 +188,7 @@ def reference(folder: Path, threads: int) -> None:
         print(f"  layer {i}: {time.perf_counter() - t0:.0f} s, peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB", flush=True)
     logits = model.lm_head(model.model.norm(x))[0].float()
-    P = len(done["prompt"])
+    P = len(PROMPT)
     greedy = logits[P - 1:-1].argmax(-1).tolist()
     top2 = logits[P - 1:-1].topk(2, -1).values
     agree = sum(a == b for a, b in zip(greedy, done["tokens"]))
@@ -200,16 +206,17 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
+    p.add_argument("--prefetch", nargs="+", default=["on"], choices=["on", "off"])
     a = p.parse_args()
     if a.mode == "write":
         write(a.folder)
     elif a.mode == "decode":
-        decode(a.folder, a.cache_gb, a.policy, a.tokens, a.threads, a.cold)
+        decode(a.folder, a.cache_gb, a.policy, a.tokens, a.threads, a.cold, a.prefetch)
     elif a.mode == "reference":
         reference(a.folder, a.threads)
     else:
-        gb, policy, tokens, threads = a.rest
-        print(json.dumps(_decode_one(str(a.folder), float(gb), policy, int(tokens), int(threads))))
+        gb, policy, tokens, threads, pre = a.rest
+        print(json.dumps(_decode_one(str(a.folder), float(gb), policy, int(tokens), int(threads), pre == "on")))
 
 
 if __name__ == "__main__":

@@ -54,12 +54,15 @@ def test_logits_equal_the_resident_model_bit_for_bit(folders, fmt, policy):
     assert stored <= s["bytes_read"] / s["misses"] <= 1.2 * stored  # the stored bytes (+ scales), not bf16
 
 
-def test_engine_decodes_the_resident_models_tokens_and_logprobs(folders):
+@pytest.mark.parametrize("slots,prefetch", [(6, True), (4, True), (6, False)])
+def test_engine_decodes_the_resident_models_tokens_and_logprobs(folders, slots, prefetch):
     """Continuous batching (two requests, chunked prefill) over a cache that cannot hold one prompt's
-    experts: the same tokens and the same log-probs as the resident model in the same engine."""
+    experts (4 slots: exactly one layer's top-4, so a prefetch must give its slot back): the same tokens
+    and log-probs as the resident model in the same engine, whether the next layer's experts are
+    prefetched or not."""
     runs = {}
-    for name, model in (("resident", load_hf(folders["bf16"], progress=False)),
-                        ("offloaded", load_offloaded(folders["bf16"], 6 * EXPERT, progress=False))):
+    offloaded = load_offloaded(folders["bf16"], slots * EXPERT, progress=False, prefetch=prefetch)
+    for name, model in (("resident", load_hf(folders["bf16"], progress=False)), ("offloaded", offloaded)):
         engine = Engine(model.eval(), EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=7, compile=True))
         assert name == "resident" or engine.compiled is None  # offloaded experts decode eagerly
         if engine.compiled is not None:
@@ -69,6 +72,10 @@ def test_engine_decodes_the_resident_models_tokens_and_logprobs(folders):
         engine.run()
         runs[name] = [(r.output, [(lp.token, lp.logprob, lp.top) for lp in r.logprobs]) for r in reqs]
     assert runs["offloaded"] == runs["resident"]
+    s = offloaded.expert_cache.stats()
+    assert (s["prefetched"] > 0) == prefetch and s["prefetch_used"] <= s["prefetched"]
+    assert len(offloaded.expert_cache.where) + len(offloaded.expert_cache.pending) + len(
+        offloaded.expert_cache.free) == slots  # every slot accounted for once
 
 
 def test_policies_evict_the_least_recently_or_least_often_used(folders):

@@ -77,11 +77,30 @@ def cache_slots(cfg: ModelConfig, cache_bytes: int, dtype: torch.dtype) -> int:
     return min(int(cache_bytes // expert_bytes(cfg, dtype)), n_moe * cfg.n_routed_experts)
 
 
+PREFETCH_ROWS = 8  # decode steps of up to this many tokens prefetch; a prompt's chunk uses most experts anyway
+
+
+def add_prefetch(model, cache: ExpertCache) -> None:
+    """Before each MoE layer runs, guess the next MoE layer's experts by applying its router to this
+    layer's input (the residual stream changes little from one layer to the next) and start reading
+    the missing ones, so that they load while this layer reads and computes. The guess only
+    schedules reads: routing itself is untouched, so the logits are the same with or without it."""
+    moes = [(i, layer.mlp) for i, layer in enumerate(model.layers)
+            if isinstance(getattr(layer.mlp, "experts", None), OffloadedExperts)]
+    for (i, moe), (j, nxt) in zip(moes, moes[1:]):
+        def guess(module, args, i=i, j=j, moe=moe, nxt=nxt):
+            x_ND = args[0].reshape(-1, args[0].shape[-1])
+            if x_ND.shape[0] <= PREFETCH_ROWS:
+                keep = {(i, e) for e in moe.gate(x_ND)[0].unique().tolist()}  # this layer's own: never evicted
+                cache.prefetch(j, nxt.gate(x_ND)[0].unique().tolist(), keep)
+        moe.register_forward_pre_hook(guess)
+
+
 def load_offloaded(path, cache_bytes: int, dtype: torch.dtype | None = None, device="cpu",
-                   policy: str = "lru", progress: bool = True):
+                   policy: str = "lru", progress: bool = True, prefetch: bool = True):
     """A model from a HF folder with everything resident but the routed experts, which are read from
-    the folder's files into one cache of `cache_bytes` shared by all layers. The cache is the model's
-    `expert_cache` (its `stats()` for the CLI and `/metrics`)."""
+    the folder's files into one cache of `cache_bytes` shared by all layers (`prefetch`: see
+    `add_prefetch`). The cache is the model's `expert_cache` (its `stats()` for the CLI and `/metrics`)."""
     cfg = ModelConfig.from_json(path)
     if not cfg.n_routed_experts:
         raise ValueError(f"{path}: the model has no routed experts to offload")
@@ -90,4 +109,6 @@ def load_offloaded(path, cache_bytes: int, dtype: torch.dtype | None = None, dev
     cache = ExpertCache(ExpertStore(path, cfg), cache_slots(cfg, cache_bytes, dtype), dtype, device, policy)
     model = load_hf(path, dtype, device, progress, experts=lambda i: OffloadedExperts(i, cache))
     model.expert_cache = cache
+    if prefetch:
+        add_prefetch(model, cache)
     return model

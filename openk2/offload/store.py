@@ -187,7 +187,8 @@ class ExpertCache:
         self.where: OrderedDict[tuple[int, int], int] = OrderedDict()  # (layer, expert) -> slot, by recency
         self.uses: dict[tuple[int, int], int] = {}
         self.free = list(range(slots - 1, -1, -1))
-        self.hits = self.misses = self.evictions = self.bytes_read = 0
+        self.pending: dict[tuple[int, int], tuple[int, list]] = {}  # prefetches in flight: key -> (slot, reads)
+        self.hits = self.misses = self.evictions = self.bytes_read = self.prefetched = self.prefetch_used = 0
         self.stall_s = 0.0
         on_cpu = self._staging is None  # a GPU cache reads through its one pinned staging buffer
         self._pool = ThreadPoolExecutor(readers, "expert-read") if on_cpu and readers > 1 else None
@@ -201,6 +202,10 @@ class ExpertCache:
             raise ValueError(f"{len(experts)} experts asked at once from a cache of {self.slots}")
         keep = {(layer, e) for e in experts}
         out, todo = [], {}
+        t0 = time.perf_counter()
+        for key in [k for k, (_, reads) in self.pending.items() if k in keep or all(f.done() for f in reads)]:
+            self._land(key, key in keep)  # waits for the prefetches this call needs
+        self.stall_s += time.perf_counter() - t0
         for e in experts:
             key = (layer, e)
             self.uses[key] = self.uses.get(key, 0) + 1
@@ -223,6 +228,34 @@ class ExpertCache:
             self.where.update(todo)
         return out
 
+    def prefetch(self, layer: int, experts: list[int], keep: set) -> None:
+        """Start reading `layer`'s `experts` that are not cached, in the background (never evicting
+        those in `keep`); `fetch` waits for those it needs. A no-op without reader threads."""
+        for e in experts if self._pool is not None else []:
+            key = (layer, e)
+            if key in self.where or key in self.pending:
+                continue
+            if not self.free and all(k in keep for k in self.where):
+                return
+            slot = self.free.pop() if self.free else self._evict(keep)
+            parts = self.store.parts(self.gate_up_S2FD[slot], self.down_SDF[slot])
+            self.pending[key] = slot, [self._pool.submit(self.store.read_part, layer, e, p, d) for p, d in parts]
+            self.prefetched += 1
+
+    def _land(self, key: tuple[int, int], needed: bool) -> None:
+        """A prefetch's slot joins the cache once its reads are done; a failed one frees its slot (and
+        raises if the expert is needed now)."""
+        slot, reads = self.pending.pop(key)
+        wait(reads)
+        if any(f.exception() for f in reads):
+            self.free.append(slot)
+            if needed:
+                raise next(f.exception() for f in reads if f.exception())
+            return
+        self.bytes_read += sum(f.result() for f in reads)
+        self.where[key] = slot
+        self.prefetch_used += needed
+
     def _read_all(self, todo: dict) -> int:
         """Read every ((layer, expert) -> slot) of `todo`; all reads end before this returns or raises."""
         if self._pool is None or len(todo) == 1:
@@ -233,9 +266,13 @@ class ExpertCache:
         return sum(f.result() for f in futures)  # the first error, if any, raised here
 
     def _evict(self, keep: set) -> int:
-        candidates = (k for k in self.where if k not in keep)  # oldest first
+        candidates = [k for k in self.where if k not in keep]  # oldest first
+        if not candidates:  # every cached expert is wanted now: take back a prefetch's slot
+            slot, reads = self.pending.pop(next(k for k in self.pending if k not in keep))
+            wait(reads)
+            return slot
         if self.policy == "lru":
-            victim = next(candidates)
+            victim = candidates[0]
         else:
             victim = min(candidates, key=self.uses.__getitem__)  # min keeps the first (oldest) of ties
         self.evictions += 1
@@ -260,4 +297,5 @@ class ExpertCache:
         asked = self.hits + self.misses
         return {"slots": self.slots, "resident": len(self.where), "bytes": self.nbytes, "policy": self.policy,
                 "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / asked if asked else 0.0,
-                "evictions": self.evictions, "bytes_read": self.bytes_read, "stall_s": self.stall_s}
+                "evictions": self.evictions, "bytes_read": self.bytes_read, "stall_s": self.stall_s,
+                "prefetched": self.prefetched, "prefetch_used": self.prefetch_used}
