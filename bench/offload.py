@@ -110,13 +110,13 @@ def _decode_one(folder: str, cache_gb: float, policy: str, tokens: int, threads:
         if len(out) == 1:
             first = cache.stats()
     s = cache.stats()
+    d = {k: s[k] - first[k] for k in ("hits", "misses", "prefetch_used", "bytes_read", "stall_s")}  # after token 1
     steps = len(out) - 1
     return {"cache_gb": cache_gb, "policy": policy, "prefetch": prefetch, "slots": s["slots"], "load_s": load_s,
-            "prefetch_used": (s["prefetch_used"] - first["prefetch_used"]) / max(1, s["misses"] - first["misses"]),
+            "prefetch_used": d["prefetch_used"] / max(1, d["misses"] + d["prefetch_used"]),
             "first_token_s": stamps[1] - stamps[0], "tok_s": steps / (stamps[-1] - stamps[1]),
-            "hit_rate": (s["hits"] - first["hits"]) / max(1, s["hits"] + s["misses"] - first["hits"] - first["misses"]),
-            "read_gb_per_token": (s["bytes_read"] - first["bytes_read"]) / steps / 1e9,
-            "stall_share": (s["stall_s"] - first["stall_s"]) / (stamps[-1] - stamps[1]),
+            "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"] + d["prefetch_used"]),
+            "read_gb_per_token": d["bytes_read"] / steps / 1e9, "stall_share": d["stall_s"] / (stamps[-1] - stamps[1]),
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "tokens": out}
 
 

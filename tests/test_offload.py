@@ -40,7 +40,12 @@ def _ids(B=2, S=24, seed=0):
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_logits_equal_the_resident_model_bit_for_bit(folders, fmt, policy):
     resident = load_hf(folders[fmt], progress=False).eval()
-    model = load_offloaded(folders[fmt], 5 * EXPERT, policy=policy, progress=False).eval()  # 5 of 32 experts
+    with torch.inference_mode():  # the cache made in inference mode, filled by reader threads without it
+        dtype = torch.float32 if fmt == "int4" else torch.bfloat16
+        model = load_offloaded(folders[fmt], 5 * expert_bytes(CFG, dtype), dtype, policy=policy,
+                               progress=False).eval()  # 5 of 32 experts
+    if fmt == "int4":  # stored bf16 scales, computed in fp32: converted on the way into the cache
+        resident = load_hf(folders[fmt], torch.float32, progress=False).eval()
     cache = model.expert_cache
     assert cache.slots == 5 and isinstance(model.layers[1].mlp.experts, OffloadedExperts)
     assert not any("experts.gate_up_proj" in n for n, _ in model.named_parameters())
@@ -49,7 +54,7 @@ def test_logits_equal_the_resident_model_bit_for_bit(folders, fmt, policy):
             assert torch.equal(model(_ids(), reference=reference), resident(_ids(), reference=reference))
     s = cache.stats()
     assert s["misses"] > 32 and s["evictions"] == s["misses"] - 5  # it cycled through its 5 slots
-    assert s["bytes"] == 5 * EXPERT and s["stall_s"] > 0
+    assert s["bytes"] == 5 * expert_bytes(CFG, dtype) and s["stall_s"] > 0
     stored = {"bf16": EXPERT, "fp8": EXPERT // 2, "int4": EXPERT // 4}[fmt]
     assert stored <= s["bytes_read"] / s["misses"] <= 1.2 * stored  # the stored bytes (+ scales), not bf16
 

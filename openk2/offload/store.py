@@ -145,7 +145,8 @@ class ExpertStore:
         if tuple(t.shape) != tuple(dest.shape):
             raise ValueError(f"{file.path}: tensor {name} has shape {tuple(t.shape)}, "
                              f"the config expects {tuple(dest.shape)}")
-        dest.copy_(t)
+        with torch.inference_mode(dest.is_inference()):  # a reader thread has no inference mode of its own
+            dest.copy_(t)
         return nbytes
 
     def close(self) -> None:
@@ -177,7 +178,7 @@ class ExpertCache:
         if slots < cfg.num_experts_per_tok:
             need = cfg.num_experts_per_tok * expert_bytes(cfg, dtype)
             raise ValueError(f"an expert cache of {slots} experts cannot hold one layer's top-"
-                             f"{cfg.num_experts_per_tok}: give it at least {need / 2**30:.3f} GiB")
+                             f"{cfg.num_experts_per_tok}: give it at least {need / 1e9:.3g} GB")
         D, F_ = cfg.hidden_size, cfg.moe_intermediate_size
         self.store, self.slots, self.policy = store, slots, policy
         self.gate_up_S2FD = torch.empty(slots, 2 * F_, D, dtype=dtype, device=device)
@@ -203,14 +204,14 @@ class ExpertCache:
         keep = {(layer, e) for e in experts}
         out, todo = [], {}
         t0 = time.perf_counter()
-        for key in [k for k, (_, reads) in self.pending.items() if k in keep or all(f.done() for f in reads)]:
-            self._land(key, key in keep)  # waits for the prefetches this call needs
+        ready = [k for k, (_, reads) in self.pending.items() if k in keep or all(f.done() for f in reads)]
+        landed = {key for key in ready if self._land(key, key in keep)}  # waits for the prefetches needed now
         self.stall_s += time.perf_counter() - t0
         for e in experts:
             key = (layer, e)
             self.uses[key] = self.uses.get(key, 0) + 1
             if key in self.where:
-                self.hits += 1
+                self.hits += key not in landed  # a prefetched expert counts as `prefetch_used`
                 self.where.move_to_end(key)
             elif key not in todo:
                 self.misses += 1
@@ -242,7 +243,7 @@ class ExpertCache:
             self.pending[key] = slot, [self._pool.submit(self.store.read_part, layer, e, p, d) for p, d in parts]
             self.prefetched += 1
 
-    def _land(self, key: tuple[int, int], needed: bool) -> None:
+    def _land(self, key: tuple[int, int], needed: bool) -> bool:
         """A prefetch's slot joins the cache once its reads are done; a failed one frees its slot (and
         raises if the expert is needed now)."""
         slot, reads = self.pending.pop(key)
@@ -251,10 +252,11 @@ class ExpertCache:
             self.free.append(slot)
             if needed:
                 raise next(f.exception() for f in reads if f.exception())
-            return
+            return False
         self.bytes_read += sum(f.result() for f in reads)
         self.where[key] = slot
         self.prefetch_used += needed
+        return True
 
     def _read_all(self, todo: dict) -> int:
         """Read every ((layer, expert) -> slot) of `todo`; all reads end before this returns or raises."""
@@ -294,7 +296,7 @@ class ExpertCache:
                 f"{s['bytes_read'] / 1e9:.2f} GB read, {s['stall_s']:.2f} s stalled on reads")
 
     def stats(self) -> dict:
-        asked = self.hits + self.misses
+        asked = self.hits + self.misses + self.prefetch_used
         return {"slots": self.slots, "resident": len(self.where), "bytes": self.nbytes, "policy": self.policy,
                 "hits": self.hits, "misses": self.misses, "hit_rate": self.hits / asked if asked else 0.0,
                 "evictions": self.evictions, "bytes_read": self.bytes_read, "stall_s": self.stall_s,
