@@ -5,7 +5,8 @@ dense, 384 fine-grained routed experts top-8 + 1 shared, K2's 163,840-token voca
 layers, so that its bf16 weights (random, N(0, 0.02)) take ~41 GB on disk, at least 1.5× the RAM.
 
     .venv/bin/python bench/offload.py write DIR          # once: ~41 GB, shard by shard (a few minutes)
-    .venv/bin/python bench/offload.py decode DIR [--cache-gb 1 2 4 8] [--policy lru lfu] [--tokens 32]
+    .venv/bin/python bench/offload.py decode DIR [--cache-gb 1 2 4 8] [--policy lru lfu] [--prefetch on off]
+                                                 [--tokens 32] [--cold] [--plot experiments/results/offload.png]
     .venv/bin/python bench/offload.py reference DIR      # greedy tokens vs a layer-by-layer reference
 
 `decode` runs each (cache size, policy) in a fresh process (peak RSS is that process's ru_maxrss),
@@ -131,7 +132,7 @@ def disk_rate(folder: Path, nbytes: int = 2 * 10**9) -> float:
 
 
 def decode(folder: Path, caches: list[float], policies: list[str], tokens: int, threads: int, cold: bool,
-           prefetch: list[str]):
+           prefetch: list[str], plot: Path | None = None):
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
     disk = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
     print(f"model {disk:.1f} GB on disk, RAM {ram:.1f} GB ({disk / ram:.2f}x), available "
@@ -158,6 +159,34 @@ def decode(folder: Path, caches: list[float], policies: list[str], tokens: int, 
               f"{r['peak_rss_gb']:.2f} |")
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
     print(f"greedy tokens identical across all runs: {same}")
+    if plot:
+        draw(rows, plot, f"{disk:.1f} GB model ({disk / ram:.2f}x RAM), batch 1, {threads} threads")
+
+
+def draw(rows: list[dict], path: Path, title: str) -> None:
+    """tok/s and hit rate against the cache size, one line per (policy, prefetch)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, hits) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in sorted({(r["policy"], r["prefetch"]) for r in rows}):
+        mine = [r for r in rows if (r["policy"], r["prefetch"]) == key]
+        label = f"{key[0]}, prefetch {'on' if key[1] else 'off'}"
+        speed.plot([r["cache_gb"] for r in mine], [r["tok_s"] for r in mine], "o-", label=label)
+        hits.plot([r["cache_gb"] for r in mine], [100 * r["hit_rate"] for r in mine], "o-", label=label)
+    for ax, name in ((speed, "decode tok/s"), (hits, "expert cache hits %")):
+        ax.set_xlabel("expert cache GB")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    speed.set_ylim(bottom=0)
+    hits.set_ylim(0, 100)
+    speed.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
 
 
 @torch.inference_mode()
@@ -170,7 +199,7 @@ def reference(folder: Path, threads: int) -> None:
     done = _decode_one(str(folder), 4.0, "lru", 16, threads, dtype=torch.float32)
     print(f"cached decode (fp32, 4 GB cache): {done['tok_s']:.2f} tok/s, hits {100 * done['hit_rate']:.0f} %")
     ids = torch.tensor([PROMPT + done["tokens"]])
-    model = load_offloaded(folder, 0.1e9, torch.float32, progress=False, prefetch=False).eval()
+    model = load_offloaded(folder, 0.3e9, torch.float32, progress=False, prefetch=False).eval()
     store, cfg = model.expert_cache.store, model.cfg
     x = model.model.embed_tokens(ids)
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(ids.shape[1]), model.rope_mult, x.dtype)
@@ -206,12 +235,13 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
-    p.add_argument("--prefetch", nargs="+", default=["on"], choices=["on", "off"])
+    p.add_argument("--prefetch", nargs="+", default=["off"], choices=["on", "off"])
+    p.add_argument("--plot", type=Path, help="save tok/s and hit rate against the cache size here (PNG)")
     a = p.parse_args()
     if a.mode == "write":
         write(a.folder)
     elif a.mode == "decode":
-        decode(a.folder, a.cache_gb, a.policy, a.tokens, a.threads, a.cold, a.prefetch)
+        decode(a.folder, a.cache_gb, a.policy, a.tokens, a.threads, a.cold, a.prefetch, a.plot)
     elif a.mode == "reference":
         reference(a.folder, a.threads)
     else:
