@@ -5,8 +5,9 @@ K2's weights) are read on demand into an `ExpertCache`; `plan` predicts the memo
 config (`openk2 info --expert-cache GB`).
 """
 
+from openk2.offload.cache import POLICIES, ExpertCache, expert_bytes
 from openk2.offload.experts import OffloadedExperts, cache_slots, load_offloaded
-from openk2.offload.store import POLICIES, ExpertCache, ExpertStore, SafetensorsFile, expert_bytes
+from openk2.offload.store import ExpertStore, SafetensorsFile
 
 __all__ = ["OffloadedExperts", "ExpertCache", "ExpertStore", "SafetensorsFile", "POLICIES", "cache_slots",
            "expert_bytes", "load_offloaded"]

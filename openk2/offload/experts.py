@@ -20,7 +20,8 @@ from torch import nn
 from openk2.checkpoint.hf import load_dtype, load_hf
 from openk2.config import ModelConfig
 from openk2.info import check_memory
-from openk2.offload.store import ExpertCache, ExpertStore, expert_bytes
+from openk2.offload.cache import ExpertCache, expert_bytes
+from openk2.offload.store import ExpertStore
 
 
 class OffloadedExperts(nn.Module):
