@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol  # the differentiable all-to-all
 from torch import nn
 
 from openk2.model.moe import Experts, MoE
@@ -77,8 +77,10 @@ class ExpertParallelDispatcher:
         return out_ND.index_add_(0, route.order_M // k, y_MD)
 
     def _exchange(self, x, out_splits: list[int], in_splits: list[int]):
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        return dist_fn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=self.group)
+        """x's rows, in_splits[r] of them to rank r, exchanged for out_splits[r] rows from each rank r;
+        differentiable (the backward is the reverse exchange)."""
+        group = self.group or dist.group.WORLD
+        return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
 
 
 class LocalExperts(Experts):
