@@ -152,14 +152,15 @@ class Muon(torch.optim.Optimizer):
     step works one shape group at a time and holds that group's NS inputs (grad dtype) and gathered
     bf16 updates; at K2 scale, where all experts share two shapes, groups would need bucketing (and
     expert parallelism shards them anyway). `process_group` is the data-parallel group; None means
-    the default group when torch.distributed is initialised.
+    the default group when torch.distributed is initialised. A group marked `local` holds matrices
+    only this rank has (experts under expert parallelism): they are orthogonalised here, not shared.
     """
 
     def __init__(self, param_groups, lr: float = 2e-4, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, betas=(0.9, 0.95), eps: float = 1e-8,
                  process_group=None):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_steps=ns_steps, betas=betas, eps=eps, algo=None, matrix=None)
+                        ns_steps=ns_steps, betas=betas, eps=eps, algo=None, matrix=None, local=False)
         super().__init__(param_groups, defaults)
         for g in self.param_groups:
             if g["algo"] not in ("muon", "adamw"):
@@ -186,10 +187,10 @@ class Muon(torch.optim.Optimizer):
                     self._adamw(p, group)
                 else:
                     A, B = group["matrix"] or p.shape
-                    by_shape.setdefault((A, B, group["ns_steps"]), []).append((p, group))
+                    by_shape.setdefault((A, B, group["ns_steps"], group["local"]), []).append((p, group))
         rank, world = self._rank_world()
-        for (A, B, ns_steps), items in by_shape.items():
-            self._muon(items, A, B, ns_steps, rank, world)
+        for (A, B, ns_steps, local), items in by_shape.items():  # local: this rank's own (expert-parallel)
+            self._muon(items, A, B, ns_steps, *((0, 1) if local else (rank, world)))
         return loss
 
     def _adamw(self, p, group):

@@ -29,6 +29,7 @@ import torch.distributed._functional_collectives as funcol  # the differentiable
 from torch import nn
 
 from openk2.model.moe import Experts, MoE
+from openk2.optim.muon import muon_param_groups
 
 
 class _Route:
@@ -133,6 +134,37 @@ def sync_grads(model: nn.Module, dp_group: dist.ProcessGroup | None = None) -> N
             dist.all_reduce(p.grad)
         elif dp_group is not None:
             dist.all_reduce(p.grad, group=dp_group)
+
+
+def ep_param_groups(model: nn.Module, **kw) -> list[dict]:
+    """`muon_param_groups` of a sharded model, its experts' groups marked `local`: each rank
+    orthogonalises its own experts' matrices (the replicated ones are still split over the ranks)."""
+    experts = {id(p) for name, p in model.named_parameters() if is_expert(name)}
+    groups = muon_param_groups(model, **kw)
+    for g in groups:
+        if g["algo"] == "muon" and any(id(p) in experts for p in g["params"]):
+            if not all(id(p) in experts for p in g["params"]):
+                raise ValueError("a Muon group mixes experts with replicated matrices")
+            g["local"] = True
+    return groups
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """`clip_grad_norm_` over the whole model's gradient, of which each rank holds the experts' share:
+    the experts' squared norms are summed over the EP `group`, so every rank scales by the same factor.
+    Returns the total norm."""
+    dense, experts = torch.zeros(()), torch.zeros(())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            norm2 = p.grad.detach().float().pow(2).sum().cpu()
+            experts, dense = (experts + norm2, dense) if is_expert(name) else (experts, dense + norm2)
+    dist.all_reduce(experts, group=group)
+    total = (dense + experts).sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale.to(p.grad.device))
+    return total
 
 
 def gather_experts(model: nn.Module, group: dist.ProcessGroup | None = None, grads: bool = False) -> dict:
