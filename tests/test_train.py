@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -118,6 +119,39 @@ def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, op
     assert len(a) == len(b) == 6
     assert a[:2] == pytest.approx(b[:2], abs=1e-5)  # before any bf16 orthogonalisation could diverge them
     assert a == pytest.approx(b, abs=tolerance)
+
+
+def test_expert_parallel_training_equals_one_process_and_resumes_exactly(corpus, tmp_path):
+    """`--ep 2` on two processes (each holding half of every layer's experts) trains as one process
+    with the same global batch; its checkpoint is the whole model; resuming it (each rank's optimizer
+    state from its own file) continues bit for bit, and a resume on another --ep is refused."""
+    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=5, warmup_steps=1, autocast="none", optimizer="adamw",
+               ckpt_every=3, eval_every=100)
+    train(one)
+    runs = {}
+    for name in ("two", "resumed"):
+        runs[name] = dataclasses.replace(one, out_dir=str(tmp_path / name), batch_size=2, ep=2)
+        (tmp_path / name).mkdir()
+        os.symlink(tmp_path / "one" / "tokenizer", tmp_path / name / "tokenizer")
+    mp.spawn(_rank_main, args=(2, _free_port(), runs["two"]), nprocs=2, join=True)
+    a, b = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(a) == len(b) == 5 and a == pytest.approx(b, abs=1e-5)
+    whole = load_hf(tmp_path / "two" / "checkpoints" / "step_000005", progress=False)
+    ref = load_hf(tmp_path / "one" / "checkpoints" / "step_000005", progress=False)
+    for (name, x), (_, y) in zip(whole.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)  # every expert included
+    # an interrupted copy: the run as it stood at its step-3 checkpoint, resumed on 2 processes
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "step_000003",
+                    tmp_path / "resumed" / "checkpoints" / "step_000003")
+    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step_000003\n")
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # header + 3 steps
+    mp.spawn(_rank_main, args=(2, _free_port(), dataclasses.replace(runs["resumed"], resume=True)), nprocs=2, join=True)
+    assert _losses(tmp_path / "resumed") == b  # bit for bit
+    final = load_hf(tmp_path / "resumed" / "checkpoints" / "step_000005", progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(final.state_dict().values(), whole.state_dict().values()))
+    with pytest.raises(ValueError, match=r"would not continue the same run \(ep: 2 -> 1\)"):
+        train(dataclasses.replace(runs["resumed"], out_dir=str(tmp_path / "two"), resume=True, ep=1))
 
 
 def test_clear_errors(corpus, tmp_path):

@@ -43,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     peak_tflops: float = 2.0  # for MFU: the peak of all processes together (this 2-core CPU's bf16 AMX)
     threads: int = 0  # 0: torch's default
+    ep: int = 1  # expert parallelism under torchrun: experts sharded over groups of this many processes
     resume: bool = False
 
     def __post_init__(self):
@@ -51,7 +52,7 @@ class TrainConfig:
         if self.autocast not in ("bfloat16", "none"):
             raise ValueError(f"autocast must be bfloat16 or none, not {self.autocast!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "log_every", "ckpt_every",
-                     "eval_batches"):
+                     "eval_batches", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "grad_clip", "threads", "qk_clip_tau", "bias_update_speed", "seq_aux_weight"):
@@ -67,9 +68,10 @@ class TrainConfig:
     def decay_steps(self) -> int:
         return max(1, int(self.steps * self.decay_frac)) if self.decay_frac else 0
 
-    # fields that shape the training trajectory: a resumed run must keep them
+    # fields that shape the training trajectory: a resumed run must keep them (and `ep`, which decides
+    # how the optimizer state is split over the processes)
     TRAJECTORY = ("model", "steps", "lr", "final_lr_frac", "warmup_steps", "decay_frac", "optimizer", "seq_len",
-                  "weight_decay", "qk_clip_tau", "bias_update_speed", "seq_aux_weight", "seed", "data")
+                  "weight_decay", "qk_clip_tau", "bias_update_speed", "seq_aux_weight", "seed", "data", "ep")
 
     def model_config(self) -> ModelConfig:
         from openk2.config import resolve_config

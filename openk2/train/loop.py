@@ -3,10 +3,11 @@
 One code path for 1 or N processes (`torchrun --nproc_per_node N -m openk2.train`): DDP wraps the
 model when the world is larger than one, the loader gives each rank its block of the global batch,
 QK-Clip and bias balancing act on statistics max- and sum-reduced over ranks, so every rank applies
-the same update. Per step: WSD learning rate, micro-batches under bf16 autocast, gradient clipping,
-MuonClip (Muon/AdamW step, then QK-Clip from the step's recorded max logits), aux-loss-free
-balancing of `e_score_correction_bias` (DeepSeek-V3: γ·sign(mean load − load)). Checkpoints hold
-the model as a Hugging Face folder (fp32, so resume is exact) plus optimizer, loader, RNG and step in
+the same update; `--ep N` shards the experts over groups of N processes (`openk2.parallel.training`).
+Per step: WSD learning rate, micro-batches under bf16 autocast, gradient clipping, MuonClip
+(Muon/AdamW step, then QK-Clip from the step's recorded max logits), aux-loss-free balancing of
+`e_score_correction_bias` (DeepSeek-V3: γ·sign(mean load − load)). Checkpoints hold the model as a
+Hugging Face folder (fp32, so resume is exact) plus optimizer, loader, RNG and step in
 `train_state.pt`; metrics go to `metrics.jsonl`. What a run trains on is a `RunData`: a corpus
 (`pretrain_data`, here) or chat conversations with a loss mask, packed (`sft.py`: `sft_data`), whose
 batches carry segment ids and targets of -100 where no loss is taken.
@@ -31,6 +32,7 @@ from openk2.data import PackedLoader, load_documents, split_documents, tokenize_
 from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model, lm_loss
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
+from openk2.parallel.training import ExpertParallelTraining
 from openk2.tokenizer import Tokenizer
 from openk2.train.config import TrainConfig
 from openk2.train.runlog import final_metrics, git_revision, open_log
@@ -98,8 +100,8 @@ def build_data(cfg: TrainConfig, tok: Tokenizer, train_docs, val_docs, rank: int
     return loader, val, len(train_ids)
 
 
-def build_optimizer(cfg: TrainConfig, model):
-    groups = muon_param_groups(model)
+def build_optimizer(cfg: TrainConfig, model, ep=None):
+    groups = ep.param_groups(model) if ep else muon_param_groups(model)
     if cfg.optimizer == "adamw":  # the baseline: every tensor in the AdamW group
         groups = [{"params": [p for g in groups for p in g["params"]], "algo": "adamw"}]
     return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -213,8 +215,11 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     else:
         model = data.init_model(device)
     model.train()
-    opt = build_optimizer(cfg, model)
+    ep = ExpertParallelTraining(model, cfg.ep, world, torch.device(device).type) if cfg.ep > 1 else None
+    opt = build_optimizer(cfg, model, ep)
     step = restore(state if ckpt else None, opt, loader)
+    if ep and ckpt:
+        ep.load_optimizer(opt, ckpt)
     if step >= cfg.steps:
         note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
         return final_metrics(out)
@@ -229,7 +234,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     log = open_log(out / "metrics.jsonl", step) if rank == 0 else None
     if rank == 0:
         header = {"event": "start", "config": dataclasses.asdict(cfg), "model": model_cfg.to_hf_dict(),
-                  "git": git_revision(), "torch": torch.__version__, "world_size": world,
+                  "git": git_revision(), "torch": torch.__version__, "world_size": world, "ep": cfg.ep,
                   **data.header, "resumed_from": step}
         log.write(json.dumps(header) + "\n")
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, unit="step", dynamic_ncols=True)
@@ -254,7 +259,8 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
             max_logits = m if max_logits is None else torch.maximum(max_logits, m)
             for i, load in model.expert_load().items():
                 loads[i] = loads.get(i, 0) + load
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = ep.clip(model, cfg.grad_clip) if ep else torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.grad_clip or float("inf"))
         t_opt = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -280,8 +286,13 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
                 metrics["expert_load"] = {i: v.tolist() for i, v in relative_load.items()}
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt, loader, tok, step, cfg, data.files)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            folder = out / "checkpoints" / f"step_{step:06d}"
+            if ep:  # collective: every rank's experts gathered, its optimizer state written
+                whole = ep.whole(model)
+                ep.save_optimizer(opt, folder)
+            if rank == 0:
+                save_checkpoint(folder, whole if ep else model, opt, loader, tok, step, cfg, data.files)
         _barrier(world)
     bar.close()
     if log:
@@ -290,6 +301,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
 
 
 def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path):
+    saved = {f.name: f.default for f in dataclasses.fields(cfg)} | saved  # a field newer than the checkpoint
     changed = {k: (saved.get(k), getattr(cfg, k)) for k in cfg.TRAJECTORY if saved.get(k) != getattr(cfg, k)}
     saved_batch = saved["batch_size"] * saved["grad_accum"]  # per process; world size checked by the loader
     if saved_batch != cfg.batch_size * cfg.grad_accum:
