@@ -429,12 +429,16 @@ def test_detokenizer_holds_split_characters_and_skips_ids_without_text():
 def _serve_process(port: int, inductor_cache=None):
     """`openk2 serve k2-tiny`: eager without `inductor_cache`, else compiling into that folder."""
     import os
+    import signal
     import subprocess
     import sys
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_cache)) if inductor_cache else None
     flags = [] if inductor_cache else ["--no-compile"]
+    # Ctrl-C must reach it as a terminal's would: a suite started in the background of a shell script
+    # (`pytest &`) ignores SIGINT, and an ignored signal stays ignored in every process it starts
     return subprocess.Popen([sys.executable, "-m", "openk2.cli", "serve", "k2-tiny", "--port", str(port), *flags],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_openk2_serve_command_answers_and_stops_on_ctrl_c(tmp_path):
