@@ -130,6 +130,23 @@ def test_chat_completion(port, tok):
     assert ask(port, "hello").choices[0].message.content == r.choices[0].message.content  # greedy
 
 
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_held(port):
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`: a prompt the engine has seen is mostly
+    served from its prefix cache (whole blocks, the last token always computed); a new one only in
+    the blocks it shares with earlier prompts (the chat template's opening)."""
+    engine = APPS["real"].state.engine_loop.engine
+    text = "a prompt no other test sends, long enough to fill a few blocks of the cache " * 2
+    first, again = ask(port, text), ask(port, text)
+    block, n_prompt = engine.config.block_size, again.usage.prompt_tokens
+    opening = first.usage.prompt_tokens_details.cached_tokens
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert opening % block == 0 and cached % block == 0 and opening < n_prompt - block <= cached < n_prompt
+    _, chunks = stream_text(port, text, stream_options={"include_usage": True})
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+    done = client(port).completions.create(model=NAME, prompt=text, max_tokens=2, temperature=0)
+    assert done.usage.prompt_tokens_details.cached_tokens == 0  # a different prompt: no chat template
+
+
 def test_stream_equals_whole(port):
     whole = ask(port, "stream me", max_tokens=12)
     text, chunks = stream_text(port, "stream me", max_tokens=12, stream_options={"include_usage": True})

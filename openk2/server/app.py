@@ -210,7 +210,7 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
             metrics.count_parse_errors(reply.errors)
         lps = [shaper.chat(shaper.listed(run.request, run.completion_tokens)) if shaper else None for run in runs]
         choices = [choice_of(i, reply, lp) for i, (reply, lp) in enumerate(zip(replies, lps))]
-        used = Usage.of(len(ids), sum(run.completion_tokens for run in runs))
+        used = Usage.of(len(ids), sum(run.completion_tokens for run in runs), runs[0].request.cached_tokens)
         return ChatCompletion(id=completion_id(), model=model_name, usage=used, choices=choices)
 
     def choice_of(index: int, reply, lp: dict | None) -> Choice:
@@ -252,7 +252,8 @@ def create_app(model, tokenizer, model_name: str, api_key: str | None = None, en
         finally:
             srv.release(runs)
         if include_usage:
-            yield event(0, None, use=Usage.of(len(prompt.ids), sum(run.completion_tokens for run in runs)))
+            yield event(0, None, use=Usage.of(len(prompt.ids), sum(run.completion_tokens for run in runs),
+                                              runs[0].request.cached_tokens))
         yield "data: [DONE]\n\n"
 
     api = extra.router(srv)

@@ -60,7 +60,7 @@ def router(srv) -> APIRouter:
             return Response(status_code=499)  # the client left: its request was cancelled
         text, lps = logprobs.whole_completion(srv.fmt, body, ids, run, texts[0], shaper)
         out = text_completion(cid, created, srv.model_name, text, run.finish_reason,
-                              Usage.of(len(ids), run.completion_tokens))
+                              Usage.of(len(ids), run.completion_tokens, run.request.cached_tokens))
         out["choices"][0]["logprobs"] = lps
         return out
 
@@ -81,7 +81,7 @@ def router(srv) -> APIRouter:
             srv.release([run])
         yield event("", run.finish_reason)
         if include_usage:
-            yield event(None, use=Usage.of(n_prompt, run.completion_tokens))
+            yield event(None, use=Usage.of(n_prompt, run.completion_tokens, run.request.cached_tokens))
         yield "data: [DONE]\n\n"
 
     @api.post("/tokenize")

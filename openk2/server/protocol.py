@@ -132,14 +132,20 @@ class DetokenizeRequest(BaseModel):
 
 # ---------------------------------------------------------------- responses
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens the engine's prefix cache held (not computed again)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
     @classmethod
-    def of(cls, n_prompt: int, n_completion: int) -> Usage:
-        return cls(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion)
+    def of(cls, n_prompt: int, n_completion: int, cached: int = 0) -> Usage:
+        return cls(prompt_tokens=n_prompt, completion_tokens=n_completion, total_tokens=n_prompt + n_completion,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 class AssistantMessage(BaseModel):
