@@ -40,7 +40,8 @@ FORBIDDEN = {
     "model": ["openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.checkpoint", "openk2.optim",
               "openk2.train", "openk2.data", "openk2.quant", "openk2.offload", "torch.distributed"],
     # the engine reads quantized weights through the linears' face (openk2.model.linear), never a format
-    "engine": ["openk2.tokenizer", "openk2.server", "openk2.train", "openk2.quant", "openk2.checkpoint", "openk2.offload"],
+    "engine": ["openk2.tokenizer", "openk2.server", "openk2.train", "openk2.quant", "openk2.checkpoint",
+               "openk2.offload"],
     # quantization formats and module swaps: checkpoint load/save uses them, never the other way round
     "quant": ["openk2.checkpoint", "openk2.engine", "openk2.tokenizer", "openk2.server", "openk2.train",
               "openk2.agent", "openk2.cli", "torch.distributed"],

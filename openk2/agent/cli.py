@@ -50,7 +50,7 @@ def add_parsers(sub, load) -> None:
     s.add_argument("--trajectory", default=str(DEFAULT_TRAJECTORY), help="append each episode here (JSONL)")
     s.add_argument("--no-trajectory", action="store_true", help="do not record episodes")
     s.add_argument("--quantize", choices=["int8", "int4"], help="in-process model: quantize the weights")
-    s.add_argument("--expert-cache", type=float, metavar="GB", help="in-process model: routed experts on disk, GB cached")
+    s.add_argument("--expert-cache", type=float, metavar="GB", help="in-process: routed experts on disk, GB cached")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="in-process model: compiled decode (a minute of compiling first)")
     s.set_defaults(fn=lambda args: agent_command(args, lambda: load(args.path, args.expert_cache)))
