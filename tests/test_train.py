@@ -121,16 +121,27 @@ def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, op
     assert a == pytest.approx(b, abs=tolerance)
 
 
-def test_expert_parallel_training_equals_one_process_and_resumes_exactly(corpus, tmp_path):
-    """`--ep 2` on two processes (each holding half of every layer's experts) trains as one process
-    with the same global batch; its checkpoint is the whole model; resuming it (each rank's optimizer
-    state from its own file) continues bit for bit, and a resume on another --ep is refused."""
+def _resume_copy(src, step: int, dst) -> None:
+    """dst: the run in src as it stood at its step-`step` checkpoint (its log cut there too)."""
+    name = f"step_{step:06d}"
+    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+    (dst / "checkpoints" / "latest").write_text(name + "\n")
+    rows = (src / "metrics.jsonl").read_text().splitlines()
+    keep = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    (dst / "metrics.jsonl").write_text("\n".join(keep) + "\n")
+
+
+def test_expert_parallel_training_equals_one_process_and_resumes_at_any_size(corpus, tmp_path):
+    """`--ep` on 2 and 4 processes (each holding 1/2 or 1/4 of every layer's experts) trains as one
+    process with the same global batch; a checkpoint is the whole model and the whole optimizer state,
+    so a run resumes bit for bit at the same size, and at another: 4 processes (--ep 4) -> 2 (--ep 2)
+    -> 1 ends where one process does (AdamW, to 1e-5)."""
     one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=5, warmup_steps=1, autocast="none", optimizer="adamw",
-               ckpt_every=3, eval_every=100)
+               ckpt_every=2, eval_every=100)
     train(one)
     runs = {}
-    for name in ("two", "resumed"):
-        runs[name] = dataclasses.replace(one, out_dir=str(tmp_path / name), batch_size=2, ep=2)
+    for name, world in (("two", 2), ("again", 2), ("four", 4), ("four_two", 2)):
+        runs[name] = dataclasses.replace(one, out_dir=str(tmp_path / name), batch_size=4 // world, ep=world)
         (tmp_path / name).mkdir()
         os.symlink(tmp_path / "one" / "tokenizer", tmp_path / name / "tokenizer")
     mp.spawn(_rank_main, args=(2, _free_port(), runs["two"]), nprocs=2, join=True)
@@ -140,18 +151,28 @@ def test_expert_parallel_training_equals_one_process_and_resumes_exactly(corpus,
     ref = load_hf(tmp_path / "one" / "checkpoints" / "step_000005", progress=False)
     for (name, x), (_, y) in zip(whole.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)  # every expert included
-    # an interrupted copy: the run as it stood at its step-3 checkpoint, resumed on 2 processes
-    shutil.copytree(tmp_path / "two" / "checkpoints" / "step_000003",
-                    tmp_path / "resumed" / "checkpoints" / "step_000003")
-    (tmp_path / "resumed" / "checkpoints" / "latest").write_text("step_000003\n")
-    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "resumed" / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # header + 3 steps
-    mp.spawn(_rank_main, args=(2, _free_port(), dataclasses.replace(runs["resumed"], resume=True)), nprocs=2, join=True)
-    assert _losses(tmp_path / "resumed") == b  # bit for bit
-    final = load_hf(tmp_path / "resumed" / "checkpoints" / "step_000005", progress=False)
+    # the same size: bit for bit
+    _resume_copy(tmp_path / "two", 2, tmp_path / "again")
+    mp.spawn(_rank_main, args=(2, _free_port(), dataclasses.replace(runs["again"], resume=True)), nprocs=2, join=True)
+    assert _losses(tmp_path / "again") == b
+    final = load_hf(tmp_path / "again" / "checkpoints" / "step_000005", progress=False)
     assert all(torch.equal(x, y) for x, y in zip(final.state_dict().values(), whole.state_dict().values()))
-    with pytest.raises(ValueError, match=r"would not continue the same run \(ep: 2 -> 1\)"):
-        train(dataclasses.replace(runs["resumed"], out_dir=str(tmp_path / "two"), resume=True, ep=1))
+    # 4 -> 2 -> 1 processes, the global batch kept
+    mp.spawn(_rank_main, args=(4, _free_port(), runs["four"]), nprocs=4, join=True)
+    _resume_copy(tmp_path / "four", 2, tmp_path / "four_two")
+    mp.spawn(_rank_main, args=(2, _free_port(), dataclasses.replace(runs["four_two"], resume=True)), nprocs=2,
+             join=True)
+    last = dataclasses.replace(one, out_dir=str(tmp_path / "four_two_one"), resume=True)
+    (tmp_path / "four_two_one").mkdir()
+    os.symlink(tmp_path / "one" / "tokenizer", tmp_path / "four_two_one" / "tokenizer")
+    _resume_copy(tmp_path / "four_two", 4, tmp_path / "four_two_one")
+    train(last)
+    assert _losses(tmp_path / "four_two_one") == pytest.approx(a, abs=1e-5)
+    end = load_hf(tmp_path / "four_two_one" / "checkpoints" / "step_000005", progress=False)
+    for (name, x), (_, y) in zip(end.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="batch_size × grad_accum × processes: 4 -> 2"):
+        train(dataclasses.replace(last, batch_size=2))  # another global batch is another run
 
 
 def test_clear_errors(corpus, tmp_path):

@@ -7,14 +7,14 @@ parallel replicas. DDP averages the replicated gradients and is told to leave th
 an expert's gradient already sums its EP group's tokens (through the all-to-all's backward), so
 `clip` first sums it over the replicas and divides by the world, making it the global mean's
 gradient like every other, then clips by the whole model's norm. Muon orthogonalises each rank's
-experts on that rank. Checkpoints stay one Hugging Face folder of the whole model (the experts
-gathered), plus each rank's optimizer state beside `train_state.pt` (`optimizer.rank{r}.pt`):
-resuming needs the same world size and `--ep`.
+experts on that rank. A checkpoint is what one process would write: the whole model as a Hugging
+Face folder and the whole optimizer state (the experts' parts gathered over the EP group), so a run
+resumes at another --ep and number of processes (4 → 2 → 1), keeping the global batch. Gathering onto
+one rank suits the models this machine trains; at K2's size each rank would write its own shard
+(`torch.distributed.checkpoint`), which openk2 does not do yet.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,8 @@ class ExpertParallelTraining:
         mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
         self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp") if world > ep else None
         shard_experts(model, self.ep_group)
+        self.ep_rank = dist.get_rank(self.ep_group)
+        self.expert_ids = {id(p) for name, p in model.named_parameters() if is_expert(name)}
         ignore = [name for name, _ in model.named_parameters() if is_expert(name)]
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
 
@@ -59,17 +61,35 @@ class ExpertParallelTraining:
         full.init_buffers()
         return full
 
-    def save_optimizer(self, opt, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"ep": self.ep, "world": self.world, "optimizer": opt.state_dict()},
-                   folder / f"optimizer.rank{self.rank}.pt")
-        dist.barrier()  # every rank's file is written before rank 0 marks the checkpoint complete
+    def whole_optimizer_state(self, opt) -> dict:
+        """`opt.state_dict()` as one process training the whole model would have it: each expert's
+        state tensors gathered over the EP group (collective), no group marked `local`. Checkpoints
+        hold this, so a run resumes at any --ep and number of processes."""
+        sd = opt.state_dict()
+        flat = [p for g in opt.param_groups for p in g["params"]]
+        for i, p in enumerate(flat):
+            if id(p) not in self.expert_ids:
+                continue
+            entry = sd["state"][i] = dict(sd["state"].get(i, {}))  # a copy: state_dict() shares the live state
+            for key, t in entry.items():
+                if torch.is_tensor(t) and t.dim() and t.shape == p.shape:
+                    parts = [torch.empty_like(t) for _ in range(self.ep)]
+                    dist.all_gather(parts, t.contiguous(), group=self.ep_group)
+                    entry[key] = torch.cat(parts)
+        sd["param_groups"] = [{**g, "local": False} for g in sd["param_groups"]]
+        return sd
 
-    def load_optimizer(self, opt, folder: Path) -> None:
-        path = folder / f"optimizer.rank{self.rank}.pt"
-        saved = torch.load(path, weights_only=False) if path.is_file() else None
-        if not saved or (saved["ep"], saved["world"]) != (self.ep, self.world):
-            was = f"--ep {saved['ep']} on {saved['world']} processes" if saved else "without --ep"
-            raise ValueError(f"--resume from {folder}: it was trained {was}; resume with the same --ep and "
-                             f"number of processes, or start a new run from its weights")
-        opt.load_state_dict(saved["optimizer"])
+    def local_optimizer_state(self, whole: dict, opt) -> dict:
+        """The inverse: this rank's slice of each expert's state, and this run's `local` marks."""
+        flat = [p for g in opt.param_groups for p in g["params"]]
+        state = {}
+        for i, entry in whole["state"].items():
+            p = flat[int(i)]
+            if id(p) in self.expert_ids:
+                first = self.ep_rank * p.shape[0]
+                entry = {key: t[first:first + p.shape[0]] if torch.is_tensor(t) and t.dim() else t
+                         for key, t in entry.items()}
+            state[i] = entry
+        groups = [{**saved, "local": mine.get("local", False)} for saved, mine in zip(whole["param_groups"],
+                                                                                     opt.param_groups)]
+        return {"state": state, "param_groups": groups}

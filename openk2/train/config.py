@@ -68,10 +68,9 @@ class TrainConfig:
     def decay_steps(self) -> int:
         return max(1, int(self.steps * self.decay_frac)) if self.decay_frac else 0
 
-    # fields that shape the training trajectory: a resumed run must keep them (and `ep`, which decides
-    # how the optimizer state is split over the processes)
+    # fields that shape the training trajectory: a resumed run must keep them
     TRAJECTORY = ("model", "steps", "lr", "final_lr_frac", "warmup_steps", "decay_frac", "optimizer", "seq_len",
-                  "weight_decay", "qk_clip_tau", "bias_update_speed", "seq_aux_weight", "seed", "data", "ep")
+                  "weight_decay", "qk_clip_tau", "bias_update_speed", "seq_aux_weight", "seed", "data")
 
     def model_config(self) -> ModelConfig:
         from openk2.config import resolve_config

@@ -150,11 +150,12 @@ def evaluate(model, batches, autocast, world: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg: TrainConfig, files=None):
+def save_checkpoint(folder: Path, model, opt_state: dict, loader, tok: Tokenizer, step: int, cfg, files=None):
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in (files or {}).items():  # before train_state.pt, which marks the folder complete
         (folder / name).write_text(text, "utf-8")
-    state = {"step": step, "optimizer": opt.state_dict(), "loader": loader.state_dict(),
+    state = {"step": step, "optimizer": opt_state, "loader": loader.state_dict(),
+             "world": dist.get_world_size() if dist.is_initialized() else 1,
              "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "git": git_revision(),
              "torch": torch.__version__}
     save_train_state(folder, model, tok, state)
@@ -210,16 +211,16 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
         note(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0 (a new log)")
     if ckpt:
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
-        _check_same_trajectory(cfg, state["config"], ckpt)
+        _check_same_trajectory(cfg, state["config"], ckpt, state.get("world", world), world)
         model = load_hf(ckpt, dtype=torch.float32, device=device, progress=False)
     else:
         model = data.init_model(device)
     model.train()
     ep = ExpertParallelTraining(model, cfg.ep, world, torch.device(device).type) if cfg.ep > 1 else None
     opt = build_optimizer(cfg, model, ep)
+    if ep and ckpt:  # the checkpoint holds the whole optimizer state: this rank's slice of it
+        state["optimizer"] = ep.local_optimizer_state(state["optimizer"], opt)
     step = restore(state if ckpt else None, opt, loader)
-    if ep and ckpt:
-        ep.load_optimizer(opt, ckpt)
     if step >= cfg.steps:
         note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
         return final_metrics(out)
@@ -288,11 +289,10 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
                 log.flush()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             folder = out / "checkpoints" / f"step_{step:06d}"
-            if ep:  # collective: every rank's experts gathered, its optimizer state written
-                whole = ep.whole(model)
-                ep.save_optimizer(opt, folder)
+            # with --ep, collective: every rank's experts and their optimizer state gathered
+            whole, opt_state = (ep.whole(model), ep.whole_optimizer_state(opt)) if ep else (model, opt.state_dict())
             if rank == 0:
-                save_checkpoint(folder, whole if ep else model, opt, loader, tok, step, cfg, data.files)
+                save_checkpoint(folder, whole, opt_state, loader, tok, step, cfg, data.files)
         _barrier(world)
     bar.close()
     if log:
@@ -300,12 +300,12 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     return metrics
 
 
-def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path):
+def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path, saved_world: int = 1, world: int = 1):
     saved = {f.name: f.default for f in dataclasses.fields(cfg)} | saved  # a field newer than the checkpoint
     changed = {k: (saved.get(k), getattr(cfg, k)) for k in cfg.TRAJECTORY if saved.get(k) != getattr(cfg, k)}
-    saved_batch = saved["batch_size"] * saved["grad_accum"]  # per process; world size checked by the loader
-    if saved_batch != cfg.batch_size * cfg.grad_accum:
-        changed["batch_size × grad_accum"] = (saved_batch, cfg.batch_size * cfg.grad_accum)
+    saved_batch = saved["batch_size"] * saved["grad_accum"] * saved_world  # the global batch: any split over ranks
+    if saved_batch != cfg.batch_size * cfg.grad_accum * world:
+        changed["batch_size × grad_accum × processes"] = (saved_batch, cfg.batch_size * cfg.grad_accum * world)
     if changed:
         detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ValueError(f"--resume from {ckpt} would not continue the same run ({detail}); start a new "
