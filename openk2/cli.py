@@ -17,7 +17,7 @@ def _load(spec: str, dtype_name: str | None, seed: int, expert_cache: float | No
     `expert_cache` (GB), the folder's routed experts stay on disk behind a cache of that size."""
     import torch
 
-    from openk2.checkpoint import load_hf
+    from openk2.checkpoint.hf import load_dtype, load_hf
     from openk2.config import resolve_config
     from openk2.info import check_memory
     from openk2.model import build_model
@@ -30,7 +30,7 @@ def _load(spec: str, dtype_name: str | None, seed: int, expert_cache: float | No
         if expert_cache is not None:  # checks the memory it needs itself
             from openk2.offload import load_offloaded
             return load_offloaded(path, int(expert_cache * 1e9), dtype)
-        check_memory(cfg, dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32))
+        check_memory(cfg, load_dtype(cfg, dtype))
         return load_hf(path, dtype=dtype)
     if expert_cache is not None:
         raise ValueError("--expert-cache reads the experts from a checkpoint folder; a preset has none")
@@ -168,6 +168,7 @@ def _positive(text: str) -> int:
 
 
 def main(argv=None):
+    from openk2.server import EXPERT_CACHE_HELP  # light: the server package imports its app lazily
     p = argparse.ArgumentParser(prog="openk2", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("info", help="parameters, active parameters, KV cache and FLOPs of a config")
@@ -188,8 +189,7 @@ def main(argv=None):
     s.add_argument("--dtype", choices=sorted(DTYPES), help="default: the checkpoint's")
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
     s.add_argument("--compile", action="store_true", help="compiled decode steps (compiling takes 10-60 s)")
-    s.add_argument("--expert-cache", type=float, metavar="GB", help="keep the routed experts on disk, read "
-                   "into a cache of GB in memory (models bigger than RAM)")
+    s.add_argument("--expert-cache", type=float, metavar="GB", help=EXPERT_CACHE_HELP)
     s.set_defaults(fn=cmd_generate)
     raw = {"train": (cmd_train, "pretrain a K2 with MuonClip (`openk2 train --help`)"),  # flags: TrainConfig's
            "sft": (cmd_sft, "fine-tune a checkpoint on chat JSONL (`openk2 sft CHECKPOINT --data F.jsonl`)"),

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from openk2.config import ModelConfig
+from openk2.info import expert_params
 from openk2.offload.store import ExpertStore
 
 POLICIES = ("lru", "lfu")
@@ -23,7 +24,7 @@ POLICIES = ("lru", "lfu")
 
 def expert_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """One routed expert's weights in `dtype` (gate, up and down)."""
-    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * dtype.itemsize
+    return expert_params(cfg) * dtype.itemsize
 
 
 class ExpertCache:

@@ -85,13 +85,12 @@ class ExpertParallelDispatcher:
 
 
 class LocalExperts(Experts):
-    """This rank's slice of a layer's experts (first = the global id of its expert 0). A rank that
+    """This rank's slice of a layer's experts: `count` of them from global id `first`. A rank that
     receives no rows still returns an (empty) output tied to its input, so that every rank's backward
     joins the combine's all-to-all."""
 
     def __init__(self, experts: Experts, first: int, count: int):
         nn.Module.__init__(self)
-        self.first = first
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[first:first + count].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[first:first + count].clone())
 

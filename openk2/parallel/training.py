@@ -29,14 +29,14 @@ class ExpertParallelTraining:
         experts = model.cfg.n_routed_experts or 0
         if ep < 1 or world % ep or (experts and experts % ep):
             raise ValueError(f"--ep {ep} must divide the number of processes ({world}) and of experts ({experts})")
-        self.ep, self.world, self.rank = ep, world, dist.get_rank()
+        self.ep, self.world = ep, world
         mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
         self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp") if world > ep else None
         shard_experts(model, self.ep_group)
         self.ep_rank = dist.get_rank(self.ep_group)
-        self.expert_ids = {id(p) for name, p in model.named_parameters() if is_expert(name)}
-        ignore = [name for name, _ in model.named_parameters() if is_expert(name)]
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
+        experts = {name: p for name, p in model.named_parameters() if is_expert(name)}
+        self.expert_ids = {id(p) for p in experts.values()}
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(experts))
 
     def param_groups(self, model) -> list[dict]:
         return ep_param_groups(model)
@@ -50,9 +50,11 @@ class ExpertParallelTraining:
                 p.grad.div_(self.world)
         return clip_grad_norm(model, max_norm or float("inf"), self.ep_group)
 
-    def whole(self, model: Transformer) -> Transformer:
-        """The full model (every expert) on every rank, for the checkpoint: collective."""
+    def whole(self, model: Transformer) -> Transformer | None:
+        """The full model (every expert) for the checkpoint, built on rank 0 (None elsewhere): collective."""
         experts = gather_experts(model, self.ep_group)
+        if dist.get_rank() != 0:
+            return None
         with torch.device("meta"):
             full = Transformer(model.cfg)
         full = full.to_empty(device=model.lm_head.weight.device)

@@ -301,7 +301,6 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
 
 
 def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path, saved_world: int = 1, world: int = 1):
-    saved = {f.name: f.default for f in dataclasses.fields(cfg)} | saved  # a field newer than the checkpoint
     changed = {k: (saved.get(k), getattr(cfg, k)) for k in cfg.TRAJECTORY if saved.get(k) != getattr(cfg, k)}
     saved_batch = saved["batch_size"] * saved["grad_accum"] * saved_world  # the global batch: any split over ranks
     if saved_batch != cfg.batch_size * cfg.grad_accum * world:
