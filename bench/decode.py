@@ -1,6 +1,13 @@
-"""Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16 eager and compiled, int8, int4) vs
-transformers' generate on the same weights vs the memory-bandwidth roofline, and the Engine's
-aggregate tokens/s at batch 1, 8 and 32 (eager and compiled decode steps).
+"""Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16, int8, int4; eager and compiled) vs
+llama.cpp (BF16, Q8_0, Q4_K_M) and transformers' generate on the same weights, vs the
+memory-bandwidth roofline; and the Engine's aggregate tokens/s at batch 1, 8 and 32 (eager and
+compiled decode steps).
+
+Side by side: the batch-1 rows run round-robin, one decode of each per round, medians of the rounds,
+so load on the machine falls on all alike. llama.cpp runs through llama-cpp-python (the bench extra:
+`pip install llama-cpp-python gguf`; without it its rows are left out) on GGUF files converted from
+the same HF folder (bench/gguf.py: BF16, then llama.cpp's own quantizer for Q8_0 and Q4_K_M; Q4_K_M
+quantizes attention too, openk2's int4 the routed experts only, K2-Thinking's recipe).
 
 Roofline: a batch-1 decode step must read every active weight once — the active linear weights of
 `openk2.info` at the mode's bytes per weight (int4 and int8 apply to the quantized linears only, the
@@ -17,6 +24,7 @@ import copy
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import torch
 
@@ -27,6 +35,7 @@ from openk2.info import breakdown
 from openk2.quant import quantize_model
 
 PROMPT, NEW = 32, 64
+LLAMAS = []  # llama.cpp models, closed before exit (their finalizers fail at interpreter shutdown)
 
 
 def bandwidth_gbs() -> float:
@@ -53,6 +62,41 @@ def active_bytes(cfg, mode: str) -> float:
         head = cfg.vocab_size * cfg.hidden_size
         return (b.active_linear - head) * 1 + head * 2
     return b.active_linear * 2
+
+
+def decode_llama(llm, ids) -> float:
+    """llama.cpp's greedy batch-1 decode through llama-cpp-python: tok/s over the NEW - 1 steps after
+    the first token, prefill excluded, as `decode_ours` times it."""
+    import numpy as np
+    llm.reset()
+    llm.eval(ids[0].tolist())
+    stamps = []
+    for _ in range(NEW):
+        tok = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+        stamps.append(time.perf_counter())
+        llm.eval([tok])
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def llama_cpp_rows(folder: str, ids, threads: int) -> dict:
+    """{name: (precision it pairs with, timing fn)} for llama.cpp on GGUFs converted from `folder`
+    (bench/gguf.py): BF16, Q8_0, Q4_K_M; empty without llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    from bench.gguf import quantize, quiet, write_gguf
+    bf16 = write_gguf(folder, f"{folder}/model-bf16.gguf")
+    files = {"BF16": ("bf16", bf16), "Q8_0": ("int8", quantize(bf16, f"{folder}/model-q8_0.gguf", "q8_0", threads)),
+             "Q4_K_M": ("int4", quantize(bf16, f"{folder}/model-q4_k_m.gguf", "q4_k_m", threads))}
+    rows = {}
+    for name, (mode, path) in files.items():
+        with quiet():
+            llm = llama_cpp.Llama(str(path), n_ctx=PROMPT + NEW + 8, n_batch=PROMPT, n_threads=threads,
+                                  n_threads_batch=threads, verbose=False)
+        LLAMAS.append(llm)
+        rows[f"llama.cpp {name}"] = (mode, partial(decode_llama, llm, ids))
+    return rows
 
 
 def aggregate(model, cfg, batch: int, n_requests: int, compile: bool) -> float:
@@ -88,20 +132,37 @@ def main():
         ours, theirs = load_pair(cfg, torch.bfloat16, tmp)
         models = {"bf16": ours, "int8": quantize_model(copy.deepcopy(ours), "int8"),
                   "int4": quantize_model(copy.deepcopy(ours), "int4")}
-        theirs_tok_s = statistics.median(decode_theirs(theirs, ids)[0] for _ in range(reps))
-        print("\n| batch-1 decode | tok/s | vs transformers bf16 | roofline tok/s | % of roofline |")
-        print("| --- | ---: | ---: | ---: | ---: |")
-        print(f"| transformers bf16 | {theirs_tok_s:.0f} | 1.00× | {gbs * 1e9 / active_bytes(cfg, 'bf16'):.0f} | "
-              f"{100 * theirs_tok_s / (gbs * 1e9 / active_bytes(cfg, 'bf16')):.0f}% |")
+        rows = {"transformers bf16": ("bf16", lambda: decode_theirs(theirs, ids)[0])}
         for mode, model in models.items():
-            for compile in (False, True) if mode != "int4" else (False,):
-                t0 = time.perf_counter()
-                decode_ours(model, ids, compile)  # warm-up
-                warm = f", compiled (first run {time.perf_counter() - t0:.0f} s)" if compile else ""
-                tok_s = statistics.median(decode_ours(model, ids, compile)[0] for _ in range(reps))
-                roof = gbs * 1e9 / active_bytes(cfg, mode)
-                print(f"| openk2 {mode}{warm} | {tok_s:.0f} | {tok_s / theirs_tok_s:.2f}× | {roof:.0f} | "
-                      f"{100 * tok_s / roof:.0f}% |")
+            for compile in (False, True):
+                rows[f"openk2 {mode}{', compiled' * compile}"] = (mode, partial(decode_ours, model, ids, compile))
+        peers = llama_cpp_rows(tmp, ids, args.threads)
+        rows |= peers
+        first = {}
+        for name, (_, fn) in rows.items():  # warm-up; compiles the graphs (timed: the first run's cost)
+            t0 = time.perf_counter()
+            fn()
+            first[name] = time.perf_counter() - t0
+        times = {name: [] for name in rows}
+        for _ in range(reps):  # interleaved: a noisy neighbour slows every row alike
+            for name, (_, fn) in rows.items():
+                out = fn()
+                times[name].append(out[0] if isinstance(out, tuple) else out)
+        tok_s = {name: statistics.median(t) for name, t in times.items()}
+        base = tok_s["transformers bf16"]
+        print("\n| batch-1 decode | tok/s | vs llama.cpp, same precision | vs transformers bf16 | roofline tok/s "
+              "| % of roofline |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, (mode, _) in rows.items():
+            peer = next((p for p, (m, _) in peers.items() if m == mode), None)
+            vs = f"{tok_s[name] / tok_s[peer]:.2f}×" if peer and not name.startswith("llama") else "—"
+            roof = gbs * 1e9 / active_bytes(cfg, mode)
+            warm = f" (first run {first[name]:.0f} s)" if "compiled" in name else ""
+            print(f"| {name}{warm} | {tok_s[name]:.0f} | {vs} | {tok_s[name] / base:.2f}× | {roof:.0f} | "
+                  f"{100 * tok_s[name] / roof:.0f}% |")
+        if not peers:
+            print("(llama.cpp rows need the bench extra: pip install llama-cpp-python gguf)")
+        for llm in LLAMAS:
+            llm.close()
         n = 16 if args.quick else 32
         print(f"\n| Engine, bf16, {n} requests × {NEW} tokens | eager tok/s | vs batch 1 | compiled tok/s | "
               "vs batch 1 |\n| --- | ---: | ---: | ---: | ---: |")

@@ -14,8 +14,10 @@ from openk2.config import PRESETS
 from openk2.engine.generate import generate, generate_recompute
 from openk2.engine.sampler import SamplingParams
 from openk2.model import build_model
+from openk2.model.linear import PAIRS_KERNELS, matvec
 from openk2.model.transformer import cast
 from openk2.quant import QuantizedExperts, fake_quantize, quantize_model
+from openk2.quant import int4_decode
 from openk2.quant.int4 import (Int4Linear, dequantize_int4, int4_linear, int4_linear_reference, pack_for_cpu,
                                quantize_int4)
 from openk2.quant.int8 import Int8Linear, dequantize_int8, int8_linear, int8_linear_reference, quantize_int8
@@ -116,6 +118,42 @@ def test_quantized_linear_is_close_to_float():
     assert _rel(Int4Linear.from_weight(w)(x), ref) < 1.5e-1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_decode_layout_holds_the_checkpoint_codes(dtype):
+    """The experts' decode layout against K2-Thinking's, on the same codes: dequantised, and through
+    the decode step's fused form (`matvec`, eagerly here), one matrix and one matrix per row."""
+    w_EOI = _w((3, 48, 128))
+    experts = int4_decode.Int4Experts.from_weights(w_EOI, w_EOI[:, :, :64])
+    assert experts.gate_up_q.dtype == torch.uint8 and experts.gate_up_q.shape == (3, 48, 64)
+    x = _x((5, 128), dtype)
+    for e in range(3):
+        packed, scale = quantize_int4(w_EOI[e])
+        ref_w = dequantize_int4(packed, scale, dtype)
+        assert torch.equal(experts.weights(e, dtype)[0], ref_w)
+        exact_w = dequantize_int4(packed, scale, torch.float32)  # the fused loop scales in fp32
+        torch.testing.assert_close(matvec(x, experts.gate_up_q[e], experts.gate_up_scale[e]),
+                                   x.float() @ exact_w.T, rtol=1e-5, atol=1e-4)
+    idx = torch.tensor([2, 0, 2, 1, 1])  # one expert per row, gathered as the decode step does
+    per_row = matvec(x, experts.gate_up_q[idx], experts.gate_up_scale[idx])
+    for n, e in enumerate(idx.tolist()):
+        torch.testing.assert_close(per_row[n], matvec(x[n:n + 1], experts.gate_up_q[e], experts.gate_up_scale[e])[0])
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_equals_the_fused_loop(group, dtype):
+    """openk2::int4_pairs (int4_cpu.cpp) against `matvec`, its reference, on every group size it
+    takes, fp32 and bf16 scales, and 42 rows (not a multiple of its 4-row blocks)."""
+    assert int4_decode.load(), "the int4 kernel builds wherever a C++ compiler is (CI has one)"
+    w = _w((5, 42, 256), dtype)
+    experts = int4_decode.Int4Experts.from_weights(w, w[:, :, :128], group)
+    x, idx = _x((7, 256), dtype), torch.tensor([4, 0, 0, 3, 1, 2, 4])
+    got = torch.ops.openk2.int4_pairs(x, experts.gate_up_q, experts.gate_up_scale, idx)
+    torch.testing.assert_close(got, matvec(x, experts.gate_up_q[idx], experts.gate_up_scale[idx]),
+                               rtol=1e-5, atol=1e-5)
+    assert PAIRS_KERNELS[torch.uint8] is torch.ops.openk2.int4_pairs  # what the decode step calls
+
+
 def test_int4_rejects_ragged_groups():
     with pytest.raises(ValueError, match="multiple of the group"):
         Int4Linear.from_weight(_w((32, 48)))
@@ -130,7 +168,7 @@ def test_quantize_model_swaps_the_documented_modules(model):
     assert isinstance(q8.layers[1].mlp.shared_experts.up_proj, Int8Linear)
     assert q8.layers[1].mlp.gate.weight.dtype == torch.float32  # the router is untouched
     q4 = quantize_model(copy.deepcopy(model), "int4")  # K2-Thinking's recipe: routed experts only
-    assert isinstance(q4.layers[1].mlp.experts.down[0], Int4Linear)
+    assert isinstance(q4.layers[1].mlp.experts, int4_decode.Int4Experts)
     assert type(q4.layers[1].self_attn.o_proj) is nn.Linear
     assert isinstance(quantize_model(copy.deepcopy(model), "int4", linears=True).layers[0].mlp.down_proj,
                       Int4Linear)

@@ -8,7 +8,7 @@ overhead and ~30 µs per small bf16 matmul call); its reference, `Transformer.de
 beside it. Here is what the engine adds: `CompiledDecode` compiles it once per model, picks where it
 pays (quantized weights: small batches only), and falls back to the reference when the compiler
 fails; `compilable` says whether a model's weights can be read as tensors at all (each linear's face,
-`openk2.model.linear.decode_weights`: int4 codes cannot); `decode_kernels` picks the matmul kernels
+`openk2.model.linear.decode_weights`: an int4 linear's ATen layout cannot); `decode_kernels` picks the matmul kernels
 of an eager step. This module knows no quantization format: it reads the face.
 """
 
@@ -33,8 +33,8 @@ def _faces(model: nn.Module) -> list:
 
 
 def compilable(model: Transformer) -> bool:
-    """Whether the step can read every weight as a tensor: float or int8, not int4 (whose CPU kernel
-    layout is opaque: its face is None)."""
+    """Whether the step can read every weight as a tensor: float, int8 and int4 experts, not an int4
+    linear (whose CPU kernel layout is opaque: its face is None)."""
     return all(face is not None for face in _faces(model))
 
 
@@ -96,7 +96,8 @@ class CompiledDecode:
 
     def __init__(self, model: Transformer):
         if not compilable(model):
-            raise ValueError("the compiled decode step needs float or int8 weights (int4 runs eagerly)")
+            raise ValueError("the compiled decode step cannot read int4 linears (quantize with linears=False: "
+                             "int4 experts compile)")
         self.model, self.failed = model, False
         # quantized weights (faces with scales: int8) compile for small batches only, where their
         # fused loops win; larger batches keep the quantized modules' own kernels (the reference)

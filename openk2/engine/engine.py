@@ -79,7 +79,7 @@ class EngineConfig:
     block_size: int = 16  # cache rows per block
     max_batch: int = 32  # requests running (decoding together) at most
     prefill_chunk: int = 256  # new prompt tokens per prefill forward, padded, across the rows it batches
-    compile: bool = False  # decode steps through `CompiledDecode` (int4 weights decode eagerly)
+    compile: bool = False  # decode steps through `CompiledDecode` (int4 linears decode eagerly)
     prefix_cache: bool = True  # reuse the cached rows of a prompt's longest already-computed prefix
 
     def __post_init__(self):
@@ -307,7 +307,7 @@ class Engine:
     @property
     def decode_mode(self) -> str:
         """"compiled", "compiling" (eager steps until the background warmup ends) or "eager" (not
-        asked for, int4 weights, or the compiler failed)."""
+        asked for, int4 linears, or the compiler failed)."""
         if self._warming is not None:
             return "compiling"
         return "compiled" if self.compiled is not None and not self.compiled.failed else "eager"

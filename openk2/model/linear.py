@@ -3,9 +3,13 @@
 Every linear-like module shows the step one face, `decode_weights`:
 - torch's `nn.Linear` has no such attribute: its weight is read as it is, (weight, None);
 - a module that has one (the quantized modules of openk2.quant) gives (weight [O, I], per-row scale
-  [O]): int8 codes are widened inside the loop and scaled after the sum; or None where the codes sit
-  in a kernel's opaque layout (int4): the step cannot read them, so such a model is not compiled.
-Stacked experts give the same face four wide: (gate_up, its scale, down, its scale).
+  [O]): int8 codes are widened inside the loop and scaled after the sum; or (uint8 codes [O, I/2],
+  group scale [O, G]): int4, two codes a byte, each group of I/G inputs stored as two halves (byte j
+  holds input j in its low nibble, input j + I/2G in its high one), unpacked and scaled inside the
+  loop; or None where the codes sit in a kernel's opaque layout (an int4 linear's ATen layout): the
+  step cannot read them, so such a model is not compiled.
+Stacked experts give the same face four wide: (gate_up, its scale, down, its scale); the step reads
+them per chosen expert (`pairs_matvec`), through a format's kernel where openk2.quant registered one.
 The model never learns which format it holds; openk2.quant never learns how the step reads it.
 `matvec` is the multiply-and-reduce that torch.compile fuses into one loop over the weight (eagerly
 it would materialise [N, O, I]); its reference is the module's own forward (tests/test_decode.py).
@@ -24,9 +28,29 @@ def decode_weights(mod: nn.Module):
 
 def matvec(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | None = None) -> torch.Tensor:
     """x @ wᵀ as a fused multiply-and-reduce, in fp32 (w may be int8 codes, widened inside the loop,
-    with their row scale applied after the sum; w may also be [N, O, I], one matrix per row)."""
+    with their row scale applied after the sum, or int4 codes with group scales, see above; w may
+    also be [N, O, I], one matrix per row)."""
+    if w_OI.dtype == torch.uint8:  # int4: w [..., O, I/2], scale [..., O, G]
+        N, G = x_NI.shape[0], scale_O.shape[-1]
+        x_N1G2H = x_NI.float().view(N, 1, G, 2, -1)
+        w_OGH = w_OI.unflatten(-1, (G, -1))
+        q_sum = x_N1G2H[..., 0, :] * ((w_OGH & 15).float() - 8) + x_N1G2H[..., 1, :] * ((w_OGH >> 4).float() - 8)
+        return (q_sum * scale_O.float()[..., None]).sum((-2, -1))  # one fused loop (a 2-step sum: slower)
     y_NO = (x_NI[:, None, :] * w_OI).sum(-1, dtype=torch.float32)
     return y_NO if scale_O is None else y_NO * scale_O.float()
+
+
+PAIRS_KERNELS: dict = {}  # codes dtype -> a format's kernel for `pairs_matvec`, registered by openk2.quant
+
+
+def pairs_matvec(x_MI: torch.Tensor, w_EOI: torch.Tensor, scale_EO: torch.Tensor | None, idx_M: torch.Tensor):
+    """Row m of x times matrix idx_M[m] of the stack w (the decode step's chosen experts), in fp32: a
+    kernel registered for the codes' dtype, else `matvec` over the gathered matrices (inductor reads
+    them in place inside its loop, no copy)."""
+    kernel = PAIRS_KERNELS.get(w_EOI.dtype)
+    if kernel is not None:
+        return kernel(x_MI, w_EOI, scale_EO, idx_M)
+    return matvec(x_MI, w_EOI[idx_M], None if scale_EO is None else scale_EO[idx_M])
 
 
 def decode_linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import decode_linear, decode_weights, matvec
+from openk2.model.linear import decode_linear, decode_weights, pairs_matvec
 
 
 class MLP(nn.Module):
@@ -174,10 +174,10 @@ def _experts_pairs(experts: nn.Module, x_ND, idx_NK, w_NK):
     N, K = idx_NK.shape
     flat_M = idx_NK.flatten()
     x_MD = x_ND.repeat_interleave(K, 0)
-    gate_up, gate_up_scale, down, down_scale = (None if t is None else t[flat_M] for t in decode_weights(experts))
-    gate, up = matvec(x_MD, gate_up, gate_up_scale).chunk(2, -1)
+    gate_up, gate_up_scale, down, down_scale = decode_weights(experts)
+    gate, up = pairs_matvec(x_MD, gate_up, gate_up_scale, flat_M).chunk(2, -1)
     h_MF = (F.silu(gate) * up * w_NK.flatten()[:, None]).to(x_ND.dtype)
-    return matvec(h_MF, down, down_scale).view(N, K, -1).sum(1).to(x_ND.dtype)
+    return pairs_matvec(h_MF, down, down_scale, flat_M).view(N, K, -1).sum(1).to(x_ND.dtype)
 
 
 def _experts_dense(experts: "Experts", x_ND, idx_NK, w_NK):

@@ -3,7 +3,7 @@ place; the model code never knows. The formats are defined here once (int8.py, i
 `openk2.checkpoint` reads and writes K2's int4 and FP8 releases through them (`convert`).
 
 What is quantized (and why the rest is not):
-- routed experts (98.9% of K2's parameters) -> `QuantizedExperts`, always;
+- routed experts (98.9% of K2's parameters) -> `QuantizedExperts` (int8) or `Int4Experts`, always;
 - int8: also every other nn.Linear of attention, the dense MLP and the shared experts (per-channel
   int8 is near-lossless); int4 defaults to K2-Thinking's recipe, routed experts only (the only int4
   Moonshot trained for, K2-SPEC §4.3), `linears=True` adds the other linears in int4 too;
@@ -23,6 +23,7 @@ from torch import nn
 
 from openk2.model.moe import Experts
 from openk2.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
+from openk2.quant.int4_decode import Int4Experts
 from openk2.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
 
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
@@ -33,12 +34,13 @@ SKIP = ("lm_head", "kv_b_proj")  # module names left in the model dtype (see abo
 
 class QuantizedExperts(nn.Module):
     """Drop-in for `Experts`: per expert, gate+up [2F, D] (gate rows first) and down [D, F] quantized
-    linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel).
+    linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel). int4
+    experts are `Int4Experts` (int4_decode.py), stacked in the layout the decode step reads.
 
     int8 experts also keep their codes stacked (gate_up [E, 2F, D] int8 and scale [E, 2F], down
     [E, D, F] and [E, D]; not persistent), and each expert's Int8Linear holds views into them, so the
     compiled decode step can index experts by tensor at no extra memory: that is their face
-    (`decode_weights`, see openk2.model.linear); int4 experts have none (None)."""
+    (`decode_weights`, see openk2.model.linear); experts built of other linears have none (None)."""
 
     def __init__(self, gate_up: list[nn.Module], down: list[nn.Module], stacked: tuple | None = None):
         super().__init__()
@@ -110,7 +112,9 @@ def quantize_model(model: nn.Module, mode: str, linears: bool | None = None) -> 
     """Swap routed experts (and, if `linears`, the other eligible nn.Linear) for quantized modules, in
     place; returns the model. linears None: True for int8, False for int4 (K2-Thinking's recipe)."""
     for parent, name, child in _targets(model, mode, linears):
-        if isinstance(child, Experts):
+        if isinstance(child, Experts) and mode == "int4":
+            setattr(parent, name, Int4Experts.from_weights(child.gate_up_proj, child.down_proj))
+        elif isinstance(child, Experts):
             setattr(parent, name, QuantizedExperts.from_experts(child, LINEARS[mode]))
         else:
             setattr(parent, name, LINEARS[mode].from_weight(child.weight))

@@ -6,11 +6,12 @@ Two layouts of the same codes:
   K2-Thinking shard): `quantize_int4` / `dequantize_int4`, the one definition of the format (checkpoint
   load and save use it too), read by the reference `int4_linear_reference` (dequantise to the
   activation dtype, then F.linear);
+- the decode layout of stacked experts (int4_decode.py: `Int4Experts`, read by the compiled decode step);
 - ATen's CPU kernel layout (`_convert_weight_to_int4pack_for_cpu`: uint8 [O, I/2], blocked by rows,
   an implementation detail, so never saved) with `scales_and_zeros` [I/32, O, 2], read by the fast
   path `int4_linear` (`_weight_int4pack_mm_for_cpu`, which computes W = (code − 8) · scale + zero:
   zero = 0 makes it symmetric). It needs O % 16 == 0 and I % 32 == 0.
-tests/test_quant.py binds the two on the same codes, and a whole quantized model to its reference,
+tests/test_quant.py binds the layouts on the same codes, and a whole quantized model to its reference,
 `openk2.quant.fake_quantize`. `Int4Linear` holds one layout: the kernel's where it applies, else the
 checkpoint's. The kernel's cost grows linearly with the rows (one thread, 512×512 bf16: 25 µs for 1
 row, 396 µs for 64; dequantise + matmul ~850 µs for any of these), so prefill of many rows through
@@ -130,3 +131,4 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}, "
                 f"{'CPU kernel' if self.kernel_weight is not None else 'dequantised per call'}")
+

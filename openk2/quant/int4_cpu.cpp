@@ -1,0 +1,149 @@
+// int4 matrix-vector products for the decode step: row m of x times matrix idx[m] of a stack of
+// group-wise int4 matrices in openk2's decode layout (openk2/quant/int4.py): codes uint8
+// [E, O, I/2], where in each group of 2H inputs byte j holds input j (low nibble) and input j + H
+// (high nibble), W = (code - 8) * scale[e, o, g]. fp32 accumulation.
+//
+// Per group: the codes times x in a vector of H lanes (the compiler vectorises the fixed-length
+// loops: one 16-lane pass for K2's groups of 32), scaled by the group's scale into a per-row vector
+// accumulator; the -8 offset is applied once per group through the group's sum of x, and the
+// accumulator is reduced once per row. Rows of the output split across torch's intra-op threads.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+// K2's groups of 32 (H = 16: one 16-lane register a half). R rows of one matrix at a time, their
+// accumulators in registers, so that each load of x serves R rows.
+template <int R, typename S>
+inline void block16_avx512(const float* xm, const float* sm, const uint8_t* w, const S* scale, float* y,
+                           int64_t G) {
+  const __m512i low = _mm512_set1_epi32(15);
+  __m512 acc[R];
+  float offset[R];
+  for (int k = 0; k < R; ++k) acc[k] = _mm512_setzero_ps(), offset[k] = 0.f;
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 x0 = _mm512_loadu_ps(xm + g * 32), x1 = _mm512_loadu_ps(xm + g * 32 + 16);
+    for (int k = 0; k < R; ++k) {
+      const float s = static_cast<float>(scale[k * G + g]);
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 16 * G + g * 16)));
+      __m512 t = _mm512_mul_ps(x0, _mm512_cvtepi32_ps(_mm512_and_si512(v, low)));
+      t = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), t);
+      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(s), t, acc[k]);
+      offset[k] += s * sm[g];
+    }
+  }
+  for (int k = 0; k < R; ++k) y[k] = _mm512_reduce_add_ps(acc[k]) - 8.f * offset[k];
+}
+
+template <typename S>
+void rows16_avx512(const float* x, const float* xsum, const uint8_t* w, const S* scale, const int64_t* idx,
+                   float* y, int64_t M, int64_t O, int64_t G) {
+  constexpr int R = 4;
+  const int64_t I = 32 * G, blocks = (O + R - 1) / R;
+  at::parallel_for(0, M * blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t m = r / blocks, o = (r % blocks) * R, row = idx[m] * O + o;
+      const float* xm = x + m * I;
+      const float* sm = xsum + m * G;
+      if (o + R <= O) {
+        block16_avx512<R>(xm, sm, w + row * 16 * G, scale + row * G, y + m * O + o, G);
+      } else {
+        for (int64_t k = 0; o + k < O; ++k)
+          block16_avx512<1>(xm, sm, w + (row + k) * 16 * G, scale + (row + k) * G, y + m * O + o + k, G);
+      }
+    }
+  });
+}
+#endif
+
+template <int H, typename S>
+void rows(const float* x, const float* xsum, const uint8_t* w, const S* scale, const int64_t* idx,
+          float* y, int64_t M, int64_t O, int64_t G) {
+  const int64_t I = 2 * H * G;
+  at::parallel_for(0, M * O, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t m = r / O, o = r % O, row = idx[m] * O + o;
+      const float* xm = x + m * I;
+      const float* sm = xsum + m * G;
+      const uint8_t* wr = w + row * (I / 2);
+      const S* sr = scale + row * G;
+      float acc[H] = {0.f};
+      float offset = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = static_cast<float>(sr[g]);
+        const uint8_t* wg = wr + g * H;
+        const float* x0 = xm + g * 2 * H;
+        const float* x1 = x0 + H;
+        for (int j = 0; j < H; ++j) {
+          acc[j] += s * (x0[j] * static_cast<float>(wg[j] & 15) + x1[j] * static_cast<float>(wg[j] >> 4));
+        }
+        offset += s * sm[g];
+      }
+      float total = 0.f;
+      for (int j = 0; j < H; ++j) total += acc[j];
+      y[r] = total - 8.f * offset;
+    }
+  });
+}
+
+template <typename S>
+void dispatch(const float* x, const float* xsum, const uint8_t* w, const S* scale, const int64_t* idx,
+              float* y, int64_t M, int64_t O, int64_t G, int64_t H) {
+  switch (H) {
+#if defined(__AVX512F__)
+    case 16: return rows16_avx512(x, xsum, w, scale, idx, y, M, O, G);
+#else
+    case 16: return rows<16>(x, xsum, w, scale, idx, y, M, O, G);
+#endif
+    case 32: return rows<32>(x, xsum, w, scale, idx, y, M, O, G);
+    case 64: return rows<64>(x, xsum, w, scale, idx, y, M, O, G);
+    case 128: return rows<128>(x, xsum, w, scale, idx, y, M, O, G);
+    default: TORCH_CHECK(false, "int4_pairs: groups of 32, 64, 128 or 256 inputs, not ", 2 * H);
+  }
+}
+
+}  // namespace
+
+// x [M, I] (any float dtype), w [E, O, I/2] uint8, scale [E, O, G] fp32 or bf16, idx [M] int64 -> [M, O] fp32
+at::Tensor int4_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& idx) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && scale.dim() == 3 && x.dim() == 2 && idx.dim() == 1,
+              "int4_pairs: x [M, I], codes uint8 [E, O, I/2], scale [E, O, G], idx [M]");
+  const int64_t M = x.size(0), I = x.size(1), O = w.size(1), G = scale.size(2);
+  TORCH_CHECK(w.size(2) * 2 == I && I % (2 * G) == 0 && scale.size(1) == O && idx.size(0) == M,
+              "int4_pairs: shapes do not agree");
+  // x in fp32 and each group's sum of x (for the -8 offset), once per call, outside the row loop
+  const at::Tensor xc = x.contiguous();
+  std::vector<float> xf(M * I), xsum(M * G, 0.f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "int4_pairs", [&] {
+    const scalar_t* src = xc.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * I; ++i) xf[i] = static_cast<float>(src[i]);
+  });
+  for (int64_t i = 0; i < M * I; ++i) xsum[i / (I / G)] += xf[i];
+  const at::Tensor wc = w.contiguous(), sc = scale.contiguous(), ic = idx.to(at::kLong).contiguous();
+  at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
+  const int64_t H = I / G / 2;
+  if (sc.scalar_type() == at::kFloat) {
+    dispatch(xf.data(), xsum.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<float>(),
+             ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, O, G, H);
+  } else {
+    TORCH_CHECK(sc.scalar_type() == at::kBFloat16, "int4_pairs: fp32 or bf16 scales");
+    dispatch(xf.data(), xsum.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<at::BFloat16>(),
+             ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, O, G, H);
+  }
+  return y;
+}
+
+TORCH_LIBRARY(openk2, m) {
+  m.def("int4_pairs(Tensor x, Tensor w, Tensor scale, Tensor idx) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(openk2, CPU, m) {
+  m.impl("int4_pairs", &int4_pairs);
+}

@@ -1,0 +1,120 @@
+"""int4 routed experts for the decode step: the decode layout (`pack_halves`: uint8 [..., O, I/2]; within
+each group of 32 inputs byte j holds code j in its low nibble and code j + 16 in its high one, so both
+halves unpack with one mask or shift over contiguous bytes; scale [..., O, I/32]), `Int4Experts`
+(stacked in that layout, 0.5 bytes per weight), and its kernel.
+
+The kernel: `int4_cpu.cpp`, built on first use with torch's extension mechanism
+(`torch.utils.cpp_extension.load`: the machine's C++ compiler, -O3 -march=native -fopenmp; ~30 s
+once, then loaded from torch's extension cache), registered as the op `openk2::int4_pairs` with a
+fake (shape) implementation so that torch.compile keeps it inside the compiled decode step, and
+offered to the step through `openk2.model.linear.PAIRS_KERNELS` for uint8 (int4) codes. Without a
+compiler (or with OPENK2_INT4_KERNEL=0) nothing is registered and the step fuses its own loop over
+the same codes (`openk2.model.linear.matvec`), the reference the kernel is tested against.
+"""
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.model import linear
+from openk2.quant.int4 import INT4_GROUP, quantize_int4, unpack_int4
+
+SOURCE = Path(__file__).with_name("int4_cpu.cpp")
+
+
+@functools.cache
+def load() -> bool:
+    """Build (or load the cached build of) the kernel and register it; False where it cannot be."""
+    if os.environ.get("OPENK2_INT4_KERNEL", "1") == "0":
+        return False
+    try:
+        from torch.utils.cpp_extension import load as build
+        build(name="openk2_int4", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: the fused loop serves
+        warnings.warn(f"openk2's int4 kernel did not build ({type(e).__name__}: {str(e)[:200]}); int4 experts "
+                      "decode through the compiled step's own loop")
+        return False
+
+    @torch.library.register_fake("openk2::int4_pairs")
+    def _(x, w, scale, idx):
+        return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
+    linear.PAIRS_KERNELS[torch.uint8] = torch.ops.openk2.int4_pairs
+    return True
+
+
+def pack_halves(codes_OI: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """Unsigned codes 0..15 [..., O, I] -> the decode layout uint8 [..., O, I/2] (see the module doc)."""
+    g = codes_OI.to(torch.uint8).unflatten(-1, (-1, 2, group // 2))
+    return (g[..., 0, :] | (g[..., 1, :] << 4)).flatten(-2)
+
+
+def unpack_halves(packed_OH: torch.Tensor, scale_OG: torch.Tensor, dtype) -> torch.Tensor:
+    """The decode layout -> W = (code − 8) · scale, [..., O, I], in fp32 rounded once to `dtype`."""
+    g = packed_OH.unflatten(-1, (scale_OG.shape[-1], -1))
+    q = torch.stack((g & 15, g >> 4), -2).float() - 8  # [..., O, G, 2, group/2]
+    return (q * scale_OG.float()[..., None, None]).flatten(-3).to(dtype)
+
+
+class Int4Experts(nn.Module):
+    """Drop-in for `openk2.model.moe.Experts` (gate_up [E, 2F, D], down [E, D, F]) as group-wise int4
+    in the decode layout, stacked; not persistent (checkpoints hold K2-Thinking's layout, see
+    `openk2.checkpoint`). Its face (`decode_weights`) is the codes and group scales, which the compiled
+    decode step reads per chosen expert; eagerly, each used expert is dequantised to the activation
+    dtype once per call and multiplied, which for prefill chunks beats a per-row int4 kernel."""
+
+    def __init__(self, gate_up_q, gate_up_scale, down_q, down_scale):
+        super().__init__()
+        if gate_up_q.device.type == "cpu":
+            load()  # the decode step's kernel for these codes, where it builds
+        for name, t in zip(("gate_up_q", "gate_up_scale", "down_q", "down_scale"),
+                           (gate_up_q, gate_up_scale, down_q, down_scale)):
+            self.register_buffer(name, t, persistent=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_weights(cls, gate_up_EOI: torch.Tensor, down_EOI: torch.Tensor, group: int = INT4_GROUP):
+        stacked = []
+        for w_EOI in (gate_up_EOI, down_EOI):
+            packed, scale = zip(*(quantize_int4(w, group) for w in w_EOI))
+            stacked += [pack_halves(unpack_int4(torch.stack(packed).flatten(0, 1)), group).view(
+                w_EOI.shape[0], w_EOI.shape[1], -1), torch.stack(scale)]
+        return cls(*stacked)
+
+    @property
+    def decode_weights(self) -> tuple:
+        return self.gate_up_q, self.gate_up_scale, self.down_q, self.down_scale
+
+    def weights(self, e: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's gate_up [2F, D] and down [D, F], dequantised to `dtype`."""
+        return (unpack_halves(self.gate_up_q[e], self.gate_up_scale[e], dtype),
+                unpack_halves(self.down_q[e], self.down_scale[e], dtype))
+
+    def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
+        """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
+        if grouped:
+            raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
+        out = []
+        for e, x in enumerate(x_MD.split(counts_E.tolist())):
+            if len(x):
+                w_gate_up, w_down = self.weights(e, x.dtype)
+                gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+                out.append(F.linear(F.silu(gate).mul_(up), w_down))
+        return torch.cat(out).mul_(w_M[:, None])
+
+    def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
+        """The routing reference: each expert's tokens through its dequantised SwiGLU, weighted, summed."""
+        out_ND = torch.zeros_like(x_ND)
+        for e in range(self.gate_up_q.shape[0]):
+            tok, slot = torch.where(topk_idx_NK == e)
+            if tok.numel():
+                w_gate_up, w_down = self.weights(e, x_ND.dtype)
+                gate, up = F.linear(x_ND[tok], w_gate_up).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, w_down)
+                out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
+        return out_ND
