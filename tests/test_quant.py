@@ -154,6 +154,20 @@ def test_int4_kernel_equals_the_fused_loop(group, dtype):
     assert PAIRS_KERNELS[torch.uint8] is torch.ops.openk2.int4_pairs  # what the decode step calls
 
 
+@pytest.mark.parametrize("tokens", [3, 200])  # few rows an expert: the kernel; many: dequantise + matmul
+def test_int4_experts_eager_paths_match_their_reference(tokens):
+    experts = int4_decode.Int4Experts.from_weights(_w((6, 64, 128)), _w((6, 128, 32)))  # D 128, F 32
+    g = torch.Generator().manual_seed(tokens)
+    x_ND = torch.randn(tokens, 128, generator=g)
+    idx_NK = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(tokens)])
+    w_NK = torch.rand(tokens, 2, generator=g)
+    order_M = idx_NK.flatten().argsort(stable=True)
+    counts_E = torch.bincount(idx_NK.flatten(), minlength=6)
+    y_MD = experts(x_ND.repeat_interleave(2, 0)[order_M], counts_E, w_NK.flatten()[order_M])
+    got = torch.zeros_like(x_ND).index_add_(0, order_M // 2, y_MD)
+    torch.testing.assert_close(got, experts.forward_reference(x_ND, idx_NK, w_NK), rtol=1e-5, atol=1e-5)
+
+
 def test_int4_rejects_ragged_groups():
     with pytest.raises(ValueError, match="multiple of the group"):
         Int4Linear.from_weight(_w((32, 48)))
