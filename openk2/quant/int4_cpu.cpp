@@ -1,12 +1,12 @@
 // int4 matrix-vector products for the decode step: row m of x times matrix idx[m] of a stack of
-// group-wise int4 matrices in openk2's decode layout (openk2/quant/int4.py): codes uint8
+// group-wise int4 matrices in openk2's decode layout (openk2/quant/int4_decode.py): codes uint8
 // [E, O, I/2], where in each group of 2H inputs byte j holds input j (low nibble) and input j + H
 // (high nibble), W = (code - 8) * scale[e, o, g]. fp32 accumulation.
 //
-// Per group: the codes times x in a vector of H lanes (the compiler vectorises the fixed-length
-// loops: one 16-lane pass for K2's groups of 32), scaled by the group's scale into a per-row vector
-// accumulator; the -8 offset is applied once per group through the group's sum of x, and the
-// accumulator is reduced once per row. Rows of the output split across torch's intra-op threads.
+// Per group: (code - 8) times x in a vector of H lanes, scaled by the group's scale into a per-row
+// vector accumulator, reduced once per row. K2's groups of 32 (H = 16) have an AVX-512 path (codes to
+// floats by a table lookup, four rows per pass over x); other sizes and CPUs a plain loop the
+// compiler vectorises. Rows of the output split across torch's intra-op threads (OpenMP).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -22,41 +22,39 @@ namespace {
 // K2's groups of 32 (H = 16: one 16-lane register a half). R rows of one matrix at a time, their
 // accumulators in registers, so that each load of x serves R rows.
 template <int R, typename S>
-inline void block16_avx512(const float* xm, const float* sm, const uint8_t* w, const S* scale, float* y,
-                           int64_t G) {
-  const __m512i low = _mm512_set1_epi32(15);
+inline void block16_avx512(const float* xm, const uint8_t* w, const S* scale, float* y, int64_t G) {
+  // code -> code - 8 by a 16-entry table lookup (vpermps reads the low 4 bits of each lane): no mask,
+  // no int-to-float conversion, no offset to correct afterwards
+  const __m512 table = _mm512_setr_ps(-8.f, -7.f, -6.f, -5.f, -4.f, -3.f, -2.f, -1.f,
+                                      0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
   __m512 acc[R];
-  float offset[R];
-  for (int k = 0; k < R; ++k) acc[k] = _mm512_setzero_ps(), offset[k] = 0.f;
+  for (int k = 0; k < R; ++k) acc[k] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const __m512 x0 = _mm512_loadu_ps(xm + g * 32), x1 = _mm512_loadu_ps(xm + g * 32 + 16);
     for (int k = 0; k < R; ++k) {
-      const float s = static_cast<float>(scale[k * G + g]);
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 16 * G + g * 16)));
-      __m512 t = _mm512_mul_ps(x0, _mm512_cvtepi32_ps(_mm512_and_si512(v, low)));
-      t = _mm512_fmadd_ps(x1, _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), t);
-      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(s), t, acc[k]);
-      offset[k] += s * sm[g];
+      __m512 t = _mm512_mul_ps(x0, _mm512_permutexvar_ps(v, table));
+      t = _mm512_fmadd_ps(x1, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), t);
+      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(scale[k * G + g])), t, acc[k]);
     }
   }
-  for (int k = 0; k < R; ++k) y[k] = _mm512_reduce_add_ps(acc[k]) - 8.f * offset[k];
+  for (int k = 0; k < R; ++k) y[k] = _mm512_reduce_add_ps(acc[k]);
 }
 
 template <typename S>
-void rows16_avx512(const float* x, const float* xsum, const uint8_t* w, const S* scale, const int64_t* idx,
-                   float* y, int64_t M, int64_t O, int64_t G) {
+void rows16_avx512(const float* x, const uint8_t* w, const S* scale, const int64_t* idx, float* y, int64_t M,
+                   int64_t O, int64_t G) {
   constexpr int R = 4;
   const int64_t I = 32 * G, blocks = (O + R - 1) / R;
   at::parallel_for(0, M * blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t m = r / blocks, o = (r % blocks) * R, row = idx[m] * O + o;
       const float* xm = x + m * I;
-      const float* sm = xsum + m * G;
       if (o + R <= O) {
-        block16_avx512<R>(xm, sm, w + row * 16 * G, scale + row * G, y + m * O + o, G);
+        block16_avx512<R>(xm, w + row * 16 * G, scale + row * G, y + m * O + o, G);
       } else {
         for (int64_t k = 0; o + k < O; ++k)
-          block16_avx512<1>(xm, sm, w + (row + k) * 16 * G, scale + (row + k) * G, y + m * O + o + k, G);
+          block16_avx512<1>(xm, w + (row + k) * 16 * G, scale + (row + k) * G, y + m * O + o + k, G);
       }
     }
   });
@@ -64,47 +62,44 @@ void rows16_avx512(const float* x, const float* xsum, const uint8_t* w, const S*
 #endif
 
 template <int H, typename S>
-void rows(const float* x, const float* xsum, const uint8_t* w, const S* scale, const int64_t* idx,
-          float* y, int64_t M, int64_t O, int64_t G) {
+void rows(const float* x, const uint8_t* w, const S* scale, const int64_t* idx, float* y, int64_t M, int64_t O,
+          int64_t G) {
   const int64_t I = 2 * H * G;
   at::parallel_for(0, M * O, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t m = r / O, o = r % O, row = idx[m] * O + o;
       const float* xm = x + m * I;
-      const float* sm = xsum + m * G;
       const uint8_t* wr = w + row * (I / 2);
       const S* sr = scale + row * G;
       float acc[H] = {0.f};
-      float offset = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         const float s = static_cast<float>(sr[g]);
         const uint8_t* wg = wr + g * H;
         const float* x0 = xm + g * 2 * H;
         const float* x1 = x0 + H;
         for (int j = 0; j < H; ++j) {
-          acc[j] += s * (x0[j] * static_cast<float>(wg[j] & 15) + x1[j] * static_cast<float>(wg[j] >> 4));
+          acc[j] += s * (x0[j] * static_cast<float>((wg[j] & 15) - 8) + x1[j] * static_cast<float>((wg[j] >> 4) - 8));
         }
-        offset += s * sm[g];
       }
       float total = 0.f;
       for (int j = 0; j < H; ++j) total += acc[j];
-      y[r] = total - 8.f * offset;
+      y[r] = total;
     }
   });
 }
 
 template <typename S>
-void dispatch(const float* x, const float* xsum, const uint8_t* w, const S* scale, const int64_t* idx,
-              float* y, int64_t M, int64_t O, int64_t G, int64_t H) {
+void dispatch(const float* x, const uint8_t* w, const S* scale, const int64_t* idx, float* y, int64_t M,
+              int64_t O, int64_t G, int64_t H) {
   switch (H) {
 #if defined(__AVX512F__)
-    case 16: return rows16_avx512(x, xsum, w, scale, idx, y, M, O, G);
+    case 16: return rows16_avx512(x, w, scale, idx, y, M, O, G);
 #else
-    case 16: return rows<16>(x, xsum, w, scale, idx, y, M, O, G);
+    case 16: return rows<16>(x, w, scale, idx, y, M, O, G);
 #endif
-    case 32: return rows<32>(x, xsum, w, scale, idx, y, M, O, G);
-    case 64: return rows<64>(x, xsum, w, scale, idx, y, M, O, G);
-    case 128: return rows<128>(x, xsum, w, scale, idx, y, M, O, G);
+    case 32: return rows<32>(x, w, scale, idx, y, M, O, G);
+    case 64: return rows<64>(x, w, scale, idx, y, M, O, G);
+    case 128: return rows<128>(x, w, scale, idx, y, M, O, G);
     default: TORCH_CHECK(false, "int4_pairs: groups of 32, 64, 128 or 256 inputs, not ", 2 * H);
   }
 }
@@ -118,23 +113,22 @@ at::Tensor int4_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const int64_t M = x.size(0), I = x.size(1), O = w.size(1), G = scale.size(2);
   TORCH_CHECK(w.size(2) * 2 == I && I % (2 * G) == 0 && scale.size(1) == O && idx.size(0) == M,
               "int4_pairs: shapes do not agree");
-  // x in fp32 and each group's sum of x (for the -8 offset), once per call, outside the row loop
+  // x in fp32, once per call, outside the row loop
   const at::Tensor xc = x.contiguous();
-  std::vector<float> xf(M * I), xsum(M * G, 0.f);
+  std::vector<float> xf(M * I);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "int4_pairs", [&] {
     const scalar_t* src = xc.data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * I; ++i) xf[i] = static_cast<float>(src[i]);
   });
-  for (int64_t i = 0; i < M * I; ++i) xsum[i / (I / G)] += xf[i];
   const at::Tensor wc = w.contiguous(), sc = scale.contiguous(), ic = idx.to(at::kLong).contiguous();
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const int64_t H = I / G / 2;
   if (sc.scalar_type() == at::kFloat) {
-    dispatch(xf.data(), xsum.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<float>(),
+    dispatch(xf.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<float>(),
              ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, O, G, H);
   } else {
     TORCH_CHECK(sc.scalar_type() == at::kBFloat16, "int4_pairs: fp32 or bf16 scales");
-    dispatch(xf.data(), xsum.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<at::BFloat16>(),
+    dispatch(xf.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<at::BFloat16>(),
              ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, O, G, H);
   }
   return y;
