@@ -85,6 +85,37 @@ def test_compiled_step_equals_reference(tiny):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_each_model_keeps_its_own_compiled_step(tiny):
+    """Graphs are per model (dynamo skips re-checking each weight tensor every step, see
+    engine/decode.py): same-shaped and differently built (int8) models alternate, each reading its
+    own weights; a model cast to another dtype gets a new step at its next engine."""
+    import copy
+    from openk2.model.transformer import cast
+    other = copy.deepcopy(tiny)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1)
+    for model in (tiny, other, quantize_model(copy.deepcopy(tiny), "int8"), tiny):
+        step = _step_for(model)
+        pool, tables, ids, pos = _pool_with_prompts(model, [5, 7])
+        slots = pool.slots(tables, 8)
+        with torch.inference_mode():
+            expect = model.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
+            got = CompiledDecode(model)(ids, pos, slots, pool.rows)
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+        assert _step_for(model) is step  # kept across engines
+    half = cast(copy.deepcopy(tiny), torch.bfloat16)
+    before = _step_for(half)
+    cast(half, torch.float32)  # in place: same model, other dtypes
+    CompiledDecode(half)
+    assert _step_for(half) is not before
+
+
+def _step_for(model):
+    from openk2.engine.decode import _StepFor
+    CompiledDecode(model)
+    return _StepFor.current(model)
+
+
 def test_generate_compiled_equals_eager(tiny):
     prompt = torch.randint(0, CFG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     params = SamplingParams(max_tokens=12)

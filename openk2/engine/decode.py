@@ -13,9 +13,12 @@ of an eager step. This module knows no quantization format: it reads the face.
 """
 
 import contextlib
+import itertools
 import threading
 import time
+import types
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -88,6 +91,44 @@ COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.In
                   torch._inductor.exc.CppCompileError)
 
 
+def _weight_guard(entry) -> bool:
+    """dynamo's guards to keep: all but its per-tensor checks of the model's weights and buffers
+    (dtype, shape, strides, aliasing of ~10² tensors: ~0.25 ms of a ~3 ms k2-small step), which
+    `_StepFor.current` replaces by one check of their dtypes and shapes per engine."""
+    return not (entry.guard_type in ("TENSOR_MATCH", "DUPLICATE_INPUT")
+                and ("._parameters[" in entry.name or "._buffers[" in entry.name))
+
+
+class _StepFor:
+    """The compiled step of one model: `Transformer.decode` under a code object of its own (dynamo keeps
+    graphs per code object, so no other model's call can reach these graphs), with the weight guards
+    dropped (see above). Kept per model across engines (`_STEPS`), so a new Engine on the same model
+    finds its graphs; an engine whose model's weights changed dtype, shape or device since (model.to,
+    a swapped weight) starts over. Within one engine's life the weights' values may change (RL's
+    weight sync updates them in place), not their dtypes or shapes."""
+
+    def __init__(self, model: Transformer):
+        f = Transformer.decode
+        code = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        self.fn = torch.compile(code, dynamic=True,
+                                options={"guard_filter_fn": lambda entries: [_weight_guard(e) for e in entries]})
+        self.signature = self.signature_of(model)
+
+    @staticmethod
+    def signature_of(model) -> tuple:
+        return tuple((t.dtype, t.shape, t.device) for t in itertools.chain(model.parameters(), model.buffers()))
+
+    @classmethod
+    def current(cls, model: Transformer) -> "_StepFor":
+        step = _STEPS.get(model)
+        if step is None or step.signature != cls.signature_of(model):
+            step = _STEPS[model] = cls(model)
+        return step
+
+
+_STEPS: "weakref.WeakKeyDictionary[Transformer, _StepFor]" = weakref.WeakKeyDictionary()
+
+
 class CompiledDecode:
     """`Transformer.decode` through torch.compile, for one model. Shapes are symbolic (any batch, any
     cache length); a graph is compiled on first use per regime (one row, `small_batch`, larger) — tens
@@ -102,7 +143,7 @@ class CompiledDecode:
         # quantized weights (faces with scales: int8) compile for small batches only, where their
         # fused loops win; larger batches keep the quantized modules' own kernels (the reference)
         self.scaled = any(face[1] is not None for face in _faces(model))
-        self._fn = torch.compile(Transformer.decode, dynamic=True)
+        self._fn = _StepFor.current(model).fn
 
     def warm(self, batch_sizes, progress=None) -> None:
         """Compile now the graph of each of `batch_sizes` (one per regime), running each once on a
