@@ -222,3 +222,15 @@ def test_requests_share_cached_blocks_and_the_pool_evicts_idle_ones(tiny):
     d = engine.add_request(c.prompt, SamplingParams(max_tokens=1, logprobs=0, prompt_logprobs=True))
     engine.run()
     assert d.cached_tokens == 0 and len(d.prompt_logprobs) == 60
+
+
+def test_chunked_prefill_runs_the_fused_attention_kernel(tiny):
+    """Chunks after a first attend through a mask; CPU's fused (flash) kernel takes 2-D and 4-D masks
+    only (a 3-D one sent every later chunk to the math path: the Engine prefilled 4,000 tokens at half
+    the bare forward's speed). Forced to the fused kernel, the math path is no fallback: it raises."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=8))
+    for n in (29, 13):  # one row alone, then two rows side by side (per-row positions, a 4-D mask)
+        engine.add_request(list(range(1, n + 1)), SamplingParams(max_tokens=2))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        engine.run()

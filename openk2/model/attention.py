@@ -138,10 +138,11 @@ class MLA(nn.Module):
                 scores_BHST = q_BHSA @ k_BHTA.transpose(-1, -2)
                 self._record(scores_BHST, None if mask_ST is None else mask_ST.unsqueeze(-3), causal, head_dim=1,
                              scale=self.softmax_scale)
-        # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
+        # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path;
+        # it also takes only 2-D [S, T] or 4-D [B, 1, S, T] masks (a 3-D one falls back to the math path)
         v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
         out_BHSO = F.scaled_dot_product_attention(
-            q_BHSA, k_BHTA, v_pad, attn_mask=None if mask_ST is None else mask_ST.unsqueeze(-3),
+            q_BHSA, k_BHTA, v_pad, attn_mask=mask_ST if mask_ST is None or mask_ST.dim() == 2 else mask_ST[:, None],
             is_causal=causal and mask_ST is None,
             scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)
