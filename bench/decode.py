@@ -1,7 +1,7 @@
 """Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16, int8, int4; eager and compiled) vs
 llama.cpp (BF16, Q8_0, Q4_K_M) and transformers' generate on the same weights, vs the
 memory-bandwidth roofline; and the Engine's aggregate tokens/s at batch 1, 8 and 32 (eager and
-compiled decode steps).
+compiled decode steps); and the prefill of one 512- or 4,000-token prompt, side by side.
 
 Side by side: the batch-1 rows run round-robin, one decode of each per round, medians of the rounds,
 so load on the machine falls on all alike. llama.cpp runs through llama-cpp-python (the bench extra:
@@ -99,6 +99,48 @@ def llama_cpp_rows(folder: str, ids, threads: int) -> dict:
     return rows
 
 
+def prefill_table(ours, theirs, cfg, folder: str, threads: int, reps: int) -> None:
+    """One prompt's prefill (512 and 4,000 tokens, to the first token's logits), side by side: openk2's
+    bare forward into a fresh cache, the Engine at prefill_chunk 512 (the default) and 1024,
+    transformers' forward, llama.cpp BF16 (its default micro-batch of 512)."""
+    llama = None
+    if LLAMAS:
+        import llama_cpp
+
+        from bench.gguf import quiet
+        with quiet():
+            llama = llama_cpp.Llama(f"{folder}/model-bf16.gguf", n_ctx=4096, n_batch=512, n_threads=threads,
+                                    n_threads_batch=threads, verbose=False)
+        LLAMAS.append(llama)
+    print("\n| prefill of one prompt | tokens | tok/s | vs llama.cpp BF16 | vs bare forward |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for n in (512, 4000):
+        ids = torch.randint(0, cfg.vocab_size // 2, (1, n), generator=torch.Generator().manual_seed(n))
+
+        def engine(chunk):
+            e = Engine(ours, EngineConfig(cache_tokens=n + 64, max_batch=1, prefill_chunk=chunk))
+            e.add_request(ids[0].tolist(), SamplingParams(max_tokens=1))
+            e.run()
+        rows = {"openk2 bf16, bare forward": lambda: ours(ids, 0, ours.new_cache(1, n + 1)),
+                "openk2 bf16, Engine (chunk 512)": partial(engine, 512),
+                "openk2 bf16, Engine (chunk 1024)": partial(engine, 1024),
+                "transformers bf16": lambda: theirs(ids, use_cache=False, logits_to_keep=1)}
+        if llama is not None:
+            rows["llama.cpp BF16"] = lambda: (llama.reset(), llama.eval(ids[0].tolist()))
+        times = {name: [] for name in rows}
+        for fn in rows.values():
+            fn()  # warm-up
+        for _ in range(reps):
+            for name, fn in rows.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        tok_s = {name: n / statistics.median(t) for name, t in times.items()}
+        for name, v in tok_s.items():
+            vs = f"{v / tok_s['llama.cpp BF16']:.2f}×" if llama is not None else "—"
+            print(f"| {name} | {n} | {v:.0f} | {vs} | {v / tok_s['openk2 bf16, bare forward']:.2f}× |")
+
+
 def aggregate(model, cfg, batch: int, n_requests: int, compile: bool) -> float:
     config = EngineConfig(cache_tokens=n_requests * (PROMPT + NEW) + 64, max_batch=batch, compile=compile)
     engine = Engine(model, config)
@@ -161,6 +203,7 @@ def main():
                   f"{100 * tok_s[name] / roof:.0f}% |")
         if not peers:
             print("(llama.cpp rows need the bench extra: pip install llama-cpp-python gguf)")
+        prefill_table(ours, theirs, cfg, tmp, args.threads, reps)
         for llm in LLAMAS:
             llm.close()
         n = 16 if args.quick else 32

@@ -7,11 +7,17 @@ clients for 128 new tokens each (greedy; the prompt is the chat-templated "hello
 in-process column runs the same requests through an Engine of `EngineConfig(compile=True)` (max_batch
 32). The ratio is what HTTP, the chat template, detokenizing and the asyncio/engine hand-off cost.
 
+Then a long prompt joining a busy batch (in-process, compiled): 4 requests decoding, a 3,900-token
+prompt added; per `prefill_chunk`, the decoding rows' median inter-token gap before it came, their
+longest gap while it prefilled (one chunk's forward plus a decode step, by design), and its time to
+first token.
+
     .venv/bin/python -m bench.serve [--threads 2]
 """
 
 import argparse
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,6 +90,30 @@ def in_process(engine: Engine, prompt_len: int, clients: int) -> float:
     return clients * NEW / (time.perf_counter() - t0)
 
 
+def stall(model, chunk: int) -> tuple[float, float, float]:
+    """(median gap before, longest gap while the long prompt prefills, its time to first token), s."""
+    engine = Engine(model, EngineConfig(compile=True, prefill_chunk=chunk, max_batch=8))
+    engine.warmup()
+    rows = {engine.add_request(list(range(300, 332)), SamplingParams(max_tokens=400)).id for _ in range(4)}
+    last, before, during, long, t_added, ttft = {}, [], [], None, 0.0, None
+    for step in range(10**6):
+        events = engine.step()
+        now = time.perf_counter()
+        for req, _ in events:
+            if req.id in rows:
+                if req.id in last:
+                    (before if long is None else during if ttft is None else []).append(now - last[req.id])
+                last[req.id] = now
+            elif ttft is None:
+                ttft = now - t_added
+        if step == 40:
+            long = engine.add_request(list(range(300, 4200)), SamplingParams(max_tokens=4))
+            t_added = time.perf_counter()
+        if ttft is not None:
+            break
+    return statistics.median(before), max(during), ttft
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -106,6 +136,11 @@ def main():
         for n in CLIENTS:
             direct = in_process(engine, prompt_len, n)
             print(f"| {n} | {http[n][0]:.0f} | {direct:.0f} | {http[n][0] / direct:.2f} |")
+        print("\n| a 3,900-token prompt joins 4 decoding rows | gap before (ms) | longest gap while it "
+              "prefills (ms) | its time to first token (s) |\n| --- | ---: | ---: | ---: |")
+        for chunk in (256, 512, 1024):
+            gap, worst, ttft = stall(model, chunk)
+            print(f"| prefill_chunk {chunk} | {gap * 1e3:.0f} | {worst * 1e3:.0f} | {ttft:.2f} |")
 
 
 if __name__ == "__main__":
