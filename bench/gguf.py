@@ -30,33 +30,27 @@ from safetensors import safe_open
 FTYPES = {"bf16": 32, "q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
+# gguf writer method <- config.json field, where the value passes as it is
+FIELDS = {"block_count": "num_hidden_layers", "context_length": "max_position_embeddings",
+          "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+          "head_count": "num_attention_heads", "layer_norm_rms_eps": "rms_norm_eps", "rope_freq_base": "rope_theta",
+          "vocab_size": "vocab_size", "leading_dense_block_count": "first_k_dense_replace",
+          "q_lora_rank": "q_lora_rank", "kv_lora_rank": "kv_lora_rank", "value_length": "kv_lora_rank",
+          "value_length_mla": "v_head_dim", "rope_dimension_count": "qk_rope_head_dim",
+          "expert_feed_forward_length": "moe_intermediate_size", "expert_count": "n_routed_experts",
+          "expert_used_count": "num_experts_per_tok", "expert_shared_count": "n_shared_experts",
+          "expert_group_count": "n_group", "expert_group_used_count": "topk_group",
+          "expert_weights_scale": "routed_scaling_factor"}
+
+
 def _hparams(writer, c: dict) -> None:
     import gguf
     w = writer
-    w.add_block_count(c["num_hidden_layers"])
-    w.add_context_length(c["max_position_embeddings"])
-    w.add_embedding_length(c["hidden_size"])
-    w.add_feed_forward_length(c["intermediate_size"])
-    w.add_head_count(c["num_attention_heads"])
+    for method, field in FIELDS.items():
+        getattr(w, "add_" + method)(c[field])
     w.add_head_count_kv(1)  # MLA decodes as one shared latent "head"
-    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
-    w.add_rope_freq_base(c["rope_theta"])
-    w.add_vocab_size(c["vocab_size"])
-    w.add_leading_dense_block_count(c["first_k_dense_replace"])
-    w.add_q_lora_rank(c["q_lora_rank"])
-    w.add_kv_lora_rank(c["kv_lora_rank"])
     w.add_key_length(c["kv_lora_rank"] + c["qk_rope_head_dim"])
-    w.add_value_length(c["kv_lora_rank"])
     w.add_key_length_mla(c["qk_nope_head_dim"] + c["qk_rope_head_dim"])
-    w.add_value_length_mla(c["v_head_dim"])
-    w.add_rope_dimension_count(c["qk_rope_head_dim"])
-    w.add_expert_feed_forward_length(c["moe_intermediate_size"])
-    w.add_expert_count(c["n_routed_experts"])
-    w.add_expert_used_count(c["num_experts_per_tok"])
-    w.add_expert_shared_count(c["n_shared_experts"])
-    w.add_expert_group_count(c["n_group"])
-    w.add_expert_group_used_count(c["topk_group"])
-    w.add_expert_weights_scale(c["routed_scaling_factor"])
     if c.get("norm_topk_prob"):
         w.add_expert_weights_norm(True)
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
