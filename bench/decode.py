@@ -53,7 +53,7 @@ def active_bytes(cfg, mode: str) -> float:
     """Weights one batch-1 token reads: routed-expert share at the mode's width, the rest bf16
     (int8 also narrows attention / dense / shared linears; lm_head and kv_b_proj stay bf16)."""
     b = breakdown(cfg)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_moe = cfg.n_moe_layers
     experts = n_moe * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     rest = b.active_linear - experts
     if mode == "int4":

@@ -109,6 +109,10 @@ class ModelConfig:
         return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
 
     @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    @property
     def softmax_scale(self) -> float:
         """192^-0.5 · m², m = 0.1·mscale_all_dim·ln(factor) + 1 (K2-SPEC §3.5; as HF: whenever yarn is set)."""
         scale = self.qk_head_dim ** -0.5

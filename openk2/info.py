@@ -48,7 +48,7 @@ class Breakdown:
 
 def breakdown(cfg: ModelConfig) -> Breakdown:
     L, D, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(L))
+    n_moe = cfg.n_moe_layers
     n_dense, E = L - n_moe, cfg.n_routed_experts or 0
     expert = expert_params(cfg)
     attn = attention_params(cfg)
@@ -163,7 +163,7 @@ def resident_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
 def offload_report(cfg: ModelConfig, cache_gb: float, name: str = "") -> str:
     """The memory split of `cfg` served with routed experts on disk behind a `cache_gb` cache."""
     b, K = breakdown(cfg), cfg.num_experts_per_tok
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_moe = cfg.n_moe_layers
     n_experts, per = n_moe * (cfg.n_routed_experts or 0), 2 * expert_params(cfg)
     if not n_experts:
         return f"{name or cfg.model_type}: no routed experts to offload"

@@ -42,7 +42,7 @@ def test_gguf_holds_the_folder_under_llama_cpp_names(converted):
     assert value("deepseek2.attention.kv_lora_rank") == CFG.kv_lora_rank
     assert value("deepseek2.leading_dense_block_count") == CFG.first_k_dense_replace
     tensors = {t.name: t for t in reader.tensors}
-    n_moe = sum(CFG.is_moe_layer(i) for i in range(CFG.num_hidden_layers))
+    n_moe = CFG.n_moe_layers
     # per layer 10 attention/norm tensors; a dense MLP 3; an MoE layer router, bias, 3 stacks, 3 shared
     assert len(tensors) == 3 + 10 * CFG.num_hidden_layers + 3 * (CFG.num_hidden_layers - n_moe) + 8 * n_moe
     attn, H = model.layers[1].self_attn, CFG.num_attention_heads

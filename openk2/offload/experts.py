@@ -74,7 +74,7 @@ class OffloadedExperts(nn.Module):
 
 def cache_slots(cfg: ModelConfig, cache_bytes: int, dtype: torch.dtype) -> int:
     """How many experts `cache_bytes` hold (never more than the model has)."""
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_moe = cfg.n_moe_layers
     return min(int(cache_bytes // expert_bytes(cfg, dtype)), n_moe * cfg.n_routed_experts)
 
 
