@@ -230,7 +230,10 @@ def test_chunked_prefill_runs_the_fused_attention_kernel(tiny):
     the bare forward's speed). Forced to the fused kernel, the math path is no fallback: it raises."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=8))
-    for n in (29, 13):  # one row alone, then two rows side by side (per-row positions, a 4-D mask)
-        engine.add_request(list(range(1, n + 1)), SamplingParams(max_tokens=2))
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=2))  # one row: a 2-D mask
+    ids = torch.randint(0, 500, (2, 6), generator=torch.Generator().manual_seed(0))
+    cache = tiny.new_cache(2, 32)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.inference_mode():
         engine.run()
+        tiny(ids, torch.tensor([0, 0]), cache)  # rows at their own positions: a 4-D mask [B, 1, S, T]
+        tiny(ids, torch.tensor([6, 3]), cache)

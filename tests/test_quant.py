@@ -156,6 +156,7 @@ def test_int4_kernel_equals_the_fused_loop(group, dtype):
 
 @pytest.mark.parametrize("tokens", [3, 200])  # few rows an expert: the kernel; many: dequantise + matmul
 def test_int4_experts_eager_paths_match_their_reference(tokens):
+    assert int4_decode.load()  # the few-rows path is the kernel's
     experts = int4_decode.Int4Experts.from_weights(_w((6, 64, 128)), _w((6, 128, 32)))  # D 128, F 32
     g = torch.Generator().manual_seed(tokens)
     x_ND = torch.randn(tokens, 128, generator=g)

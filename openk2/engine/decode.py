@@ -94,7 +94,7 @@ COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.In
 def _weight_guard(entry) -> bool:
     """dynamo's guards to keep: all but its per-tensor checks of the model's weights and buffers
     (dtype, shape, strides, aliasing of ~10² tensors: ~0.25 ms of a ~3 ms k2-small step), which
-    `_StepFor.current` replaces by one check of their dtypes and shapes per engine."""
+    `_StepFor.current` replaces by one check of their dtypes, shapes and strides per engine."""
     return not (entry.guard_type in ("TENSOR_MATCH", "DUPLICATE_INPUT")
                 and ("._parameters[" in entry.name or "._buffers[" in entry.name))
 
@@ -110,13 +110,16 @@ class _StepFor:
     def __init__(self, model: Transformer):
         f = Transformer.decode
         code = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-        self.fn = torch.compile(code, dynamic=True,
+        # fullgraph: one frame, the one with a code object of its own (a graph break would leave nested
+        # frames, shared by every model, with their weight guards dropped too); a break is a compile error
+        self.fn = torch.compile(code, dynamic=True, fullgraph=True,
                                 options={"guard_filter_fn": lambda entries: [_weight_guard(e) for e in entries]})
         self.signature = self.signature_of(model)
 
     @staticmethod
     def signature_of(model) -> tuple:
-        return tuple((t.dtype, t.shape, t.device) for t in itertools.chain(model.parameters(), model.buffers()))
+        return tuple((t.dtype, t.shape, t.stride(), t.device)
+                     for t in itertools.chain(model.parameters(), model.buffers()))
 
     @classmethod
     def current(cls, model: Transformer) -> "_StepFor":

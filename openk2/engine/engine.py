@@ -78,11 +78,8 @@ class EngineConfig:
     cache_tokens: int = 8192  # latent cache rows in the block pool, for all requests together
     block_size: int = 16  # cache rows per block
     max_batch: int = 32  # requests running (decoding together) at most
-    # new prompt tokens per prefill forward, padded, across the rows it batches: k2-small bf16, 2 cores,
-    # through the Engine vs one bare forward: 512 tokens 0.85x at 256, 1.08x at 512; 4,000 tokens 0.58x,
-    # 0.77x, 0.91x at 256, 512, 1024 (each chunk re-expands its prefix's keys), and a chunk is how long
-    # a prompt may stall the decoding rows: 512 (~0.2-0.3 s here)
-    prefill_chunk: int = 512
+    prefill_chunk: int = 512  # new prompt tokens per prefill forward, padded, across the rows it batches
+    # (larger: faster prefill, as each chunk re-expands its prefix's keys; longer stalls: bench/serve.py)
     compile: bool = False  # decode steps through `CompiledDecode` (int4 linears decode eagerly)
     prefix_cache: bool = True  # reuse the cached rows of a prompt's longest already-computed prefix
 

@@ -106,13 +106,19 @@ void dispatch(const float* x, const uint8_t* w, const S* scale, const int64_t* i
 
 }  // namespace
 
-// x [M, I] (any float dtype), w [E, O, I/2] uint8, scale [E, O, G] fp32 or bf16, idx [M] int64 -> [M, O] fp32
+// x [M, I] (any float dtype), w [E, O, I/2] uint8, scale [E, O, G] (fp32, bf16 or fp16), idx [M] int64
+// in [0, E) -> [M, O] fp32
 at::Tensor int4_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& idx) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && scale.dim() == 3 && x.dim() == 2 && idx.dim() == 1,
               "int4_pairs: x [M, I], codes uint8 [E, O, I/2], scale [E, O, G], idx [M]");
-  const int64_t M = x.size(0), I = x.size(1), O = w.size(1), G = scale.size(2);
-  TORCH_CHECK(w.size(2) * 2 == I && I % (2 * G) == 0 && scale.size(1) == O && idx.size(0) == M,
-              "int4_pairs: shapes do not agree");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu() && idx.device().is_cpu(),
+              "int4_pairs: CPU tensors");
+  const int64_t M = x.size(0), I = x.size(1), E = w.size(0), O = w.size(1), G = scale.size(2);
+  TORCH_CHECK(G > 0 && w.size(2) * 2 == I && I % (2 * G) == 0 && scale.size(0) == E && scale.size(1) == O &&
+              idx.size(0) == M, "int4_pairs: shapes do not agree");
+  const at::Tensor ic = idx.to(at::kLong).contiguous();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ip[m] >= 0 && ip[m] < E, "int4_pairs: idx outside [0, ", E, ")");
   // x in fp32, once per call, outside the row loop
   const at::Tensor xc = x.contiguous();
   std::vector<float> xf(M * I);
@@ -120,17 +126,13 @@ at::Tensor int4_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     const scalar_t* src = xc.data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * I; ++i) xf[i] = static_cast<float>(src[i]);
   });
-  const at::Tensor wc = w.contiguous(), sc = scale.contiguous(), ic = idx.to(at::kLong).contiguous();
+  const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const int64_t H = I / G / 2;
-  if (sc.scalar_type() == at::kFloat) {
-    dispatch(xf.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<float>(),
-             ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, O, G, H);
-  } else {
-    TORCH_CHECK(sc.scalar_type() == at::kBFloat16, "int4_pairs: fp32 or bf16 scales");
-    dispatch(xf.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<at::BFloat16>(),
-             ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, O, G, H);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int4_pairs", [&] {
+    dispatch(xf.data(), wc.data_ptr<uint8_t>(), sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(),
+             M, O, G, H);
+  });
   return y;
 }
 

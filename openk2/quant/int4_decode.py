@@ -13,7 +13,9 @@ the same codes (`openk2.model.linear.matvec`), the reference the kernel is teste
 """
 
 import functools
+import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -31,6 +33,14 @@ SOURCE = Path(__file__).with_name("int4_cpu.cpp")
 KERNEL_ROWS = 16
 
 
+def _cpu_tag() -> str:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 @functools.cache
 def load() -> bool:
     """Build (or load the cached build of) the kernel and register it; False where it cannot be."""
@@ -38,8 +48,11 @@ def load() -> bool:
         return False
     try:
         from torch.utils.cpp_extension import load as build
-        build(name="openk2_int4", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        # built for this CPU (-march=native): its name carries the CPU's features, so that a shared
+        # extension cache never hands one CPU's build to another
+        build(name=f"openk2_int4_{_cpu_tag()}", sources=[str(SOURCE)],
+              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the fused loop serves
         warnings.warn(f"openk2's int4 kernel did not build ({type(e).__name__}: {str(e)[:200]}); int4 experts "
                       "decode through the compiled step's own loop")
@@ -104,7 +117,7 @@ class Int4Experts(nn.Module):
         """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
-        kernel = linear.PAIRS_KERNELS.get(torch.uint8)
+        kernel = linear.PAIRS_KERNELS.get(torch.uint8) if x_MD.device.type == "cpu" else None
         if kernel is not None and x_MD.shape[0] <= KERNEL_ROWS * int((counts_E > 0).sum()):
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             gate, up = kernel(x_MD, self.gate_up_q, self.gate_up_scale, idx_M).chunk(2, dim=-1)
