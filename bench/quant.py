@@ -114,7 +114,8 @@ def main():
         cells = [f"{r[c]:.4g}" if c != "top-1" else f"{r[c]:.1%}" for c in cols]
         prefill = f"{r['prefill tok/s']:.0f}" if "prefill tok/s" in r else "–"
         speed = f"{tok_s:.1f} | {tok_s / base:.2f}" if tok_s else "– | –"
-        print(f"| {name} | {' | '.join(cells)} | {prefill} | {speed} | {weight_bytes(models.get(name, fp32)) / 2**20:.0f} |")
+        mib = weight_bytes(models.get(name, fp32)) / 2**20
+        print(f"| {name} | {' | '.join(cells)} | {prefill} | {speed} | {mib:.0f} |")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Router(nn.Module):
 def seq_aux_loss(logits_NE, topk_idx_NK, batch: int, cfg: ModelConfig) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss (arXiv:2412.19437 §2.1.2), averaged over sequences:
     Σ_e f_e·P_e with f_e = E/(K·S)·#{tokens routing to e}, P_e = mean over tokens of s_e / Σ_j s_j."""
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    E = cfg.n_routed_experts
     scores_NE = logits_NE.sigmoid() if cfg.scoring_func == "sigmoid" else logits_NE.softmax(-1)
     p_BE = (scores_NE / scores_NE.sum(-1, keepdim=True)).view(batch, -1, E).mean(1)
     idx_BX = topk_idx_NK.view(batch, -1)
