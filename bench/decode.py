@@ -1,7 +1,8 @@
 """Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16, int8, int4; eager and compiled) vs
 llama.cpp (BF16, Q8_0, Q4_K_M) and transformers' generate on the same weights, vs the
 memory-bandwidth roofline; and the Engine's aggregate tokens/s at batch 1, 8 and 32 (eager and
-compiled decode steps); and the prefill of one 512- or 4,000-token prompt, side by side.
+compiled decode steps); the prefill of one 512- or 4,000-token prompt, side by side; and a batch-32
+decode step against its floor (`batch_floor`: the weights it must read, once, at the measured bandwidth).
 
 Side by side: the batch-1 rows run round-robin, one decode of each per round, medians of the rounds,
 so load on the machine falls on all alike. llama.cpp runs through llama-cpp-python (the bench extra:
@@ -143,6 +144,42 @@ def prefill_table(ours, theirs, cfg, folder: str, threads: int, reps: int) -> No
             print(f"| {name} | {n} | {v:.0f} | {vs} | {v / tok_s['openk2 bf16, bare forward']:.2f}× |")
 
 
+def batch_floor(model, cfg, gbs: float, batch: int = 32, steps: int = 24) -> None:
+    """A decode step at `batch` rows against its own floor: the time to stream, once, the weights that
+    step must read — every non-expert weight and the union of the routed experts its rows chose, per
+    layer — at the bandwidth measured in this run. The unions come from an eager engine (its MoE
+    layers record their per-expert load); the step times from a compiled one, on the same prompts."""
+    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    rest = active_bytes(cfg, "bf16") - cfg.n_moe_layers * cfg.num_experts_per_tok * expert_bytes
+    moe = [layer.mlp for layer in model.layers if layer.mlp.__class__.__name__ == "MoE"]
+    stats = {}
+    for compile in (False, True):
+        engine = Engine(model, EngineConfig(cache_tokens=batch * (PROMPT + steps + 8), max_batch=batch,
+                                            compile=compile))
+        engine.warmup()
+        gen = torch.Generator().manual_seed(5)
+        for _ in range(batch):
+            engine.add_request(torch.randint(0, cfg.vocab_size // 2, (PROMPT,), generator=gen).tolist(),
+                               SamplingParams(max_tokens=steps))
+        times, unions = [], []
+        while engine.has_work():
+            decoding = len(engine.running) == batch and all(r.prefilled == len(r.prompt) for r in engine.running)
+            t0 = time.perf_counter()
+            engine.step()
+            if decoding:
+                times.append(time.perf_counter() - t0)
+                unions.append(sum(int((m.load > 0).sum()) for m in moe))
+        stats[compile] = (statistics.median(times), statistics.median(unions))
+    union = stats[False][1]
+    floor = (rest + union * expert_bytes) / (gbs * 1e9)
+    print(f"\n| decode step, {batch} rows, bf16 | ms | vs floor |\n| --- | ---: | ---: |")
+    print(f"| floor: {rest / 1e6:.0f} MB + {union:.0f} experts ({union * expert_bytes / 1e6:.0f} MB) "
+          f"at {gbs:.1f} GB/s | {floor * 1e3:.1f} | 1.00× |")
+    for compile in (False, True):
+        print(f"| {'compiled' if compile else 'eager'} step | {stats[compile][0] * 1e3:.1f} | "
+              f"{stats[compile][0] / floor:.2f}× |")
+
+
 def aggregate(model, cfg, batch: int, n_requests: int, compile: bool) -> float:
     config = EngineConfig(cache_tokens=n_requests * (PROMPT + NEW) + 64, max_batch=batch, compile=compile)
     engine = Engine(model, config)
@@ -208,6 +245,7 @@ def main():
         if not peers:
             print("(llama.cpp rows need the bench extra: pip install llama-cpp-python gguf)")
         prefill_table(ours, theirs, cfg, tmp, args.threads, reps)
+        batch_floor(ours, cfg, gbs)
         for llm in LLAMAS:
             llm.close()
         n = 16 if args.quick else 32
