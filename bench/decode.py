@@ -22,6 +22,7 @@ compilation is not counted (the batch-1 rows print their first run's time, compi
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -82,37 +83,33 @@ def decode_llama(llm, ids) -> float:
 def llama_cpp_rows(folder: str, ids, threads: int) -> dict:
     """{name: (precision it pairs with, timing fn)} for llama.cpp on GGUFs converted from `folder`
     (bench/gguf.py): BF16, Q8_0, Q4_K_M; empty without llama-cpp-python."""
-    try:
-        import llama_cpp
-    except ImportError:
+    if importlib.util.find_spec("llama_cpp") is None:
         return {}
-    from bench.gguf import quantize, quiet, write_gguf
+    from bench.gguf import quantize, write_gguf
     bf16 = write_gguf(folder, f"{folder}/model-bf16.gguf")
     files = {"BF16": ("bf16", bf16), "Q8_0": ("int8", quantize(bf16, f"{folder}/model-q8_0.gguf", "q8_0", threads)),
              "Q4_K_M": ("int4", quantize(bf16, f"{folder}/model-q4_k_m.gguf", "q4_k_m", threads))}
-    rows = {}
-    for name, (mode, path) in files.items():
-        with quiet():
-            llm = llama_cpp.Llama(str(path), n_ctx=PROMPT + NEW + 8, n_batch=PROMPT, n_threads=threads,
-                                  n_threads_batch=threads, verbose=False)
-        LLAMAS.append(llm)
-        rows[f"llama.cpp {name}"] = (mode, partial(decode_llama, llm, ids))
-    return rows
+    return {f"llama.cpp {name}": (mode, partial(decode_llama, open_llama(path, PROMPT + NEW + 8, PROMPT, threads), ids))
+            for name, (mode, path) in files.items()}
+
+
+def open_llama(path, n_ctx: int, n_batch: int, threads: int):
+    """A llama.cpp model (quietly loaded; closed at the bench's end, see LLAMAS)."""
+    import llama_cpp
+
+    from bench.gguf import quiet
+    with quiet():
+        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads,
+                              verbose=False)
+    LLAMAS.append(llm)
+    return llm
 
 
 def prefill_table(ours, theirs, cfg, folder: str, threads: int, reps: int) -> None:
     """One prompt's prefill (512 and 4,000 tokens, to the first token's logits), side by side: openk2's
     bare forward into a fresh cache, the Engine at prefill_chunk 512 (the default) and 1024,
     transformers' forward, llama.cpp BF16 (its default micro-batch of 512)."""
-    llama = None
-    if LLAMAS:
-        import llama_cpp
-
-        from bench.gguf import quiet
-        with quiet():
-            llama = llama_cpp.Llama(f"{folder}/model-bf16.gguf", n_ctx=4096, n_batch=512, n_threads=threads,
-                                    n_threads_batch=threads, verbose=False)
-        LLAMAS.append(llama)
+    llama = open_llama(f"{folder}/model-bf16.gguf", 4096, 512, threads) if LLAMAS else None
     print("\n| prefill of one prompt | tokens | tok/s | vs llama.cpp BF16 | vs bare forward |\n"
           "| --- | ---: | ---: | ---: | ---: |")
     for n in (512, 4000):
@@ -216,7 +213,8 @@ def main():
         rows = {"transformers bf16": ("bf16", lambda: decode_theirs(theirs, ids)[0])}
         for mode, model in models.items():
             for compile in (False, True):
-                rows[f"openk2 {mode}{', compiled' * compile}"] = (mode, partial(decode_ours, model, ids, compile))
+                rows[f"openk2 {mode}{', compiled' * compile}"] = (
+                    mode, lambda model=model, compile=compile: decode_ours(model, ids, compile)[0])
         peers = llama_cpp_rows(tmp, ids, args.threads)
         rows |= peers
         first = {}
@@ -227,8 +225,7 @@ def main():
         times = {name: [] for name in rows}
         for _ in range(reps):  # interleaved: a noisy neighbour slows every row alike
             for name, (_, fn) in rows.items():
-                out = fn()
-                times[name].append(out[0] if isinstance(out, tuple) else out)
+                times[name].append(fn())
         tok_s = {name: statistics.median(t) for name, t in times.items()}
         base = tok_s["transformers bf16"]
         print("\n| batch-1 decode | tok/s | vs llama.cpp, same precision | vs transformers bf16 | roofline tok/s "

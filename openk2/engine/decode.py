@@ -107,14 +107,14 @@ class _StepFor:
     a swapped weight) starts over. Within one engine's life the weights' values may change (RL's
     weight sync updates them in place), not their dtypes or shapes."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, signature: tuple):
         f = Transformer.decode
         code = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
         # fullgraph: one frame, the one with a code object of its own (a graph break would leave nested
         # frames, shared by every model, with their weight guards dropped too); a break is a compile error
         self.fn = torch.compile(code, dynamic=True, fullgraph=True,
                                 options={"guard_filter_fn": lambda entries: [_weight_guard(e) for e in entries]})
-        self.signature = self.signature_of(model)
+        self.signature = signature
 
     @staticmethod
     def signature_of(model) -> tuple:
@@ -123,9 +123,9 @@ class _StepFor:
 
     @classmethod
     def current(cls, model: Transformer) -> "_StepFor":
-        step = _STEPS.get(model)
-        if step is None or step.signature != cls.signature_of(model):
-            step = _STEPS[model] = cls(model)
+        step, signature = _STEPS.get(model), cls.signature_of(model)
+        if step is None or step.signature != signature:
+            step = _STEPS[model] = cls(signature)
         return step
 
 

@@ -133,16 +133,17 @@ class MLA(nn.Module):
         O, A = cfg.v_head_dim, cfg.qk_head_dim
         if isinstance(mask_ST, Packed):
             return self._by_runs(q_BHSA, k_BHTA, v_BHTO, mask_ST.runs)[..., :O].transpose(1, 2)
+        # the mask as [S, T] or [B, 1, S, T]: CPU's fused (flash) kernel takes no other (a 3-D one falls
+        # back to the math path), and both broadcast over the heads of the recorded scores alike
+        mask = mask_ST if mask_ST is None or mask_ST.dim() == 2 else mask_ST[:, None]
         if self.record_max_logits:  # logits once more, outside autograd: the fused kernel hides them
             with torch.no_grad():  # the max in the matmul's dtype, scaled after (in fp32): the same value
                 scores_BHST = q_BHSA @ k_BHTA.transpose(-1, -2)
-                self._record(scores_BHST, None if mask_ST is None else mask_ST.unsqueeze(-3), causal, head_dim=1,
-                             scale=self.softmax_scale)
-        # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path;
-        # it also takes only 2-D [S, T] or 4-D [B, 1, S, T] masks (a 3-D one falls back to the math path)
+                self._record(scores_BHST, mask, causal, head_dim=1, scale=self.softmax_scale)
+        # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
         v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
         out_BHSO = F.scaled_dot_product_attention(
-            q_BHSA, k_BHTA, v_pad, attn_mask=mask_ST if mask_ST is None or mask_ST.dim() == 2 else mask_ST[:, None],
+            q_BHSA, k_BHTA, v_pad, attn_mask=mask,
             is_causal=causal and mask_ST is None,
             scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)

@@ -148,17 +148,25 @@ class Experts(nn.Module):
 
     def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
         """The specification: for each expert, its tokens through its SwiGLU, weighted, summed."""
-        out_ND = torch.zeros_like(x_ND)
         F_ = self.down_proj.shape[-1]
-        for e in range(self.gate_up_proj.shape[0]):
-            tok, slot = torch.where(topk_idx_NK == e)
-            if tok.numel() == 0:
-                continue
+
+        def swiglu(e, x):
             w_gate, w_up = self.gate_up_proj[e, :F_], self.gate_up_proj[e, F_:]
-            x = x_ND[tok]
-            y = (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ self.down_proj[e].T
-            out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
-        return out_ND
+            return (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ self.down_proj[e].T
+        return routed_reference(x_ND, topk_idx_NK, topk_w_NK, self.gate_up_proj.shape[0], swiglu)
+
+
+def routed_reference(x_ND, topk_idx_NK, topk_w_NK, n_experts: int, expert) -> torch.Tensor:
+    """The routing reference every experts module shares: for each expert e, its tokens through
+    expert(e, x) (that module's SwiGLU), weighted by their routing weight, summed per token."""
+    out_ND = torch.zeros_like(x_ND)
+    for e in range(n_experts):
+        tok, slot = torch.where(topk_idx_NK == e)
+        if tok.numel() == 0:
+            continue
+        y = expert(e, x_ND[tok])
+        out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
+    return out_ND
 
 
 # --- the decode step's forms (`MoE.decode`), written for torch.compile -----------------------------

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.model.moe import Experts
+from openk2.model.moe import Experts, routed_reference
 from openk2.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
 from openk2.quant.int4_decode import Int4Experts
 from openk2.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
@@ -79,15 +79,10 @@ class QuantizedExperts(nn.Module):
 
     def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
         """The routing reference, as Experts.forward_reference, over the same quantized linears."""
-        out_ND = torch.zeros_like(x_ND)
-        for e in range(len(self.gate_up)):
-            tok, slot = torch.where(topk_idx_NK == e)
-            if tok.numel() == 0:
-                continue
-            gate, up = self.gate_up[e](x_ND[tok]).chunk(2, dim=-1)
-            y = self.down[e](F.silu(gate) * up)
-            out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
-        return out_ND
+        def swiglu(e, x):
+            gate, up = self.gate_up[e](x).chunk(2, dim=-1)
+            return self.down[e](F.silu(gate) * up)
+        return routed_reference(x_ND, topk_idx_NK, topk_w_NK, len(self.gate_up), swiglu)
 
 
 def _targets(model: nn.Module, mode: str, linears: bool | None):

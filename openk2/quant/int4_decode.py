@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.model import linear
+from openk2.model.moe import routed_reference
 from openk2.quant.int4 import INT4_GROUP, quantize_int4, unpack_int4
 
 SOURCE = Path(__file__).with_name("int4_cpu.cpp")
@@ -117,7 +118,7 @@ class Int4Experts(nn.Module):
         """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
-        kernel = linear.PAIRS_KERNELS.get(torch.uint8) if x_MD.device.type == "cpu" else None
+        kernel = linear.pairs_kernel(self.gate_up_q)
         if kernel is not None and x_MD.shape[0] <= KERNEL_ROWS * int((counts_E > 0).sum()):
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             gate, up = kernel(x_MD, self.gate_up_q, self.gate_up_scale, idx_M).chunk(2, dim=-1)
@@ -133,12 +134,8 @@ class Int4Experts(nn.Module):
 
     def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
         """The routing reference: each expert's tokens through its dequantised SwiGLU, weighted, summed."""
-        out_ND = torch.zeros_like(x_ND)
-        for e in range(self.gate_up_q.shape[0]):
-            tok, slot = torch.where(topk_idx_NK == e)
-            if tok.numel():
-                w_gate_up, w_down = self.weights(e, x_ND.dtype)
-                gate, up = F.linear(x_ND[tok], w_gate_up).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, w_down)
-                out_ND.index_add_(0, tok, y * topk_w_NK[tok, slot, None].to(y.dtype))
-        return out_ND
+        def swiglu(e, x):
+            w_gate_up, w_down = self.weights(e, x.dtype)
+            gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, w_down)
+        return routed_reference(x_ND, topk_idx_NK, topk_w_NK, self.gate_up_q.shape[0], swiglu)
