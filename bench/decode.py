@@ -107,21 +107,24 @@ def open_llama(path, n_ctx: int, n_batch: int, threads: int):
 
 def prefill_table(ours, theirs, cfg, folder: str, threads: int, reps: int) -> None:
     """One prompt's prefill (512 and 4,000 tokens, to the first token's logits), side by side: openk2's
-    bare forward into a fresh cache, the Engine at prefill_chunk 512 (the default) and 1024,
-    transformers' forward, llama.cpp BF16 (its default micro-batch of 512)."""
+    bare forward into a fresh cache, the Engine as configured by default (alone, the prompt prefills in
+    chunks of idle_prefill_chunk, 4,096) and in chunks of 512 and 1,024 (what it does beside decoding
+    rows, prefill_chunk), transformers' forward, llama.cpp BF16 (its default micro-batch of 512)."""
     llama = open_llama(f"{folder}/model-bf16.gguf", 4096, 512, threads) if LLAMAS else None
     print("\n| prefill of one prompt | tokens | tok/s | vs llama.cpp BF16 | vs bare forward |\n"
           "| --- | ---: | ---: | ---: | ---: |")
     for n in (512, 4000):
         ids = torch.randint(0, cfg.vocab_size // 2, (1, n), generator=torch.Generator().manual_seed(n))
 
-        def engine(chunk):
-            e = Engine(ours, EngineConfig(cache_tokens=n + 64, max_batch=1, prefill_chunk=chunk))
+        def engine(chunk=None):
+            sizes = {} if chunk is None else {"prefill_chunk": chunk, "idle_prefill_chunk": chunk}
+            e = Engine(ours, EngineConfig(cache_tokens=n + 64, max_batch=1, **sizes))
             e.add_request(ids[0].tolist(), SamplingParams(max_tokens=1))
             e.run()
         last = torch.zeros(1, n, dtype=torch.bool)
         last[0, -1] = True  # the first token's logits only, as the Engine, transformers and llama.cpp
         rows = {"openk2 bf16, bare forward": lambda: ours(ids, 0, ours.new_cache(1, n + 1), keep=last),
+                "openk2 bf16, Engine (default)": engine,
                 "openk2 bf16, Engine (chunk 512)": partial(engine, 512),
                 "openk2 bf16, Engine (chunk 1024)": partial(engine, 1024),
                 "transformers bf16": lambda: theirs(ids, use_cache=False, logits_to_keep=1)}
@@ -198,6 +201,8 @@ def main():
     ap.add_argument("--preset", default="k2-small", choices=sorted(PRESETS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 repeat, 16 requests for the aggregate")
+    tables = ("decode", "prefill", "floor", "aggregate")
+    ap.add_argument("--only", nargs="+", choices=tables, default=tables, help="the tables to print (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -210,41 +215,46 @@ def main():
         ours, theirs = load_pair(cfg, torch.bfloat16, tmp)
         models = {"bf16": ours, "int8": quantize_model(copy.deepcopy(ours), "int8"),
                   "int4": quantize_model(copy.deepcopy(ours), "int4")}
-        rows = {"transformers bf16": ("bf16", lambda: decode_theirs(theirs, ids)[0])}
-        for mode, model in models.items():
-            for compile in (False, True):
-                rows[f"openk2 {mode}{', compiled' * compile}"] = (
-                    mode, lambda model=model, compile=compile: decode_ours(model, ids, compile)[0])
-        peers = llama_cpp_rows(tmp, ids, args.threads)
-        rows |= peers
-        first = {}
-        for name, (_, fn) in rows.items():  # warm-up; compiles the graphs (timed: the first run's cost)
-            t0 = time.perf_counter()
-            fn()
-            first[name] = time.perf_counter() - t0
-        times = {name: [] for name in rows}
-        for _ in range(reps):  # interleaved: a noisy neighbour slows every row alike
-            for name, (_, fn) in rows.items():
-                times[name].append(fn())
-        tok_s = {name: statistics.median(t) for name, t in times.items()}
-        base = tok_s["transformers bf16"]
-        print("\n| batch-1 decode | tok/s | vs llama.cpp, same precision | vs transformers bf16 | roofline tok/s "
-              "| % of roofline |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-        for name, (mode, _) in rows.items():
-            peer = next((p for p, (m, _) in peers.items() if m == mode), None)
-            vs = f"{tok_s[name] / tok_s[peer]:.2f}×" if peer and not name.startswith("llama") else "—"
-            roof = gbs * 1e9 / active_bytes(cfg, mode)
-            warm = f" (first run {first[name]:.0f} s)" if "compiled" in name else ""
-            # llama.cpp's Q8_0 / Q4_K_M also narrow what openk2 keeps bf16: openk2's byte count is not theirs
-            roofline = "— | —" if name.startswith("llama") and mode != "bf16" else \
-                f"{roof:.0f} | {100 * tok_s[name] / roof:.0f}%"
-            print(f"| {name}{warm} | {tok_s[name]:.0f} | {vs} | {tok_s[name] / base:.2f}× | {roofline} |")
-        if not peers:
-            print("(llama.cpp rows need the bench extra: pip install llama-cpp-python gguf)")
-        prefill_table(ours, theirs, cfg, tmp, args.threads, reps)
-        batch_floor(ours, cfg, gbs)
+        peers = llama_cpp_rows(tmp, ids, args.threads)  # also writes the GGUFs the prefill table reads
+        if "decode" in args.only:
+            rows = {"transformers bf16": ("bf16", lambda: decode_theirs(theirs, ids)[0])}
+            for mode, model in models.items():
+                for compile in (False, True):
+                    rows[f"openk2 {mode}{', compiled' * compile}"] = (
+                        mode, lambda model=model, compile=compile: decode_ours(model, ids, compile)[0])
+            rows |= peers
+            first = {}
+            for name, (_, fn) in rows.items():  # warm-up; compiles the graphs (timed: the first run's cost)
+                t0 = time.perf_counter()
+                fn()
+                first[name] = time.perf_counter() - t0
+            times = {name: [] for name in rows}
+            for _ in range(reps):  # interleaved: a noisy neighbour slows every row alike
+                for name, (_, fn) in rows.items():
+                    times[name].append(fn())
+            tok_s = {name: statistics.median(t) for name, t in times.items()}
+            base = tok_s["transformers bf16"]
+            print("\n| batch-1 decode | tok/s | vs llama.cpp, same precision | vs transformers bf16 | roofline tok/s "
+                  "| % of roofline |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+            for name, (mode, _) in rows.items():
+                peer = next((p for p, (m, _) in peers.items() if m == mode), None)
+                vs = f"{tok_s[name] / tok_s[peer]:.2f}×" if peer and not name.startswith("llama") else "—"
+                roof = gbs * 1e9 / active_bytes(cfg, mode)
+                warm = f" (first run {first[name]:.0f} s)" if "compiled" in name else ""
+                # llama.cpp's Q8_0 / Q4_K_M also narrow what openk2 keeps bf16: openk2's byte count is not theirs
+                roofline = "— | —" if name.startswith("llama") and mode != "bf16" else \
+                    f"{roof:.0f} | {100 * tok_s[name] / roof:.0f}%"
+                print(f"| {name}{warm} | {tok_s[name]:.0f} | {vs} | {tok_s[name] / base:.2f}× | {roofline} |")
+            if not peers:
+                print("(llama.cpp rows need the bench extra: pip install llama-cpp-python gguf)")
+        if "prefill" in args.only:
+            prefill_table(ours, theirs, cfg, tmp, args.threads, reps)
+        if "floor" in args.only:
+            batch_floor(ours, cfg, gbs)
         for llm in LLAMAS:
             llm.close()
+        if "aggregate" not in args.only:
+            return
         n = 16 if args.quick else 32
         print(f"\n| Engine, bf16, {n} requests × {NEW} tokens | eager tok/s | vs batch 1 | compiled tok/s | "
               "vs batch 1 |\n| --- | ---: | ---: | ---: | ---: |")

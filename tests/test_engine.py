@@ -24,7 +24,8 @@ def _prompt(n, seed):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
-    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=8, prefill_chunk=5, compile=compile))
+    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=8, prefill_chunk=5, idle_prefill_chunk=5,
+                                       compile=compile))
     engine.warmup()  # compiles each batch regime's graph (a no-op when eager); leaves the pool empty
     assert len(engine.pool.free) == engine.pool.num_blocks and not engine.has_work()
     specs = [(3, 9), (17, 6), (8, 12), (1, 5), (26, 4)]  # (prompt length, max_tokens)
@@ -49,7 +50,8 @@ def test_mixed_batch_joining_at_different_steps_equals_recompute(tiny, compile):
 def test_background_warmup_answers_eagerly_then_hands_over_without_recompiling(tiny):
     """`openk2 serve` answers while its decode step compiles: the engine decodes eagerly until the
     compile thread has every regime's graph, then switches to it — with no compile left for later."""
-    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=8, prefill_chunk=5, compile=True))
+    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=8, prefill_chunk=5, idle_prefill_chunk=5,
+                                       compile=True))
     heard, eager_done = [], threading.Event()
 
     def progress(message):  # hold the compile thread until the early requests are answered
@@ -77,7 +79,7 @@ def test_background_warmup_answers_eagerly_then_hands_over_without_recompiling(t
 def test_batched_prefill_of_prompts_at_different_offsets_equals_recompute(tiny):
     """Prompts prefill several to a forward, right-padded, at per-row offsets (the first one is in
     its second chunk when the short ones join it)."""
-    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=4, prefill_chunk=12))
+    engine = Engine(tiny, EngineConfig(cache_tokens=512, block_size=4, prefill_chunk=12, idle_prefill_chunk=12))
     lengths = [14, 5, 3, 9, 4, 7]
     reqs = [engine.add_request(_prompt(n, 10 + i), SamplingParams(max_tokens=6)) for i, n in enumerate(lengths)]
     engine.step(), engine.step()  # 12 tokens of the first, then its last 2 beside 2 tokens of the next
@@ -229,7 +231,7 @@ def test_chunked_prefill_runs_the_fused_attention_kernel(tiny):
     only (a 3-D one sent every later chunk to the math path: the Engine prefilled 4,000 tokens at half
     the bare forward's speed). Forced to the fused kernel, the math path is no fallback: it raises."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=8))
+    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=8, idle_prefill_chunk=8))
     engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=2))  # one row: a 2-D mask
     ids = torch.randint(0, 500, (2, 6), generator=torch.Generator().manual_seed(0))
     cache = tiny.new_cache(2, 32)
@@ -237,3 +239,18 @@ def test_chunked_prefill_runs_the_fused_attention_kernel(tiny):
         engine.run()
         tiny(ids, torch.tensor([0, 0]), cache)  # rows at their own positions: a 4-D mask [B, 1, S, T]
         tiny(ids, torch.tensor([6, 3]), cache)
+
+
+def test_prefill_chunk_is_bounded_only_while_others_decode(tiny):
+    """A prompt prefills in one forward of up to `idle_prefill_chunk` tokens while no request decodes
+    (nothing to stall), and `prefill_chunk` at a time while one does; the tokens are the reference's."""
+    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=4, idle_prefill_chunk=16))
+    first = engine.add_request(_prompt(14, 1), SamplingParams(max_tokens=8))
+    engine.step()
+    assert first.prefilled == 14 and len(first.output) == 1  # alone: the whole prompt, then its first token
+    second = engine.add_request(_prompt(14, 2), SamplingParams(max_tokens=3))
+    engine.step()
+    assert second.prefilled == 4 and len(first.output) == 2  # beside a decoding row: one bounded chunk
+    engine.run()
+    for req in (first, second):
+        assert req.output == generate_recompute(tiny, torch.tensor([req.prompt]), req.params)[0].tolist()

@@ -14,7 +14,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "config.py": 250, "cli.py": 230, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
     "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 70, "checkpoint/hf.py": 300,
     "engine/sampler.py": 100,
-    "engine/generate.py": 100, "engine/engine.py": 325, "engine/kv_cache.py": 200, "engine/decode.py": 300,
+    "engine/generate.py": 100, "engine/engine.py": 330, "engine/kv_cache.py": 200, "engine/decode.py": 300,
     "tokenizer/tokenizer.py": 260, "tokenizer/toolcalls.py": 330, "data/corpus.py": 200, "data/loader.py": 200,
     "optim/muon.py": 300, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 320,
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 200, "quant/int4_decode.py": 150,

@@ -30,7 +30,7 @@ def _reference(model, prompt, output):
 
 @pytest.mark.parametrize("chunk", [3, 7, 256])
 def test_logprobs_equal_full_forward_for_a_mixed_batch(tiny, chunk):
-    engine = Engine(tiny, EngineConfig(cache_tokens=1024, block_size=8, prefill_chunk=chunk))
+    engine = Engine(tiny, EngineConfig(cache_tokens=1024, block_size=8, prefill_chunk=chunk, idle_prefill_chunk=chunk))
     specs = [  # (prompt length, params)
         (9, SamplingParams(max_tokens=6, logprobs=3, prompt_logprobs=True)),  # greedy
         (5, SamplingParams(max_tokens=7, temperature=0.9, top_k=20, seed=1, logprobs=0)),  # sampled, chosen only
@@ -63,7 +63,7 @@ def test_logprobs_equal_full_forward_for_a_mixed_batch(tiny, chunk):
 
 
 def test_greedy_output_is_the_top_logprob_and_matches_recompute(tiny):
-    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=4))
+    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=4, idle_prefill_chunk=4))
     prompt = _prompt(10, 7)
     req = engine.add_request(prompt, SamplingParams(max_tokens=5, logprobs=1))
     engine.run()
@@ -76,7 +76,7 @@ def test_no_logprob_work_for_rows_that_do_not_ask(tiny, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("token_logprobs ran for a request that did not ask")
     monkeypatch.setattr(engine_mod, "token_logprobs", refuse)
-    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=4))
+    engine = Engine(tiny, EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=4, idle_prefill_chunk=4))
     reqs = [engine.add_request(_prompt(9, 1), SamplingParams(max_tokens=4)),
             engine.add_request(_prompt(6, 2), SamplingParams(max_tokens=4, temperature=1.0, seed=0))]
     engine.run()

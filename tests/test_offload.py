@@ -68,7 +68,8 @@ def test_engine_decodes_the_resident_models_tokens_and_logprobs(folders, slots, 
     runs = {}
     offloaded = load_offloaded(folders["bf16"], slots * EXPERT, progress=False, prefetch=prefetch)
     for name, model in (("resident", load_hf(folders["bf16"], progress=False)), ("offloaded", offloaded)):
-        engine = Engine(model.eval(), EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=7, compile=True))
+        config = EngineConfig(cache_tokens=256, block_size=8, prefill_chunk=7, idle_prefill_chunk=7, compile=True)
+        engine = Engine(model.eval(), config)
         assert name == "resident" or engine.compiled is None  # offloaded experts decode eagerly
         if engine.compiled is not None:
             engine.compiled = None  # the same (eager) step for both: bit-for-bit comparable

@@ -2,8 +2,9 @@
 
 Each `step()` admits waiting requests whose whole budget (prompt + max_tokens) fits the available
 blocks (reserved up front: a running request never waits for memory), runs one prefill forward of at
-most `prefill_chunk` padded tokens — the oldest prefilling request's next chunk, later prompts batched
-beside it (a long prompt stalls the others for one chunk at most) — then one batched decode step for
+most `prefill_chunk` padded tokens (`idle_prefill_chunk` while none decodes) — the oldest prefilling
+request's next chunk, later prompts batched beside it (a long prompt stalls the others for one chunk at
+most) — then one batched decode step for
 every other running request, each row at its own position (the compiled step of `decode.py` with
 `compile`). Finished and cancelled requests free their blocks at once; new ones join between steps.
 Sampling is per request (its own parameters and seeded generator; greedy rows share one argmax); a
@@ -78,13 +79,14 @@ class EngineConfig:
     cache_tokens: int = 8192  # latent cache rows in the block pool, for all requests together
     block_size: int = 16  # cache rows per block
     max_batch: int = 32  # requests running (decoding together) at most
-    prefill_chunk: int = 512  # new prompt tokens per prefill forward, padded, across the rows it batches
-    # (larger: faster prefill, as each chunk re-expands its prefix's keys; longer stalls: bench/serve.py)
+    prefill_chunk: int = 512  # new prompt tokens per prefill forward (padded, all its rows) while others
+    # decode: larger prefills faster (a chunk re-expands its prefix's keys), stalls longer (bench/serve.py)
+    idle_prefill_chunk: int = 4096  # the same while none decodes (nothing to stall)
     compile: bool = False  # decode steps through `CompiledDecode` (int4 linears decode eagerly)
     prefix_cache: bool = True  # reuse the cached rows of a prompt's longest already-computed prefix
 
     def __post_init__(self):
-        if min(self.cache_tokens, self.block_size, self.max_batch, self.prefill_chunk) < 1:
+        if min(self.cache_tokens, self.block_size, self.max_batch, self.prefill_chunk, self.idle_prefill_chunk) < 1:
             raise ValueError(f"every size of an EngineConfig must be >= 1: {self}")
 
 
@@ -163,17 +165,18 @@ class Engine:
         events = []
         decoding = [r for r in self.running if r.prefilled == len(r.prompt)]
         prefilling = [r for r in self.running if r.prefilled < len(r.prompt)]
-        if prefilling:
-            events += self._prefill(prefilling)
+        if prefilling:  # a bounded chunk while others decode, a larger one while none does
+            c = self.config
+            events += self._prefill(prefilling, c.prefill_chunk if decoding else c.idle_prefill_chunk)
         if decoding:
             events += self._decode(decoding)
         return events
 
-    def _prefill(self, prefilling: list[Request]) -> list[tuple[Request, int]]:
-        """One prefill forward of at most `prefill_chunk` (padded) new tokens: the oldest request's
+    def _prefill(self, prefilling: list[Request], chunk: int) -> list[tuple[Request, int]]:
+        """One prefill forward of at most `chunk` (padded) new tokens: the oldest request's
         next chunk, plus later requests beside it at the same padded width, as long as the batch's
         cache (rows × the deepest row's length) stays within twice what the oldest alone would use."""
-        first, chunk = prefilling[0], self.config.prefill_chunk
+        first = prefilling[0]
         width = min(chunk, len(first.prompt) - first.prefilled)
         depth = max(chunk, first.prefilled + width)  # its cache rows, or one chunk
         rows, deepest = [first], first.prefilled

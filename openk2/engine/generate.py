@@ -34,7 +34,7 @@ def generate_stream(model: Transformer, prompt_ids: torch.Tensor, params: Sampli
     B, S = len(rows), len(rows[0])
     # every prompt in one prefill forward (chunks keep a long prompt from stalling other requests;
     # here there are none, and each chunk would re-read the cache before it)
-    config = EngineConfig(max_batch=B, prefill_chunk=B * S, compile=compile)
+    config = EngineConfig(max_batch=B, prefill_chunk=B * S, idle_prefill_chunk=B * S, compile=compile)
     row_tokens = -(-(S + params.max_tokens) // config.block_size) * config.block_size  # in whole blocks
     engine = Engine(model, dataclasses.replace(config, cache_tokens=B * row_tokens))
     reqs = [engine.add_request(ids, _row_params(params, r)) for r, ids in enumerate(rows)]
