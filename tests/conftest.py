@@ -65,3 +65,15 @@ def tool_model(tmp_path_factory):
     folder = save_hf(model, root / "model", progress=False)
     return SimpleNamespace(model=model, fmt=fmt, tools=tools, folder=folder, workspace=root / "ws",
                            dialog=tool_dialog(tools), steps=step + 1)
+
+
+@pytest.fixture
+def cpu_kernels():
+    """openk2's CPU kernels (openk2.kernels) must build wherever their tools are (a C++ compiler and
+    ninja: here and in CI); without them the decode step uses its fused loops, and this skips."""
+    import shutil
+
+    from openk2 import kernels
+    if not (shutil.which("ninja") and (shutil.which("c++") or shutil.which("g++"))):
+        pytest.skip("no C++ compiler or ninja: the decode step uses its fused loops")
+    assert kernels.load()

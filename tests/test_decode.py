@@ -70,17 +70,29 @@ def test_decode_step_family_variants(variant):
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_step_equals_reference(tiny):
+@pytest.mark.parametrize("kernels", ["openk2's kernels", "fused loops"])
+def test_compiled_step_equals_reference(kernels, monkeypatch, request):
+    """One row (fused loops), and four (past `small_batch`: library matmuls, and the experts through
+    openk2's grouped kernel where it builds, else dense over all experts)."""
+    from openk2 import kernels as cpu_kernels
+    tiny = build_model(CFG, seed=4).eval()  # a graph of its own: the kernels are read when it compiles
+    if kernels == "fused loops":
+        cpu_kernels.load()  # registered now, so that it cannot register into the emptied table below
+        monkeypatch.setattr(linear, "PAIRS_KERNELS", {})
+    else:
+        request.getfixturevalue("cpu_kernels")
     compiled = CompiledDecode(tiny)
     for lengths in ([6], [4, 9, 2, 12]):
         pool, tables, ids, pos = _pool_with_prompts(tiny, lengths)
         slots = pool.slots(tables, max(lengths) + 1)
         ref_rows = [r.clone() for r in pool.rows]
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.profiler.profile() as prof:
             expect = tiny.decode_reference(ids, pos, slots, ref_rows)
             got = compiled(ids, pos, slots, pool.rows)
         assert not compiled.failed
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+        ran = {e.name for e in prof.events()}
+        assert ("openk2::float_pairs" in ran) == (kernels == "openk2's kernels")  # at one row, and four
         for a, b in zip(pool.rows, ref_rows):  # the in-place pool write survives compilation
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 

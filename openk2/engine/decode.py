@@ -23,6 +23,7 @@ import weakref
 import torch
 from torch import nn
 
+from openk2 import kernels
 from openk2.model.linear import decode_weights
 from openk2.model.moe import small_batch
 from openk2.model.transformer import Transformer
@@ -143,6 +144,8 @@ class CompiledDecode:
             raise ValueError("the compiled decode step cannot read int4 linears (quantize with linears=False: "
                              "int4 experts compile)")
         self.model, self.failed = model, False
+        if model.lm_head.weight.device.type == "cpu":
+            kernels.load()  # the experts' kernels (openk2.kernels), where they build
         # quantized weights (faces with scales: int8) compile for small batches only, where their
         # fused loops win; larger batches keep the quantized modules' own kernels (the reference)
         self.scaled = any(face[1] is not None for face in _faces(model))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import decode_linear, decode_weights, pairs_matvec
+from openk2.model.linear import decode_linear, decode_weights, pairs_kernel, pairs_matvec
 
 
 class MLP(nn.Module):
@@ -239,5 +239,7 @@ class MoE(nn.Module):
         Its reference is `forward` (tests/test_decode.py binds whole steps)."""
         logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
         idx_NK, w_NK = route(logits_NE, self.gate.e_score_correction_bias.float(), self.cfg)
-        y_ND = (_experts_pairs if small else _experts_dense)(self.experts, x_ND, idx_NK, w_NK)
+        # a registered kernel reads each chosen expert once for all its rows: the pairs at any batch
+        pairs = small or pairs_kernel(decode_weights(self.experts)[0]) is not None
+        y_ND = (_experts_pairs if pairs else _experts_dense)(self.experts, x_ND, idx_NK, w_NK)
         return y_ND + self.shared_experts.decode(x_ND, small) if self.shared_experts is not None else y_ND

@@ -3,67 +3,27 @@ each group of 32 inputs byte j holds code j in its low nibble and code j + 16 in
 halves unpack with one mask or shift over contiguous bytes; scale [..., O, I/32]), `Int4Experts`
 (stacked in that layout, 0.5 bytes per weight), and its kernel.
 
-The kernel: `int4_cpu.cpp`, built on first use with torch's extension mechanism
-(`torch.utils.cpp_extension.load`: the machine's C++ compiler, -O3 -march=native -fopenmp; ~30 s
-once, then loaded from torch's extension cache), registered as the op `openk2::int4_pairs` with a
-fake (shape) implementation so that torch.compile keeps it inside the compiled decode step, and
-offered to the step through `openk2.model.linear.PAIRS_KERNELS` for uint8 (int4) codes. Without a
-compiler (or with OPENK2_INT4_KERNEL=0) nothing is registered and the step fuses its own loop over
-the same codes (`openk2.model.linear.matvec`), the reference the kernel is tested against.
+The kernel: `openk2::int4_pairs` (openk2/kernels/int4_cpu.cpp), built on first use with openk2's
+other CPU kernels (`openk2.kernels.load`) and offered to the decode step through
+`openk2.model.linear.PAIRS_KERNELS` for uint8 (int4) codes. Without a compiler (or with
+OPENK2_CPU_KERNELS=0) the step fuses its own loop over the same codes (`openk2.model.linear.matvec`),
+the reference the kernel is tested against.
 """
 
-import functools
-import hashlib
-import os
-import platform
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openk2.kernels import load
 from openk2.model import linear
 from openk2.model.moe import routed_reference
 from openk2.quant.int4 import INT4_GROUP, quantize_int4, unpack_int4
 
-SOURCE = Path(__file__).with_name("int4_cpu.cpp")
 # eagerly, the kernel serves experts with up to this many rows each on average (decode steps); above,
 # dequantising each used expert once and a library matmul win (crossover measured at ~24 rows for a
 # 512×512 expert on 2 cores: 16 rows 148 vs 245 µs, 64 rows 577 vs 328 µs)
 KERNEL_ROWS = 16
-
-
-def _cpu_tag() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor() or platform.machine()
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-@functools.cache
-def load() -> bool:
-    """Build (or load the cached build of) the kernel and register it; False where it cannot be."""
-    if os.environ.get("OPENK2_INT4_KERNEL", "1") == "0":
-        return False
-    try:
-        from torch.utils.cpp_extension import load as build
-        # built for this CPU (-march=native): its name carries the CPU's features, so that a shared
-        # extension cache never hands one CPU's build to another
-        build(name=f"openk2_int4_{_cpu_tag()}", sources=[str(SOURCE)],
-              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-              is_python_module=False, verbose=False)
-    except Exception as e:  # no compiler, no ninja, a failed build: the fused loop serves
-        warnings.warn(f"openk2's int4 kernel did not build ({type(e).__name__}: {str(e)[:200]}); int4 experts "
-                      "decode through the compiled step's own loop")
-        return False
-
-    @torch.library.register_fake("openk2::int4_pairs")
-    def _(x, w, scale, idx):
-        return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
-    linear.PAIRS_KERNELS[torch.uint8] = torch.ops.openk2.int4_pairs
-    return True
 
 
 def pack_halves(codes_OI: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:

@@ -136,7 +136,7 @@ at::Tensor int4_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return y;
 }
 
-TORCH_LIBRARY(openk2, m) {
+TORCH_LIBRARY_FRAGMENT(openk2, m) {
   m.def("int4_pairs(Tensor x, Tensor w, Tensor scale, Tensor idx) -> Tensor");
 }
 

@@ -1,0 +1,65 @@
+"""openk2's CPU kernels for the decode step, offered to it through `openk2.model.linear.PAIRS_KERNELS`
+(the chosen experts' matrix-vector products, by the dtype of the weights or codes):
+
+- `int4_cpu.cpp`, `openk2::int4_pairs`: int4 experts in the decode layout (openk2/quant/int4_decode.py);
+- `pairs_cpu.cpp`, `openk2::float_pairs`: bf16 and fp32 experts, the rows grouped by expert so that a
+  batch reads each chosen expert once (at batch 32 the fused loop would read it once per row).
+
+Built on first use with torch's extension mechanism (`torch.utils.cpp_extension.load`: the machine's
+C++ compiler, -O3 -march=native -fopenmp; ~1 min once, then loaded from torch's extension cache) and
+registered with fake (shape) implementations, so that torch.compile keeps them inside the compiled
+decode step. Without a compiler (or with OPENK2_CPU_KERNELS=0) nothing is registered and the step
+fuses its own loops (`openk2.model.linear.matvec`), the reference the kernels are tested against.
+"""
+
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+from openk2.model import linear
+
+SOURCES = [Path(__file__).with_name(name) for name in ("int4_cpu.cpp", "pairs_cpu.cpp")]
+
+
+def _cpu_tag() -> str:
+    """The CPU's feature flags, hashed: the build's name carries them (-march=native), so that a shared
+    extension cache never hands one CPU's build to another; the sources' hash too (a changed kernel
+    rebuilds)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor() or platform.machine()
+    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
+
+
+@functools.cache
+def load() -> bool:
+    """Build (or load the cached build of) the kernels and register them; False where they cannot be."""
+    if os.environ.get("OPENK2_CPU_KERNELS", "1") == "0":
+        return False
+    try:
+        from torch.utils.cpp_extension import load as build
+        build(name=f"openk2_kernels_{_cpu_tag()}", sources=[str(p) for p in SOURCES],
+              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+              is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: the fused loops serve
+        warnings.warn(f"openk2's CPU kernels did not build ({type(e).__name__}: {str(e)[:200]}); the decode "
+                      "step uses its own fused loops")
+        return False
+
+    @torch.library.register_fake("openk2::int4_pairs")
+    def _(x, w, scale, idx):
+        return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("openk2::float_pairs")
+    def _(x, w, idx):
+        return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
+    linear.PAIRS_KERNELS[torch.uint8] = torch.ops.openk2.int4_pairs
+    for dtype in (torch.bfloat16, torch.float32):
+        linear.PAIRS_KERNELS[dtype] = lambda x, w, scale, idx: torch.ops.openk2.float_pairs(x, w, idx)
+    return True
