@@ -92,7 +92,7 @@ def test_compiled_step_equals_reference(kernels, monkeypatch, request):
         assert not compiled.failed
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
         ran = {e.name for e in prof.events()}
-        assert ("openk2::float_pairs" in ran) == (kernels == "openk2's kernels")  # at one row, and four
+        assert ("openk2::float_pairs" in ran) == (kernels == "openk2's kernels" and len(lengths) > 1)
         for a, b in zip(pool.rows, ref_rows):  # the in-place pool write survives compilation
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 

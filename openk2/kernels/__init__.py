@@ -3,7 +3,8 @@
 
 - `int4_cpu.cpp`, `openk2::int4_pairs`: int4 experts in the decode layout (openk2/quant/int4_decode.py);
 - `pairs_cpu.cpp`, `openk2::float_pairs`: bf16 and fp32 experts, the rows grouped by expert so that a
-  batch reads each chosen expert once (at batch 32 the fused loop would read it once per row).
+  batch reads each chosen expert once; the step takes it past `small_batch`, where the alternative is
+  every expert on every row (at one row the step's own fused loop is faster: `MoE.decode`).
 
 Built on first use with torch's extension mechanism (`torch.utils.cpp_extension.load`: the machine's
 C++ compiler, -O3 -march=native -fopenmp; ~1 min once, then loaded from torch's extension cache) and

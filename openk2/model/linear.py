@@ -48,11 +48,12 @@ def pairs_kernel(w_EOI: torch.Tensor):
     return PAIRS_KERNELS.get(w_EOI.dtype) if w_EOI.device.type == "cpu" else None
 
 
-def pairs_matvec(x_MI: torch.Tensor, w_EOI: torch.Tensor, scale_EO: torch.Tensor | None, idx_M: torch.Tensor):
+def pairs_matvec(x_MI: torch.Tensor, w_EOI: torch.Tensor, scale_EO: torch.Tensor | None, idx_M: torch.Tensor,
+                 kernel: bool = True):
     """Row m of x times matrix idx_M[m] of the stack w (the decode step's chosen experts), in fp32: a
-    kernel registered for the codes' dtype, else `matvec` over the gathered matrices (inductor reads
-    them in place inside its loop, no copy)."""
-    kernel = pairs_kernel(w_EOI)
+    kernel registered for the codes' dtype (unless not `kernel`), else `matvec` over the gathered
+    matrices (inductor reads them in place inside its loop, no copy)."""
+    kernel = pairs_kernel(w_EOI) if kernel else None
     if kernel is not None:
         return kernel(x_MI, w_EOI, scale_EO, idx_M)
     return matvec(x_MI, w_EOI[idx_M], None if scale_EO is None else scale_EO[idx_M])
