@@ -82,7 +82,9 @@ def test_compiled_step_equals_reference(kernels, monkeypatch, request):
     else:
         request.getfixturevalue("cpu_kernels")
     compiled = CompiledDecode(tiny)
-    for lengths in ([6], [4, 9, 2, 12]):
+    # each regime again once its graph has run: the calls that check only the guards telling the
+    # graphs apart (CompiledDecode._guards) still pick the right one
+    for lengths in ([6], [4, 9, 2, 12], [5], [3, 8, 1, 7]):
         pool, tables, ids, pos = _pool_with_prompts(tiny, lengths)
         slots = pool.slots(tables, max(lengths) + 1)
         ref_rows = [r.clone() for r in pool.rows]
@@ -95,6 +97,22 @@ def test_compiled_step_equals_reference(kernels, monkeypatch, request):
         assert ("openk2::float_pairs" in ran) == (kernels == "openk2's kernels" and len(lengths) > 1)
         for a, b in zip(pool.rows, ref_rows):  # the in-place pool write survives compilation
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert compiled._ran == {(True, True), (False, False)}
+
+
+def test_a_missing_graph_under_skipped_guards_compiles_with_all_of_them():
+    """Were a regime's graph missing when its calls skip most guards, torch refuses to compile there;
+    the step then runs that call with all guards, compiling it, instead of failing the request."""
+    model = build_model(CFG, seed=5).eval()
+    compiled = CompiledDecode(model)
+    compiled._ran.add((False, False))  # as if the four-row regime had run, which it has not
+    pool, tables, ids, pos = _pool_with_prompts(model, [4, 9, 2, 12])
+    slots = pool.slots(tables, 13)
+    with torch.inference_mode():
+        expect = model.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
+        got = compiled(ids, pos, slots, pool.rows)
+    assert not compiled.failed and (False, False) in compiled._ran
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
 
 
 def test_each_model_keeps_its_own_compiled_step(tiny):
