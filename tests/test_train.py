@@ -132,16 +132,16 @@ def _resume_copy(src, step: int, dst) -> None:
 
 
 def test_expert_parallel_training_equals_one_process_and_resumes_at_any_size(corpus, tmp_path):
-    """`--ep` on 2 and 4 processes (each holding 1/2 or 1/4 of every layer's experts) trains as one
-    process with the same global batch; a checkpoint is the whole model and the whole optimizer state,
+    """`--ep` on 2 and 4 processes (each holding 1/2 or 1/4 of every layer's experts; and EP 2 × DP 2)
+    trains as one process with the same global batch; a checkpoint is the whole model and the whole optimizer state,
     so a run resumes bit for bit at the same size, and at another: 4 processes (--ep 4) -> 2 (--ep 2)
     -> 1 ends where one process does (AdamW, to 1e-5)."""
     one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=5, warmup_steps=1, autocast="none", optimizer="adamw",
                ckpt_every=2, eval_every=100)
     train(one)
     runs = {}
-    for name, world in (("two", 2), ("again", 2), ("four", 4), ("four_two", 2)):
-        runs[name] = dataclasses.replace(one, out_dir=str(tmp_path / name), batch_size=4 // world, ep=world)
+    for name, world, ep in (("two", 2, 2), ("again", 2, 2), ("four", 4, 4), ("four_two", 2, 2), ("ep2xdp2", 4, 2)):
+        runs[name] = dataclasses.replace(one, out_dir=str(tmp_path / name), batch_size=4 // world, ep=ep)
         (tmp_path / name).mkdir()
         os.symlink(tmp_path / "one" / "tokenizer", tmp_path / name / "tokenizer")
     mp.spawn(_rank_main, args=(2, _free_port(), runs["two"]), nprocs=2, join=True)
@@ -151,6 +151,12 @@ def test_expert_parallel_training_equals_one_process_and_resumes_at_any_size(cor
     ref = load_hf(tmp_path / "one" / "checkpoints" / "step_000005", progress=False)
     for (name, x), (_, y) in zip(whole.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)  # every expert included
+    # EP 2 × DP 2: the checkpoint gathered by rank 0's EP group alone (the other holds copies)
+    mp.spawn(_rank_main, args=(4, _free_port(), runs["ep2xdp2"]), nprocs=4, join=True)
+    assert _losses(tmp_path / "ep2xdp2") == pytest.approx(a, abs=1e-5)
+    mixed = load_hf(tmp_path / "ep2xdp2" / "checkpoints" / "step_000005", progress=False)
+    for (name, x), (_, y) in zip(mixed.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)
     # the same size: bit for bit
     _resume_copy(tmp_path / "two", 2, tmp_path / "again")
     mp.spawn(_rank_main, args=(2, _free_port(), dataclasses.replace(runs["again"], resume=True)), nprocs=2, join=True)

@@ -166,14 +166,26 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup |
     return total
 
 
-def gather_experts(model: nn.Module, group: dist.ProcessGroup | None = None, grads: bool = False) -> dict:
+def gather_experts(model: nn.Module, group: dist.ProcessGroup | None = None, grads: bool = False,
+                   to: int | None = None) -> dict:
     """{name: the full [E, ...] stack} of every layer's experts (their gradients if `grads`), gathered
-    from the EP group onto every rank: for checks and for saving a checkpoint of the whole model."""
+    from the EP group onto every rank (for checks), or onto global rank `to` only ({} on the others:
+    a checkpoint of the whole model, which one process writes)."""
     out = {}
     for name, p in model.named_parameters():
         if is_expert(name):
             t = (p.grad if p.grad is not None else torch.zeros_like(p)) if grads else p.detach()
-            parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, t.contiguous(), group=group)
-            out[name] = torch.cat(parts)
-    return out
+            out[name] = gather_rows(t, group, to)
+    return {n: t for n, t in out.items() if t is not None}
+
+
+def gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None, to: int | None = None) -> torch.Tensor | None:
+    """The group's slices of one tensor, concatenated in group-rank order: on every rank, or on global
+    rank `to` only (None on the others)."""
+    mine = to is None or dist.get_rank() == to
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))] if mine else None
+    if to is None:
+        dist.all_gather(parts, t.contiguous(), group=group)
+    else:
+        dist.gather(t.contiguous(), parts, dst=to, group=group)
+    return torch.cat(parts) if mine else None

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from openk2.model.transformer import Transformer
-from openk2.parallel.ep import clip_grad_norm, ep_param_groups, gather_experts, is_expert, shard_experts
+from openk2.parallel.ep import clip_grad_norm, ep_param_groups, gather_experts, gather_rows, is_expert, shard_experts
 
 
 class ExpertParallelTraining:
@@ -34,6 +34,7 @@ class ExpertParallelTraining:
         self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp") if world > ep else None
         shard_experts(model, self.ep_group)
         self.ep_rank = dist.get_rank(self.ep_group)
+        self.saves = 0 in dist.get_process_group_ranks(self.ep_group)  # the EP group that gathers checkpoints
         experts = {name: p for name, p in model.named_parameters() if is_expert(name)}
         self.expert_ids = {id(p) for p in experts.values()}
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(experts))
@@ -51,8 +52,11 @@ class ExpertParallelTraining:
         return clip_grad_norm(model, max_norm or float("inf"), self.ep_group)
 
     def whole(self, model: Transformer) -> Transformer | None:
-        """The full model (every expert) for the checkpoint, built on rank 0 (None elsewhere): collective."""
-        experts = gather_experts(model, self.ep_group)
+        """The full model (every expert) for the checkpoint, built on rank 0 (None elsewhere): collective
+        over rank 0's EP group (the other groups hold copies of the same experts: they skip it)."""
+        if not self.saves:
+            return None
+        experts = gather_experts(model, self.ep_group, to=0)
         if dist.get_rank() != 0:
             return None
         with torch.device("meta"):
@@ -64,9 +68,12 @@ class ExpertParallelTraining:
         return full
 
     def whole_optimizer_state(self, opt) -> dict:
-        """`opt.state_dict()` as one process training the whole model would have it: each expert's
-        state tensors gathered over the EP group (collective), no group marked `local`. Checkpoints
-        hold this, so a run resumes at any --ep and number of processes."""
+        """`opt.state_dict()` as one process training the whole model would have it, on rank 0 (None
+        elsewhere): each expert's state tensors gathered there over its EP group (collective, as
+        `whole`), no group marked `local`. Checkpoints hold this, so a run resumes at any --ep and
+        number of processes."""
+        if not self.saves:
+            return None
         sd = opt.state_dict()
         flat = [p for g in opt.param_groups for p in g["params"]]
         for i, p in enumerate(flat):
@@ -75,9 +82,9 @@ class ExpertParallelTraining:
             entry = sd["state"][i] = dict(sd["state"].get(i, {}))  # a copy: state_dict() shares the live state
             for key, t in entry.items():
                 if torch.is_tensor(t) and t.dim() and t.shape == p.shape:
-                    parts = [torch.empty_like(t) for _ in range(self.ep)]
-                    dist.all_gather(parts, t.contiguous(), group=self.ep_group)
-                    entry[key] = torch.cat(parts)
+                    entry[key] = gather_rows(t, self.ep_group, to=0)
+        if dist.get_rank() != 0:
+            return None
         sd["param_groups"] = [{**g, "local": False} for g in sd["param_groups"]]
         return sd
 
