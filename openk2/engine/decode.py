@@ -131,6 +131,7 @@ class _StepFor:
 
 
 _STEPS: "weakref.WeakKeyDictionary[Transformer, _StepFor]" = weakref.WeakKeyDictionary()
+_ONE_STEP = threading.Lock()  # see CompiledDecode._run
 
 
 class CompiledDecode:
@@ -187,14 +188,17 @@ class CompiledDecode:
         return torch.compiler.set_stance(torch._dynamo.eval_frame._stance.stance, skip_guard_eval_unsafe=True)
 
     def _run(self, regime, *args):
-        try:
-            with self._guards(regime):
+        # torch's stance is process-wide: one compiled step at a time, so that no other thread's step
+        # (another engine's first call, compiling) runs under this one's skipped guards
+        with _ONE_STEP:
+            try:
+                with self._guards(regime):
+                    logits = self._fn(self.model, *args)
+            except RuntimeError as e:  # torch refuses to compile without all guards: with them, then
+                if regime not in self._ran or "skip_guard_eval_unsafe" not in str(e):
+                    raise
+                self._ran.discard(regime)
                 logits = self._fn(self.model, *args)
-        except RuntimeError as e:  # torch refuses to compile a graph without all guards: with them, then
-            if regime not in self._ran or "skip_guard_eval_unsafe" not in str(e):
-                raise
-            self._ran.discard(regime)
-            logits = self._fn(self.model, *args)
         self._ran.add(regime)
         return logits
 
