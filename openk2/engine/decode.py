@@ -145,8 +145,7 @@ class CompiledDecode:
             raise ValueError("the compiled decode step cannot read int4 linears (quantize with linears=False: "
                              "int4 experts compile)")
         self.model, self.failed = model, False
-        if model.lm_head.weight.device.type == "cpu":
-            kernels.load()  # the experts' kernels (openk2.kernels), where they build
+        kernels.load_for(model.lm_head.weight.device)  # the experts' kernels (openk2.kernels)
         # quantized weights (faces with scales: int8) compile for small batches only, where their
         # fused loops win; larger batches keep the quantized modules' own kernels (the reference)
         self.scaled = any(face[1] is not None for face in _faces(model))

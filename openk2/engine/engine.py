@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from openk2 import kernels
 from openk2.engine.decode import CompiledDecode, compilable, decode_kernels, small_batch
 from openk2.engine.kv_cache import BlockPool
 from openk2.engine.sampler import SamplingParams, TokenLogprob, apply_mask, sample, token_logprobs
@@ -96,6 +97,7 @@ class Engine:
         fused kernels reading the pool in place."""
         w, c = model.lm_head.weight, config
         self.model, self.config = model.eval(), config
+        kernels.load_for(w.device)  # the experts' kernels (openk2.kernels), for eager and compiled steps
         self.pool = BlockPool(model.cfg, -(-c.cache_tokens // c.block_size), c.block_size, w.dtype, w.device)
         self.waiting: list[Request] = []
         self.running: list[Request] = []

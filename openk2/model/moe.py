@@ -101,6 +101,11 @@ class LocalDispatcher:
         return out_ND.index_add_(0, order_M // k, y_MD)
 
 
+# eagerly, a registered kernel serves experts with up to this many rows each on average; above, one
+# library matmul per used expert wins (the crossover of openk2/quant/int4_decode.py's measurement)
+KERNEL_ROWS = 16
+
+
 class Experts(nn.Module):
     """E SwiGLU experts, stacked: gate and up fused as gate_up_proj [E, 2F, D] (gate rows first),
     down_proj [E, D, F]. HF stores them one by one (`experts.{e}.gate_proj.weight`, ...)."""
@@ -126,6 +131,13 @@ class Experts(nn.Module):
             h_MF = F.silu(gate).mul_(up).mul_(w_M[:, None])  # scale the F-wide hidden, not the output
             return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        kernel = None if torch.is_grad_enabled() else pairs_kernel(w_gate_up)
+        if kernel is not None and x_MD.shape[0] <= KERNEL_ROWS * int((counts_E > 0).sum()):
+            # few rows an expert (decode steps, short prompts): each used expert read once, all its rows
+            idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
+            gate, up = kernel(x_MD, w_gate_up, None, idx_M).chunk(2, dim=-1)
+            h_MF = (F.silu(gate) * up).to(x_MD.dtype)
+            return kernel(h_MF, w_down, None, idx_M).to(x_MD.dtype).mul_(w_M[:, None])
         if torch.is_grad_enabled() and w_gate_up.requires_grad:
             # under autograd, slicing out one expert (or one expert's rows) back-propagates a zero-filled
             # gradient of the whole tensor, once per expert; unbind and split gather every expert's
