@@ -33,7 +33,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
     "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
     "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200, "offload/store.py": 160, "offload/cache.py": 200,
-    "offload/experts.py": 130, "parallel/ep.py": 200, "kernels/__init__.py": 80,
+    "offload/experts.py": 135, "parallel/ep.py": 200, "kernels/__init__.py": 80,
 }
 # package -> openk2 packages it must not import
 FORBIDDEN = {

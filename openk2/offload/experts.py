@@ -13,6 +13,8 @@ these models eagerly (see `decode_weights` below).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,8 @@ from torch import nn
 from openk2.checkpoint.hf import load_dtype, load_hf
 from openk2.config import ModelConfig
 from openk2.info import check_memory
+from openk2.model.linear import pairs_kernel
+from openk2.model.moe import KERNEL_ROWS
 from openk2.offload.cache import ExpertCache, expert_bytes
 from openk2.offload.store import ExpertStore
 
@@ -51,13 +55,22 @@ class OffloadedExperts(nn.Module):
         if grouped:
             raise NotImplementedError("offloaded experts have no grouped kernel; pass grouped=None/False")
         counts = counts_E.tolist()
-        starts = [0]
-        for n in counts:
-            starts.append(starts[-1] + n)
-        out = {}
-        for e, w_gate_up, w_down in self._runs([e for e, n in enumerate(counts) if n]):
-            gate, up = F.linear(x_MD[starts[e]:starts[e + 1]], w_gate_up).chunk(2, dim=-1)
-            out[e] = F.linear(F.silu(gate).mul_(up), w_down)
+        starts = [0, *itertools.accumulate(counts)]
+        out, used = {}, [e for e, n in enumerate(counts) if n]
+        kernel = None if torch.is_grad_enabled() else pairs_kernel(self.cache.gate_up_S2FD)
+        if kernel is not None and x_MD.shape[0] <= KERNEL_ROWS * len(used):  # as `Experts` decides
+            for i in range(0, len(used), self.cache.slots):  # the kernel over the cache's slots
+                group = used[i:i + self.cache.slots]
+                slots = self.cache.fetch(self.layer, group)
+                idx_M = torch.cat([torch.full((counts[e],), s, device=x_MD.device) for e, s in zip(group, slots)])
+                x = torch.cat([x_MD[starts[e]:starts[e + 1]] for e in group])
+                gate, up = kernel(x, self.cache.gate_up_S2FD, None, idx_M).chunk(2, dim=-1)
+                y = kernel((F.silu(gate) * up).to(x.dtype), self.cache.down_SDF, None, idx_M).to(x.dtype)
+                out |= dict(zip(group, y.split([counts[e] for e in group])))
+        else:
+            for e, w_gate_up, w_down in self._runs(used):
+                gate, up = F.linear(x_MD[starts[e]:starts[e + 1]], w_gate_up).chunk(2, dim=-1)
+                out[e] = F.linear(F.silu(gate).mul_(up), w_down)
         return torch.cat([out[e] for e in sorted(out)]).mul_(w_M[:, None])
 
     def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
