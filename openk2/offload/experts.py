@@ -23,7 +23,7 @@ from openk2.checkpoint.hf import load_dtype, load_hf
 from openk2.config import ModelConfig
 from openk2.info import check_memory
 from openk2.model.linear import pairs_kernel
-from openk2.model.moe import KERNEL_ROWS
+from openk2.model.moe import few_rows, kernel_swiglu
 from openk2.offload.cache import ExpertCache, expert_bytes
 from openk2.offload.store import ExpertStore
 
@@ -58,14 +58,13 @@ class OffloadedExperts(nn.Module):
         starts = [0, *itertools.accumulate(counts)]
         out, used = {}, [e for e, n in enumerate(counts) if n]
         kernel = None if torch.is_grad_enabled() else pairs_kernel(self.cache.gate_up_S2FD)
-        if kernel is not None and x_MD.shape[0] <= KERNEL_ROWS * len(used):  # as `Experts` decides
+        if kernel is not None and few_rows(x_MD.shape[0], len(used)):  # as `Experts` decides
             for i in range(0, len(used), self.cache.slots):  # the kernel over the cache's slots
                 group = used[i:i + self.cache.slots]
                 slots = self.cache.fetch(self.layer, group)
                 idx_M = torch.cat([torch.full((counts[e],), s, device=x_MD.device) for e, s in zip(group, slots)])
                 x = torch.cat([x_MD[starts[e]:starts[e + 1]] for e in group])
-                gate, up = kernel(x, self.cache.gate_up_S2FD, None, idx_M).chunk(2, dim=-1)
-                y = kernel((F.silu(gate) * up).to(x.dtype), self.cache.down_SDF, None, idx_M).to(x.dtype)
+                y = kernel_swiglu(kernel, x, idx_M, self.cache.gate_up_S2FD, None, self.cache.down_SDF, None)
                 out |= dict(zip(group, y.split([counts[e] for e in group])))
         else:
             for e, w_gate_up, w_down in self._runs(used):

@@ -15,16 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.kernels import load
+from openk2.kernels import load_for
 from openk2.model import linear
-from openk2.model.moe import routed_reference
+from openk2.model.moe import few_rows, kernel_swiglu, routed_reference
 from openk2.quant.int4 import INT4_GROUP, quantize_int4, unpack_int4
-
-# eagerly, the kernel serves experts with up to this many rows each on average (decode steps); above,
-# dequantising each used expert once and a library matmul win (crossover measured at ~24 rows for a
-# 512×512 expert on 2 cores: 16 rows 148 vs 245 µs, 64 rows 577 vs 328 µs)
-KERNEL_ROWS = 16
-
 
 def pack_halves(codes_OI: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     """Unsigned codes 0..15 [..., O, I] -> the decode layout uint8 [..., O, I/2] (see the module doc)."""
@@ -49,8 +43,7 @@ class Int4Experts(nn.Module):
 
     def __init__(self, gate_up_q, gate_up_scale, down_q, down_scale):
         super().__init__()
-        if gate_up_q.device.type == "cpu":
-            load()  # the decode step's kernel for these codes, where it builds
+        load_for(gate_up_q.device)  # the decode step's kernel for these codes, where it builds
         for name, t in zip(("gate_up_q", "gate_up_scale", "down_q", "down_scale"),
                            (gate_up_q, gate_up_scale, down_q, down_scale)):
             self.register_buffer(name, t, persistent=False)
@@ -79,11 +72,10 @@ class Int4Experts(nn.Module):
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
         kernel = linear.pairs_kernel(self.gate_up_q)
-        if kernel is not None and x_MD.shape[0] <= KERNEL_ROWS * int((counts_E > 0).sum()):
+        if kernel is not None and few_rows(x_MD.shape[0], int((counts_E > 0).sum())):  # else dequantise
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
-            gate, up = kernel(x_MD, self.gate_up_q, self.gate_up_scale, idx_M).chunk(2, dim=-1)
-            h_MF = (F.silu(gate) * up).to(x_MD.dtype)
-            return kernel(h_MF, self.down_q, self.down_scale, idx_M).to(x_MD.dtype).mul_(w_M[:, None])
+            return kernel_swiglu(kernel, x_MD, idx_M, self.gate_up_q, self.gate_up_scale, self.down_q,
+                                 self.down_scale).mul_(w_M[:, None])
         out = []
         for e, x in enumerate(x_MD.split(counts_E.tolist())):
             if len(x):
