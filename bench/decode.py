@@ -196,6 +196,41 @@ def aggregate(model, cfg, batch: int, n_requests: int, compile: bool) -> float:
     return run()
 
 
+def decode_table(models, theirs, peers, ids, cfg, gbs: float, reps: int) -> None:
+    """Batch-1 decode, round-robin: transformers, openk2 eager and compiled at each precision, and
+    llama.cpp's rows (`peers`), against the roofline at the measured bandwidth `gbs`."""
+    rows = {"transformers bf16": ("bf16", lambda: decode_theirs(theirs, ids)[0])}
+    for mode, model in models.items():
+        for compile in (False, True):
+            rows[f"openk2 {mode}{', compiled' * compile}"] = (
+                mode, lambda model=model, compile=compile: decode_ours(model, ids, compile)[0])
+    rows |= peers
+    first = {}
+    for name, (_, fn) in rows.items():  # warm-up; compiles the graphs (timed: the first run's cost)
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+    times = {name: [] for name in rows}
+    for _ in range(reps):  # interleaved: a noisy neighbour slows every row alike
+        for name, (_, fn) in rows.items():
+            times[name].append(fn())
+    tok_s = {name: statistics.median(t) for name, t in times.items()}
+    base = tok_s["transformers bf16"]
+    print("\n| batch-1 decode | tok/s | vs llama.cpp, same precision | vs transformers bf16 | roofline tok/s "
+          "| % of roofline |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, (mode, _) in rows.items():
+        peer = next((p for p, (m, _) in peers.items() if m == mode), None)
+        vs = f"{tok_s[name] / tok_s[peer]:.2f}×" if peer and not name.startswith("llama") else "—"
+        roof = gbs * 1e9 / active_bytes(cfg, mode)
+        warm = f" (first run {first[name]:.0f} s)" if "compiled" in name else ""
+        # llama.cpp's Q8_0 / Q4_K_M also narrow what openk2 keeps bf16: openk2's byte count is not theirs
+        roofline = "— | —" if name.startswith("llama") and mode != "bf16" else \
+            f"{roof:.0f} | {100 * tok_s[name] / roof:.0f}%"
+        print(f"| {name}{warm} | {tok_s[name]:.0f} | {vs} | {tok_s[name] / base:.2f}× | {roofline} |")
+    if not peers:
+        print("(llama.cpp rows need the bench extra: pip install llama-cpp-python gguf)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="k2-small", choices=sorted(PRESETS))
@@ -217,36 +252,7 @@ def main():
                   "int4": quantize_model(copy.deepcopy(ours), "int4")}
         peers = llama_cpp_rows(tmp, ids, args.threads)  # also writes the GGUFs the prefill table reads
         if "decode" in args.only:
-            rows = {"transformers bf16": ("bf16", lambda: decode_theirs(theirs, ids)[0])}
-            for mode, model in models.items():
-                for compile in (False, True):
-                    rows[f"openk2 {mode}{', compiled' * compile}"] = (
-                        mode, lambda model=model, compile=compile: decode_ours(model, ids, compile)[0])
-            rows |= peers
-            first = {}
-            for name, (_, fn) in rows.items():  # warm-up; compiles the graphs (timed: the first run's cost)
-                t0 = time.perf_counter()
-                fn()
-                first[name] = time.perf_counter() - t0
-            times = {name: [] for name in rows}
-            for _ in range(reps):  # interleaved: a noisy neighbour slows every row alike
-                for name, (_, fn) in rows.items():
-                    times[name].append(fn())
-            tok_s = {name: statistics.median(t) for name, t in times.items()}
-            base = tok_s["transformers bf16"]
-            print("\n| batch-1 decode | tok/s | vs llama.cpp, same precision | vs transformers bf16 | roofline tok/s "
-                  "| % of roofline |\n| --- | ---: | ---: | ---: | ---: | ---: |")
-            for name, (mode, _) in rows.items():
-                peer = next((p for p, (m, _) in peers.items() if m == mode), None)
-                vs = f"{tok_s[name] / tok_s[peer]:.2f}×" if peer and not name.startswith("llama") else "—"
-                roof = gbs * 1e9 / active_bytes(cfg, mode)
-                warm = f" (first run {first[name]:.0f} s)" if "compiled" in name else ""
-                # llama.cpp's Q8_0 / Q4_K_M also narrow what openk2 keeps bf16: openk2's byte count is not theirs
-                roofline = "— | —" if name.startswith("llama") and mode != "bf16" else \
-                    f"{roof:.0f} | {100 * tok_s[name] / roof:.0f}%"
-                print(f"| {name}{warm} | {tok_s[name]:.0f} | {vs} | {tok_s[name] / base:.2f}× | {roofline} |")
-            if not peers:
-                print("(llama.cpp rows need the bench extra: pip install llama-cpp-python gguf)")
+            decode_table(models, theirs, peers, ids, cfg, gbs, reps)
         if "prefill" in args.only:
             prefill_table(ours, theirs, cfg, tmp, args.threads, reps)
         if "floor" in args.only:
