@@ -200,10 +200,10 @@ def main(argv=None):
     s = sub.add_parser("plot", help="PNGs of a training run's metrics (loss, max logit, expert load)")
     s.add_argument("run_dir")
     s.set_defaults(fn=cmd_plot)
-    s = sub.add_parser("convert", help="rewrite a HF folder as int4 (K2-Thinking), fp8 (K2-Instruct) or bf16")
-    s.add_argument("src", help="Hugging Face folder")
+    s = sub.add_parser("convert", help="rewrite a HF folder as int4 (K2-Thinking), fp8 (K2-Instruct), bf16 or fp32")
+    s.add_argument("src", help="Hugging Face folder, or a sharded training checkpoint (--checkpoint-format dcp)")
     s.add_argument("dst", help="output folder (the source's tokenizer files are copied)")
-    s.add_argument("--quantize", required=True, help="int4, fp8 or bf16 (int8 is applied at load time)")
+    s.add_argument("--quantize", required=True, help="int4, fp8, bf16 or fp32 (int8 is applied at load time)")
     s.set_defaults(fn=cmd_convert)
     from openk2.agent.cli import add_parsers as agent_parsers  # `agent` and `mcp-server`
     from openk2.envs import add_parsers as envs_parsers  # `envs`

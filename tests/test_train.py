@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from openk2.checkpoint import load_hf
+from openk2.checkpoint import convert, load_hf
 from openk2.train import TRAIN_PRESETS, parse_args, train
 from openk2.checkpoint import latest_checkpoint
 from openk2.train.loop import balance_experts
@@ -41,13 +41,15 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in rows if "step" in r]
 
 
-def test_resume_continues_bit_identically(corpus, tmp_path):
-    full = train(_cfg(corpus, tmp_path / "full"))
-    train(_cfg(corpus, tmp_path / "split"), stop_at=4)  # interrupted one step after the step-3 checkpoint
+@pytest.mark.parametrize("fmt", ["hf", "dcp"])
+def test_resume_continues_bit_identically(corpus, tmp_path, fmt):
+    """MuonClip (momentum and AdamW moments), balancing biases, loader and RNG, from either format."""
+    full = train(_cfg(corpus, tmp_path / "full", checkpoint_format=fmt))
+    train(_cfg(corpus, tmp_path / "split", checkpoint_format=fmt), stop_at=4)  # one step after the step-3 one
     assert latest_checkpoint(tmp_path / "split").name == "step_000003"
     with pytest.raises(ValueError, match="steps: 6 -> 9"):
-        train(_cfg(corpus, tmp_path / "split", resume=True, steps=9))
-    resumed = train(_cfg(corpus, tmp_path / "split", resume=True))
+        train(_cfg(corpus, tmp_path / "split", resume=True, steps=9, checkpoint_format=fmt))
+    resumed = train(_cfg(corpus, tmp_path / "split", resume=True, checkpoint_format=fmt))
     assert _losses(tmp_path / "split") == _losses(tmp_path / "full")  # the whole curve, bit for bit
     assert resumed["val_loss"] == full["val_loss"]
     a = load_hf(latest_checkpoint(tmp_path / "full"), progress=False).state_dict()
@@ -179,6 +181,52 @@ def test_expert_parallel_training_equals_one_process_and_resumes_at_any_size(cor
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)
     with pytest.raises(ValueError, match="batch_size × grad_accum × processes: 4 -> 2"):
         train(dataclasses.replace(last, batch_size=2))  # another global batch is another run
+
+
+def test_sharded_checkpoints_resume_at_any_size_and_export(corpus, tmp_path):
+    """--checkpoint-format dcp: each rank writes its own part (EP 2 × DP 2: each expert stack's half
+    once, though two replicas hold it), and the run resumes at 4 -> 2 -> 1 processes ending where one
+    process does (AdamW, to 1e-5); at the same size the resume is bit for bit, optimizer state
+    included; the checkpoint loads as a model (`load_hf`) and converts to a HF folder from any size."""
+    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=5, warmup_steps=1, autocast="none", optimizer="adamw",
+               ckpt_every=2, eval_every=100)
+    train(one)
+    runs = {}
+    for name, world in (("four", 4), ("four_two", 2), ("again", 2), ("four_two_one", 1)):
+        runs[name] = dataclasses.replace(one, out_dir=str(tmp_path / name), batch_size=4 // world,
+                                         ep=min(world, 2), checkpoint_format="dcp", resume=name != "four")
+        (tmp_path / name).mkdir()
+        os.symlink(tmp_path / "one" / "tokenizer", tmp_path / name / "tokenizer")
+    a = _losses(tmp_path / "one")
+    ref = load_hf(tmp_path / "one" / "checkpoints" / "step_000005", progress=False).state_dict()
+    mp.spawn(_rank_main, args=(4, _free_port(), runs["four"]), nprocs=4, join=True)
+    folder = tmp_path / "four" / "checkpoints" / "step_000002"
+    assert {f.name for f in folder.iterdir()} >= {"dcp", "config.json", "train_state.pt", "tiktoken.model"}
+    assert not list(folder.glob("*.safetensors"))
+    assert len(list((folder / "dcp").glob("*.distcp"))) == 4  # one file per rank
+    assert _losses(tmp_path / "four") == pytest.approx(a, abs=1e-5)
+    _resume_copy(tmp_path / "four", 2, tmp_path / "four_two")
+    mp.spawn(_rank_main, args=(2, _free_port(), runs["four_two"]), nprocs=2, join=True)
+    _resume_copy(tmp_path / "four_two", 4, tmp_path / "four_two_one")
+    train(runs["four_two_one"])
+    assert _losses(tmp_path / "four_two_one") == pytest.approx(a, abs=1e-5)
+    for run in ("four", "four_two_one"):  # the model, read whole in one process, from 4 and from 1
+        got = load_hf(tmp_path / run / "checkpoints" / "step_000005", progress=False).state_dict()
+        for name, x in got.items():
+            torch.testing.assert_close(x, ref[name], atol=1e-5, rtol=0, msg=name)
+    # the same size (2 processes, EP 2): bit for bit, the moments of every expert restored exactly
+    _resume_copy(tmp_path / "four_two", 4, tmp_path / "again")
+    mp.spawn(_rank_main, args=(2, _free_port(), runs["again"]), nprocs=2, join=True)
+    assert _losses(tmp_path / "again") == _losses(tmp_path / "four_two")
+    x = load_hf(tmp_path / "again" / "checkpoints" / "step_000005", progress=False).state_dict()
+    y = load_hf(tmp_path / "four_two" / "checkpoints" / "step_000005", progress=False).state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in y)
+    # export: a Hugging Face folder, exactly the checkpoint's fp32 weights
+    hf = convert(tmp_path / "four" / "checkpoints" / "step_000005", tmp_path / "hf", "fp32", progress=False)
+    assert (hf / "tiktoken.model").exists() and not (hf / "dcp").exists()
+    exported = load_hf(hf, progress=False).state_dict()
+    whole = load_hf(tmp_path / "four" / "checkpoints" / "step_000005", progress=False).state_dict()
+    assert all(torch.equal(exported[k], whole[k]) for k in whole)
 
 
 def test_clear_errors(corpus, tmp_path):

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from openk2 import __version__
+from openk2.checkpoint import sharded
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer, cast
 from openk2.quant.fp8 import FP8_BLOCK, dequantize_fp8, is_fp8, quantize_fp8
@@ -111,10 +112,16 @@ def load_dtype(cfg: ModelConfig, dtype: torch.dtype | None) -> torch.dtype:
 
 def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
             progress: bool = True, config: ModelConfig | None = None, experts=None) -> Transformer:
-    """A Transformer from a HF folder (config.json + safetensors). dtype None: the config's. `config`:
+    """A Transformer from a HF folder (config.json + safetensors; or a sharded training checkpoint,
+    `sharded.py`). dtype None: the config's. `config`:
     the folder's with changes that keep every tensor's shape (a longer context, say). `experts(i)`:
     a module to stand in for layer i's routed experts, which are then not read (`openk2.offload`)."""
     folder = Path(path)
+    if sharded.is_sharded(folder):  # a training checkpoint in DCP's shards
+        if experts:
+            raise ValueError(f"{folder} is a sharded training checkpoint; expert offload reads safetensors: "
+                             f"write a Hugging Face folder first (openk2 convert {folder} OUT --quantize fp32)")
+        return sharded.load_model(folder, dtype, device, config)
     cfg = config or ModelConfig.from_json(folder)
     block, group = _quant_sizes(cfg.extra.get("quantization_config"))
     extra = {k: v for k, v in cfg.extra.items() if k != "quantization_config"}
@@ -219,6 +226,17 @@ def _stored_bytes(name: str, t: torch.Tensor, fmt: str, dtype: torch.dtype) -> i
     return t.numel() * (4 if name.endswith("e_score_correction_bias") else dtype.itemsize)
 
 
+def write_config(cfg: ModelConfig, folder: Path, dtype: torch.dtype, fmt: str = "bf16") -> None:
+    """A folder's config.json: the model's config with the stored dtype and format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    hf.pop("quantization_config", None)
+    if fmt != "bf16":
+        hf["quantization_config"] = _quantization_config(fmt)
+    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+
+
 def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = None, fmt: str = "bf16",
             max_shard_bytes: int = 5 * 2**30, progress: bool = True) -> Path:
     """Write config.json + sharded safetensors + index in K2's layout.
@@ -230,14 +248,8 @@ def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = No
     if fmt not in ("bf16", "fp8", "int4"):
         raise ValueError(f"fmt must be bf16, fp8 or int4, not {fmt!r}")
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     dtype = dtype or (model.lm_head.weight.dtype if fmt == "bf16" else torch.bfloat16)
-    hf = model.cfg.to_hf_dict()
-    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    hf.pop("quantization_config", None)
-    if fmt != "bf16":
-        hf["quantization_config"] = _quantization_config(fmt)
-    (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    write_config(model.cfg, folder, dtype, fmt)
     # plan shards by the bytes written, then write each: one shard's tensors in memory at a time
     entries = list(_hf_entries(model))
     plan, size = [[]], 0
@@ -264,12 +276,13 @@ def save_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = No
     return folder
 
 
-CONVERT_FORMATS = ("int4", "fp8", "bf16")
+CONVERT_FORMATS = ("int4", "fp8", "bf16", "fp32")
 
 
 def convert(src: str | Path, dst: str | Path, fmt: str, progress: bool = True) -> Path:
-    """Rewrite the HF folder SRC as DST in a K2 release format, copying SRC's other files (tokenizer):
-    int4 as K2-Thinking (routed experts, compressed-tensors), fp8 as K2-Instruct, bf16 plain.
+    """Rewrite the HF folder SRC (or a sharded training checkpoint) as DST in a K2 release format,
+    copying SRC's other files (tokenizer): int4 as K2-Thinking (routed experts, compressed-tensors),
+    fp8 as K2-Instruct, bf16 plain, fp32 plain in full precision (a training checkpoint's export).
 
     int8 has no format: K2 ships none and `load_hf` reads none; quantizing per channel takes seconds,
     so it is done at load time (`quantize_model(model, "int8")`).
@@ -280,7 +293,8 @@ def convert(src: str | Path, dst: str | Path, fmt: str, progress: bool = True) -
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise ValueError(f"convert would overwrite its source {src}")
-    out = save_hf(load_hf(src, progress=progress), dst, fmt=fmt, progress=progress)
+    dtype = torch.float32 if fmt == "fp32" else None
+    out = save_hf(load_hf(src, progress=progress), dst, dtype, "bf16" if fmt == "fp32" else fmt, progress=progress)
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in (
                 "config.json", "model.safetensors.index.json", "train_state.pt"):  # not a training run's state

@@ -1,6 +1,7 @@
 """Training checkpoints: a Hugging Face folder (fp32 weights, the tokenizer) plus `train_state.pt`
-(step, optimizer, loader, RNG, config), one folder per step under `checkpoints/`, and the `latest`
-pointer beside them. Written so that a kill at any moment loses at most the checkpoint being
+(step, optimizer, loader, RNG, config), or the weights and optimizer in DCP's shards (`sharded.py`)
+with the config, tokenizer and the rest of `train_state.pt`; one folder per step under
+`checkpoints/`, and the `latest` pointer beside them. Written so that a kill at any moment loses at most the checkpoint being
 written: `train_state.pt` goes last and `latest` after it, each to a temporary file renamed into
 place; a folder without `train_state.pt` is incomplete and never resumed from.
 """
@@ -10,11 +11,16 @@ from pathlib import Path
 
 import torch
 
-from openk2.checkpoint.hf import save_hf
+from openk2.checkpoint.hf import save_hf, write_config
 
 
-def save_train_state(folder: Path, model, tokenizer, state: dict) -> None:
-    save_hf(model, folder, dtype=torch.float32, progress=False)
+def save_train_state(folder: Path, model, tokenizer, state: dict, weights: bool = True) -> None:
+    """weights False: the weights are already in the folder (DCP's shards, `sharded.py`), and only the
+    model's config.json is written beside them."""
+    if weights:
+        save_hf(model, folder, dtype=torch.float32, progress=False)
+    else:
+        write_config(model.cfg, folder, torch.float32)
     tokenizer.save(folder)
     torch.save(state, folder / "train_state.pt.tmp")
     os.replace(folder / "train_state.pt.tmp", folder / "train_state.pt")
@@ -49,7 +55,8 @@ def restore(state: dict | None, opt, loader) -> int:
     (0 without one)."""
     if not state:
         return 0
-    opt.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None: a sharded checkpoint, whose state `sharded.load` read
+        opt.load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
     torch.set_rng_state(state["rng"])
     return state["step"]

@@ -10,8 +10,9 @@ gradient like every other, then clips by the whole model's norm. Muon orthogonal
 experts on that rank. A checkpoint is what one process would write: the whole model as a Hugging
 Face folder and the whole optimizer state (the experts' parts gathered over the EP group), so a run
 resumes at another --ep and number of processes (4 → 2 → 1), keeping the global batch. Gathering onto
-one rank suits the models this machine trains; at K2's size each rank would write its own shard
-(`torch.distributed.checkpoint`), which openk2 does not do yet.
+one rank suits the models this machine trains; at K2's size each rank writes its own shard instead
+(`--checkpoint-format dcp`: `torch.distributed.checkpoint`, each expert stack described by `view` as
+this rank's rows of the whole), which also resumes at any size.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from openk2.model.transformer import Transformer
 from openk2.parallel.ep import clip_grad_norm, ep_param_groups, gather_experts, gather_rows, is_expert, shard_experts
@@ -30,7 +32,7 @@ class ExpertParallelTraining:
         if ep < 1 or world % ep or (experts and experts % ep):
             raise ValueError(f"--ep {ep} must divide the number of processes ({world}) and of experts ({experts})")
         self.ep, self.world = ep, world
-        mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+        self.mesh = mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
         self.ep_group, self.dp_group = mesh.get_group("ep"), mesh.get_group("dp") if world > ep else None
         shard_experts(model, self.ep_group)
         self.ep_rank = dist.get_rank(self.ep_group)
@@ -38,6 +40,14 @@ class ExpertParallelTraining:
         experts = {name: p for name, p in model.named_parameters() if is_expert(name)}
         self.expert_ids = {id(p) for p in experts.values()}
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(experts))
+
+    def view(self, name: str, t: torch.Tensor):
+        """What part of the whole a tensor of parameter `name` (its weight or optimizer state) is, for a
+        sharded checkpoint (`openk2.checkpoint.sharded`): an expert stack is this rank's rows of the
+        whole, the same on every data-parallel replica; anything else is whole on every rank."""
+        if not is_expert(name):
+            return t
+        return DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
     def param_groups(self, model) -> list[dict]:
         return ep_param_groups(model)

@@ -44,11 +44,14 @@ class TrainConfig:
     peak_tflops: float = 2.0  # for MFU: the peak of all processes together (this 2-core CPU's bf16 AMX)
     threads: int = 0  # 0: torch's default
     ep: int = 1  # expert parallelism under torchrun: experts sharded over groups of this many processes
+    checkpoint_format: str = "hf"  # hf: rank 0 writes a HF folder; dcp: each rank its shards (any world size resumes)
     resume: bool = False
 
     def __post_init__(self):
         if self.optimizer not in ("muonclip", "adamw"):
             raise ValueError(f"optimizer must be muonclip or adamw, not {self.optimizer!r}")
+        if self.checkpoint_format not in ("hf", "dcp"):
+            raise ValueError(f"checkpoint_format must be hf or dcp, not {self.checkpoint_format!r}")
         if self.autocast not in ("bfloat16", "none"):
             raise ValueError(f"autocast must be bfloat16 or none, not {self.autocast!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "log_every", "ckpt_every",

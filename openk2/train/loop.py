@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from openk2.checkpoint import latest_checkpoint, load_hf, restore, save_train_state
+from openk2.checkpoint import latest_checkpoint, load_hf, restore, save_train_state, sharded
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
 from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model, lm_loss
@@ -69,6 +69,10 @@ def _dist() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier(world: int):
@@ -150,7 +154,16 @@ def evaluate(model, batches, autocast, world: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def save_checkpoint(folder: Path, model, opt_state: dict, loader, tok: Tokenizer, step: int, cfg, files=None):
+def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg, files=None, ep=None):
+    """Collective: a HF folder written by rank 0 (with --ep, every rank's experts and their optimizer
+    state gathered there first), or, with checkpoint_format dcp, every rank's shards."""
+    if cfg.checkpoint_format == "dcp":
+        sharded.save(folder, model, opt, ep.view if ep else sharded.whole)
+        model, opt_state = (model, None) if _rank() == 0 else (None, None)
+    else:
+        model, opt_state = (ep.whole(model), ep.whole_optimizer_state(opt)) if ep else (model, opt.state_dict())
+    if _rank() != 0:
+        return
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in (files or {}).items():  # before train_state.pt, which marks the folder complete
         (folder / name).write_text(text, "utf-8")
@@ -158,7 +171,7 @@ def save_checkpoint(folder: Path, model, opt_state: dict, loader, tok: Tokenizer
              "world": dist.get_world_size() if dist.is_initialized() else 1,
              "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "git": git_revision(),
              "torch": torch.__version__}
-    save_train_state(folder, model, tok, state)
+    save_train_state(folder, model, tok, state, weights=cfg.checkpoint_format == "hf")
 
 
 def check_fits(model_cfg, cfg: TrainConfig):
@@ -212,13 +225,16 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     if ckpt:
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
         _check_same_trajectory(cfg, state["config"], ckpt, state.get("world", world), world)
-        model = load_hf(ckpt, dtype=torch.float32, device=device, progress=False)
-    else:
-        model = data.init_model(device)
+    # a sharded checkpoint is read after the experts are sharded: each rank reads its part only
+    shards = ckpt and sharded.is_sharded(ckpt)
+    model = load_hf(ckpt, dtype=torch.float32, device=device, progress=False) if ckpt and not shards \
+        else data.init_model(device)
     model.train()
     ep = ExpertParallelTraining(model, cfg.ep, world, torch.device(device).type) if cfg.ep > 1 else None
     opt = build_optimizer(cfg, model, ep)
-    if ep and ckpt:  # the checkpoint holds the whole optimizer state: this rank's slice of it
+    if shards:
+        sharded.load(ckpt, model, opt, ep.view if ep else sharded.whole)
+    elif ep and ckpt:  # the checkpoint holds the whole optimizer state: this rank's slice of it
         state["optimizer"] = ep.local_optimizer_state(state["optimizer"], opt)
     step = restore(state if ckpt else None, opt, loader)
     if step >= cfg.steps:
@@ -288,11 +304,8 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            folder = out / "checkpoints" / f"step_{step:06d}"
-            # with --ep, collective: every rank's experts and their optimizer state gathered
-            whole, opt_state = (ep.whole(model), ep.whole_optimizer_state(opt)) if ep else (model, opt.state_dict())
-            if rank == 0:
-                save_checkpoint(folder, whole, opt_state, loader, tok, step, cfg, data.files)
+            save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt, loader, tok, step, cfg,
+                            data.files, ep)
         _barrier(world)
     bar.close()
     if log:
