@@ -167,6 +167,63 @@ def test_two_gloo_processes_equal_one(tmp_path, monkeypatch):
     torch.testing.assert_close(r1["logits"], r0["logits"])
 
 
+def _clip_logits(cfg) -> torch.Tensor:
+    """[L, H] max logits over τ = 5 at some heads of some layers."""
+    logits = torch.full((cfg.num_hidden_layers, cfg.num_attention_heads), 3.0)
+    logits[0, 1], logits[2, 0], logits[2, 3] = 8.0, 50.0, 6.0
+    return logits
+
+
+def _rows_worker(rank: int, out_dir: str):
+    """Muon and QK-Clip over a model `fully_shard`ed by rows over 3 processes (FSDP2; uneven chunks)."""
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=3)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+        counted = []
+        muon_mod.newton_schulz = _counting_newton_schulz(counted)
+        model = build_model(TINY, seed=0)
+        mesh = init_device_mesh("cpu", (3,))
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = Muon(muon_param_groups(model), lr=LR, weight_decay=WD)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(1000 + step)  # fake_grads' gradients, each rank its rows
+            for p in model.parameters():
+                p.grad = distribute_tensor(torch.randn(p.shape, generator=gen) * 0.01, mesh, p.placements)
+            opt.step()
+        clipped = apply_qk_clip(model, _clip_logits(TINY), 5.0)
+        kv = model.layers[2].self_attn.kv_b_proj.weight
+        buf = opt.state[kv]["momentum_buffer"]
+        whole = {n: getattr(t, "full_tensor", lambda t=t: t)() for n, t in model.state_dict().items()}
+        rows = (buf.to_local().shape[0], buf.shape[0], type(buf).__name__)
+        torch.save(dict(state=whole, matrices=sum(counted), clipped=clipped, rows=rows), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rows_sharded_muon_and_qk_clip_equal_one_process(tmp_path, monkeypatch):
+    """FSDP2's DTensor parameters: each whole matrix orthogonalised once, on one rank, its rows sent
+    back; momentum and AdamW state sharded like the weights; QK-Clip scales each rank's own rows. Three
+    processes (uneven row blocks) end bit for bit where one process does."""
+    mp.spawn(_rows_worker, args=(str(tmp_path),), nprocs=3)
+    single = build_model(TINY, seed=0)
+    counted = []
+    monkeypatch.setattr(muon_mod, "newton_schulz", _counting_newton_schulz(counted))
+    run_steps(single, 3)
+    assert apply_qk_clip(single, _clip_logits(TINY), 5.0) == 3
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
+    for name, want in single.state_dict().items():
+        for r in ranks:
+            assert torch.equal(r["state"][name], want), name
+    assert sum(r["matrices"] for r in ranks) == sum(counted) and min(r["matrices"] for r in ranks) > 0
+    assert [r["clipped"] for r in ranks] == [3, 3, 3]
+    local, whole, kind = ranks[0]["rows"]
+    assert kind == "DTensor" and local == -(-whole // 3)  # the state holds this rank's rows only
+
+
 # --- QK-Clip ---------------------------------------------------------------------------------------
 def test_qk_clip_factors():
     s = torch.tensor([50.0, 100.0, 250.0, -3.0, float("-inf")])

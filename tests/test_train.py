@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from openk2.checkpoint import convert, load_hf
+from openk2.checkpoint import convert, load_hf, sharded
 from openk2.train import TRAIN_PRESETS, parse_args, train
 from openk2.checkpoint import latest_checkpoint
 from openk2.train.loop import balance_experts
@@ -227,6 +227,54 @@ def test_sharded_checkpoints_resume_at_any_size_and_export(corpus, tmp_path):
     exported = load_hf(hf, progress=False).state_dict()
     whole = load_hf(tmp_path / "four" / "checkpoints" / "step_000005", progress=False).state_dict()
     assert all(torch.equal(exported[k], whole[k]) for k in whole)
+    with pytest.raises(ValueError, match="sharded training checkpoint"):  # offload reads safetensors only
+        load_hf(tmp_path / "four" / "checkpoints" / "step_000005", experts=lambda i: None)
+
+
+def test_fsdp_trains_as_one_process_and_resumes_at_any_size(corpus, tmp_path):
+    """--fsdp: the dense weights FSDP2-sharded over all processes (with EP 2 for the experts on 4), the
+    optimizer state sharded alike, DCP checkpoints. Losses and weights equal one process's (AdamW 1e-5;
+    MuonClip 1e-5 on the first two steps, then within the bf16 Newton–Schulz drift); 4 -> 2 -> 1
+    processes end where one process does; at the same size the resume is bit for bit."""
+    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=5, warmup_steps=1, autocast="none", optimizer="adamw",
+               ckpt_every=2, eval_every=100)
+    train(one)
+    muon_one = dataclasses.replace(one, out_dir=str(tmp_path / "muon_one"), optimizer="muonclip")
+    train(muon_one)
+    runs = {}
+    for name, world, ep in (("four", 4, 2), ("four_two", 2, 2), ("again", 2, 2), ("four_two_one", 1, 1),
+                            ("muon", 2, 1)):
+        base = muon_one if name == "muon" else one
+        runs[name] = dataclasses.replace(base, out_dir=str(tmp_path / name), batch_size=4 // world, ep=ep,
+                                         fsdp=world > 1, resume=name not in ("four", "muon"))
+        (tmp_path / name).mkdir()
+        os.symlink(tmp_path / "one" / "tokenizer", tmp_path / name / "tokenizer")
+    a = _losses(tmp_path / "one")
+    ref = load_hf(tmp_path / "one" / "checkpoints" / "step_000005", progress=False).state_dict()
+    mp.spawn(_rank_main, args=(4, _free_port(), runs["four"]), nprocs=4, join=True)
+    assert _losses(tmp_path / "four") == pytest.approx(a, abs=1e-5)
+    assert sharded.is_sharded(tmp_path / "four" / "checkpoints" / "step_000002")  # dcp, by default with --fsdp
+    _resume_copy(tmp_path / "four", 2, tmp_path / "four_two")
+    mp.spawn(_rank_main, args=(2, _free_port(), runs["four_two"]), nprocs=2, join=True)
+    _resume_copy(tmp_path / "four_two", 4, tmp_path / "four_two_one")
+    train(runs["four_two_one"])  # one process, no FSDP, from FSDP's shards
+    assert _losses(tmp_path / "four_two_one") == pytest.approx(a, abs=1e-5)
+    for run in ("four", "four_two_one"):
+        got = load_hf(tmp_path / run / "checkpoints" / "step_000005", progress=False).state_dict()
+        for name, x in got.items():
+            torch.testing.assert_close(x, ref[name], atol=1e-5, rtol=0, msg=name)
+    _resume_copy(tmp_path / "four_two", 4, tmp_path / "again")
+    mp.spawn(_rank_main, args=(2, _free_port(), runs["again"]), nprocs=2, join=True)
+    x = load_hf(tmp_path / "again" / "checkpoints" / "step_000005", progress=False).state_dict()
+    y = load_hf(tmp_path / "four_two" / "checkpoints" / "step_000005", progress=False).state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in y)
+    mp.spawn(_rank_main, args=(2, _free_port(), runs["muon"]), nprocs=2, join=True)
+    m, m1 = _losses(tmp_path / "muon"), _losses(tmp_path / "muon_one")
+    assert m[:2] == pytest.approx(m1[:2], abs=1e-5) and m == pytest.approx(m1, abs=2e-3)
+    with pytest.raises(ValueError, match="--fsdp shards the weights over processes"):
+        train(dataclasses.replace(one, out_dir=str(tmp_path / "alone"), fsdp=True))
+    with pytest.raises(ValueError, match="--fsdp writes sharded checkpoints"):
+        dataclasses.replace(one, fsdp=True, checkpoint_format="hf")
 
 
 def test_clear_errors(corpus, tmp_path):

@@ -97,8 +97,8 @@ def load(folder: str | Path, model, opt, view=whole) -> None:
         raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}")
     _call(dcp.load, sd, folder / SHARDS)
     for key, (p, field) in entries.items():
-        v = sd[key]
-        opt.state[p][field] = v.to_local() if hasattr(v, "to_local") else v
+        v = sd[key]  # kept a DTensor where the parameter is one (FSDP2), else the part this rank holds
+        opt.state[p][field] = v.to_local() if hasattr(v, "to_local") and not hasattr(p, "to_local") else v
 
 
 def load_model(folder: str | Path, dtype: torch.dtype | None = None, device="cpu", config=None):

@@ -1,9 +1,10 @@
 """Training checkpoints: a Hugging Face folder (fp32 weights, the tokenizer) plus `train_state.pt`
-(step, optimizer, loader, RNG, config), or the weights and optimizer in DCP's shards (`sharded.py`)
-with the config, tokenizer and the rest of `train_state.pt`; one folder per step under
-`checkpoints/`, and the `latest` pointer beside them. Written so that a kill at any moment loses at most the checkpoint being
-written: `train_state.pt` goes last and `latest` after it, each to a temporary file renamed into
-place; a folder without `train_state.pt` is incomplete and never resumed from.
+(step, optimizer, loader, RNG, config), or the weights and optimizer in DCP's shards
+(`sharded.py`) with the config, tokenizer and the rest of `train_state.pt`; one folder per step under
+`checkpoints/`, and the `latest` pointer beside them. Written so that a kill at any moment loses at
+most the checkpoint being written: `train_state.pt` goes last and `latest` after it, each to a
+temporary file renamed into place; a folder without `train_state.pt` is incomplete and never resumed
+from.
 """
 
 import os

@@ -129,6 +129,15 @@ def muon_param_groups(model: nn.Module, *, router_in_muon: bool = False) -> list
     return [g for g in groups if g["params"]]
 
 
+def _is_sharded(t) -> bool:
+    """A DTensor (duck-typed: the optimizer does not import torch.distributed.tensor)."""
+    return hasattr(t, "to_local")
+
+
+def _local(t):
+    return t.to_local() if _is_sharded(t) else t
+
+
 def _share(stacks: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
     """Matrices start..stop of the concatenation of stacks [n_i, A, B]; copies only that share."""
     parts, off = [], 0
@@ -148,7 +157,9 @@ class Muon(torch.optim.Optimizer):
     K2's own μ, Nesterov and AdamW settings are *Unverified*. Every rank must call `step()` (the
     gather is collective) with the same parameters holding gradients, as DDP guarantees.
 
-    Notes: momentum and AdamW state are replicated, not sharded (ZeRO-1 would shard them too). The
+    Notes: momentum and AdamW state are replicated, except for parameters sharded by rows over a
+    mesh (FSDP2's DTensors): their state is sharded alike, and each whole matrix is gathered onto one
+    rank for Newton–Schulz and its rows scattered back (`_muon_rows`). The
     step works one shape group at a time and holds that group's NS inputs (grad dtype) and gathered
     bf16 updates; at K2 scale, where all experts share two shapes, groups would need bucketing (and
     expert parallelism shards them anyway). `process_group` is the data-parallel group; None means
@@ -189,17 +200,50 @@ class Muon(torch.optim.Optimizer):
                     A, B = group["matrix"] or p.shape
                     by_shape.setdefault((A, B, group["ns_steps"], group["local"]), []).append((p, group))
         rank, world = self._rank_world()
+        turn = 0  # whose turn it is to own the next row-sharded matrix
         for (A, B, ns_steps, local), items in by_shape.items():  # local: this rank's own (expert-parallel)
-            self._muon(items, A, B, ns_steps, *((0, 1) if local else (rank, world)))
+            rows = [(p, group) for p, group in items if _is_sharded(p)]
+            for p, group in rows:
+                self._muon_rows(p, group, A, B, ns_steps, turn)
+                turn += 1
+            if len(rows) < len(items):
+                items = [(p, group) for p, group in items if not _is_sharded(p)]
+                self._muon(items, A, B, ns_steps, *((0, 1) if local else (rank, world)))
         return loss
+
+    def _muon_rows(self, p, group, A: int, B: int, ns_steps: int, turn: int):
+        """A parameter sharded by rows over a mesh (FSDP2's `fully_shard`; torch.chunk's blocks): its
+        momentum on each rank's rows (the state sharded alike), the whole update gathered onto one
+        owner (ranks take turns), orthogonalised there, and each rank's rows scattered back."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        u = momentum_step(p.grad.to_local(), state["momentum_buffer"].to_local(), group["momentum"],
+                          group["nesterov"])
+        pg = p.device_mesh.get_group()
+        n, chunk = dist.get_world_size(pg), -(-p.shape[0] // dist.get_world_size(pg))
+        owner = dist.get_global_rank(pg, turn % n)
+        mine = dist.get_rank() == owner
+        padded = u.new_zeros(chunk, *u.shape[1:])
+        padded[:u.shape[0]] = u
+        parts = [torch.empty_like(padded) for _ in range(n)] if mine else None
+        dist.gather(padded, parts, dst=owner, group=pg)
+        if mine:
+            O = match_adamw_rms(newton_schulz(torch.cat(parts)[:p.shape[0]].reshape(-1, A, B), ns_steps))
+            O = torch.cat([O.reshape(p.shape), O.new_zeros(n * chunk - p.shape[0], *p.shape[1:])])
+            parts = list(O.split(chunk))
+        update = torch.empty(chunk, *u.shape[1:], dtype=torch.float32, device=u.device)
+        dist.scatter(update, parts, src=owner, group=pg)
+        local = p.to_local()
+        local.mul_(1 - group["lr"] * group["weight_decay"]).add_(update[:local.shape[0]], alpha=-group["lr"])
 
     def _adamw(self, p, group):
         state = self.state[p]
-        if not state:
+        if not state:  # of a sharded parameter, sharded alike
             state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         state["step"] += 1
-        adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                     group["betas"], group["eps"], group["weight_decay"])
+        adamw_update(_local(p), _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"],
+                     group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
     def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):
         """One shape group: momentum (all ranks), this rank's contiguous share of the matrices through

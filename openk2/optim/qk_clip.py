@@ -49,15 +49,25 @@ def clip_mla_heads(attn: nn.Module, gamma_H: torch.Tensor) -> int:
     heads = (gamma_H < 1).nonzero().flatten()
     if heads.numel() == 0:
         return 0
-    H, P = cfg.num_attention_heads, cfg.qk_nope_head_dim
-    w_q = (attn.q_b_proj if cfg.q_lora_rank else attn.q_proj).weight.view(H, P + cfg.qk_rope_head_dim, -1)
-    w_kv = attn.kv_b_proj.weight.view(H, P + cfg.v_head_dim, cfg.kv_lora_rank)
-    g = gamma_H[heads][:, None, None]  # fp32: rescale in fp32, round once to the weight dtype
-    # NOTE: index_put on the clipped heads only, so every other head stays bit-identical
-    w_q[heads, :P] = (w_q[heads, :P] * g.sqrt()).to(w_q.dtype)
-    w_q[heads, P:] = (w_q[heads, P:] * g).to(w_q.dtype)
-    w_kv[heads, :P] = (w_kv[heads, :P] * g.sqrt()).to(w_kv.dtype)
+    H, P, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    g = gamma_H.float()[:, None]  # fp32: rescale in fp32, round once to the weight dtype
+    q_scale = torch.cat([g.sqrt().expand(H, P), g.expand(H, R)], 1).flatten()  # per row of w_q
+    kv_scale = torch.cat([g.sqrt().expand(H, P), torch.ones(H, V, device=g.device)], 1).flatten()  # kv_b_proj's
+    _scale_rows((attn.q_b_proj if cfg.q_lora_rank else attn.q_proj).weight, q_scale)
+    _scale_rows(attn.kv_b_proj.weight, kv_scale)
     return heads.numel()
+
+
+def _scale_rows(w: torch.Tensor, scale_R: torch.Tensor) -> None:
+    """w[r] *= scale_R[r] for the rows with a scale below 1, in place; every other row untouched (bit
+    for bit). A DTensor sharded by rows (FSDP2: torch.chunk's blocks over its mesh) scales the rows
+    this rank holds."""
+    local, first = w, 0
+    if hasattr(w, "to_local"):
+        local, group = w.to_local(), w.device_mesh.get_group()
+        first = dist.get_rank(group) * -(-w.shape[0] // dist.get_world_size(group))
+    rows = (scale_R[first:first + local.shape[0]] < 1).nonzero().flatten()
+    local[rows] = (local[rows] * scale_R[first + rows, None]).to(local.dtype)
 
 
 def apply_qk_clip(model: nn.Module, max_logits_LH: torch.Tensor, tau: float = TAU) -> int:

@@ -148,21 +148,33 @@ def ep_param_groups(model: nn.Module, **kw) -> list[dict]:
     return groups
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """`clip_grad_norm_` over the whole model's gradient, of which each rank holds the experts' share:
-    the experts' squared norms are summed over the EP `group`, so every rank scales by the same factor.
-    Returns the total norm."""
-    dense, experts = torch.zeros(()), torch.zeros(())
+def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup | None = None,
+                   expert_ids: set[int] | None = None) -> torch.Tensor:
+    """`clip_grad_norm_` over the whole model's gradient, of which each rank holds the experts' share
+    (`expert_ids`, default: every parameter named as an expert) and, under FSDP2, a share of each
+    DTensor's rows: the experts' squared norms are summed over the EP `group` and the DTensors' over
+    the world, so every rank scales by the same factor. Returns the total norm."""
+    whole, experts, rows = torch.zeros(()), torch.zeros(()), torch.zeros(())
     for name, p in model.named_parameters():
-        if p.grad is not None:
-            norm2 = p.grad.detach().float().pow(2).sum().cpu()
-            experts, dense = (experts + norm2, dense) if is_expert(name) else (experts, dense + norm2)
+        if p.grad is None:
+            continue
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        norm2 = grad.detach().float().pow(2).sum().cpu()
+        if hasattr(p.grad, "to_local"):
+            rows += norm2
+        elif id(p) in expert_ids if expert_ids is not None else is_expert(name):
+            experts += norm2
+        else:
+            whole += norm2
     dist.all_reduce(experts, group=group)
-    total = (dense + experts).sqrt()
+    if any(hasattr(p, "to_local") for p in model.parameters()):
+        dist.all_reduce(rows)
+    total = (whole + experts + rows).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.mul_(scale.to(p.grad.device))
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            grad.mul_(scale.to(grad.device))
     return total
 
 

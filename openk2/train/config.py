@@ -44,14 +44,22 @@ class TrainConfig:
     peak_tflops: float = 2.0  # for MFU: the peak of all processes together (this 2-core CPU's bf16 AMX)
     threads: int = 0  # 0: torch's default
     ep: int = 1  # expert parallelism under torchrun: experts sharded over groups of this many processes
-    checkpoint_format: str = "hf"  # hf: rank 0 writes a HF folder; dcp: each rank its shards (any world size resumes)
+    fsdp: bool = False  # under torchrun: FSDP2 shards the dense weights and their optimizer state over all processes
+    checkpoint_format: str = "auto"  # hf: rank 0 writes a HF folder; dcp: each rank its shards; auto: dcp with --fsdp
     resume: bool = False
+
+    @property
+    def sharded_checkpoints(self) -> bool:
+        return self.checkpoint_format == "dcp" or (self.checkpoint_format == "auto" and self.fsdp)
 
     def __post_init__(self):
         if self.optimizer not in ("muonclip", "adamw"):
             raise ValueError(f"optimizer must be muonclip or adamw, not {self.optimizer!r}")
-        if self.checkpoint_format not in ("hf", "dcp"):
-            raise ValueError(f"checkpoint_format must be hf or dcp, not {self.checkpoint_format!r}")
+        if self.checkpoint_format not in ("auto", "hf", "dcp"):
+            raise ValueError(f"checkpoint_format must be auto, hf or dcp, not {self.checkpoint_format!r}")
+        if self.fsdp and self.checkpoint_format == "hf":
+            raise ValueError("--fsdp writes sharded checkpoints (--checkpoint-format dcp); `openk2 convert "
+                             "CHECKPOINT OUT --quantize fp32` makes a Hugging Face folder of one")
         if self.autocast not in ("bfloat16", "none"):
             raise ValueError(f"autocast must be bfloat16 or none, not {self.autocast!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "log_every", "ckpt_every",

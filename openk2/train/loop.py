@@ -3,7 +3,8 @@
 One code path for 1 or N processes (`torchrun --nproc_per_node N -m openk2.train`): DDP wraps the
 model when the world is larger than one, the loader gives each rank its block of the global batch,
 QK-Clip and bias balancing act on statistics max- and sum-reduced over ranks, so every rank applies
-the same update; `--ep N` shards the experts over groups of N processes (`openk2.parallel.training`).
+the same update; `--ep N` shards the experts over groups of N processes and `--fsdp` the dense weights
+over all (`openk2.parallel.training`).
 Per step: WSD learning rate, micro-batches under bf16 autocast, gradient clipping, MuonClip
 (Muon/AdamW step, then QK-Clip from the step's recorded max logits), aux-loss-free balancing of
 `e_score_correction_bias` (DeepSeek-V3: γ·sign(mean load − load)). Checkpoints hold the model as a
@@ -32,7 +33,7 @@ from openk2.data import PackedLoader, load_documents, split_documents, tokenize_
 from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model, lm_loss
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
-from openk2.parallel.training import ExpertParallelTraining
+from openk2.parallel.training import ParallelTraining
 from openk2.tokenizer import Tokenizer
 from openk2.train.config import TrainConfig
 from openk2.train.runlog import final_metrics, git_revision, open_log
@@ -157,7 +158,7 @@ def evaluate(model, batches, autocast, world: int) -> float:
 def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg, files=None, ep=None):
     """Collective: a HF folder written by rank 0 (with --ep, every rank's experts and their optimizer
     state gathered there first), or, with checkpoint_format dcp, every rank's shards."""
-    if cfg.checkpoint_format == "dcp":
+    if cfg.sharded_checkpoints:
         sharded.save(folder, model, opt, ep.view if ep else sharded.whole)
         model, opt_state = (model, None) if _rank() == 0 else (None, None)
     else:
@@ -171,7 +172,7 @@ def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int,
              "world": dist.get_world_size() if dist.is_initialized() else 1,
              "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "git": git_revision(),
              "torch": torch.__version__}
-    save_train_state(folder, model, tok, state, weights=cfg.checkpoint_format == "hf")
+    save_train_state(folder, model, tok, state, weights=not cfg.sharded_checkpoints)
 
 
 def check_fits(model_cfg, cfg: TrainConfig):
@@ -227,10 +228,16 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
         _check_same_trajectory(cfg, state["config"], ckpt, state.get("world", world), world)
     # a sharded checkpoint is read after the experts are sharded: each rank reads its part only
     shards = ckpt and sharded.is_sharded(ckpt)
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the weights over processes: launch it with torchrun, or drop it for one")
+    if ckpt and cfg.fsdp and not shards:
+        raise ValueError(f"--fsdp resumes from sharded checkpoints; {ckpt} is a Hugging Face folder (resume it "
+                         f"without --fsdp)")
     model = load_hf(ckpt, dtype=torch.float32, device=device, progress=False) if ckpt and not shards \
         else data.init_model(device)
     model.train()
-    ep = ExpertParallelTraining(model, cfg.ep, world, torch.device(device).type) if cfg.ep > 1 else None
+    ep = ParallelTraining(model, cfg.ep, world, torch.device(device).type, cfg.fsdp) \
+        if cfg.ep > 1 or cfg.fsdp else None
     opt = build_optimizer(cfg, model, ep)
     if shards:
         sharded.load(ckpt, model, opt, ep.view if ep else sharded.whole)
@@ -240,7 +247,8 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     if step >= cfg.steps:
         note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
         return final_metrics(out)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    ddp = (ep.wrap(model) if ep else torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)) \
+        if world > 1 else model
     autocast = (lambda: torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)) \
         if cfg.autocast == "bfloat16" else nullcontext
     model.record_max_logits(True)  # a metric always; QK-Clip acts on it when qk_clip_tau > 0
@@ -266,7 +274,9 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
         weights = token_weights([y for _, y, *_ in batches], world)
         for micro, ((x, y, *seg), weight) in enumerate(zip(batches, weights)):
             loss_share += (y != -100).float().mean().item() / cfg.grad_accum
-            with ddp.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
+            last = micro == cfg.grad_accum - 1
+            with (ep.sync_next_backward(model, ddp, last) if ep else ddp.no_sync() if world > 1 and not last
+                  else nullcontext()):
                 with autocast():  # the balance loss, if on, is only optimised; lm is logged
                     lm = target_loss(ddp, x, y, seg)
                     loss = lm + cfg.seq_aux_weight * model.aux_loss() if cfg.seq_aux_weight else lm
