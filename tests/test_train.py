@@ -277,6 +277,22 @@ def test_fsdp_trains_as_one_process_and_resumes_at_any_size(corpus, tmp_path):
         dataclasses.replace(one, fsdp=True, checkpoint_format="hf")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_expert_parallel_and_fsdp_train_as_one_process(corpus, tmp_path):
+    """The same code on NCCL (CUDA tensors) with gloo beside it for the CPU ones: EP 2 with DDP, and EP 2
+    under FSDP2 with sharded checkpoints, train as one GPU process does (fp32, AdamW)."""
+    one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=4, warmup_steps=1, autocast="none", optimizer="adamw",
+               ckpt_every=2, eval_every=2)
+    train(one)
+    for name, fsdp in (("ep", False), ("fsdp", True)):
+        run = dataclasses.replace(one, out_dir=str(tmp_path / name), batch_size=2, ep=2, fsdp=fsdp)
+        (tmp_path / name).mkdir()
+        os.symlink(tmp_path / "one" / "tokenizer", tmp_path / name / "tokenizer")
+        mp.spawn(_rank_main, args=(2, _free_port(), run), nprocs=2, join=True)
+        assert _losses(tmp_path / name) == pytest.approx(_losses(tmp_path / "one"), abs=1e-4), name
+
+
 def test_clear_errors(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         train(_cfg(corpus, tmp_path / "a", data=str(tmp_path / "nope")))

@@ -68,7 +68,11 @@ def _dist() -> tuple[int, int]:
     """(rank, world size); initialises torch.distributed when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():  # CUDA tensors over NCCL; the CPU ones (metrics, norms) over gloo
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
