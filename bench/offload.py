@@ -6,10 +6,11 @@ layers, so that its bf16 weights (random, N(0, 0.02)) take ~41 GB on disk, at le
 
     .venv/bin/python bench/offload.py write DIR          # once: ~41 GB, shard by shard (a few minutes)
     .venv/bin/python bench/offload.py decode DIR [--cache-gb 1 2 4 8] [--policy lru lfu] [--prefetch on off]
-                                                 [--tokens 32] [--cold] [--plot experiments/results/offload.png]
+                                                 [--tokens 32] [--cold] [--format float int4]
+                                                 [--plot experiments/results/offload.png]
     .venv/bin/python bench/offload.py reference DIR      # greedy tokens vs a layer-by-layer reference
 
-`decode` runs each (cache size, policy) in a fresh process (peak RSS is that process's ru_maxrss),
+`decode` runs each (cache size, policy, format) in a fresh process (peak RSS is that process's ru_maxrss),
 batch 1, greedy, an 8-token prompt, and prints tok/s over the steps after the first, the hit rate,
 bytes read from the files, the seconds decoding stalled on reads and the peak RSS, beside the
 machine's RAM and a disk read rate measured in the same run. Reads go through the OS page cache
@@ -94,15 +95,19 @@ def write(folder: Path, seed: int = 0) -> None:
 
 
 def _decode_one(folder: str, cache_gb: float, policy: str, tokens: int, threads: int, prefetch: bool = True,
-                dtype: torch.dtype | None = None) -> dict:
-    """One run, in this process: load, decode greedily, report."""
+                dtype: torch.dtype | None = None, fmt: str = "float") -> dict:
+    """One run, in this process: load, decode greedily, report. fmt int4: `quantize_model(model, "int4")`,
+    so the cache holds int4 codes and scales."""
     from openk2.engine.generate import generate_stream
     from openk2.engine.sampler import SamplingParams
     from openk2.offload import load_offloaded
+    from openk2.quant import quantize_model
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = load_offloaded(folder, int(cache_gb * 1e9), dtype, policy=policy, progress=False, prefetch=prefetch).eval()
+    if fmt == "int4":
+        quantize_model(model, "int4")
     load_s, cache = time.perf_counter() - t0, model.expert_cache
     stamps, out = [time.perf_counter()], []
     for tok in generate_stream(model, torch.tensor([PROMPT]), SamplingParams(max_tokens=tokens)):
@@ -114,6 +119,7 @@ def _decode_one(folder: str, cache_gb: float, policy: str, tokens: int, threads:
     d = {k: s[k] - first[k] for k in ("hits", "misses", "prefetch_used", "bytes_read", "stall_s")}  # after token 1
     steps = len(out) - 1
     return {"cache_gb": cache_gb, "policy": policy, "prefetch": prefetch, "slots": s["slots"], "load_s": load_s,
+            "format": fmt,
             "prefetch_used": d["prefetch_used"] / max(1, d["misses"] + d["prefetch_used"]),
             "first_token_s": stamps[1] - stamps[0], "tok_s": steps / (stamps[-1] - stamps[1]),
             "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"] + d["prefetch_used"]),
@@ -132,33 +138,37 @@ def disk_rate(folder: Path, nbytes: int = 2 * 10**9) -> float:
 
 
 def decode(folder: Path, caches: list[float], policies: list[str], tokens: int, threads: int, cold: bool,
-           prefetch: list[str], plot: Path | None = None):
+           prefetch: list[str], plot: Path | None = None, formats: tuple[str, ...] = ("float",)):
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
     disk = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
     print(f"model {disk:.1f} GB on disk, RAM {ram:.1f} GB ({disk / ram:.2f}x), available "
           f"{available_bytes() / 1e9:.1f} GB, {threads} threads, load {os.getloadavg()[0]:.2f}")
     rows = []
-    for gb, policy, pre in ((gb, policy, pre) for gb in caches for policy in policies for pre in prefetch):
+    for gb, policy, pre, fmt in ((gb, policy, pre, fmt) for gb in caches for policy in policies for pre in prefetch
+                                 for fmt in formats):
         if cold:
             subprocess.run(["sync"], check=True)
             Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        cmd = [sys.executable, __file__, "_one", str(folder), str(gb), policy, str(tokens), str(threads), pre]
+        cmd = [sys.executable, __file__, "_one", str(folder), str(gb), policy, str(tokens), str(threads), pre, fmt]
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
         r = rows[-1]
-        print(f"  cache {gb:5.1f} GB {policy} prefetch {pre}: {r['tok_s']:.2f} tok/s, "
+        print(f"  cache {gb:5.1f} GB {fmt} {policy} prefetch {pre}: {r['tok_s']:.2f} tok/s, "
               f"hits {100 * r['hit_rate']:.0f} %, "
               f"peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
     print(f"disk read rate now (page cache included): {disk_rate(folder):.2f} GB/s")
-    head = ("cache GB", "slots", "policy", "prefetch", "tok/s", "hit %", "misses prefetched %", "GB read/tok",
+    head = ("cache GB", "format", "slots", "policy", "prefetch", "tok/s", "hit %", "misses prefetched %", "GB read/tok",
             "stall %", "1st tok s", "peak RSS GB")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        print(f"| {r['cache_gb']:g} | {r['slots']} | {r['policy']} | {'on' if r['prefetch'] else 'off'} | "
+        print(f"| {r['cache_gb']:g} | {r['format']} | {r['slots']} | {r['policy']} | "
+              f"{'on' if r['prefetch'] else 'off'} | "
               f"{r['tok_s']:.2f} | {100 * r['hit_rate']:.0f} | {100 * r['prefetch_used']:.0f} | "
               f"{r['read_gb_per_token']:.2f} | {100 * r['stall_share']:.0f} | {r['first_token_s']:.1f} | "
               f"{r['peak_rss_gb']:.2f} |")
-    same = all(r["tokens"] == rows[0]["tokens"] for r in rows)
-    print(f"greedy tokens identical across all runs: {same}")
+    for fmt in formats:
+        mine = [r["tokens"] for r in rows if r["format"] == fmt]
+        same = all(t == mine[0] for t in mine)
+        print(f"greedy tokens identical across the {fmt} cache's runs: {same}")
     if plot:
         draw(rows, plot, f"{disk:.1f} GB model ({disk / ram:.2f}x RAM), batch 1, {threads} threads")
 
@@ -170,9 +180,9 @@ def draw(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (speed, hits) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key in sorted({(r["policy"], r["prefetch"]) for r in rows}):
-        mine = [r for r in rows if (r["policy"], r["prefetch"]) == key]
-        label = f"{key[0]}, prefetch {'on' if key[1] else 'off'}"
+    for key in sorted({(r["policy"], r["prefetch"], r["format"]) for r in rows}):
+        mine = [r for r in rows if (r["policy"], r["prefetch"], r["format"]) == key]
+        label = f"{key[2]}, {key[0]}, prefetch {'on' if key[1] else 'off'}"
         speed.plot([r["cache_gb"] for r in mine], [r["tok_s"] for r in mine], "o-", label=label)
         hits.plot([r["cache_gb"] for r in mine], [100 * r["hit_rate"] for r in mine], "o-", label=label)
     for ax, name in ((speed, "decode tok/s"), (hits, "expert cache hits %")):
@@ -236,17 +246,20 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
     p.add_argument("--prefetch", nargs="+", default=["off"], choices=["on", "off"])
+    p.add_argument("--format", nargs="+", default=["float"], choices=["float", "int4"],
+                   help="what the cache holds: the checkpoint's weights, or int4 (quantize_model(model, 'int4'))")
     p.add_argument("--plot", type=Path, help="save tok/s and hit rate against the cache size here (PNG)")
     a = p.parse_args()
     if a.mode == "write":
         write(a.folder)
     elif a.mode == "decode":
-        decode(a.folder, a.cache_gb, a.policy, a.tokens, a.threads, a.cold, a.prefetch, a.plot)
+        decode(a.folder, a.cache_gb, a.policy, a.tokens, a.threads, a.cold, a.prefetch, a.plot, tuple(a.format))
     elif a.mode == "reference":
         reference(a.folder, a.threads)
     else:
-        gb, policy, tokens, threads, pre = a.rest
-        print(json.dumps(_decode_one(str(a.folder), float(gb), policy, int(tokens), int(threads), pre == "on")))
+        gb, policy, tokens, threads, pre, fmt = a.rest
+        print(json.dumps(_decode_one(str(a.folder), float(gb), policy, int(tokens), int(threads), pre == "on",
+                                     fmt=fmt)))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,9 @@ def cmd_generate(args):
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model = _load(args.path, args.dtype, args.seed, args.expert_cache).eval()
+    if args.quantize:  # with --expert-cache, the cache holds the experts quantized
+        from openk2.quant import quantize_model
+        quantize_model(model, args.quantize)
     tokenizer = _tokenizer(args.path)
     ids = _prompt_ids(args, model.cfg.vocab_size, tokenizer)
     as_bytes = tokenizer.decode_bytes if tokenizer else (lambda t: bytes(t) if t[0] < 256 else f"<{t[0]}>".encode())
@@ -190,6 +193,7 @@ def main(argv=None):
     s.add_argument("--threads", type=_positive, default=0, help="CPU threads (default: torch's)")
     s.add_argument("--compile", action="store_true", help="compiled decode steps (compiling takes 10-60 s)")
     s.add_argument("--expert-cache", type=float, metavar="GB", help=EXPERT_CACHE_HELP)
+    s.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights at load time")
     s.set_defaults(fn=cmd_generate)
     raw = {"train": (cmd_train, "pretrain a K2 with MuonClip (`openk2 train --help`)"),  # flags: TrainConfig's
            "sft": (cmd_sft, "fine-tune a checkpoint on chat JSONL (`openk2 sft CHECKPOINT --data F.jsonl`)"),

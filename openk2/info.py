@@ -170,22 +170,26 @@ def offload_report(cfg: ModelConfig, cache_gb: float, name: str = "") -> str:
     resident = resident_bytes(cfg)
     slots = min(n_experts, int(cache_gb * 1e9 // per))
     gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
+    held4 = lambda nbytes: max(0, min(n_experts, int(nbytes // (DISK_BYTES["int4"] * expert_params(cfg)))))  # noqa: E731
     lines = [f"{name or cfg.model_type} with --expert-cache {cache_gb:g} (weights in memory as bf16):",
              f"  resident (all but the routed experts)  {gb(resident)}",
              f"  routed experts                         {n_experts:,} of {per / 1e6:,.1f} MB each = "
              f"{gb(n_experts * per)}",
              f"  the cache holds                        {slots:,} experts ({100 * slots / n_experts:.1f} %); "
              f"the least that works: one layer's top-{K}, {gb(K * per)}",
+             f"  with --quantize int4 it holds          {held4(cache_gb * 1e9):,} experts as int4 codes and bf16 "
+             f"scales ({100 * held4(cache_gb * 1e9) / n_experts:.1f} %)",
              f"  in memory: resident + cache            {gb(resident + slots * per)}",
              "  format of the routed experts (the rest bf16) | on disk | read per token if every expert misses"]
     for fmt, nbytes in DISK_BYTES.items():
         disk = (b.total - b.routed_experts) * 2 + b.routed_experts * nbytes
         lines.append(f"  {fmt:<6} | {gb(disk)} | {gb(n_moe * K * nbytes * expert_params(cfg))}")
-    lines.append("  RAM | fully resident (bf16) | largest cache (RAM - resident - 10 %) | experts cached")
+    lines.append("  RAM | fully resident (bf16) | largest cache (RAM - resident - 10 %) | experts cached | as int4")
     for ram in RAM_SIZES_GB:
         cache = 0.9 * ram * 1e9 - resident
         fits = "yes" if b.total * 2 <= 0.9 * ram * 1e9 else "no"
         held = max(0, min(n_experts, int(cache // per)))
         usable = "too small" if held < K else f"{held:,} ({100 * held / n_experts:.1f} %)"
-        lines.append(f"  {ram} GB | {fits} | {gb(max(cache, 0))} | {usable}")
+        usable4 = "too small" if held4(cache) < K else f"{held4(cache):,} ({100 * held4(cache) / n_experts:.1f} %)"
+        lines.append(f"  {ram} GB | {fits} | {gb(max(cache, 0))} | {usable} | {usable4}")
     return "\n".join(lines)

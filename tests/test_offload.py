@@ -59,6 +59,45 @@ def test_logits_equal_the_resident_model_bit_for_bit(folders, fmt, policy):
     assert stored <= s["bytes_read"] / s["misses"] <= 1.2 * stored  # the stored bytes (+ scales), not bf16
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+@pytest.mark.parametrize("kernel", [True, False])
+def test_an_int4_cache_equals_the_resident_model_quantized_alike(folders, fmt, kernel, request, monkeypatch):
+    """quantize_model(model, "int4") on offloaded experts: the cache holds Int4Experts' codes and scales,
+    ~3.6× as many experts in the same bytes, and the logits equal the resident model quantized the same
+    way, bit for bit: few rows an expert (the int4 kernel, or its absence) and many (dequantised)."""
+    from openk2.model import linear
+    from openk2.quant import fake_quantize, quantize_model
+    if kernel:
+        request.getfixturevalue("cpu_kernels")
+    else:
+        monkeypatch.setattr(linear, "PAIRS_KERNELS", {})
+    dtype = torch.float32 if fmt == "int4" else torch.bfloat16
+    resident = quantize_model(load_hf(folders[fmt], dtype, progress=False).eval(), "int4")
+    with torch.inference_mode():
+        model = load_offloaded(folders[fmt], 4 * expert_bytes(CFG, dtype), dtype, progress=False).eval()
+        quantize_model(model, "int4")
+    cache = model.expert_cache  # 4 float experts' bytes: 14 experts as int4 with bf16 scales, 25 with fp32
+    assert cache.format == "int4" and cache.slots == 4 * expert_bytes(CFG, dtype) // expert_bytes(CFG, dtype, "int4")
+    assert 14 <= cache.slots < 32 and cache.nbytes <= 4 * expert_bytes(CFG, dtype)  # of 32: it still evicts
+    with torch.inference_mode():
+        for ids in (_ids(1, 3), _ids(4, 64)):  # 12 pairs over ≤ 12 experts (kernel); 1,024 over 16 (not)
+            assert torch.equal(model(ids), resident(ids))
+        assert torch.equal(model(_ids(), reference=True), resident(_ids(), reference=True))
+    s = cache.stats()
+    assert s["format"] == "int4" and s["evictions"] > 0 and s["misses"] > cache.slots
+    runs = {}  # and through the Engine (eager for both: offloaded experts do not compile)
+    for name, m in (("resident", resident), ("offloaded", model)):
+        engine = Engine(m, EngineConfig(cache_tokens=128, block_size=8, compile=False))
+        req = engine.add_request(_ids(1, 9)[0].tolist(), SamplingParams(max_tokens=8, logprobs=1))
+        engine.run()
+        runs[name] = req.output, [lp.logprob for lp in req.logprobs]
+    assert runs["offloaded"] == runs["resident"]
+    with pytest.raises(ValueError, match="holds the checkpoint's weights or int4"):
+        quantize_model(model, "int8")
+    with pytest.raises(TypeError, match="read from disk"):
+        fake_quantize(model, "int4")
+
+
 @pytest.mark.parametrize("slots,prefetch", [(6, True), (4, True), (6, False)])
 def test_engine_decodes_the_resident_models_tokens_and_logprobs(folders, slots, prefetch):
     """Continuous batching (two requests, chunked prefill) over a cache that cannot hold one prompt's
@@ -143,6 +182,9 @@ def test_cli_generate_with_an_expert_cache_prints_the_same_tokens_and_the_cache_
     assert cached.returncode == 0, cached.stderr
     assert cached.stdout == full.stdout and len(full.stdout.split()) == 6
     assert "expert cache: 4/4 experts" in cached.stderr and "hit rate" in cached.stderr
+    full4, cached4 = run("--quantize", "int4"), run("--quantize", "int4", "--expert-cache", str(4 * EXPERT / 1e9))
+    assert cached4.returncode == 0, cached4.stderr
+    assert cached4.stdout == full4.stdout and "experts (0.00 GB, int4, lru)" in cached4.stderr
     small = run("--expert-cache", "1e-6")
     assert small.returncode == 1 and "cannot hold one layer's top-4" in small.stderr
     assert "Traceback" not in small.stderr
@@ -158,6 +200,7 @@ def test_offload_report_predicts_the_split(folders):
                       .strip().removesuffix(" GB").replace(",", ""))
     assert 580 < int4_disk < 610  # K2-Thinking's int4 release is ~594 GB
     assert "64 GB | no |" in k2 and "the least that works: one layer's top-8, 0.70 GB" in k2
+    assert f"holds          {int(8e9 // (0.5625 * 3 * 7168 * 2048)):,} experts as int4 codes" in k2  # 4 + 0.5 bits
 
 
 def test_server_answers_through_the_cache_fails_a_read_error_cleanly_and_keeps_serving(folders, tmp_path):

@@ -19,7 +19,7 @@ from openk2.model.transformer import cast
 from openk2.quant import QuantizedExperts, fake_quantize, quantize_model
 from openk2.quant import int4_decode
 from openk2.quant.int4 import (Int4Linear, dequantize_int4, int4_linear, int4_linear_reference, pack_for_cpu,
-                               quantize_int4)
+                               quantize_int4, unpack_int4)
 from openk2.quant.int8 import Int8Linear, dequantize_int8, int8_linear, int8_linear_reference, quantize_int8
 
 CFG = PRESETS["k2-tiny"]
@@ -116,6 +116,35 @@ def test_quantized_linear_is_close_to_float():
     ref = x @ w.T
     assert _rel(Int8Linear.from_weight(w)(x), ref) < 1e-2
     assert _rel(Int4Linear.from_weight(w)(x), ref) < 1.5e-1
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_halves_equals_quantize_int4_repacked(group, dtype):
+    """The direct quantizer (Int4Experts, the int4 expert cache) against the reference and its repacking:
+    the same codes and scales, with an all-zero group and codes that land exactly between two steps."""
+    w = _w((24, 256)).to(dtype)
+    w[0, :group] = 0
+    w[1, :group] = torch.arange(group) % 15 - 7.5  # scale 7.5 / 7: round-half-even decides every code
+    packed, scale = quantize_int4(w, group)
+    before = w.clone()
+    codes, scale2 = int4_decode.quantize_halves(w, group, kernel=False)
+    assert torch.equal(codes, int4_decode.pack_halves(unpack_int4(packed), group)) and torch.equal(scale2, scale)
+    assert torch.equal(w, before)  # fp32 weights are their own .float(): never divided in place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_halves_kernel_equals_its_reference(dtype, cpu_kernels):
+    w = _w((96, 512)).to(dtype)
+    w[0, :32] = 0
+    w[1, :32] = torch.arange(32) % 15 - 7.5  # ties: both round half to even
+    w[2, :64] *= 1e-30  # tiny groups: the scale's clamp
+    for group in (32, 64):  # K2's groups of 32 have a vector path, others a plain loop
+        got, want = int4_decode.quantize_halves(w, group), int4_decode.quantize_halves(w, group, kernel=False)
+        assert got[0].dtype == torch.uint8 and got[1].dtype == dtype
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(RuntimeError, match="multiple of an even group"):
+        torch.ops.openk2.quantize_halves(w, 24)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

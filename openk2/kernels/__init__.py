@@ -1,7 +1,8 @@
 """openk2's CPU kernels for the decode step, offered to it through `openk2.model.linear.PAIRS_KERNELS`
 (the chosen experts' matrix-vector products, by the dtype of the weights or codes):
 
-- `int4_cpu.cpp`, `openk2::int4_pairs`: int4 experts in the decode layout (openk2/quant/int4_decode.py);
+- `int4_cpu.cpp`, `openk2::int4_pairs`: int4 experts in the decode layout (openk2/quant/int4_decode.py),
+  and `openk2::quantize_halves`, weights into that layout in one pass (`cpu_op`; the int4 expert cache);
 - `pairs_cpu.cpp`, `openk2::float_pairs`: bf16 experts (fp32 too, as an op), the rows grouped by
   expert so that a batch reads each chosen expert once; the compiled step takes it past `small_batch`,
   where the alternative is every expert on every row (at one row the step's own fused loop is faster:
@@ -66,6 +67,11 @@ def load() -> bool:
     # (k2-mini fp32, 32 rows: compiled 12.3 vs 13.2 ms a step, eager 14.9 vs 16.1 ms)
     linear.PAIRS_KERNELS[torch.bfloat16] = lambda x, w, scale, idx: torch.ops.openk2.float_pairs(x, w, idx)
     return True
+
+
+def cpu_op(name: str):
+    """The op `openk2::name` where the kernels are built (None elsewhere: the caller's reference serves)."""
+    return getattr(torch.ops.openk2, name) if load() else None
 
 
 def load_for(device: torch.device) -> bool:

@@ -11,6 +11,10 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -136,10 +140,90 @@ at::Tensor int4_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return y;
 }
 
+namespace {
+inline uint8_t int4_code(float x, float s) {  // round half to even, as torch.round
+  return static_cast<uint8_t>(std::min(std::max(std::nearbyint(x / s), -8.f), 7.f) + 8.f);
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32: the 16 bits on top, exact
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 16 codes of x / s, rounded half to even (as nearbyint), clamped to [-8, 7], plus 8, as int32 lanes
+inline __m512i codes16(__m512 x, __m512 s) {
+  const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 c = _mm512_add_ps(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-8.f)), _mm512_set1_ps(7.f)),
+                                 _mm512_set1_ps(8.f));
+  return _mm512_cvtps_epi32(c);  // exact: whole numbers 0..15
+}
+
+// K2's groups of 32: both halves in two registers, the group's max by one reduction, 16 bytes out
+template <typename S>
+void quantize32_avx512(const S* src, S* scale, uint8_t* codes, int64_t groups) {
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512 lo = load16(src + 32 * g), hi = load16(src + 32 * g + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, sign), _mm512_and_ps(hi, sign)));
+    const S s = static_cast<S>(std::max(amax / 7.f, 1e-12f));
+    scale[g] = s;
+    const __m512 sv = _mm512_set1_ps(static_cast<float>(s));
+    const __m512i packed = _mm512_or_si512(codes16(lo, sv), _mm512_slli_epi32(codes16(hi, sv), 4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * g), _mm512_cvtepi32_epi8(packed));
+  }
+}
+#endif
+}  // namespace
+
+// w [O, I] (fp32, bf16 or fp16) -> (codes uint8 [O, I/2] in the decode layout, scale [O, I/group] in w's
+// dtype): the arithmetic of openk2.quant.int4_decode.quantize_halves element for element (scale =
+// max|group| / 7 clamped at 1e-12 and rounded to w's dtype; code = round(w / scale) clamped to [-8, 7],
+// plus 8), in one pass over w. One thread: the int4 expert cache calls it from its reader threads.
+std::tuple<at::Tensor, at::Tensor> quantize_halves(const at::Tensor& w, int64_t group) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && group > 0 && group % 2 == 0 && w.size(1) % group == 0,
+              "quantize_halves: a CPU matrix [O, I] with I a multiple of an even group");
+  const at::Tensor wc = w.contiguous();
+  const int64_t O = w.size(0), I = w.size(1), G = I / group, H = group / 2;
+  at::Tensor codes = at::empty({O, I / 2}, w.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({O, G}, w.options());
+  std::vector<float> q(group);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "quantize_halves", [&] {
+    const scalar_t* src = wc.data_ptr<scalar_t>();
+    scalar_t* sp = scale.data_ptr<scalar_t>();
+    uint8_t* cp = codes.data_ptr<uint8_t>();
+#if defined(__AVX512F__)
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (group == 32) return quantize32_avx512(src, sp, cp, O * G);
+    }
+#endif
+    for (int64_t og = 0; og < O * G; ++og) {
+      float amax = 0.f;
+      for (int64_t j = 0; j < group; ++j) {
+        q[j] = static_cast<float>(src[og * group + j]);
+        amax = std::max(amax, std::fabs(q[j]));
+      }
+      const scalar_t s = static_cast<scalar_t>(std::max(amax / 7.f, 1e-12f));
+      sp[og] = s;
+      const float sf = static_cast<float>(s);
+      for (int64_t j = 0; j < H; ++j) {
+        cp[og * H + j] = int4_code(q[j], sf) | static_cast<uint8_t>(int4_code(q[j + H], sf) << 4);
+      }
+    }
+  });
+  return {codes, scale};
+}
+
 TORCH_LIBRARY_FRAGMENT(openk2, m) {
   m.def("int4_pairs(Tensor x, Tensor w, Tensor scale, Tensor idx) -> Tensor");
+  m.def("quantize_halves(Tensor w, int group) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(openk2, CPU, m) {
   m.impl("int4_pairs", &int4_pairs);
+  m.impl("quantize_halves", &quantize_halves);
 }

@@ -4,7 +4,9 @@
 layer routes as always and hands it the rows sorted by expert; it asks the shared `ExpertCache` for
 the experts used (reading the missing ones from disk) and runs each one's SwiGLU on its rows with the
 same calls as `Experts`' CPU path, on weights equal to those `load_hf` would load: the logits equal the
-fully resident model's bit for bit (tests/test_offload.py). Its decode face is None: the compiled
+fully resident model's bit for bit (tests/test_offload.py). Quantized to int4 (`quantize_experts`),
+the cache holds `Int4Experts`' codes and scales and the calls are `Int4Experts`' (equal to the
+resident model quantized the same way). Its decode face is None: the compiled
 decode step indexes every expert as one tensor, which experts on disk are not, so the engine decodes
 these models eagerly (see `decode_weights` below).
 
@@ -43,12 +45,21 @@ class OffloadedExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"layer={self.layer}, cache={self.cache.slots} experts"
 
-    def _runs(self, used: list[int]):
-        """(expert, gate_up [2F, D], down [D, F]) for each used expert, at most a cache-full at a time."""
+    def quantize_experts(self, mode: str) -> None:
+        """`quantize_model(model, mode)` for experts on disk: the cache holds them as `Int4Experts`
+        would (the same codes and scales, so the same logits), ~3.6× as many in the same bytes."""
+        if mode != "int4":
+            raise ValueError(f"an expert cache holds the checkpoint's weights or int4 (--quantize int4), not "
+                             f"{mode}")
+        self.cache.to_format("int4")
+
+    def _runs(self, used: list[int], dtype: torch.dtype):
+        """(expert, gate_up [2F, D], down [D, F]) in `dtype` for each used expert, at most a cache-full
+        at a time."""
         for i in range(0, len(used), self.cache.slots):
             group = used[i:i + self.cache.slots]
             for e, slot in zip(group, self.cache.fetch(self.layer, group)):
-                yield e, self.cache.gate_up_S2FD[slot], self.cache.down_SDF[slot]
+                yield e, *self.cache.weights(slot, dtype)
 
     def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
         """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
@@ -64,10 +75,11 @@ class OffloadedExperts(nn.Module):
                 slots = self.cache.fetch(self.layer, group)
                 idx_M = torch.cat([torch.full((counts[e],), s, device=x_MD.device) for e, s in zip(group, slots)])
                 x = torch.cat([x_MD[starts[e]:starts[e + 1]] for e in group])
-                y = kernel_swiglu(kernel, x, idx_M, self.cache.gate_up_S2FD, None, self.cache.down_SDF, None)
+                y = kernel_swiglu(kernel, x, idx_M, self.cache.gate_up_S2FD, self.cache.gate_up_scale,
+                                  self.cache.down_SDF, self.cache.down_scale)
                 out |= dict(zip(group, y.split([counts[e] for e in group])))
         else:
-            for e, w_gate_up, w_down in self._runs(used):
+            for e, w_gate_up, w_down in self._runs(used, x_MD.dtype):
                 gate, up = F.linear(x_MD[starts[e]:starts[e + 1]], w_gate_up).chunk(2, dim=-1)
                 out[e] = F.linear(F.silu(gate).mul_(up), w_down)
         return torch.cat([out[e] for e in sorted(out)]).mul_(w_M[:, None])
@@ -75,8 +87,8 @@ class OffloadedExperts(nn.Module):
     def forward_reference(self, x_ND, topk_idx_NK, topk_w_NK):
         """The routing reference (as `Experts.forward_reference`), over the cached weights."""
         out_ND = torch.zeros_like(x_ND)
-        F_ = self.cache.down_SDF.shape[-1]
-        for e, w_gate_up, w_down in self._runs(torch.unique(topk_idx_NK).tolist()):
+        F_ = self.cache.store.cfg.moe_intermediate_size
+        for e, w_gate_up, w_down in self._runs(torch.unique(topk_idx_NK).tolist(), x_ND.dtype):
             tok, slot = torch.where(topk_idx_NK == e)
             x = x_ND[tok]
             y = (F.silu(x @ w_gate_up[:F_].T) * (x @ w_gate_up[F_:].T)) @ w_down.T

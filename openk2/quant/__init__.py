@@ -97,7 +97,7 @@ def _targets(model: nn.Module, mode: str, linears: bool | None):
             linear = linears and type(child) is nn.Linear and name not in SKIP
             if linear and child.bias is not None:
                 raise ValueError(f"{parent_name}.{name}: quantized linears have no bias")
-            if linear or isinstance(child, Experts):
+            if linear or isinstance(child, Experts) or hasattr(child, "quantize_experts"):
                 found.append((parent, name, child))
     return found
 
@@ -107,7 +107,9 @@ def quantize_model(model: nn.Module, mode: str, linears: bool | None = None) -> 
     """Swap routed experts (and, if `linears`, the other eligible nn.Linear) for quantized modules, in
     place; returns the model. linears None: True for int8, False for int4 (K2-Thinking's recipe)."""
     for parent, name, child in _targets(model, mode, linears):
-        if isinstance(child, Experts) and mode == "int4":
+        if hasattr(child, "quantize_experts"):  # experts that quantize themselves (offloaded: their cache)
+            child.quantize_experts(mode)
+        elif isinstance(child, Experts) and mode == "int4":
             setattr(parent, name, Int4Experts.from_weights(child.gate_up_proj, child.down_proj))
         elif isinstance(child, Experts):
             setattr(parent, name, QuantizedExperts.from_experts(child, LINEARS[mode]))
@@ -121,6 +123,8 @@ def fake_quantize(model: nn.Module, mode: str, linears: bool | None = None) -> n
     """The reference of `quantize_model`: the same weights rounded to the same grid (quantize, then
     dequantize to their dtype), left in the float modules; in place, returns the model."""
     for _, _, child in _targets(model, mode, linears):
+        if hasattr(child, "quantize_experts"):
+            raise TypeError("fake_quantize rounds resident weights; these experts are read from disk")
         if isinstance(child, Experts):
             for w in (child.gate_up_proj, child.down_proj):
                 w.copy_(torch.stack([ROUND_TRIP[mode](w_e) for w_e in w]))

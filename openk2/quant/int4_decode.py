@@ -15,15 +15,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.kernels import load_for
+from openk2.kernels import cpu_op, load_for
 from openk2.model import linear
 from openk2.model.moe import few_rows, kernel_swiglu, routed_reference
-from openk2.quant.int4 import INT4_GROUP, quantize_int4, unpack_int4
+from openk2.quant.int4 import INT4_GROUP
 
 def pack_halves(codes_OI: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     """Unsigned codes 0..15 [..., O, I] -> the decode layout uint8 [..., O, I/2] (see the module doc)."""
     g = codes_OI.to(torch.uint8).unflatten(-1, (-1, 2, group // 2))
     return (g[..., 0, :] | (g[..., 1, :] << 4)).flatten(-2)
+
+
+def quantize_halves(w_OI: torch.Tensor, group: int = INT4_GROUP, kernel: bool = True):
+    """`quantize_int4` straight into the decode layout: (codes uint8 [O, I/2], scale [O, I/group]), equal
+    to `pack_halves(unpack_int4(packed))` and its scale: the same arithmetic without the int32 packing and
+    its undoing, by the CPU kernel `openk2::quantize_halves` in one pass where it is built (what an int4
+    expert cache spends on each miss), else (or `kernel=False`: the reference) in torch."""
+    if w_OI.shape[1] % group:
+        raise ValueError(f"int4: in features ({w_OI.shape[1]}) must be a multiple of the group ({group})")
+    op = cpu_op("quantize_halves") if kernel and w_OI.device.type == "cpu" else None
+    if op is not None:
+        return tuple(op(w_OI, group))
+    g_OGS = w_OI.float().unflatten(1, (-1, group))
+    scale_OG = (g_OGS.abs().amax(-1) / 7).clamp_(min=1e-12).to(w_OI.dtype)
+    q = torch.round(g_OGS / scale_OG.float()[..., None]).clamp_(-8, 7).add_(8).to(torch.uint8)  # (g may be w)
+    return (q[..., :group // 2] | (q[..., group // 2:] << 4)).flatten(1), scale_OG
 
 
 def unpack_halves(packed_OH: torch.Tensor, scale_OG: torch.Tensor, dtype) -> torch.Tensor:
@@ -53,9 +69,8 @@ class Int4Experts(nn.Module):
     def from_weights(cls, gate_up_EOI: torch.Tensor, down_EOI: torch.Tensor, group: int = INT4_GROUP):
         stacked = []
         for w_EOI in (gate_up_EOI, down_EOI):
-            packed, scale = zip(*(quantize_int4(w, group) for w in w_EOI))
-            stacked += [pack_halves(unpack_int4(torch.stack(packed).flatten(0, 1)), group).view(
-                w_EOI.shape[0], w_EOI.shape[1], -1), torch.stack(scale)]
+            codes, scale = zip(*(quantize_halves(w, group) for w in w_EOI))
+            stacked += [torch.stack(codes), torch.stack(scale)]
         return cls(*stacked)
 
     @property
