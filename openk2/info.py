@@ -170,7 +170,8 @@ def offload_report(cfg: ModelConfig, cache_gb: float, name: str = "") -> str:
     resident = resident_bytes(cfg)
     slots = min(n_experts, int(cache_gb * 1e9 // per))
     gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
-    held4 = lambda nbytes: max(0, min(n_experts, int(nbytes // (DISK_BYTES["int4"] * expert_params(cfg)))))  # noqa: E731
+    # an int4 cache: the bytes of the bf16 experts it was given (as ExpertCache.to_format), in int4 ones
+    held4 = lambda nbytes: max(0, min(n_experts, int(nbytes // per * per // (DISK_BYTES["int4"] * expert_params(cfg)))))  # noqa: E731
     lines = [f"{name or cfg.model_type} with --expert-cache {cache_gb:g} (weights in memory as bf16):",
              f"  resident (all but the routed experts)  {gb(resident)}",
              f"  routed experts                         {n_experts:,} of {per / 1e6:,.1f} MB each = "

@@ -277,6 +277,8 @@ def test_rl_runs_logs_checkpoints_and_resumes(tmp_path, tiny_policy, capsys):
     assert not torch.equal(reloaded.lm_head.weight, tiny_policy.lm_head.weight)  # PTX moved the weights
     with pytest.raises(SystemExit):
         parse_rl_args([str(folder), "--algo", "ppo"])
+    with pytest.raises(SystemExit):  # one process, HF checkpoints: the sharding flags are train's and sft's
+        parse_rl_args([str(folder), "--fsdp"])
 
 
 def test_the_pipeline_runs_every_stage_and_continues(tmp_path, capsys):

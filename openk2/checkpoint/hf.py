@@ -293,7 +293,7 @@ def convert(src: str | Path, dst: str | Path, fmt: str, progress: bool = True) -
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise ValueError(f"convert would overwrite its source {src}")
-    dtype = torch.float32 if fmt == "fp32" else None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(fmt)  # fp8/int4: the rest bf16 (save_hf)
     out = save_hf(load_hf(src, progress=progress), dst, dtype, "bf16" if fmt == "fp32" else fmt, progress=progress)
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in (

@@ -83,7 +83,8 @@ def load(folder: str | Path, model, opt, view=whole) -> None:
     params = dict(model.named_parameters())
     sd = {MODEL + n: view(n, t) for n, t in model.state_dict().items()}
     entries: dict[str, tuple] = {}  # optimizer key -> (parameter, state key)
-    for key, meta in _saved_keys(folder).items():
+    saved = _saved_keys(folder)
+    for key, meta in saved.items():
         if not key.startswith(OPTIM):
             continue
         name, field = key[len(OPTIM):].rsplit(".", 1)
@@ -92,7 +93,7 @@ def load(folder: str | Path, model, opt, view=whole) -> None:
         p = params[name]
         sd[key] = view(name, torch.empty_like(p)) if isinstance(meta, TensorStorageMetadata) else 0
         entries[key] = (p, field)
-    missing = [k for k in sd if k.startswith(MODEL) and k not in _saved_keys(folder)]
+    missing = [k for k in sd if k.startswith(MODEL) and k not in saved]
     if missing:
         raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}")
     _call(dcp.load, sd, folder / SHARDS)

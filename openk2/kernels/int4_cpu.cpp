@@ -141,8 +141,9 @@ at::Tensor int4_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 }
 
 namespace {
-inline uint8_t int4_code(float x, float s) {  // round half to even, as torch.round
-  return static_cast<uint8_t>(std::min(std::max(std::nearbyint(x / s), -8.f), 7.f) + 8.f);
+inline uint8_t int4_code(float x, float s) {  // round half to even, as torch.round; NaN -> -8, as the vector path
+  const float r = std::nearbyint(x / s);
+  return static_cast<uint8_t>((r > -8.f ? (r < 7.f ? r : 7.f) : -8.f) + 8.f);
 }
 
 #if defined(__AVX512F__)
@@ -166,10 +167,9 @@ inline __m512i codes16(__m512 x, __m512 s) {
 // K2's groups of 32: both halves in two registers, the group's max by one reduction, 16 bytes out
 template <typename S>
 void quantize32_avx512(const S* src, S* scale, uint8_t* codes, int64_t groups) {
-  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t g = 0; g < groups; ++g) {
     const __m512 lo = load16(src + 32 * g), hi = load16(src + 32 * g + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(lo, sign), _mm512_and_ps(hi, sign)));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     const S s = static_cast<S>(std::max(amax / 7.f, 1e-12f));
     scale[g] = s;
     const __m512 sv = _mm512_set1_ps(static_cast<float>(s));

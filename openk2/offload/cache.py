@@ -94,6 +94,9 @@ class ExpertCache:
         if fmt == self.format:
             return
         cfg = self.store.cfg
+        if fmt == "int4" and (cfg.hidden_size % INT4_GROUP or cfg.moe_intermediate_size % INT4_GROUP):
+            raise ValueError(f"an int4 cache needs expert sizes in multiples of {INT4_GROUP} (hidden "
+                             f"{cfg.hidden_size}, expert {cfg.moe_intermediate_size})")
         wait([f for _, reads in self.pending.values() for f in reads])
         slots = min(self.budget // expert_bytes(cfg, self.dtype, fmt), cfg.n_moe_layers * cfg.n_routed_experts)
         self._allocate(fmt, int(slots))

@@ -46,12 +46,12 @@ class OffloadedExperts(nn.Module):
         return f"layer={self.layer}, cache={self.cache.slots} experts"
 
     def quantize_experts(self, mode: str) -> None:
-        """`quantize_model(model, mode)` for experts on disk: the cache holds them as `Int4Experts`
-        would (the same codes and scales, so the same logits), ~3.6× as many in the same bytes."""
-        if mode != "int4":
-            raise ValueError(f"an expert cache holds the checkpoint's weights or int4 (--quantize int4), not "
-                             f"{mode}")
-        self.cache.to_format("int4")
+        """`quantize_model(model, mode)` for experts on disk. int4: the cache holds them as `Int4Experts`
+        would (the same codes and scales, so the same logits), ~3.6× as many in the same bytes. int8:
+        they stay in the load dtype (an int8 cache would hold only 1.8× as many; int8 quantizes the
+        other linears)."""
+        if mode == "int4":
+            self.cache.to_format("int4")
 
     def _runs(self, used: list[int], dtype: torch.dtype):
         """(expert, gate_up [2F, D], down [D, F]) in `dtype` for each used expert, at most a cache-full

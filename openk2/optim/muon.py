@@ -10,7 +10,8 @@ Sharding (STYLE §2): Newton–Schulz is the only expensive part, so the orthogo
 Every Muon matrix is grouped by shape; rank r orthogonalises the r-th contiguous share of each shape
 group and the bf16 results are all-gathered (lossless: NS output is bf16). Momentum, AdamW and the
 weight update itself are elementwise and run on every rank, so state and weights stay replicated and
-`state_dict()` does not depend on the world size. Gradients are assumed already averaged (DDP). With
+`state_dict()` does not depend on the world size. Parameters sharded by rows (FSDP2's DTensors) are
+the exception: their state is sharded alike and each whole matrix goes to one owner (`_muon_rows`). Gradients are assumed already averaged (DDP). With
 torch.distributed not initialised, or world size 1, rank 0 owns every matrix and nothing is sent.
 """
 

@@ -88,7 +88,9 @@ class ParallelTraining:
     def clip(self, model, max_norm: float) -> torch.Tensor:
         """The experts' gradients made the global mean's (see above), then clipping by the whole norm."""
         for p in model.parameters():
-            if id(p) in self.expert_ids and p.grad is not None:
+            if id(p) in self.expert_ids:
+                if p.grad is None:  # no token reached this rank's experts: a zero gradient, as one process has
+                    p.grad = torch.zeros_like(p)  # (and every replica joins the sum below)
                 if self.dp_group is not None:
                     dist.all_reduce(p.grad, group=self.dp_group)
                 p.grad.div_(self.world)

@@ -52,6 +52,9 @@ class RLConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.fsdp or self.sharded_checkpoints or self.ep > 1:
+            raise ValueError("openk2 rl runs in one process and writes Hugging Face checkpoints: --fsdp, --ep and "
+                             "--checkpoint-format dcp are `openk2 train`'s and `openk2 sft`'s")
         if not (Path(self.checkpoint) / "config.json").is_file():
             raise ValueError(f"{self.checkpoint or '(none)'}: not a Hugging Face model folder (no config.json)")
         if self.algo not in ALGOS:

@@ -274,7 +274,7 @@ def rl(cfg: RLConfig, stop_at: int | None = None) -> dict:
         bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}", success=f"{metrics['success']:.2f}",
                         T=f"{temperature:.2f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt.state_dict(), data, fmt.tokenizer,
+            save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt, data, fmt.tokenizer,
                             step, cfg, {"chat_template.jinja": template} if template else {})
     bar.close()
     log.close()

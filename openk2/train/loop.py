@@ -9,7 +9,9 @@ Per step: WSD learning rate, micro-batches under bf16 autocast, gradient clippin
 (Muon/AdamW step, then QK-Clip from the step's recorded max logits), aux-loss-free balancing of
 `e_score_correction_bias` (DeepSeek-V3: γ·sign(mean load − load)). Checkpoints hold the model as a
 Hugging Face folder (fp32, so resume is exact) plus optimizer, loader, RNG and step in
-`train_state.pt`; metrics go to `metrics.jsonl`. What a run trains on is a `RunData`: a corpus
+`train_state.pt`, or (`--checkpoint-format dcp`, the default with `--fsdp`) the weights and optimizer
+state in each rank's DCP shards beside the rest (`openk2.checkpoint.sharded`); metrics go to
+`metrics.jsonl`. What a run trains on is a `RunData`: a corpus
 (`pretrain_data`, here) or chat conversations with a loss mask, packed (`sft.py`: `sft_data`), whose
 batches carry segment ids and targets of -100 where no loss is taken.
 """
@@ -149,7 +151,9 @@ def target_loss(model, x, y, seg: list) -> torch.Tensor:
 def evaluate(model, batches, autocast, world: int) -> float:
     model.eval()
     total = torch.zeros(2)
+    device = model.lm_head.weight.device
     for x, y, *seg in batches:
+        x, y, seg = x.to(device), y.to(device), [s.to(device) for s in seg]
         n = (y != -100).sum().item()
         with autocast():
             total += torch.tensor([target_loss(model, x, y, seg).item() * n, n])
