@@ -78,10 +78,6 @@ def _dist() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _barrier(world: int):
     if world > 1:
         dist.barrier()
@@ -166,12 +162,13 @@ def evaluate(model, batches, autocast, world: int) -> float:
 def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg, files=None, ep=None):
     """Collective: a HF folder written by rank 0 (with --ep, every rank's experts and their optimizer
     state gathered there first), or, with checkpoint_format dcp, every rank's shards."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if cfg.sharded_checkpoints:
         sharded.save(folder, model, opt, ep.view if ep else sharded.whole)
-        model, opt_state = (model, None) if _rank() == 0 else (None, None)
+        opt_state = None
     else:
         model, opt_state = (ep.whole(model), ep.whole_optimizer_state(opt)) if ep else (model, opt.state_dict())
-    if _rank() != 0:
+    if rank != 0:
         return
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in (files or {}).items():  # before train_state.pt, which marks the folder complete
