@@ -99,7 +99,7 @@ def load(folder: str | Path, model, opt, view=whole) -> None:
     _call(dcp.load, sd, folder / SHARDS)
     for key, (p, field) in entries.items():
         v = sd[key]  # kept a DTensor where the parameter is one (FSDP2), else the part this rank holds
-        opt.state[p][field] = v.to_local() if hasattr(v, "to_local") and not hasattr(p, "to_local") else v
+        opt.state[p][field] = v if hasattr(p, "to_local") else getattr(v, "to_local", lambda v=v: v)()
 
 
 def load_model(folder: str | Path, dtype: torch.dtype | None = None, device="cpu", config=None):

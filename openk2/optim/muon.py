@@ -11,8 +11,9 @@ Every Muon matrix is grouped by shape; rank r orthogonalises the r-th contiguous
 group and the bf16 results are all-gathered (lossless: NS output is bf16). Momentum, AdamW and the
 weight update itself are elementwise and run on every rank, so state and weights stay replicated and
 `state_dict()` does not depend on the world size. Parameters sharded by rows (FSDP2's DTensors) are
-the exception: their state is sharded alike and each whole matrix goes to one owner (`_muon_rows`). Gradients are assumed already averaged (DDP). With
-torch.distributed not initialised, or world size 1, rank 0 owns every matrix and nothing is sent.
+the exception: their state is sharded alike and each whole matrix goes to one owner (`_muon_rows`).
+Gradients are assumed already averaged (DDP). With torch.distributed not initialised, or world size
+1, rank 0 owns every matrix and nothing is sent.
 """
 
 import math
@@ -130,13 +131,25 @@ def muon_param_groups(model: nn.Module, *, router_in_muon: bool = False) -> list
     return [g for g in groups if g["params"]]
 
 
-def _is_sharded(t) -> bool:
+def is_sharded(t) -> bool:
     """A DTensor (duck-typed: the optimizer does not import torch.distributed.tensor)."""
     return hasattr(t, "to_local")
 
 
-def _local(t):
-    return t.to_local() if _is_sharded(t) else t
+def local_part(t):
+    """The part of `t` this rank holds: all of a plain tensor, a DTensor's local tensor."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def row_block(t) -> tuple[int, int, dist.ProcessGroup | None]:
+    """(first row this rank holds, rows a block, the group) of a tensor sharded by rows as FSDP2 shards
+    (torch.chunk's blocks of ceil(rows / ranks) over its mesh, the last ones short or empty); a plain
+    tensor is one block of all its rows."""
+    if not is_sharded(t):
+        return 0, t.shape[0], None
+    group = t.device_mesh.get_group()
+    chunk = -(-t.shape[0] // dist.get_world_size(group))
+    return dist.get_rank(group) * chunk, chunk, group
 
 
 def _share(stacks: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
@@ -203,12 +216,12 @@ class Muon(torch.optim.Optimizer):
         rank, world = self._rank_world()
         turn = 0  # whose turn it is to own the next row-sharded matrix
         for (A, B, ns_steps, local), items in by_shape.items():  # local: this rank's own (expert-parallel)
-            rows = [(p, group) for p, group in items if _is_sharded(p)]
+            rows = [(p, group) for p, group in items if is_sharded(p)]
             for p, group in rows:
                 self._muon_rows(p, group, A, B, ns_steps, turn)
                 turn += 1
             if len(rows) < len(items):
-                items = [(p, group) for p, group in items if not _is_sharded(p)]
+                items = [(p, group) for p, group in items if not is_sharded(p)]
                 self._muon(items, A, B, ns_steps, *((0, 1) if local else (rank, world)))
         return loss
 
@@ -221,8 +234,8 @@ class Muon(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p)
         u = momentum_step(p.grad.to_local(), state["momentum_buffer"].to_local(), group["momentum"],
                           group["nesterov"])
-        pg = p.device_mesh.get_group()
-        n, chunk = dist.get_world_size(pg), -(-p.shape[0] // dist.get_world_size(pg))
+        _, chunk, pg = row_block(p)
+        n = dist.get_world_size(pg)
         owner = dist.get_global_rank(pg, turn % n)
         mine = dist.get_rank() == owner
         padded = u.new_zeros(chunk, *u.shape[1:])
@@ -243,7 +256,8 @@ class Muon(torch.optim.Optimizer):
         if not state:  # of a sharded parameter, sharded alike
             state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         state["step"] += 1
-        adamw_update(_local(p), _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"],
+        adamw_update(local_part(p), local_part(p.grad), local_part(state["exp_avg"]), local_part(state["exp_avg_sq"]),
+                     state["step"],
                      group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
     def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from openk2.optim.muon import local_part, row_block
+
 TAU = 100.0  # K2's threshold (K2-SPEC §7.2)
 
 
@@ -62,10 +64,7 @@ def _scale_rows(w: torch.Tensor, scale_R: torch.Tensor) -> None:
     """w[r] *= scale_R[r] for the rows with a scale below 1, in place; every other row untouched (bit
     for bit). A DTensor sharded by rows (FSDP2: torch.chunk's blocks over its mesh) scales the rows
     this rank holds."""
-    local, first = w, 0
-    if hasattr(w, "to_local"):
-        local, group = w.to_local(), w.device_mesh.get_group()
-        first = dist.get_rank(group) * -(-w.shape[0] // dist.get_world_size(group))
+    local, (first, _, _) = local_part(w), row_block(w)
     rows = (scale_R[first:first + local.shape[0]] < 1).nonzero().flatten()
     local[rows] = (local[rows] * scale_R[first + rows, None]).to(local.dtype)
 

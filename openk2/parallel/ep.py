@@ -29,7 +29,7 @@ import torch.distributed._functional_collectives as funcol  # the differentiable
 from torch import nn
 
 from openk2.model.moe import Experts, MoE
-from openk2.optim.muon import muon_param_groups
+from openk2.optim.muon import is_sharded, local_part, muon_param_groups
 
 
 class _Route:
@@ -158,23 +158,21 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup |
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        norm2 = grad.detach().float().pow(2).sum().cpu()
-        if hasattr(p.grad, "to_local"):
+        norm2 = local_part(p.grad).detach().float().pow(2).sum().cpu()
+        if is_sharded(p.grad):
             rows += norm2
         elif id(p) in expert_ids if expert_ids is not None else is_expert(name):
             experts += norm2
         else:
             whole += norm2
     dist.all_reduce(experts, group=group)
-    if any(hasattr(p, "to_local") for p in model.parameters()):
+    if any(is_sharded(p) for p in model.parameters()):
         dist.all_reduce(rows)
     total = (whole + experts + rows).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for p in model.parameters():
         if p.grad is not None:
-            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-            grad.mul_(scale.to(grad.device))
+            local_part(p.grad).mul_(scale.to(p.grad.device))
     return total
 
 
