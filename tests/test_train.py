@@ -234,7 +234,8 @@ def test_sharded_checkpoints_resume_at_any_size_and_export(corpus, tmp_path):
 def test_fsdp_trains_as_one_process_and_resumes_at_any_size(corpus, tmp_path):
     """--fsdp: the dense weights FSDP2-sharded over all processes (with EP 2 for the experts on 4), the
     optimizer state sharded alike, DCP checkpoints. Losses and weights equal one process's (AdamW 1e-5;
-    MuonClip 1e-5 on the first two steps, then within the bf16 Newton–Schulz drift); 4 -> 2 -> 1
+    MuonClip, as two micro-batches a step, gradients reduced after the second only: 1e-5 on the first
+    two steps, then within the bf16 Newton–Schulz drift); 4 -> 2 -> 1
     processes end where one process does; at the same size the resume is bit for bit."""
     one = _cfg(corpus, tmp_path / "one", batch_size=4, steps=5, warmup_steps=1, autocast="none", optimizer="adamw",
                ckpt_every=2, eval_every=100)
@@ -245,8 +246,9 @@ def test_fsdp_trains_as_one_process_and_resumes_at_any_size(corpus, tmp_path):
     for name, world, ep in (("four", 4, 2), ("four_two", 2, 2), ("again", 2, 2), ("four_two_one", 1, 1),
                             ("muon", 2, 1)):
         base = muon_one if name == "muon" else one
-        runs[name] = dataclasses.replace(base, out_dir=str(tmp_path / name), batch_size=4 // world, ep=ep,
-                                         fsdp=world > 1, resume=name not in ("four", "muon"))
+        split = dict(batch_size=1, grad_accum=2) if name == "muon" else dict(batch_size=4 // world)  # no-sync too
+        runs[name] = dataclasses.replace(base, out_dir=str(tmp_path / name), ep=ep, fsdp=world > 1,
+                                         resume=name not in ("four", "muon"), **split)
         (tmp_path / name).mkdir()
         os.symlink(tmp_path / "one" / "tokenizer", tmp_path / name / "tokenizer")
     a = _losses(tmp_path / "one")
