@@ -73,7 +73,7 @@ def _run(rank: int, world: int, args, out_dir: str, fsdp: bool = False):
         t0 = time.perf_counter()
         loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
         t1 = time.perf_counter()
-        (loss / world).backward()
+        (loss / world).backward()  # (FSDP2 averages again: only the times are used here)
         t2 = time.perf_counter()
         if world > 1 and not fsdp:
             sync_grads(model)  # replicated gradients summed over the ranks (experts are already whole)
@@ -111,7 +111,7 @@ def main():
                for k in ("forward", "backward", "sync", "a2a_fwd")}
         sent = statistics.median(statistics.mean(rank[i]["sent"] for rank in ranks) for i in range(args.reps))
         step = med["forward"] + med["backward"] + med["sync"]
-        dense = "FSDP2" if fsdp else "replicated"
+        dense = "FSDP2" if fsdp else "replicated" if world > 1 else "–"
         print(f"| {world} | {dense} | {ranks[0][0]['held'] / 1e6:.1f} | {step:.2f} | {med['forward']:.2f} | "
               f"{med['a2a_fwd']:.3f} | {med['backward']:.2f} | "
               f"{med['sync']:.3f} | "

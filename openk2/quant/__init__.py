@@ -123,8 +123,10 @@ def fake_quantize(model: nn.Module, mode: str, linears: bool | None = None) -> n
     """The reference of `quantize_model`: the same weights rounded to the same grid (quantize, then
     dequantize to their dtype), left in the float modules; in place, returns the model."""
     for _, _, child in _targets(model, mode, linears):
-        if hasattr(child, "quantize_experts"):
-            raise TypeError("fake_quantize rounds resident weights; these experts are read from disk")
+        if hasattr(child, "quantize_experts"):  # int8 leaves them as they are, as quantize_model does
+            if mode == "int4":
+                raise TypeError("fake_quantize rounds resident weights; these experts are read from disk")
+            continue
         if isinstance(child, Experts):
             for w in (child.gate_up_proj, child.down_proj):
                 w.copy_(torch.stack([ROUND_TRIP[mode](w_e) for w_e in w]))
