@@ -50,11 +50,21 @@ def whole(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _model_entries(model, view=whole, saved: dict | None = None, folder: Path | None = None) -> dict:
+    """{model.<name>: tensor through `view`} of `model.state_dict()` (sharing storage with the model);
+    with `saved` (a checkpoint's keys), a clear error for any the checkpoint lacks."""
+    sd = {MODEL + n: view(n, t) for n, t in model.state_dict().items()}
+    missing = [k for k in sd if saved is not None and k not in saved]
+    if missing:
+        raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}")
+    return sd
+
+
 def training_state(model, opt, view=whole) -> dict:
     """The flat, name-keyed state dict of a model and its optimizer (keys above), each tensor through
     `view`; tensors share storage with the live ones, so a load writes into the model and optimizer."""
     names = {id(p): n for n, p in model.named_parameters()}
-    sd = {MODEL + n: view(n, t) for n, t in model.state_dict().items()}
+    sd = _model_entries(model, view)
     for p, entry in opt.state.items():
         name = names[id(p)]
         for key, v in entry.items():
@@ -81,9 +91,9 @@ def load(folder: str | Path, model, opt, view=whole) -> None:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     folder = Path(folder)
     params = dict(model.named_parameters())
-    sd = {MODEL + n: view(n, t) for n, t in model.state_dict().items()}
-    entries: dict[str, tuple] = {}  # optimizer key -> (parameter, state key)
     saved = _saved_keys(folder)
+    sd = _model_entries(model, view, saved, folder)
+    entries: dict[str, tuple] = {}  # optimizer key -> (parameter, state key)
     for key, meta in saved.items():
         if not key.startswith(OPTIM):
             continue
@@ -93,9 +103,6 @@ def load(folder: str | Path, model, opt, view=whole) -> None:
         p = params[name]
         sd[key] = view(name, torch.empty_like(p)) if isinstance(meta, TensorStorageMetadata) else 0
         entries[key] = (p, field)
-    missing = [k for k in sd if k.startswith(MODEL) and k not in saved]
-    if missing:
-        raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}")
     _call(dcp.load, sd, folder / SHARDS)
     for key, (p, field) in entries.items():
         v = sd[key]  # kept a DTensor where the parameter is one (FSDP2), else the part this rank holds
@@ -113,11 +120,7 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = None, device="cpu
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=device)
-    sd = {MODEL + n: t for n, t in model.state_dict().items()}
-    saved = _saved_keys(folder)
-    missing = [k for k in sd if k not in saved]
-    if missing:
-        raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}")
+    sd = _model_entries(model, saved=_saved_keys(folder), folder=folder)
     _call(dcp.load, sd, folder / SHARDS)
     model.init_buffers()
     return cast(model, dtype or getattr(torch, cfg.torch_dtype or "float32", torch.float32))

@@ -201,11 +201,7 @@ class ExpertCache:
         """One stored weight of an expert into its slot (reader threads read different parts at once);
         returns the bytes read. Float weights on the CPU land in the slot directly; otherwise the
         weight is read into CPU memory, made int4 codes and scales if the cache holds those, and copied."""
-        F_ = self.store.cfg.moe_intermediate_size
-        rows = slice(None, F_) if proj == "gate_proj" else slice(F_, None) if proj == "up_proj" else slice(None)
-        big, scale = ((self.down_SDF, self.down_scale) if proj == "down_proj" else
-                      (self.gate_up_S2FD, self.gate_up_scale))
-        dest = big[slot][rows]
+        dest = dict(ExpertStore.parts(self.gate_up_S2FD[slot], self.down_SDF[slot]))[proj]
         if self.format == "float" and self.device.type == "cpu":
             return self.store.read_part(layer, expert, proj, dest)
         shape = (dest.shape[0], dest.shape[1] * (2 if self.format == "int4" else 1))
@@ -214,7 +210,7 @@ class ExpertCache:
         with torch.inference_mode(dest.is_inference()):  # a reader thread has no inference mode of its own
             if self.format == "int4":
                 w, s = quantize_halves(w)
-                scale[slot][rows].copy_(s)
+                dict(ExpertStore.parts(self.gate_up_scale[slot], self.down_scale[slot]))[proj].copy_(s)
             dest.copy_(w)
         return nbytes
 

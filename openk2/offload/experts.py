@@ -53,12 +53,16 @@ class OffloadedExperts(nn.Module):
         if mode == "int4":
             self.cache.to_format("int4")
 
-    def _runs(self, used: list[int], dtype: torch.dtype):
-        """(expert, gate_up [2F, D], down [D, F]) in `dtype` for each used expert, at most a cache-full
-        at a time."""
+    def _fetched(self, used: list[int]):
+        """(experts, their cache slots) for the used experts, at most a cache-full at a time."""
         for i in range(0, len(used), self.cache.slots):
             group = used[i:i + self.cache.slots]
-            for e, slot in zip(group, self.cache.fetch(self.layer, group)):
+            yield group, self.cache.fetch(self.layer, group)
+
+    def _runs(self, used: list[int], dtype: torch.dtype):
+        """(expert, gate_up [2F, D], down [D, F]) in `dtype` for each used expert."""
+        for group, slots in self._fetched(used):
+            for e, slot in zip(group, slots):
                 yield e, *self.cache.weights(slot, dtype)
 
     def forward(self, x_MD, counts_E, w_M, grouped: bool | None = None):
@@ -70,9 +74,7 @@ class OffloadedExperts(nn.Module):
         out, used = {}, [e for e, n in enumerate(counts) if n]
         kernel = None if torch.is_grad_enabled() else pairs_kernel(self.cache.gate_up_S2FD)
         if kernel is not None and few_rows(x_MD.shape[0], len(used)):  # as `Experts` decides
-            for i in range(0, len(used), self.cache.slots):  # the kernel over the cache's slots
-                group = used[i:i + self.cache.slots]
-                slots = self.cache.fetch(self.layer, group)
+            for group, slots in self._fetched(used):  # the kernel over the cache's slots
                 idx_M = torch.cat([torch.full((counts[e],), s, device=x_MD.device) for e, s in zip(group, slots)])
                 x = torch.cat([x_MD[starts[e]:starts[e + 1]] for e in group])
                 y = kernel_swiglu(kernel, x, idx_M, self.cache.gate_up_S2FD, self.cache.gate_up_scale,

@@ -118,8 +118,9 @@ class ExpertStore:
 
     @staticmethod
     def parts(gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """(stored weight, the view of the slots it fills): gate rows first, then up; down."""
-        F_ = down_DF.shape[-1]
+        """(stored weight, the view of the slots it fills): gate rows first, then up; down. Any tensors
+        laid out by those rows (an int4 cache's codes or scales too)."""
+        F_ = gate_up_2FD.shape[0] // 2
         return [("gate_proj", gate_up_2FD[:F_]), ("up_proj", gate_up_2FD[F_:]), ("down_proj", down_DF)]
 
     def read_part(self, layer: int, expert: int, proj: str, dest: torch.Tensor) -> int:

@@ -257,8 +257,7 @@ class Muon(torch.optim.Optimizer):
             state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         state["step"] += 1
         adamw_update(local_part(p), local_part(p.grad), local_part(state["exp_avg"]), local_part(state["exp_avg_sq"]),
-                     state["step"],
-                     group["lr"], group["betas"], group["eps"], group["weight_decay"])
+                     state["step"], group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
     def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):
         """One shape group: momentum (all ranks), this rank's contiguous share of the matrices through

@@ -76,9 +76,9 @@ class ParallelTraining:
     def view(self, name: str, t: torch.Tensor):
         """What part of the whole a tensor of parameter `name` (its weight or optimizer state) is, for a
         sharded checkpoint (`openk2.checkpoint.sharded`): an expert stack under EP is this rank's rows
-        of the whole, the same on every data-parallel replica; a DTensor (FSDP2) says so itself;
-        anything else is whole on every rank."""
-        if self.ep == 1 or not is_expert(name) or isinstance(t, DTensor):
+        of the whole, the same on every data-parallel replica (FSDP2 leaves experts to EP); a DTensor
+        (FSDP2) says so itself; anything else is whole on every rank."""
+        if self.ep == 1 or not is_expert(name):
             return t
         return DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
