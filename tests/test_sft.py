@@ -167,6 +167,7 @@ def test_fit_examples_counts_truncated_and_dropped():
     kept, counts = fit_examples(examples, 16, long="drop")
     assert counts == {"truncated": 0, "dropped_long": 1, "dropped_no_loss": 1} and len(kept) == 2
     assert pack_rows([5, 5, 7, 2], [0, 1, 2, 3], 10) == [[0, 1], [2, 3]]
+    assert pack_rows([6, 7, 3, 1], [0, 1, 2, 3], 10) == [[0, 2, 3], [1]]  # first fit: 3 and 1 go back to row 0
 
 
 # ---------------------------------------------------------------- training
