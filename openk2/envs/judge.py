@@ -24,7 +24,8 @@ CATEGORIES = [  # (category, pattern of a reason), first match wins
     ("not_parallel", r"^checkpoint \d+: .*in one turn"), ("too_many_calls", r"tool calls, more than"),
     ("too_few_calls", r"tool calls, fewer than"), ("no_answer", r"^no answer"),
     ("wrong_answer", r"^the answer to turn"), ("judge_unparsed", r"^judge: unreadable verdict"),
-    ("judge_error", r"^judge: the request failed"), ("llm_judge", r"^judge: "), ("wrong_state", r""),
+    ("judge_error", r"^judge: the request failed"), ("llm_judge", r"^judge: "), ("simulator", r"^simulator: "),
+    ("user_simulator", r"^user simulator: "), ("wrong_state", r""),
 ]
 VERDICT = '{"passed": true or false, "reasons": ["one short sentence per unmet criterion"]}'
 
@@ -34,20 +35,28 @@ def category(reason: str) -> str:
     return next(name for name, pattern in CATEGORIES if re.search(pattern, reason))
 
 
+def episode_reasons(episode) -> list[str]:
+    """What rejects any episode, whatever the judge: calls the parser could not read, a budget stop."""
+    reasons = [f"bad format: {e['message']}" for e in episode.tool_errors if e["kind"] == "unparsed_call"]
+    if episode.stop_reason != "answered":
+        reasons.append(f"stopped: {episode.stop_reason} ({episode.detail})")
+    return reasons
+
+
 def rubric_verdict(task, world, episode) -> tuple[bool, list[str]]:
     """The programmatic judge: (passed, reasons)."""
     transcript = episode.transcript
     _, reasons = task.rubric.check(world.snapshot(), answers_of(transcript), calls_of(transcript))
-    if episode.stop_reason != "answered":
-        reasons.insert(0, f"stopped: {episode.stop_reason} ({episode.detail})")
-    reasons[:0] = [f"bad format: {e['message']}" for e in episode.tool_errors if e["kind"] == "unparsed_call"]
+    reasons = episode_reasons(episode) + reasons
     return not reasons, reasons
 
 
 # ---------------------------------------------------------------- the LLM judge
 
 def criteria(task) -> str:
-    """The rubric's success criteria, in words an LLM judge can apply."""
+    """The rubric's success criteria, in words an LLM judge can apply (an LLM-written task's own)."""
+    if getattr(task, "rubric", None) is None:
+        return "\n".join(f"- {c}" for c in task.criteria)
     r, lines = task.rubric, []
     for n, cp in enumerate(r.checkpoints, 1):
         calls = ", ".join(f"{c['name']}({json.dumps(c['arguments'])})" for c in cp["calls"])
@@ -94,10 +103,11 @@ class LLMJudge:
         self.client, self.max_tokens = client, max_tokens
 
     def prompt(self, task, world, episode) -> list[dict]:
+        changed = (f"What the conversation changed in the world (null: deleted): "
+                   f"{json.dumps(changes(world, task.seed))}\n\n" if getattr(task, "rubric", None) else "")
         text = (f"Grade this tool-use conversation in the {task.domain} domain against the task's criteria.\n\n"
-                f"Criteria (all must hold):\n{criteria(task)}\n\n"
-                f"What the conversation changed in the world (null: deleted): {json.dumps(changes(world, task.seed))}"
-                f"\n\nConversation:\n{transcript_text(episode.transcript)}\n\n"
+                f"Criteria (all must hold):\n{criteria(task)}\n\n{changed}"
+                f"Conversation:\n{transcript_text(episode.transcript)}\n\n"
                 f"Reply with one JSON object and nothing else: {VERDICT}")
         return [{"role": "system", "content": "You are a strict grader of assistant trajectories."},
                 {"role": "user", "content": text}]

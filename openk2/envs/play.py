@@ -12,13 +12,14 @@ from openk2.envs.tasks import SYSTEM
 
 
 async def play(task, client, *, system: str | None = SYSTEM, budget=None, temperature: float | None = None,
-               seed: int | None = None):
-    """(world, episode): `client` solving `task` from a fresh world; budget None: the Agent's default."""
+               seed: int | None = None, world=None, user=None):
+    """(world, episode): `client` solving `task` from a fresh world (or `world`: an LLM-simulated one)
+    with the task's scripted user (or `user`); budget None: the Agent's default."""
     from openk2.agent.runtime import Agent, Budget
 
-    world = task.world()
+    world = world or task.world()
     agent = Agent(client, world.tools(task.tools), system=system, budget=budget or Budget(), temperature=temperature,
-                  seed=seed, user=ScriptedUser(task))
+                  seed=seed, user=user or ScriptedUser(task))
     return world, await agent.run(task.turns[0])
 
 

@@ -23,8 +23,9 @@ from contextlib import nullcontext
 from functools import cache
 from pathlib import Path
 
-from openk2.envs.judge import LLMJudge, category, rubric_verdict
+from openk2.envs.judge import LLMJudge, category, episode_reasons, rubric_verdict
 from openk2.envs.play import gather_limited, play
+from openk2.envs.simulated import LLMTaskWriter, LLMUser, OpenTask, SimulatedTools, load_schemas, write_tasks
 from openk2.envs.spec import domain_names, load
 from openk2.envs.splits import bucket, held_out
 from openk2.envs.tasks import KINDS, SYSTEM, Task, generate
@@ -47,14 +48,27 @@ def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0):
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
-                     system: str | None = SYSTEM, temperature: float | None = None, max_tokens: int = 1024) -> dict:
-    """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`)."""
+                     system: str | None = SYSTEM, temperature: float | None = None, max_tokens: int = 1024,
+                     sim=None) -> dict:
+    """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`). An
+    LLM-written task (`OpenTask`) runs against `sim`, the endpoint simulating its tools and user, and
+    only an LLM judge can grade it."""
     from openk2.agent.runtime import Budget
 
     episode_seed = int(bucket(f"{task.id}:{n_try}", seed) * 2**31)  # an endpoint's sampling seed, per try
-    world, ep = await play(task, client, system=system, temperature=temperature,
+    world = user = None
+    if isinstance(task, OpenTask):
+        if judge == "rubric" or llm_judge is None or sim is None:
+            raise ValueError("an LLM-written task needs a simulator endpoint and the LLM judge")
+        world = SimulatedTools(sim, task.schemas, task.seed * 100 + n_try, task.failures)
+        user = LLMUser(sim, task)
+    world, ep = await play(task, client, system=system, temperature=temperature, world=world, user=user,
                            budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
-    passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])
+    if isinstance(task, OpenTask):
+        reasons = episode_reasons(ep) + world.problems + user.problems
+        passed = not reasons
+    else:
+        passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])
     if judge != "rubric":
         ok, why = await llm_judge(task, world, ep)
         passed, reasons = passed and ok, reasons + why
@@ -145,7 +159,14 @@ def add_parser(sub) -> None:
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")
     s.add_argument("--max-tokens", type=int, default=1024, help="the LLM teacher's tokens per reply")
-    s.add_argument("--judge", choices=["rubric", "llm", "both"], default="rubric")
+    s.add_argument("--tools", help="LLM-simulated tools instead of the worlds: an OpenAI `tools` list (JSON file)")
+    s.add_argument("--mcp", action="append", default=[], metavar="SERVER", help="LLM-simulated tools with the "
+                   "schemas of this MCP server (a command line or an http(s)://…/mcp URL; repeatable)")
+    s.add_argument("--sim-endpoint", help="the LLM that writes the tasks, plays the user and simulates the "
+                   "tools of --tools/--mcp (default: the teacher's endpoint)")
+    s.add_argument("--sim-model", help="the simulator endpoint's model (default: its first)")
+    s.add_argument("--judge", choices=["rubric", "llm", "both"], help="default: rubric for the worlds, llm for "
+                   "--tools/--mcp")
     s.add_argument("--judge-endpoint", help="the LLM judge's base URL (default: the teacher's)")
     s.add_argument("--judge-model", help="the LLM judge's model (default: the endpoint's first)")
     s.add_argument("--system", default=SYSTEM, help="the system prompt of every conversation (default: the one "
@@ -162,6 +183,21 @@ def names(text: str | None, known: list[str], what: str) -> list[str] | None:
     return items
 
 
+def open_tasks(args, sim, kinds) -> list:
+    """`args.n` LLM-written tasks over the tools of --tools and --mcp; what the writer spoiled is said."""
+    from tqdm import tqdm
+
+    schemas = load_schemas(args.tools, args.mcp)
+    domain = Path(args.tools).stem if args.tools and not args.mcp else "mcp" if not args.tools else "tools+mcp"
+    with tqdm(total=args.n, desc="write tasks", unit="task", file=sys.stderr) as bar:
+        tasks, dropped = write_tasks(LLMTaskWriter(sim), schemas, args.n, args.seed, kinds, domain,
+                                     args.concurrency, bar.update)
+    if dropped:
+        print(f"writer: {sum(dropped.values())} of {args.n} tasks unusable: "
+              + ", ".join(f"{k} {v}" for k, v in dropped.most_common()), file=sys.stderr)
+    return tasks
+
+
 def main(args) -> None:
     from tqdm import tqdm
 
@@ -176,21 +212,34 @@ def main(args) -> None:
         raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1")
     if not 0 <= args.teacher_slips <= 1 or args.teacher_slips and args.teacher_endpoint:
         raise SystemExit("--teacher-slips is a share in [0, 1], for the programmatic teacher only")
+    open_tools = bool(args.tools or args.mcp)
+    judge_kind = args.judge or ("llm" if open_tools else "rubric")
     endpoint = args.judge_endpoint or args.teacher_endpoint
-    if args.judge != "rubric" and not endpoint:
-        raise SystemExit(f"--judge {args.judge} needs --judge-endpoint (or --teacher-endpoint)")
+    if open_tools:
+        why = ("the programmatic teacher solves only the built-in worlds: give --teacher-endpoint"
+               if not args.teacher_endpoint else "--worlds and --split choose among the built-in worlds"
+               if args.worlds or args.split else "only the LLM judge can grade LLM-written tasks"
+               if judge_kind != "llm" else None)
+        if why:
+            raise SystemExit(f"--tools/--mcp: {why}")
+    if judge_kind != "rubric" and not endpoint:
+        raise SystemExit(f"--judge {judge_kind} needs --judge-endpoint (or --teacher-endpoint)")
+    client = args.teacher_endpoint and OpenAIClient(args.teacher_endpoint, args.teacher_model)
+    judge = endpoint and judge_kind != "rubric" and LLMJudge(OpenAIClient(endpoint, args.judge_model))
+    sim = open_tools and OpenAIClient(args.sim_endpoint or args.teacher_endpoint, args.sim_model)
     try:
-        [load(w) for w in worlds or []]
-        tasks = pick_tasks(args.n, args.seed, worlds, kinds, args.split, args.part)
+        if open_tools:
+            tasks = open_tasks(args, sim, kinds)
+        else:
+            [load(w) for w in worlds or []]
+            tasks = pick_tasks(args.n, args.seed, worlds, kinds, args.split, args.part)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    client = args.teacher_endpoint and OpenAIClient(args.teacher_endpoint, args.teacher_model)
-    judge = endpoint and args.judge != "rubric" and LLMJudge(OpenAIClient(endpoint, args.judge_model))
     with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
-                             progress=bar.update, slips=args.teacher_slips, tries=args.tries, judge=args.judge,
+                             progress=bar.update, slips=args.teacher_slips, tries=args.tries, judge=judge_kind,
                              llm_judge=judge or None, system=args.system or None, temperature=args.temperature,
-                             max_tokens=args.max_tokens)
+                             max_tokens=args.max_tokens, **({"sim": sim} if open_tools else {}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]

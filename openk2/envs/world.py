@@ -49,15 +49,37 @@ def new_record(e: dict, record: dict, rng: random.Random, state: dict, existing:
     return {f: record[f] for f in e["fields"]}
 
 
+def check_rules(failures, operations, where: str) -> None:
+    """ValueError for a failure rule of an unknown kind or for an operation `where` lacks."""
+    for f in failures:
+        if f.get("kind") not in FAILURE_KINDS or not (f.get("op") == "*" or f.get("op") in operations):
+            raise ValueError(f"bad failure rule {f}: kind one of {FAILURE_KINDS}, op an operation of {where}")
+
+
+def inject(failures, name: str, args: dict, n: int, rng: random.Random) -> int | None:
+    """The failure rules on the n-th call of `name`: the ToolError of the first that fires, else the
+    page size of a matching `partial` rule (None: no rule limits the result)."""
+    limit = None
+    for f in failures:
+        if f["op"] not in ("*", name) or any(args.get(k) != v for k, v in f.get("match", {}).items()):
+            continue
+        if f["kind"] == "transient" and (n <= f.get("times", 0) or rng.random() < f.get("rate", 0)):
+            raise ToolError(f"{name} is temporarily unavailable (503); nothing was changed, try again")
+        if f["kind"] == "not_found":
+            raise ToolError(f.get("message", f"not found: nothing matches {args}"))
+        if f["kind"] == "invalid_argument":
+            raise ToolError(f.get("message", f"invalid argument for {name}: {args} is not accepted"))
+        limit = f.get("limit", 1) if f["kind"] == "partial" else limit
+    return limit
+
+
 class World:
     def __init__(self, domain: str | dict, seed: int = 0, failures: list[dict] = ()):
         self.spec = load(domain) if isinstance(domain, str) else domain
         self.name, self.seed = self.spec["name"], seed
         self.state = initial_state(self.spec, seed)
         self.rng = random.Random(f"{self.name}:{seed}:calls")  # new keys, failure rates
-        for f in failures:
-            if f.get("kind") not in FAILURE_KINDS or not (f.get("op") == "*" or f.get("op") in self.spec["operations"]):
-                raise ValueError(f"bad failure rule {f}: kind one of {FAILURE_KINDS}, op an operation of {self.name}")
+        check_rules(failures, self.spec["operations"], self.name)
         self.failures, self.counts, self.log, self._tools = [dict(f) for f in failures], {}, [], {}
 
     def snapshot(self) -> dict:
@@ -95,17 +117,7 @@ class World:
         except ArgumentError as e:
             raise ToolError(f"invalid arguments for {name}: {e}") from None
         self.counts[name] = n = self.counts.get(name, 0) + 1
-        limit = None
-        for f in self.failures:
-            if f["op"] not in ("*", name) or any(args.get(k) != v for k, v in f.get("match", {}).items()):
-                continue
-            if f["kind"] == "transient" and (n <= f.get("times", 0) or self.rng.random() < f.get("rate", 0)):
-                raise ToolError(f"{name} is temporarily unavailable (503); nothing was changed, try again")
-            if f["kind"] == "not_found":
-                raise ToolError(f.get("message", f"not found: nothing matches {args}"))
-            if f["kind"] == "invalid_argument":
-                raise ToolError(f.get("message", f"invalid argument for {name}: {args} is not accepted"))
-            limit = f.get("limit", 1) if f["kind"] == "partial" else limit
+        limit = inject(self.failures, name, args, n, self.rng)
         result = getattr(self, "_" + op["kind"])(op, name, args)
         if limit is not None and op["kind"] == "list" and len(result["items"]) > limit:
             offset = args.get("offset", 0) + limit
