@@ -19,8 +19,18 @@ def attention_params(cfg: ModelConfig, with_norms: bool = True) -> int:
     return q + kv + H * cfg.v_head_dim * D + (norms if with_norms else 0)
 
 
+INT4_GROUP = 32  # values per bf16 scale: K2-Thinking's INT4 checkpoints, our int4 (openk2.quant) and its cache
+
+
 def expert_params(cfg: ModelConfig) -> int:
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size
+
+
+def expert_bytes(cfg: ModelConfig, itemsize: int = 2, fmt: str = "float") -> int:
+    """One routed expert's weights (gate, up and down) at `itemsize` bytes a value, or as int4 codes
+    (two a byte) with an `itemsize` scale per INT4_GROUP values."""
+    n = expert_params(cfg)
+    return n * itemsize if fmt == "float" else n // 2 + n // INT4_GROUP * itemsize
 
 
 @dataclass
@@ -150,7 +160,7 @@ def check_memory(cfg, dtype, expert_cache_gb: float | None = None) -> None:
 # bytes per routed-expert weight on disk: plain bf16; FP8 with an fp32 scale per 128×128 tile (as
 # K2-Instruct); INT4 with a bf16 scale per 32 (as K2-Thinking). In memory every format is bf16: the
 # loader dequantises, and the cache holds what the model multiplies with.
-DISK_BYTES = {"bf16": 2.0, "fp8": 1 + 4 / 128**2, "int4": 0.5 + 2 / 32}
+DISK_BYTES = {"bf16": 2.0, "fp8": 1 + 4 / 128**2, "int4": 0.5 + 2 / INT4_GROUP}
 RAM_SIZES_GB = (64, 128, 256, 512)
 
 
@@ -171,7 +181,7 @@ def offload_report(cfg: ModelConfig, cache_gb: float, name: str = "") -> str:
     slots = min(n_experts, int(cache_gb * 1e9 // per))
     gb = lambda n: f"{n / 1e9:,.2f} GB"  # noqa: E731
     # an int4 cache: the bytes of the bf16 experts it was given (as ExpertCache.to_format), in int4 ones
-    held4 = lambda nbytes: max(0, min(n_experts, int(nbytes // per * per // (DISK_BYTES["int4"] * expert_params(cfg)))))  # noqa: E731
+    held4 = lambda nbytes: max(0, min(n_experts, int(nbytes // per * per // expert_bytes(cfg, 2, "int4"))))  # noqa: E731
     lines = [f"{name or cfg.model_type} with --expert-cache {cache_gb:g} (weights in memory as bf16):",
              f"  resident (all but the routed experts)  {gb(resident)}",
              f"  routed experts                         {n_experts:,} of {per / 1e6:,.1f} MB each = "

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import torch
 
 from openk2.config import ModelConfig
-from openk2.info import expert_params
+from openk2 import info
+from openk2.info import INT4_GROUP
 from openk2.kernels import load_for
 from openk2.offload.store import ExpertStore
-from openk2.quant.int4 import INT4_GROUP
 from openk2.quant.int4_decode import quantize_halves, unpack_halves
 
 POLICIES = ("lru", "lfu")
@@ -36,8 +36,7 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 
 def expert_bytes(cfg: ModelConfig, dtype: torch.dtype, fmt: str = "float") -> int:
     """One routed expert's weights in `dtype` (gate, up and down), or as int4 codes with `dtype` scales."""
-    n = expert_params(cfg)
-    return n * dtype.itemsize if fmt == "float" else n // 2 + n // INT4_GROUP * dtype.itemsize
+    return info.expert_bytes(cfg, dtype.itemsize, fmt)
 
 
 class ExpertCache:

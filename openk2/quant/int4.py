@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-INT4_GROUP = 32  # K2-Thinking's group size (a checkpoint's own comes from its quantization_config)
+from openk2.info import INT4_GROUP  # K2-Thinking's group size (a checkpoint's own comes from its quantization_config)
+
 _SHIFTS = tuple(range(0, 32, 4))  # code k of a word sits at bits 4k..4k+3: lowest nibble first
 
 
