@@ -233,3 +233,50 @@ def test_server_answers_through_the_cache_fails_a_read_error_cleanly_and_keeps_s
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     hits = float(next(line.split()[1] for line in metrics.splitlines() if line.startswith("openk2_expert_cache_hits ")))
     assert hits == model.expert_cache.hits > 0 and "openk2_expert_cache_read_bytes" in metrics
+
+
+def test_an_int4_cache_over_an_int4_checkpoint_holds_its_own_codes(tmp_path):
+    """An INT4 checkpoint's experts go into an int4 cache as stored (codes repacked, scales copied), not
+    dequantised to the cache's bf16 and quantised again (which changes ~1 scale in 10): the cache holds
+    the checkpoint's exact values, and the logits equal a resident model whose experts hold them."""
+    from safetensors.torch import load_file
+
+    from openk2.quant import quantize_model
+    from openk2.quant.int4 import dequantize_int4, unpack_int4
+    from openk2.quant.int4_decode import Int4Experts, pack_halves, quantize_halves
+
+    # weights from fp32 give bf16 scales of any value, as a quantisation-aware trained checkpoint has
+    folder = save_hf(build_model(CFG, dtype=torch.float32, seed=6), tmp_path, fmt="int4", progress=False)
+    dtype = torch.bfloat16
+    stored = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    def checkpoint(layer, e, proj):  # (codes in the decode layout, scale) as the checkpoint stores them
+        base = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+        return pack_halves(unpack_int4(stored[base + "_packed"])), stored[base + "_scale"]
+
+    with torch.inference_mode():
+        model = load_offloaded(folder, 4 * expert_bytes(CFG, dtype), dtype, progress=False).eval()
+        quantize_model(model, "int4")
+        out = model(_ids(2, 12))
+    cache = model.expert_cache
+    assert cache.format == "int4" and len(cache.where) == cache.slots and cache.stats()["misses"] > cache.slots
+    requantized_differ = 0
+    for (layer, e), slot in cache.where.items():
+        codes = ExpertStore.parts(cache.gate_up_S2FD[slot], cache.down_SDF[slot])
+        scales = ExpertStore.parts(cache.gate_up_scale[slot], cache.down_scale[slot])
+        for (proj, c), (_, s) in zip(codes, scales):
+            want_c, want_s = checkpoint(layer, e, proj)
+            assert torch.equal(c, want_c) and torch.equal(s, want_s)
+            requantized_differ += not torch.equal(quantize_halves(dequantize_int4(
+                stored[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight_packed"], want_s, dtype))[1], want_s)
+    assert requantized_differ > 0  # the old way, via the dequantised bf16 weight: what the direct path avoids
+    resident = quantize_model(load_hf(folder, dtype, progress=False).eval(), "int4")
+    for layer, block in enumerate(resident.layers):
+        if CFG.is_moe_layer(layer):
+            parts = [[torch.cat([checkpoint(layer, e, "gate_proj")[i], checkpoint(layer, e, "up_proj")[i]])
+                      for e in range(CFG.n_routed_experts)] for i in (0, 1)]
+            down = [checkpoint(layer, e, "down_proj") for e in range(CFG.n_routed_experts)]
+            block.mlp.experts = Int4Experts(torch.stack(parts[0]), torch.stack(parts[1]),
+                                            torch.stack([d[0] for d in down]), torch.stack([d[1] for d in down]))
+    with torch.inference_mode():
+        assert torch.equal(out, resident(_ids(2, 12)))

@@ -198,18 +198,22 @@ class ExpertCache:
 
     def _read_part(self, layer: int, expert: int, proj: str, slot: int) -> int:
         """One stored weight of an expert into its slot (reader threads read different parts at once);
-        returns the bytes read. Float weights on the CPU land in the slot directly; otherwise the
-        weight is read into CPU memory, made int4 codes and scales if the cache holds those, and copied."""
+        returns the bytes read. Float weights on the CPU land in the slot directly, and so do INT4
+        checkpoints' codes and scales in an int4 cache; otherwise the weight is read into CPU memory,
+        made int4 codes and scales if the cache holds those, and copied."""
         dest = dict(ExpertStore.parts(self.gate_up_S2FD[slot], self.down_SDF[slot]))[proj]
         if self.format == "float" and self.device.type == "cpu":
             return self.store.read_part(layer, expert, proj, dest)
+        scale = self.format == "int4" and dict(ExpertStore.parts(self.gate_up_scale[slot], self.down_scale[slot]))[proj]
+        if self.format == "int4" and (n := self.store.read_int4_part(layer, expert, proj, dest, scale)) is not None:
+            return n  # an INT4 checkpoint's own codes and scales
         shape = (dest.shape[0], dest.shape[1] * (2 if self.format == "int4" else 1))
         w = self._buffer(shape)
         nbytes = self.store.read_part(layer, expert, proj, w)
         with torch.inference_mode(dest.is_inference()):  # a reader thread has no inference mode of its own
             if self.format == "int4":
                 w, s = quantize_halves(w)
-                dict(ExpertStore.parts(self.gate_up_scale[slot], self.down_scale[slot]))[proj].copy_(s)
+                scale.copy_(s)
             dest.copy_(w)
         return nbytes
 
