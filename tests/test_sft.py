@@ -149,6 +149,10 @@ def test_loader_resumes_exactly_and_splits_ranks():
         assert all(torch.equal(torch.cat([g[k] for g in got]), want[k]) for k in range(3))
     with pytest.raises(ValueError, match="not the same data"):
         PackedSFTLoader(examples[:-1], 2, 16).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "packing"}  # a state from before first-fit packing
+    with pytest.raises(ValueError, match="packed another way"):
+        PackedSFTLoader(examples, 2, 16, seed=3).load_state_dict(old)
+    PackedSFTLoader(examples, 2, 16, seed=3).load_state_dict({**old, "position": 0})  # an epoch's start is fine
     # every conversation once per epoch, each row within seq_len
     rows = full.epoch_rows(0)
     assert sorted(i for r in rows for i in r) == list(range(len(examples)))

@@ -170,9 +170,27 @@ def test_simulated_tools_check_arguments_and_apply_failure_rules_first():
     assert len(set(seeds)) == len(seeds)
     with pytest.raises(ValueError, match="bad failure rule"):
         SimulatedTools(None, NOTES, failures=[{"kind": "transient", "op": "delete_note"}])
-    paged = SimulatedTools(None, NOTES, failures=[{"kind": "partial", "op": "*", "limit": 2}])
-    paged.log.append({})
-    assert "at most 2 items" in paged.prompt("get_note", {"id": "N0"}, 2)[-1]["content"]
+    paged = SimulatedTools(endpoint(scripted), NOTES, failures=[{"kind": "partial", "op": "get_note", "limit": 2}])
+    with pytest.raises(ToolError, match="no note N0"):  # a fresh session: the simulator knows no note
+        run(paged.call("get_note", {"id": "N0"}))
+    assert "at most 2 items" in scripted.prompts["simulator"][-1]["messages"][-1]["content"]
+
+
+def test_parallel_calls_and_schemas_it_cannot_apply():
+    scripted = World()
+    sim = SimulatedTools(endpoint(scripted), NOTES)
+
+    async def two():  # one turn's calls run at once: neither sees the other as a result
+        return await asyncio.gather(sim.call("create_note", {"text": "a"}), sim.call("create_note", {"text": "b"}))
+
+    assert run(two()) == [{"id": "N0"}, {"id": "N0"}]
+    run(sim.call("create_note", {"text": "c"}))
+    prompts = [b["messages"][-1]["content"] for b in scripted.prompts["simulator"]]
+    assert all("null" not in p for p in prompts) and prompts[0].count("(none)") == 1
+    assert 'create_note({"text": "a"}) -> {"id": "N0"}' in prompts[2] and '{"text": "b"}' in prompts[2]
+    ref = [{"type": "function", "function": {"name": "create_note", "description": "", "parameters": {
+        "type": "object", "properties": {"text": {"$ref": "#/definitions/missing"}}}}}]
+    assert run(SimulatedTools(endpoint(scripted), ref).call("create_note", {"text": 5})) == {"id": "N0"}
 
 
 @pytest.mark.parametrize("reply, reason", [
@@ -220,7 +238,9 @@ def test_the_user_simulator_follows_up_then_ends():
                   {"role": "assistant", "content": "Saved."}], [])
     assert run(user(ep)) == "Read it back."
     assert run(user(ep)) is None  # DONE
-    ep.append({"role": "user", "content": "x"}, {"role": "user", "content": "y"})
+    ep.append({"role": "user", "content": "x"})
+    assert run(user(ep)) == "more?"  # as many user turns as planned: one more may follow (an answer)
+    ep.append({"role": "user", "content": "y"})
     assert run(user(ep)) is None and user.problems == []  # past the planned turns and one more: it ends
     failing = LLMUser(endpoint(lambda body: httpx2.Response(400, json={"error": {"message": "down"}})), task)
     assert run(failing(Episode(ep.transcript[:3], []))) is None and "request failed" in failing.problems[0]

@@ -69,7 +69,11 @@ class Tool:
         """ArgumentError unless `arguments` satisfy the schema (the most relevant violation)."""
         import jsonschema
 
-        error = self.validator and jsonschema.exceptions.best_match(self.validator.iter_errors(arguments))
+        try:
+            error = self.validator and jsonschema.exceptions.best_match(self.validator.iter_errors(arguments))
+        except Exception:  # noqa: BLE001 — a schema it cannot apply (an unresolvable $ref): the tool judges, as for
+            return        # a broken one
+
         if error:
             where = "/".join(map(str, error.absolute_path))
             raise ArgumentError(f"{where + ': ' if where else ''}{error.message}")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 IGNORE = -100
+PACKING = "first-fit, rows shuffled"  # how an epoch's rows are made: a loader state from another way cannot resume
 
 
 def fit_examples(examples, seq_len: int, long: str = "truncate"):
@@ -40,17 +41,24 @@ def fit_examples(examples, seq_len: int, long: str = "truncate"):
 
 def pack_rows(lengths: list[int], order: np.ndarray, seq_len: int) -> list[list[int]]:
     """First-fit: example indices per row, each example (in `order`) in the first row with room for it,
-    else a new row; `lengths` are positions (ids - 1), each <= seq_len. Rows fill to ~97 % where
-    next-fit (a new row whenever the next example does not fit the last) leaves ~20 % padding."""
-    rows, room = [], np.zeros(len(order) + 1, dtype=np.int64)
+    else a new row; `lengths` are positions (ids - 1), each <= seq_len. The synthesised tool-use data
+    fills 94 % of 2,048-position rows, where next-fit (a new row whenever the next example does not
+    fit the last) filled 80.5 %."""
+    rows, room, shortest = [], np.zeros(len(order), dtype=np.int64), min(lengths[i] for i in order)
+    open_ = np.zeros(0, dtype=np.int64)  # rows, in order, with room for the shortest example at least
     for i in order:
-        r = int(np.argmax(room[:len(rows) + 1] >= lengths[i])) if len(rows) else 0
-        if r == len(rows) or room[r] < lengths[i]:
+        fits = room[open_] >= lengths[i]
+        if fits.any():
+            r = int(open_[np.argmax(fits)])
+        else:
             r = len(rows)
             rows.append([])
             room[r] = seq_len
+            open_ = np.append(open_, r)
         rows[r].append(int(i))
         room[r] -= lengths[i]
+        if room[r] < shortest:
+            open_ = open_[open_ != r]
     return rows
 
 
@@ -93,8 +101,10 @@ class PackedSFTLoader:
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if self._rows[0] != (self.seed, epoch):
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-            self._rows = ((self.seed, epoch), pack_rows(self.lengths, order, self.seq_len))
+            rng = np.random.default_rng([self.seed, epoch])
+            rows = pack_rows(self.lengths, rng.permutation(len(self.examples)), self.seq_len)
+            # first-fit pulls short conversations forward: shuffled rows keep every part of an epoch alike
+            self._rows = ((self.seed, epoch), [rows[i] for i in rng.permutation(len(rows))])
         return self._rows[1]
 
     def _take(self, count: int) -> list[list[int]]:
@@ -119,7 +129,7 @@ class PackedSFTLoader:
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "seq_len": self.seq_len,
-                "n_examples": len(self.examples), "n_positions": sum(self.lengths)}
+                "n_examples": len(self.examples), "n_positions": sum(self.lengths), "packing": PACKING}
 
     def load_state_dict(self, state: dict) -> None:
         mine = (self.seq_len, len(self.examples), sum(self.lengths))
@@ -127,6 +137,10 @@ class PackedSFTLoader:
         if mine != theirs:
             raise ValueError(f"loader state is for (seq_len, conversations, positions) = {theirs}, this data "
                              f"gives {mine}: not the same data, resume would not be exact")
+        if state.get("packing") != PACKING and state["position"]:
+            raise ValueError(f"loader state is from mid-epoch rows packed another way ({state.get('packing')}), "
+                             f"this version packs {PACKING}: resume would not be exact; finish that run with the "
+                             "version that started it")
         self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
 
 

@@ -115,7 +115,7 @@ class LLMJudge:
     async def __call__(self, task, world, episode) -> tuple[bool, list[str]]:
         try:
             c = await self.client.complete(self.prompt(task, world, episode), max_tokens=self.max_tokens,
-                                           temperature=GREEDY)
+                                           temperature=GREEDY, seed=task.seed)
         except Exception as e:  # noqa: BLE001 — an endpoint failure rejects this one trajectory, with why
             return False, [f"judge: the request failed: {type(e).__name__}: {e}"]
         return parse_verdict(c.message.get("content"))

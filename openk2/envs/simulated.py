@@ -83,7 +83,9 @@ def load_schemas(tools_file=None, servers=()) -> list[dict]:
         except Exception as e:  # noqa: BLE001 — a server that cannot start or list is the user's to fix
             raise ValueError(f"--mcp: {e}") from None
     if len(set(tool_names(schemas))) < len(schemas):
-        raise ValueError(f"{tools_file}: two tools share a name")
+        raise ValueError(f"{tools_file or '--mcp'}: two tools share a name")
+    if not schemas:
+        raise ValueError("--mcp: the servers list no tools")
     return schemas
 
 
@@ -180,8 +182,9 @@ class SimulatedTools:
         return Tool(name, f.get("description", ""), f["parameters"], run)
 
     def prompt(self, name: str, arguments: dict, limit: int | None) -> list[dict]:
-        earlier = "\n".join(f"{e['name']}({json.dumps(e['arguments'])}) -> "
-                            f"{json.dumps(e.get('result', e.get('error')))}" for e in self.log[:-1]) or "(none)"
+        done = [e for e in self.log if "result" in e or "error" in e]  # parallel calls still running: not yet
+        earlier = "\n".join(f"{e['name']}({json.dumps(e['arguments'])}) -> " + (json.dumps(e["result"]) if "result" in e
+                             else f"error: {e['error']}") for e in done) or "(none)"
         page = f" Return at most {limit} items and a next_offset for the rest." if limit is not None else ""
         text = (f"Tool: {json.dumps(self.schemas[name]['function'], ensure_ascii=False)}\n\n"
                 f"Earlier calls in this session, with their results:\n{earlier}\n\n"

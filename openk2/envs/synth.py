@@ -195,6 +195,8 @@ def open_tasks(args, sim, kinds) -> list:
     if dropped:
         print(f"writer: {sum(dropped.values())} of {args.n} tasks unusable: "
               + ", ".join(f"{k} {v}" for k, v in dropped.most_common()), file=sys.stderr)
+    if not tasks:
+        raise ValueError("the task writer gave no usable task (reasons above): check --sim-endpoint and its model")
     return tasks
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -77,14 +78,16 @@ class _Reader(_Shards):
     def __init__(self, folder: Path):
         super().__init__(folder)
         self.files: dict[str, SafetensorsFile] = {}
+        self.lock = threading.Lock()  # reader threads may open a shard at once
 
     def file(self, name: str) -> SafetensorsFile:
         if name not in self.where:
             raise KeyError(f"tensor {name} is not in the checkpoint {self.folder}")
         file = self.where[name]
-        if file not in self.files:
-            self.files[file] = SafetensorsFile(self.folder / file)
-        return self.files[file]
+        with self.lock:
+            if file not in self.files:
+                self.files[file] = SafetensorsFile(self.folder / file)
+            return self.files[file]
 
     def get(self, name: str) -> torch.Tensor:
         return self.file(name).read(name)
@@ -149,17 +152,20 @@ class ExpertStore:
     def read_int4_part(self, layer: int, expert: int, proj: str, codes_dest: torch.Tensor,
                        scale_dest: torch.Tensor) -> int | None:
         """An INT4 weight stored with the int4 cache's group, straight into that cache's slot: the codes
-        repacked into the decode layout, the scales copied, so the cache holds the checkpoint's own
-        values (dequantising to bf16 and quantising again changes ~1 scale in 10). Returns the bytes
+        repacked into the decode layout, the scales copied, so a bf16 or fp32 cache holds the
+        checkpoint's own values (dequantising to bf16 and quantising again changes ~1 scale in 10). Returns the bytes
         read; None for a weight stored in any other format (the caller quantises it)."""
         name = self.names[layer, expert, proj]
         if not name.endswith("_packed") or self.group != INT4_GROUP:
             return None
         base = name.removesuffix("_packed")
         packed, scale, shape = (self.reader.get(base + k) for k in ("_packed", "_scale", "_shape"))
-        if shape.tolist() != [codes_dest.shape[0], 2 * codes_dest.shape[1]] or scale.shape != scale_dest.shape:
-            raise ValueError(f"{self.reader.file(name).path}: tensor {name} holds a {shape.tolist()} weight, "
-                             f"the config expects {[codes_dest.shape[0], 2 * codes_dest.shape[1]]}")
+        rows, cols = codes_dest.shape[0], 2 * codes_dest.shape[1]
+        if (shape.tolist(), list(packed.shape), list(scale.shape)) != ([rows, cols], [rows, cols // 8],
+                                                                     list(scale_dest.shape)):
+            raise ValueError(f"{self.reader.file(name).path}: tensor {name} holds a {shape.tolist()} weight "
+                             f"(packed {list(packed.shape)}, scale {list(scale.shape)}); the config expects "
+                             f"{[rows, cols]} (scale {list(scale_dest.shape)})")
         with torch.inference_mode(codes_dest.is_inference()):  # a reader thread has no inference mode of its own
             codes_dest.copy_(pack_halves(unpack_int4(packed)))
             scale_dest.copy_(scale)
