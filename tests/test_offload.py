@@ -238,10 +238,11 @@ def test_server_answers_through_the_cache_fails_a_read_error_cleanly_and_keeps_s
 def test_an_int4_cache_over_an_int4_checkpoint_holds_its_own_codes(tmp_path):
     """An INT4 checkpoint's experts go into an int4 cache as stored (codes repacked, scales copied), not
     dequantised to the cache's bf16 and quantised again (which changes ~1 scale in 10): the cache holds
-    the checkpoint's exact values, and the logits equal a resident model whose experts hold them."""
+    the checkpoint's exact values. `quantize_model` on the resident model keeps them too (unless the
+    weights moved since loading), and the logits are equal."""
     from safetensors.torch import load_file
 
-    from openk2.quant import quantize_model
+    from openk2.quant import fake_quantize, quantize_model
     from openk2.quant.int4 import dequantize_int4, unpack_int4
     from openk2.quant.int4_decode import Int4Experts, pack_halves, quantize_halves
 
@@ -270,13 +271,25 @@ def test_an_int4_cache_over_an_int4_checkpoint_holds_its_own_codes(tmp_path):
             requantized_differ += not torch.equal(quantize_halves(dequantize_int4(
                 stored[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight_packed"], want_s, dtype))[1], want_s)
     assert requantized_differ > 0  # the old way, via the dequantised bf16 weight: what the direct path avoids
+    # resident, `quantize_model` keeps the checkpoint's codes too (the loader tells the experts where they are)
     resident = quantize_model(load_hf(folder, dtype, progress=False).eval(), "int4")
     for layer, block in enumerate(resident.layers):
         if CFG.is_moe_layer(layer):
-            parts = [[torch.cat([checkpoint(layer, e, "gate_proj")[i], checkpoint(layer, e, "up_proj")[i]])
-                      for e in range(CFG.n_routed_experts)] for i in (0, 1)]
-            down = [checkpoint(layer, e, "down_proj") for e in range(CFG.n_routed_experts)]
-            block.mlp.experts = Int4Experts(torch.stack(parts[0]), torch.stack(parts[1]),
-                                            torch.stack([d[0] for d in down]), torch.stack([d[1] for d in down]))
+            q, F_ = block.mlp.experts, CFG.moe_intermediate_size
+            for e in range(CFG.n_routed_experts):
+                for proj, rows in (("gate_proj", slice(0, F_)), ("up_proj", slice(F_, 2 * F_))):
+                    assert torch.equal(q.gate_up_q[e, rows], checkpoint(layer, e, proj)[0])
+                    assert torch.equal(q.gate_up_scale[e, rows], checkpoint(layer, e, proj)[1])
+                assert torch.equal(q.down_q[e], checkpoint(layer, e, "down_proj")[0])
+                assert torch.equal(q.down_scale[e], checkpoint(layer, e, "down_proj")[1])
     with torch.inference_mode():
         assert torch.equal(out, resident(_ids(2, 12)))
+    moved = load_hf(folder, dtype, progress=False)  # weights trained since loading: quantised afresh
+    with torch.no_grad():
+        moved.layers[1].mlp.experts.down_proj[0, 0, 0] += 0.5
+    q = Int4Experts.from_experts(moved.layers[1].mlp.experts)
+    fresh = Int4Experts.from_weights(moved.layers[1].mlp.experts.gate_up_proj, moved.layers[1].mlp.experts.down_proj)
+    assert torch.equal(q.down_q, fresh.down_q) and not torch.equal(q.down_q[0], checkpoint(1, 0, "down_proj")[0])
+    kept = load_hf(folder, dtype, progress=False)  # fake_quantize leaves weights on the checkpoint's grid as they are
+    before = kept.layers[1].mlp.experts.gate_up_proj.clone()
+    assert torch.equal(fake_quantize(kept, "int4").layers[1].mlp.experts.gate_up_proj, before)

@@ -15,6 +15,7 @@ and `quantization_config`. `convert` rewrites a folder in another of K2's releas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import shutil
@@ -31,6 +32,7 @@ from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer, cast
 from openk2.quant.fp8 import FP8_BLOCK, dequantize_fp8, is_fp8, quantize_fp8
 from openk2.quant.int4 import INT4_GROUP, dequantize_int4, quantize_int4
+from openk2.quant.int4_decode import halves_from_packed
 
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _ROUTED = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.")  # any routed-expert tensor, any format
@@ -157,8 +159,26 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None, device="cpu",
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise KeyError(f"{folder}: checkpoint lacks {', '.join(missing[:5])}{more}")
+    for i, layer in enumerate([] if experts or group != INT4_GROUP else model.layers):
+        if f"model.layers.{i}.mlp.experts.0.gate_proj.weight_packed" in shards.where:  # for quantize_model
+            layer.mlp.experts.stored_int4 = functools.partial(_stored_int4, folder, i, cfg.n_routed_experts)
     model.init_buffers()
     return model
+
+
+def _stored_int4(folder: Path, layer: int, n_experts: int) -> tuple[torch.Tensor, ...]:
+    """Layer `layer`'s routed experts as an INT4 checkpoint stores them, in `Int4Experts`' layout:
+    gate_up codes [E, 2F, D/2] and scales [E, 2F, D/32], down codes and scales."""
+    shards = _Shards(folder)
+
+    def stored(e: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        base = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+        return halves_from_packed(shards.get(base + "_packed")), shards.get(base + "_scale")
+
+    gate, up, down = ([stored(e, p) for e in range(n_experts)] for p in ("gate_proj", "up_proj", "down_proj"))
+    return (torch.stack([torch.cat([g[0], u[0]]) for g, u in zip(gate, up)]),
+            torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)]),
+            torch.stack([d[0] for d in down]), torch.stack([d[1] for d in down]))
 
 
 # --- writing -------------------------------------------------------------------------------------

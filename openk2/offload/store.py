@@ -22,8 +22,7 @@ import torch
 from openk2.checkpoint.hf import _quant_sizes, _read_weight, _Shards
 from openk2.config import ModelConfig
 from openk2.info import INT4_GROUP
-from openk2.quant.int4 import unpack_int4
-from openk2.quant.int4_decode import pack_halves
+from openk2.quant.int4_decode import halves_from_packed
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "F8_E4M3": torch.float8_e4m3fn, "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16,
@@ -167,7 +166,7 @@ class ExpertStore:
                              f"(packed {list(packed.shape)}, scale {list(scale.shape)}); the config expects "
                              f"{[rows, cols]} (scale {list(scale_dest.shape)})")
         with torch.inference_mode(codes_dest.is_inference()):  # a reader thread has no inference mode of its own
-            codes_dest.copy_(pack_halves(unpack_int4(packed)))
+            codes_dest.copy_(halves_from_packed(packed))
             scale_dest.copy_(scale)
         return sum(self.reader.nbytes(base + k) for k in ("_packed", "_scale", "_shape"))
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from openk2.model.moe import Experts, routed_reference
 from openk2.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
-from openk2.quant.int4_decode import Int4Experts
+from openk2.quant.int4_decode import Int4Experts, unpack_halves
 from openk2.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
 
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
@@ -109,8 +109,8 @@ def quantize_model(model: nn.Module, mode: str, linears: bool | None = None) -> 
     for parent, name, child in _targets(model, mode, linears):
         if hasattr(child, "quantize_experts"):  # experts that quantize themselves (offloaded: their cache)
             child.quantize_experts(mode)
-        elif isinstance(child, Experts) and mode == "int4":
-            setattr(parent, name, Int4Experts.from_weights(child.gate_up_proj, child.down_proj))
+        elif isinstance(child, Experts) and mode == "int4":  # an INT4 checkpoint's experts keep its codes
+            setattr(parent, name, Int4Experts.from_experts(child))
         elif isinstance(child, Experts):
             setattr(parent, name, QuantizedExperts.from_experts(child, LINEARS[mode]))
         else:
@@ -127,7 +127,11 @@ def fake_quantize(model: nn.Module, mode: str, linears: bool | None = None) -> n
             if mode == "int4":
                 raise TypeError("fake_quantize rounds resident weights; these experts are read from disk")
             continue
-        if isinstance(child, Experts):
+        if isinstance(child, Experts) and mode == "int4" and getattr(child, "stored_int4", None):
+            q = Int4Experts.from_experts(child)  # the stored codes, or the weights' own if they moved
+            child.gate_up_proj.copy_(unpack_halves(q.gate_up_q, q.gate_up_scale, child.gate_up_proj.dtype))
+            child.down_proj.copy_(unpack_halves(q.down_q, q.down_scale, child.down_proj.dtype))
+        elif isinstance(child, Experts):
             for w in (child.gate_up_proj, child.down_proj):
                 w.copy_(torch.stack([ROUND_TRIP[mode](w_e) for w_e in w]))
         else:

@@ -18,12 +18,17 @@ from torch import nn
 from openk2.kernels import cpu_op, load_for
 from openk2.model import linear
 from openk2.model.moe import few_rows, kernel_swiglu, routed_reference
-from openk2.quant.int4 import INT4_GROUP
+from openk2.quant.int4 import INT4_GROUP, unpack_int4
 
 def pack_halves(codes_OI: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     """Unsigned codes 0..15 [..., O, I] -> the decode layout uint8 [..., O, I/2] (see the module doc)."""
     g = codes_OI.to(torch.uint8).unflatten(-1, (-1, 2, group // 2))
     return (g[..., 0, :] | (g[..., 1, :] << 4)).flatten(-2)
+
+
+def halves_from_packed(packed_OP: torch.Tensor) -> torch.Tensor:
+    """The checkpoint layout's codes (int32 [O, I/8], int4.py) in the decode layout, uint8 [O, I/2]."""
+    return pack_halves(unpack_int4(packed_OP))
 
 
 def quantize_halves(w_OI: torch.Tensor, group: int = INT4_GROUP, kernel: bool = True):
@@ -72,6 +77,22 @@ class Int4Experts(nn.Module):
             codes, scale = zip(*(quantize_halves(w, group) for w in w_EOI))
             stacked += [torch.stack(codes), torch.stack(scale)]
         return cls(*stacked)
+
+    @classmethod
+    @torch.no_grad()
+    def from_experts(cls, experts, group: int = INT4_GROUP):
+        """`experts` (an `Experts`) as int4. Experts loaded from an INT4 checkpoint keep its own codes and
+        scales (`stored_int4`, set by the loader), as long as the weights are still exactly what those
+        dequantise to: quantising the dequantised weights again would change some scales. Otherwise
+        (trained since, or never INT4), the weights are quantised."""
+        stored = getattr(experts, "stored_int4", None)
+        if stored is not None and group == INT4_GROUP:
+            w = experts.gate_up_proj
+            q = cls(*(t.to(w.device) for t in stored()))
+            if all(torch.equal(unpack_halves(c, s, w.dtype), w_) for c, s, w_ in
+                   ((q.gate_up_q, q.gate_up_scale, w), (q.down_q, q.down_scale, experts.down_proj))):
+                return q
+        return cls.from_weights(experts.gate_up_proj, experts.down_proj, group)
 
     @property
     def decode_weights(self) -> tuple:
