@@ -25,9 +25,9 @@ import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from openk2.agent.tools import ArgumentError, Tool, ToolError
+from openk2.agent.tools import Tool, ToolError
 from openk2.envs.play import gather_limited
-from openk2.envs.world import check_rules, inject
+from openk2.envs.world import admit, check_rules
 from openk2.sampling import GREEDY, WRITER_TEMPERATURE
 
 KIND_BRIEFS = {
@@ -198,12 +198,7 @@ class SimulatedTools:
         entry = {"name": name, "arguments": arguments}
         self.log.append(entry)
         try:
-            try:
-                self.tool(name).check(arguments)
-            except ArgumentError as e:
-                raise ToolError(f"invalid arguments for {name}: {e}") from None
-            self.counts[name] = n = self.counts.get(name, 0) + 1
-            limit = inject(self.failures, name, arguments, n, self.rng)
+            limit = admit(self.tool(name), self.failures, self.counts, self.rng, arguments)
             try:
                 c = await self.client.complete(self.prompt(name, arguments, limit), max_tokens=self.max_tokens,
                                                temperature=self.temperature, seed=self.seed * 1000 + len(self.log))

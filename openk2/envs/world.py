@@ -73,6 +73,17 @@ def inject(failures, name: str, args: dict, n: int, rng: random.Random) -> int |
     return limit
 
 
+def admit(tool: Tool, failures, counts: dict, rng: random.Random, args: dict) -> int | None:
+    """What a call passes before it runs: its arguments against the schema, then the failure rules on
+    this n-th call of the tool (a ToolError for either); the page size a `partial` rule sets."""
+    try:
+        tool.check(args)
+    except ArgumentError as e:
+        raise ToolError(f"invalid arguments for {tool.name}: {e}") from None
+    counts[tool.name] = n = counts.get(tool.name, 0) + 1
+    return inject(failures, tool.name, args, n, rng)
+
+
 class World:
     def __init__(self, domain: str | dict, seed: int = 0, failures: list[dict] = ()):
         self.spec = load(domain) if isinstance(domain, str) else domain
@@ -112,12 +123,7 @@ class World:
         if op is None:
             raise ToolError(f"there is no tool {name!r} in {self.name}; "
                             f"the tools are: {', '.join(self.spec['operations'])}")
-        try:
-            self.tool(name).check(args)
-        except ArgumentError as e:
-            raise ToolError(f"invalid arguments for {name}: {e}") from None
-        self.counts[name] = n = self.counts.get(name, 0) + 1
-        limit = inject(self.failures, name, args, n, self.rng)
+        limit = admit(self.tool(name), self.failures, self.counts, self.rng, args)
         result = getattr(self, "_" + op["kind"])(op, name, args)
         if limit is not None and op["kind"] == "list" and len(result["items"]) > limit:
             offset = args.get("offset", 0) + limit
