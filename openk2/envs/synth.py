@@ -241,7 +241,7 @@ def main(args) -> None:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
                              progress=bar.update, slips=args.teacher_slips, tries=args.tries, judge=judge_kind,
                              llm_judge=judge or None, system=args.system or None, temperature=args.temperature,
-                             max_tokens=args.max_tokens, **({"sim": sim} if open_tools else {}))
+                             max_tokens=args.max_tokens, sim=sim or None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]
