@@ -4,7 +4,6 @@ oracle trajectories, SFT the checkpoint on them, evaluate again on the same task
     .venv/bin/python experiments/agentic.py all [--checkpoint DIR] [--worlds bank,shop] [--n 30] [--steps N]
     .venv/bin/python experiments/agentic.py eval --checkpoint DIR [--worlds bank,shop]
     .venv/bin/python experiments/agentic.py probe --checkpoint DIR [DIR ...]   # in-context copying
-    .venv/bin/python experiments/agentic.py restate --data IN.jsonl --out OUT.jsonl  # values restated before calls
 
 SFT extends k2-mini's 1,024-token window to `--context` (2,048 by default: a rendered conversation with
 its task's toolset takes 440-2,060 tokens). Held-out tasks are the library's (`evaluate.held_out`,
@@ -89,24 +88,6 @@ def copy_probe(ckpt, n: int = 8, length: int = 40, seed: int = 0) -> tuple[float
     return nats[:, :length - 1].mean().item(), nats[:, length:].mean().item()
 
 
-def restate(src: Path, dst: Path) -> int:
-    """The SFT data with each calling turn's text replaced by the calls' values in words ("Calling
-    get_account with account_id ACC-5062."): the model copies each value into prose first, then into
-    the arguments from nearby. Returns the turns rewritten."""
-    n = 0
-    with open(src) as f, open(dst, "w") as out:
-        for line in f:
-            r = json.loads(line)
-            for m in (m for m in r["messages"] if m["role"] == "assistant" and m.get("tool_calls")):
-                m["content"] = "Calling " + "; ".join(
-                    c["function"]["name"] + " with " + ", ".join(
-                        f"{k} {v}" for k, v in json.loads(c["function"]["arguments"]).items())
-                    for c in m["tool_calls"]) + "."
-                n += 1
-            out.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return n
-
-
 def timed(cmd, log: Path):
     start, load0 = time.monotonic(), load_text()
     print("$", " ".join(cmd), flush=True)
@@ -119,7 +100,7 @@ def timed(cmd, log: Path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["all", "eval", "probe", "restate"])
+    p.add_argument("what", choices=["all", "eval", "probe"])
     p.add_argument("more", nargs="*", help="probe: further checkpoints")
     p.add_argument("--checkpoint", default=MAIN_CKPT)
     p.add_argument("--out", default="runs/agentic")
@@ -139,9 +120,6 @@ def main():
     p.add_argument("--no-failures", action="store_true", help="ablation: no injected tool failures")
     p.add_argument("--data", help="reuse this synthesised JSONL instead of synthesising")
     a = p.parse_args()
-    if a.what == "restate":  # --data IN --out OUT.jsonl
-        print(f"restated {restate(Path(a.data), Path(a.out))} calling turns into {a.out}")
-        return
     out, splits, eval_worlds = Path(a.out), a.splits.split(","), a.worlds.split(",")
     assert all(s in SPLITS for s in splits), splits
     out.mkdir(parents=True, exist_ok=True)

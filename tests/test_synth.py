@@ -16,7 +16,7 @@ from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
 from openk2.envs.tasks import SYSTEM
-from openk2.envs.teacher import SLIPS, Teacher
+from openk2.envs.teacher import SLIPS, Teacher, say_calls
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
@@ -56,12 +56,24 @@ def test_the_oracle_teacher_passes_the_judge_for_every_kind_and_world():
             assert len(errors) == 1 and "try again" in errors[0]
         else:
             assert not errors
-    thoughts = {x.get("content") for r in records for x in r["messages"] if x.get("tool_calls")}
+    calling = [x for r in records for x in r["messages"] if x.get("tool_calls")]
+    for x in calling:  # each calling turn says its calls' values in words, after a varied thought
+        assert x["content"].endswith(say_calls(x["tool_calls"]))
+    thoughts = {x["content"][: -len(say_calls(x["tool_calls"]))] for x in calling}
     answers = {x["content"].split(" ")[0] for r in records for x in r["messages"]
                if x["role"] == "assistant" and not x.get("tool_calls")}
-    assert len(thoughts) >= 4 and None in thoughts and len(answers) >= 8  # natural-language variety
+    assert len(thoughts) >= 4 and "" in thoughts and len(answers) >= 8  # natural-language variety
     last = summary(records).splitlines()[-1].split()
     assert last[:4] == ["all", str(len(TASKS)), str(len(TASKS)), "0"]
+
+
+def test_say_calls_puts_each_value_in_words_as_the_arguments_hold_it():
+    def call(name, args):
+        return {"function": {"name": name, "arguments": json.dumps(args)}}
+    assert say_calls([call("transfer", {"from_account": "ACC-1", "amount": 20.5, "note": "rent"}),
+                      call("list_accounts", {})]) == \
+        "Calling transfer with from_account ACC-1, amount 20.5, note rent; list_accounts."
+    assert say_calls([call("f", {"ok": True, "tags": ["a", "b"], "n": 3})]) == 'Calling f with ok true, tags ["a", "b"], n 3.'
 
 
 def corrupt(task, how):

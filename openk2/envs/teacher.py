@@ -3,6 +3,8 @@
 `Teacher` solves a task from its plan (oracle.py) and varies what an LLM teacher would: a short thought
 before a round of calls (by what came before it: the first round, a retry, a next page, a next step)
 and the lead of each answer, seeded by (seed, task, position), so data is the same for the same seed.
+Each calling turn then says its calls' values in words ("Calling get_account with account_id ACC-5062."):
+a small model learns to copy a value into prose, then into the arguments, in half the SFT steps (README).
 
 Slips: with `slips` = P, a share P of episodes (drawn per attempt, so `--tries` samples again) goes
 wrong once, in one of the ways an LLM teacher goes wrong (SLIPS): a wrong argument value, a wrong tool,
@@ -21,13 +23,12 @@ from openk2.envs.oracle import LEADS, Oracle
 ANSWERS = ("{0}", "Here is what I found: {0}", "Done. {0}", "All set. {0}", "I checked: {0}", "Sure. {0}",
            "{0} Anything else?", "That's done. {0}", "OK. {0}", "Here you go. {0}")
 THOUGHTS = {  # a short thought before a round of calls, by what came before it in this turn
-    "first": ("", "", "Let me check that.", "I'll use {0} for this.", "Calling {0}.", "On it: {0}.",
-              "Let me look that up with {0}."),
-    "retry": ("That failed temporarily; trying again.", "A transient error, so I'll retry {0}.",
-              "The service asked me to try again. Retrying."),
+    "first": ("", "", "Let me check that.", "On it.", "Let me look that up.", "Sure, one moment."),
+    "retry": ("That failed temporarily; trying again.", "A transient error, so I'll retry.",
+              "The service asked me to try again."),
     "page": ("Only part of the results came back; reading the next page.", "There are more results; fetching them.",
-             "The list continues, so I'll ask {0} for the rest."),
-    "next": ("Now {0} with what I found.", "Next, {0}.", "Using that result, I'll call {0}.", ""),
+             "The list continues, so I'll ask for the rest."),
+    "next": ("Now with what I found.", "Next step.", "Using that result.", ""),
 }
 SLIPS = ("wrong_args", "wrong_tool", "no_call", "no_retry", "vague_answer")
 GIVE_UPS = ("The service is not working right now; please try again later.", "That failed, sorry.",
@@ -44,6 +45,18 @@ def near_miss(value):
     if isinstance(value, float):
         return round(value * 1.1 + 1, 2)
     return value[:-1] if isinstance(value, str) and len(value) > 1 else value
+
+
+def say_calls(calls: list[dict]) -> str:
+    """A round of calls in words, each with its arguments in order: "Calling transfer with from_account
+    ACC-1, amount 20.5; get_account with account_id ACC-2." Strings and numbers as written in the JSON
+    arguments (strings unquoted), other values as JSON."""
+    said = []
+    for call in calls:
+        args = json.loads(call["function"]["arguments"] or "{}")
+        pairs = ", ".join(f"{k} {v if isinstance(v, str) else json.dumps(v)}" for k, v in args.items())
+        said.append(call["function"]["name"] + (f" with {pairs}" if pairs else ""))
+    return "Calling " + "; ".join(said) + "."
 
 
 class Teacher(Oracle):
@@ -95,8 +108,8 @@ class Teacher(Oracle):
             self._wrong_call(call["function"], self.rng(f"wrong:{len(messages)}"))
             call["id"] = f"functions.{call['function']['name']}:{call['id'].rsplit(':', 1)[1]}"
             self.slipped_call = call["id"] if self.slipped else None
-        names = " and ".join(dict.fromkeys(c["function"]["name"] for c in calls))
-        out["content"] = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind]).format(names) or None
+        thought = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind])
+        out["content"] = " ".join(filter(None, (thought, say_calls(calls))))
         return out
 
     def _wrong_call(self, function: dict, rng: random.Random) -> None:
