@@ -1,6 +1,6 @@
 """`openk2 pipeline`: the whole K2 recipe on the embedded defaults, one stage after another —
 pretraining (MuonClip on the stdlib corpus) → agentic data synthesis (the programmatic teacher on the
-tool worlds, judged by the rubrics) → SFT on it → RL on the tool worlds → evaluation — each stage's
+tool worlds, judged by the rubrics, plus copy drills) → SFT on it → RL on the tool worlds → evaluation — each stage's
 checkpoint evaluated on the same held-out tasks (the seed and combo splits of the training worlds, and
 the unseen domain), ending in one table and the commands to serve or run the result.
 
@@ -32,6 +32,7 @@ class PipelineConfig:
     data: str | None = None  # the pretraining corpus; None: the Python standard library's source
     pretrain_steps: int = 200
     synth_n: int = 2000  # tool-world tasks the teacher solves (the judge keeps what passes)
+    synth_drills: int = 6000  # copy drills added to the SFT data (envs/drills.py)
     sft_steps: int = 300
     sft_lr: float = 3e-3
     context: int = 2048  # SFT extends the pretrained window to this (tool declarations are long)
@@ -45,7 +46,7 @@ class PipelineConfig:
 PIPELINE_PRESETS = {"demo": PipelineConfig()}
 PIPELINE_PRESETS["tiny"] = dataclasses.replace(  # tests: the chain in seconds, nothing learned
     PIPELINE_PRESETS["demo"], out_dir="runs/pipeline-tiny", model="k2-tiny", pretrain_steps=4, synth_n=6,
-    sft_steps=3, context=4096, rl_steps=1, eval_n=1, worlds="units")
+    sft_steps=3, context=4096, rl_steps=1, eval_n=1, worlds="units", synth_drills=4)
 
 
 def say(text: str) -> None:
@@ -93,6 +94,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     import torch
 
     from openk2.agent.episode import write_jsonl
+    from openk2.envs.drills import drills
     from openk2.envs.synth import pick_tasks, synthesize
     from openk2.rl.config import RL_DEFAULTS, RLConfig
     from openk2.rl.loop import rl
@@ -129,7 +131,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     def make_data():
         if not data.exists() or not data.stat().st_size:
             picked = pick_tasks(cfg.synth_n, 1, worlds, None, "combo", "train")
-            kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]]
+            kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]] + drills(cfg.synth_drills, 1)
             data.with_suffix(".tmp").unlink(missing_ok=True)  # (write_jsonl appends)
             write_jsonl(data.with_suffix(".tmp"), kept)
             data.with_suffix(".tmp").replace(data)

@@ -6,12 +6,15 @@ against a scripted OpenAI-compatible endpoint and the teacher against our own se
 
 import asyncio
 import json
+import re
+from collections import Counter
 
 import pytest
 
 from openk2.agent.client import ScriptedClient
 from openk2.cli import main as cli
 from openk2.envs import KINDS, World, domain_names, make_task, split
+from openk2.envs.drills import drills
 from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
@@ -140,6 +143,42 @@ def test_output_is_sft_data_that_renders_with_the_chat_template(tmp_path, capsys
             elif m["role"] in ("user", "tool"):
                 assert m["content"] not in learned and m["content"] in text
         assert learned.count("<|im_end|>") == sum(m["role"] == "assistant" for m in messages)
+
+
+def test_copy_drills_quote_the_requests_values_exactly_and_come_with_synth_on_request(tmp_path, capsys):
+    some = drills(300, seed=5)
+    assert json.dumps(some) == json.dumps(drills(300, seed=5)) and some != drills(300, seed=6)
+    forms = Counter()
+    for d in some:
+        user, answer = (m["content"] for m in d["messages"])
+        assert [m["role"] for m in d["messages"]] == ["user", "assistant"] and d["meta"]["kind"] == "drill"
+        if answer.startswith("{"):  # a JSON object of some of the stated values, each with its JSON type
+            values = json.loads(answer)
+            forms["json"] += 1
+        else:
+            key, value = answer.removeprefix("The ").removesuffix(".").split(" is ", 1)
+            values = {key: value}
+            forms["prose"] += 1
+        said = user.removeprefix("Write as JSON: ").rsplit(".", 1)[0] if user.startswith("Write") else \
+            user.rsplit(". ", 1)[0]
+        stated = dict(pair.split(" ", 1) for pair in said.split(", "))  # "key value, key value"
+        for k, v in values.items():
+            assert stated[k] == str(v) and (isinstance(v, str) or json.loads(stated[k]) == v), (user, answer)
+        assert ids_of(answer) <= ids_of(user)
+    assert forms["json"] > 100 and forms["prose"] > 50
+    out = tmp_path / "mix.jsonl"
+    cli(["synth", "--n", "4", "--seed", "3", "--out", str(out), "--worlds", "units", "--drills", "5"])
+    assert f"wrote 4 trajectories and 5 copy drills to {out}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[4:] == drills(5, seed=3) and all(r["tools"] for r in rows[:4])
+    assert [len(messages) for _, messages, tools in read_jsonl(out)][4:] == [2] * 5  # SFT reads them, no tools
+    with pytest.raises(SystemExit, match="--drills at least 0"):
+        cli(["synth", "--n", "4", "--out", str(out), "--drills", "-1"])
+
+
+def ids_of(text: str) -> set[str]:
+    """The codes (ABC-1234) in a text."""
+    return set(re.findall(r"[A-Z]{2,4}-[0-9]{3,5}", text))
 
 
 @pytest.mark.parametrize("slip", SLIPS)
