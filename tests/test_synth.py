@@ -76,7 +76,8 @@ def test_say_calls_puts_each_value_in_words_as_the_arguments_hold_it():
     assert say_calls([call("transfer", {"from_account": "ACC-1", "amount": 20.5, "note": "rent"}),
                       call("list_accounts", {})]) == \
         "Calling transfer with from_account ACC-1, amount 20.5, note rent; list_accounts."
-    assert say_calls([call("f", {"ok": True, "tags": ["a", "b"], "n": 3})]) == 'Calling f with ok true, tags ["a", "b"], n 3.'
+    assert say_calls([call("f", {"ok": True, "tags": ["a", "b"], "n": 3})]) == \
+        'Calling f with ok true, tags ["a", "b"], n 3.'
 
 
 def corrupt(task, how):
