@@ -131,9 +131,9 @@ def pipeline(cfg: PipelineConfig) -> dict:
     def make_data():
         if not data.exists() or not data.stat().st_size:
             picked = pick_tasks(cfg.synth_n, 1, worlds, None, "combo", "train")
-            kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]] + drills(cfg.synth_drills, 1)
+            kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]]
             data.with_suffix(".tmp").unlink(missing_ok=True)  # (write_jsonl appends)
-            write_jsonl(data.with_suffix(".tmp"), kept)
+            write_jsonl(data.with_suffix(".tmp"), kept + drills(cfg.synth_drills, 1))
             data.with_suffix(".tmp").replace(data)
         return data
 
