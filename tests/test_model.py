@@ -1,5 +1,6 @@
 """Model pair tests (absorbed = materialised, grouped = reference) and property tests."""
 
+import copy
 import dataclasses
 import math
 
@@ -8,6 +9,9 @@ import torch
 
 from openk2.config import KIMI_K2, PRESETS
 from openk2.model import Transformer, build_model, count_params
+from openk2.model import linear
+from openk2.model import moe as moe_module
+from openk2.model.linear import bucket_rows
 from openk2.model.moe import MoE, route
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import _correction_dim, apply_rope, rope_inv_freq
@@ -78,6 +82,38 @@ def test_grouped_experts_equal_reference_loop(tiny, n_tokens, grouped):
     grads_ref = torch.autograd.grad((y_ref * g).sum(), [x_ref, moe.experts.gate_up_proj, moe.experts.down_proj])
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bucket_rows_bound_the_shapes_and_the_padding():
+    sizes = [bucket_rows(r) for r in range(1, 40001)]
+    assert all(r <= b <= max(r, 1.25 * r) for r, b in zip(range(1, 40001), sizes))
+    assert sizes == sorted(sizes) and all(bucket_rows(b) == b for b in sizes)
+    assert len(set(sizes)) <= 8 + 4 * 13  # 1..8 as they are, then four sizes per octave up to 2**16
+    assert [bucket_rows(r) for r in (9, 16, 17, 33, 1000, 1025)] == [10, 16, 20, 40, 1024, 1280]
+
+
+def test_bf16_experts_on_cpu_pad_their_rows_and_equal_the_unpadded_loop(tiny, monkeypatch):
+    """bf16 expert matmuls on CPU run on rows padded to `bucket_rows` (oneDNN compiles a kernel per
+    shape); output and every gradient equal the same loop without padding."""
+    moe = copy.deepcopy(tiny.layers[1].mlp).to(torch.bfloat16)
+    x0 = torch.randn(1, 300, TINY.hidden_size, dtype=torch.bfloat16)
+    padded = []
+
+    def recording(x, dtype):
+        out = linear.pad_rows(x, dtype)
+        padded.append((len(x), len(out)))
+        return out
+
+    results = []
+    for pad in (recording, lambda x, dtype: x):
+        monkeypatch.setattr(moe_module, "pad_rows", pad)
+        x = x0.clone().requires_grad_()
+        y = moe(x)
+        g = torch.autograd.grad(y.float().square().sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj])
+        results.append((y, *g))
+    assert any(b > a for a, b in padded) and all(b == bucket_rows(a) for a, b in padded)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_reference_model_path_equals_grouped(tiny):

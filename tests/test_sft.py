@@ -12,6 +12,7 @@ from test_chat import K2_LIKE_TEMPLATE
 from openk2.config import PRESETS
 from openk2.data.packing import IGNORE, PackedSFTLoader, fit_examples, pack_rows, sft_val_batches
 from openk2.model import build_model, lm_loss
+from openk2.model.linear import bucket_rows
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
@@ -128,6 +129,55 @@ def test_packed_row_equals_each_conversation_alone(absorb):
         assert (y[0, at:] == IGNORE).all()
         unpacked = model(x)[0]  # without segments the later conversations see the earlier ones
         assert (unpacked[8:21] - packed[8:21]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "fp32-autocast"])
+def test_packed_bf16_runs_padded_on_cpu_equal_each_conversation_alone(autocast):
+    """In bf16 on CPU each conversation's attention runs on a run padded to `bucket_rows` at its end
+    (13 positions → 14 here): logits and QK-Clip's max logits are still each conversation's alone.
+    Under autocast q, k and v come in different dtypes; all three must be padded alike."""
+    model = build_model(PRESETS["k2-tiny"], seed=0).eval()
+    if not autocast:
+        model = model.to(torch.bfloat16)
+    model.record_max_logits(True)
+    examples = _examples([9, 14, 6])
+    x, _, seg = sft_val_batches(examples, 1, 32, 1)[0]
+    assert bucket_rows(13) == 14
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        packed, packed_max = model(x, segment_ids=seg)[0], model.max_logits()
+        at, tops = 0, []
+        for ids, _ in examples:
+            alone = model(torch.tensor([ids[:-1]]))[0]
+            tops.append(model.max_logits())
+            torch.testing.assert_close(packed[at:at + len(ids) - 1], alone, rtol=0.02, atol=0.02)
+            at += len(ids) - 1
+        model(x[:, at:])
+        tops.append(model.max_logits())  # the padding, a run of its own
+    torch.testing.assert_close(packed_max, torch.stack(tops).amax(0), rtol=0, atol=1e-2)
+
+
+def test_packed_backward_under_bf16_autocast_is_the_sum_of_each_conversations():
+    """The training step's case (fp32 weights, bf16 autocast, runs padded): a packed row's gradient is
+    the sum of its conversations' gradients run alone."""
+    model = build_model(PRESETS["k2-tiny"], seed=0)
+    examples = _examples([9, 14, 6])
+    x, _, seg = sft_val_batches(examples, 1, 32, 1)[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(ids, segment_ids=None, n=None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids, segment_ids=segment_ids)[0, :n]
+        return torch.autograd.grad(logits.float().square().mean() * len(logits), params, allow_unused=True)
+
+    packed = grads(x, seg, 26)
+    alone = [grads(torch.tensor([ids[:-1]])) for ids, _ in examples]
+    for i, p in enumerate(packed):
+        parts = [g[i] for g in alone if g[i] is not None]
+        if p is None:
+            assert not parts
+            continue
+        total = torch.stack(parts).sum(0)
+        assert (p - total).norm() <= 0.03 * total.norm() + 1e-6, i
 
 
 def test_loader_resumes_exactly_and_splits_ranks():
@@ -353,6 +403,19 @@ def test_packed_max_logits_are_each_conversations(absorb):
         packed = model.max_logits()
         alone = [(model(x[:, a:b]), model.max_logits())[1] for a, b in ((0, 8), (8, 21), (21, 26), (26, 32))]
     torch.testing.assert_close(packed, torch.stack(alone).amax(0), rtol=0, atol=1e-5)
+
+
+def test_kept_logits_under_bf16_autocast_are_the_full_forwards():
+    """On CPU under bf16 autocast the kept rows are padded for the vocabulary matmul (`pad_rows`); the
+    logits returned are exactly the kept positions', no more."""
+    model = build_model(PRESETS["k2-tiny"], seed=0)
+    x, y, seg = sft_val_batches(_examples([9, 14, 6]), 1, 32, 1)[0]
+    keep = y != IGNORE
+    assert bucket_rows(int(keep.sum())) > int(keep.sum())  # the padding is exercised
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full, kept = model(x, segment_ids=seg), model(x, segment_ids=seg, keep=keep)
+    assert kept.shape == (int(keep.sum()), full.shape[-1])
+    torch.testing.assert_close(kept.float(), full[keep].float(), atol=2e-2, rtol=2e-2)
 
 
 def test_loss_on_kept_positions_equals_the_full_loss():

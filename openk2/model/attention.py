@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import decode_linear
+from openk2.model.linear import decode_linear, matmul_dtype, pad_rows
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import apply_rope
 
@@ -154,12 +154,17 @@ class MLA(nn.Module):
         (B, H, S, A), O = q_BHSA.shape, v_BHSO.shape[-1]
         v_BHSA = F.pad(v_BHSO, (0, A - O)) if A > O else v_BHSO
         q_R, k_R, v_R = (t.transpose(0, 1).reshape(H, B * S, A).split(runs, dim=1) for t in (q_BHSA, k_BHSA, v_BHSA))
+        # each run padded at its end to `bucket_rows` on CPU: the kernels compile per shape (pad_rows);
+        # causal, so no real query sees a padded key, and the padded queries' outputs are dropped
+        dtype = matmul_dtype(q_BHSA)  # one decision for q, k and v (they may differ under autocast)
+        q_R, k_R, v_R = ([pad_rows(t, dtype, dim=1) for t in ts] for ts in (q_R, k_R, v_R))
         if self.record_max_logits:
             with torch.no_grad():
-                top_RH = [self._masked_max(q @ k.transpose(-1, -2), None, True, head_dim=0) for q, k in zip(q_R, k_R)]
+                top_RH = [self._masked_max((q @ k.transpose(-1, -2))[:, :n, :n], None, True, head_dim=0)
+                          for q, k, n in zip(q_R, k_R, runs)]
                 self.max_logits = torch.stack(top_RH).amax(0) * self.softmax_scale
-        out_R = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=self.softmax_scale)[0]
-                 for q, k, v in zip(q_R, k_R, v_R)]
+        out_R = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=self.softmax_scale)[0, :, :n]
+                 for q, k, v, n in zip(q_R, k_R, v_R, runs)]
         return torch.cat(out_R, dim=1).view(H, B, S, A).transpose(0, 1)
 
     def _absorbed(self, q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal: bool):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import decode_linear, decode_weights, pairs_kernel, pairs_matvec
+from openk2.model.linear import decode_linear, decode_weights, matmul_dtype, pad_rows, pairs_kernel, pairs_matvec
 
 
 class MLP(nn.Module):
@@ -159,8 +159,10 @@ class Experts(nn.Module):
         out = []
         for e, x in enumerate(x_MD.split(counts_E.tolist())):
             if len(x):
+                rows = len(x)
+                x = pad_rows(x, matmul_dtype(x))  # zero rows in, their outputs (zero) dropped
                 gate, up = F.linear(x, w_gate_up[e]).chunk(2, dim=-1)
-                out.append(F.linear(F.silu(gate).mul_(up), w_down[e]))
+                out.append(F.linear(F.silu(gate).mul_(up), w_down[e])[:rows])
         return torch.cat(out).mul_(w_M[:, None])
 
     @property
@@ -244,8 +246,9 @@ class MoE(nn.Module):
             y_ND = self.experts.forward_reference(x_ND, topk_idx_NK, topk_w_NK)
             self.load = torch.bincount(topk_idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
         else:
+            x_in = x_ND.to(matmul_dtype(x_ND)) if torch.is_grad_enabled() else x_ND  # cast N rows, not N·k
             x_MD, counts_E, w_M, order_M = self.dispatcher.dispatch(
-                x_ND, topk_idx_NK, topk_w_NK, self.cfg.n_routed_experts)
+                x_in, topk_idx_NK, topk_w_NK, self.cfg.n_routed_experts)
             y_MD = self.experts(x_MD, counts_E, w_M, grouped)
             y_ND = self.dispatcher.combine(y_MD, order_M, x_ND.shape[0], self.cfg.num_experts_per_tok)
             self.load = counts_E

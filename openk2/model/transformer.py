@@ -14,7 +14,7 @@ from torch import nn
 
 from openk2.config import ModelConfig
 from openk2.model.attention import MLA, LatentCache, Packed
-from openk2.model.linear import decode_linear
+from openk2.model.linear import decode_linear, matmul_dtype, pad_rows
 from openk2.model.moe import MLP, MoE, small_batch
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import rope_cos_sin, rope_inv_freq
@@ -120,7 +120,10 @@ class Transformer(nn.Module):
         return self._head(x, keep)
 
     def _head(self, x_BSD, keep_BS: torch.Tensor | None):
-        return self.lm_head(self.model.norm(x_BSD if keep_BS is None else x_BSD[keep_BS]))
+        if keep_BS is None:
+            return self.lm_head(self.model.norm(x_BSD))
+        x_MD = x_BSD[keep_BS]  # a count that changes every step: padded for CPU's matmul (pad_rows)
+        return self.lm_head(self.model.norm(pad_rows(x_MD, matmul_dtype(x_MD))))[:x_MD.shape[0]]
 
     # --- one decode step over a pool of cache rows: the compiled form and its reference ----------
     def decode(self, ids_N, pos_N, slots_NT, pools_ZL: list[torch.Tensor]):
