@@ -9,15 +9,17 @@ import json
 import re
 from collections import Counter
 
+import jsonschema
 import pytest
 
 from openk2.agent.client import ScriptedClient
 from openk2.cli import main as cli
 from openk2.envs import KINDS, World, domain_names, make_task, split
-from openk2.envs.drills import drills
+from openk2.envs.drills import drills, tool_drills
 from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
+from openk2.envs.spec import load
 from openk2.envs.tasks import SYSTEM
 from openk2.envs.teacher import SLIPS, Teacher, say_calls
 from openk2.tokenizer import Tokenizer
@@ -175,6 +177,50 @@ def test_copy_drills_quote_the_requests_values_exactly_and_come_with_synth_on_re
     assert [len(messages) for _, messages, tools in read_jsonl(out)][4:] == [2] * 5  # SFT reads them, no tools
     with pytest.raises(SystemExit, match="--drills at least 0"):
         cli(["synth", "--n", "4", "--out", str(out), "--drills", "-1"])
+
+
+def test_tool_drills_pick_the_tool_the_request_names_and_copy_its_values(tmp_path, capsys):
+    """Each tool drill declares made-up tools that share words; for each call, exactly one declared tool
+    has both of the words its sentence of the request uses, the call's arguments are valid for its schema and each is in
+    the request as written, the results answer the calls, and the answer quotes the results."""
+    some = tool_drills(400, seed=5)
+    assert json.dumps(some) == json.dumps(tool_drills(400, seed=5)) and some != tool_drills(400, seed=6)
+    shipped = {name for d in domain_names() for name in load(d)["operations"]}
+    weather = set(json.dumps(load("weather")).lower().replace('"', " ").split()) & {"city", "weather", "km"}
+    assert weather  # the check below means something
+    calls_per_drill = Counter()
+    for d in some:
+        roles = [m["role"] for m in d["messages"]]
+        n = len(d["messages"][2]["tool_calls"])
+        calls_per_drill[n] += 1
+        assert roles == ["system", "user", "assistant"] + ["tool"] * n + ["assistant"] and d["meta"]["kind"] == "tool_drill"
+        assert d["messages"][0]["content"] == SYSTEM and 2 <= len(d["tools"]) <= 5
+        user, calling = d["messages"][1]["content"], d["messages"][2]
+        declared = {t["function"]["name"]: t["function"] for t in d["tools"]}
+        assert not set(declared) & shipped and not weather & set(json.dumps(d).lower().replace('"', " ").split())
+        asks = re.split(r"(?<=[.?])\s+", user)  # one sentence per call
+        assert len(asks) == n
+        for ask, call in zip(asks, calling["tool_calls"]):
+            named = [name for name in declared if all(re.search(rf"\b{w}\b", ask, re.I) for w in name.split("_"))]
+            assert named == [call["function"]["name"]], (ask, named)
+        assert calling["content"].endswith(say_calls(calling["tool_calls"]))
+        for call, result in zip(calling["tool_calls"], d["messages"][3:3 + n]):
+            args = json.loads(call["function"]["arguments"])
+            jsonschema.validate(args, declared[call["function"]["name"]]["parameters"])
+            assert all(str(v) in user for v in args.values()), (user, args)
+            assert result["tool_call_id"] == call["id"] and result["name"] == call["function"]["name"]
+            for key, value in list(json.loads(result["content"]).items())[1:]:
+                assert f"{key}: {value}" in d["messages"][-1]["content"]
+    assert calls_per_drill[1] > 200 and calls_per_drill[2] > 50
+    out = tmp_path / "mix.jsonl"
+    cli(["synth", "--n", "2", "--seed", "3", "--out", str(out), "--worlds", "units", "--drills", "2",
+         "--tool-drills", "3"])
+    assert f"wrote 2 trajectories and 2 copy drills and 3 tool drills to {out}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[2:4] == drills(2, seed=3) and rows[4:] == tool_drills(3, seed=3)
+    assert all(tools for _, _, tools in list(read_jsonl(out))[4:])  # SFT reads them with their tools
+    with pytest.raises(SystemExit, match="--tool-drills at least 0"):
+        cli(["synth", "--n", "4", "--out", str(out), "--tool-drills", "-1"])
 
 
 def ids_of(text: str) -> set[str]:

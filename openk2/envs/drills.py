@@ -15,6 +15,9 @@ import json
 import random
 import string
 
+from openk2.envs.tasks import SYSTEM
+from openk2.envs.teacher import ANSWERS, THOUGHTS, say_calls
+
 KEYS = ("id", "number", "code", "amount", "total", "date", "name", "owner", "title", "city", "count", "price",
         "reference", "account", "order", "item", "label", "quantity", "start", "user", "path", "unit", "value")
 WORDS = ("blue", "lamp", "river", "design", "review", "budget", "north", "garden", "steel", "paper", "winter",
@@ -63,3 +66,78 @@ def drills(n: int, seed: int) -> list[dict]:
     """`n` drills, the same for the same seed; meta says what they are."""
     rng = random.Random(f"drills:{seed}")
     return [{**drill(rng), "meta": {"kind": "drill", "seed": seed, "index": i}} for i in range(n)]
+
+
+# --- tool drills: one request, the declared tool that does it, its values copied into the arguments ---
+# Each drill declares two to five made-up tools (verb_noun) that share verbs and nouns, so that only
+# the request's words pick the right one; the call copies the request's values into its arguments,
+# the result comes back, and the answer quotes it. None of the words is a shipped world's, the unseen
+# domain's (weather) least of all: what they teach is reading a tool list, not any tool.
+VERBS = ("cancel", "renew", "archive", "approve", "track", "refund", "assign", "close", "reopen", "rename",
+         "pause", "resume", "rate", "reserve", "register", "inspect", "verify", "publish", "restore", "flag")
+NOUNS = ("ticket", "invoice", "parcel", "room", "badge", "license", "course", "patient", "vehicle", "recipe",
+         "song", "device", "policy", "loan", "permit", "shift", "lesson", "claim", "voucher", "locker")
+EXTRAS = {  # optional parameters: (JSON schema, how to draw a value)
+    "quantity": ({"type": "integer", "minimum": 1, "description": "how many"}, lambda rng: rng.randint(1, 60)),
+    "amount": ({"type": "number", "description": "the amount"}, lambda rng: round(rng.uniform(1, 2000), 2)),
+    "date": ({"type": "string", "description": "the date, YYYY-MM-DD"},
+             lambda rng: f"20{rng.randint(24, 30)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"),
+    "owner": ({"type": "string", "description": "whose it is"}, lambda rng: rng.choice(NAMES)),
+    "note": ({"type": "string", "description": "a short note"}, lambda rng: " ".join(rng.sample(WORDS, 2))),
+    "priority": ({"type": "string", "enum": ["low", "normal", "high"], "description": "how urgent"},
+                 lambda rng: rng.choice(["low", "normal", "high"])),
+}
+ASKS = ("Please {verb} {noun} {key}{extras}.", "Can you {verb} the {noun} {key}{extras}?",
+        "{Verb} {noun} {key}{extras}, please.", "I need you to {verb} {noun} {key}{extras}.")
+STATUSES = ("done", "ok", "confirmed", "pending", "queued", "approved")
+
+
+def _tool(verb: str, noun: str, extras: list[str]) -> dict:
+    key = f"{noun}_id"
+    props = {key: {"type": "string", "description": f"the {noun}'s id, e.g. {noun[:3].upper()}-1234"},
+             **{k: EXTRAS[k][0] for k in extras}}
+    return {"type": "function", "function": {
+        "name": f"{verb}_{noun}", "description": f"{verb.capitalize()} a {noun}, given its id.",
+        "parameters": {"type": "object", "properties": props, "required": [key], "additionalProperties": False}}}
+
+
+def _request(rng: random.Random, tool: dict) -> tuple[str, dict]:
+    """(the request in words, the arguments it states) for a drill's tool."""
+    verb, noun = tool["function"]["name"].split("_")
+    props = tool["function"]["parameters"]["properties"]
+    args = {f"{noun}_id": f"{noun[:3].upper()}-{rng.randint(100, 99999)}"}
+    args.update({k: EXTRAS[k][1](rng) for k in props if k in EXTRAS})
+    extras = [f"{k} {v}" for k, v in list(args.items())[1:]]
+    said = (" with " + " and ".join(extras)) if extras else ""
+    text = rng.choice(ASKS).format(verb=verb, Verb=verb.capitalize(), noun=noun, key=args[f"{noun}_id"], extras=said)
+    return text, args
+
+
+def tool_drill(rng: random.Random) -> dict:
+    """One tool drill: {"messages": [system, user, assistant calling, tool result(s), answer], "tools"}."""
+    verbs, nouns = rng.sample(VERBS, 3), rng.sample(NOUNS, 3)
+    names = rng.sample([(v, n) for v in verbs for n in nouns], rng.randint(2, 5))  # shared words: read them
+    tools = [_tool(v, n, rng.sample(sorted(EXTRAS), rng.randint(0, 2))) for v, n in names]
+    chosen = rng.sample(tools, 2 if len(tools) > 2 and rng.random() < 0.3 else 1)
+    asked = [_request(rng, t) for t in chosen]
+    calls = [{"id": f"functions.{t['function']['name']}:{i}", "type": "function",
+              "function": {"name": t["function"]["name"], "arguments": json.dumps(args)}}
+             for i, (t, (_, args)) in enumerate(zip(chosen, asked))]
+    results = [{**{k: v for k, v in list(args.items())[:1]}, "status": rng.choice(STATUSES),
+                "reference": value(rng) if rng.random() < 0.5 else None} for _, args in asked]
+    results = [{k: v for k, v in r.items() if v is not None} for r in results]
+    said = "; ".join(", ".join(f"{k}: {v}" for k, v in list(r.items())[1:]) for r in results)
+    thought = rng.choice(THOUGHTS["first"])
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": " ".join(text for text, _ in asked)},
+                {"role": "assistant", "content": " ".join(filter(None, (thought, say_calls(calls)))), "tool_calls": calls},
+                *({"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"], "content": json.dumps(r)}
+                  for c, r in zip(calls, results)),
+                {"role": "assistant", "content": rng.choice(ANSWERS).format(said + ".")}]
+    return {"messages": messages, "tools": tools}
+
+
+def tool_drills(n: int, seed: int) -> list[dict]:
+    """`n` tool drills, the same for the same seed."""
+    rng = random.Random(f"tool-drills:{seed}")
+    return [{**tool_drill(rng), "meta": {"kind": "tool_drill", "seed": seed, "index": i}} for i in range(n)]
