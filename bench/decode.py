@@ -114,29 +114,32 @@ def prefill_table(ours, theirs, cfg, folder: str, threads: int, reps: int) -> No
     print("\n| prefill of one prompt | tokens | tok/s | vs llama.cpp BF16 | vs bare forward |\n"
           "| --- | ---: | ---: | ---: | ---: |")
     for n in (512, 4000):
-        ids = torch.randint(0, cfg.vocab_size // 2, (1, n), generator=torch.Generator().manual_seed(n))
+        def prompt(rep: int):  # a new prompt each round, the same for every row: its routing is new too
+            gen = torch.Generator().manual_seed(n + 7919 * rep)
+            return torch.randint(0, cfg.vocab_size // 2, (1, n), generator=gen)
 
-        def engine(chunk=None):
+        def engine(ids, chunk=None):
             sizes = {} if chunk is None else {"prefill_chunk": chunk, "idle_prefill_chunk": chunk}
             e = Engine(ours, EngineConfig(cache_tokens=n + 64, max_batch=1, **sizes))
             e.add_request(ids[0].tolist(), SamplingParams(max_tokens=1))
             e.run()
         last = torch.zeros(1, n, dtype=torch.bool)
         last[0, -1] = True  # the first token's logits only, as the Engine, transformers and llama.cpp
-        rows = {"openk2 bf16, bare forward": lambda: ours(ids, 0, ours.new_cache(1, n + 1), keep=last),
+        rows = {"openk2 bf16, bare forward": lambda ids: ours(ids, 0, ours.new_cache(1, n + 1), keep=last),
                 "openk2 bf16, Engine (default)": engine,
-                "openk2 bf16, Engine (chunk 512)": partial(engine, 512),
-                "openk2 bf16, Engine (chunk 1024)": partial(engine, 1024),
-                "transformers bf16": lambda: theirs(ids, use_cache=False, logits_to_keep=1)}
+                "openk2 bf16, Engine (chunk 512)": partial(engine, chunk=512),
+                "openk2 bf16, Engine (chunk 1024)": partial(engine, chunk=1024),
+                "transformers bf16": lambda ids: theirs(ids, use_cache=False, logits_to_keep=1)}
         if llama is not None:
-            rows["llama.cpp BF16"] = lambda: (llama.reset(), llama.eval(ids[0].tolist()))
+            rows["llama.cpp BF16"] = lambda ids: (llama.reset(), llama.eval(ids[0].tolist()))
         times = {name: [] for name in rows}
         for fn in rows.values():
-            fn()  # warm-up
-        for _ in range(reps):
+            fn(prompt(0))  # warm-up
+        for rep in range(1, reps + 1):
+            ids = prompt(rep)
             for name, fn in rows.items():
                 t0 = time.perf_counter()
-                fn()
+                fn(ids)
                 times[name].append(time.perf_counter() - t0)
         tok_s = {name: n / statistics.median(t) for name, t in times.items()}
         for name, v in tok_s.items():
