@@ -9,9 +9,9 @@ import torch
 
 from openk2.config import KIMI_K2, PRESETS
 from openk2.model import Transformer, build_model, count_params
-from openk2.model import linear
+from openk2.model import rows
 from openk2.model import moe as moe_module
-from openk2.model.linear import bucket_rows
+from openk2.model.rows import bucket_rows
 from openk2.model.moe import MoE, route
 from openk2.model.norm import RMSNorm
 from openk2.model.rope import _correction_dim, apply_rope, rope_inv_freq
@@ -100,7 +100,7 @@ def test_bf16_experts_on_cpu_pad_their_rows_and_equal_the_unpadded_loop(tiny, mo
     padded = []
 
     def recording(x, dtype):
-        out = linear.pad_rows(x, dtype)
+        out = rows.pad_rows(x, dtype)
         padded.append((len(x), len(out)))
         return out
 

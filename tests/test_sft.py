@@ -12,7 +12,7 @@ from test_chat import K2_LIKE_TEMPLATE
 from openk2.config import PRESETS
 from openk2.data.packing import IGNORE, PackedSFTLoader, fit_examples, pack_rows, sft_val_batches
 from openk2.model import build_model, lm_loss
-from openk2.model.linear import bucket_rows
+from openk2.model.rows import bucket_rows
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 

@@ -175,7 +175,7 @@ def test_copy_drills_quote_the_requests_values_exactly_and_come_with_synth_on_re
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[4:] == drills(5, seed=3) and all(r["tools"] for r in rows[:4])
     assert [len(messages) for _, messages, tools in read_jsonl(out)][4:] == [2] * 5  # SFT reads them, no tools
-    with pytest.raises(SystemExit, match="--drills at least 0"):
+    with pytest.raises(SystemExit, match="--drills and --tool-drills at least 0"):
         cli(["synth", "--n", "4", "--out", str(out), "--drills", "-1"])
 
 
@@ -193,7 +193,8 @@ def test_tool_drills_pick_the_tool_the_request_names_and_copy_its_values(tmp_pat
         roles = [m["role"] for m in d["messages"]]
         n = len(d["messages"][2]["tool_calls"])
         calls_per_drill[n] += 1
-        assert roles == ["system", "user", "assistant"] + ["tool"] * n + ["assistant"] and d["meta"]["kind"] == "tool_drill"
+        assert roles == ["system", "user", "assistant"] + ["tool"] * n + ["assistant"]
+        assert d["meta"]["kind"] == "tool_drill"
         assert d["messages"][0]["content"] == SYSTEM and 2 <= len(d["tools"]) <= 5
         user, calling = d["messages"][1]["content"], d["messages"][2]
         declared = {t["function"]["name"]: t["function"] for t in d["tools"]}

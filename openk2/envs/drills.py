@@ -130,7 +130,8 @@ def tool_drill(rng: random.Random) -> dict:
     thought = rng.choice(THOUGHTS["first"])
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": " ".join(text for text, _ in asked)},
-                {"role": "assistant", "content": " ".join(filter(None, (thought, say_calls(calls)))), "tool_calls": calls},
+                {"role": "assistant", "content": " ".join(filter(None, (thought, say_calls(calls)))),
+                 "tool_calls": calls},
                 *({"role": "tool", "tool_call_id": c["id"], "name": c["function"]["name"], "content": json.dumps(r)}
                   for c, r in zip(calls, results)),
                 {"role": "assistant", "content": rng.choice(ANSWERS).format(said + ".")}]

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import decode_linear, matmul_dtype, pad_rows
+from openk2.model.linear import decode_linear
 from openk2.model.norm import RMSNorm
+from openk2.model.rows import matmul_dtype, pad_rows
 from openk2.model.rope import apply_rope
 
 
@@ -163,7 +164,8 @@ class MLA(nn.Module):
                 top_RH = [self._masked_max((q @ k.transpose(-1, -2))[:, :n, :n], None, True, head_dim=0)
                           for q, k, n in zip(q_R, k_R, runs)]
                 self.max_logits = torch.stack(top_RH).amax(0) * self.softmax_scale
-        out_R = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=self.softmax_scale)[0, :, :n]
+        out_R = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                                scale=self.softmax_scale)[0, :, :n]
                  for q, k, v, n in zip(q_R, k_R, v_R, runs)]
         return torch.cat(out_R, dim=1).view(H, B, S, A).transpose(0, 1)
 

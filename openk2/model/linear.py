@@ -21,32 +21,6 @@ import torch
 from torch import nn
 
 
-def bucket_rows(rows: int) -> int:
-    """`rows` rounded up to one of four sizes per octave (…, 16, 20, 24, 28, 32, 40, 48, …; ≤ 25 % more)."""
-    step = 1 << max(0, rows.bit_length() - 3)
-    return -(-rows // step) * step
-
-
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype x's products run in: autocast's where it is on for x's device, else x's own."""
-    on = torch.is_autocast_enabled(x.device.type)
-    return torch.get_autocast_dtype(x.device.type) if on else x.dtype
-
-
-def pad_rows(x_MD: torch.Tensor, dtype: torch.dtype, dim: int = 0) -> torch.Tensor:
-    """x with zero rows (along `dim`) appended up to `bucket_rows`, where its product runs on CPU in `dtype` (bf16 or
-    fp16) and the row count changes from call to call (an expert's share of the batch; the positions
-    with a target). CPU's reduced-precision matmuls go to oneDNN, which compiles a kernel for each new
-    shape and caches a bounded number of them: unpadded, most expert matmuls of a training step or a
-    prefill chunk paid a compile (1–3 ms, more than the product; an SFT step of k2-mini at 4 × 2,048
-    went from 2.4 to 1.3 s). Padded, the shapes repeat. The caller drops the extra rows of the result;
-    zero rows add nothing to a weight's gradient."""
-    rows = x_MD.shape[dim]
-    if x_MD.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or bucket_rows(rows) == rows:
-        return x_MD
-    return torch.nn.functional.pad(x_MD, (0, 0) * (x_MD.dim() - 1 - dim % x_MD.dim()) + (0, bucket_rows(rows) - rows))
-
-
 def decode_weights(mod: nn.Module):
     """The face of a linear-like module: (weight, scale or None), or None if unreadable (see above)."""
     return mod.decode_weights if hasattr(mod, "decode_weights") else (mod.weight, None)

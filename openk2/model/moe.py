@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import decode_linear, decode_weights, matmul_dtype, pad_rows, pairs_kernel, pairs_matvec
+from openk2.model.linear import decode_linear, decode_weights, pairs_kernel, pairs_matvec
+from openk2.model.rows import matmul_dtype, pad_rows
 
 
 class MLP(nn.Module):

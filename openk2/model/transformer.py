@@ -14,9 +14,10 @@ from torch import nn
 
 from openk2.config import ModelConfig
 from openk2.model.attention import MLA, LatentCache, Packed
-from openk2.model.linear import decode_linear, matmul_dtype, pad_rows
+from openk2.model.linear import decode_linear
 from openk2.model.moe import MLP, MoE, small_batch
 from openk2.model.norm import RMSNorm
+from openk2.model.rows import matmul_dtype, pad_rows
 from openk2.model.rope import rope_cos_sin, rope_inv_freq
 
 
