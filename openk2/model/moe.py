@@ -247,7 +247,9 @@ class MoE(nn.Module):
             y_ND = self.experts.forward_reference(x_ND, topk_idx_NK, topk_w_NK)
             self.load = torch.bincount(topk_idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
         else:
-            x_in = x_ND.to(matmul_dtype(x_ND)) if torch.is_grad_enabled() else x_ND  # cast N rows, not N·k
+            x_in = x_ND  # the CPU loop under autocast casts its rows anyway: cast N of them here, not N·k
+            if torch.is_grad_enabled() and x_ND.device.type == "cpu" and not grouped:
+                x_in = x_ND.to(matmul_dtype(x_ND))
             x_MD, counts_E, w_M, order_M = self.dispatcher.dispatch(
                 x_in, topk_idx_NK, topk_w_NK, self.cfg.n_routed_experts)
             y_MD = self.experts(x_MD, counts_E, w_M, grouped)
