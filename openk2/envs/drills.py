@@ -71,8 +71,9 @@ def drills(n: int, seed: int) -> list[dict]:
 # --- tool drills: one request, the declared tool that does it, its values copied into the arguments ---
 # Each drill declares two to five made-up tools (verb_noun) that share verbs and nouns, so that only
 # the request's words pick the right one; the call copies the request's values into its arguments,
-# the result comes back, and the answer quotes it. None of the words is a shipped world's, the unseen
-# domain's (weather) least of all: what they teach is reading a tool list, not any tool.
+# the result comes back, and the answer quotes it. No tool name is a shipped world's (a few verbs and
+# fields are shared, e.g. cancel, amount) and no word is the unseen domain's (weather): what they teach
+# is reading a tool list, not any tool.
 VERBS = ("cancel", "renew", "archive", "approve", "track", "refund", "assign", "close", "reopen", "rename",
          "pause", "resume", "rate", "reserve", "register", "inspect", "verify", "publish", "restore", "flag")
 NOUNS = ("ticket", "invoice", "parcel", "room", "badge", "license", "course", "patient", "vehicle", "recipe",

@@ -248,6 +248,7 @@ class MoE(nn.Module):
             self.load = torch.bincount(topk_idx_NK.flatten(), minlength=self.cfg.n_routed_experts)
         else:
             x_in = x_ND  # the CPU loop under autocast casts its rows anyway: cast N of them here, not N·k
+            # (the routing weights follow x's dtype in `dispatch`; the loop's products were bf16 already)
             if torch.is_grad_enabled() and x_ND.device.type == "cpu" and not grouped:
                 x_in = x_ND.to(matmul_dtype(x_ND))
             x_MD, counts_E, w_M, order_M = self.dispatcher.dispatch(
