@@ -114,6 +114,15 @@ def _request(rng: random.Random, tool: dict) -> tuple[str, dict]:
     return text, args
 
 
+def _result(rng: random.Random, args: dict) -> dict:
+    """What a drill's tool returns: the id it was called with, a status and, half the time, a reference."""
+    key = next(iter(args))
+    result = {key: args[key], "status": rng.choice(STATUSES)}
+    if rng.random() < 0.5:
+        result["reference"] = value(rng)
+    return result
+
+
 def tool_drill(rng: random.Random) -> dict:
     """One tool drill: {"messages": [system, user, assistant calling, tool result(s), answer], "tools"}."""
     verbs, nouns = rng.sample(VERBS, 3), rng.sample(NOUNS, 3)
@@ -124,9 +133,7 @@ def tool_drill(rng: random.Random) -> dict:
     calls = [{"id": f"functions.{t['function']['name']}:{i}", "type": "function",
               "function": {"name": t["function"]["name"], "arguments": json.dumps(args)}}
              for i, (t, (_, args)) in enumerate(zip(chosen, asked))]
-    results = [{**{k: v for k, v in list(args.items())[:1]}, "status": rng.choice(STATUSES),
-                "reference": value(rng) if rng.random() < 0.5 else None} for _, args in asked]
-    results = [{k: v for k, v in r.items() if v is not None} for r in results]
+    results = [_result(rng, args) for _, args in asked]
     said = "; ".join(", ".join(f"{k}: {v}" for k, v in list(r.items())[1:]) for r in results)
     thought = rng.choice(THOUGHTS["first"])
     messages = [{"role": "system", "content": SYSTEM},
