@@ -1,7 +1,8 @@
 """Muon for the matrices, AdamW for the rest: the optimizer half of MuonClip (K2-SPEC §7.1).
 
-Read top to bottom: `newton_schulz` (orthogonalise), `momentum_step`, `match_adamw_rms`, `muon_update`
-(the single-matrix reference: all three in a row), `adamw_update`, `muon_param_groups` (which tensor
+Read top to bottom: `newton_schulz` (orthogonalise), `momentum_step`, `rms_scale` and `match_adamw_rms`,
+`apply_muon` (the same update, applied in place without building it), `muon_update` (the single-matrix
+reference: the three in a row), `adamw_update`, `muon_param_groups` (which tensor
 goes where and as which matrices), then `Muon`, a thin class that holds state and runs the *sharded*
 step. QK-Clip, the other half of MuonClip, is `openk2.optim.qk_clip`, applied by the training loop
 after `step()`. tests/test_optim.py binds the sharded step (1 and 2 processes) to `muon_update`.
@@ -23,56 +24,120 @@ import torch.distributed as dist
 from torch import nn
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # ref: Moonlight toy_train.py / KellerJordan Muon (quintic)
-# on CPU, matrices are orthogonalised a few at a time, about this many bytes of X: with the scalings
-# fused into baddbmm, chunks that stay in a core's cache took 320 matrices of 256×512 from 1.89 s (the
-# whole stack, separate scalings) to 0.80 s on 2 EPYC cores. GPUs take the whole stack in one batch.
-NS_CHUNK_BYTES = 1 << 20
+# on CPU, matrices are orthogonalised a few at a time, about this many bytes of X: with the
+# temporaries reused, chunks of 16 matrices of 256×512 ran Newton–Schulz at 1.43 TFLOP/s on 2 Sapphire
+# Rapids cores, of 4 at 1.27, of 2 at 1.18 (on 2 EPYC cores, 1 MiB chunks ran 2.4× the whole stack at
+# once; 4 MiB is not measured there). GPUs take the whole stack in one batch.
+NS_CHUNK_BYTES = 1 << 22
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+class Scratch:
+    """Tensors kept from one optimizer step to the next, one per role, grown to the largest asked for.
+
+    Notes: on CPU a fresh tensor of many MB comes from new pages of memory, and the first write to
+    each page is a fault into the kernel; a Muon step that allocated its temporaries anew (an fp32
+    update and two bf16 copies of every matrix) spent more time in those faults than in
+    Newton–Schulz. Reusing them costs no more memory than the step's peak.
+    """
+
+    def __init__(self):
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised tensor of `shape` for `role`, valid until `role` is asked for again."""
+        n = math.prod(shape)
+        t = self.flat.get(role)
+        if t is None or t.numel() < n or t.dtype != dtype or t.device != torch.device(device):
+            t = self.flat[role] = torch.empty(n, dtype=dtype, device=device)
+        return t[:n].view(shape)
+
+
+def _tensor(scratch: Scratch | None, role: str, shape, dtype, device) -> torch.Tensor:
+    return scratch.get(role, shape, dtype, device) if scratch is not None else \
+        torch.empty(shape, dtype=dtype, device=device)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = None,
+                  scale_G: bool = False) -> torch.Tensor:
     """Approximately orthogonalise each matrix: G = U S Vᵀ  ->  ≈ U S' Vᵀ with S' ≈ 1.
 
-    Shapes: G [..., A, B] (one matrix or a stack) -> bf16 [..., A, B].
+    Shapes: G [..., A, B] (one matrix or a stack, any float dtype) -> bf16 [..., A, B].
     Notes: the quintic coefficients maximise the slope at zero instead of converging to 1, so singular
     values that are not tiny land in roughly [0.7, 1.2], not at 1; that does not hurt training (Keller
     Jordan) and 5 steps suffice. It runs in bf16 because the iteration is self-correcting: the
     rounding of one step is damped by the next, and bf16 matmuls are the cheap ones on a GPU. The
-    Frobenius normalisation bounds the spectral norm by 1, inside the iteration's basin. The short
-    side goes first so X Xᵀ is the small Gram matrix.
+    Frobenius normalisation, taken in G's dtype, bounds the spectral norm by 1, inside the iteration's
+    basin; the scaled G is then rounded to bf16 and laid out short side first, so X Xᵀ is the small
+    Gram matrix and the batched matmuls read contiguous matrices (strided ones are slow).
+    `scale_G=True` lets the normalisation overwrite G (a temporary of the caller's: one fast pass
+    instead of a mixed-dtype one; the same numbers). With `scratch`, the result and every temporary
+    live in it: the result is valid until the next call with the same scratch.
     """
     a, b, c = NS_COEFFS
     tall = G.size(-2) > G.size(-1)
-    X_NAB = (G.mT if tall else G).reshape(-1, *sorted(G.shape[-2:]))
-    X_NAB = X_NAB.to(torch.bfloat16, memory_format=torch.contiguous_format)  # (strided: a slow baddbmm)
-    X_NAB = X_NAB / (X_NAB.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    out_NAB = torch.empty_like(X_NAB) if steps else X_NAB
-    n = max(1, NS_CHUNK_BYTES // (2 * X_NAB.shape[-2] * X_NAB.shape[-1])) if X_NAB.device.type == "cpu" \
-        else max(1, len(X_NAB))  # matrices per chunk
-    for i in range(0, len(X_NAB), n):
+    G_NAB = (G.mT if tall else G).reshape(-1, *sorted(G.shape[-2:]))  # a view, unless G is strided oddly
+    N, A, B = G_NAB.shape
+    X_NAB = _tensor(scratch, "ns_in", (N, A, B), torch.bfloat16, G.device)
+    inv = 1 / (G_NAB.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    if scale_G:
+        X_NAB.copy_(G_NAB.mul_(inv))
+    else:
+        torch.mul(G_NAB, inv, out=X_NAB)
+    if not steps:
+        return X_NAB.view(*G.shape[:-2], A, B).mT if tall else X_NAB.view(G.shape)
+    out_NAB = _tensor(scratch, "ns_out", (N, A, B), torch.bfloat16, G.device)
+    n = max(1, NS_CHUNK_BYTES // (2 * A * B)) if G.device.type == "cpu" else N  # matrices per chunk
+    n = max(1, min(n, N))
+    gram = _tensor(scratch, "ns_gram", (n, A, A), torch.bfloat16, G.device)
+    poly = _tensor(scratch, "ns_poly", (n, A, A), torch.bfloat16, G.device)
+    X2 = [_tensor(scratch, f"ns_x{i}", (n, A, B), torch.bfloat16, G.device) for i in range(2)]
+    for i in range(0, N, n):
         X = X_NAB[i:i + n]
+        k = len(X)
         for step in range(steps):  # the quintic a·X + b·(XXᵀ)X + c·(XXᵀ)²X, with one fewer big matmul
-            A = X @ X.mT
-            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A², the scalings fused into the matmuls
-            X = torch.baddbmm(X, B, X, beta=a, out=out_NAB[i:i + n] if step == steps - 1 else None)
-    X = out_NAB.view(*G.shape[:-2], *X_NAB.shape[-2:])
+            M = torch.bmm(X, X.mT, out=gram[:k])
+            P = torch.baddbmm(M, M, M, beta=b, alpha=c, out=poly[:k])  # b·M + c·M², scalings fused in
+            # (a·X fused too, not a·I folded into P: a bf16 P rounds a·I and doubled the error vs fp64)
+            X = torch.baddbmm(X, P, X, beta=a, out=out_NAB[i:i + n] if step == steps - 1 else X2[step % 2][:k])
+    X = out_NAB.view(*G.shape[:-2], A, B)
     return X.mT if tall else X
 
 
-def momentum_step(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
+def momentum_step(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """M ← μ·M + G (in place, K2 Algorithm 1); returns what gets orthogonalised: G + μ·M (Nesterov,
-    Moonlight's default) or M (plain momentum, as the K2 report writes it)."""
-    buf.mul_(momentum).add_(grad)
-    return grad.add(buf, alpha=momentum) if nesterov else buf
+    Moonlight's default) or M (plain momentum, as the K2 report writes it), in `out` when given (a
+    tensor of grad's shape and dtype), so the caller may overwrite it. One pass each."""
+    torch.add(grad, buf, alpha=momentum, out=buf)
+    if nesterov:
+        return torch.add(grad, buf, alpha=momentum, out=out)
+    return out.copy_(buf) if out is not None else buf
+
+
+def rms_scale(A: int, B: int) -> float:
+    """0.2·sqrt(max(A, B)), the factor that gives an orthogonalised A×B matrix an RMS of about 0.2.
+
+    Notes: an A×B matrix with unit singular values has RMS sqrt(min/(A·B)) = 1/sqrt(max(A, B)); scaled
+    to ≈ 0.2, typical of AdamW updates, AdamW's lr and weight decay carry over (Moonlight §2.2). The
+    shape is each orthogonalised matrix's own: (F, D) for an expert's gate.
+    """
+    return 0.2 * math.sqrt(max(A, B))
 
 
 def match_adamw_rms(O: torch.Tensor) -> torch.Tensor:
-    """Scale orthogonalised matrices [..., A, B] by 0.2·sqrt(max(A, B)), in fp32.
+    """Orthogonalised matrices [..., A, B] scaled by `rms_scale`, in fp32: the Muon update."""
+    return O.float() * rms_scale(*O.shape[-2:])
 
-    Notes: an A×B matrix with unit singular values has RMS sqrt(min/(A·B)) = 1/sqrt(max(A, B)), so the
-    product has RMS ≈ 0.2, typical of AdamW updates; AdamW's lr and weight decay then carry over
-    (Moonlight §2.2). The shape is each orthogonalised matrix's own: (F, D) for an expert's gate.
-    """
-    return O.float() * (0.2 * math.sqrt(max(O.shape[-2:])))
+
+def apply_muon(p: torch.Tensor, O: torch.Tensor, lr: float, weight_decay: float, scale: float,
+               tmp: torch.Tensor | None = None):
+    """W ← W·(1 − lr·wd) − lr·scale·O, in place: `match_adamw_rms`'s update applied without building
+    it (the scale rides on the add's alpha). O has p's shape (a view will do); `tmp`, a tensor of p's
+    shape and dtype, takes O first when given (on CPU, a bf16 addend to fp32 weights is a slow path:
+    a cast copy and a same-dtype add are three times faster)."""
+    if tmp is not None and O.dtype != p.dtype:
+        O = tmp.copy_(O)
+    p.mul_(1 - lr * weight_decay).add_(O, alpha=-lr * scale)
 
 
 def muon_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float = 0.95, nesterov: bool = True,
@@ -173,9 +238,11 @@ class Muon(torch.optim.Optimizer):
 
     Notes: momentum and AdamW state are replicated, except for parameters sharded by rows over a
     mesh (FSDP2's DTensors): their state is sharded alike, and each whole matrix is gathered onto one
-    rank for Newton–Schulz and its rows scattered back (`_muon_rows`). The
-    step works one shape group at a time and holds that group's NS inputs (grad dtype) and gathered
-    bf16 updates; at K2 scale, where all experts share two shapes, groups would need bucketing (and
+    rank for Newton–Schulz and its rows scattered back (`_muon_rows`). At world size 1 the step takes
+    one parameter at a time through momentum, NS and its update, and keeps the temporaries in
+    `self.scratch` for the next step (an fp32 and two bf16 copies of the largest parameter, plus
+    NS's chunk-sized products); with more ranks it holds a shape group's NS inputs (grad dtype) and
+    gathered bf16 updates at once; at K2 scale, where all experts share two shapes, groups would need bucketing (and
     expert parallelism shards them anyway). `process_group` is the data-parallel group; None means
     the default group when torch.distributed is initialised. A group marked `local` holds matrices
     only this rank has (experts under expert parallelism): they are orthogonalised here, not shared.
@@ -191,6 +258,7 @@ class Muon(torch.optim.Optimizer):
             if g["algo"] not in ("muon", "adamw"):
                 raise ValueError("each group needs algo 'muon' or 'adamw': use muon_param_groups(model)")
         self.process_group = process_group
+        self.scratch = Scratch()  # the step's temporaries, kept for the next step (not state)
 
     def _rank_world(self) -> tuple[int, int]:
         if not (dist.is_available() and dist.is_initialized()):
@@ -243,13 +311,15 @@ class Muon(torch.optim.Optimizer):
         parts = [torch.empty_like(padded) for _ in range(n)] if mine else None
         dist.gather(padded, parts, dst=owner, group=pg)
         if mine:
-            O = match_adamw_rms(newton_schulz(torch.cat(parts)[:p.shape[0]].reshape(-1, A, B), ns_steps))
+            O = newton_schulz(torch.cat(parts)[:p.shape[0]].reshape(-1, A, B), ns_steps, scratch=self.scratch,
+                              scale_G=True)
             O = torch.cat([O.reshape(p.shape), O.new_zeros(n * chunk - p.shape[0], *p.shape[1:])])
             parts = list(O.split(chunk))
-        update = torch.empty(chunk, *u.shape[1:], dtype=torch.float32, device=u.device)
-        dist.scatter(update, parts, src=owner, group=pg)
+        O = torch.empty(chunk, *u.shape[1:], dtype=torch.bfloat16, device=u.device)
+        dist.scatter(O, parts, src=owner, group=pg)
         local = p.to_local()
-        local.mul_(1 - group["lr"] * group["weight_decay"]).add_(update[:local.shape[0]], alpha=-group["lr"])
+        apply_muon(local, O[:local.shape[0]], group["lr"], group["weight_decay"], rms_scale(A, B),
+                   tmp=self.scratch.get("update", local.shape, local.dtype, local.device))
 
     def _adamw(self, p, group):
         state = self.state[p]
@@ -261,25 +331,29 @@ class Muon(torch.optim.Optimizer):
 
     def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):
         """One shape group: momentum (all ranks), this rank's contiguous share of the matrices through
-        NS, all-gather, then every rank applies every update. At world size 1 each parameter's stack
-        goes through NS as it is (no share to cut, nothing to gather)."""
-        stacks = []
-        for p, group in items:
+        NS, all-gather, then every rank applies every update. At world size 1 each parameter goes
+        through momentum, NS and its update in turn, in the optimizer's scratch (nothing to cut or
+        gather, and no temporaries to allocate)."""
+        def momentum(p, group, out=None):
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
-            u = momentum_step(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"])
-            stacks.append(u.reshape(-1, A, B))
-        if world == 1:  # every matrix is this rank's: each parameter's stack as it is, no concatenation
-            updates = [newton_schulz(u, ns_steps) for u in stacks]
-        else:
-            n = sum(s.shape[0] for s in stacks)
-            m = -(-n // world)  # matrices per rank; the last share may be short or empty
-            O_mAB = newton_schulz(_share(stacks, rank * m, (rank + 1) * m), ns_steps)
-            O_mAB = torch.cat([O_mAB, O_mAB.new_zeros(m - O_mAB.shape[0], A, B)])
-            gathered = O_mAB.new_empty(world * m, A, B)
-            dist.all_gather_single(gathered, O_mAB, group=self.process_group)
-            updates = gathered[:n].split([u.shape[0] for u in stacks])
-        for (p, group), O in zip(items, updates):
-            update = match_adamw_rms(O).reshape(p.shape)  # (a tall matrix's O is a transposed view)
-            p.mul_(1 - group["lr"] * group["weight_decay"]).add_(update, alpha=-group["lr"])
+            return momentum_step(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"], out)
+
+        if world == 1:
+            for p, group in items:
+                U = self.scratch.get("update", p.grad.shape, p.grad.dtype, p.device)
+                U_NAB = momentum(p, group, out=U).view(-1, A, B)
+                U_NAB.copy_(newton_schulz(U_NAB, ns_steps, scratch=self.scratch, scale_G=True))
+                apply_muon(p, U, group["lr"], group["weight_decay"], rms_scale(A, B))
+            return
+        stacks = [momentum(p, group).reshape(-1, A, B) for p, group in items]
+        n = sum(s.shape[0] for s in stacks)
+        m = -(-n // world)  # matrices per rank; the last share may be short or empty
+        O_mAB = newton_schulz(_share(stacks, rank * m, (rank + 1) * m), ns_steps, scratch=self.scratch, scale_G=True)
+        O_mAB = torch.cat([O_mAB, O_mAB.new_zeros(m - O_mAB.shape[0], A, B)])
+        gathered = O_mAB.new_empty(world * m, A, B)
+        dist.all_gather_single(gathered, O_mAB, group=self.process_group)
+        for (p, group), O in zip(items, gathered[:n].split([u.shape[0] for u in stacks])):
+            apply_muon(p, O.view(p.shape), group["lr"], group["weight_decay"], rms_scale(A, B),
+                       tmp=self.scratch.get("update", p.shape, p.dtype, p.device))
