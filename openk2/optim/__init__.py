@@ -12,8 +12,8 @@ WSD learning rate (`schedule.py`). The math is in pure functions; `Muon` only ho
         apply_qk_clip(model, reduce_max_logits(model.max_logits()), tau=100.0)
 """
 
-from openk2.optim.muon import (Muon, adamw_update, match_adamw_rms, momentum_step, muon_param_groups,
-                               muon_update, newton_schulz)
+from openk2.optim.groups import muon_param_groups
+from openk2.optim.muon import Muon, adamw_update, match_adamw_rms, momentum_step, muon_update, newton_schulz
 from openk2.optim.qk_clip import apply_qk_clip, clip_mla_heads, qk_clip_factors, reduce_max_logits
 from openk2.optim.schedule import K2_WSD, wsd_lr
 

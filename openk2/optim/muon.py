@@ -1,10 +1,9 @@
 """Muon for the matrices, AdamW for the rest: the optimizer half of MuonClip (K2-SPEC §7.1).
 
 Read top to bottom: `newton_schulz` (orthogonalise), `momentum_step`, `rms_scale` and `match_adamw_rms`,
-`apply_muon` (the same update, applied in place without building it), `muon_update` (the single-matrix
-reference: the three in a row), `adamw_update`, `muon_param_groups` (which tensor
-goes where and as which matrices), then `Muon`, a thin class that holds state and runs the *sharded*
-step. QK-Clip, the other half of MuonClip, is `openk2.optim.qk_clip`, applied by the training loop
+`apply_muon` (that update, not built), `muon_update` (the single-matrix reference: the three in a row),
+`adamw_update`, then `Muon`, a thin class that holds state and runs the *sharded* step over the groups
+of `optim.groups.muon_param_groups`. QK-Clip, the other half of MuonClip, is `optim.qk_clip`, applied
 after `step()`. tests/test_optim.py binds the sharded step (1 and 2 processes) to `muon_update`.
 
 Sharding (STYLE §2): Newton–Schulz is the only expensive part, so the orthogonalisations are split.
@@ -21,23 +20,20 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # ref: Moonlight toy_train.py / KellerJordan Muon (quintic)
-# on CPU, matrices are orthogonalised a few at a time, about this many bytes of X: with the
-# temporaries reused, chunks of 16 matrices of 256×512 ran Newton–Schulz at 1.43 TFLOP/s on 2 Sapphire
-# Rapids cores, of 4 at 1.27, of 2 at 1.18 (on 2 EPYC cores, 1 MiB chunks ran 2.4× the whole stack at
-# once; 4 MiB is not measured there). GPUs take the whole stack in one batch.
+# CPU orthogonalises this many bytes of X at a time: chunks of 16 matrices of 256×512 ran at 1.43 TFLOP/s
+# on 2 Sapphire Rapids cores, of 4 at 1.27, of 2 at 1.18 (on 2 EPYC cores 1 MiB chunks ran 2.4× the whole
+# stack; 4 MiB is not measured there). GPUs take the whole stack in one batch.
 NS_CHUNK_BYTES = 1 << 22
 
 
 class Scratch:
     """Tensors kept from one optimizer step to the next, one per role, grown to the largest asked for.
 
-    Notes: on CPU a fresh tensor of many MB comes from new pages of memory, and the first write to
-    each page is a fault into the kernel; a Muon step that allocated its temporaries anew (an fp32
-    update and two bf16 copies of every matrix) spent more time in those faults than in
-    Newton–Schulz. Reusing them costs no more memory than the step's peak.
+    Notes: on CPU a fresh tensor of many MB comes from new pages, each faulted in on first write.
+    k2-small's Muon step, with its temporaries allocated anew, took 2.9 s in bench/train.py, of which
+    Newton–Schulz 0.8 s; reused, 1.0 s. Keeping them costs no more memory than the step's peak.
     """
 
     def __init__(self):
@@ -52,11 +48,6 @@ class Scratch:
         return t[:n].view(shape)
 
 
-def _tensor(scratch: Scratch | None, role: str, shape, dtype, device) -> torch.Tensor:
-    return scratch.get(role, shape, dtype, device) if scratch is not None else \
-        torch.empty(shape, dtype=dtype, device=device)
-
-
 def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = None,
                   scale_G: bool = False) -> torch.Tensor:
     """Approximately orthogonalise each matrix: G = U S Vᵀ  ->  ≈ U S' Vᵀ with S' ≈ 1.
@@ -66,18 +57,17 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = 
     values that are not tiny land in roughly [0.7, 1.2], not at 1; that does not hurt training (Keller
     Jordan) and 5 steps suffice. It runs in bf16 because the iteration is self-correcting: the
     rounding of one step is damped by the next, and bf16 matmuls are the cheap ones on a GPU. The
-    Frobenius normalisation, taken in G's dtype, bounds the spectral norm by 1, inside the iteration's
-    basin; the scaled G is then rounded to bf16 and laid out short side first, so X Xᵀ is the small
-    Gram matrix and the batched matmuls read contiguous matrices (strided ones are slow).
-    `scale_G=True` lets the normalisation overwrite G (a temporary of the caller's: one fast pass
-    instead of a mixed-dtype one; the same numbers). With `scratch`, the result and every temporary
-    live in it: the result is valid until the next call with the same scratch.
+    Frobenius normalisation (in G's dtype) bounds the spectral norm by 1, inside the iteration's basin;
+    X is then bf16, short side first (X Xᵀ is the small Gram matrix) and contiguous (for the bmms).
+    `scale_G=True` lets the normalisation overwrite G (a caller's temporary: a fast pass, the same
+    numbers). With `scratch`, the result lives in it until the next call with that scratch.
     """
     a, b, c = NS_COEFFS
+    scratch = scratch if scratch is not None else Scratch()
     tall = G.size(-2) > G.size(-1)
     G_NAB = (G.mT if tall else G).reshape(-1, *sorted(G.shape[-2:]))  # a view, unless G is strided oddly
     N, A, B = G_NAB.shape
-    X_NAB = _tensor(scratch, "ns_in", (N, A, B), torch.bfloat16, G.device)
+    X_NAB = scratch.get("ns_in", (N, A, B), torch.bfloat16, G.device)
     inv = 1 / (G_NAB.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     if scale_G:
         X_NAB.copy_(G_NAB.mul_(inv))
@@ -85,19 +75,17 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = 
         torch.mul(G_NAB, inv, out=X_NAB)
     if not steps:
         return X_NAB.view(*G.shape[:-2], A, B).mT if tall else X_NAB.view(G.shape)
-    out_NAB = _tensor(scratch, "ns_out", (N, A, B), torch.bfloat16, G.device)
-    n = max(1, NS_CHUNK_BYTES // (2 * A * B)) if G.device.type == "cpu" else N  # matrices per chunk
-    n = max(1, min(n, N))
-    gram = _tensor(scratch, "ns_gram", (n, A, A), torch.bfloat16, G.device)
-    poly = _tensor(scratch, "ns_poly", (n, A, A), torch.bfloat16, G.device)
-    X2 = [_tensor(scratch, f"ns_x{i}", (n, A, B), torch.bfloat16, G.device) for i in range(2)]
+    out_NAB = scratch.get("ns_out", (N, A, B), torch.bfloat16, G.device)
+    n = max(1, min(N, NS_CHUNK_BYTES // (2 * A * B) if G.device.type == "cpu" else N))  # matrices a chunk
+    gram = scratch.get("ns_gram", (n, A, A), torch.bfloat16, G.device)
+    poly = scratch.get("ns_poly", (n, A, A), torch.bfloat16, G.device)
+    X2 = [scratch.get(f"ns_x{i}", (n, A, B), torch.bfloat16, G.device) for i in range(2)]
     for i in range(0, N, n):
         X = X_NAB[i:i + n]
         k = len(X)
         for step in range(steps):  # the quintic a·X + b·(XXᵀ)X + c·(XXᵀ)²X, with one fewer big matmul
             M = torch.bmm(X, X.mT, out=gram[:k])
             P = torch.baddbmm(M, M, M, beta=b, alpha=c, out=poly[:k])  # b·M + c·M², scalings fused in
-            # (a·X fused too, not a·I folded into P: a bf16 P rounds a·I and doubled the error vs fp64)
             X = torch.baddbmm(X, P, X, beta=a, out=out_NAB[i:i + n] if step == steps - 1 else X2[step % 2][:k])
     X = out_NAB.view(*G.shape[:-2], A, B)
     return X.mT if tall else X
@@ -115,12 +103,9 @@ def momentum_step(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nester
 
 
 def rms_scale(A: int, B: int) -> float:
-    """0.2·sqrt(max(A, B)), the factor that gives an orthogonalised A×B matrix an RMS of about 0.2.
-
-    Notes: an A×B matrix with unit singular values has RMS sqrt(min/(A·B)) = 1/sqrt(max(A, B)); scaled
-    to ≈ 0.2, typical of AdamW updates, AdamW's lr and weight decay carry over (Moonlight §2.2). The
-    shape is each orthogonalised matrix's own: (F, D) for an expert's gate.
-    """
+    """0.2·sqrt(max(A, B)): an A×B matrix with unit singular values has RMS 1/sqrt(max(A, B)), scaled
+    to ≈ 0.2, typical of AdamW updates, so AdamW's lr and weight decay carry over (Moonlight §2.2).
+    The shape is each orthogonalised matrix's own: (F, D) for an expert's gate."""
     return 0.2 * math.sqrt(max(A, B))
 
 
@@ -131,10 +116,9 @@ def match_adamw_rms(O: torch.Tensor) -> torch.Tensor:
 
 def apply_muon(p: torch.Tensor, O: torch.Tensor, lr: float, weight_decay: float, scale: float,
                tmp: torch.Tensor | None = None):
-    """W ← W·(1 − lr·wd) − lr·scale·O, in place: `match_adamw_rms`'s update applied without building
-    it (the scale rides on the add's alpha). O has p's shape (a view will do); `tmp`, a tensor of p's
-    shape and dtype, takes O first when given (on CPU, a bf16 addend to fp32 weights is a slow path:
-    a cast copy and a same-dtype add are three times faster)."""
+    """W ← W·(1 − lr·wd) − lr·scale·O in place: `match_adamw_rms`'s update, not built (the scale rides on
+    alpha). O has p's shape; `tmp` (p's shape and dtype) takes O first if given: on CPU a bf16 addend to
+    fp32 weights is a slow path, a cast copy and a same-dtype add three times faster."""
     if tmp is not None and O.dtype != p.dtype:
         O = tmp.copy_(O)
     p.mul_(1 - lr * weight_decay).add_(O, alpha=-lr * scale)
@@ -159,43 +143,6 @@ def adamw_update(p, grad, exp_avg, exp_avg_sq, step: int, lr: float, betas, eps:
     p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
 
 
-def muon_param_groups(model: nn.Module, *, router_in_muon: bool = False) -> list[dict]:
-    """Split a Transformer's parameters into Muon and AdamW groups (Moonlight's rule, extended to MoE).
-
-    - Muon: every matrix of attention, dense MLPs and shared experts, as stored (`kv_b_proj` is one
-      matrix, as in HF). Routed experts are stacked but orthogonalised one matrix each, as HF's separate
-      tensors: `experts.gate_up_proj` [E, 2F, D] as 2E matrices [F, D] (each expert's gate rows, then
-      its up rows), `experts.down_proj` [E, D, F] as E matrices [D, F]. The group key `matrix` gives
-      that shape (None: the parameter is the matrix).
-    - AdamW: `embed_tokens`, `lm_head`, every parameter below 2-D (norms, biases) and, by default, the
-      router `mlp.gate.weight` [E, D]: what K2 did is *Unverified* (K2-SPEC §7.1), AdamW is the
-      conservative choice (each expert's row moves by its own gradient statistics, as a row of the
-      embedding does), and `router_in_muon=True` gives the rule of Moonlight's toy_train.py (2-D ->
-      Muon).
-    - Neither: `e_score_correction_bias` is a buffer, not a parameter; no gradient trains it (the
-      balancing rule updates it elsewhere), so no optimizer sees it.
-    """
-    muon_2d, stacked, adamw = [], {}, []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embed_tokens" in name or "lm_head" in name or (
-                name.endswith("mlp.gate.weight") and not router_in_muon):
-            adamw.append(p)
-        elif p.ndim == 2:
-            muon_2d.append(p)
-        elif name.endswith("experts.gate_up_proj"):
-            stacked.setdefault((p.shape[1] // 2, p.shape[2]), []).append(p)
-        elif name.endswith("experts.down_proj"):
-            stacked.setdefault(tuple(p.shape[1:]), []).append(p)
-        else:
-            raise ValueError(f"{name} {tuple(p.shape)}: no rule says which matrices to orthogonalise")
-    groups = [dict(params=muon_2d, algo="muon", matrix=None)]
-    groups += [dict(params=ps, algo="muon", matrix=shape) for shape, ps in stacked.items()]
-    groups.append(dict(params=adamw, algo="adamw"))
-    return [g for g in groups if g["params"]]
-
-
 def is_sharded(t) -> bool:
     """A DTensor (duck-typed: the optimizer does not import torch.distributed.tensor)."""
     return hasattr(t, "to_local")
@@ -208,8 +155,7 @@ def local_part(t):
 
 def row_block(t) -> tuple[int, int, dist.ProcessGroup | None]:
     """(first row this rank holds, rows a block, the group) of a tensor sharded by rows as FSDP2 shards
-    (torch.chunk's blocks of ceil(rows / ranks) over its mesh, the last ones short or empty); a plain
-    tensor is one block of all its rows."""
+    (torch.chunk's blocks of ceil(rows / ranks), the last short or empty); a plain tensor: one block."""
     if not is_sharded(t):
         return 0, t.shape[0], None
     group = t.device_mesh.get_group()
@@ -238,14 +184,13 @@ class Muon(torch.optim.Optimizer):
 
     Notes: momentum and AdamW state are replicated, except for parameters sharded by rows over a
     mesh (FSDP2's DTensors): their state is sharded alike, and each whole matrix is gathered onto one
-    rank for Newton–Schulz and its rows scattered back (`_muon_rows`). At world size 1 the step takes
-    one parameter at a time through momentum, NS and its update, and keeps the temporaries in
-    `self.scratch` for the next step (an fp32 and two bf16 copies of the largest parameter, plus
-    NS's chunk-sized products); with more ranks it holds a shape group's NS inputs (grad dtype) and
-    gathered bf16 updates at once; at K2 scale, where all experts share two shapes, groups would need bucketing (and
-    expert parallelism shards them anyway). `process_group` is the data-parallel group; None means
-    the default group when torch.distributed is initialised. A group marked `local` holds matrices
-    only this rank has (experts under expert parallelism): they are orthogonalised here, not shared.
+    rank for Newton–Schulz and its rows scattered back (`_muon_rows`). At world size 1 each parameter
+    goes through momentum, NS and its update in turn, with temporaries kept in `self.scratch` (an fp32
+    and two bf16 copies of the largest parameter); with more ranks a shape group's NS inputs and bf16
+    updates are held at once: at K2 scale groups would need bucketing (expert parallelism shards them).
+    `process_group` is the data-parallel group; None means the default group when torch.distributed is
+    initialised. A group marked `local` holds matrices only this rank has (experts under expert
+    parallelism): they are orthogonalised here, not shared.
     """
 
     def __init__(self, param_groups, lr: float = 2e-4, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -271,7 +216,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        by_shape: dict[tuple, list] = {}  # (A, B, ns_steps) -> [(param, group)], for one NS batch each
+        by_shape: dict[tuple, list] = {}  # (A, B, ns_steps, local) -> [(param, group)]: one NS batch each
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -297,10 +242,9 @@ class Muon(torch.optim.Optimizer):
         """A parameter sharded by rows over a mesh (FSDP2's `fully_shard`; torch.chunk's blocks): its
         momentum on each rank's rows (the state sharded alike), the whole update gathered onto one
         owner (ranks take turns), orthogonalised there, and each rank's rows scattered back."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        u = momentum_step(p.grad.to_local(), state["momentum_buffer"].to_local(), group["momentum"],
+        if "momentum_buffer" not in self.state[p]:
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        u = momentum_step(p.grad.to_local(), self.state[p]["momentum_buffer"].to_local(), group["momentum"],
                           group["nesterov"])
         _, chunk, pg = row_block(p)
         n = dist.get_world_size(pg)
@@ -311,7 +255,7 @@ class Muon(torch.optim.Optimizer):
         parts = [torch.empty_like(padded) for _ in range(n)] if mine else None
         dist.gather(padded, parts, dst=owner, group=pg)
         if mine:
-            O = newton_schulz(torch.cat(parts)[:p.shape[0]].reshape(-1, A, B), ns_steps, scratch=self.scratch,
+            O = newton_schulz(torch.cat(parts)[:p.shape[0]].view(-1, A, B), ns_steps, scratch=self.scratch,
                               scale_G=True)
             O = torch.cat([O.reshape(p.shape), O.new_zeros(n * chunk - p.shape[0], *p.shape[1:])])
             parts = list(O.split(chunk))
@@ -331,14 +275,11 @@ class Muon(torch.optim.Optimizer):
 
     def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):
         """One shape group: momentum (all ranks), this rank's contiguous share of the matrices through
-        NS, all-gather, then every rank applies every update. At world size 1 each parameter goes
-        through momentum, NS and its update in turn, in the optimizer's scratch (nothing to cut or
-        gather, and no temporaries to allocate)."""
+        NS, all-gather, then every rank applies every update; at world size 1, parameter by parameter."""
         def momentum(p, group, out=None):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)
-            return momentum_step(p.grad, state["momentum_buffer"], group["momentum"], group["nesterov"], out)
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            return momentum_step(p.grad, self.state[p]["momentum_buffer"], group["momentum"], group["nesterov"], out)
 
         if world == 1:
             for p, group in items:

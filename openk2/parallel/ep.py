@@ -29,7 +29,8 @@ import torch.distributed._functional_collectives as funcol  # the differentiable
 from torch import nn
 
 from openk2.model.moe import Experts, MoE
-from openk2.optim.muon import is_sharded, local_part, muon_param_groups
+from openk2.optim.groups import muon_param_groups
+from openk2.optim.muon import is_sharded, local_part
 
 
 class _Route:

@@ -31,7 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from openk2.model.transformer import Transformer
-from openk2.optim.muon import muon_param_groups
+from openk2.optim.groups import muon_param_groups
 from openk2.parallel.ep import clip_grad_norm, ep_param_groups, gather_experts, gather_rows, is_expert, shard_experts
 
 
