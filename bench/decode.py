@@ -94,13 +94,29 @@ def llama_cpp_rows(folder: str, ids, threads: int) -> dict:
 
 
 def open_llama(path, n_ctx: int, n_batch: int, threads: int):
-    """A llama.cpp model (quietly loaded; closed at the bench's end, see LLAMAS)."""
+    """A llama.cpp model (quietly loaded; closed at the bench's end, see LLAMAS), without llama.cpp's
+    extra CPU buffer types (AMX tiles, repacked weights): with them, llama-cpp-python 0.3.36 built
+    natively on an AMX Xeon aborts on this DeepSeek-2 graph at Q8_0 (GGML_ASSERT(*cur_backend_id != -1)
+    in ggml-backend.cpp) and fails at Q4_K_M; BF16 decodes at the same speed with or without them
+    (425 vs 422 tok/s, k2-small, 2 threads). Llama() has no argument for it: its model parameters
+    are patched while it loads."""
     import llama_cpp
+    import llama_cpp.llama_cpp as low
 
     from bench.gguf import quiet
-    with quiet():
-        llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads,
-                              verbose=False)
+    defaults = low.llama_model_default_params
+
+    def no_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    low.llama_model_default_params = no_extra_buffers
+    try:
+        with quiet():
+            llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
+                                  n_threads_batch=threads, verbose=False)
+    finally:
+        low.llama_model_default_params = defaults
     LLAMAS.append(llm)
     return llm
 
