@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
+from openk2.model.expert_loop import ExpertLoop
 from openk2.model.linear import decode_linear, decode_weights, pairs_kernel, pairs_matvec
 from openk2.model.rows import matmul_dtype, pad_rows
 
@@ -149,14 +150,11 @@ class Experts(nn.Module):
         if kernel is not None and few_rows(x_MD.shape[0], int((counts_E > 0).sum())):
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, w_gate_up, None, w_down, None).mul_(w_M[:, None])
-        if torch.is_grad_enabled() and w_gate_up.requires_grad:
-            # under autograd, slicing out one expert (or one expert's rows) back-propagates a zero-filled
-            # gradient of the whole tensor, once per expert; unbind and split gather every expert's
-            # gradient into one tensor instead. Under autocast the stacks are cast once, not per expert.
-            if torch.is_autocast_enabled(x_MD.device.type):
-                dtype = torch.get_autocast_dtype(x_MD.device.type)
-                x_MD, w_gate_up, w_down = x_MD.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
-            w_gate_up, w_down = w_gate_up.unbind(0), w_down.unbind(0)
+        if torch.is_grad_enabled() and (w_gate_up.requires_grad or w_down.requires_grad or x_MD.requires_grad):
+            # training: the loop with a hand-written backward (autograd through slices of the stacks
+            # back-propagates a zero-filled or stacked copy of each whole stack, once per expert)
+            y_MD = ExpertLoop.apply(x_MD, w_gate_up, w_down, counts_E.tolist(), matmul_dtype(x_MD))
+            return y_MD.mul_(w_M[:, None])
         out = []
         for e, x in enumerate(x_MD.split(counts_E.tolist())):
             if len(x):
