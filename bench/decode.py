@@ -108,6 +108,8 @@ def open_llama(path, n_ctx: int, n_batch: int, threads: int):
 
     def no_extra_buffers():
         params = defaults()
+        if not any(name == "use_extra_bufts" for name, *_ in type(params)._fields_):
+            raise RuntimeError("llama-cpp-python without use_extra_bufts in its model parameters (0.3.36 has it)")
         params.use_extra_bufts = False
         return params
     low.llama_model_default_params = no_extra_buffers

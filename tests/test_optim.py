@@ -76,6 +76,17 @@ def test_newton_schulz_in_a_scratch_equals_it_without(shape):
     assert torch.equal(newton_schulz(G, 0), (G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)).bfloat16())
 
 
+def test_muon_keeps_its_scratch_between_steps_on_cpu_only():
+    """On CPU the step's temporaries stay for the next step (fresh pages fault in); elsewhere (here the
+    meta device, standing in for a GPU, whose caching allocator reuses memory) they are let go."""
+    for device, kept in (("cpu", True), ("meta", False)):
+        w = torch.nn.Parameter(torch.randn(48, 32, device=device))
+        w.grad = torch.randn(48, 32, device=device)
+        opt = Muon([dict(params=[w], algo="muon", matrix=None)], lr=1e-2)
+        opt.step()
+        assert bool(opt.scratch.flat) == kept and (not kept or "update" in opt.scratch.flat)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_step_equals_the_reference_with_and_without_nesterov(nesterov):
     """Two steps of the optimizer (its scratch reused) equal muon_update on every Muon matrix."""

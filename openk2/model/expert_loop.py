@@ -18,9 +18,10 @@ class ExpertLoop(torch.autograd.Function):
     """y_MD = SwiGLU_e(x) for each expert e's rows (counts[e] of them, sorted by expert), unweighted.
 
     Shapes: x_MD [M, D]; gate_up [E, 2F, D] (gate rows first); down [E, D, F]; counts: E ints.
-    The products run in `dtype` (the stacks are cast once per call); y and dx come back in x's dtype,
-    the weight gradients in the weights' dtype. Saved for backward: x, the cast stacks and the
-    pre-activations [M, 2F]; the activations are recomputed.
+    The products run in `dtype` (the stacks are cast once per call) and y comes back in it, as
+    autocast's products do; dx comes back in x's dtype, the weight gradients in the weights'. Saved
+    for backward: x, the cast stacks and the pre-activations [M, 2F]; the activations are recomputed.
+    Differentiable once (no double backward: nothing in openk2 takes second derivatives).
     """
 
     @staticmethod
@@ -38,7 +39,7 @@ class ExpertLoop(torch.autograd.Function):
             start += rows
         ctx.save_for_backward(x, w_gu, w_d, gu_M2F)
         ctx.counts, ctx.dtypes = counts, (x_MD.dtype, gate_up.dtype, down.dtype)
-        return y_MD.to(x_MD.dtype)
+        return y_MD
 
     @staticmethod
     @torch.autograd.function.once_differentiable

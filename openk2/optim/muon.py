@@ -33,7 +33,8 @@ class Scratch:
 
     Notes: on CPU a fresh tensor of many MB comes from new pages, each faulted in on first write.
     k2-small's Muon step, with its temporaries allocated anew, took 2.9 s in bench/train.py, of which
-    Newton–Schulz 0.8 s; reused, 1.0 s. Keeping them costs no more memory than the step's peak.
+    Newton–Schulz 0.8 s; reused, 1.0 s. `Muon` keeps its scratch between steps on CPU only: a GPU's
+    caching allocator reuses freed memory anyway, and activations need it between steps.
     """
 
     def __init__(self):
@@ -69,10 +70,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = 
     N, A, B = G_NAB.shape
     X_NAB = scratch.get("ns_in", (N, A, B), torch.bfloat16, G.device)
     inv = 1 / (G_NAB.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    if scale_G:
-        X_NAB.copy_(G_NAB.mul_(inv))
-    else:
-        torch.mul(G_NAB, inv, out=X_NAB)
+    X_NAB.copy_(G_NAB.mul_(inv)) if scale_G else torch.mul(G_NAB, inv, out=X_NAB)
     if not steps:
         return X_NAB.view(*G.shape[:-2], A, B).mT if tall else X_NAB.view(G.shape)
     out_NAB = scratch.get("ns_out", (N, A, B), torch.bfloat16, G.device)
@@ -185,9 +183,10 @@ class Muon(torch.optim.Optimizer):
     Notes: momentum and AdamW state are replicated, except for parameters sharded by rows over a
     mesh (FSDP2's DTensors): their state is sharded alike, and each whole matrix is gathered onto one
     rank for Newton–Schulz and its rows scattered back (`_muon_rows`). At world size 1 each parameter
-    goes through momentum, NS and its update in turn, with temporaries kept in `self.scratch` (an fp32
-    and two bf16 copies of the largest parameter); with more ranks a shape group's NS inputs and bf16
-    updates are held at once: at K2 scale groups would need bucketing (expert parallelism shards them).
+    goes through momentum, NS and its update in turn, with temporaries in `self.scratch` (a copy of the
+    largest parameter in the grads' dtype, two in bf16; kept between steps on CPU); with more ranks a
+    shape group's NS inputs and bf16 updates are held at once: at K2 scale groups would need bucketing
+    (expert parallelism shards them).
     `process_group` is the data-parallel group; None means the default group when torch.distributed is
     initialised. A group marked `local` holds matrices only this rank has (experts under expert
     parallelism): they are orthogonalised here, not shared.
@@ -236,6 +235,7 @@ class Muon(torch.optim.Optimizer):
             if len(rows) < len(items):
                 items = [(p, group) for p, group in items if not is_sharded(p)]
                 self._muon(items, A, B, ns_steps, *((0, 1) if local else (rank, world)))
+        self.scratch.flat = {k: t for k, t in self.scratch.flat.items() if t.device.type == "cpu"}  # see Scratch
         return loss
 
     def _muon_rows(self, p, group, A: int, B: int, ns_steps: int, turn: int):
