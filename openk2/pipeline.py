@@ -30,7 +30,7 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     model: str = "k2-mini"  # the preset pretrained
     data: str | None = None  # the pretraining corpus; None: the Python standard library's source
-    pretrain_steps: int = 200
+    pretrain_steps: int = 1000  # 200 (the main job) left SFT at 0–10 % success; 1,000 at 50 % (README)
     synth_n: int = 2000  # tool-world tasks the teacher solves (the judge keeps what passes)
     synth_drills: int = 6000  # copy drills added to the SFT data (envs/drills.py)
     sft_steps: int = 300
