@@ -137,7 +137,8 @@ def test_expert_loop_backward_equals_autograd(tiny, autocast):
     x0 = torch.randn(sum(counts), TINY.hidden_size)
     w0 = torch.rand(sum(counts))
     results = []
-    loops = (lambda x, w: experts(x, torch.tensor(counts), w), lambda x, w: _autograd_expert_loop(experts, x, counts, w))
+    loops = (lambda x, w: experts(x, torch.tensor(counts), w),
+             lambda x, w: _autograd_expert_loop(experts, x, counts, w))
     for run in loops:
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
