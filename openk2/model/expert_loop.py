@@ -14,6 +14,14 @@ import torch.nn.functional as F
 from openk2.model.rows import pad_rows
 
 
+def swiglu_rows(x_RD, w_gate_up, w_down, dtype: torch.dtype):
+    """One expert's rows through its SwiGLU, padded for CPU's kernels when they run in `dtype`:
+    (pre-activations [R, 2F], output [R, D]). The training loop's forward and the no-grad loop share it."""
+    gu = F.linear(pad_rows(x_RD, dtype), w_gate_up)
+    gate, up = gu.chunk(2, dim=-1)
+    return gu[:len(x_RD)], F.linear(F.silu(gate).mul_(up), w_down)[:len(x_RD)]
+
+
 class ExpertLoop(torch.autograd.Function):
     """y_MD = SwiGLU_e(x) for each expert e's rows (counts[e] of them, sorted by expert), unweighted.
 
@@ -32,10 +40,8 @@ class ExpertLoop(torch.autograd.Function):
         start = 0
         for e, rows in enumerate(counts):
             if rows:
-                gu = F.linear(pad_rows(x[start:start + rows], dtype), w_gu[e])
-                gate, up = gu.chunk(2, dim=-1)
-                y_MD[start:start + rows] = F.linear(F.silu(gate).mul_(up), w_d[e])[:rows]
-                gu_M2F[start:start + rows] = gu[:rows]
+                span = slice(start, start + rows)
+                gu_M2F[span], y_MD[span] = swiglu_rows(x[span], w_gu[e], w_d[e], dtype)
             start += rows
         ctx.save_for_backward(x, w_gu, w_d, gu_M2F)
         ctx.counts, ctx.dtypes = counts, (x_MD.dtype, gate_up.dtype, down.dtype)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.expert_loop import ExpertLoop
+from openk2.model.expert_loop import ExpertLoop, swiglu_rows
 from openk2.model.linear import decode_linear, decode_weights, pairs_kernel, pairs_matvec
-from openk2.model.rows import matmul_dtype, pad_rows
+from openk2.model.rows import matmul_dtype
 
 
 class MLP(nn.Module):
@@ -155,13 +155,8 @@ class Experts(nn.Module):
             # back-propagates a zero-filled or stacked copy of each whole stack, once per expert)
             y_MD = ExpertLoop.apply(x_MD, w_gate_up, w_down, counts_E.tolist(), matmul_dtype(x_MD))
             return y_MD.mul_(w_M[:, None])
-        out = []
-        for e, x in enumerate(x_MD.split(counts_E.tolist())):
-            if len(x):
-                rows = len(x)
-                x = pad_rows(x, matmul_dtype(x))  # zero rows in, their outputs (zero) dropped
-                gate, up = F.linear(x, w_gate_up[e]).chunk(2, dim=-1)
-                out.append(F.linear(F.silu(gate).mul_(up), w_down[e])[:rows])
+        out = [swiglu_rows(x, w_gate_up[e], w_down[e], matmul_dtype(x))[1]
+               for e, x in enumerate(x_MD.split(counts_E.tolist())) if len(x)]
         return torch.cat(out).mul_(w_M[:, None])
 
     @property
