@@ -242,10 +242,7 @@ class Muon(torch.optim.Optimizer):
         """A parameter sharded by rows over a mesh (FSDP2's `fully_shard`; torch.chunk's blocks): its
         momentum on each rank's rows (the state sharded alike), the whole update gathered onto one
         owner (ranks take turns), orthogonalised there, and each rank's rows scattered back."""
-        if "momentum_buffer" not in self.state[p]:
-            self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        u = momentum_step(p.grad.to_local(), self.state[p]["momentum_buffer"].to_local(), group["momentum"],
-                          group["nesterov"])
+        u = self._momentum(p, group)
         _, chunk, pg = row_block(p)
         n = dist.get_world_size(pg)
         owner = dist.get_global_rank(pg, turn % n)
@@ -273,22 +270,25 @@ class Muon(torch.optim.Optimizer):
         adamw_update(local_part(p), local_part(p.grad), local_part(state["exp_avg"]), local_part(state["exp_avg_sq"]),
                      state["step"], group["lr"], group["betas"], group["eps"], group["weight_decay"])
 
+    def _momentum(self, p, group, out=None):
+        """`momentum_step` on this rank's part of p's gradient and momentum (made at the first step, as the
+        gradient is: sharded alike for a sharded parameter)."""
+        if "momentum_buffer" not in self.state[p]:
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+        return momentum_step(local_part(p.grad), local_part(self.state[p]["momentum_buffer"]), group["momentum"],
+                             group["nesterov"], out)
+
     def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):
         """One shape group: momentum (all ranks), this rank's contiguous share of the matrices through
         NS, all-gather, then every rank applies every update; at world size 1, parameter by parameter."""
-        def momentum(p, group, out=None):
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-            return momentum_step(p.grad, self.state[p]["momentum_buffer"], group["momentum"], group["nesterov"], out)
-
         if world == 1:
             for p, group in items:
                 U = self.scratch.get("update", p.grad.shape, p.grad.dtype, p.device)
-                U_NAB = momentum(p, group, out=U).view(-1, A, B)
+                U_NAB = self._momentum(p, group, out=U).view(-1, A, B)
                 U_NAB.copy_(newton_schulz(U_NAB, ns_steps, scratch=self.scratch, scale_G=True))
                 apply_muon(p, U, group["lr"], group["weight_decay"], rms_scale(A, B))
             return
-        stacks = [momentum(p, group).reshape(-1, A, B) for p, group in items]
+        stacks = [self._momentum(p, group).reshape(-1, A, B) for p, group in items]
         n = sum(s.shape[0] for s in stacks)
         m = -(-n // world)  # matrices per rank; the last share may be short or empty
         O_mAB = newton_schulz(_share(stacks, rank * m, (rank + 1) * m), ns_steps, scratch=self.scratch, scale_G=True)
