@@ -1,12 +1,17 @@
 """RL on the tool worlds at equal budget: K2's objective (K1.5) and its ablations, from one SFT checkpoint.
 
-  k15        K1.5 loss, budget control, temperature decay 1.0 -> 0.6, PTX     (the recipe)
+  k15        K1.5 loss, budget control, temperature decay 0.8 -> 0.5, PTX     (the recipe)
+  ptx-only   the same rollouts and PTX, τ = 0: no policy gradient             (control: is it RL?)
   grpo       GRPO instead of K1.5                                             (objective)
   no-budget  no per-episode token budget, no truncation penalty               (budget control)
-  no-decay   sampling temperature held at 1.0                                 (temperature decay)
+  no-decay   sampling temperature held at 0.8                                 (temperature decay)
 
     .venv/bin/python experiments/rl.py CHECKPOINT --ptx-data SFT.jsonl [--runs k15,grpo,...] [--steps N]
     .venv/bin/python experiments/rl.py --report        # the table and plots of the runs already made
+
+The default family is `recovery` (a tool call fails once, or returns one page of its results, and the
+episode must call again), for a checkpoint fine-tuned on data synthesised with `--no-failures`: SFT never
+showed it a failed call, so what it learns about them it learns here, from the reward (README, "RL").
 
 Each run is `openk2 rl` with the same steps, tasks, samples and seed (runs in experiments/results/runs/rl-*).
 Prints a markdown table (held-out success of the trained family and of the other kinds, first and last
@@ -20,8 +25,8 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results"
-RUNS = {"k15": [], "grpo": ["--algo", "grpo"], "no-budget": ["--budget", "4096", "--budget-penalty", "0"],
-        "no-decay": ["--temperature-end", "1.0"]}
+RUNS = {"k15": [], "ptx-only": ["--tau", "0"], "grpo": ["--algo", "grpo"],
+        "no-budget": ["--budget", "4096", "--budget-penalty", "0"], "no-decay": ["--temperature-end", "0.8"]}
 
 
 def run_dir(name: str) -> Path:
@@ -70,11 +75,11 @@ def report(names: list[str]) -> None:
     for what, keys, path in (("held-out success", ("eval_family_success", "eval_other_success"), "rl_success.png"),
                              ("generated tokens per episode", ("response_tokens",), "rl_length.png")):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name in done:
+        for i, name in enumerate(done):  # one colour a run; the other kinds dashed
             for key in keys:
                 seen = [(r["step"], r[key]) for r in rows_of(name) if r.get(key) is not None]
                 label = name + ("" if len(keys) == 1 else f" ({key.split('_')[1]})")
-                ax.plot(*zip(*seen), "o-" if len(keys) > 1 else "-", label=label,
+                ax.plot(*zip(*seen), color=f"C{i}", marker="o" if len(keys) > 1 else None, label=label,
                         linestyle="--" if key.endswith("other_success") else "-")
         ax.set(xlabel="RL step", ylabel=what)
         ax.legend(fontsize=7)
@@ -90,8 +95,8 @@ def main():
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, of {', '.join(RUNS)}")
     p.add_argument("--report", action="store_true", help="only the table and plots of finished runs")
     p.add_argument("--ptx-data", default="", help="PTX conversations (the SFT data)")
-    p.add_argument("--steps", default="30")
-    p.add_argument("--kinds", default="multi_turn", help="the task family RL trains on")
+    p.add_argument("--steps", default="20")
+    p.add_argument("--kinds", default="recovery", help="the task family RL trains on")
     p.add_argument("--worlds", default="bank,calendar,shop,files,units")
     args, extra = p.parse_known_args()
     names = args.runs.split(",")
@@ -99,8 +104,9 @@ def main():
         if not args.checkpoint:
             p.error("give the SFT checkpoint (or --report)")
         common = ["--steps", args.steps, "--kinds", args.kinds, "--worlds", args.worlds, "--ptx-data", args.ptx_data,
-                  "--batch-size", "8", "--samples", "4", "--eval-tasks", "40", "--eval-every", "10",
-                  "--ckpt-every", "1000", "--lr", "1e-3", "--partial", "0.3", "--concurrency", "32", "--budget", "192",
+                  "--batch-size", "8", "--samples", "8", "--eval-tasks", "40", "--eval-every", "5",
+                  "--ckpt-every", "1000", "--lr", "2e-4", "--partial", "0.3", "--concurrency", "64", "--budget", "320",
+                  "--ptx-weight", "0.5", "--temperature", "0.8", "--temperature-end", "0.5",
                   *extra]
         for name in names:
             print(f"[rl] {name}: {run(name, args.checkpoint, common):.0f} s", flush=True)
