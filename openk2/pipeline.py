@@ -36,8 +36,8 @@ class PipelineConfig:
     sft_steps: int = 300
     sft_lr: float = 3e-3
     context: int = 2048  # SFT extends the pretrained window to this (tool declarations are long)
-    rl_steps: int = 8
-    rl_kinds: str = "multi_turn"  # the task family RL trains on
+    rl_steps: int = 12
+    rl_kinds: str = ""  # the task family RL trains on ("": every kind)
     eval_n: int = 30  # held-out tasks per split
     worlds: str = "bank,calendar,shop,files,units"  # training worlds (the unseen domain is held out)
     threads: int = 0  # 0: torch's default
@@ -147,7 +147,9 @@ def pipeline(cfg: PipelineConfig) -> dict:
     rl_cfg = RLConfig(**{**RL_DEFAULTS, "checkpoint": str(tuned), "model": str(tuned), "out_dir": str(out / "rl"),
                          "steps": cfg.rl_steps, "kinds": cfg.rl_kinds, "worlds": cfg.worlds, "ptx_data": str(data),
                          "eval_every": cfg.rl_steps, "ckpt_every": cfg.rl_steps, "eval_tasks": cfg.eval_n,
-                         "lr": 2e-4, "partial": 0.3, "budget": 256, "concurrency": 32, "resume": True,
+                         # the recipe of experiments/rl.py (README, "RL"): 8 samples a task at 0.8 → 0.5
+                         "lr": 2e-4, "partial": 0.3, "budget": 320, "samples": 8, "concurrency": 64,
+                         "temperature": 0.8, "temperature_end": 0.5, "ptx_weight": 0.5, "resume": True,
                          "threads": cfg.threads, "seq_len": 4096})
     final = stage("rl", lambda: (rl(rl_cfg), latest(out / "rl"))[1])
     print(table(scores))
