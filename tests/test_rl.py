@@ -309,9 +309,10 @@ def test_a_resumed_rl_run_equals_the_uninterrupted_one(tmp_path, tiny_policy):
             [r["log_ratio_mean"] for r in rows if "reward_mean" in r]
     (whole, whole_ratio), (parts, parts_ratio) = steps("whole"), steps("parts")
     assert whole == parts and len(whole) == 2  # the samples, rewards, losses, gradient norms, evaluations
-    # the mean log-ratio sums the engine's recorded log-probs, which a restarted engine gives to ~1e-11
-    # (its batches differ), not bit for bit; the update does not see the difference (below)
-    assert whole_ratio == pytest.approx(parts_ratio, abs=1e-8)
+    # the mean log-ratio (nats a token) holds the engine's recorded log-probs, which a restarted engine
+    # gives to ~1e-7 (its batches differ), not bit for bit; the update does not see the difference (below)
+    assert [r is None for r in whole_ratio] == [r is None for r in parts_ratio]
+    assert all(abs(a - b) < 1e-6 for a, b in zip(whole_ratio, parts_ratio) if a is not None)
     from safetensors.torch import load_file
 
     def flat(x):
