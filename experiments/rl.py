@@ -24,9 +24,12 @@ import json
 import time
 from pathlib import Path
 
+from openk2.rl.config import RL_RECIPE
+
 OUT = Path(__file__).parent / "results"
 RUNS = {"k15": [], "ptx-only": ["--tau", "0"], "grpo": ["--algo", "grpo"],
-        "no-budget": ["--budget", "4096", "--budget-penalty", "0"], "no-decay": ["--temperature-end", "0.8"]}
+        "no-budget": ["--budget", "4096", "--budget-penalty", "0"],
+        "no-decay": ["--temperature-end", str(RL_RECIPE["temperature"])]}
 
 
 def run_dir(name: str) -> Path:
@@ -103,10 +106,9 @@ def main():
     if not args.report:
         if not args.checkpoint:
             p.error("give the SFT checkpoint (or --report)")
+        recipe = [arg for k, v in RL_RECIPE.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
         common = ["--steps", args.steps, "--kinds", args.kinds, "--worlds", args.worlds, "--ptx-data", args.ptx_data,
-                  "--batch-size", "8", "--samples", "8", "--eval-tasks", "40", "--eval-every", "5",
-                  "--ckpt-every", "1000", "--lr", "2e-4", "--partial", "0.3", "--concurrency", "64", "--budget", "320",
-                  "--ptx-weight", "0.5", "--temperature", "0.8", "--temperature-end", "0.5",
+                  "--batch-size", "8", "--eval-tasks", "40", "--eval-every", "5", "--ckpt-every", "1000", *recipe,
                   *extra]
         for name in names:
             print(f"[rl] {name}: {run(name, args.checkpoint, common):.0f} s", flush=True)

@@ -30,7 +30,7 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     model: str = "k2-mini"  # the preset pretrained
     data: str | None = None  # the pretraining corpus; None: the Python standard library's source
-    pretrain_steps: int = 1000  # 200 (the main job) left SFT at 0–10 % success; 1,000 at 50 % (README)
+    pretrain_steps: int = 1000  # 200 (`openk2 train`'s) left SFT at 0–10 % success; 1,000 at 50 % (README)
     synth_n: int = 2000  # tool-world tasks the teacher solves (the judge keeps what passes)
     synth_drills: int = 6000  # copy drills added to the SFT data (envs/drills.py)
     sft_steps: int = 300
@@ -96,7 +96,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     from openk2.agent.episode import write_jsonl
     from openk2.envs.drills import drills
     from openk2.envs.synth import pick_tasks, synthesize
-    from openk2.rl.config import RL_DEFAULTS, RLConfig
+    from openk2.rl.config import RL_DEFAULTS, RL_RECIPE, RLConfig
     from openk2.rl.loop import rl
     from openk2.train import TRAIN_PRESETS, train
     from openk2.train.sft import SFT_DEFAULTS, SFTConfig, sft
@@ -144,13 +144,10 @@ def pipeline(cfg: PipelineConfig) -> dict:
                            "ckpt_every": cfg.sft_steps, "warmup_steps": min(10, cfg.sft_steps // 3),
                            "resume": True, "threads": cfg.threads})
     tuned = stage("sft", lambda: (sft(sft_cfg), latest(out / "sft"))[1])
-    rl_cfg = RLConfig(**{**RL_DEFAULTS, "checkpoint": str(tuned), "model": str(tuned), "out_dir": str(out / "rl"),
-                         "steps": cfg.rl_steps, "kinds": cfg.rl_kinds, "worlds": cfg.worlds, "ptx_data": str(data),
-                         "eval_every": cfg.rl_steps, "ckpt_every": cfg.rl_steps, "eval_tasks": cfg.eval_n,
-                         # the recipe of experiments/rl.py (README, "RL"): 8 samples a task at 0.8 → 0.5
-                         "lr": 2e-4, "partial": 0.3, "budget": 320, "samples": 8, "concurrency": 64,
-                         "temperature": 0.8, "temperature_end": 0.5, "ptx_weight": 0.5, "resume": True,
-                         "threads": cfg.threads, "seq_len": 4096})
+    rl_cfg = RLConfig(**{**RL_DEFAULTS, **RL_RECIPE, "checkpoint": str(tuned), "model": str(tuned),
+                         "out_dir": str(out / "rl"), "steps": cfg.rl_steps, "kinds": cfg.rl_kinds, "worlds": cfg.worlds,
+                         "ptx_data": str(data), "eval_every": cfg.rl_steps, "ckpt_every": cfg.rl_steps,
+                         "eval_tasks": cfg.eval_n, "resume": True, "threads": cfg.threads, "seq_len": 4096})
     final = stage("rl", lambda: (rl(rl_cfg), latest(out / "rl"))[1])
     print(table(scores))
     print(f"\nthe result: {final}\n  serve it:  .venv/bin/openk2 serve {final}\n"

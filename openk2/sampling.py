@@ -12,6 +12,8 @@ K2_TEMPERATURE = 0.6  # Moonshot's recommended temperature for K2 (K2-SPEC §6.4
 API_TEMPERATURE = 1.0  # OpenAI's default, for a request to `openk2 serve` that gives none
 RL_TEMPERATURE = 1.0  # RL rollouts start at the policy's own distribution (exploration) ...
 RL_TEMPERATURE_END = K2_TEMPERATURE  # ... and decay to where the model is used (K2's temperature decay)
+RL_RECIPE_TEMPERATURE = 0.8  # the measured RL recipe (rl/config.RL_RECIPE): at 1.0 a small policy's
+RL_RECIPE_TEMPERATURE_END = 0.5  # rollouts succeed at half its greedy rate (README, "RL")
 WRITER_TEMPERATURE = 1.0  # the LLM task writer of `openk2 synth --tools/--mcp`: varied tasks
 
 # truncation

@@ -245,15 +245,20 @@ def test_self_critique_turns_pairwise_verdicts_into_win_shares():
 
 
 # --- the command ---------------------------------------------------------------------------------------
+def write_ptx(path):
+    """Four tiny chat conversations as PTX data."""
+    path.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {k}"},
+                                                       {"role": "assistant", "content": f"hello {k}"}]})
+                              for k in range(4)) + "\n")
+    return path
+
+
 def test_rl_runs_logs_checkpoints_and_resumes(tmp_path, tiny_policy, capsys):
     from openk2.checkpoint import load_hf, save_hf
     from openk2.rl.config import RLConfig, parse_rl_args
     from openk2.rl.loop import rl
     folder = save_hf(tiny_policy, tmp_path / "policy", progress=False)
-    ptx = tmp_path / "ptx.jsonl"
-    ptx.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {k}"},
-                                                      {"role": "assistant", "content": f"hello {k}"}]})
-                             for k in range(4)) + "\n")
+    ptx = write_ptx(tmp_path / "ptx.jsonl")
     argv = [str(folder), "--out-dir", str(tmp_path / "run"), "--steps", "2", "--batch-size", "1", "--samples", "2",
             "--budget", "12", "--max-turns", "2", "--eval-tasks", "1", "--eval-every", "2", "--ckpt-every", "1",
             "--ptx-data", str(ptx), "--seq-len", "512", "--concurrency", "4", "--kinds", "single",
@@ -288,10 +293,7 @@ def test_a_resumed_rl_run_equals_the_uninterrupted_one(tmp_path, tiny_policy):
     from openk2.rl.config import parse_rl_args
     from openk2.rl.loop import rl
     folder = save_hf(tiny_policy, tmp_path / "policy", progress=False)
-    ptx = tmp_path / "ptx.jsonl"
-    ptx.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"hi {k}"},
-                                                      {"role": "assistant", "content": f"hello {k}"}]})
-                             for k in range(4)) + "\n")
+    ptx = write_ptx(tmp_path / "ptx.jsonl")
 
     def argv(run):
         return [str(folder), "--out-dir", str(tmp_path / run), "--steps", "2", "--batch-size", "2", "--samples", "2",
