@@ -195,6 +195,37 @@ def test_splits_disjoint(by):
         assert not {t.domain for t in test} & {t.domain for t in train}
 
 
+def test_a_merged_world_mixes_two_domains_tools_and_stays_in_its_splits():
+    """"bank+shop": both domains' records and tools in one world; a parallel task may read one of
+    each, the oracle solves it and the rubric passes; the domain split holds out a merged world that
+    contains the held-out domain, the combo split a task whose combination is held out."""
+    from openk2.envs.spec import load
+    from openk2.envs.synth import names
+    spec = load("bank+shop")
+    assert set(spec["operations"]) == set(load("bank")["operations"]) | set(load("shop")["operations"])
+    assert World("bank+shop", 4).snapshot() == World("bank+shop", 4).snapshot()
+    assert set(World("bank+shop", 4).state) == {"account", "product", "order"}
+    for bad, text in (("bank+bank", "two or more different"), ("bank+nowhere", "no domain 'nowhere'")):
+        with pytest.raises(ValueError, match=text):
+            load(bad)
+    assert names("bank+shop,units", domain_names(), "world", joined=True) == ["bank+shop", "units"]
+    with pytest.raises(SystemExit, match="unknown kind"):
+        names("single+parallel", list(KINDS), "kind")
+    tasks = generate(60, seed=2, domains=["bank+shop", "calendar+units"], kinds=["parallel"])
+    mixed = [t for t in tasks if len({s["tool"] for s in t.plan}) == 2
+             and len({d for s in t.plan for d in t.domain.split("+") if s["tool"] in load(d)["operations"]}) == 2]
+    assert len(mixed) > 10  # a read of each domain in one turn
+    for task in mixed[:5]:
+        world = task.world()
+        calls, answers, _ = Oracle(task).solve(world)
+        assert task.rubric.check(world.snapshot(), answers, calls) == (True, []), task.id
+    pool = generate(40, seed=3, domains=["bank+weather", "bank+shop"], kinds=["single"])
+    train, test = split(pool, "domain", test_domains=["weather"])
+    assert {t.domain for t in test} == {"bank+weather"} and {t.domain for t in train} == {"bank+shop"}
+    train, test = split(generate(200, seed=2, domains=["bank+shop", "calendar+units"], kinds=["parallel"]), "combo")
+    assert test and not {combo(t) for t in test} & {combo(t) for t in train}
+
+
 def run(task, script):
     """Execute [(turn, name, arguments)] on the task's world: (final state, calls as calls_of gives)."""
     w, calls = task.world(), []

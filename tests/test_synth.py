@@ -282,6 +282,24 @@ def test_tasks_from_one_part_of_a_split_and_no_failures(tmp_path, capsys):
         cli(["synth", "--n", "2", "--out", str(out), "--judge", "llm"])
 
 
+def test_pairs_draws_tasks_that_mix_two_domains_tools(tmp_path, capsys):
+    """--pairs: the merged world of every two of --worlds, whatever their order; parallel, multi-turn and
+    single tasks there; a kept trajectory may call tools of both domains in one turn."""
+    from openk2.envs.synth import pairs
+    assert pairs(["units", "bank", "shop"]) == ["bank+shop", "bank+units", "shop+units"]
+    out = tmp_path / "mixed.jsonl"
+    cli(["synth", "--worlds", "units,bank,shop", "--pairs", "--n", "30", "--seed", "2", "--out", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["meta"]["domain"] for r in records} == {"bank+shop", "bank+units", "shop+units"}
+    assert {r["meta"]["kind"] for r in records} == {"parallel", "multi_turn", "single"}
+    home = {op: d for d in ("bank", "shop", "units") for op in load(d)["operations"]}
+    assert sum(len({home[c["function"]["name"]] for c in m["tool_calls"]}) == 2
+               for r in records for m in r["messages"] if m.get("tool_calls")) >= 3
+    for bad in (["--worlds", "bank"], ["--worlds", "bank+shop,units"]):
+        with pytest.raises(SystemExit, match="--pairs merges every two"):
+            cli(["synth", "--pairs", "--n", "2", "--out", str(out), *bad])
+
+
 # ---------------------------------------------------------------- LLM teacher and judge over HTTP
 
 def completion(message: dict, finish: str = "stop") -> dict:

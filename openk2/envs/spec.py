@@ -5,7 +5,8 @@ A spec names its entities (a key field, typed fields, a generator per field, opt
 each of one generic `kind` that world.py implements once: get, list, create, update, delete,
 transfer, adjust, compute. `op_params` turns an operation into its parameters (JSON-schema fields,
 with `ref` naming the entity a key or reference points to); `generate` makes a field's seeded value.
-A new domain is a new file here; nothing in Python names a domain.
+A new domain is a new file here; nothing in Python names a domain. "a+b" names the world of two
+domains at once (`merge`).
 """
 
 from __future__ import annotations
@@ -33,13 +34,33 @@ def domain_names() -> list[str]:
 
 @cache
 def load(name: str) -> dict:
-    """A shipped domain by name, or a spec file by path; checked (ValueError names what is wrong)."""
+    """A shipped domain by name, or a spec file by path; checked (ValueError names what is wrong).
+    "bank+shop" is one world of both domains' records and tools (`merge`)."""
+    if "+" in name and not name.endswith(".json"):
+        return merge([load(part) for part in name.split("+")])
     path = Path(name) if name.endswith(".json") else resources.files("openk2.envs") / "domains" / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"no domain {name!r}; the domains are: {', '.join(domain_names())}")
     spec = json.loads(path.read_text(encoding="utf-8"))
     check(spec)
     return spec
+
+
+def merge(specs: list[dict]) -> dict:
+    """One spec of several domains: their entities and operations side by side (a name two of them
+    use is an error), so a task may ask for tools of both, as a real agent's toolset mixes services."""
+    names = [s["name"] for s in specs]
+    if len(set(names)) < len(names) or len(names) < 2:
+        raise ValueError(f"a merged world needs two or more different domains, not {'+'.join(names)}")
+    merged = {"name": "+".join(names), "description": "; ".join(s["description"] for s in specs),
+              "entities": {}, "operations": {}}
+    for s in specs:
+        for part in ("entities", "operations"):
+            if twice := set(merged[part]) & set(s[part]):
+                raise ValueError(f"domains {'+'.join(names)} both define {part} {sorted(twice)}")
+            merged[part].update(s[part])
+    check(merged)
+    return merged
 
 
 def check(spec: dict) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import sys
 from collections import Counter
@@ -94,6 +95,15 @@ def _programmatic_one(job) -> list[dict]:  # a process pool's unit of work (modu
     return asyncio.run(sample(Task.from_dict(task), functools.partial(programmatic_client, slips=slips), seed, **kw))
 
 
+MIXED_KINDS = ("parallel", "multi_turn", "single")  # the kinds whose requests may span a merged world's domains
+
+
+def pairs(worlds: list[str]) -> list[str]:
+    """Every merged world of two of `worlds` ("bank+shop", …): tasks there ask for two domains' tools
+    together, combinations no single-domain task can show."""
+    return [f"{a}+{b}" for a, b in itertools.combinations(sorted(worlds), 2)]
+
+
 def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None = None, part: str = "train"):
     """n tasks of the given worlds and kinds; with `split_by`, only those in that part of the split (the
     parts are properties of each task, so they match what eval draws from its own seed)."""
@@ -143,7 +153,10 @@ def summary(records: list[dict]) -> str:
 
 def add_parser(sub) -> None:
     s = sub.add_parser("synth", help="agentic SFT data: a teacher solves tool-world tasks, a judge keeps what passes")
-    s.add_argument("--worlds", help="comma-separated domains (default: all; `openk2 envs list`)")
+    s.add_argument("--worlds", help="comma-separated domains (default: all; `openk2 envs list`); "
+                   "a+b is one world of both domains' tools, for tasks that mix them")
+    s.add_argument("--pairs", action="store_true", help="draw from the merged world of every two of --worlds "
+                   f"(bank+shop, …) instead: requests that need two domains' tools (kinds {', '.join(MIXED_KINDS)})")
     s.add_argument("--kinds", help=f"comma-separated task kinds (default: all of {', '.join(KINDS)})")
     s.add_argument("--split", choices=["seed", "args", "combo", "domain"], help="draw tasks from one part of a split")
     s.add_argument("--part", choices=["train", "test"], default="train")
@@ -182,9 +195,10 @@ def add_parser(sub) -> None:
     s.set_defaults(fn=main)
 
 
-def names(text: str | None, known: list[str], what: str) -> list[str] | None:
+def names(text: str | None, known: list[str], what: str, joined: bool = False) -> list[str] | None:
+    """The comma-separated names of `text`, each one of `known` (or, `joined`, several joined by +)."""
     items = [x.strip() for x in text.split(",") if x.strip()] if text else None
-    if bad := [x for x in items or [] if x not in known]:
+    if bad := [x for x in items or [] if not set(x.split("+") if joined else [x]) <= set(known)]:
         raise SystemExit(f"unknown {what} {bad}; the {what}s are: {', '.join(known)}")
     return items
 
@@ -211,7 +225,11 @@ def main(args) -> None:
 
     from openk2.agent.client import OpenAIClient
 
-    worlds, kinds = names(args.worlds, domain_names(), "world"), names(args.kinds, list(KINDS), "kind")
+    worlds, kinds = names(args.worlds, domain_names(), "world", joined=True), names(args.kinds, list(KINDS), "kind")
+    if args.pairs:
+        if len(worlds or domain_names()) < 2 or any("+" in w for w in worlds or []):
+            raise SystemExit("--pairs merges every two of two or more single --worlds")
+        worlds, kinds = pairs(worlds or domain_names()), kinds or list(MIXED_KINDS)
     if args.no_failures:
         if kinds and "recovery" in kinds:
             raise SystemExit("--no-failures leaves no `recovery` task: drop it from --kinds")
