@@ -1,8 +1,9 @@
 """`openk2 pipeline`: the whole K2 recipe on the embedded defaults, one stage after another —
 pretraining (MuonClip on the stdlib corpus) → agentic data synthesis (the programmatic teacher on the
-tool worlds, judged by the rubrics, plus copy drills) → SFT on it → RL on the tool worlds → evaluation — each stage's
-checkpoint evaluated on the same held-out tasks (the seed and combo splits of the training worlds, and
-the unseen domain), ending in one table and the commands to serve or run the result.
+tool worlds and on worlds of two domains each, judged by the rubrics, plus copy drills) → SFT on it →
+RL on the tool worlds → evaluation — each stage's checkpoint evaluated on the same held-out tasks (the
+seed and combo splits of the training worlds, and the unseen domain), ending in one table and the
+commands to serve or run the result.
 
 Every stage is the library's own command in this process (`train`, `synthesize`, `sft`, `rl`), its
 output under `--out-dir` (pretrain/, agentic.jsonl, sft/, rl/, results.json), and a stage already
@@ -33,6 +34,7 @@ class PipelineConfig:
     pretrain_steps: int = 1000  # 200 (`openk2 train`'s) left SFT at 0–10 % success; 1,000 at 50 % (README)
     synth_n: int = 2000  # tool-world tasks the teacher solves (the judge keeps what passes)
     synth_drills: int = 6000  # copy drills added to the SFT data (envs/drills.py)
+    synth_mixed_n: int = 700  # more tasks, in worlds of two domains each ("bank+shop"): one request, two domains' tools
     sft_steps: int = 300
     sft_lr: float = 3e-3
     context: int = 2048  # SFT extends the pretrained window to this (tool declarations are long)
@@ -95,7 +97,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
 
     from openk2.agent.episode import write_jsonl
     from openk2.envs.drills import drills
-    from openk2.envs.synth import pick_tasks, synthesize
+    from openk2.envs.synth import MIXED_KINDS, pairs, pick_tasks, synthesize
     from openk2.rl.config import RL_DEFAULTS, RL_RECIPE, RLConfig
     from openk2.rl.loop import rl
     from openk2.train import TRAIN_PRESETS, train
@@ -131,6 +133,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
     def make_data():
         if not data.exists() or not data.stat().st_size:
             picked = pick_tasks(cfg.synth_n, 1, worlds, None, "combo", "train")
+            if cfg.synth_mixed_n and len(worlds) > 1:
+                picked += pick_tasks(cfg.synth_mixed_n, 2, pairs(worlds), list(MIXED_KINDS), "combo", "train")
             kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]]
             data.with_suffix(".tmp").unlink(missing_ok=True)  # (write_jsonl appends)
             write_jsonl(data.with_suffix(".tmp"), kept + drills(cfg.synth_drills, 1))
