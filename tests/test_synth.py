@@ -15,13 +15,13 @@ import pytest
 from openk2.agent.client import ScriptedClient
 from openk2.cli import main as cli
 from openk2.envs import KINDS, World, domain_names, make_task, split
-from openk2.envs.drills import drills, tool_drills
+from openk2.envs.drills import drills, sum_drills, tool_drills
 from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
 from openk2.envs.spec import load
 from openk2.envs.tasks import SYSTEM
-from openk2.envs.teacher import SLIPS, Teacher, say_calls
+from openk2.envs.teacher import SLIPS, Teacher, say_calls, worked_sum
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
@@ -175,7 +175,7 @@ def test_copy_drills_quote_the_requests_values_exactly_and_come_with_synth_on_re
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[4:] == drills(5, seed=3) and all(r["tools"] for r in rows[:4])
     assert [len(messages) for _, messages, tools in read_jsonl(out)][4:] == [2] * 5  # SFT reads them, no tools
-    with pytest.raises(SystemExit, match="--drills and --tool-drills at least 0"):
+    with pytest.raises(SystemExit, match="--drills, --tool-drills and --sum-drills at least 0"):
         cli(["synth", "--n", "4", "--out", str(out), "--drills", "-1"])
 
 
@@ -220,8 +220,56 @@ def test_tool_drills_pick_the_tool_the_request_names_and_copy_its_values(tmp_pat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[2:4] == drills(2, seed=3) and rows[4:] == tool_drills(3, seed=3)
     assert all(tools for _, _, tools in list(read_jsonl(out))[4:])  # SFT reads them with their tools
-    with pytest.raises(SystemExit, match="--tool-drills at least 0"):
+    with pytest.raises(SystemExit, match="--tool-drills and --sum-drills at least 0"):
         cli(["synth", "--n", "4", "--out", str(out), "--tool-drills", "-1"])
+
+
+STEP = re.compile(r"(\d) \+ (\d)(?: \+ (1))? = (\d+)(, carry 1)?")
+
+
+def test_a_worked_sum_adds_digit_by_digit_and_ends_with_the_sum():
+    for a in range(0, 131):
+        for b in (*range(0, 13), *range(37, 131, 9)):
+            text = worked_sum(a, b)
+            head, _, rest = text.partition(": ")
+            work, _, last = rest.partition(" So ")
+            assert head == f"{a} + {b}" and last == f"{a} + {b} = {a + b}.", text
+            steps = [STEP.fullmatch(s).groups() for s in work.rstrip(".").split("; ")]
+            x, y = (str(v)[::-1].ljust(len(steps), "0") for v in (a, b))
+            assert len(steps) == max(len(str(a)), len(str(b))), text
+            carry = 0
+            for i, (p, q, c, total, carried) in enumerate(steps):  # the i-th digits, plus the carry in
+                assert (int(p), int(q), int(c or 0)) == (int(x[i]), int(y[i]), carry), text
+                assert int(total) == int(p) + int(q) + carry, text
+                carry = int(total) // 10 if i < len(steps) - 1 else 0
+                assert bool(carried) == bool(carry), text
+
+
+def test_the_teacher_works_a_sum_out_and_sum_drills_ask_it_the_same_way(tmp_path, capsys):
+    sums = [t for t in (make_task("bank", "no_tool", s) for s in range(40)) if " + " in t.turns[0]]
+    assert len(sums) >= 5
+    for r, task in zip(synthesize(sums, seed=0), sums, strict=True):
+        a, b = map(int, re.search(r"(\d+) \+ (\d+)", task.turns[0]).groups())
+        assert task.rubric.mentions == [[a + b]] and r["meta"]["passed"]  # the rubric asks for the sum only
+        assert r["messages"][-1] == {"role": "assistant", "content": worked_sum(a, b)}
+    answers = [Oracle(t).act(0, [])[0] for t in sums]
+    assert all(not re.search(r"carry|So ", text) for text in answers)  # the oracle itself states only the sum
+    some = sum_drills(500, seed=5)
+    assert json.dumps(some) == json.dumps(sum_drills(500, seed=5)) and some != sum_drills(500, seed=6)
+    systems = 0
+    for d in some:
+        *head, user, answer = d["messages"]
+        systems += head == [{"role": "system", "content": SYSTEM}]
+        a, b = map(int, re.search(r"(\d+) \+ (\d+)\?", user["content"]).groups())
+        assert user["role"] == "user" and answer == {"role": "assistant", "content": worked_sum(a, b)}
+        assert 0 <= min(a, b) and max(a, b) <= 99 and d["meta"]["kind"] == "sum_drill"
+    assert 150 < systems < 350 and len({d["messages"][-2]["content"] for d in some}) > 450
+    out = tmp_path / "sums.jsonl"
+    cli(["synth", "--n", "2", "--seed", "3", "--out", str(out), "--worlds", "units", "--sum-drills", "4"])
+    assert f"wrote 2 trajectories and 4 sum drills to {out}" in capsys.readouterr().out
+    assert [json.loads(line) for line in out.read_text().splitlines()][2:] == sum_drills(4, seed=3)
+    with pytest.raises(SystemExit, match="--sum-drills at least 0"):
+        cli(["synth", "--n", "4", "--out", str(out), "--sum-drills", "-1"])
 
 
 def ids_of(text: str) -> set[str]:

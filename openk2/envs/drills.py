@@ -1,4 +1,4 @@
-"""Copy drills: short tool-free chats whose answer quotes values stated in the request.
+"""Drills: short made-up chats for the skills tool use needs and a small model lacks. Copy drills first.
 
 A tool call copies values (ids, amounts, dates, names) from the conversation into its arguments, and
 the answer copies them back from the tool's result; a model of a few million parameters pretrained for
@@ -7,6 +7,8 @@ minutes has no in-context copying yet, and the tool-use SFT spends most of its b
 named values ("order ZQ-4821, amount 310.25, date 2027-03-14") and asks for one in words or some as a
 JSON object, and the answer quotes them exactly, strings as strings and numbers as numbers. The values
 are generic (random codes, numbers, dates, names, words), not any world's, so no domain leaks into them.
+Below them: tool drills (`--tool-drills`, made-up tools to pick from a list) and sum drills
+(`--sum-drills`, sums worked one digit at a time, as the teacher answers them).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import random
 import string
 
 from openk2.envs.tasks import SYSTEM
-from openk2.envs.teacher import ANSWERS, THOUGHTS, say_calls
+from openk2.envs.teacher import ANSWERS, THOUGHTS, say_calls, worked_sum
 
 KEYS = ("id", "number", "code", "amount", "total", "date", "name", "owner", "title", "city", "count", "price",
         "reference", "account", "order", "item", "label", "quantity", "start", "user", "path", "unit", "value")
@@ -60,6 +62,25 @@ def drill(rng: random.Random) -> dict:
         keys = rng.sample(list(values), rng.randint(1, len(values)))
         user, answer = f"{said}. Give me the {' and '.join(keys)} as JSON.", json.dumps({k: values[k] for k in keys})
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+# --- sum drills: a + b asked without tools, answered column by column as the teacher answers it ---
+SUM_ASKS = ("What is {a} + {b}?", "Quick one, no tools needed: what is {a} + {b}?", "How much is {a} + {b}?",
+            "Please add these up for me: what is {a} + {b}?", "No lookup needed. What is {a} + {b}?")
+
+
+def sum_drill(rng: random.Random) -> dict:
+    """One sum drill: two numbers of one or two digits, half the time under the tasks' system prompt."""
+    a, b = (rng.randint(0, 99) if rng.random() < 0.8 else rng.randint(0, 9) for _ in range(2))
+    messages = [{"role": "user", "content": rng.choice(SUM_ASKS).format(a=a, b=b)},
+                {"role": "assistant", "content": worked_sum(a, b)}]
+    return {"messages": [{"role": "system", "content": SYSTEM}] * (rng.random() < 0.5) + messages}
+
+
+def sum_drills(n: int, seed: int) -> list[dict]:
+    """`n` sum drills, the same for the same seed."""
+    rng = random.Random(f"sum-drills:{seed}")
+    return [{**sum_drill(rng), "meta": {"kind": "sum_drill", "seed": seed, "index": i}} for i in range(n)]
 
 
 def drills(n: int, seed: int) -> list[dict]:

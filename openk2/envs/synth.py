@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from functools import cache
 from pathlib import Path
 
-from openk2.envs.drills import drills, tool_drills
+from openk2.envs.drills import drills, sum_drills, tool_drills
 from openk2.envs.judge import LLMJudge, category, episode_reasons, rubric_verdict
 from openk2.envs.play import gather_limited, play
 from openk2.envs.simulated import LLMTaskWriter, LLMUser, OpenTask, SimulatedTools, load_schemas, write_tasks
@@ -170,6 +170,8 @@ def add_parser(sub) -> None:
     s.add_argument("--tool-drills", type=int, default=0, help="also write this many tool drills: one request, a "
                    "list of made-up tools that share words, the call that does it with the request's values, "
                    "its result and the answer (openk2/envs/drills.py; default 0)")
+    s.add_argument("--sum-drills", type=int, default=0, help="also write this many sum drills: a + b asked "
+                   "without tools, answered column by column as the teacher does (default 0)")
     s.add_argument("--tries", type=int, default=1, help="samples per task until one passes (rejection sampling)")
     s.add_argument("--teacher-slips", type=float, default=0.0, help="the share of episodes in which the "
                    "programmatic teacher errs once, as an LLM teacher does (wrong argument or tool, no call, no "
@@ -234,9 +236,11 @@ def main(args) -> None:
         if kinds and "recovery" in kinds:
             raise SystemExit("--no-failures leaves no `recovery` task: drop it from --kinds")
         kinds = [k for k in kinds or KINDS if k != "recovery"]
-    if min(args.n, args.tries, args.workers, args.concurrency) < 1 or min(args.drills, args.tool_drills) < 0:
-        raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1, --drills and "
-                         "--tool-drills at least 0")
+    extra = {"copy": (args.drills, drills), "tool": (args.tool_drills, tool_drills),  # appended to the data
+             "sum": (args.sum_drills, sum_drills)}
+    if min(args.n, args.tries, args.workers, args.concurrency) < 1 or min(n for n, _ in extra.values()) < 0:
+        raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1, --drills, --tool-drills "
+                         "and --sum-drills at least 0")
     if not 0 <= args.teacher_slips <= 1 or args.teacher_slips and args.teacher_endpoint:
         raise SystemExit("--teacher-slips is a share in [0, 1], for the programmatic teacher only")
     open_tools = bool(args.tools or args.mcp)
@@ -272,7 +276,7 @@ def main(args) -> None:
     kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]
     with out.open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
-                     for r in kept + drills(args.drills, args.seed) + tool_drills(args.tool_drills, args.seed))
+                     for r in kept + [d for n, make in extra.values() for d in make(n, args.seed)])
     print(summary(records))
-    print(f"wrote {len(kept)} trajectories" + f" and {args.drills} copy drills" * bool(args.drills)
-          + f" and {args.tool_drills} tool drills" * bool(args.tool_drills) + f" to {out}")
+    print(f"wrote {len(kept)} trajectories" + "".join(f" and {n} {kind} drills" for kind, (n, _) in extra.items()
+                                                      if n) + f" to {out}")

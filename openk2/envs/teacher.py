@@ -5,6 +5,8 @@ before a round of calls (by what came before it: the first round, a retry, a nex
 and the lead of each answer, seeded by (seed, task, position), so data is the same for the same seed.
 Each calling turn then says its calls' values in words ("Calling get_account with account_id ACC-5062."):
 a small model learns to copy a value into prose, then into the arguments, in half the SFT steps (README).
+A sum asked without tools is worked column by column (`worked_sum`): one digit is one token here, and
+a small model that cannot recall 38 + 27 can follow one-digit steps (README, ninth measurement).
 
 Slips: with `slips` = P, a share P of episodes (drawn per attempt, so `--tries` samples again) goes
 wrong once, in one of the ways an LLM teacher goes wrong (SLIPS): a wrong argument value, a wrong tool,
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 from openk2.envs.oracle import LEADS, Oracle
+
+SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
 ANSWERS = ("{0}", "Here is what I found: {0}", "Done. {0}", "All set. {0}", "I checked: {0}", "Sure. {0}",
            "{0} Anything else?", "That's done. {0}", "OK. {0}", "Here you go. {0}")
@@ -59,6 +64,24 @@ def say_calls(calls: list[dict]) -> str:
     return "Calling " + "; ".join(said) + "."
 
 
+def worked_sum(a: int, b: int) -> str:
+    """a + b worked column by column from the ones, as a small model can follow digit by digit (one
+    digit is one token): "38 + 27: 8 + 7 = 15, carry 1; 3 + 2 + 1 = 6. So 38 + 27 = 65." """
+    x, y, steps, digits, carry = str(a)[::-1], str(b)[::-1], [], "", 0
+    width = max(len(x), len(y))
+    for i in range(width):
+        p, q = (int(d[i]) if i < len(d) else 0 for d in (x, y))
+        total, terms = p + q + carry, f"{p} + {q}" + f" + {carry}" * bool(carry)
+        if i == width - 1:
+            steps.append(f"{terms} = {total}")
+            digits = str(total) + digits
+        else:
+            carry = total // 10
+            steps.append(f"{terms} = {total}" + ", carry 1" * carry)
+            digits = str(total % 10) + digits
+    return f"{a} + {b}: {'; '.join(steps)}. So {a} + {b} = {digits}."
+
+
 class Teacher(Oracle):
     """The oracle with variety, seeded by (seed, task, position in the dialog); `slips`: the share of
     episodes (per `attempt`) that go wrong once."""
@@ -75,6 +98,8 @@ class Teacher(Oracle):
 
     def answer(self, turn: int, results: dict) -> tuple[str, list]:
         text, values = super().answer(turn, results)
+        if not self.task.plan and (m := SUM.search(self.task.turns[turn])) and values == [int(m[1]) + int(m[2])]:
+            return worked_sum(int(m[1]), int(m[2])), values  # a sum without a tool: worked, not recalled
         if values and self._slips("vague_answer"):
             return self.rng(f"vague:{turn}").choice(VAGUE), values
         body = next((text[len(lead):] for lead in LEADS if lead and text.startswith(lead)), text)
