@@ -34,6 +34,7 @@ class PipelineConfig:
     pretrain_steps: int = 1000  # 200 (`openk2 train`'s) left SFT at 0–10 % success; 1,000 at 50 % (README)
     synth_n: int = 2000  # tool-world tasks the teacher solves (the judge keeps what passes)
     synth_drills: int = 6000  # copy drills added to the SFT data (envs/drills.py)
+    synth_sum_drills: int = 0  # sums worked column by column (envs/drills.py); 2,000 cost at 300 SFT steps (README)
     synth_mixed_n: int = 700  # more tasks, in worlds of two domains each ("bank+shop"): one request, two domains' tools
     sft_steps: int = 300
     sft_lr: float = 3e-3
@@ -48,7 +49,8 @@ class PipelineConfig:
 PIPELINE_PRESETS = {"demo": PipelineConfig()}
 PIPELINE_PRESETS["tiny"] = dataclasses.replace(  # tests: the chain in seconds, nothing learned
     PIPELINE_PRESETS["demo"], out_dir="runs/pipeline-tiny", model="k2-tiny", pretrain_steps=4, synth_n=6,
-    sft_steps=3, context=4096, rl_steps=1, eval_n=1, worlds="units", synth_drills=4)
+    sft_steps=3, context=4096, rl_steps=1, eval_n=1, worlds="units", synth_drills=4,
+    synth_sum_drills=2)
 
 
 def say(text: str) -> None:
@@ -96,7 +98,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     import torch
 
     from openk2.agent.episode import write_jsonl
-    from openk2.envs.drills import drills
+    from openk2.envs.drills import drills, sum_drills
     from openk2.envs.synth import MIXED_KINDS, pairs, pick_tasks, synthesize
     from openk2.rl.config import RL_DEFAULTS, RL_RECIPE, RLConfig
     from openk2.rl.loop import rl
@@ -137,7 +139,8 @@ def pipeline(cfg: PipelineConfig) -> dict:
                 picked += pick_tasks(cfg.synth_mixed_n, 2, pairs(worlds), list(MIXED_KINDS), "combo", "train")
             kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]]
             data.with_suffix(".tmp").unlink(missing_ok=True)  # (write_jsonl appends)
-            write_jsonl(data.with_suffix(".tmp"), kept + drills(cfg.synth_drills, 1))
+            extra = drills(cfg.synth_drills, 1) + sum_drills(cfg.synth_sum_drills, 1)
+            write_jsonl(data.with_suffix(".tmp"), kept + extra)
             data.with_suffix(".tmp").replace(data)
         return data
 
