@@ -269,7 +269,9 @@ def _rows_worker(rank: int, out_dir: str):
 def test_rows_sharded_muon_and_qk_clip_equal_one_process(tmp_path, monkeypatch):
     """FSDP2's DTensor parameters: each whole matrix orthogonalised once, on one rank, its rows sent
     back; momentum and AdamW state sharded like the weights; QK-Clip scales each rank's own rows. Three
-    processes (uneven row blocks) end bit for bit where one process does."""
+    processes (uneven row blocks) end where one process does: to the last few bits, as an elementwise
+    kernel on a row block splits into SIMD blocks and a scalar tail differently from the whole tensor, and
+    how differently depends on the CPU (bit for bit on an AMX Xeon, not on every machine CI runs on)."""
     mp.spawn(_rows_worker, args=(str(tmp_path),), nprocs=3)
     single = build_model(TINY, seed=0)
     counted = []
@@ -278,8 +280,9 @@ def test_rows_sharded_muon_and_qk_clip_equal_one_process(tmp_path, monkeypatch):
     assert apply_qk_clip(single, _clip_logits(TINY), 5.0) == 3
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(3)]
     for name, want in single.state_dict().items():
-        for r in ranks:
-            assert torch.equal(r["state"][name], want), name
+        torch.testing.assert_close(ranks[0]["state"][name], want, atol=1e-6, rtol=0, msg=name)
+        for r in ranks[1:]:
+            assert torch.equal(r["state"][name], ranks[0]["state"][name]), name
     assert sum(r["matrices"] for r in ranks) == sum(counted) and min(r["matrices"] for r in ranks) > 0
     assert [r["clipped"] for r in ranks] == [3, 3, 3]
     local, whole, kind = ranks[0]["rows"]
