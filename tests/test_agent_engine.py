@@ -57,6 +57,19 @@ def test_in_process_agent_does_the_task(tool_model):
     assert ep.turns[0]["finish_reason"] == "tool_calls" and ep.turns[1]["finish_reason"] == "stop"
 
 
+def test_strict_tools_leave_a_valid_episode_as_it_was(tool_model):
+    """Constrained to the declared tool and its schema, the model's own (valid) calls go through
+    unchanged: the same episode, token for token."""
+    free, strict = engine_client(tool_model), engine_client(tool_model)
+    strict.strict_tools = True
+    try:
+        eps = [asyncio.run(file_agent(c, tool_model).run(TASK)) for c in (free, strict)]
+    finally:
+        free.loop.stop(), strict.loop.stop()
+    check_episode(eps[1])
+    assert eps[1].transcript == eps[0].transcript
+
+
 def test_in_process_replies_equal_the_servers(tool_model):
     """The same requests through EngineClient and through the HTTP server: the same messages, finish
     reasons and token counts (greedy and seeded sampling, tools auto and forced)."""
@@ -207,3 +220,8 @@ def test_openai_client_reads_streams_and_reasoning_as_endpoints_send_them():
     whole_reply = asyncio.run(client.complete([{"role": "user", "content": "x"}], temperature=0.5, max_tokens=9))
     assert whole_reply.message == {"role": "assistant", "content": "Hi.", "reasoning_content": "Say hi."}
     assert seen[1]["temperature"] == 0.5 and seen[1]["max_tokens"] == 9 and "tools" not in seen[1]
+    client.strict_tools = True  # --strict-tools: the endpoint gets each tool marked strict
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    asyncio.run(client.complete([{"role": "user", "content": "x"}], [tool]))
+    assert seen[2]["tools"] == [{"type": "function", "function": {**tool["function"], "strict": True}}]
+    assert "strict" not in tool["function"]  # the caller's declaration is left alone

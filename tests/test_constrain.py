@@ -192,6 +192,25 @@ def test_strict_tools_under_auto(fmt_model):
     assert fmt.prompt(DIALOG, tools, "none").grammar is None
 
 
+def test_strict_tools_flag_constrains_every_tool_and_declares_them_unchanged(fmt_model):
+    """`strict_tools` (the agent's and the evaluation's --strict-tools): the grammar of every tool marked
+    strict, over the very prompt ids the tools as declared give."""
+    fmt, model = fmt_model
+    prompt, plain = fmt.prompt(DIALOG, TOOLS, strict_tools=True), fmt.prompt(DIALOG, TOOLS)
+    assert prompt.ids == plain.ids and plain.grammar is None
+    call = "<|tool_call_begin|>functions.{}:{}<|tool_call_argument_begin|>{}<|tool_call_end|>"
+    good = "<|tool_calls_section_begin|>" + call.format("wx", 2, '{"c": "pa", "d": 2}') + \
+        call.format("tm", 3, '{"z": "cet"}') + "<|tool_calls_section_end|>"
+    assert accepts(fmt, prompt.grammar, good) and accepts(fmt, prompt.grammar, "No call.<|im_end|>")
+    assert not accepts(fmt, prompt.grammar, good.replace('{"z": "cet"}', '{"any": 1}'))  # tm's schema holds now
+    assert not accepts(fmt, prompt.grammar, good.replace("functions.tm:3", "functions.tx:3"))  # undeclared
+    assert fmt.prompt(DIALOG, TOOLS, "none", strict_tools=True).grammar is None
+    for reply in run_rows(fmt, model, prompt, max_tokens=200)[0]:  # whatever a random model writes
+        assert not reply.errors, reply
+        for c in reply.message.get("tool_calls") or []:
+            jsonschema.validate(json.loads(c["function"]["arguments"]), SCHEMAS[c["function"]["name"]])
+
+
 def test_ids_beyond_the_tokenizer_are_never_allowed(fmt_model):
     fmt, _ = fmt_model
     tokenizer = fmt.tokenizer  # 512 ids

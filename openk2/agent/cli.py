@@ -50,6 +50,7 @@ def add_parsers(sub, load) -> None:
     s.add_argument("--trajectory", default=str(DEFAULT_TRAJECTORY), help="append each episode here (JSONL)")
     s.add_argument("--no-trajectory", action="store_true", help="do not record episodes")
     s.add_argument("--quantize", choices=["int8", "int4"], help="in-process model: quantize the weights")
+    s.add_argument("--strict-tools", action="store_true", help="calls held to the declared tools' schemas")
     s.add_argument("--expert-cache", type=float, metavar="GB", help="in-process: routed experts on disk, GB cached")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="in-process model: compiled decode (a minute of compiling first)")
@@ -99,7 +100,8 @@ def in_process_client(load, args, sequences: int = 1):
             engine = make_engine(model, args.quantize, compile=args.compile,
                                  cache_tokens=sequences * model.cfg.max_position_embeddings)
             fmt = ChatFormat.for_model(model, tokenizer, args.path)
-            box["client"] = EngineClient(EngineLoop(engine), fmt, name=Path(args.path).name)
+            box["client"] = EngineClient(EngineLoop(engine), fmt, name=Path(args.path).name,
+                                         strict_tools=args.strict_tools)
         except BaseException as e:  # noqa: BLE001 — re-raised on the caller's thread
             box["error"] = e
         ready.set()
@@ -127,7 +129,8 @@ def make_client(args, load):
             raise SystemExit(f"openk2 agent: --script {args.script}: {e}")
         return ScriptedClient(turns, context_window=args.context_window or 131072), None
     if args.endpoint:
-        return OpenAIClient(args.endpoint, args.model, args.api_key, args.context_window), None
+        return OpenAIClient(args.endpoint, args.model, args.api_key, args.context_window,
+                            strict_tools=args.strict_tools), None
     return in_process_client(load, args)
 
 

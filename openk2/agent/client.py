@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from openk2.server.chat_format import ChatError, ChatFormat
+from openk2.server.constrain import as_strict
 from openk2.tokenizer import Tokenizer
 
 MESSAGE_KEYS = ("role", "content", "reasoning_content", "tool_calls")
@@ -70,12 +71,15 @@ class OpenAIClient:
     comes from `context_window` or the server's `/v1/models` (`max_model_len`, as openk2 and vLLM say)."""
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 context_window: int | None = None, timeout: float = 600.0, http_client=None, **request_fields):
-        """request_fields go into every request (top_p, extra_body, ...); http_client: the SDK's own."""
+                 context_window: int | None = None, timeout: float = 600.0, http_client=None,
+                 strict_tools: bool = False, **request_fields):
+        """request_fields go into every request (top_p, extra_body, ...); http_client: the SDK's own;
+        strict_tools: every tool is sent marked `"strict": true` (the endpoint constrains its calls)."""
         key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
         self.sdk_args = {"base_url": base_url, "api_key": key, "timeout": timeout, "max_retries": 2,
                          "http_client": http_client}
         self.name, self.context_window, self.fields = model, context_window, request_fields
+        self.strict_tools = strict_tools
         self._ready = model is not None and context_window is not None
         self._sdk, self._loop = None, None
 
@@ -110,6 +114,7 @@ class OpenAIClient:
 
         if not self._ready:
             await self._setup()
+        tools = as_strict(tools) if self.strict_tools else tools
         given = {"tools": tools or None, "tool_choice": tool_choice if tools else None, "max_tokens": max_tokens,
                  "temperature": temperature, "seed": seed}
         kw = {"model": self.name, "messages": messages, **self.fields,
@@ -160,9 +165,12 @@ class EngineClient:
     logprobs: each completion also carries its sampled tokens' log-probs, taken by the engine as it
     samples them (under the raw logits: the policy's own, whatever the temperature), for RL."""
 
-    def __init__(self, loop, fmt: ChatFormat, name: str = "openk2", logprobs: bool = False):
+    def __init__(self, loop, fmt: ChatFormat, name: str = "openk2", logprobs: bool = False,
+                 strict_tools: bool = False):
+        """strict_tools: each call names a declared tool, its arguments valid under the tool's schema
+        (constrained decoding, as for `"strict": true` tools; the prompt declares the tools unchanged)."""
         self.loop, self.fmt, self.name, self.context_window = loop, fmt, name, fmt.context
-        self.logprobs = logprobs
+        self.logprobs, self.strict_tools = logprobs, strict_tools
 
     def count_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> int:
         return len(self.fmt.prompt(messages, tools).ids)
@@ -170,7 +178,7 @@ class EngineClient:
     async def complete(self, messages, tools=None, *, tool_choice=None, max_tokens=None, temperature=None,
                        seed=None, on_delta=None) -> Completion:
         try:
-            prompt = self.fmt.prompt(messages, tools, tool_choice)
+            prompt = self.fmt.prompt(messages, tools, tool_choice, strict_tools=self.strict_tools)
             room = self.fmt.context - len(prompt.ids)
             params = self.fmt.sampling(len(prompt.ids), temperature, None, max_tokens and min(max_tokens, room), seed,
                                        grammar=prompt.grammar)

@@ -202,6 +202,9 @@ def add_parser(sub, load) -> None:
     s.add_argument("--turn-tokens", type=int, default=256, help="max_tokens of each model call (default: 256)")
     s.add_argument("--temperature", type=float, default=GREEDY, help="sampling temperature (default: 0, greedy)")
     s.add_argument("--quantize", choices=["int8", "int4"], help="in-process model: quantize the weights")
+    s.add_argument("--strict-tools", action="store_true",
+                   help="constrained decoding: every call names a declared tool with arguments valid under its "
+                        "schema (an endpoint gets the tools marked \"strict\": true)")
     s.set_defaults(fn=lambda args: eval_command(args, lambda: load(args.path)), compile=False)
 
 
@@ -215,8 +218,10 @@ def make_client(args, load):
         raise SystemExit("openk2 eval tools: give a checkpoint PATH, --endpoint URL or --oracle (one of them)")
     if args.oracle:
         return lambda task: ScriptedClient([Oracle(task).reply] * args.max_turns), "oracle", None
-    client, stop = (OpenAIClient(args.endpoint, args.model, args.api_key), None) if args.endpoint \
-        else in_process_client(load, args, sequences=args.concurrency)
+    if args.endpoint:
+        client, stop = OpenAIClient(args.endpoint, args.model, args.api_key, strict_tools=args.strict_tools), None
+    else:
+        client, stop = in_process_client(load, args, sequences=args.concurrency)
     return lambda task: client, client, stop
 
 

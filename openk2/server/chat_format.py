@@ -128,9 +128,11 @@ class ChatFormat:
             raise ChatError(f"cannot render the conversation: {e}", "messages") from None
 
     def prompt(self, messages: list[dict], tools: list[dict] | None = None, tool_choice=None,
-               response_format: dict | None = None, parallel_tool_calls: bool | None = True) -> Prompt:
+               response_format: dict | None = None, parallel_tool_calls: bool | None = True,
+               strict_tools: bool = False) -> Prompt:
         """parallel_tool_calls false: at most one call per reply (the grammar's when constrained, else the
-        parser's: later calls are dropped and reported)."""
+        parser's: later calls are dropped and reported). strict_tools: every tool's calls are constrained
+        as `"strict": true` would constrain them, while the prompt declares the tools as given."""
         check_tool_names(tools)
         prefix = forced_prefix(tool_choice, tools, messages)
         mask = protector(self.tokenizer).mask  # the prefix's markers are structure; a tool's name is text
@@ -138,7 +140,8 @@ class ChatFormat:
         inside = self.reasoning and not prefix and self.tokenizer.decode(ids[-len(THINK):]).endswith(THINK)
         parallel = parallel_tool_calls is not False
         return Prompt(ids, prefix, bool(tools) and tool_choice != "none", inside,
-                      self.grammar(messages, tools, tool_choice, response_format, parallel),
+                      self.grammar(messages, constrain.as_strict(tools) if strict_tools else tools, tool_choice,
+                                   response_format, parallel),
                       MAX_CALLS if parallel else 1)
 
     def grammar(self, messages, tools, tool_choice, response_format, parallel: bool):  # None: free

@@ -71,6 +71,11 @@ def declared(tools: list[dict], strict_only: bool) -> list[tuple[str, dict, str,
     return out
 
 
+def as_strict(tools: list[dict] | None) -> list[dict] | None:
+    """`tools`, each marked `"strict": true` (its calls constrained to its schema under "auto")."""
+    return tools and [{**t, "function": {**(t.get("function") or {}), "strict": True}} for t in tools]
+
+
 def section_rules(tools: list[tuple[str, dict, str, bool]], first: int, calls: int) -> list[str]:
     """For K < calls: `head_K`, a call of any of `tools` after its `functions.` (id index first + K) to
     its end marker, and `call_K`, the whole call; `more_K` (1 <= K <= calls): calls K.. and the end."""
