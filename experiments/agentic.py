@@ -2,7 +2,7 @@
 oracle trajectories, SFT the checkpoint on them, evaluate again on the same tasks.
 
     .venv/bin/python experiments/agentic.py all [--checkpoint DIR] [--worlds bank,shop] [--n 30] [--steps N]
-    .venv/bin/python experiments/agentic.py eval --checkpoint DIR [--worlds bank,shop]
+    .venv/bin/python experiments/agentic.py eval --checkpoint DIR [--worlds bank,shop] [--strict-tools]
     .venv/bin/python experiments/agentic.py probe --checkpoint DIR [DIR ...]   # in-context copying
 
 SFT extends k2-mini's 1,024-token window to `--context` (2,048 by default: a rendered conversation with
@@ -43,12 +43,12 @@ def eval_tasks(splits, n, worlds):
     return groups
 
 
-def run_eval(ckpt, splits, n, worlds, out: Path, concurrency=8):
+def run_eval(ckpt, splits, n, worlds, out: Path, concurrency=8, strict_tools=False):
     from openk2.agent.cli import in_process_client
     from openk2.cli import _load, _tokenizer
     groups = eval_tasks(splits, n, worlds)
     tasks = list({t.id: t for ts in groups.values() for t in ts}.values())
-    args = argparse.Namespace(path=str(ckpt), quantize=None, compile=False)
+    args = argparse.Namespace(path=str(ckpt), quantize=None, compile=False, strict_tools=strict_tools)
     start, load0 = time.monotonic(), load_text()
     client, stop = in_process_client(lambda: (_load(str(ckpt), None, 0), _tokenizer(str(ckpt))), args,
                                      sequences=concurrency)
@@ -119,6 +119,7 @@ def main():
     p.add_argument("--keep-failed", action="store_true", help="ablation: no judge filtering")
     p.add_argument("--no-failures", action="store_true", help="ablation: no injected tool failures")
     p.add_argument("--data", help="reuse this synthesised JSONL instead of synthesising")
+    p.add_argument("--strict-tools", action="store_true", help="eval: calls held to the tools' schemas by the grammar")
     a = p.parse_args()
     out, splits, eval_worlds = Path(a.out), a.splits.split(","), a.worlds.split(",")
     assert all(s in SPLITS for s in splits), splits
@@ -129,7 +130,9 @@ def main():
             print(f"copy probe {ckpt}: {first:.2f} nats/token on first showing, {repeat:.2f} on the repeat")
         return
     if a.what == "eval":
-        run_eval(a.checkpoint, splits, a.n, eval_worlds, out / f"eval_{Path(a.checkpoint).name}.json")
+        suffix = "_strict" * a.strict_tools
+        run_eval(a.checkpoint, splits, a.n, eval_worlds, out / f"eval_{Path(a.checkpoint).name}{suffix}.json",
+                 strict_tools=a.strict_tools)
         return
     times = {}
     if not a.no_before:

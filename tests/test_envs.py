@@ -246,6 +246,21 @@ def test_rubric_passes_the_plan():
         assert mentions == task.rubric.mentions
 
 
+def test_the_oracle_writes_arguments_in_the_schemas_order():
+    """A strict grammar (--strict-tools) writes an object's properties in its schema's order, so the
+    teacher does too, whatever order the plan holds them in (and a next page's offset comes last)."""
+    reordered = 0
+    for task in [*TASKS, *generate(60, seed=1, kinds=["chain"])]:  # chains read filters from a record
+        world = task.world()
+        schemas = {t.name: list(t.schema()["function"]["parameters"]["properties"]) for t in world.tools()}
+        for call in Oracle(task).solve(world)[0]:
+            keys = list(call["arguments"])
+            assert keys == [k for k in schemas[call["name"]] if k in keys], (task.id, call)
+        reordered += any(list(s["arguments"]) != [k for k in schemas[s["tool"]] if k in s["arguments"]]
+                         for s in task.plan)
+    assert reordered  # some plans hold their arguments in another order
+
+
 def first(kind, pred=lambda t: True):
     return next(t for t in TASKS if t.kind == kind and pred(t))
 

@@ -15,7 +15,7 @@ import json
 import random
 
 from openk2.agent.tools import ToolError
-from openk2.envs.spec import load
+from openk2.envs.spec import load, op_params
 
 LEADS = ("Here is what I found: ", "Done. ", "All set. ", "")
 
@@ -23,6 +23,12 @@ LEADS = ("Here is what I found: ", "Done. ", "All set. ", "")
 def fmt(value) -> str:
     """A value as text: floats without a trailing .0, the rest as str."""
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def in_order(args: dict, names) -> dict:
+    """`args` with the keys in `names` first, in that order (the tool schema's: a strict grammar writes
+    properties in the schema's order), then any others."""
+    return {**{k: args[k] for k in names if k in args}, **args}
 
 
 def merged(pages: list) -> dict:
@@ -61,7 +67,7 @@ class Oracle:
             args = self.resolve(self.task.plan[i]["arguments"], results)
             if results.get(i) and "next_offset" in results[i][-1]:
                 args["offset"] = results[i][-1]["next_offset"]
-            out.append((i, args))
+            out.append((i, in_order(args, op_params(self.spec, self.task.plan[i]["tool"])[0])))
         return out
 
     def act(self, turn: int, rounds: list[list[str]]) -> list[tuple[str, dict]] | tuple[str, list]:
