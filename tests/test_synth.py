@@ -6,6 +6,7 @@ against a scripted OpenAI-compatible endpoint and the teacher against our own se
 
 import asyncio
 import json
+import random
 import re
 from collections import Counter
 
@@ -461,3 +462,58 @@ def test_cli_with_an_llm_teacher_keeps_failed_trajectories_on_request(tmp_path, 
     assert len(metas) == 4 and not any(m["passed"] for m in metas) and all("missing_call" in m["rejected_by"]
                                                                            for m in metas)
     assert "single               4       0         4  " in capsys.readouterr().out
+
+
+def test_renamed_tools_are_renamed_everywhere_and_rename_back_to_the_original(tmp_path, capsys):
+    from openk2.envs.rename import STYLES, apply, rename, rename_share, world_names
+    from openk2.tokenizer.toolcalls import parse_tool_calls
+
+    records = synthesize(TASKS, seed=2)
+    assert all(r["meta"]["passed"] for r in records)
+    seen_styles = Counter()
+    for i, r in enumerate(records):
+        style = STYLES[i % len(STYLES)]
+        out = rename(r, random.Random(i), style)
+        names = out["meta"]["renamed"]
+        if not r["tools"]:
+            assert out is r
+            continue
+        seen_styles[style] += 1
+        new = list(names.values())
+        assert set(names) == {t["function"]["name"] for t in r["tools"]} and len(set(new)) == len(new)
+        assert not set(new) & world_names()
+        # the declaration: new names, the same descriptions and parameters, in the same order
+        assert [names[t["function"]["name"]] for t in r["tools"]] == [t["function"]["name"] for t in out["tools"]]
+        assert [{**t["function"], "name": None} for t in r["tools"]] == \
+            [{**t["function"], "name": None} for t in out["tools"]]
+        # no old name is left in what the model writes or reads back; users' words and values are untouched
+        for old, m in zip(r["messages"], out["messages"]):
+            if m["role"] in ("system", "user"):
+                assert m == old
+            elif m["role"] == "tool":
+                assert m["content"] == old["content"] and m["name"] == names[old["name"]]
+            else:
+                said = json.dumps([m.get("content"), m.get("tool_calls")])
+                assert not any(re.search(rf"(?<![\w.]){n}(?!\w)", said) for n in names), said
+                assert [c["function"]["arguments"] for c in m.get("tool_calls") or []] == \
+                    [c["function"]["arguments"] for c in old.get("tool_calls") or []]
+        # the chat template renders it, and K2's call parser reads the new names and ids back
+        ids, mask = encode_with_mask(TOK, out["messages"], out["tools"])
+        learned = TOK.decode([t for t, k in zip(ids, mask) if k])
+        called = [c for m in out["messages"] if m["role"] == "assistant" for c in m.get("tool_calls") or []]
+        parsed = parse_tool_calls(learned).tool_calls
+        assert [(c.id, c.name) for c in parsed] == [(c["id"], c["function"]["name"]) for c in called]
+        assert all(c["id"].startswith(f"functions.{c['function']['name']}:") for c in called)
+        # and renaming back gives the original trajectory
+        back = apply(out, {v: k for k, v in names.items()})
+        assert back["messages"] == r["messages"] and back["tools"] == r["tools"]
+    assert min(seen_styles[s] for s in STYLES) >= 5
+    shared = rename_share(records, 0.5, seed=4)
+    assert json.dumps(shared) == json.dumps(rename_share(records, 0.5, seed=4))
+    share = sum("renamed" in r["meta"] for r in shared) / sum(bool(r["tools"]) for r in records)
+    assert 0.3 < share < 0.7 and all(r["tools"] or "renamed" not in r["meta"] for r in shared)
+    out = tmp_path / "renamed.jsonl"
+    cli(["synth", "--n", "6", "--seed", "3", "--out", str(out), "--worlds", "bank", "--rename-tools", "1"])
+    assert f"wrote 6 trajectories (6 with renamed tools) to {out}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--rename-tools is a share in"):
+        cli(["synth", "--n", "4", "--out", str(out), "--rename-tools", "1.5"])

@@ -27,6 +27,7 @@ from pathlib import Path
 from openk2.envs.drills import drills, sum_drills, tool_drills
 from openk2.envs.judge import LLMJudge, category, episode_reasons, rubric_verdict
 from openk2.envs.play import gather_limited, play
+from openk2.envs.rename import rename_share
 from openk2.envs.simulated import LLMTaskWriter, LLMUser, OpenTask, SimulatedTools, load_schemas, write_tasks
 from openk2.envs.spec import domain_names, load
 from openk2.envs.splits import bucket, held_out
@@ -172,6 +173,9 @@ def add_parser(sub) -> None:
                    "its result and the answer (openk2/envs/drills.py; default 0)")
     s.add_argument("--sum-drills", type=int, default=0, help="also write this many sum drills: a + b asked "
                    "without tools, answered column by column as the teacher does (default 0)")
+    s.add_argument("--rename-tools", type=float, default=0.0, metavar="SHARE", help="new names for the tools "
+                   "of this share of the kept trajectories, wherever they appear, so a name is read from the tool "
+                   "list, not recalled (openk2/envs/rename.py; default 0)")
     s.add_argument("--tries", type=int, default=1, help="samples per task until one passes (rejection sampling)")
     s.add_argument("--teacher-slips", type=float, default=0.0, help="the share of episodes in which the "
                    "programmatic teacher errs once, as an LLM teacher does (wrong argument or tool, no call, no "
@@ -241,6 +245,8 @@ def main(args) -> None:
     if min(args.n, args.tries, args.workers, args.concurrency) < 1 or min(n for n, _ in extra.values()) < 0:
         raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1, --drills, --tool-drills "
                          "and --sum-drills at least 0")
+    if not 0 <= args.rename_tools <= 1:
+        raise SystemExit("--rename-tools is a share in [0, 1]")
     if not 0 <= args.teacher_slips <= 1 or args.teacher_slips and args.teacher_endpoint:
         raise SystemExit("--teacher-slips is a share in [0, 1], for the programmatic teacher only")
     open_tools = bool(args.tools or args.mcp)
@@ -273,10 +279,12 @@ def main(args) -> None:
                              max_tokens=args.max_tokens, sim=sim or None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = [r for r in records if r["meta"]["passed"] or args.keep_failed]
+    kept = rename_share([r for r in records if r["meta"]["passed"] or args.keep_failed], args.rename_tools,
+                        args.seed)
     with out.open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
                      for r in kept + [d for n, make in extra.values() for d in make(n, args.seed)])
     print(summary(records))
-    print(f"wrote {len(kept)} trajectories" + "".join(f" and {n} {kind} drills" for kind, (n, _) in extra.items()
+    renamed = sum("renamed" in r["meta"] for r in kept)
+    print(f"wrote {len(kept)} trajectories" + (f" ({renamed} with renamed tools)" if renamed else "") + "".join(f" and {n} {kind} drills" for kind, (n, _) in extra.items()
                                                       if n) + f" to {out}")
