@@ -17,7 +17,7 @@ import json
 import random
 import string
 
-from openk2.envs.tasks import SYSTEM
+from openk2.envs.tasks import SUM_ASK, SYSTEM
 from openk2.envs.teacher import ANSWERS, THOUGHTS, say_calls, worked_sum
 
 KEYS = ("id", "number", "code", "amount", "total", "date", "name", "owner", "title", "city", "count", "price",
@@ -65,7 +65,7 @@ def drill(rng: random.Random) -> dict:
 
 
 # --- sum drills: a + b asked without tools, answered column by column as the teacher answers it ---
-SUM_ASKS = ("What is {a} + {b}?", "Quick one, no tools needed: what is {a} + {b}?", "How much is {a} + {b}?",
+SUM_ASKS = ("What is {a} + {b}?", SUM_ASK, "How much is {a} + {b}?",
             "Please add these up for me: what is {a} + {b}?", "No lookup needed. What is {a} + {b}?")
 
 

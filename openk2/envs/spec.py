@@ -32,12 +32,17 @@ def domain_names() -> list[str]:
     return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+def parts(world: str) -> list[str]:
+    """The domains of a world's name: "bank+shop" (a merged world) -> ["bank", "shop"]."""
+    return world.split("+")
+
+
 @cache
 def load(name: str) -> dict:
     """A shipped domain by name, or a spec file by path; checked (ValueError names what is wrong).
     "bank+shop" is one world of both domains' records and tools (`merge`)."""
     if "+" in name and not name.endswith(".json"):
-        return merge([load(part) for part in name.split("+")])
+        return merge([load(part) for part in parts(name)])
     path = Path(name) if name.endswith(".json") else resources.files("openk2.envs") / "domains" / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"no domain {name!r}; the domains are: {', '.join(domain_names())}")

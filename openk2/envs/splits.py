@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 
-from openk2.envs.spec import domain_names
+from openk2.envs.spec import domain_names, parts
 from openk2.envs.tasks import generate
 
 SPLITS = ("seed", "args", "combo", "domain")
@@ -51,7 +51,7 @@ def split(tasks, by: str, test_fraction: float = 0.2, seed: int = 0, test_domain
         is_test = [len(t.rubric.tools) > 1 and bucket(f"combo:{combo(t)}", seed) < test_fraction for t in tasks]
     elif by == "domain":
         held = set(test_domains or held_out_domains([t.domain for t in tasks], seed))
-        is_test = [bool(held & set(t.domain.split("+"))) for t in tasks]  # a merged world holds its parts
+        is_test = [bool(held & set(parts(t.domain))) for t in tasks]  # a merged world holds its parts
     else:
         raise ValueError(f"unknown split {by!r}; the splits are: {', '.join(SPLITS)}")
     return [t for t, x in zip(tasks, is_test) if not x], [t for t, x in zip(tasks, is_test) if x]

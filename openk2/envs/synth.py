@@ -29,7 +29,7 @@ from openk2.envs.judge import LLMJudge, category, episode_reasons, rubric_verdic
 from openk2.envs.play import gather_limited, play
 from openk2.envs.rename import rename_share
 from openk2.envs.simulated import LLMTaskWriter, LLMUser, OpenTask, SimulatedTools, load_schemas, write_tasks
-from openk2.envs.spec import domain_names, load
+from openk2.envs.spec import domain_names, load, parts
 from openk2.envs.splits import bucket, held_out
 from openk2.envs.tasks import KINDS, SYSTEM, Task, generate
 from openk2.envs.teacher import Teacher
@@ -204,7 +204,7 @@ def add_parser(sub) -> None:
 def names(text: str | None, known: list[str], what: str, joined: bool = False) -> list[str] | None:
     """The comma-separated names of `text`, each one of `known` (or, `joined`, several joined by +)."""
     items = [x.strip() for x in text.split(",") if x.strip()] if text else None
-    if bad := [x for x in items or [] if not set(x.split("+") if joined else [x]) <= set(known)]:
+    if bad := [x for x in items or [] if not set(parts(x) if joined else [x]) <= set(known)]:
         raise SystemExit(f"unknown {what} {bad}; the {what}s are: {', '.join(known)}")
     return items
 
@@ -286,5 +286,5 @@ def main(args) -> None:
                      for r in kept + [d for n, make in extra.values() for d in make(n, args.seed)])
     print(summary(records))
     renamed = sum("renamed" in r["meta"] for r in kept)
-    print(f"wrote {len(kept)} trajectories" + (f" ({renamed} with renamed tools)" if renamed else "") + "".join(f" and {n} {kind} drills" for kind, (n, _) in extra.items()
-                                                      if n) + f" to {out}")
+    print(f"wrote {len(kept)} trajectories" + f" ({renamed} with renamed tools)" * bool(renamed)
+          + "".join(f" and {n} {kind} drills" for kind, (n, _) in extra.items() if n) + f" to {out}")

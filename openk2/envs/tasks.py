@@ -20,6 +20,7 @@ from openk2.envs.rubric import Rubric
 from openk2.envs.spec import domain_names, generate as generate_value, load, op_params
 from openk2.envs.world import World, changes, initial_state
 
+SUM_ASK = "Quick one, no tools needed: what is {a} + {b}?"  # a no-tool task's sum (sum drills ask it so too)
 KINDS = ("single", "parallel", "chain", "multi_turn", "recovery", "no_tool")
 PLACEHOLDER = re.compile(r"{(\w+)}")
 JOINS = ("{0} {1}", "Two things. {0} {1}", "{0} And one more: {1}")
@@ -178,7 +179,7 @@ def no_tool(spec, state, rng):
         key = rng.choice(sorted(state[rng.choice(sorted(state))]))
         return [f"No need to look anything up: please repeat this reference back to me exactly: {key}"], [], [], [[key]]
     a, b = rng.randint(2, 60), rng.randint(2, 60)
-    return [f"Quick one, no tools needed: what is {a} + {b}?"], [], [], [[a + b]]
+    return [SUM_ASK.format(a=a, b=b)], [], [], [[a + b]]
 
 
 BUILDERS = {"single": single, "parallel": parallel, "chain": chain, "multi_turn": multi_turn,

@@ -132,7 +132,8 @@ def grammar_text(tools: list[dict] | None, tool_choice, response_format: dict | 
     section = [f"section: {SECTION_BEGIN} call_0 more_1", *section_rules(declared(usable, True), first, calls)]
     if content is None:  # free text holds no marker text: a call written in plain tokens would escape the schema
         return "\n".join([f"start: {opening}TEXT? section?", "TEXT: " + excluding("<|"), *think, *section])
-    strict = response_format["type"] == "json_object" or (response_format.get("json_schema") or {}).get("strict") is True
+    schema_spec = response_format.get("json_schema") or {}
+    strict = response_format["type"] == "json_object" or schema_spec.get("strict") is True
     content_rule = f"content: {json_rule(content, 'response_format.json_schema.schema', strict)}"
     body = "(content | section)" if usable else "content"
     return "\n".join([f"start: {opening}{body}", content_rule, *think, *(section if usable else [])])
