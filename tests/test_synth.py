@@ -517,27 +517,3 @@ def test_renamed_tools_are_renamed_everywhere_and_rename_back_to_the_original(tm
     assert f"wrote 6 trajectories (6 with renamed tools) to {out}" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--rename-tools is a share in"):
         cli(["synth", "--n", "4", "--out", str(out), "--rename-tools", "1.5"])
-
-
-def test_the_teacher_keeps_a_tally_of_a_paged_list_and_answers_with_it():
-    tasks = []
-    for seed in range(40):
-        for domain in ("bank", "files", "shop", "calendar"):
-            try:
-                tasks.append(make_task(domain, "recovery", seed))
-            except ValueError:
-                pass
-    tallied = 0
-    for task, r in zip(tasks, synthesize(tasks, seed=3)):
-        assert r["meta"]["passed"], r["meta"]["reasons"]
-        field, read, last = (task.plan[0].get("report") or [None])[0], [], None
-        for m in r["messages"]:
-            if m["role"] == "tool" and "next_offset" in m["content"] or read and m["role"] == "tool":
-                read += [item[field] for item in json.loads(m["content"]).get("items", [])]
-            elif m["role"] == "assistant" and read and m.get("tool_calls"):
-                said = re.search(r"So far: (.*?)\. Calling", m["content"])  # every item the pages held, in order
-                assert said and said[1] == ", ".join(map(str, read)), (m["content"], read)
-                tallied, last = tallied + 1, said[1]
-            elif m["role"] == "assistant" and last:
-                assert f"found: {last}, " in m["content"] or f"found: {last}." in m["content"], m["content"]
-    assert tallied >= 5

@@ -44,14 +44,6 @@ def lookup(result, path: str):
     return result
 
 
-def rounds(messages: list[dict]) -> tuple[int, list[list[str]]]:
-    """The last user turn's index and its rounds of calls so far: each round's result texts, in call order."""
-    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    texts = {m["tool_call_id"]: m["content"] for m in messages if m["role"] == "tool"}
-    return len(users) - 1, [[texts.get(c["id"], "Error: no result") for c in m["tool_calls"]]
-                            for m in messages[users[-1]:] if m["role"] == "assistant" and m.get("tool_calls")]
-
-
 class Oracle:
     def __init__(self, task):
         self.task, self.spec = task, load(task.domain)
@@ -81,13 +73,6 @@ class Oracle:
     def act(self, turn: int, rounds: list[list[str]]) -> list[tuple[str, dict]] | tuple[str, list]:
         """The next calls [(tool, arguments)], or (answer, values it mentions) when the turn is done;
         `rounds`: the result texts of each earlier round of this turn, in call order."""
-        results, done = self.results(turn, rounds)
-        if pending := self._pending(turn, results, done):
-            return [(self.task.plan[i]["tool"], args) for i, args in pending]
-        return self.answer(turn, results)
-
-    def results(self, turn: int, rounds: list[list[str]]) -> tuple[dict, set]:
-        """What `rounds` gave the plan's steps of this turn: ({step: its result pages}, steps done)."""
         results, done = {}, set()
         for texts in rounds:
             for (i, _), text in zip(self._pending(turn, results, done), texts):
@@ -96,7 +81,9 @@ class Oracle:
                     continue
                 results.setdefault(i, []).append(page := json.loads(text))
                 done.update(() if "next_offset" in page else (i,))
-        return results, done
+        if pending := self._pending(turn, results, done):
+            return [(self.task.plan[i]["tool"], args) for i, args in pending]
+        return self.answer(turn, results)
 
     def answer(self, turn: int, results: dict) -> tuple[str, list]:
         facts, values = [], list(self.task.notes[turn] if turn < len(self.task.notes) else [])
@@ -143,7 +130,11 @@ class Oracle:
 
     def reply(self, messages: list[dict], tools=None) -> dict:
         """The next assistant turn of the conversation so far, as `ScriptedClient` takes it."""
-        act = self.act(*rounds(messages))
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        results = {m["tool_call_id"]: m["content"] for m in messages if m["role"] == "tool"}
+        rounds = [[results.get(c["id"], "Error: no result") for c in m["tool_calls"]]
+                  for m in messages[users[-1]:] if m["role"] == "assistant" and m.get("tool_calls")]
+        act = self.act(len(users) - 1, rounds)
         if isinstance(act, tuple):
             return {"content": act[0]}
         n = sum(len(m.get("tool_calls") or []) for m in messages)

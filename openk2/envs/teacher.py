@@ -21,7 +21,7 @@ import json
 import random
 import re
 
-from openk2.envs.oracle import LEADS, Oracle, fmt, rounds
+from openk2.envs.oracle import LEADS, Oracle
 
 SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
@@ -134,19 +134,8 @@ class Teacher(Oracle):
             call["id"] = f"functions.{call['function']['name']}:{call['id'].rsplit(':', 1)[1]}"
             self.slipped_call = call["id"] if self.slipped else None
         thought = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind])
-        tally = self.tally(messages) if kind == "page" else ""
-        out["content"] = " ".join(filter(None, (thought, tally, say_calls(calls))))
+        out["content"] = " ".join(filter(None, (thought, say_calls(calls))))
         return out
-
-    def tally(self, messages: list[dict]) -> str:
-        """The items a list's pages held so far, as the answer names them ("So far: ACC-1, ACC-2."): copying
-        a long list from several results at the end, a small model repeats or skips items; with the tally it
-        copies its own last words and one new page (README, eleventh measurement)."""
-        results, done = self.results(*rounds(messages))
-        found = [item[step["report"][0]] for i, step in enumerate(self.task.plan)
-                 if i in results and i not in done and step.get("report")
-                 for page in results[i] for item in page.get("items", [])]
-        return f"So far: {', '.join(map(fmt, found))}." if found else ""
 
     def _wrong_call(self, function: dict, rng: random.Random) -> None:
         """The slip in a call, in place: another tool of the task's toolset, or one argument a near miss."""
