@@ -19,6 +19,7 @@ import random
 import re
 
 from openk2.envs.spec import domain_names, load
+from openk2.tokenizer.toolcalls import CALL_ID
 
 VERBS = {
     "get": ("fetch", "lookup", "show", "retrieve", "view"), "list": ("search", "find", "browse", "query"),
@@ -74,11 +75,11 @@ def mapping(names: list[str], rng: random.Random, style: str | None = None) -> d
 
 
 def _call_id(call_id: str | None, names: dict[str, str]) -> str | None:
-    """K2's call id `functions.NAME:INDEX` with the name replaced (any other id is left alone)."""
-    if call_id and call_id.startswith("functions.") and ":" in call_id:
-        name, _, index = call_id[len("functions."):].rpartition(":")
-        if name in names:
-            return f"functions.{names[name]}:{index}"
+    """K2's call id `functions.NAME:INDEX` (read as the call parser reads it) with the name replaced;
+    any other id is left alone."""
+    m = CALL_ID.fullmatch(call_id or "")
+    if m and call_id.startswith("functions.") and m[1] in names:
+        return f"functions.{names[m[1]]}:{m[2]}"
     return call_id
 
 
@@ -87,8 +88,7 @@ def apply(record: dict, names: dict[str, str]) -> dict:
     renamed wherever it stands; `meta.renamed` records the map."""
     words = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + r")(?!\w)")
     out = copy.deepcopy(record)
-    for t in out.get("tools") or []:
-        t["function"]["name"] = names.get(t["function"]["name"], t["function"]["name"])
+    functions = [t["function"] for t in out.get("tools") or []]
     for m in out["messages"]:
         if m["role"] == "assistant":
             for key in ("content", "reasoning_content"):
@@ -96,11 +96,13 @@ def apply(record: dict, names: dict[str, str]) -> dict:
                     m[key] = words.sub(lambda x: names[x.group(1)], m[key])
             for call in m.get("tool_calls") or []:
                 call["id"] = _call_id(call.get("id"), names)
-                call["function"]["name"] = names.get(call["function"]["name"], call["function"]["name"])
+                functions.append(call["function"])
         elif m["role"] == "tool":
             m["tool_call_id"] = _call_id(m.get("tool_call_id"), names)
             if m.get("name") in names:
                 m["name"] = names[m["name"]]
+    for f in functions:  # the declaration's and the calls' names
+        f["name"] = names.get(f["name"], f["name"])
     out["meta"] = {**out.get("meta", {}), "renamed": names}
     return out
 
