@@ -68,6 +68,23 @@ def test_plain_chat_without_tools_and_call_ids_assigned():
     assert "functions.f:0" in TOK.decode([i for i, m in zip(ids, mask) if m])
 
 
+def test_weight_zero_keeps_a_turn_in_context_but_out_of_the_loss():
+    """OpenAI's fine-tuning `weight`: the call turn at 0 is rendered exactly as before (the answer is
+    trained after it), and only the answer's tokens keep mask 1."""
+    dialog = copy.deepcopy(DIALOG)
+    ids, mask = encode_with_mask(TOK, dialog, TOOLS)
+    dialog[2]["weight"] = 0
+    ids0, mask0 = encode_with_mask(TOK, dialog, TOOLS)
+    assert ids0 == ids
+    call_turn = TOK.encode(expected_dialog()[4][0], allow_special=True)
+    start = next(i for i in range(len(ids)) if ids[i:i + len(call_turn)] == call_turn)
+    span = range(start, start + len(call_turn))
+    assert all(mask[i] for i in span) and not any(mask0[i] for i in span)
+    assert [m for i, m in enumerate(mask0) if i not in span] == [m for i, m in enumerate(mask) if i not in span]
+    dialog[2]["weight"] = 1
+    assert encode_with_mask(TOK, dialog, TOOLS) == (ids, mask)
+
+
 def test_templates_that_rewrite_earlier_turns_are_refused():
     """K2-Thinking drops the reasoning of finished turns: the call turn renders differently once the
     answer follows, so no one sequence trains both turns as generated."""
@@ -85,7 +102,15 @@ def test_templates_that_rewrite_earlier_turns_are_refused():
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"id": "a"}]}]}',
      ":2: message 1 has a tool call without function name"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": {}}',
-     ':2: "tools" must be a list')])
+     ':2: "tools" must be a list'),
+    ('{"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]}',
+     ":2: message 0 has weight 0; only assistant messages take a weight"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]}',
+     ":2: message 1 has weight 0.5"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": true}]}',
+     ":2: message 1 has weight True"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}',
+     ":2: no assistant message of weight 1")])
 def test_malformed_lines_name_their_line(tmp_path, line, error):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"messages": DIALOG[1:3], "tools": TOOLS}) + "\n" + line + "\n")

@@ -2,6 +2,9 @@
 the assistant writes (its content, reasoning where the template writes it, tool-call markers, ids and
 arguments, and the closing `<|im_end|>`) and 0 on everything else (tool declarations, system, user and
 tool turns, and the `<|im_assistant|>assistant<|im_middle|>` header, which the template writes).
+An assistant message with `"weight": 0` (OpenAI's fine-tuning format: 0 or 1, default 1) stays in the
+context of the later turns but is not trained on: its tokens get mask 0 (a teacher's slip before its
+recovery, say: the recovery is learned, the slip is not).
 
 How the spans are found, whatever the template: for the i-th message, if an assistant one, the
 conversation up to it is rendered with the generation prompt (what the model would be shown) and up
@@ -35,8 +38,11 @@ def check_example(row, where: str) -> tuple[list[dict], list[dict] | None]:
             if not isinstance(call, dict) or not isinstance(call.get("function"), dict) \
                     or "name" not in call["function"] or "arguments" not in call["function"]:
                 raise ValueError(f"{where}: message {j} has a tool call without function name and arguments")
-    if not any(m["role"] == "assistant" for m in row["messages"]):
-        raise ValueError(f"{where}: no assistant message, so nothing to learn")
+        if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            raise ValueError(f"{where}: message {j} has weight {m['weight']!r}; only assistant messages take a "
+                             "weight, 0 (not trained on) or 1")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in row["messages"]):
+        raise ValueError(f"{where}: no assistant message of weight 1, so nothing to learn")
     tools = row.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ValueError(f"{where}: \"tools\" must be a list of tool objects")
@@ -65,7 +71,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, list[dict], list[dict] | Non
 def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None = None, template: str | None = None,
                      **variables) -> tuple[list[int], list[int]]:
     """(ids, mask) of one conversation, rendered without a generation prompt; mask[i] = 1 where ids[i]
-    is an assistant token (see the module docstring)."""
+    is a token of an assistant message of weight 1 (see the module docstring)."""
     from openk2.tokenizer.chat import assign_tool_call_ids
     messages = assign_tool_call_ids(messages)
 
@@ -84,5 +90,5 @@ def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None =
             raise ValueError(f"the chat template renders the turns before message {i} differently once later "
                              "turns follow, so no single sequence trains every assistant turn; split the "
                              "conversation into one example per assistant turn")
-        mask[len(head):len(upto)] = [1] * (len(upto) - len(head))
+        mask[len(head):len(upto)] = [int(message.get("weight", 1))] * (len(upto) - len(head))
     return ids, mask
