@@ -102,6 +102,36 @@ def test_muon_step_equals_the_reference_with_and_without_nesterov(nesterov):
         torch.testing.assert_close(opt.state[w]["momentum_buffer"], buf, rtol=0, atol=0)
 
 
+def test_muon_batches_one_matrix_parameters_of_a_shape_on_cpu(monkeypatch):
+    """At world size 1 on CPU, same-shape parameters of one matrix each share a Newton–Schulz call, up to
+    NS_CHUNK_BYTES (here 3 of 48×32 a batch: 5 -> 3 + 2; a stack apart); each update stays muon_update's."""
+    monkeypatch.setattr(muon_mod, "NS_CHUNK_BYTES", 3 * 2 * 48 * 32)
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(48, 32)) for _ in range(5)]
+    stack = torch.nn.Parameter(torch.randn(2, 48, 32))
+    groups = [dict(params=ws[:2] + [stack] + ws[2:], algo="muon", matrix=(48, 32))]
+    items = [(p, groups[0]) for p in groups[0]["params"]]
+    names = {id(p): str(i) for i, p in enumerate(ws)} | {id(stack): "stack"}
+    assert [[names[id(p)] for p, _ in b] for b in muon_mod._batches(items, 48, 32)] \
+        == [["0", "1"], ["stack"], ["2", "3", "4"]]
+    opt = Muon(groups, lr=1e-2, weight_decay=0.1)
+    calls = []
+    real = muon_mod.newton_schulz
+    monkeypatch.setattr(muon_mod, "newton_schulz", lambda G, *a, **k: calls.append(G.shape[0]) or real(G, *a, **k))
+    params = ws + [stack]
+    want, bufs = [p.detach().clone() for p in params], [torch.zeros_like(p) for p in params]
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        want = [w * (1 - 1e-3) - 1e-2 * muon_update(p.grad.clone(), b) for w, p, b in zip(want, params, bufs)]
+        calls.clear()
+        opt.step()
+        assert calls == [2, 2, 3]  # matrices per call
+        for p, w, b in zip(params, want, bufs):
+            torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-6)
+            torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(256, 128), (64, 512), (32, 64), (512, 1536)])
 def test_update_rms_matches_adamw(shape):
     torch.manual_seed(0)

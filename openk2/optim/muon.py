@@ -161,6 +161,23 @@ def row_block(t) -> tuple[int, int, dist.ProcessGroup | None]:
     return dist.get_rank(group) * chunk, chunk, group
 
 
+def _batches(items: list, A: int, B: int) -> list[list]:
+    """A shape group's (param, group) pairs in the batches that one Newton–Schulz call takes at world
+    size 1. On CPU, parameters that are one matrix each go together up to `NS_CHUNK_BYTES` of bf16: alone,
+    k2-small's attention and shared-expert matrices ran at 0.25–0.55 TFLOP/s on 2 Sapphire Rapids cores,
+    their 5–10 layers' together at 0.55–1.66. A stack of matrices (experts), or any parameter off the
+    CPU, is a batch of its own."""
+    out, room = [], 0  # room: bytes left in the last batch
+    for item in items:
+        single = item[0].device.type == "cpu" and item[0].numel() == A * B
+        if not (single and room >= 2 * A * B):
+            out.append([])
+            room = NS_CHUNK_BYTES if single else 0
+        out[-1].append(item)
+        room -= 2 * A * B if single else 0
+    return out
+
+
 def _share(stacks: list[torch.Tensor], start: int, stop: int) -> torch.Tensor:
     """Matrices start..stop of the concatenation of stacks [n_i, A, B]; copies only that share."""
     parts, off = [], 0
@@ -183,8 +200,9 @@ class Muon(torch.optim.Optimizer):
     Notes: momentum and AdamW state are replicated, except for parameters sharded by rows over a
     mesh (FSDP2's DTensors): their state is sharded alike, and each whole matrix is gathered onto one
     rank for Newton–Schulz and its rows scattered back (`_muon_rows`). At world size 1 each parameter
-    goes through momentum, NS and its update in turn, with temporaries in `self.scratch` (a copy of the
-    largest parameter in the grads' dtype, two in bf16; kept between steps on CPU); with more ranks a
+    (on CPU, a batch of same-shape one-matrix parameters: `_batches`) goes through momentum, NS and its
+    update in turn, with temporaries in `self.scratch` (a copy of the largest parameter or batch in the
+    grads' dtype, two in bf16; kept between steps on CPU); with more ranks a
     shape group's NS inputs and bf16 updates are held at once: at K2 scale groups would need bucketing
     (expert parallelism shards them).
     `process_group` is the data-parallel group; None means the default group when torch.distributed is
@@ -280,13 +298,18 @@ class Muon(torch.optim.Optimizer):
 
     def _muon(self, items, A: int, B: int, ns_steps: int, rank: int, world: int):
         """One shape group: momentum (all ranks), this rank's contiguous share of the matrices through
-        NS, all-gather, then every rank applies every update; at world size 1, parameter by parameter."""
+        NS, all-gather, then every rank applies every update; at world size 1, batch by batch (`_batches`)."""
         if world == 1:
-            for p, group in items:
-                U = self.scratch.get("update", p.grad.shape, p.grad.dtype, p.device)
-                U_NAB = self._momentum(p, group, out=U).view(-1, A, B)
+            for batch in _batches(items, A, B):
+                sizes, grad = [p.grad.numel() for p, _ in batch], batch[0][0].grad
+                U = self.scratch.get("update", (sum(sizes),), grad.dtype, grad.device)
+                parts = U.split(sizes)
+                for (p, group), u in zip(batch, parts):
+                    self._momentum(p, group, out=u.view(p.grad.shape))
+                U_NAB = U.view(-1, A, B)
                 U_NAB.copy_(newton_schulz(U_NAB, ns_steps, scratch=self.scratch, scale_G=True))
-                apply_muon(p, U, group["lr"], group["weight_decay"], rms_scale(A, B))
+                for (p, group), u in zip(batch, parts):
+                    apply_muon(p, u.view(p.shape), group["lr"], group["weight_decay"], rms_scale(A, B))
             return
         stacks = [self._momentum(p, group).reshape(-1, A, B) for p, group in items]
         n = sum(s.shape[0] for s in stacks)
