@@ -43,10 +43,12 @@ def episode_reasons(episode) -> list[str]:
     return reasons
 
 
-def rubric_verdict(task, world, episode) -> tuple[bool, list[str]]:
-    """The programmatic judge: (passed, reasons)."""
+def rubric_verdict(task, world, episode, forgive=frozenset()) -> tuple[bool, list[str]]:
+    """The programmatic judge: (passed, reasons). `forgive`: ids of calls that failed and that a later
+    call corrected (the teacher's own slips, `Teacher(corrects=True)`), judged as if never made; the
+    final state is judged as it is."""
     transcript = episode.transcript
-    _, reasons = task.rubric.check(world.snapshot(), answers_of(transcript), calls_of(transcript))
+    _, reasons = task.rubric.check(world.snapshot(), answers_of(transcript), calls_of(transcript, forgive))
     reasons = episode_reasons(episode) + reasons
     return not reasons, reasons
 
