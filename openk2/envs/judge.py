@@ -43,12 +43,10 @@ def episode_reasons(episode) -> list[str]:
     return reasons
 
 
-def rubric_verdict(task, world, episode, forgive=frozenset()) -> tuple[bool, list[str]]:
-    """The programmatic judge: (passed, reasons). `forgive`: ids of calls that failed and that a later
-    call corrected (the teacher's own slips, `Teacher(corrects=True)`), judged as if never made; the
-    final state is judged as it is."""
+def rubric_verdict(task, world, episode) -> tuple[bool, list[str]]:
+    """The programmatic judge: (passed, reasons)."""
     transcript = episode.transcript
-    _, reasons = task.rubric.check(world.snapshot(), answers_of(transcript), calls_of(transcript, forgive))
+    _, reasons = task.rubric.check(world.snapshot(), answers_of(transcript), calls_of(transcript))
     reasons = episode_reasons(episode) + reasons
     return not reasons, reasons
 

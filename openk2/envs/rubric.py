@@ -52,17 +52,15 @@ def states(written: str, value: float) -> bool:
     return decimals >= 2 and abs(n - value) <= 0.5 * 10 ** -decimals + 1e-9 * max(1.0, abs(value))
 
 
-def calls_of(messages: list[dict], skip=frozenset()) -> list[dict]:
-    """Every tool call of a transcript but those whose id is in `skip`: name, arguments (None when not a
-    JSON object) and `turn`, the index of the assistant message that made it."""
+def calls_of(messages: list[dict]) -> list[dict]:
+    """Every tool call of a transcript: name, arguments (None when not a JSON object) and `turn`, the
+    index of the assistant message that made it."""
     out, turn = [], -1
     for m in messages:
         if m.get("role") != "assistant":
             continue
         turn += 1
         for c in m.get("tool_calls") or []:
-            if c.get("id") in skip:
-                continue
             raw = c["function"].get("arguments")
             try:
                 args = json.loads(raw) if isinstance(raw, str) else raw

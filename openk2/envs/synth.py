@@ -44,12 +44,10 @@ def byte_tokenizer():
     return Tokenizer.byte_level()
 
 
-def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0, corrects: bool = False):
+def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0):
     from openk2.agent.client import ScriptedClient
-    teacher = Teacher(task, seed, slips, attempt, corrects)
-    client = ScriptedClient([teacher.reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
-    client.teacher = teacher  # which replies slipped: `trajectory` notes them
-    return client
+    teacher = Teacher(task, seed, slips, attempt)
+    return ScriptedClient([teacher.reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
@@ -73,25 +71,14 @@ async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubr
         reasons = episode_reasons(ep) + world.problems + user.problems
         passed = not reasons
     else:
-        teacher = getattr(client, "teacher", None)
-        forgive = {teacher.slip_id} if teacher and teacher.corrected else set()
-        passed, reasons = rubric_verdict(task, world, ep, forgive) if judge != "llm" else (True, [])
+        passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])
     if judge != "rubric":
         ok, why = await llm_judge(task, world, ep)
         passed, reasons = passed and ok, reasons + why
     meta = {"task": task.id, "kind": task.kind, "domain": task.domain, "task_seed": task.seed, "seed": seed,
             "try": n_try, "teacher": client.name, "judge": judge, "passed": passed, "reasons": reasons,
             "rejected_by": sorted({category(r) for r in reasons}), "stop_reason": ep.stop_reason}
-    if slipped := getattr(getattr(client, "teacher", None), "slipped_at", None):
-        meta["slipped"] = slipped  # the programmatic teacher's slips: indexes of the messages that erred
     return {"messages": ep.transcript, "tools": ep.tools, "meta": meta}
-
-
-def mask_slips(record: dict) -> dict:
-    """`record` with each message the teacher slipped in kept at OpenAI's fine-tuning `weight` 0: still the
-    context of the turns after it, not trained on (`openk2 sft`), so SFT learns the recovery, not the slip."""
-    at = set(record["meta"].get("slipped", ()))
-    return {**record, "messages": [{**m, "weight": 0} if i in at else m for i, m in enumerate(record["messages"])]}
 
 
 async def sample(task, make_client, seed: int, tries: int = 1, **kw) -> list[dict]:
@@ -105,9 +92,8 @@ async def sample(task, make_client, seed: int, tries: int = 1, **kw) -> list[dic
 
 
 def _programmatic_one(job) -> list[dict]:  # a process pool's unit of work (module level, so it pickles)
-    task, seed, slips, corrects, kw = job
-    teacher = functools.partial(programmatic_client, slips=slips, corrects=corrects)
-    return asyncio.run(sample(Task.from_dict(task), teacher, seed, **kw))
+    task, seed, slips, kw = job
+    return asyncio.run(sample(Task.from_dict(task), functools.partial(programmatic_client, slips=slips), seed, **kw))
 
 
 MIXED_KINDS = ("parallel", "multi_turn", "single")  # the kinds whose requests may span a merged world's domains
@@ -128,12 +114,12 @@ def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None 
 
 
 def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8, client=None, progress=None,
-               slips: float = 0.0, corrects: bool = False, **kw) -> list[dict]:
+               slips: float = 0.0, **kw) -> list[dict]:
     """Every task's trajectories, in task order. `client` None: the programmatic teacher (erring in a
-    share `slips` of its episodes, and correcting its wrong calls with `corrects`), in `workers`
-    processes; else that endpoint client, `concurrency` episodes at a time."""
+    share `slips` of its episodes), in `workers` processes; else that endpoint client, `concurrency`
+    episodes at a time."""
     if client is None:
-        jobs, out = [(t.to_dict(), seed, slips, corrects, kw) for t in tasks], []
+        jobs, out = [(t.to_dict(), seed, slips, kw) for t in tasks], []
         with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
             for records in pool.map(_programmatic_one, jobs, chunksize=8) if pool else map(_programmatic_one, jobs):
                 out += records
@@ -194,12 +180,6 @@ def add_parser(sub) -> None:
     s.add_argument("--teacher-slips", type=float, default=0.0, help="the share of episodes in which the "
                    "programmatic teacher errs once, as an LLM teacher does (wrong argument or tool, no call, no "
                    "retry, an answer without the values): the judge rejects them (default 0)")
-    s.add_argument("--teacher-corrects", action="store_true", help="the teacher reads the error of a slipped "
-                   "call (wrong argument or tool, or a tool of another world, a slip of its own then) and calls "
-                   "again correctly, so the trajectory can pass (with --teacher-slips)")
-    s.add_argument("--mask-slips", action="store_true", help="keep each slipped message of a kept trajectory "
-                   "at weight 0 (OpenAI's fine-tuning format): SFT trains on the recovery after it, not on the "
-                   "slip (default: the slip is trained on like any turn)")
     s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")
@@ -269,8 +249,6 @@ def main(args) -> None:
         raise SystemExit("--rename-tools is a share in [0, 1]")
     if not 0 <= args.teacher_slips <= 1 or args.teacher_slips and args.teacher_endpoint:
         raise SystemExit("--teacher-slips is a share in [0, 1], for the programmatic teacher only")
-    if (args.mask_slips or args.teacher_corrects) and not args.teacher_slips:
-        raise SystemExit("--mask-slips and --teacher-corrects act on the teacher's slips: give --teacher-slips too")
     open_tools = bool(args.tools or args.mcp)
     judge_kind = args.judge or ("llm" if open_tools else "rubric")
     endpoint = args.judge_endpoint or args.teacher_endpoint
@@ -296,14 +274,13 @@ def main(args) -> None:
         raise SystemExit(str(e)) from None
     with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
-                             progress=bar.update, slips=args.teacher_slips,
-                             corrects=args.teacher_corrects, tries=args.tries, judge=judge_kind,
+                             progress=bar.update, slips=args.teacher_slips, tries=args.tries, judge=judge_kind,
                              llm_judge=judge or None, system=args.system or None, temperature=args.temperature,
                              max_tokens=args.max_tokens, sim=sim or None)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = rename_share([mask_slips(r) if args.mask_slips else r for r in records
-                         if r["meta"]["passed"] or args.keep_failed], args.rename_tools, args.seed)
+    kept = rename_share([r for r in records if r["meta"]["passed"] or args.keep_failed], args.rename_tools,
+                        args.seed)
     with out.open("w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
                      for r in kept + [d for n, make in extra.values() for d in make(n, args.seed)])

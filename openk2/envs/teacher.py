@@ -13,9 +13,6 @@ wrong once, in one of the ways an LLM teacher goes wrong (SLIPS): a wrong argume
 no call at all, giving up on a transient error instead of retrying, or an answer without the values.
 They are what the judge is for: the rubric rejects each, and `--keep-failed` shows what keeping them
 costs. With P = 0 (the default) the teacher never errs.
-With `corrects`, a slipped call (a wrong argument, a wrong tool, or a tool the task does not offer, a
-slip of its own then) is followed by its correction, as an LLM teacher reads an error and fixes its
-call: the trajectory can pass, and `openk2 synth --mask-slips` keeps the slip out of the loss.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import random
 import re
 
 from openk2.envs.oracle import LEADS, Oracle
-from openk2.envs.rename import world_names
 
 SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
@@ -40,15 +36,6 @@ THOUGHTS = {  # a short thought before a round of calls, by what came before it 
     "next": ("Now with what I found.", "Next step.", "Using that result.", ""),
 }
 SLIPS = ("wrong_args", "wrong_tool", "no_call", "no_retry", "vague_answer")
-CORRECTABLE = ("wrong_args", "wrong_tool", "unknown_tool")  # a teacher that corrects may also call a tool
-CORRECTIONS = {  # the thought before a corrected call, by slip        # of another world ("unknown_tool")
-    "wrong_args": ("That value was wrong; calling again with the right one.", "I got an argument wrong; fixing it.",
-                   "Let me correct that call."),
-    "wrong_tool": ("That was the wrong tool; using the one that does this.", "Wrong tool; calling the right one.",
-                   "Let me correct that call."),
-    "unknown_tool": ("That tool is not one of mine; using one I have.", "No such tool here; calling the right one "
-                     "from my list.", "Let me correct that call."),
-}
 GIVE_UPS = ("The service is not working right now; please try again later.", "That failed, sorry.",
             "I could not get that done: the tool returned an error.")
 VAGUE = ("Done.", "All set, that went through.", "I have taken care of it.")
@@ -99,15 +86,12 @@ class Teacher(Oracle):
     """The oracle with variety, seeded by (seed, task, position in the dialog); `slips`: the share of
     episodes (per `attempt`) that go wrong once."""
 
-    def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0, corrects: bool = False):
+    def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0):
         super().__init__(task)
-        self.seed, self.corrects = seed, corrects
+        self.seed = seed
         draw = self.rng(f"slip:{attempt}")
-        kinds = SLIPS + ("unknown_tool",) * corrects
-        self.slip = draw.choice(kinds) if slips and draw.random() < slips else None
+        self.slip = draw.choice(SLIPS) if slips and draw.random() < slips else None
         self.slipped, self.slipped_call = False, None
-        self.slip_id, self.corrected = None, False  # with `corrects`: the slipped call's id, and whether fixed
-        self.at, self.slipped_at = 0, []  # the reply being written, and those that slipped (transcript indexes)
 
     def rng(self, where) -> random.Random:
         return random.Random(f"{self.seed}:{self.task.id}:{where}")
@@ -126,19 +110,11 @@ class Teacher(Oracle):
         if self.slip != kind or self.slipped:
             return False
         self.slipped = True
-        self.slipped_at.append(self.at)
         return True
 
     def reply(self, messages: list[dict], tools=None) -> dict:
-        self.at = len(messages)  # where this reply lands in the transcript
-        if self.slip_id and not self.corrected and not any(
-                m.get("tool_call_id") == self.slip_id and m["content"].startswith("Error:") for m in messages):
-            self.slip_id = None  # the slipped call did not fail: nothing shows it wrong, so nothing to correct
-        if self.slip_id:  # correcting: the plan reads the slipped call's result as a passing error, and redoes it
-            messages = [{**m, "content": "Error: try again"} if m.get("tool_call_id") == self.slip_id else m
-                        for m in messages]
-        elif self.slipped_call and any(m.get("tool_call_id") == self.slipped_call and "try again" in m["content"]
-                                       for m in messages[-4:]):
+        if self.slipped_call and any(m.get("tool_call_id") == self.slipped_call and "try again" in m["content"]
+                                     for m in messages[-4:]):
             self.slipped = False  # the wrong call met a transient error and did nothing: slip on its retry
         try:
             out = super().reply(messages, tools)
@@ -152,27 +128,17 @@ class Teacher(Oracle):
                 else "page" if "next_offset" in seen else "next")
         if kind == "retry" and self._slips("no_retry") or kind == "first" and self._slips("no_call"):
             return {"content": self.rng(f"give_up:{len(messages)}").choice(GIVE_UPS)}
-        thought = None
-        if self.slip_id and not self.corrected:
-            self.corrected = True
-            thought = self.rng(f"correct:{len(messages)}").choice(CORRECTIONS[self.slip])
-        elif self.slip in CORRECTABLE:
-            call, slips_before = calls[0], len(self.slipped_at)
+        if self.slip in ("wrong_args", "wrong_tool"):
+            call = calls[0]
             self._wrong_call(call["function"], self.rng(f"wrong:{len(messages)}"))
             call["id"] = f"functions.{call['function']['name']}:{call['id'].rsplit(':', 1)[1]}"
             self.slipped_call = call["id"] if self.slipped else None
-            if self.corrects and len(self.slipped_at) > slips_before:
-                self.slip_id = call["id"]
-        thought = thought or self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind])
+        thought = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind])
         out["content"] = " ".join(filter(None, (thought, say_calls(calls))))
         return out
 
     def _wrong_call(self, function: dict, rng: random.Random) -> None:
-        """The slip in a call, in place: another tool of the task's toolset, a tool of another world, or one
-        argument a near miss."""
-        if self.slip == "unknown_tool" and self._slips("unknown_tool"):
-            function["name"] = rng.choice(sorted(world_names() - set(self.spec["operations"])))
-            return
+        """The slip in a call, in place: another tool of the task's toolset, or one argument a near miss."""
         others = [t for t in self.task.tools if t != function["name"]]
         if self.slip == "wrong_tool" and others and self._slips("wrong_tool"):
             function["name"] = rng.choice(others)
