@@ -1,8 +1,8 @@
 """Muon's step at one process: one-matrix parameters batched per shape (`optim.muon._batches`) vs each alone.
 
 The same optimizer, state and gradients (random, fixed) step in turns, round by round, so a noisy
-neighbour slows both alike; the table gives each version's median step and the Newton–Schulz FLOPs
-of the matrices that the batching groups.
+neighbour slows both alike; the table gives each version's median step (the whole `Muon.step`: the
+AdamW groups too, the same in both) and the Newton–Schulz FLOPs of the matrices that the batching groups.
 
     .venv/bin/python -m bench.muon [--preset k2-small] [--reps 3] [--threads 2]
 """
@@ -53,7 +53,7 @@ def main():
     print(f"```\n{machine_line(args.threads)} | preset {args.preset} | median of {args.reps}\n```")
     print(f"{len(singles)} one-matrix parameters, {sum(ns_flops(*p.shape) for p in singles) / 1e9:.1f} GFLOP of "
           "Newton–Schulz a step\n")
-    print("| Muon step | s | vs alone |\n|---|---:|---:|")
+    print("| optimizer step | s | vs alone |\n|---|---:|---:|")
     base = statistics.median(times["each parameter alone"])
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts):.3f} | {base / statistics.median(ts):.2f}× |")

@@ -132,6 +132,24 @@ def test_muon_batches_one_matrix_parameters_of_a_shape_on_cpu(monkeypatch):
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=0, atol=0)
 
 
+def test_batched_updates_equal_each_matrix_alone_bit_for_bit(monkeypatch):
+    """The same two steps with one-matrix parameters batched and each alone: the same weights, exactly
+    (Newton–Schulz normalises and multiplies each matrix of a batch on its own)."""
+    torch.manual_seed(1)
+    a = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(48, 32)] * 4 + [(32, 48)] * 3]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opts = [Muon([dict(params=ps, algo="muon", matrix=None)], lr=1e-2, weight_decay=0.1) for ps in (a, b)]
+    for _ in range(2):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opts[0].step()
+        with monkeypatch.context() as m:
+            m.setattr(muon_mod, "_batches", lambda items, A, B: [[item] for item in items])
+            opts[1].step()
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
 @pytest.mark.parametrize("shape", [(256, 128), (64, 512), (32, 64), (512, 1536)])
 def test_update_rms_matches_adamw(shape):
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ that lowers the masked loss, resumes exactly and leaves a loadable checkpoint.""
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -81,8 +82,13 @@ def test_weight_zero_keeps_a_turn_in_context_but_out_of_the_loss():
     span = range(start, start + len(call_turn))
     assert all(mask[i] for i in span) and not any(mask0[i] for i in span)
     assert [m for i, m in enumerate(mask0) if i not in span] == [m for i, m in enumerate(mask) if i not in span]
+    dialog[2]["weight"] = 0.0  # JSON's 0.0 is 0
+    assert encode_with_mask(TOK, dialog, TOOLS) == (ids0, mask0)
     dialog[2]["weight"] = 1
     assert encode_with_mask(TOK, dialog, TOOLS) == (ids, mask)
+    dialog[2]["weight"] = 0.5  # called directly, without the reader's check
+    with pytest.raises(ValueError, match="message 2 has weight 0.5"):
+        encode_with_mask(TOK, dialog, TOOLS)
 
 
 def test_templates_that_rewrite_earlier_turns_are_refused():
@@ -103,18 +109,20 @@ def test_templates_that_rewrite_earlier_turns_are_refused():
      ":2: message 1 has a tool call without function name"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "tools": {}}',
      ':2: "tools" must be a list'),
-    ('{"messages": [{"role": "user", "content": "x", "weight": 0}, {"role": "assistant", "content": "y"}]}',
-     ":2: message 0 has weight 0; only assistant messages take a weight"),
+    ('{"messages": [{"role": "user", "content": "x", "weight": 1}, {"role": "assistant", "content": "y"}]}',
+     ":2: message 0 (user) has a weight; only assistant messages take one"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0.5}]}',
-     ":2: message 1 has weight 0.5"),
+     ":2: message 1 has weight 0.5; expected 0 (not trained on) or 1"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": true}]}',
      ":2: message 1 has weight True"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": "0"}]}',
+     ":2: message 1 has weight '0'"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}',
      ":2: no assistant message of weight 1")])
 def test_malformed_lines_name_their_line(tmp_path, line, error):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"messages": DIALOG[1:3], "tools": TOOLS}) + "\n" + line + "\n")
-    with pytest.raises(ValueError, match=error.replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(error)):
         read_jsonl(path)
 
 

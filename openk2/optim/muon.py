@@ -163,14 +163,14 @@ def row_block(t) -> tuple[int, int, dist.ProcessGroup | None]:
 
 def _batches(items: list, A: int, B: int) -> list[list]:
     """A shape group's (param, group) pairs in the batches that one Newton–Schulz call takes at world
-    size 1. On CPU, parameters that are one matrix each go together up to `NS_CHUNK_BYTES` of bf16: alone,
-    k2-small's attention and shared-expert matrices ran at 0.25–0.55 TFLOP/s on 2 Sapphire Rapids cores,
-    their 5–10 layers' together at 0.55–1.66. A stack of matrices (experts), or any parameter off the
-    CPU, is a batch of its own."""
+    size 1. On CPU, parameters that are one matrix each (and of one dtype) go together up to
+    `NS_CHUNK_BYTES` of bf16: alone, k2-small's attention and shared-expert matrices ran at 0.25–0.95
+    TFLOP/s on 2 Sapphire Rapids cores, all layers' matrices of a shape together at 0.55–1.66. A stack
+    of matrices (experts), or any parameter off the CPU, is a batch of its own."""
     out, room = [], 0  # room: bytes left in the last batch
     for item in items:
         single = item[0].device.type == "cpu" and item[0].numel() == A * B
-        if not (single and room >= 2 * A * B):
+        if not (single and room >= 2 * A * B and item[0].dtype == out[-1][0][0].dtype):
             out.append([])
             room = NS_CHUNK_BYTES if single else 0
         out[-1].append(item)

@@ -26,6 +26,17 @@ from openk2.tokenizer.protect import encode_chat
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def weight_of(message: dict, where: str) -> int:
+    """An assistant message's training weight: 1 unless it says `"weight": 0`; a weight on another role,
+    or one other than 0 and 1, is a ValueError naming `where`."""
+    weight = message.get("weight", 1)
+    if "weight" in message and message.get("role") != "assistant":
+        raise ValueError(f"{where} ({message.get('role')}) has a weight; only assistant messages take one")
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise ValueError(f"{where} has weight {weight!r}; expected 0 (not trained on) or 1")
+    return int(weight)
+
+
 def check_example(row, where: str) -> tuple[list[dict], list[dict] | None]:
     """(messages, tools) of one JSONL row, or a ValueError naming `where` and what is wrong."""
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
@@ -38,9 +49,8 @@ def check_example(row, where: str) -> tuple[list[dict], list[dict] | None]:
             if not isinstance(call, dict) or not isinstance(call.get("function"), dict) \
                     or "name" not in call["function"] or "arguments" not in call["function"]:
                 raise ValueError(f"{where}: message {j} has a tool call without function name and arguments")
-        if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
-            raise ValueError(f"{where}: message {j} has weight {m['weight']!r}; only assistant messages take a "
-                             "weight, 0 (not trained on) or 1")
+        if "weight" in m:
+            weight_of(m, f"{where}: message {j}")
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in row["messages"]):
         raise ValueError(f"{where}: no assistant message of weight 1, so nothing to learn")
     tools = row.get("tools")
@@ -90,5 +100,5 @@ def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None =
             raise ValueError(f"the chat template renders the turns before message {i} differently once later "
                              "turns follow, so no single sequence trains every assistant turn; split the "
                              "conversation into one example per assistant turn")
-        mask[len(head):len(upto)] = [int(message.get("weight", 1))] * (len(upto) - len(head))
+        mask[len(head):len(upto)] = [weight_of(message, f"message {i}")] * (len(upto) - len(head))
     return ids, mask
