@@ -49,8 +49,7 @@ def check_example(row, where: str) -> tuple[list[dict], list[dict] | None]:
             if not isinstance(call, dict) or not isinstance(call.get("function"), dict) \
                     or "name" not in call["function"] or "arguments" not in call["function"]:
                 raise ValueError(f"{where}: message {j} has a tool call without function name and arguments")
-        if "weight" in m:
-            weight_of(m, f"{where}: message {j}")
+        weight_of(m, f"{where}: message {j}")
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in row["messages"]):
         raise ValueError(f"{where}: no assistant message of weight 1, so nothing to learn")
     tools = row.get("tools")
@@ -95,10 +94,12 @@ def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None =
             continue
         if i == 0:
             raise ValueError("the conversation opens with an assistant message; it needs a system or user turn first")
+        if not weight_of(message, f"message {i}"):
+            continue  # a turn at weight 0 keeps mask 0: no need to render it to find its span
         head, upto = enc(messages[:i], True), enc(messages[:i + 1], False)
         if upto[:len(head)] != head or ids[:len(upto)] != upto:
             raise ValueError(f"the chat template renders the turns before message {i} differently once later "
                              "turns follow, so no single sequence trains every assistant turn; split the "
                              "conversation into one example per assistant turn")
-        mask[len(head):len(upto)] = [weight_of(message, f"message {i}")] * (len(upto) - len(head))
+        mask[len(head):len(upto)] = [1] * (len(upto) - len(head))
     return ids, mask
