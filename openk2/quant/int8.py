@@ -20,6 +20,7 @@ QMAX = 127  # symmetric: -128 is never produced, so |q| ≤ 127 and -q is repres
 # 428 µs for 64), while dequantise + matmul costs ~230 µs for 1 to 64 rows: the kernel wins up to
 # ~32 rows (~100 at 1024×2048). With fp32 activations it is ~20x slower per row and never wins.
 KERNEL_MAX_ROWS = 32
+KERNEL_IN_MULTIPLE = 16  # in-features the kernel handles (see `use_kernel`)
 
 
 def quantize_int8(w_OI: torch.Tensor, scale_dtype: torch.dtype | None = None):
@@ -56,9 +57,11 @@ def int8_linear(x_NI: torch.Tensor, q_OI: torch.Tensor, scale_O: torch.Tensor) -
 
 
 def use_kernel(x: torch.Tensor) -> bool:
-    """Whether the CPU kernel beats dequantise-then-matmul for activations x (see KERNEL_MAX_ROWS)."""
+    """Whether the CPU kernel beats dequantise-then-matmul for activations x (see KERNEL_MAX_ROWS), and
+    can take them: torch 2.13's kernel is right only for in-features that are a multiple of 16 (others
+    give wrong sums, or crash the process; tests/test_quant.py)."""
     return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1])
+            and x.shape[-1] % KERNEL_IN_MULTIPLE == 0 and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1])
 
 
 class Int8Linear(nn.Module):
