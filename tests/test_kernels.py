@@ -1,7 +1,8 @@
-"""openk2's CPU kernels for the decode step (openk2/kernels) against their references: the float
-experts' grouped kernel (`openk2::float_pairs`) against exact products summed in float64, its input
-checks, and the compiled decode step at a batch that takes it against the model's reference step.
-(The int4 kernel's tests sit with its format, tests/test_quant.py.)"""
+"""openk2's CPU kernels for the decode step (openk2/kernels) against their references: the grouped
+kernels of float experts (`openk2::float_pairs`) and int8 codes (`openk2::int8_pairs`) against exact
+products summed in float64, their input checks, and the decode step's linears through them.
+(The int4 kernel's tests sit with its format, tests/test_quant.py; the compiled step's, with the step,
+tests/test_decode.py.)"""
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def test_float_pairs_equals_exact_products(dtype, width, cpu_kernels):
     torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * width ** 0.5)
     # what the decode step calls for bf16 weights, through the same seam as the int4 kernel (fp32
     # weights keep the step's own paths, which measured faster)
-    assert (dtype in PAIRS_KERNELS) == (dtype == torch.bfloat16)
+    assert (dtype in PAIRS_KERNELS) == (dtype == torch.bfloat16) and torch.int8 in PAIRS_KERNELS
     if dtype == torch.bfloat16:
         assert torch.equal(pairs_matvec(x, w, None, idx), got)
 
@@ -74,3 +75,64 @@ def test_eager_experts_take_the_kernel_for_few_rows(dtype, rows, cpu_kernels, mo
         loop = experts(x_MD, counts_E, w_M)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the loop rounds the hidden layer once more
     torch.testing.assert_close(got.float(), loop.float(), rtol=tol, atol=tol)
+
+
+def _int8_case(width, scale_dtype, seed=0):
+    x, _, idx = _case(torch.bfloat16, width, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    codes = torch.randint(-127, 128, (5, 42, width), dtype=torch.int8, generator=g)
+    return x, codes, (torch.rand(5, 42, generator=g) / 50).to(scale_dtype), idx
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [64, 512, 200])
+def test_int8_pairs_equals_exact_products(width, scale_dtype, cpu_kernels):
+    """Row m times codes idx[m], then the row scale (fp32 products and sums: exact up to fp32 rounding);
+    what `pairs_matvec` calls for int8 codes."""
+    x, codes, scale, idx = _int8_case(width, scale_dtype)
+    got = torch.ops.openk2.int8_pairs(x, codes, scale, idx)
+    expect = (x.double()[:, None, :] * codes.double()[idx]).sum(-1) * scale.double()[idx]
+    assert got.dtype == torch.float32 and got.shape == (23, 42)
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    assert torch.equal(pairs_matvec(x, codes, scale, idx), got)
+    # activations of any float dtype and layout: fp32 as they are, a strided view read in place
+    assert torch.equal(torch.ops.openk2.int8_pairs(x.float(), codes, scale, idx), got)
+    strided = x.float().T.contiguous().T
+    assert not strided.is_contiguous() and torch.equal(torch.ops.openk2.int8_pairs(strided, codes, scale, idx), got)
+
+
+def test_int8_pairs_rejects_bad_input(cpu_kernels):
+    x, codes, scale, idx = _int8_case(64, torch.float32)
+    with pytest.raises(RuntimeError, match=r"idx outside \[0, 5\)"):
+        torch.ops.openk2.int8_pairs(x, codes, scale, idx.clone().fill_(-1))
+    with pytest.raises(RuntimeError, match=r"scale \[E, O\]"):
+        torch.ops.openk2.int8_pairs(x, codes, scale[:, :40], idx)
+    with pytest.raises(RuntimeError, match="fp32 or bf16 scales"):
+        torch.ops.openk2.int8_pairs(x, codes, scale.half(), idx)
+    with pytest.raises(RuntimeError, match="int8 codes"):
+        torch.ops.openk2.int8_pairs(x, codes.to(torch.uint8), scale, idx)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_decode_linears_take_the_kernels_at_small_batches(mode, cpu_kernels, monkeypatch):
+    """The decode step's linears (`decode_linear`, small batches) are stacks of one through the kernel
+    of their weights, and equal the fused loop it replaces (`matvec`) to its rounding."""
+    from torch import nn
+
+    from openk2.model import linear
+    from openk2.quant.int8 import Int8Linear
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(200, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 200, generator=g) * 0.1)
+    mod = lin.to(torch.bfloat16) if mode == "bf16" else Int8Linear.from_weight(lin.weight.to(torch.bfloat16))
+    x = torch.randn(3, 200, generator=g).to(torch.bfloat16)
+    with torch.profiler.profile() as prof:
+        got = linear.decode_linear(mod, x, small=True)
+    kernel = "openk2::float_pairs" if mode == "bf16" else "openk2::int8_pairs"
+    assert kernel in {e.name for e in prof.events()} and got.dtype == torch.bfloat16
+    monkeypatch.setattr(linear, "PAIRS_KERNELS", {})
+    loop = linear.decode_linear(mod, x, small=True)
+    torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=2e-2)
+    expect = mod(x)  # the module's own forward
+    torch.testing.assert_close(got.float(), expect.float(), rtol=2e-2, atol=2e-2)

@@ -108,13 +108,16 @@ class _StepFor:
     a swapped weight) starts over. Within one engine's life the weights' values may change (RL's
     weight sync updates them in place), not their dtypes or shapes."""
 
-    def __init__(self, signature: tuple):
+    def __init__(self, signature: tuple, device: torch.device):
         f = Transformer.decode
         code = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
         # fullgraph: one frame, the one with a code object of its own (a graph break would leave nested
-        # frames, shared by every model, with their weight guards dropped too); a break is a compile error
-        self.fn = torch.compile(code, dynamic=True, fullgraph=True,
-                                options={"guard_filter_fn": lambda entries: [_weight_guard(e) for e in entries]})
+        # frames, shared by every model, with their weight guards dropped too); a break is a compile error.
+        # On CPU the graph's wrapper is C++ (`cpp_wrapper`): a step calls ~50 kernels, and from C++ each call
+        # costs less than from inductor's Python wrapper (k2-small int8: 2.95 -> 2.68 ms a step)
+        options = {"guard_filter_fn": lambda entries: [_weight_guard(e) for e in entries],
+                   "cpp_wrapper": torch.device(device).type == "cpu"}
+        self.fn = torch.compile(code, dynamic=True, fullgraph=True, options=options)
         self.signature = signature
 
     @staticmethod
@@ -126,7 +129,7 @@ class _StepFor:
     def current(cls, model: Transformer) -> "_StepFor":
         step, signature = _STEPS.get(model), cls.signature_of(model)
         if step is None or step.signature != signature:
-            step = _STEPS[model] = cls(signature)
+            step = _STEPS[model] = cls(signature, model.lm_head.weight.device)
         return step
 
 

@@ -3,10 +3,11 @@
 
 - `int4_cpu.cpp`, `openk2::int4_pairs`: int4 experts in the decode layout (openk2/quant/int4_decode.py),
   and `openk2::quantize_halves`, weights into that layout in one pass (`cpu_op`; the int4 expert cache);
-- `pairs_cpu.cpp`, `openk2::float_pairs`: bf16 experts (fp32 too, as an op), the rows grouped by
-  expert so that a batch reads each chosen expert once; the compiled step takes it past `small_batch`,
-  where the alternative is every expert on every row (at one row the step's own fused loop is faster:
-  `MoE.decode`), and eager steps for few rows an expert (`Experts.forward`).
+- `pairs_cpu.cpp`, `openk2::float_pairs` and `openk2::int8_pairs`: bf16 experts (fp32 too, as an op)
+  and int8 codes with row scales, the rows grouped by expert so that a batch reads each chosen expert
+  once; the compiled step takes them for its chosen experts and, at small batches, for its linears
+  (a stack of one, `decode_linear`); eager steps take `float_pairs` for few rows an expert
+  (`Experts.forward`).
 
 Built on first use with torch's extension mechanism (`torch.utils.cpp_extension.load`: the machine's
 C++ compiler, -O3 -march=native -fopenmp; ~1 min once, then loaded from torch's extension cache) and
@@ -62,7 +63,12 @@ def load() -> bool:
     @torch.library.register_fake("openk2::float_pairs")
     def _(x, w, idx):
         return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("openk2::int8_pairs")
+    def _(x, w, scale, idx):
+        return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
     linear.PAIRS_KERNELS[torch.uint8] = torch.ops.openk2.int4_pairs
+    linear.PAIRS_KERNELS[torch.int8] = torch.ops.openk2.int8_pairs
     # bf16 only: fp32 experts have no vector path here, and the step's own fp32 paths measured faster
     # (k2-mini fp32, 32 rows: compiled 12.3 vs 13.2 ms a step, eager 14.9 vs 16.1 ms)
     linear.PAIRS_KERNELS[torch.bfloat16] = lambda x, w, scale, idx: torch.ops.openk2.float_pairs(x, w, idx)

@@ -1,19 +1,23 @@
-// Float experts for the decode step, grouped: row m of x times matrix idx[m] of a stack w [E, O, I]
-// (bf16 or fp32; fp32 accumulation), each chosen matrix read once for all the rows that chose it.
+// Float and int8 matrices for the decode step, grouped: row m of x times matrix idx[m] of a stack w
+// [E, O, I] — bf16 or fp32 (`float_pairs`), or int8 codes with one scale per output row (`int8_pairs`,
+// the scale applied after the sum as the reference `matvec` does) — in fp32, each chosen matrix read
+// once for all the rows that chose it. A plain linear is a stack of one (`decode_linear`).
 //
 // A batch of decode rows chooses few experts per row but, together, many rows per expert (32 rows ×
 // 8 of 64: ~4 rows an expert). The rows are grouped by expert (a counting sort), and the work splits
 // into (expert, block of output rows) tasks across torch's intra-op threads; within a task a few
 // weight rows are loaded once per few activation rows and stay in L1 for the next few. bf16
 // weights on a CPU with AVX512-BF16 multiply by `vdpbf16ps` (exact bf16 products, fp32 sums) with the
-// activations rounded to bf16 (as the model's own bf16 matmuls take them); other cases use a plain
-// loop over 16 partial sums that the compiler vectorises.
+// activations rounded to bf16 (as the model's own bf16 matmuls take them); int8 codes on a CPU with
+// AVX-512 are widened to fp32 in registers and multiplied by the activations in fp32; other cases use
+// a plain loop over 16 partial sums that the compiler vectorises.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <type_traits>
 #include <vector>
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -26,14 +30,15 @@ constexpr int kAhead = 64;      // weight rows prefetched (into L2) ahead of the
 
 inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float widen(float v) { return v; }
+inline float widen(int8_t v) { return static_cast<float>(v); }
 
-// dot products of up to kOuts consecutive weight rows (w, stride I) with up to kRows activation rows,
-// 16 partial sums each: out[o * kRows + k]
-template <typename T>
-inline void dots(const T* w, int no, const T* const* xs, int n, int64_t I, float* out) {
+// dot products of `no` consecutive weight rows (w, stride I) with `n` activation rows (no · n ≤ 16), 16
+// partial sums each: out[o * n + k]
+template <typename TW, typename TX>
+inline void dots(const TW* w, int no, const TX* const* xs, int n, int64_t I, float* out) {
   for (int o = 0; o < no; ++o) {
     float acc[kRows][16] = {};
-    const T* wr = w + o * I;
+    const TW* wr = w + o * I;
     int64_t i = 0;
     for (; i + 16 <= I; i += 16) {
       float wf[16];
@@ -45,14 +50,16 @@ inline void dots(const T* w, int no, const T* const* xs, int n, int64_t I, float
       float total = 0.f;
       for (int j = 0; j < 16; ++j) total += acc[k][j];
       for (int64_t t = i; t < I; ++t) total += widen(wr[t]) * widen(xs[k][t]);
-      out[o * kRows + k] = total;
+      out[o * n + k] = total;
     }
   }
 }
 
-#if defined(__AVX512BF16__)
-// kOuts × kRows accumulators in registers (16 of 32), enough independent chains to hide vdpbf16ps's
-// latency; each weight load serves kRows rows and each activation load kOuts outputs
+#if defined(__AVX512F__)
+// The vector paths keep NO × NR ≤ 16 accumulators in registers (of 32), enough independent chains to
+// hide the multiply-add's latency; each weight load serves NR rows and each activation load NO outputs
+// (at one activation row, 16 outputs a pass measured slower: 16 streams of weights at once).
+
 // the 16 sums of 16 vectors at once, lane j holding the sum of v[j]: pairs of vectors, then pairs of
 // pairs, interleaved and added (45 instructions where 16 separate reductions take ~130)
 inline __m512 sum16(const __m512* v) {
@@ -68,49 +75,93 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xdd));
 }
 
-template <int NO, int NR>
-inline void dots_bf16(const c10::BFloat16* w, const c10::BFloat16* const* xs, int64_t I, float* out) {
-  static_assert(kOuts * kRows == 16, "one sum16 for all accumulators");
-  __m512 acc[kOuts * kRows];  // acc[o * kRows + k]; the unused ones stay zero
-  for (int j = 0; j < kOuts * kRows; ++j) acc[j] = _mm512_setzero_ps();
+// the weights' rows: NO of them, kAhead rows ahead prefetched into L2 once per cache line
+template <typename TW, int NO, int NR, typename Step>
+inline void dots_vec(const TW* w, int64_t I, int64_t width, float* out, Step step) {
+  static_assert(NO * NR <= 16, "one sum16 for all accumulators");
+  __m512 acc[16];  // acc[o * NR + k]; the unused ones stay zero
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 32 <= I; i += 32) {
-    __m512bh xv[NR];
-    for (int k = 0; k < NR; ++k) xv[k] = (__m512bh)_mm512_loadu_si512(xs[k] + i);
-    for (int o = 0; o < NO; ++o) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (o + kAhead) * I + i), _MM_HINT_T1);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + o * I + i);
-      for (int k = 0; k < NR; ++k) acc[o * kRows + k] = _mm512_dpbf16_ps(acc[o * kRows + k], xv[k], wv);
-    }
+  for (; i + width <= I; i += width) {
+    if ((i * static_cast<int64_t>(sizeof(TW))) % 64 == 0)
+      for (int o = 0; o < NO; ++o) _mm_prefetch(reinterpret_cast<const char*>(w + (o + kAhead) * I + i), _MM_HINT_T1);
+    step(i, acc);
   }
   _mm512_storeu_ps(out, sum16(acc));
+}
+
+template <int NO, int NR>
+inline void dots_int8(const int8_t* w, const float* const* xs, int64_t I, float* out) {
+  dots_vec<int8_t, NO, NR>(w, I, 16, out, [&](int64_t i, __m512* acc) {
+    __m512 xv[NR];
+    for (int k = 0; k < NR; ++k) xv[k] = _mm512_loadu_ps(xs[k] + i);
+    for (int o = 0; o < NO; ++o) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + o * I + i));
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+      for (int k = 0; k < NR; ++k) acc[o * NR + k] = _mm512_fmadd_ps(wv, xv[k], acc[o * NR + k]);
+    }
+  });
+  const int64_t done = I - I % 16;
   for (int o = 0; o < NO; ++o)
     for (int k = 0; k < NR; ++k)
-      for (int64_t t = i; t < I; ++t) out[o * kRows + k] += widen(w[o * I + t]) * widen(xs[k][t]);
-}
-
-template <int NO>
-inline void dots_bf16(const c10::BFloat16* w, const c10::BFloat16* const* xs, int n, int64_t I, float* out) {
-  switch (n) {  // the counts as template arguments: the accumulators stay in registers
-    case 4: return dots_bf16<NO, 4>(w, xs, I, out);
-    case 3: return dots_bf16<NO, 3>(w, xs, I, out);
-    case 2: return dots_bf16<NO, 2>(w, xs, I, out);
-    default: return dots_bf16<NO, 1>(w, xs, I, out);
-  }
-}
-
-inline void dots(const c10::BFloat16* w, int no, const c10::BFloat16* const* xs, int n, int64_t I, float* out) {
-  switch (no) {
-    case 4: return dots_bf16<4>(w, xs, n, I, out);
-    case 3: return dots_bf16<3>(w, xs, n, I, out);
-    case 2: return dots_bf16<2>(w, xs, n, I, out);
-    default: return dots_bf16<1>(w, xs, n, I, out);
-  }
+      for (int64_t t = done; t < I; ++t) out[o * NR + k] += widen(w[o * I + t]) * xs[k][t];
 }
 #endif
 
-template <typename T>
-void grouped(const T* x, const T* w, const int64_t* idx, float* y, int64_t M, int64_t E, int64_t O, int64_t I) {
+#if defined(__AVX512BF16__)
+template <int NO, int NR>
+inline void dots_bf16(const c10::BFloat16* w, const c10::BFloat16* const* xs, int64_t I, float* out) {
+  dots_vec<c10::BFloat16, NO, NR>(w, I, 32, out, [&](int64_t i, __m512* acc) {
+    __m512bh xv[NR];
+    for (int k = 0; k < NR; ++k) xv[k] = (__m512bh)_mm512_loadu_si512(xs[k] + i);
+    for (int o = 0; o < NO; ++o) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + o * I + i);
+      for (int k = 0; k < NR; ++k) acc[o * NR + k] = _mm512_dpbf16_ps(acc[o * NR + k], xv[k], wv);
+    }
+  });
+  const int64_t done = I - I % 32;
+  for (int o = 0; o < NO; ++o)
+    for (int k = 0; k < NR; ++k)
+      for (int64_t t = done; t < I; ++t) out[o * NR + k] += widen(w[o * I + t]) * widen(xs[k][t]);
+}
+#endif
+
+// f(NO, NR) with the counts as compile-time constants (std::integral_constant), so that the
+// accumulators stay in registers
+template <typename F>
+inline void with_counts(int no, int n, F f) {
+  auto rows = [&](auto NO) {
+    switch (n) {
+      case 4: return f(NO, std::integral_constant<int, 4>{});
+      case 3: return f(NO, std::integral_constant<int, 3>{});
+      case 2: return f(NO, std::integral_constant<int, 2>{});
+      default: return f(NO, std::integral_constant<int, 1>{});
+    }
+  };
+  switch (no) {
+    case 4: return rows(std::integral_constant<int, 4>{});
+    case 3: return rows(std::integral_constant<int, 3>{});
+    case 2: return rows(std::integral_constant<int, 2>{});
+    default: return rows(std::integral_constant<int, 1>{});
+  }
+}
+
+#if defined(__AVX512BF16__)
+inline void dots(const c10::BFloat16* w, int no, const c10::BFloat16* const* xs, int n, int64_t I, float* out) {
+  with_counts(no, n, [&](auto NO, auto NR) { dots_bf16<NO, NR>(w, xs, I, out); });
+}
+#endif
+
+#if defined(__AVX512F__)
+inline void dots(const int8_t* w, int no, const float* const* xs, int n, int64_t I, float* out) {
+  with_counts(no, n, [&](auto NO, auto NR) { dots_int8<NO, NR>(w, xs, I, out); });
+}
+#endif
+
+// y[m] = (x[m] · w[idx[m]]ᵀ) (times scale[idx[m]] if scale): TS is the scale's type (float or bf16)
+template <typename TW, typename TX, typename TS = float>
+void grouped(const TX* x, const TW* w, const TS* scale, const int64_t* idx, float* y, int64_t M, int64_t E,
+             int64_t O, int64_t I) {
   // rows grouped by expert: order[starts[e] .. starts[e + 1]) are the rows that chose e
   std::vector<int64_t> starts(E + 1, 0), order(M);
   for (int64_t m = 0; m < M; ++m) ++starts[idx[m] + 1];
@@ -127,46 +178,98 @@ void grouped(const T* x, const T* w, const int64_t* idx, float* y, int64_t M, in
       const int64_t e = tasks[t] / blocks, o0 = (tasks[t] % blocks) * kBlock, o1 = std::min(O, o0 + kBlock);
       for (int64_t r = starts[e]; r < starts[e + 1]; r += kRows) {
         const int n = static_cast<int>(std::min<int64_t>(kRows, starts[e + 1] - r));
-        const T* xs[kRows];
+        const TX* xs[kRows];
         for (int k = 0; k < n; ++k) xs[k] = x + order[r + k] * I;
-        for (int64_t o = o0; o < o1; o += kOuts) {
+        for (int64_t o = o0; o < o1;) {
           const int no = static_cast<int>(std::min<int64_t>(kOuts, o1 - o));
           float out[kOuts * kRows];
           dots(w + (e * O + o) * I, no, xs, n, I, out);
-          for (int j = 0; j < no; ++j)
-            for (int k = 0; k < n; ++k) y[order[r + k] * O + o + j] = out[j * kRows + k];
+          for (int j = 0; j < no; ++j) {
+            const float s = scale ? static_cast<float>(scale[e * O + o + j]) : 1.f;
+            for (int k = 0; k < n; ++k) y[order[r + k] * O + o + j] = out[j * n + k] * s;
+          }
+          o += no;
         }
       }
     }
   });
 }
 
+at::Tensor checked_idx(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const char* op) {
+  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && idx.dim() == 1, op, ": x [M, I], w [E, O, I], idx [M]");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && idx.device().is_cpu(), op, ": CPU tensors");
+  TORCH_CHECK(w.size(2) == x.size(1) && idx.size(0) == x.size(0), op, ": shapes do not agree");
+  at::Tensor ic = idx.to(at::kLong).contiguous();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  for (int64_t m = 0; m < x.size(0); ++m)
+    TORCH_CHECK(ip[m] >= 0 && ip[m] < w.size(0), op, ": idx outside [0, ", w.size(0), ")");
+  return ic;
+}
+
+// x [M, I] as fp32: its own data if it is fp32 and contiguous, else widened into `buf` here (a few rows:
+// cheaper than a tensor op's dispatch, which costs as much as a small linear's product)
+const float* widened(const at::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.data_ptr<float>();
+  const int64_t M = x.size(0), I = x.size(1);
+  buf.resize(M * I);
+  if (x.scalar_type() == at::kBFloat16) {
+    const auto* p = x.data_ptr<c10::BFloat16>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < I; ++i) buf[m * I + i] = static_cast<float>(p[m * x.stride(0) + i * x.stride(1)]);
+  } else {
+    const at::Tensor xc = x.to(at::kFloat).contiguous();
+    std::memcpy(buf.data(), xc.data_ptr<float>(), M * I * sizeof(float));
+  }
+  return buf.data();
+}
+
 }  // namespace
 
 // x [M, I] (any float dtype), w [E, O, I] bf16 or fp32, idx [M] in [0, E) -> [M, O] fp32
 at::Tensor float_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx) {
-  TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && idx.dim() == 1, "float_pairs: x [M, I], w [E, O, I], idx [M]");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && idx.device().is_cpu(), "float_pairs: CPU tensors");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat, "float_pairs: bf16 or fp32 weights");
+  const at::Tensor ic = checked_idx(x, w, idx, "float_pairs");
   const int64_t M = x.size(0), I = x.size(1), E = w.size(0), O = w.size(1);
-  TORCH_CHECK(w.size(2) == I && idx.size(0) == M, "float_pairs: shapes do not agree");
-  const at::Tensor ic = idx.to(at::kLong).contiguous();
-  const int64_t* ip = ic.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m) TORCH_CHECK(ip[m] >= 0 && ip[m] < E, "float_pairs: idx outside [0, ", E, ")");
   const at::Tensor wc = w.contiguous(), xc = x.to(w.scalar_type()).contiguous();
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
+  const float* none = nullptr;
   if (w.scalar_type() == at::kBFloat16) {
-    grouped(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), ip, y.data_ptr<float>(), M, E, O, I);
+    grouped(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), none, ic.data_ptr<int64_t>(),
+            y.data_ptr<float>(), M, E, O, I);
   } else {
-    grouped(xc.data_ptr<float>(), wc.data_ptr<float>(), ip, y.data_ptr<float>(), M, E, O, I);
+    grouped(xc.data_ptr<float>(), wc.data_ptr<float>(), none, ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
+  }
+  return y;
+}
+
+// x [M, I] (any float dtype), w [E, O, I] int8, scale [E, O] (fp32 or bf16), idx [M] -> [M, O] fp32
+at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& idx) {
+  TORCH_CHECK(w.scalar_type() == at::kChar, "int8_pairs: int8 codes");
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == w.size(0) && scale.size(1) == w.size(1),
+              "int8_pairs: scale [E, O]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16,
+              "int8_pairs: fp32 or bf16 scales");
+  const at::Tensor ic = checked_idx(x, w, idx, "int8_pairs");
+  const int64_t M = x.size(0), I = x.size(1), E = w.size(0), O = w.size(1);
+  std::vector<float> xf;
+  const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
+  at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const float* xp = widened(x, xf);
+  if (sc.scalar_type() == at::kBFloat16) {
+    grouped(xp, wp, sc.data_ptr<c10::BFloat16>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
+  } else {
+    grouped(xp, wp, sc.data_ptr<float>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
   }
   return y;
 }
 
 TORCH_LIBRARY_FRAGMENT(openk2, m) {
   m.def("float_pairs(Tensor x, Tensor w, Tensor idx) -> Tensor");
+  m.def("int8_pairs(Tensor x, Tensor w, Tensor scale, Tensor idx) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openk2, CPU, m) {
   m.impl("float_pairs", &float_pairs);
+  m.impl("int8_pairs", &int8_pairs);
 }

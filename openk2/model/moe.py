@@ -194,16 +194,16 @@ def small_batch(rows: int, cfg: ModelConfig) -> bool:
     return rows * cfg.num_experts_per_tok <= cfg.n_routed_experts // 2
 
 
-def _experts_pairs(experts: nn.Module, x_ND, idx_NK, w_NK, kernel: bool = True):
+def _experts_pairs(experts: nn.Module, x_ND, idx_NK, w_NK):
     """Only the chosen experts' weights, one multiply-and-reduce per (token, expert) pair, through the
-    experts' face (int8 codes: scaled per row after the sum), and a registered kernel if `kernel`."""
+    experts' face (int8 codes: scaled per row after the sum) and the kernel registered for it if any."""
     N, K = idx_NK.shape
     flat_M = idx_NK.flatten()
     x_MD = x_ND.repeat_interleave(K, 0)
     gate_up, gate_up_scale, down, down_scale = decode_weights(experts)
-    gate, up = pairs_matvec(x_MD, gate_up, gate_up_scale, flat_M, kernel).chunk(2, -1)
+    gate, up = pairs_matvec(x_MD, gate_up, gate_up_scale, flat_M).chunk(2, -1)
     h_MF = (F.silu(gate) * up * w_NK.flatten()[:, None]).to(x_ND.dtype)
-    return pairs_matvec(h_MF, down, down_scale, flat_M, kernel).view(N, K, -1).sum(1).to(x_ND.dtype)
+    return pairs_matvec(h_MF, down, down_scale, flat_M).view(N, K, -1).sum(1).to(x_ND.dtype)
 
 
 def _experts_dense(experts: "Experts", x_ND, idx_NK, w_NK):
@@ -261,11 +261,8 @@ class MoE(nn.Module):
         Its reference is `forward` (tests/test_decode.py binds whole steps)."""
         logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
         idx_NK, w_NK = route(logits_NE, self.gate.e_score_correction_bias.float(), self.cfg)
-        w = decode_weights(self.experts)[0]
-        if small:  # float experts in the step's own fused loop: at one row it beats openk2's grouped
-            # kernel in the step (k2-small bf16: 2.9 vs 3.3 ms), which reads rows 1 at a time
-            y_ND = _experts_pairs(self.experts, x_ND, idx_NK, w_NK, kernel=not w.is_floating_point())
-        elif pairs_kernel(w) is not None:  # the grouped kernel: each chosen expert read once, all its rows
+        # past small batches, pairs only through a grouped kernel (each chosen expert read once, all its rows)
+        if small or pairs_kernel(decode_weights(self.experts)[0]) is not None:
             y_ND = _experts_pairs(self.experts, x_ND, idx_NK, w_NK)
         else:
             y_ND = _experts_dense(self.experts, x_ND, idx_NK, w_NK)
