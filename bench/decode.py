@@ -8,7 +8,8 @@ Side by side: the batch-1 rows run round-robin, one decode of each per round, me
 so load on the machine falls on all alike. llama.cpp runs through llama-cpp-python (the bench extra:
 `pip install llama-cpp-python gguf`; without it its rows are left out) on GGUF files converted from
 the same HF folder (bench/gguf.py: BF16, then llama.cpp's own quantizer for Q8_0 and Q4_K_M; Q4_K_M
-quantizes attention too, openk2's int4 the routed experts only, K2-Thinking's recipe).
+quantizes attention too, openk2's int4 the routed experts only, K2-Thinking's recipe, and "int4
+linears" every linear but lm_head and kv_b_proj, as Q4_K_M does).
 
 Roofline: a batch-1 decode step must read every active weight once — the active linear weights of
 `openk2.info` at the mode's bytes per weight (int4 and int8 apply to the quantized linears only, the
@@ -53,13 +54,16 @@ def bandwidth_gbs() -> float:
 
 def active_bytes(cfg, mode: str) -> float:
     """Weights one batch-1 token reads: routed-expert share at the mode's width, the rest bf16
-    (int8 also narrows attention / dense / shared linears; lm_head and kv_b_proj stay bf16)."""
+    (int8 and "int4 linears" also narrow attention / dense / shared linears; lm_head stays bf16)."""
     b = breakdown(cfg)
     n_moe = cfg.n_moe_layers
     experts = n_moe * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     rest = b.active_linear - experts
     if mode == "int4":
         return experts * 0.5 + experts / 32 * 2 + rest * 2
+    if mode == "int4 linears":
+        head = cfg.vocab_size * cfg.hidden_size
+        return (b.active_linear - head) * (0.5 + 2 / 32) + head * 2
     if mode == "int8":
         head = cfg.vocab_size * cfg.hidden_size
         return (b.active_linear - head) * 1 + head * 2
@@ -240,7 +244,7 @@ def decode_table(models, theirs, peers, ids, cfg, gbs: float, reps: int) -> None
     print("\n| batch-1 decode | tok/s | vs llama.cpp, same precision | vs transformers bf16 | roofline tok/s "
           "| % of roofline |\n| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (mode, _) in rows.items():
-        peer = next((p for p, (m, _) in peers.items() if m == mode), None)
+        peer = next((p for p, (m, _) in peers.items() if m == mode.split()[0]), None)
         vs = f"{tok_s[name] / tok_s[peer]:.2f}×" if peer and not name.startswith("llama") else "—"
         roof = gbs * 1e9 / active_bytes(cfg, mode)
         warm = f" (first run {first[name]:.0f} s)" if "compiled" in name else ""
@@ -270,7 +274,8 @@ def main():
     with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         ours, theirs = load_pair(cfg, torch.bfloat16, tmp)
         models = {"bf16": ours, "int8": quantize_model(copy.deepcopy(ours), "int8"),
-                  "int4": quantize_model(copy.deepcopy(ours), "int4")}
+                  "int4": quantize_model(copy.deepcopy(ours), "int4"),  # K2-Thinking's: routed experts only
+                  "int4 linears": quantize_model(copy.deepcopy(ours), "int4", linears=True)}  # as Q4_K_M, all
         peers = llama_cpp_rows(tmp, ids, args.threads)  # also writes the GGUFs the prefill table reads
         if "decode" in args.only:
             decode_table(models, theirs, peers, ids, cfg, gbs, reps)

@@ -178,9 +178,30 @@ def test_quantized_experts_compile_for_small_batches(tiny, mode, monkeypatch):
             got = compiled(ids, pos, slots, pool.rows)
         assert not compiled.failed
         torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
-    q4 = quantize_model(copy.deepcopy(tiny), "int4", linears=True)  # int4 linears: ATen's opaque layout
-    assert compilable(tiny) and compilable(q8) and not compilable(q4)
-    with pytest.raises(ValueError, match="cannot read int4 linears"):
+    assert compilable(tiny) and compilable(q8)
+
+
+def test_int4_linears_compile(tiny):
+    """int4 linears (decode layout, read as a stack of one) compile with int4 experts, and equal the
+    reference step; a module whose weights the step cannot read (face None) is refused with a reason."""
+    import copy
+    q4 = quantize_model(copy.deepcopy(tiny), "int4", linears=True)
+    assert compilable(q4)
+    compiled = CompiledDecode(q4)
+    for lengths in ([6], [3, 11]):
+        pool, tables, ids, pos = _pool_with_prompts(q4, lengths)
+        slots = pool.slots(tables, max(lengths) + 1)
+        with torch.inference_mode():
+            expect = q4.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
+            got = compiled(ids, pos, slots, pool.rows)
+        assert not compiled.failed
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+    class Opaque(torch.nn.Module):
+        decode_weights = None
+    q4.layers[0].self_attn.o_proj = Opaque()
+    assert not compilable(q4)
+    with pytest.raises(ValueError, match="presents no decode face"):
         CompiledDecode(q4)
 
 

@@ -18,8 +18,8 @@ from openk2.model.linear import PAIRS_KERNELS, matvec
 from openk2.model.transformer import cast
 from openk2.quant import QuantizedExperts, fake_quantize, quantize_model
 from openk2.quant import int4_decode
-from openk2.quant.int4 import (Int4Linear, dequantize_int4, int4_linear, int4_linear_reference, pack_for_cpu,
-                               quantize_int4, unpack_int4)
+from openk2.quant.int4 import dequantize_int4, int4_linear_reference, quantize_int4, unpack_int4
+from openk2.quant.int4_decode import Int4Linear
 from openk2.quant.int8 import Int8Linear, dequantize_int8, int8_linear, int8_linear_reference, quantize_int8
 
 CFG = PRESETS["k2-tiny"]
@@ -100,17 +100,29 @@ def test_int8_linear_takes_the_kernel_only_where_it_is_right(in_features):
     _close(mod(x), int8_linear_reference(x, mod.weight, mod.weight_scale), torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 200])
-def test_int4_kernel_matches_reference(dtype, rows):
-    packed, scale = quantize_int4(_w((96, 64), dtype))
-    x = _x((rows, 64), dtype)
-    _close(int4_linear(x, *pack_for_cpu(packed, scale)), int4_linear_reference(x, packed, scale), dtype)
+@pytest.mark.parametrize("rows", [1, 200])  # few rows: openk2's int4 kernel; many: dequantised once
+@pytest.mark.parametrize("kernel", [True, False])
+def test_int4_linear_paths_match_reference(rows, kernel, monkeypatch):
+    """Int4Linear holds the decode layout: the codes of `quantize_int4`, repacked; its forward takes the
+    kernel (a stack of one) for few rows where it is registered, else dequantises once and multiplies."""
+    from openk2.model import linear
+    if not kernel:
+        monkeypatch.setattr(linear, "PAIRS_KERNELS", {})
+    w = _w((96, 64), torch.bfloat16)
+    lin, x = Int4Linear.from_weight(w), _x((rows, 64), torch.bfloat16)
+    packed, scale = quantize_int4(w)
+    assert torch.equal(lin.codes, int4_decode.halves_from_packed(packed)) and torch.equal(lin.scale, scale)
+    with torch.profiler.profile() as prof:
+        got = lin(x)
+    took = "openk2::int4_pairs" in {e.name for e in prof.events()}
+    assert took == (kernel and rows == 1 and torch.uint8 in PAIRS_KERNELS)
+    _close(got, int4_linear_reference(x, packed, scale), torch.bfloat16)
+    assert lin.decode_weights == (lin.codes, lin.scale)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("out_features", [96, 40])  # 40: not a multiple of 16 (no int4 CPU kernel)
+@pytest.mark.parametrize("out_features", [96, 40])  # 40: not a multiple of a 16-row block
 @pytest.mark.parametrize("rows", [2, 100])  # int8 takes its kernel for bf16 up to 32 rows
 def test_linear_modules_match_reference(fmt, dtype, out_features, rows):
     w = _w((out_features, 64), dtype)
@@ -118,8 +130,6 @@ def test_linear_modules_match_reference(fmt, dtype, out_features, rows):
                                 (Int4Linear, quantize_int4, int4_linear_reference))
     lin, x = cls.from_weight(w), _x((rows, 64), dtype)
     _close(lin(x[None])[0], reference(x, *quantize(w)), dtype)
-    if cls is Int4Linear:  # one layout held: the kernel's where it fits, else the checkpoint's
-        assert (lin.kernel_weight is not None) == (out_features % 16 == 0) != (lin.weight_packed is not None)
 
 
 def test_quantized_linear_is_close_to_float():

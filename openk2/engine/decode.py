@@ -8,7 +8,7 @@ overhead and ~30 µs per small bf16 matmul call); its reference, `Transformer.de
 beside it. Here is what the engine adds: `CompiledDecode` compiles it once per model, picks where it
 pays (quantized weights: small batches only), and falls back to the reference when the compiler
 fails; `compilable` says whether a model's weights can be read as tensors at all (each linear's face,
-`openk2.model.linear.decode_weights`: an int4 linear's ATen layout cannot); `decode_kernels` picks the matmul kernels
+`openk2.model.linear.decode_weights`); `decode_kernels` picks the matmul kernels
 of an eager step. This module knows no quantization format: it reads the face.
 """
 
@@ -37,8 +37,8 @@ def _faces(model: nn.Module) -> list:
 
 
 def compilable(model: Transformer) -> bool:
-    """Whether the step can read every weight as a tensor: float, int8 and int4 experts, not an int4
-    linear (whose CPU kernel layout is opaque: its face is None)."""
+    """Whether the step can read every weight as a tensor: float, int8 and int4 weights can; a module
+    whose face is None (weights in an opaque layout) cannot."""
     return all(face is not None for face in _faces(model))
 
 
@@ -145,8 +145,8 @@ class CompiledDecode:
 
     def __init__(self, model: Transformer):
         if not compilable(model):
-            raise ValueError("the compiled decode step cannot read int4 linears (quantize with linears=False: "
-                             "int4 experts compile)")
+            raise ValueError("the compiled decode step cannot read this model's weights: a linear-like module "
+                             "presents no decode face (openk2.model.linear.decode_weights)")
         self.model, self.failed = model, False
         kernels.load_for(model.lm_head.weight.device)  # the experts' kernels (openk2.kernels)
         # quantized weights (faces with scales: int8) compile for small batches only, where their

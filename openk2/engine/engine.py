@@ -83,7 +83,7 @@ class EngineConfig:
     prefill_chunk: int = 512  # new prompt tokens per prefill forward (padded, all its rows) while others
     # decode: larger prefills faster (a chunk re-expands its prefix's keys), stalls longer (bench/serve.py)
     idle_prefill_chunk: int = 4096  # the same while none decodes (nothing to stall)
-    compile: bool = False  # decode steps through `CompiledDecode` (int4 linears decode eagerly)
+    compile: bool = False  # decode steps through `CompiledDecode`
     prefix_cache: bool = True  # reuse the cached rows of a prompt's longest already-computed prefix
 
     def __post_init__(self):
@@ -313,7 +313,7 @@ class Engine:
     @property
     def decode_mode(self) -> str:
         """"compiled", "compiling" (eager steps until the background warmup ends) or "eager" (not
-        asked for, int4 linears, or the compiler failed)."""
+        asked for, weights the step cannot read, or the compiler failed)."""
         if self._warming is not None:
             return "compiling"
         return "compiled" if self.compiled is not None and not self.compiled.failed else "eager"

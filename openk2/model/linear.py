@@ -6,8 +6,8 @@ Every linear-like module shows the step one face, `decode_weights`:
   [O]): int8 codes are widened inside the loop and scaled after the sum; or (uint8 codes [O, I/2],
   group scale [O, G]): int4, two codes a byte, each group of I/G inputs stored as two halves (byte j
   holds input j in its low nibble, input j + I/2G in its high one), unpacked and scaled inside the
-  loop; or None where the codes sit in a kernel's opaque layout (an int4 linear's ATen layout): the
-  step cannot read them, so such a model is not compiled.
+  loop; or None where the codes sit in an opaque layout: the step cannot read them, so such a model
+  is not compiled (none of openk2's own modules does this).
 Stacked experts give the same face four wide: (gate_up, its scale, down, its scale); the step reads
 them per chosen expert (`pairs_matvec`), through the kernel openk2.kernels registered for the weights'
 dtype where there is one (`PAIRS_KERNELS`; small batches' linears too, as stacks of one).

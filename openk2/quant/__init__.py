@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.model.moe import Experts, routed_reference
-from openk2.quant.int4 import Int4Linear, dequantize_int4, quantize_int4
-from openk2.quant.int4_decode import Int4Experts, unpack_halves
+from openk2.quant.int4 import dequantize_int4, quantize_int4
+from openk2.quant.int4_decode import Int4Experts, Int4Linear, unpack_halves
 from openk2.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
 
 LINEARS = {"int8": Int8Linear, "int4": Int4Linear}

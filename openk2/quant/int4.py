@@ -6,23 +6,16 @@ Two layouts of the same codes:
   K2-Thinking shard): `quantize_int4` / `dequantize_int4`, the one definition of the format (checkpoint
   load and save use it too), read by the reference `int4_linear_reference` (dequantise to the
   activation dtype, then F.linear);
-- the decode layout of stacked experts (int4_decode.py: `Int4Experts`, read by the compiled decode step);
-- ATen's CPU kernel layout (`_convert_weight_to_int4pack_for_cpu`: uint8 [O, I/2], blocked by rows,
-  an implementation detail, so never saved) with `scales_and_zeros` [I/32, O, 2], read by the fast
-  path `int4_linear` (`_weight_int4pack_mm_for_cpu`, which computes W = (code − 8) · scale + zero:
-  zero = 0 makes it symmetric). It needs O % 16 == 0 and I % 32 == 0.
+- the decode layout (int4_decode.py: `Int4Experts` and `Int4Linear`, which the compiled decode step
+  and openk2's int4 kernel read).
 tests/test_quant.py binds the layouts on the same codes, and a whole quantized model to its reference,
-`openk2.quant.fake_quantize`. `Int4Linear` holds one layout: the kernel's where it applies, else the
-checkpoint's. The kernel's cost grows linearly with the rows (one thread, 512×512 bf16: 25 µs for 1
-row, 396 µs for 64; dequantise + matmul ~850 µs for any of these), so prefill of many rows through
-one matrix is where it is weakest; with fp32 activations it is ~20x slower per row (fine for tests).
+`openk2.quant.fake_quantize`.
 
     N rows (tokens)  I in features  O out features  G groups per row (I / 32)
 """
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from openk2.info import INT4_GROUP  # K2-Thinking's group size (a checkpoint's own comes from its quantization_config)
 
@@ -71,65 +64,3 @@ def dequantize_int4(packed_OP: torch.Tensor, scale_OG: torch.Tensor, dtype=torch
 def int4_linear_reference(x_NI, packed_OP, scale_OG):
     """The specification: dequantise to the activation dtype, then an ordinary matmul."""
     return F.linear(x_NI, dequantize_int4(packed_OP, scale_OG, x_NI.dtype))
-
-
-def cpu_kernel_fits(out_features: int, in_features: int, group: int = INT4_GROUP) -> bool:
-    return out_features % 16 == 0 and in_features % group == 0 and group in (32, 64, 128, 256)
-
-
-def pack_for_cpu(packed_OP: torch.Tensor, scale_OG: torch.Tensor):
-    """Checkpoint layout -> (ATen CPU kernel weight uint8 [O, I/2], scales_and_zeros [G, O, 2])."""
-    kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed_OP).contiguous(), 1)
-    scales_and_zeros = torch.stack([scale_OG.t(), torch.zeros_like(scale_OG.t())], dim=-1).contiguous()
-    return kernel_weight, scales_and_zeros
-
-
-def int4_linear(x_NI, kernel_weight, scales_and_zeros, group: int = INT4_GROUP):
-    """x @ Wᵀ straight from the kernel layout (CPU; fp32 accumulation, fp32/bf16/fp16 activations)."""
-    x_2d = x_NI.reshape(-1, x_NI.shape[-1]).contiguous()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x_2d, kernel_weight, group,
-                                                   scales_and_zeros.to(x_NI.dtype))
-    return y.view(*x_NI.shape[:-1], scales_and_zeros.shape[1])
-
-
-class Int4Linear(nn.Module):
-    """nn.Linear(I, O, bias=False) as group-wise symmetric int4, holding one layout of its codes.
-
-    On CPU, where the kernel fits, only the kernel's layout (`kernel_weight`, `scales_and_zeros`:
-    0.5 bytes per weight; not persistent, as it is no file format); elsewhere K2-Thinking's
-    (`weight_packed`, `weight_scale`), dequantised per call. Quantize after moving the model to its
-    device. Inference only: buffers, not parameters, fixed at construction.
-    """
-
-    def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor):
-        super().__init__()
-        self.out_features, self.in_features = weight_packed.shape[0], weight_packed.shape[1] * 8
-        self.group = self.in_features // weight_scale.shape[1]
-        kernel = (weight_packed.device.type == "cpu"
-                  and cpu_kernel_fits(self.out_features, self.in_features, self.group))
-        kernel_weight, scales_and_zeros = pack_for_cpu(weight_packed, weight_scale) if kernel else (None, None)
-        self.register_buffer("kernel_weight", kernel_weight, persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
-        self.register_buffer("weight_packed", None if kernel else weight_packed)
-        self.register_buffer("weight_scale", None if kernel else weight_scale)
-
-    @classmethod
-    @torch.no_grad()
-    def from_weight(cls, w_OI: torch.Tensor, group: int = INT4_GROUP) -> "Int4Linear":
-        return cls(*quantize_int4(w_OI, group))
-
-    @property
-    def decode_weights(self):
-        """None: the compiled decode step cannot read packed codes (openk2.model.linear); int4 models
-        decode eagerly, through this module's forward."""
-        return None
-
-    def forward(self, x):
-        if self.kernel_weight is not None:
-            return int4_linear(x, self.kernel_weight, self.scales_and_zeros, self.group)
-        return int4_linear_reference(x, self.weight_packed, self.weight_scale)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}, "
-                f"{'CPU kernel' if self.kernel_weight is not None else 'dequantised per call'}")
-

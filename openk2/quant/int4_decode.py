@@ -1,7 +1,8 @@
-"""int4 routed experts for the decode step: the decode layout (`pack_halves`: uint8 [..., O, I/2]; within
-each group of 32 inputs byte j holds code j in its low nibble and code j + 16 in its high one, so both
-halves unpack with one mask or shift over contiguous bytes; scale [..., O, I/32]), `Int4Experts`
-(stacked in that layout, 0.5 bytes per weight), and its kernel.
+"""int4 modules for the decode step: the decode layout (`pack_halves`: uint8 [..., O, I/2]; within each
+group of 32 inputs byte j holds code j in its low nibble and code j + 16 in its high one, so both halves
+unpack with one mask or shift over contiguous bytes; scale [..., O, I/32]), `Int4Experts` (routed
+experts stacked in that layout, 0.5 bytes per weight), `Int4Linear` (any other linear, one matrix in
+it), and their kernel.
 
 The kernel: `openk2::int4_pairs` (openk2/kernels/int4_cpu.cpp), built on first use with openk2's
 other CPU kernels (`openk2.kernels.load`) and offered to the decode step through
@@ -127,3 +128,41 @@ class Int4Experts(nn.Module):
             gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
             return F.linear(F.silu(gate) * up, w_down)
         return routed_reference(x_ND, topk_idx_NK, topk_w_NK, self.gate_up_q.shape[0], swiglu)
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear(I, O, bias=False) as group-wise symmetric int4 in the decode layout: codes uint8 [O, I/2]
+    and scale [O, G], not persistent (no file format: checkpoints hold K2-Thinking's layout). Its face
+    (`decode_weights`) is the codes and scales, which the compiled decode step reads as a stack of one;
+    eagerly, a few rows go through the kernel and more are multiplied by the weight dequantised once
+    per call. Inference only: buffers, fixed at construction."""
+
+    def __init__(self, codes_OH: torch.Tensor, scale_OG: torch.Tensor):
+        super().__init__()
+        load_for(codes_OH.device)
+        self.out_features, self.in_features = codes_OH.shape[0], codes_OH.shape[1] * 2
+        self.register_buffer("codes", codes_OH, persistent=False)
+        self.register_buffer("scale", scale_OG, persistent=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, w_OI: torch.Tensor, group: int = INT4_GROUP) -> "Int4Linear":
+        return cls(*quantize_halves(w_OI, group))
+
+    @property
+    def decode_weights(self) -> tuple:
+        return self.codes, self.scale
+
+    def forward(self, x):
+        x_NI = x.reshape(-1, self.in_features)
+        kernel = linear.pairs_kernel(self.codes)
+        if kernel is not None and few_rows(x_NI.shape[0], 1):
+            one_N = torch.zeros(x_NI.shape[0], dtype=torch.long, device=x.device)
+            y = kernel(x_NI, self.codes[None], self.scale[None], one_N).to(x.dtype)
+        else:
+            y = F.linear(x_NI, unpack_halves(self.codes, self.scale, x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group {self.in_features // self.scale.shape[1]}")

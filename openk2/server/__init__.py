@@ -33,7 +33,7 @@ def _text_setup(model, tokenizer, path: str, reasoning_parser: str = "auto"):
 def make_engine(model, quantize: str | None = None, wait: bool = False, **config):
     """The Engine for `openk2 serve` / `chat` / `agent`, of `EngineConfig(**config)` (the agent may not
     import the engine, so it names the fields): quantized first if asked, decode steps compiled if
-    `compile` and the step can read the weights (not int4 linears). The compiler runs on a thread
+    `compile` and the step can read the weights (all of openk2's formats). The compiler runs on a thread
     while requests are answered with eager steps (slower, but nobody waits on a silent server: a
     minute or more on a small CPU with an empty inductor cache); `wait` compiles first instead, for
     full speed from the first request.
