@@ -23,6 +23,8 @@
 namespace {
 
 #if defined(__AVX512F__)
+constexpr int64_t kAhead = 64;  // rows of codes prefetched ahead of the ones being read
+
 // K2's groups of 32 (H = 16: one 16-lane register a half). R rows of one matrix at a time, their
 // accumulators in registers, so that each load of x serves R rows.
 template <int R, typename S>
@@ -35,6 +37,8 @@ inline void block16_avx512(const float* xm, const uint8_t* w, const S* scale, fl
   for (int k = 0; k < R; ++k) acc[k] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const __m512 x0 = _mm512_loadu_ps(xm + g * 32), x1 = _mm512_loadu_ps(xm + g * 32 + 16);
+    if (g % 4 == 0)  // the rows kAhead ahead into L2, a cache line (four groups' codes) at a time
+      for (int k = 0; k < R; ++k) _mm_prefetch(reinterpret_cast<const char*>(w + (k + kAhead) * 16 * G + g * 16), _MM_HINT_T1);
     for (int k = 0; k < R; ++k) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k * 16 * G + g * 16)));
       __m512 t = _mm512_mul_ps(x0, _mm512_permutexvar_ps(v, table));
