@@ -160,6 +160,19 @@ def test_generate_compiled_equals_eager(tiny):
     assert torch.equal(generate(tiny, prompt, params, compile=True), generate(tiny, prompt, params))
 
 
+def _compiled_equals_reference(model, batches):
+    """The compiled step on prompts of each of `batches` (lists of lengths) equals the reference step."""
+    compiled = CompiledDecode(model)
+    for lengths in batches:
+        pool, tables, ids, pos = _pool_with_prompts(model, lengths)
+        slots = pool.slots(tables, max(lengths) + 1)
+        with torch.inference_mode():
+            expect = model.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
+            got = compiled(ids, pos, slots, pool.rows)
+        assert not compiled.failed
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["int8", "int8 without its kernel", "int4", "int4 without its kernel"])
 def test_quantized_experts_compile_for_small_batches(tiny, mode, monkeypatch):
     import copy
@@ -169,15 +182,7 @@ def test_quantized_experts_compile_for_small_batches(tiny, mode, monkeypatch):
     experts = q8.layers[1].mlp.experts
     if mode.startswith("int8"):
         assert experts.down[3].weight.data_ptr() == experts.down_q[3].data_ptr()  # views, not copies
-    compiled = CompiledDecode(q8)
-    for lengths in ([6], [3, 11], [4, 9, 2, 12]):  # compiled at 1 and 2 rows; 4 go through the modules
-        pool, tables, ids, pos = _pool_with_prompts(q8, lengths)
-        slots = pool.slots(tables, max(lengths) + 1)
-        with torch.inference_mode():
-            expect = q8.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
-            got = compiled(ids, pos, slots, pool.rows)
-        assert not compiled.failed
-        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    _compiled_equals_reference(q8, ([6], [3, 11], [4, 9, 2, 12]))  # compiled at 1 and 2 rows; 4 go through the modules
     assert compilable(tiny) and compilable(q8)
 
 
@@ -187,15 +192,7 @@ def test_int4_linears_compile(tiny):
     import copy
     q4 = quantize_model(copy.deepcopy(tiny), "int4", linears=True)
     assert compilable(q4)
-    compiled = CompiledDecode(q4)
-    for lengths in ([6], [3, 11]):
-        pool, tables, ids, pos = _pool_with_prompts(q4, lengths)
-        slots = pool.slots(tables, max(lengths) + 1)
-        with torch.inference_mode():
-            expect = q4.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
-            got = compiled(ids, pos, slots, pool.rows)
-        assert not compiled.failed
-        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+    _compiled_equals_reference(q4, ([6], [3, 11]))
 
     class Opaque(torch.nn.Module):
         decode_weights = None
