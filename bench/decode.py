@@ -54,7 +54,8 @@ def bandwidth_gbs() -> float:
 
 def active_bytes(cfg, mode: str) -> float:
     """Weights one batch-1 token reads: routed-expert share at the mode's width, the rest bf16
-    (int8 and "int4 linears" also narrow attention / dense / shared linears; lm_head stays bf16)."""
+    (int8 and "int4 linears" also narrow attention / dense / shared linears, counted here with
+    kv_b_proj, which stays bf16: ~0.05% of the weights; lm_head stays bf16)."""
     b = breakdown(cfg)
     n_moe = cfg.n_moe_layers
     experts = n_moe * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size

@@ -95,10 +95,14 @@ def test_int8_pairs_equals_exact_products(width, scale_dtype, cpu_kernels):
     assert got.dtype == torch.float32 and got.shape == (23, 42)
     torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
     assert torch.equal(pairs_matvec(x, codes, scale, idx), got)
-    # activations of any float dtype and layout: fp32 as they are, a strided view read in place
+    # activations of any float dtype and layout: fp32 as they are, strided bf16 and fp32 views
     assert torch.equal(torch.ops.openk2.int8_pairs(x.float(), codes, scale, idx), got)
-    strided = x.float().T.contiguous().T
-    assert not strided.is_contiguous() and torch.equal(torch.ops.openk2.int8_pairs(strided, codes, scale, idx), got)
+    for strided in (x.T.contiguous().T, x.float().T.contiguous().T, torch.stack([x, x], -1)[..., 0]):
+        assert not strided.is_contiguous() and torch.equal(torch.ops.openk2.int8_pairs(strided, codes, scale, idx), got)
+    # fp16 scales (an fp16 model's) read as they are
+    half = scale.half()
+    torch.testing.assert_close(torch.ops.openk2.int8_pairs(x, codes, half, idx),
+                               torch.ops.openk2.int8_pairs(x, codes, half.float(), idx), rtol=0, atol=0)
 
 
 def test_int8_pairs_rejects_bad_input(cpu_kernels):
@@ -107,8 +111,8 @@ def test_int8_pairs_rejects_bad_input(cpu_kernels):
         torch.ops.openk2.int8_pairs(x, codes, scale, idx.clone().fill_(-1))
     with pytest.raises(RuntimeError, match=r"scale \[E, O\]"):
         torch.ops.openk2.int8_pairs(x, codes, scale[:, :40], idx)
-    with pytest.raises(RuntimeError, match="fp32 or bf16 scales"):
-        torch.ops.openk2.int8_pairs(x, codes, scale.half(), idx)
+    with pytest.raises(RuntimeError, match="fp32, bf16 or fp16 scales"):
+        torch.ops.openk2.int8_pairs(x, codes, scale.to(torch.int32), idx)
     with pytest.raises(RuntimeError, match="int8 codes"):
         torch.ops.openk2.int8_pairs(x, codes.to(torch.uint8), scale, idx)
 

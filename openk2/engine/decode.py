@@ -81,7 +81,8 @@ def decode_kernels(model: Transformer, rows: int):
     the only code in openk2 that sets a torch.backends flag (tests/test_layout.py). Being process-wide,
     it also slows another thread's bf16 matmuls meanwhile (same results), and inductor registers its
     oneDNN fusion passes only if the switch is on when it first compiles in a process. The compiled
-    step needs none of it (its small-batch matmuls are fused loops); only its fallback does.
+    step needs none of it (its small-batch matmuls are openk2's kernels, or fused loops); only its
+    fallback does.
     """
     w = model.lm_head.weight
     native = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and rows <= 2
@@ -149,8 +150,9 @@ class CompiledDecode:
                              "presents no decode face (openk2.model.linear.decode_weights)")
         self.model, self.failed = model, False
         kernels.load_for(model.lm_head.weight.device)  # the experts' kernels (openk2.kernels)
-        # quantized weights (faces with scales: int8) compile for small batches only, where their
-        # fused loops win; larger batches keep the quantized modules' own kernels (the reference)
+        # quantized weights (faces with scales: int8, int4) compile for small batches only, where
+        # openk2's kernels (or, without them, fused loops) win; larger batches keep the quantized
+        # modules' own paths (the reference)
         self.scaled = any(face[1] is not None for face in _faces(model))
         self._fn = _StepFor.current(model).fn
         self._ran: set = set()  # batch regimes whose graph has run here: their calls skip most guards

@@ -206,8 +206,9 @@ at::Tensor checked_idx(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return ic;
 }
 
-// x [M, I] as fp32: its own data if it is fp32 and contiguous, else widened into `buf` here (a few rows:
-// cheaper than a tensor op's dispatch, which costs as much as a small linear's product)
+// x [M, I] as fp32: its own data if it is fp32 and contiguous, else widened into `buf` here (bf16 read in
+// place, any strides: for a few rows this costs less than a tensor op's dispatch, which costs as much as
+// a small linear's product; other dtypes converted by torch)
 const float* widened(const at::Tensor& x, std::vector<float>& buf) {
   if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.data_ptr<float>();
   const int64_t M = x.size(0), I = x.size(1);
@@ -242,13 +243,13 @@ at::Tensor float_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
-// x [M, I] (any float dtype), w [E, O, I] int8, scale [E, O] (fp32 or bf16), idx [M] -> [M, O] fp32
+// x [M, I] (any float dtype), w [E, O, I] int8, scale [E, O] (fp32, bf16 or fp16), idx [M] -> [M, O] fp32
 at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& idx) {
   TORCH_CHECK(w.scalar_type() == at::kChar, "int8_pairs: int8 codes");
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == w.size(0) && scale.size(1) == w.size(1),
               "int8_pairs: scale [E, O]");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16,
-              "int8_pairs: fp32 or bf16 scales");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16 ||
+              scale.scalar_type() == at::kHalf, "int8_pairs: fp32, bf16 or fp16 scales");
   const at::Tensor ic = checked_idx(x, w, idx, "int8_pairs");
   const int64_t M = x.size(0), I = x.size(1), E = w.size(0), O = w.size(1);
   std::vector<float> xf;
@@ -256,11 +257,9 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* xp = widened(x, xf);
-  if (sc.scalar_type() == at::kBFloat16) {
-    grouped(xp, wp, sc.data_ptr<c10::BFloat16>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
-  } else {
-    grouped(xp, wp, sc.data_ptr<float>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int8_pairs", [&] {
+    grouped(xp, wp, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
+  });
   return y;
 }
 

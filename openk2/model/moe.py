@@ -257,7 +257,8 @@ class MoE(nn.Module):
 
     def decode(self, x_ND, small: bool):
         """`forward` for the decode step, in the form torch.compile fuses: the same fp32 routing, then
-        the chosen pairs (small batches) or all experts densely, plus the shared experts; no `load`.
+        the chosen pairs (small batches, or any batch where a grouped kernel is registered for the
+        experts' weights) or all experts densely, plus the shared experts; no `load`.
         Its reference is `forward` (tests/test_decode.py binds whole steps)."""
         logits_NE = F.linear(x_ND.float(), self.gate.weight.float())
         idx_NK, w_NK = route(logits_NE, self.gate.e_score_correction_bias.float(), self.cfg)

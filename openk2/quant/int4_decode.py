@@ -130,6 +130,9 @@ class Int4Experts(nn.Module):
         return routed_reference(x_ND, topk_idx_NK, topk_w_NK, self.gate_up_q.shape[0], swiglu)
 
 
+KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes openk2::int4_pairs reads
+
+
 class Int4Linear(nn.Module):
     """nn.Linear(I, O, bias=False) as group-wise symmetric int4 in the decode layout: codes uint8 [O, I/2]
     and scale [O, G], not persistent (no file format: checkpoints hold K2-Thinking's layout). Its face
@@ -141,6 +144,9 @@ class Int4Linear(nn.Module):
         super().__init__()
         load_for(codes_OH.device)
         self.out_features, self.in_features = codes_OH.shape[0], codes_OH.shape[1] * 2
+        if self.in_features // scale_OG.shape[1] not in KERNEL_GROUPS:  # the kernel's, which the step calls
+            raise ValueError(f"int4 linears: groups of {', '.join(map(str, KERNEL_GROUPS))} inputs, not "
+                             f"{self.in_features // scale_OG.shape[1]}")
         self.register_buffer("codes", codes_OH, persistent=False)
         self.register_buffer("scale", scale_OG, persistent=False)
 
