@@ -15,10 +15,11 @@ Roofline: a batch-1 decode step must read every active weight once — the activ
 `openk2.info` at the mode's bytes per weight (int4 and int8 apply to the quantized linears only, the
 rest stays bf16) — so tokens/s ≤ measured bandwidth / active bytes. Bandwidth is measured here by
 summing a 1 GiB bf16 tensor. Aggregate: 32 requests (32-token prompts, 64 new tokens) through an
-Engine with max_batch 1, 8 or 32, prefill included; each configuration runs once untimed first, so
+Engine with max_batch 1, 8 or 32, prefill included, bf16 (or each of `--aggregate-formats`); each configuration runs once untimed first, so
 compilation is not counted (the batch-1 rows print their first run's time, compilation included).
 
-    .venv/bin/python -m bench.decode [--preset k2-small] [--threads 2] [--quick]
+    .venv/bin/python -m bench.decode [--preset k2-small] [--threads 2] [--quick] [--only TABLE ...]
+        [--aggregate-formats bf16 int8 int4]
 """
 
 import argparse
@@ -264,6 +265,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="1 repeat, 16 requests for the aggregate")
     tables = ("decode", "prefill", "floor", "aggregate")
     ap.add_argument("--only", nargs="+", choices=tables, default=tables, help="the tables to print (default: all)")
+    ap.add_argument("--aggregate-formats", nargs="+", choices=("bf16", "int8", "int4"), default=["bf16"],
+                    help="the weight formats of the aggregate table (default: bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -289,16 +292,17 @@ def main():
         if "aggregate" not in args.only:
             return
         n = 16 if args.quick else 32
-        print(f"\n| Engine, bf16, {n} requests × {NEW} tokens | eager tok/s | vs batch 1 | compiled tok/s | "
-              "vs batch 1 |\n| --- | ---: | ---: | ---: | ---: |")
-        base = {}
-        for batch in (1, 8, 32):
-            row = f"| max_batch {batch} |"
-            for compile in (False, True):
-                tok_s = aggregate(ours, cfg, batch, n, compile)
-                base.setdefault(compile, tok_s)
-                row += f" {tok_s:.0f} | {tok_s / base[compile]:.1f}× |"
-            print(row)
+        for fmt in args.aggregate_formats:
+            print(f"\n| Engine, {fmt}, {n} requests × {NEW} tokens | eager tok/s | vs batch 1 | compiled tok/s | "
+                  "vs batch 1 |\n| --- | ---: | ---: | ---: | ---: |")
+            base = {}
+            for batch in (1, 8, 32):
+                row = f"| max_batch {batch} |"
+                for compile in (False, True):
+                    tok_s = aggregate(models[fmt], cfg, batch, n, compile)
+                    base.setdefault(compile, tok_s)
+                    row += f" {tok_s:.0f} | {tok_s / base[compile]:.1f}× |"
+                print(row)
 
 
 if __name__ == "__main__":
