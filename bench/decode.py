@@ -15,8 +15,9 @@ Roofline: a batch-1 decode step must read every active weight once — the activ
 `openk2.info` at the mode's bytes per weight (int4 and int8 apply to the quantized linears only, the
 rest stays bf16) — so tokens/s ≤ measured bandwidth / active bytes. Bandwidth is measured here by
 summing a 1 GiB bf16 tensor. Aggregate: 32 requests (32-token prompts, 64 new tokens) through an
-Engine with max_batch 1, 8 or 32, prefill included, bf16 (or each of `--aggregate-formats`); each configuration runs once untimed first, so
-compilation is not counted (the batch-1 rows print their first run's time, compilation included).
+Engine with max_batch 1, 8 or 32, prefill included, bf16 (or each of `--aggregate-formats`); each
+configuration runs once untimed first, so compilation is not counted (the batch-1 rows print their
+first run's time, compilation included).
 
     .venv/bin/python -m bench.decode [--preset k2-small] [--threads 2] [--quick] [--only TABLE ...]
         [--aggregate-formats bf16 int8 int4]
@@ -60,14 +61,12 @@ def active_bytes(cfg, mode: str) -> float:
     b = breakdown(cfg)
     n_moe = cfg.n_moe_layers
     experts = n_moe * cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    rest = b.active_linear - experts
+    rest, head = b.active_linear - experts, cfg.vocab_size * cfg.hidden_size
     if mode == "int4":
         return experts * 0.5 + experts / 32 * 2 + rest * 2
     if mode == "int4 linears":
-        head = cfg.vocab_size * cfg.hidden_size
         return (b.active_linear - head) * (0.5 + 2 / 32) + head * 2
     if mode == "int8":
-        head = cfg.vocab_size * cfg.hidden_size
         return (b.active_linear - head) * 1 + head * 2
     return b.active_linear * 2
 

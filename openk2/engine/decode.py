@@ -6,10 +6,10 @@ MoE in `MoE.decode`), written so that torch.compile (inductor) turns a whole ste
 fused loops instead of ~10³ library calls, which is what eager decode on a CPU pays for (per-op
 overhead and ~30 µs per small bf16 matmul call); its reference, `Transformer.decode_reference`, sits
 beside it. Here is what the engine adds: `CompiledDecode` compiles it once per model, picks where it
-pays (quantized weights without openk2's kernels for them: small batches only), and falls back to the reference when the compiler
-fails; `compilable` says whether a model's weights can be read as tensors at all (each linear's face,
-`openk2.model.linear.decode_weights`); `decode_kernels` picks the matmul kernels
-of an eager step. This module knows no quantization format: it reads the face.
+pays (quantized weights without openk2's kernels for them: small batches only), and falls back to
+the reference when the compiler fails; `compilable` says whether a model's weights can be read as
+tensors at all (each linear's face, `openk2.model.linear.decode_weights`); `decode_kernels` picks
+the matmul kernels of an eager step. This module knows no quantization format: it reads the face.
 """
 
 import contextlib

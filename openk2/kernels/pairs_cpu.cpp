@@ -215,8 +215,9 @@ const float* widened(const at::Tensor& x, std::vector<float>& buf) {
   buf.resize(M * I);
   if (x.scalar_type() == at::kBFloat16) {
     const auto* p = x.data_ptr<c10::BFloat16>();
+    const int64_t sm = x.stride(0), si = x.stride(1);
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < I; ++i) buf[m * I + i] = static_cast<float>(p[m * x.stride(0) + i * x.stride(1)]);
+      for (int64_t i = 0; i < I; ++i) buf[m * I + i] = static_cast<float>(p[m * sm + i * si]);
   } else {
     const at::Tensor xc = x.to(at::kFloat).contiguous();
     std::memcpy(buf.data(), xc.data_ptr<float>(), M * I * sizeof(float));

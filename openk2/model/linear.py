@@ -59,6 +59,12 @@ def pairs_matvec(x_MI: torch.Tensor, w_EOI: torch.Tensor, scale_EO: torch.Tensor
     return matvec(x_MI, w_EOI[idx_M], None if scale_EO is None else scale_EO[idx_M])
 
 
+def one_matrix(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | None) -> torch.Tensor:
+    """x @ wᵀ in fp32, as `pairs_matvec` over a stack of one matrix that every row chose."""
+    one_N = torch.zeros(x_NI.shape[0], dtype=torch.long, device=x_NI.device)
+    return pairs_matvec(x_NI, w_OI[None], None if scale_O is None else scale_O[None], one_N)
+
+
 def decode_linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tensor:
     """mod(x_NI) in the decode step. Small batches: a stack of one matrix through the kernel registered
     for its weights (bf16, int8: read ~2x faster than by the fused loop), else `matvec` over its face;
@@ -67,6 +73,5 @@ def decode_linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tens
         return torch.mm(mod.weight, x_NI.T).T if type(mod) is nn.Linear else mod(x_NI)
     w_OI, scale_O = decode_weights(mod)
     if pairs_kernel(w_OI) is not None:
-        one_N = torch.zeros(x_NI.shape[0], dtype=torch.long, device=x_NI.device)
-        return pairs_matvec(x_NI, w_OI[None], None if scale_O is None else scale_O[None], one_N).to(x_NI.dtype)
+        return one_matrix(x_NI, w_OI, scale_O).to(x_NI.dtype)
     return matvec(x_NI, w_OI, scale_O).to(x_NI.dtype)

@@ -161,10 +161,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         x_NI = x.reshape(-1, self.in_features)
-        kernel = linear.pairs_kernel(self.codes)
-        if kernel is not None and few_rows(x_NI.shape[0], 1):
-            one_N = torch.zeros(x_NI.shape[0], dtype=torch.long, device=x.device)
-            y = kernel(x_NI, self.codes[None], self.scale[None], one_N).to(x.dtype)
+        if linear.pairs_kernel(self.codes) is not None and few_rows(x_NI.shape[0], 1):
+            y = linear.one_matrix(x_NI, self.codes, self.scale).to(x.dtype)
         else:
             y = F.linear(x_NI, unpack_halves(self.codes, self.scale, x.dtype))
         return y.view(*x.shape[:-1], self.out_features)
