@@ -37,6 +37,7 @@ from bench.forward import decode_ours, decode_theirs, load_pair, machine_line
 from openk2.config import PRESETS
 from openk2.engine import Engine, EngineConfig, SamplingParams
 from openk2.info import breakdown
+from openk2.model import linear
 from openk2.quant import quantize_model
 
 PROMPT, NEW = 32, 64
@@ -272,7 +273,10 @@ def main():
     transformers.logging.set_verbosity_error()
     cfg, reps = PRESETS[args.preset], 1 if args.quick else 3
     gbs = bandwidth_gbs()
-    print(f"{machine_line(args.threads)} | preset {args.preset} | measured bandwidth {gbs:.1f} GB/s")
+    from openk2 import kernels
+    tiles = "AMX tiles" if kernels.load() and linear.PAIRS_ROWS.get(torch.bfloat16) else "no AMX"
+    print(f"{machine_line(args.threads)} | preset {args.preset} | measured bandwidth {gbs:.1f} GB/s | "
+          f"bf16 kernel: {tiles}")
     ids = torch.randint(0, cfg.vocab_size // 2, (1, PROMPT), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         ours, theirs = load_pair(cfg, torch.bfloat16, tmp)

@@ -51,14 +51,57 @@ def test_float_pairs_rejects_bad_input(cpu_kernels):
         torch.ops.openk2.float_pairs(x, w.half(), idx)
 
 
+@pytest.fixture
+def amx(cpu_kernels):
+    """bf16 through AMX tiles, where the CPU has them (else this skips); the vector path is
+    `torch.ops.openk2.set_amx(False)`, undone after the test."""
+    if not torch.ops.openk2.set_amx(True):
+        pytest.skip("no AMX on this CPU (or Linux refused its tiles): bf16 takes the vector path")
+    yield
+    torch.ops.openk2.set_amx(True)
+
+
+@pytest.mark.parametrize("width", [96, 512])
+def test_amx_equals_exact_products_and_the_vector_path(width, amx):
+    """bf16 through tile multiplies: experts with 1 to 70 rows (one B tile, two, two and a tail),
+    48 outputs (tiles of 64 and 32 weight rows with a remainder), rows in no order; equal to exact
+    products, and to the vector path to fp32 rounding (the sums go in another order)."""
+    g = torch.Generator().manual_seed(width)
+    counts = [1, 4, 15, 16, 17, 0, 31, 32, 33, 70]
+    idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    idx = idx[torch.randperm(len(idx), generator=g)]
+    x = torch.randn(len(idx), width, generator=g).bfloat16()
+    w = torch.randn(len(counts), 48, width, generator=g).bfloat16()
+    got = torch.ops.openk2.float_pairs(x, w, idx)
+    expect = (x.double()[:, None, :] * w.double()[idx]).sum(-1)
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * width ** 0.5)
+    torch.ops.openk2.set_amx(False)
+    vector = torch.ops.openk2.float_pairs(x, w, idx)
+    torch.testing.assert_close(got, vector, rtol=1e-5, atol=1e-5 * width ** 0.5)
+    assert not torch.equal(got, vector)  # the two paths did run: their fp32 sums round apart
+
+
+def test_amx_takes_strided_and_fp32_activations(amx):
+    """Activations of another dtype are rounded to bf16 first, strided ones read as they lie."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 32, 64, generator=g).bfloat16()
+    idx = torch.randint(0, 4, (40,), generator=g)
+    x = torch.randn(64, 40, generator=g).bfloat16().T  # [40, 64], column-major
+    expect = torch.ops.openk2.float_pairs(x.contiguous(), w, idx)
+    assert torch.equal(torch.ops.openk2.float_pairs(x, w, idx), expect)
+    assert torch.equal(torch.ops.openk2.float_pairs(x.float(), w, idx), expect)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [3, 400])  # few rows an expert: the kernel; many: a matmul per expert
 def test_eager_experts_take_the_kernel_for_few_rows(dtype, rows, cpu_kernels, monkeypatch):
     """`Experts.forward` without autograd (eager decode steps, short prompts) goes through the kernel
-    when its bf16 experts have few rows each, and equals its own per-expert loop."""
+    when its bf16 experts have few rows each (`KERNEL_ROWS`, without AMX), and equals its own
+    per-expert loop."""
     from openk2.config import PRESETS
     from openk2.model import linear
     from openk2.model.moe import Experts
+    monkeypatch.setattr(linear, "PAIRS_ROWS", {})
     experts = Experts(PRESETS["k2-tiny"])
     g = torch.Generator().manual_seed(rows)
     with torch.no_grad():
@@ -140,3 +183,41 @@ def test_decode_linears_take_the_kernels_at_small_batches(mode, cpu_kernels, mon
     torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=2e-2)
     expect = mod(x)  # the module's own forward
     torch.testing.assert_close(got.float(), expect.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [24, 40])
+def test_kernel_serves_as_many_rows_as_it_says(rows, cpu_kernels, monkeypatch):
+    """A kernel that serves many rows (`PAIRS_ROWS`: bf16 on AMX) takes the step's plain linears past
+    small batches and eager experts up to that many rows a matrix; past it, library matmuls. Either
+    way the result is the module's."""
+    from torch import nn
+
+    from openk2.config import PRESETS
+    from openk2.model import linear
+    from openk2.model.moe import Experts
+    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.bfloat16: 32})
+    g = torch.Generator().manual_seed(rows)
+    lin = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    experts = Experts(PRESETS["k2-tiny"])  # 16 experts of 64 -> 2 × 32 -> 64
+    with torch.no_grad():
+        for p in [*lin.parameters(), *experts.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    experts = experts.to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=g).bfloat16()
+    counts_E = torch.zeros(16, dtype=torch.long)
+    counts_E[:2] = torch.tensor([rows // 2, rows - rows // 2])  # two experts, rows / 2 each
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got_linear = linear.decode_linear(lin, x, small=False)
+    assert ("openk2::float_pairs" in {e.name for e in prof.events()}) == (rows <= 32)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got_experts = experts(x, counts_E, torch.ones(rows))
+    assert "openk2::float_pairs" in {e.name for e in prof.events()}  # ≤ 32 rows an expert
+    with torch.no_grad():
+        exact = x.double() @ lin.weight.double().T  # either path: the exact product rounded to bf16
+        torch.testing.assert_close(got_linear.double(), exact, rtol=2 ** -8, atol=1e-3)
+        monkeypatch.setattr(linear, "PAIRS_KERNELS", {})
+        loop = experts(x, counts_E, torch.ones(rows))
+    scale = loop.float().abs().max().item()  # bf16: the loop rounds the hidden layer once more
+    torch.testing.assert_close(got_experts.float(), loop.float(), rtol=2e-2, atol=1e-2 * scale)
+    assert linear.few_rows(64, 2, torch.bfloat16) and not linear.few_rows(65, 2, torch.bfloat16)
+    assert linear.few_rows(32, 2, torch.int8) and not linear.few_rows(33, 2, torch.int8)  # KERNEL_ROWS

@@ -20,6 +20,12 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#define OPENK2_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <atomic>
+#endif
 
 namespace {
 
@@ -195,6 +201,197 @@ void grouped(const TX* x, const TW* w, const TS* scale, const int64_t* idx, floa
   });
 }
 
+
+#if defined(OPENK2_AMX)
+// bf16 on a CPU with AMX. One tile multiply (`tdpbf16ps`) takes 16 weight rows × 32 inputs (an A tile,
+// read in place from the stack with the row stride) times the same 32 inputs of up to 16 activation
+// rows (a B tile: the rows' inputs in pairs, [I/2][16 rows][2], built once per group of rows), summed in
+// fp32 into 16 × 16 outputs (a C tile). Its cost does not grow with the rows, so one pass over an
+// expert's weights serves 16 rows (or 32: two B tiles per A tile) where the vector path serves 4.
+constexpr int kTile = 16;   // activation rows per B tile, weight rows per A tile
+constexpr int kTileK = 32;  // inputs per tile multiply (64 bytes of bf16)
+
+std::atomic<bool> amx_wanted{true};  // `set_amx`: tests compare the two paths
+
+// Linux lets a process use the tile registers once it asks (once per process)
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+// every tile 16 rows × 64 bytes: 0-3 C, 4-5 B, 6-7 A (and 5 as a third A with one B)
+inline void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTile;
+  }
+  _tile_loadconfig(&config);
+}
+
+// r[i][j] -> r[j][i] for 16 × 16 32-bit words: pairs of rows interleaved, then pairs of pairs, then
+// 128-bit lanes exchanged twice
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int a = 0; a < 8; ++a) {
+    t[2 * a] = _mm512_unpacklo_epi32(r[2 * a], r[2 * a + 1]);
+    t[2 * a + 1] = _mm512_unpackhi_epi32(r[2 * a], r[2 * a + 1]);
+  }
+  __m512i s[16];  // s[4b + q], lane L: column 4L + q of rows 4b .. 4b + 3
+  for (int b = 0; b < 4; ++b) {
+    s[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+    s[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+    s[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+    s[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const __m512i v_lo = _mm512_shuffle_i32x4(s[q], s[4 + q], 0x88), v_hi = _mm512_shuffle_i32x4(s[q], s[4 + q], 0xdd);
+    const __m512i w_lo = _mm512_shuffle_i32x4(s[8 + q], s[12 + q], 0x88);
+    const __m512i w_hi = _mm512_shuffle_i32x4(s[8 + q], s[12 + q], 0xdd);
+    r[q] = _mm512_shuffle_i32x4(v_lo, w_lo, 0x88);
+    r[4 + q] = _mm512_shuffle_i32x4(v_hi, w_hi, 0x88);
+    r[8 + q] = _mm512_shuffle_i32x4(v_lo, w_lo, 0xdd);
+    r[12 + q] = _mm512_shuffle_i32x4(v_hi, w_hi, 0xdd);
+  }
+}
+
+// B tiles of the rows x[rows[0 .. n)] (n ≤ 16): b[p * 16 + r] holds inputs 2p, 2p + 1 of row r, zero
+// past n; 16 pairs of the 16 rows at a time, transposed in registers
+inline void amx_pairs(const c10::BFloat16* x, const int64_t* rows, int n, int64_t I, uint32_t* b) {
+  const uint32_t* src[kTile];
+  for (int r = 0; r < n; ++r) src[r] = reinterpret_cast<const uint32_t*>(x + rows[r] * I);
+  __m512i v[kTile];
+  for (int64_t p = 0; p < I / 2; p += kTile) {
+    for (int r = 0; r < kTile; ++r) v[r] = r < n ? _mm512_loadu_si512(src[r] + p) : _mm512_setzero_si512();
+    transpose16(v);
+    for (int c = 0; c < kTile; ++c) _mm512_storeu_si512(b + (p + c) * kTile, v[c]);
+  }
+}
+
+// the outputs of a C tile c_tile [16 weight rows][16 rows] for its rows k < n: y_rows[k][0 .. 16)
+inline void amx_scatter(const float* c_tile, float* const* y_rows, int n) {
+  __m512i v[kTile];
+  for (int i = 0; i < kTile; ++i) v[i] = _mm512_load_si512(c_tile + i * kTile);
+  transpose16(v);
+  for (int k = 0; k < n; ++k) _mm512_storeu_si512(y_rows[k], v[k]);
+}
+
+// C tiles g * NC + c (g < NG groups of rows, c < NC blocks of 16 weight rows from w) over all I, into
+// c_out [NG * NC][16 weight rows][16 rows]
+template <int NG, int NC>
+inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t* b1, int64_t I, float* c_out) {
+  static_assert(NG * NC <= 4 && (NG == 1 || NC <= 2), "four C tiles; with two B tiles, two A tiles");
+  _tile_zero(0);
+  if (NG * NC > 1) _tile_zero(1);
+  if (NG * NC > 2) _tile_zero(2);
+  if (NG * NC > 3) _tile_zero(3);
+  const int64_t stride = I * static_cast<int64_t>(sizeof(c10::BFloat16));
+  for (int64_t k = 0; k < I; k += kTileK) {
+    _tile_loadd(4, b0 + (k / 2) * kTile, 64);
+    if (NG == 2) _tile_loadd(5, b1 + (k / 2) * kTile, 64);
+    _tile_loadd(6, w + k, stride);
+    _tile_dpbf16ps(0, 6, 4);
+    if (NG == 2 && NC == 1) _tile_dpbf16ps(1, 6, 5);  // C tile g * NC + c
+    if (NG == 2 && NC == 2) _tile_dpbf16ps(2, 6, 5);
+    if (NC > 1) {
+      _tile_loadd(7, w + kTile * I + k, stride);
+      _tile_dpbf16ps(1, 7, 4);
+      if (NG == 2) _tile_dpbf16ps(3, 7, 5);
+    }
+    if (NG == 1 && NC > 2) {
+      _tile_loadd(5, w + 2 * kTile * I + k, stride);
+      _tile_dpbf16ps(2, 5, 4);
+    }
+    if (NG == 1 && NC > 3) {
+      _tile_loadd(6, w + 3 * kTile * I + k, stride);
+      _tile_dpbf16ps(3, 6, 4);
+    }
+  }
+  constexpr int kC = kTile * kTile;
+  _tile_stored(0, c_out, 64);
+  if (NG * NC > 1) _tile_stored(1, c_out + kC, 64);
+  if (NG * NC > 2) _tile_stored(2, c_out + 2 * kC, 64);
+  if (NG * NC > 3) _tile_stored(3, c_out + 3 * kC, 64);
+}
+
+// `grouped` for bf16 through AMX (the shapes `amx_serves` takes); each task one or two groups of 16 rows
+// of an expert times 64 or 32 of its weight rows
+void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* idx, float* y, int64_t M,
+                 int64_t E, int64_t O, int64_t I) {
+  std::vector<int64_t> starts(E + 1, 0), order(M);
+  for (int64_t m = 0; m < M; ++m) ++starts[idx[m] + 1];
+  for (int64_t e = 0; e < E; ++e) starts[e + 1] += starts[e];
+  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+  for (int64_t m = 0; m < M; ++m) order[fill[idx[m]]++] = m;
+  // tasks: an expert's block of 64 weight rows (32 where it has more than 16 rows: two B tiles a pass),
+  // times all of its rows, 16 or 32 a pass while the block stays in cache
+  struct Task { int64_t e, o0; int span; };
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e) {
+    if (starts[e + 1] == starts[e]) continue;
+    const int span = starts[e + 1] - starts[e] > kTile ? 2 * kTile : 4 * kTile;
+    for (int64_t o0 = 0; o0 < O; o0 += span) tasks.push_back({e, o0, span});
+  }
+  // B tiles: one per group of 16 rows, each expert's groups adjacent from its first row on
+  std::vector<int64_t> first_group(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) first_group[e + 1] = first_group[e] + (starts[e + 1] - starts[e] + kTile - 1) / kTile;
+  const int64_t tile_words = (I / 2) * kTile;
+  std::vector<uint32_t> pairs(first_group[E] * tile_words);
+  at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (int64_t r = starts[e], g = first_group[e]; r < starts[e + 1]; r += kTile, ++g) {
+        const int n = static_cast<int>(std::min<int64_t>(kTile, starts[e + 1] - r));
+        amx_pairs(x, order.data() + r, n, I, pairs.data() + g * tile_words);
+      }
+  });
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    amx_configure();
+    alignas(64) float c[4 * kTile * kTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const Task& task = tasks[t];
+      const int nc = static_cast<int>(std::min<int64_t>(task.span, O - task.o0) / kTile);
+      const c10::BFloat16* wb = w + (task.e * O + task.o0) * I;
+      for (int64_t r = starts[task.e], g = first_group[task.e]; r < starts[task.e + 1]; r += 2 * kTile, g += 2) {
+        const int64_t rows = std::min<int64_t>(2 * kTile, starts[task.e + 1] - r);
+        const uint32_t* b0 = pairs.data() + g * tile_words;
+        const uint32_t* b1 = b0 + tile_words;
+        if (rows > kTile) {
+          if (nc == 2) amx_block<2, 2>(wb, b0, b1, I, c); else amx_block<2, 1>(wb, b0, b1, I, c);
+        } else {
+          switch (nc) {
+            case 4: amx_block<1, 4>(wb, b0, b1, I, c); break;
+            case 3: amx_block<1, 3>(wb, b0, b1, I, c); break;
+            case 2: amx_block<1, 2>(wb, b0, b1, I, c); break;
+            default: amx_block<1, 1>(wb, b0, b1, I, c);
+          }
+        }
+        for (int h = 0; h * kTile < rows; ++h) {  // each group's tiles, h * NC + j
+          const int n = static_cast<int>(std::min<int64_t>(kTile, rows - h * kTile));
+          float* y_rows[kTile];
+          for (int j = 0; j < nc; ++j) {
+            for (int k = 0; k < n; ++k) y_rows[k] = y + order[r + h * kTile + k] * O + task.o0 + j * kTile;
+            amx_scatter(c + (h * nc + j) * kTile * kTile, y_rows, n);
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+// the AMX path takes this call: bf16 weights of whole tiles, offsets of x in 32-bit words that fit,
+// enough rows an expert to pay for building B tiles (`kAmxRows`), AMX permitted and not turned off
+constexpr int64_t kAmxRows = 4;
+bool amx_serves(int64_t M, int64_t used, int64_t O, int64_t I) {
+  return amx_wanted.load(std::memory_order_relaxed) && O % kTile == 0 && I % kTileK == 0 &&
+         M * I < (int64_t{1} << 31) && M >= kAmxRows * used && amx_permitted();
+}
+#endif
+
 at::Tensor checked_idx(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const char* op) {
   TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && idx.dim() == 1, op, ": x [M, I], w [E, O, I], idx [M]");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && idx.device().is_cpu(), op, ": CPU tensors");
@@ -204,6 +401,15 @@ at::Tensor checked_idx(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   for (int64_t m = 0; m < x.size(0); ++m)
     TORCH_CHECK(ip[m] >= 0 && ip[m] < w.size(0), op, ": idx outside [0, ", w.size(0), ")");
   return ic;
+}
+
+// the number of distinct experts idx names (idx checked to lie in [0, E))
+int64_t used_experts(const at::Tensor& idx, int64_t E) {
+  std::vector<char> seen(E, 0);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  int64_t used = 0;
+  for (int64_t m = 0; m < idx.size(0); ++m) used += !seen[ip[m]]++;
+  return used;
 }
 
 // x [M, I] as fp32: its own data if it is fp32 and contiguous, else widened into `buf` here (bf16 read in
@@ -235,6 +441,13 @@ at::Tensor float_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Tensor wc = w.contiguous(), xc = x.to(w.scalar_type()).contiguous();
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const float* none = nullptr;
+#if defined(OPENK2_AMX)
+  if (w.scalar_type() == at::kBFloat16 && amx_serves(M, used_experts(ic, E), O, I)) {
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), ic.data_ptr<int64_t>(),
+                y.data_ptr<float>(), M, E, O, I);
+    return y;
+  }
+#endif
   if (w.scalar_type() == at::kBFloat16) {
     grouped(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), none, ic.data_ptr<int64_t>(),
             y.data_ptr<float>(), M, E, O, I);
@@ -264,7 +477,20 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return y;
 }
 
+// whether bf16 stacks may go through AMX tiles (where the CPU has them and Linux permits them): `on`
+// applied, the answer whether they will; off, they take the vector path (tests compare the two)
+bool set_amx(bool on) {
+#if defined(OPENK2_AMX)
+  amx_wanted.store(on);
+  return on && amx_permitted();
+#else
+  (void)on;
+  return false;
+#endif
+}
+
 TORCH_LIBRARY_FRAGMENT(openk2, m) {
+  m.def("set_amx(bool on) -> bool", &set_amx);
   m.def("float_pairs(Tensor x, Tensor w, Tensor idx) -> Tensor");
   m.def("int8_pairs(Tensor x, Tensor w, Tensor scale, Tensor idx) -> Tensor");
 }

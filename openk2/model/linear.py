@@ -41,7 +41,19 @@ def matvec(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | None 
     return y_NO if scale_O is None else y_NO * scale_O.float()
 
 
-PAIRS_KERNELS: dict = {}  # codes dtype -> a format's CPU kernel for `pairs_matvec`, registered by openk2.quant
+PAIRS_KERNELS: dict = {}  # codes dtype -> a format's CPU kernel for `pairs_matvec`, registered by openk2.kernels
+# eagerly, a registered kernel serves matrices with up to this many rows each on average (decode steps,
+# short prompts); above, one library matmul per matrix wins (crossover measured at ~24 rows for a
+# 512×512 int4 expert on 2 cores: 16 rows 148 vs 245 µs, 64 rows 577 vs 328 µs). A kernel that serves
+# more (bf16 through AMX tiles) says so in PAIRS_ROWS, by dtype; the compiled step's linears past small
+# batches take it up to that many rows too.
+KERNEL_ROWS = 16
+PAIRS_ROWS: dict = {}
+
+
+def few_rows(rows: int, used: int, dtype: torch.dtype | None = None) -> bool:
+    """Whether `rows` rows over `used` matrices of this dtype go through its registered kernel eagerly."""
+    return rows <= PAIRS_ROWS.get(dtype, KERNEL_ROWS) * used
 
 
 def pairs_kernel(w_EOI: torch.Tensor):
@@ -68,7 +80,11 @@ def one_matrix(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | N
 def decode_linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tensor:
     """mod(x_NI) in the decode step. Small batches: a stack of one matrix through the kernel registered
     for its weights (bf16, int8: read ~2x faster than by the fused loop), else `matvec` over its face;
-    above, a library matmul for a plain linear and the module's own kernel for any other."""
+    above, the kernel where it serves that many rows (`PAIRS_ROWS`), else a library matmul for a plain
+    linear and the module's own kernel for any other."""
+    if not small and type(mod) is nn.Linear and pairs_kernel(mod.weight) is not None and \
+            x_NI.shape[0] <= PAIRS_ROWS.get(mod.weight.dtype, 0):  # a kernel for many rows (bf16 on AMX)
+        return one_matrix(x_NI, mod.weight, None).to(x_NI.dtype)
     if not small:  # weight-first (W @ xᵀ): oneDNN streams the weight faster this way round
         return torch.mm(mod.weight, x_NI.T).T if type(mod) is nn.Linear else mod(x_NI)
     w_OI, scale_O = decode_weights(mod)

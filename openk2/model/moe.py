@@ -19,7 +19,7 @@ from torch import nn
 
 from openk2.config import ModelConfig
 from openk2.model.expert_loop import ExpertLoop, swiglu_rows
-from openk2.model.linear import decode_linear, decode_weights, pairs_kernel, pairs_matvec
+from openk2.model.linear import decode_linear, decode_weights, few_rows, pairs_kernel, pairs_matvec
 from openk2.model.rows import matmul_dtype
 
 
@@ -103,17 +103,6 @@ class LocalDispatcher:
         return out_ND.index_add_(0, order_M // k, y_MD)
 
 
-# eagerly, a registered kernel serves experts with up to this many rows each on average (decode steps,
-# short prompts); above, one library matmul per used expert wins (crossover measured at ~24 rows for a
-# 512×512 int4 expert on 2 cores: 16 rows 148 vs 245 µs, 64 rows 577 vs 328 µs)
-KERNEL_ROWS = 16
-
-
-def few_rows(rows: int, used: int) -> bool:
-    """Whether `rows` rows over `used` experts go through a registered kernel eagerly."""
-    return rows <= KERNEL_ROWS * used
-
-
 def kernel_swiglu(kernel, x_MD, idx_M, gate_up, gate_up_scale, down, down_scale) -> torch.Tensor:
     """Row m of x through the SwiGLU of expert idx_M[m] of the stacks, by a registered pairs kernel
     (`openk2.model.linear.PAIRS_KERNELS`): each chosen expert read once for all its rows."""
@@ -147,7 +136,7 @@ class Experts(nn.Module):
             return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
         kernel = None if torch.is_grad_enabled() else pairs_kernel(w_gate_up)
-        if kernel is not None and few_rows(x_MD.shape[0], int((counts_E > 0).sum())):
+        if kernel is not None and few_rows(x_MD.shape[0], int((counts_E > 0).sum()), w_gate_up.dtype):
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, w_gate_up, None, w_down, None).mul_(w_M[:, None])
         if torch.is_grad_enabled() and (w_gate_up.requires_grad or w_down.requires_grad or x_MD.requires_grad):

@@ -18,7 +18,8 @@ from torch import nn
 
 from openk2.kernels import cpu_op, load_for
 from openk2.model import linear
-from openk2.model.moe import few_rows, kernel_swiglu, routed_reference
+from openk2.model.linear import few_rows
+from openk2.model.moe import kernel_swiglu, routed_reference
 from openk2.quant.int4 import INT4_GROUP, unpack_int4
 
 def pack_halves(codes_OI: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
