@@ -58,20 +58,21 @@ def amx(cpu_kernels):
     if not torch.ops.openk2.set_amx(True):
         pytest.skip("no AMX on this CPU (or Linux refused its tiles): bf16 takes the vector path")
     yield
-    torch.ops.openk2.set_amx(True)
+    from openk2 import kernels
+    torch.ops.openk2.set_amx(kernels.amx_wanted())
 
 
 @pytest.mark.parametrize("width", [96, 512])
 def test_amx_equals_exact_products_and_the_vector_path(width, amx):
     """bf16 through tile multiplies: experts with 1 to 70 rows (one B tile, two, two and a tail),
-    48 outputs (tiles of 64 and 32 weight rows with a remainder), rows in no order; equal to exact
-    products, and to the vector path to fp32 rounding (the sums go in another order)."""
+    112 outputs (blocks of 4 and 3 tiles with one B tile, of 2 and 1 with two), rows in no order;
+    equal to exact products, and to the vector path to fp32 rounding (the sums go in another order)."""
     g = torch.Generator().manual_seed(width)
     counts = [1, 4, 15, 16, 17, 0, 31, 32, 33, 70]
     idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     idx = idx[torch.randperm(len(idx), generator=g)]
     x = torch.randn(len(idx), width, generator=g).bfloat16()
-    w = torch.randn(len(counts), 48, width, generator=g).bfloat16()
+    w = torch.randn(len(counts), 112, width, generator=g).bfloat16()
     got = torch.ops.openk2.float_pairs(x, w, idx)
     expect = (x.double()[:, None, :] * w.double()[idx]).sum(-1)
     torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * width ** 0.5)
@@ -187,15 +188,16 @@ def test_decode_linears_take_the_kernels_at_small_batches(mode, cpu_kernels, mon
 
 @pytest.mark.parametrize("rows", [24, 40])
 def test_kernel_serves_as_many_rows_as_it_says(rows, cpu_kernels, monkeypatch):
-    """A kernel that serves many rows (`PAIRS_ROWS`: bf16 on AMX) takes the step's plain linears past
-    small batches and eager experts up to that many rows a matrix; past it, library matmuls. Either
-    way the result is the module's."""
+    """A kernel that serves many rows for some shapes (`PAIRS_ROWS`: bf16 on AMX, whole tiles) takes
+    the step's plain linears of those shapes past small batches, and eager experts up to that many
+    rows a matrix; past it, or for other shapes, library matmuls. Either way the result is the
+    module's."""
     from torch import nn
 
     from openk2.config import PRESETS
     from openk2.model import linear
     from openk2.model.moe import Experts
-    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.bfloat16: 32})
+    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.bfloat16: lambda outs, ins: 32 if outs % 16 == 0 else 16})
     g = torch.Generator().manual_seed(rows)
     lin = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
     experts = Experts(PRESETS["k2-tiny"])  # 16 experts of 64 -> 2 × 32 -> 64
@@ -208,7 +210,7 @@ def test_kernel_serves_as_many_rows_as_it_says(rows, cpu_kernels, monkeypatch):
     counts_E[:2] = torch.tensor([rows // 2, rows - rows // 2])  # two experts, rows / 2 each
     with torch.no_grad(), torch.profiler.profile() as prof:
         got_linear = linear.decode_linear(lin, x, small=False)
-    assert ("openk2::float_pairs" in {e.name for e in prof.events()}) == (rows <= 32)
+    assert "openk2::float_pairs" in {e.name for e in prof.events()}  # any batch: no guard on its size
     with torch.no_grad(), torch.profiler.profile() as prof:
         got_experts = experts(x, counts_E, torch.ones(rows))
     assert "openk2::float_pairs" in {e.name for e in prof.events()}  # ≤ 32 rows an expert
@@ -219,5 +221,10 @@ def test_kernel_serves_as_many_rows_as_it_says(rows, cpu_kernels, monkeypatch):
         loop = experts(x, counts_E, torch.ones(rows))
     scale = loop.float().abs().max().item()  # bf16: the loop rounds the hidden layer once more
     torch.testing.assert_close(got_experts.float(), loop.float(), rtol=2e-2, atol=1e-2 * scale)
-    assert linear.few_rows(64, 2, torch.bfloat16) and not linear.few_rows(65, 2, torch.bfloat16)
-    assert linear.few_rows(32, 2, torch.int8) and not linear.few_rows(33, 2, torch.int8)  # KERNEL_ROWS
+    w, odd = experts.gate_up_proj, experts.gate_up_proj[:, :40]  # 40 rows: no whole tiles, KERNEL_ROWS
+    assert linear.few_rows(64, 2, w) and not linear.few_rows(65, 2, w)
+    assert linear.few_rows(32, 2, odd) and not linear.few_rows(33, 2, odd)
+    assert linear.few_rows(32, 2, w.to(torch.int8)) and not linear.few_rows(33, 2, w.to(torch.int8))
+    with torch.no_grad(), torch.profiler.profile() as prof:  # a linear of no whole tiles: a matmul
+        linear.decode_linear(nn.Linear(64, 40, bias=False).to(torch.bfloat16), x, small=False)
+    assert "openk2::float_pairs" not in {e.name for e in prof.events()}

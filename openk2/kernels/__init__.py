@@ -79,9 +79,18 @@ def load() -> bool:
     # bf16 only: fp32 experts have no vector path here, and the step's own fp32 paths measured faster
     # (k2-mini fp32, 32 rows: compiled 12.3 vs 13.2 ms a step, eager 14.9 vs 16.1 ms)
     linear.PAIRS_KERNELS[torch.bfloat16] = lambda x, w, scale, idx: torch.ops.openk2.float_pairs(x, w, idx)
-    if torch.ops.openk2.set_amx(os.environ.get("OPENK2_AMX", "1") != "0"):
-        linear.PAIRS_ROWS[torch.bfloat16] = AMX_ROWS
+    if torch.ops.openk2.set_amx(amx_wanted()):  # tiles take whole 16 × 32 blocks
+        linear.PAIRS_ROWS[torch.bfloat16] = _amx_rows
     return True
+
+
+def _amx_rows(outs: int, ins: int) -> int:
+    return AMX_ROWS if outs % 16 == 0 and ins % 32 == 0 else linear.KERNEL_ROWS
+
+
+def amx_wanted() -> bool:
+    """bf16 through AMX tiles unless OPENK2_AMX=0 (where the CPU has them)."""
+    return os.environ.get("OPENK2_AMX", "1") != "0"
 
 
 def cpu_op(name: str):

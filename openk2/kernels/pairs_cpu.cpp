@@ -10,11 +10,15 @@
 // weights on a CPU with AVX512-BF16 multiply by `vdpbf16ps` (exact bf16 products, fp32 sums) with the
 // activations rounded to bf16 (as the model's own bf16 matmuls take them); int8 codes on a CPU with
 // AVX-512 are widened to fp32 in registers and multiplied by the activations in fp32; other cases use
-// a plain loop over 16 partial sums that the compiler vectorises.
+// a plain loop over 16 partial sums that the compiler vectorises. bf16 on a CPU with AMX, where the
+// rows are several an expert, goes through tile multiplies instead (`grouped_amx`, below): the same
+// exact products and fp32 sums, 16 or 32 rows a pass over the weights, so one kernel also serves
+// prefill chunks and the step's linears at larger batches.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
@@ -219,7 +223,7 @@ bool amx_permitted() {
   return ok;
 }
 
-// every tile 16 rows × 64 bytes: 0-3 C, 4-5 B, 6-7 A (and 5 as a third A with one B)
+// every tile 16 rows × 64 bytes: 0-3 C, 4-5 B, 6-7 A; with one B tile, 5 is a third A and 6 a fourth
 inline void amx_configure() {
   struct alignas(64) {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -318,8 +322,8 @@ inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t
   if (NG * NC > 3) _tile_stored(3, c_out + 3 * kC, 64);
 }
 
-// `grouped` for bf16 through AMX (the shapes `amx_serves` takes); each task one or two groups of 16 rows
-// of an expert times 64 or 32 of its weight rows
+// `grouped` for bf16 through AMX (the shapes `amx_serves` takes); each task a block of an expert's
+// weight rows times all of its rows
 void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* idx, float* y, int64_t M,
                  int64_t E, int64_t O, int64_t I) {
   std::vector<int64_t> starts(E + 1, 0), order(M);
@@ -340,13 +344,17 @@ void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* 
   std::vector<int64_t> first_group(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) first_group[e + 1] = first_group[e] + (starts[e + 1] - starts[e] + kTile - 1) / kTile;
   const int64_t tile_words = (I / 2) * kTile;
-  std::vector<uint32_t> pairs(first_group[E] * tile_words);
-  at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      for (int64_t r = starts[e], g = first_group[e]; r < starts[e + 1]; r += kTile, ++g) {
-        const int n = static_cast<int>(std::min<int64_t>(kTile, starts[e + 1] - r));
-        amx_pairs(x, order.data() + r, n, I, pairs.data() + g * tile_words);
-      }
+  std::vector<int64_t> group_row(first_group[E]);  // each group's first row in `order`
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t g = first_group[e]; g < first_group[e + 1]; ++g)
+      group_row[g] = starts[e] + (g - first_group[e]) * kTile;
+  std::unique_ptr<uint32_t[]> pairs(new uint32_t[first_group[E] * tile_words]);  // each word written below
+  at::parallel_for(0, first_group[E], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t r = group_row[g], e = idx[order[r]];
+      const int n = static_cast<int>(std::min<int64_t>(kTile, starts[e + 1] - r));
+      amx_pairs(x, order.data() + r, n, I, pairs.get() + g * tile_words);
+    }
   });
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     amx_configure();
@@ -357,7 +365,7 @@ void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* 
       const c10::BFloat16* wb = w + (task.e * O + task.o0) * I;
       for (int64_t r = starts[task.e], g = first_group[task.e]; r < starts[task.e + 1]; r += 2 * kTile, g += 2) {
         const int64_t rows = std::min<int64_t>(2 * kTile, starts[task.e + 1] - r);
-        const uint32_t* b0 = pairs.data() + g * tile_words;
+        const uint32_t* b0 = pairs.get() + g * tile_words;
         const uint32_t* b1 = b0 + tile_words;
         if (rows > kTile) {
           if (nc == 2) amx_block<2, 2>(wb, b0, b1, I, c); else amx_block<2, 1>(wb, b0, b1, I, c);
@@ -383,12 +391,21 @@ void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* 
   });
 }
 
-// the AMX path takes this call: bf16 weights of whole tiles, offsets of x in 32-bit words that fit,
-// enough rows an expert to pay for building B tiles (`kAmxRows`), AMX permitted and not turned off
+// the number of distinct experts idx names (idx checked to lie in [0, E))
+int64_t used_experts(const at::Tensor& idx, int64_t E) {
+  std::vector<char> seen(E, 0);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  int64_t used = 0;
+  for (int64_t m = 0; m < idx.size(0); ++m) used += !seen[ip[m]]++;
+  return used;
+}
+
+// the AMX path takes this call: bf16 weights of whole tiles, enough rows an expert to pay for building
+// B tiles (`kAmxRows`), AMX permitted and not turned off
 constexpr int64_t kAmxRows = 4;
 bool amx_serves(int64_t M, int64_t used, int64_t O, int64_t I) {
   return amx_wanted.load(std::memory_order_relaxed) && O % kTile == 0 && I % kTileK == 0 &&
-         M * I < (int64_t{1} << 31) && M >= kAmxRows * used && amx_permitted();
+         M >= kAmxRows * used && amx_permitted();
 }
 #endif
 
@@ -401,15 +418,6 @@ at::Tensor checked_idx(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   for (int64_t m = 0; m < x.size(0); ++m)
     TORCH_CHECK(ip[m] >= 0 && ip[m] < w.size(0), op, ": idx outside [0, ", w.size(0), ")");
   return ic;
-}
-
-// the number of distinct experts idx names (idx checked to lie in [0, E))
-int64_t used_experts(const at::Tensor& idx, int64_t E) {
-  std::vector<char> seen(E, 0);
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  int64_t used = 0;
-  for (int64_t m = 0; m < idx.size(0); ++m) used += !seen[ip[m]]++;
-  return used;
 }
 
 // x [M, I] as fp32: its own data if it is fp32 and contiguous, else widened into `buf` here (bf16 read in

@@ -10,7 +10,8 @@ Every linear-like module shows the step one face, `decode_weights`:
   is not compiled (none of openk2's own modules does this).
 Stacked experts give the same face four wide: (gate_up, its scale, down, its scale); the step reads
 them per chosen expert (`pairs_matvec`), through the kernel openk2.kernels registered for the weights'
-dtype where there is one (`PAIRS_KERNELS`; small batches' linears too, as stacks of one).
+dtype where there is one (`PAIRS_KERNELS`; small batches' linears too, as stacks of one, and plain
+linears at any batch where the kernel serves many rows, `PAIRS_ROWS`).
 The model never learns which format it holds; openk2.quant never learns how the step reads it.
 `matvec` is the multiply-and-reduce that torch.compile fuses into one loop over the weight (eagerly
 it would materialise [N, O, I]); its reference is the module's own forward (tests/test_decode.py).
@@ -43,17 +44,22 @@ def matvec(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | None 
 
 PAIRS_KERNELS: dict = {}  # codes dtype -> a format's CPU kernel for `pairs_matvec`, registered by openk2.kernels
 # eagerly, a registered kernel serves matrices with up to this many rows each on average (decode steps,
-# short prompts); above, one library matmul per matrix wins (crossover measured at ~24 rows for a
-# 512×512 int4 expert on 2 cores: 16 rows 148 vs 245 µs, 64 rows 577 vs 328 µs). A kernel that serves
-# more (bf16 through AMX tiles) says so in PAIRS_ROWS, by dtype; the compiled step's linears past small
-# batches take it up to that many rows too.
+# short prompts); above, one library matmul per matrix wins (crossover at ~24 rows for a 512×512 int4
+# expert on 2 cores). A kernel that serves more for some shapes (bf16 on AMX) says so in PAIRS_ROWS:
+# dtype -> f(O, I) -> rows.
 KERNEL_ROWS = 16
 PAIRS_ROWS: dict = {}
 
 
-def few_rows(rows: int, used: int, dtype: torch.dtype | None = None) -> bool:
-    """Whether `rows` rows over `used` matrices of this dtype go through its registered kernel eagerly."""
-    return rows <= PAIRS_ROWS.get(dtype, KERNEL_ROWS) * used
+def kernel_rows(w_OI: torch.Tensor) -> int:
+    """Rows a matrix (of this stack) up to which its registered kernel beats a library matmul."""
+    rows = PAIRS_ROWS.get(w_OI.dtype)
+    return rows(w_OI.shape[-2], w_OI.shape[-1]) if rows is not None else KERNEL_ROWS
+
+
+def few_rows(rows: int, used: int, w_OI: torch.Tensor | None = None) -> bool:
+    """Whether `rows` rows over `used` matrices (of the stack w_OI) go through its kernel eagerly."""
+    return rows <= (KERNEL_ROWS if w_OI is None else kernel_rows(w_OI)) * used
 
 
 def pairs_kernel(w_EOI: torch.Tensor):
@@ -80,10 +86,11 @@ def one_matrix(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | N
 def decode_linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tensor:
     """mod(x_NI) in the decode step. Small batches: a stack of one matrix through the kernel registered
     for its weights (bf16, int8: read ~2x faster than by the fused loop), else `matvec` over its face;
-    above, the kernel where it serves that many rows (`PAIRS_ROWS`), else a library matmul for a plain
-    linear and the module's own kernel for any other."""
+    above, a plain linear through a kernel that serves many rows (`kernel_rows`: bf16 on AMX; the
+    choice reads no row count, so it adds no guard to the compiled graph), else a library matmul,
+    and the module's own kernel for any other."""
     if not small and type(mod) is nn.Linear and pairs_kernel(mod.weight) is not None and \
-            x_NI.shape[0] <= PAIRS_ROWS.get(mod.weight.dtype, 0):  # a kernel for many rows (bf16 on AMX)
+            kernel_rows(mod.weight) > KERNEL_ROWS:
         return one_matrix(x_NI, mod.weight, None).to(x_NI.dtype)
     if not small:  # weight-first (W @ xᵀ): oneDNN streams the weight faster this way round
         return torch.mm(mod.weight, x_NI.T).T if type(mod) is nn.Linear else mod(x_NI)
