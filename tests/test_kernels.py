@@ -82,6 +82,32 @@ def test_amx_equals_exact_products_and_the_vector_path(width, amx):
     assert not torch.equal(got, vector)  # the two paths did run: their fp32 sums round apart
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_amx_int8_equals_exact_products_and_the_vector_path(scale_dtype, amx):
+    """int8 codes through tiles (widened to bf16, exact) with bf16 activations, the row scale after
+    the sum: exact products, and the vector path to fp32 rounding; fp32 activations keep the vector
+    path (tiles would round them to bf16)."""
+    g = torch.Generator().manual_seed(7)
+    counts = [1, 4, 15, 16, 17, 0, 31, 32, 33, 70]
+    idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    idx = idx[torch.randperm(len(idx), generator=g)]
+    x = torch.randn(len(idx), 96, generator=g).bfloat16()
+    codes = torch.randint(-127, 128, (len(counts), 112, 96), dtype=torch.int8, generator=g)
+    scale = (torch.rand(len(counts), 112, generator=g) / 50).to(scale_dtype)
+    got = torch.ops.openk2.int8_pairs(x, codes, scale, idx)
+    expect = (x.double()[:, None, :] * codes.double()[idx]).sum(-1) * scale.double()[idx]
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    x32 = x.float() + torch.randn(x.shape, generator=g) * 1e-3  # not bf16: the exact fp32 products
+    expect32 = (x32.double()[:, None, :] * codes.double()[idx]).sum(-1) * scale.double()[idx]
+    got32 = torch.ops.openk2.int8_pairs(x32, codes, scale, idx)
+    torch.testing.assert_close(got32.double(), expect32, rtol=1e-5, atol=1e-5 * expect32.abs().max().item())
+    torch.ops.openk2.set_amx(False)
+    vector = torch.ops.openk2.int8_pairs(x, codes, scale, idx)
+    torch.testing.assert_close(got, vector, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    assert not torch.equal(got, vector)  # the two paths did run: their fp32 sums round apart
+    assert torch.equal(torch.ops.openk2.int8_pairs(x32, codes, scale, idx), got32)  # fp32: one path
+
+
 def test_amx_takes_strided_and_fp32_activations(amx):
     """Activations of another dtype are rounded to bf16 first, strided ones read as they lie."""
     g = torch.Generator().manual_seed(3)
@@ -228,3 +254,38 @@ def test_kernel_serves_as_many_rows_as_it_says(rows, cpu_kernels, monkeypatch):
     with torch.no_grad(), torch.profiler.profile() as prof:  # a linear of no whole tiles: a matmul
         linear.decode_linear(nn.Linear(64, 40, bias=False).to(torch.bfloat16), x, small=False)
     assert "openk2::float_pairs" not in {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_int8_experts_take_the_kernel_for_few_rows(rows, cpu_kernels, monkeypatch):
+    """Stacked int8 experts (`QuantizedExperts`) go through `int8_pairs` eagerly when their rows are few
+    an expert (up to `kernel_rows` of their codes), and equal their per-expert loop; past small
+    batches the step's int8 linears do too where the kernel serves many rows."""
+    from openk2.config import PRESETS
+    from openk2.model import linear
+    from openk2.model.moe import Experts
+    from openk2.quant import QuantizedExperts
+    from openk2.quant.int8 import Int8Linear
+    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.int8: lambda outs, ins: 32})
+    g = torch.Generator().manual_seed(rows)
+    experts = Experts(PRESETS["k2-tiny"])
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    q8 = QuantizedExperts.from_experts(experts.to(torch.bfloat16), Int8Linear)
+    counts_E = torch.zeros(16, dtype=torch.long)
+    counts_E[[2, 5]] = torch.tensor([rows // 2, rows - rows // 2])
+    x, w_M = torch.randn(rows, 64, generator=g).bfloat16(), torch.rand(rows, generator=g)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = q8(x, counts_E, w_M)
+    assert "openk2::int8_pairs" in {e.name for e in prof.events()}
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        lin = linear.decode_linear(q8.gate_up[2], x, small=False)
+    assert "openk2::int8_pairs" in {e.name for e in prof.events()}
+    with torch.no_grad():
+        torch.testing.assert_close(lin.float(), q8.gate_up[2](x).float(), rtol=2e-2, atol=2e-2)
+        monkeypatch.setattr(linear, "PAIRS_KERNELS", {})
+        loop = q8(x, counts_E, w_M)
+    scale = loop.float().abs().max().item()  # the loop rounds its hidden layer to bf16 once more
+    torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=1e-2 * scale)
+

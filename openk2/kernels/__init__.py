@@ -80,7 +80,9 @@ def load() -> bool:
     # (k2-mini fp32, 32 rows: compiled 12.3 vs 13.2 ms a step, eager 14.9 vs 16.1 ms)
     linear.PAIRS_KERNELS[torch.bfloat16] = lambda x, w, scale, idx: torch.ops.openk2.float_pairs(x, w, idx)
     if torch.ops.openk2.set_amx(amx_wanted()):  # tiles take whole 16 × 32 blocks
-        linear.PAIRS_ROWS[torch.bfloat16] = _amx_rows
+        # int8 codes too (widened to bf16 tile by tile): with bf16 activations; fp32 ones take the vector
+        # path, as many rows as it is given (fp32 models are rarely quantized)
+        linear.PAIRS_ROWS[torch.bfloat16] = linear.PAIRS_ROWS[torch.int8] = _amx_rows
     return True
 
 

@@ -24,7 +24,7 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #define OPENK2_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -276,12 +276,31 @@ inline void amx_pairs(const c10::BFloat16* x, const int64_t* rows, int n, int64_
   }
 }
 
-// the outputs of a C tile c_tile [16 weight rows][16 rows] for its rows k < n: y_rows[k][0 .. 16)
-inline void amx_scatter(const float* c_tile, float* const* y_rows, int n) {
+// the outputs of a C tile c_tile [16 weight rows][16 rows] for its rows k < n: y_rows[k][0 .. 16), times
+// the weight rows' scales if any (int8 codes: the scale after the sum)
+template <typename TS>
+inline void amx_scatter(const float* c_tile, float* const* y_rows, int n, const TS* scale) {
   __m512i v[kTile];
   for (int i = 0; i < kTile; ++i) v[i] = _mm512_load_si512(c_tile + i * kTile);
   transpose16(v);
-  for (int k = 0; k < n; ++k) _mm512_storeu_si512(y_rows[k], v[k]);
+  if (scale) {
+    alignas(64) float s[kTile];
+    for (int i = 0; i < kTile; ++i) s[i] = static_cast<float>(scale[i]);
+    const __m512 sv = _mm512_load_ps(s);
+    for (int k = 0; k < n; ++k) _mm512_storeu_ps(y_rows[k], _mm512_mul_ps(_mm512_castsi512_ps(v[k]), sv));
+  } else {
+    for (int k = 0; k < n; ++k) _mm512_storeu_si512(y_rows[k], v[k]);
+  }
+}
+
+// int8 codes as bf16 (exact: every int8 is a bf16), `count` a multiple of 32
+inline void codes_to_bf16(const int8_t* codes, int64_t count, c10::BFloat16* out) {
+  for (int64_t i = 0; i < count; i += 32) {
+    const auto* at = reinterpret_cast<const __m128i*>(codes + i);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(at)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(at + 1)));
+    _mm512_storeu_si512(out + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
 }
 
 // C tiles g * NC + c (g < NG groups of rows, c < NC blocks of 16 weight rows from w) over all I, into
@@ -324,7 +343,10 @@ inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t
 
 // `grouped` for bf16 through AMX (the shapes `amx_serves` takes); each task a block of an expert's
 // weight rows times all of its rows
-void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* idx, float* y, int64_t M,
+// weights of bf16 (read in place) or int8 codes (widened block by block into a bf16 scratch that stays in
+// cache, their row scales applied as the outputs are written)
+template <typename TW, typename TS = float>
+void grouped_amx(const c10::BFloat16* x, const TW* w, const TS* scale, const int64_t* idx, float* y, int64_t M,
                  int64_t E, int64_t O, int64_t I) {
   std::vector<int64_t> starts(E + 1, 0), order(M);
   for (int64_t m = 0; m < M; ++m) ++starts[idx[m] + 1];
@@ -359,10 +381,17 @@ void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     amx_configure();
     alignas(64) float c[4 * kTile * kTile];
+    std::vector<c10::BFloat16> widened_block(std::is_same_v<TW, int8_t> ? 4 * kTile * I : 0);
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
       const int nc = static_cast<int>(std::min<int64_t>(task.span, O - task.o0) / kTile);
-      const c10::BFloat16* wb = w + (task.e * O + task.o0) * I;
+      const c10::BFloat16* wb;
+      if constexpr (std::is_same_v<TW, int8_t>) {
+        codes_to_bf16(w + (task.e * O + task.o0) * I, nc * kTile * I, widened_block.data());
+        wb = widened_block.data();
+      } else {
+        wb = w + (task.e * O + task.o0) * I;
+      }
       for (int64_t r = starts[task.e], g = first_group[task.e]; r < starts[task.e + 1]; r += 2 * kTile, g += 2) {
         const int64_t rows = std::min<int64_t>(2 * kTile, starts[task.e + 1] - r);
         const uint32_t* b0 = pairs.get() + g * tile_words;
@@ -382,7 +411,8 @@ void grouped_amx(const c10::BFloat16* x, const c10::BFloat16* w, const int64_t* 
           float* y_rows[kTile];
           for (int j = 0; j < nc; ++j) {
             for (int k = 0; k < n; ++k) y_rows[k] = y + order[r + h * kTile + k] * O + task.o0 + j * kTile;
-            amx_scatter(c + (h * nc + j) * kTile * kTile, y_rows, n);
+            const TS* sj = scale ? scale + task.e * O + task.o0 + j * kTile : nullptr;
+            amx_scatter(c + (h * nc + j) * kTile * kTile, y_rows, n, sj);
           }
         }
       }
@@ -451,7 +481,8 @@ at::Tensor float_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* none = nullptr;
 #if defined(OPENK2_AMX)
   if (w.scalar_type() == at::kBFloat16 && amx_serves(M, used_experts(ic, E), O, I)) {
-    grouped_amx(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), ic.data_ptr<int64_t>(),
+    const float* no_scale = nullptr;
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), no_scale, ic.data_ptr<int64_t>(),
                 y.data_ptr<float>(), M, E, O, I);
     return y;
   }
@@ -478,6 +509,17 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const int8_t* wp = wc.data_ptr<int8_t>();
+#if defined(OPENK2_AMX)
+  // bf16 activations through tiles: their exact products with the codes, as the vector path's fp32
+  if (x.scalar_type() == at::kBFloat16 && amx_serves(M, used_experts(ic, E), O, I)) {
+    const at::Tensor xc = x.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int8_pairs", [&] {
+      grouped_amx(xc.data_ptr<c10::BFloat16>(), wp, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(),
+                  y.data_ptr<float>(), M, E, O, I);
+    });
+    return y;
+  }
+#endif
   const float* xp = widened(x, xf);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int8_pairs", [&] {
     grouped(xp, wp, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);

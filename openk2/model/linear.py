@@ -86,15 +86,15 @@ def one_matrix(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | N
 def decode_linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tensor:
     """mod(x_NI) in the decode step. Small batches: a stack of one matrix through the kernel registered
     for its weights (bf16, int8: read ~2x faster than by the fused loop), else `matvec` over its face;
-    above, a plain linear through a kernel that serves many rows (`kernel_rows`: bf16 on AMX; the
-    choice reads no row count, so it adds no guard to the compiled graph), else a library matmul,
-    and the module's own kernel for any other."""
-    if not small and type(mod) is nn.Linear and pairs_kernel(mod.weight) is not None and \
-            kernel_rows(mod.weight) > KERNEL_ROWS:
-        return one_matrix(x_NI, mod.weight, None).to(x_NI.dtype)
+    above, through a kernel that serves many rows (`kernel_rows`: bf16 and int8 on AMX; the choice
+    reads no row count, so it adds no guard to the compiled graph), else a library matmul for a
+    plain linear and the module's own kernel for any other."""
+    face = decode_weights(mod)
+    if not small and face is not None and pairs_kernel(face[0]) is not None and kernel_rows(face[0]) > KERNEL_ROWS:
+        return one_matrix(x_NI, *face).to(x_NI.dtype)
     if not small:  # weight-first (W @ xᵀ): oneDNN streams the weight faster this way round
         return torch.mm(mod.weight, x_NI.T).T if type(mod) is nn.Linear else mod(x_NI)
-    w_OI, scale_O = decode_weights(mod)
+    w_OI, scale_O = face
     if pairs_kernel(w_OI) is not None:
         return one_matrix(x_NI, w_OI, scale_O).to(x_NI.dtype)
     return matvec(x_NI, w_OI, scale_O).to(x_NI.dtype)
