@@ -1,8 +1,9 @@
 """Decode throughput on CPU: batch-1 tokens/s of openk2 (bf16, int8, int4; eager and compiled) vs
 llama.cpp (BF16, Q8_0, Q4_K_M) and transformers' generate on the same weights, vs the
 memory-bandwidth roofline; and the Engine's aggregate tokens/s at batch 1, 8 and 32 (eager and
-compiled decode steps); the prefill of one 512- or 4,000-token prompt, side by side; and a batch-32
-decode step against its floor (`batch_floor`: the weights it must read, once, at the measured bandwidth).
+compiled decode steps); the prefill of one 512- or 4,000-token prompt, side by side, in bf16 and
+(`qprefill`) quantized beside llama.cpp's Q8_0 and Q4_K_M; and a batch-32 decode step against its
+floor (`batch_floor`: the weights it must read, once, at the measured bandwidth).
 
 Side by side: the batch-1 rows run round-robin, one decode of each per round, medians of the rounds,
 so load on the machine falls on all alike. llama.cpp runs through llama-cpp-python (the bench extra:
@@ -171,6 +172,38 @@ def prefill_table(ours, theirs, cfg, folder: str, threads: int, reps: int) -> No
             print(f"| {name} | {n} | {v:.0f} | {vs} | {v / tok_s['openk2 bf16, bare forward']:.2f}× |")
 
 
+def quant_prefill_table(models, cfg, folder: str, threads: int, reps: int) -> None:
+    """One prompt's prefill through the Engine (default chunks) for the quantized models, side by side
+    with llama.cpp at the same precision (Q8_0 beside int8, Q4_K_M beside both int4s) and openk2 bf16."""
+    peers = {"int8": "Q8_0", "int4": "Q4_K_M", "int4 linears": "Q4_K_M"}
+    llamas = {q: open_llama(f"{folder}/model-{q.lower()}.gguf", 4096, 512, threads)
+              for q in sorted(set(peers.values()))} if LLAMAS else {}
+    print("\n| prefill of one prompt, quantized | tokens | tok/s | vs llama.cpp, same precision | vs openk2 bf16 |\n"
+          "| --- | ---: | ---: | ---: | ---: |")
+    for n in (512, 4000):
+        def engine(model, ids):
+            e = Engine(model, EngineConfig(cache_tokens=n + 64, max_batch=1))
+            e.add_request(ids[0].tolist(), SamplingParams(max_tokens=1))
+            e.run()
+        rows = {f"openk2 {fmt}, Engine": partial(engine, models[fmt]) for fmt in ("bf16", *peers)}
+        rows |= {f"llama.cpp {q}": (lambda llm: lambda ids: (llm.reset(), llm.eval(ids[0].tolist())))(llm)
+                 for q, llm in llamas.items()}
+        times = {name: [] for name in rows}
+        for rep in range(reps + 1):  # round 0 warms up
+            ids = torch.randint(0, cfg.vocab_size // 2, (1, n), generator=torch.Generator().manual_seed(n + 31 * rep))
+            for name, fn in rows.items():
+                t0 = time.perf_counter()
+                fn(ids)
+                if rep:
+                    times[name].append(time.perf_counter() - t0)
+        tok_s = {name: n / statistics.median(t) for name, t in times.items()}
+        for name, v in tok_s.items():
+            fmt = name.removeprefix("openk2 ").removesuffix(", Engine")
+            peer = f"llama.cpp {peers[fmt]}" if fmt in peers else None
+            vs = f"{v / tok_s[peer]:.2f}×" if peer in tok_s else "—"
+            print(f"| {name} | {n} | {v:.0f} | {vs} | {v / tok_s['openk2 bf16, Engine']:.2f}× |")
+
+
 def batch_floor(model, cfg, gbs: float, batch: int = 32, steps: int = 24) -> None:
     """A decode step at `batch` rows against its own floor: the time to stream, once, the weights that
     step must read — every non-expert weight and the union of the routed experts its rows chose, per
@@ -263,7 +296,7 @@ def main():
     ap.add_argument("--preset", default="k2-small", choices=sorted(PRESETS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1 repeat, 16 requests for the aggregate")
-    tables = ("decode", "prefill", "floor", "aggregate")
+    tables = ("decode", "prefill", "qprefill", "floor", "aggregate")
     ap.add_argument("--only", nargs="+", choices=tables, default=tables, help="the tables to print (default: all)")
     ap.add_argument("--aggregate-formats", nargs="+", choices=("bf16", "int8", "int4"), default=["bf16"],
                     help="the weight formats of the aggregate table (default: bf16)")
@@ -276,7 +309,7 @@ def main():
     from openk2 import kernels
     tiles = "AMX tiles" if kernels.load() and linear.PAIRS_ROWS.get(torch.bfloat16) else "no AMX"
     print(f"{machine_line(args.threads)} | preset {args.preset} | measured bandwidth {gbs:.1f} GB/s | "
-          f"bf16 kernel: {tiles}")
+          f"bf16/int8/int4 kernels: {tiles}")
     ids = torch.randint(0, cfg.vocab_size // 2, (1, PROMPT), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
         ours, theirs = load_pair(cfg, torch.bfloat16, tmp)
@@ -288,6 +321,8 @@ def main():
             decode_table(models, theirs, peers, ids, cfg, gbs, reps)
         if "prefill" in args.only:
             prefill_table(ours, theirs, cfg, tmp, args.threads, reps)
+        if "qprefill" in args.only:
+            quant_prefill_table(models, cfg, tmp, args.threads, reps)
         if "floor" in args.only:
             batch_floor(ours, cfg, gbs)
         for llm in LLAMAS:

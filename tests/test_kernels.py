@@ -1,6 +1,7 @@
 """openk2's CPU kernels for the decode step (openk2/kernels) against their references: the grouped
 kernels of float experts (`openk2::float_pairs`) and int8 codes (`openk2::int8_pairs`) against exact
-products summed in float64, their input checks, and the decode step's linears through them.
+products summed in float64, their AMX paths against the same and their vector paths, the int4 AMX
+kernel (`openk2::int4_bf16_pairs`), their input checks, and the decode step's linears through them.
 (The int4 kernel's tests sit with its format, tests/test_quant.py; the compiled step's, with the step,
 tests/test_decode.py.)"""
 
@@ -106,6 +107,64 @@ def test_amx_int8_equals_exact_products_and_the_vector_path(scale_dtype, amx):
     torch.testing.assert_close(got, vector, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
     assert not torch.equal(got, vector)  # the two paths did run: their fp32 sums round apart
     assert torch.equal(torch.ops.openk2.int8_pairs(x32, codes, scale, idx), got32)  # fp32: one path
+
+
+@pytest.mark.parametrize("group, scale_dtype", [(32, torch.bfloat16), (64, torch.float32), (128, torch.float16)])
+def test_int4_bf16_pairs_equals_the_dequantised_products(group, scale_dtype, amx):
+    """int4 codes (the decode layout) dequantised to bf16 as `unpack_halves` does, times bf16 rows:
+    exact products of those weights summed in fp32, at 1 to 70 rows an expert; bad input refused."""
+    from openk2.quant.int4_decode import quantize_halves, unpack_halves
+    g = torch.Generator().manual_seed(group)
+    counts = [1, 4, 15, 16, 17, 0, 31, 32, 33, 70]
+    idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    idx = idx[torch.randperm(len(idx), generator=g)]
+    w = torch.randn(len(counts), 112, 256, generator=g).to(scale_dtype)
+    codes, scale = (torch.stack(t) for t in zip(*(quantize_halves(w_OI, group) for w_OI in w)))
+    assert scale.dtype == scale_dtype
+    x = torch.randn(len(idx), 256, generator=g).bfloat16()
+    got = torch.ops.openk2.int4_bf16_pairs(x, codes, scale, idx)
+    expect = (x.double()[:, None, :] * unpack_halves(codes, scale, torch.bfloat16).double()[idx]).sum(-1)
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    with pytest.raises(RuntimeError, match="shapes do not agree"):
+        torch.ops.openk2.int4_bf16_pairs(x[:, :128], codes, scale, idx)
+    with pytest.raises(RuntimeError, match="whole tiles of 16"):
+        torch.ops.openk2.int4_bf16_pairs(x, codes[:, :40], scale[:, :40], idx)
+    with pytest.raises(RuntimeError, match="multiple of 32 inputs"):
+        torch.ops.openk2.int4_bf16_pairs(x, codes, scale.repeat(1, 1, 8), idx)
+    torch.ops.openk2.set_amx(False)
+    with pytest.raises(RuntimeError, match="needs AMX tiles"):
+        torch.ops.openk2.int4_bf16_pairs(x, codes, scale, idx)
+
+
+@pytest.mark.parametrize("rows", [40, 400])
+def test_int4_experts_take_the_rounded_kernel_for_many_rows(rows, amx):
+    """Int4 experts past few rows an expert multiply by their weights dequantised to bf16: with AMX
+    in one call for all used experts (`int4_bf16_pairs`, up to `ROUNDED_KERNELS`' rows), equal to
+    the per-expert loop; past it, the loop."""
+    from openk2.config import PRESETS
+    from openk2.model import linear
+    from openk2.model.moe import Experts
+    from openk2.quant.int4_decode import Int4Experts
+    g = torch.Generator().manual_seed(rows)
+    experts = Experts(PRESETS["k2-tiny"])
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    q4 = Int4Experts.from_experts(experts.to(torch.bfloat16))
+    counts_E = torch.zeros(16, dtype=torch.long)
+    counts_E[[1, 9]] = torch.tensor([rows // 2, rows - rows // 2])
+    x, w_M = torch.randn(rows, 64, generator=g).bfloat16(), torch.rand(rows, generator=g)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = q4(x, counts_E, w_M)
+    assert ("openk2::int4_bf16_pairs" in {e.name for e in prof.events()}) == (rows <= 2 * 128)
+    with torch.no_grad():
+        rounded, linear.ROUNDED_KERNELS = linear.ROUNDED_KERNELS, {}
+        try:
+            loop = q4(x, counts_E, w_M)
+        finally:
+            linear.ROUNDED_KERNELS = rounded
+    scale = loop.float().abs().max().item()  # the loop rounds its hidden layer to bf16 once more
+    torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=1e-2 * scale)
 
 
 def test_amx_takes_strided_and_fp32_activations(amx):

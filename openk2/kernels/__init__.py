@@ -74,6 +74,10 @@ def load() -> bool:
     @torch.library.register_fake("openk2::int8_pairs")
     def _(x, w, scale, idx):
         return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake("openk2::int4_bf16_pairs")
+    def _(x, codes, scale, idx):
+        return x.new_empty(x.shape[0], codes.shape[1], dtype=torch.float32)
     linear.PAIRS_KERNELS[torch.uint8] = torch.ops.openk2.int4_pairs
     linear.PAIRS_KERNELS[torch.int8] = torch.ops.openk2.int8_pairs
     # bf16 only: fp32 experts have no vector path here, and the step's own fp32 paths measured faster
@@ -83,6 +87,7 @@ def load() -> bool:
         # int8 codes too (widened to bf16 tile by tile): with bf16 activations; fp32 ones take the vector
         # path, as many rows as it is given (fp32 models are rarely quantized)
         linear.PAIRS_ROWS[torch.bfloat16] = linear.PAIRS_ROWS[torch.int8] = _amx_rows
+        linear.ROUNDED_KERNELS[torch.uint8] = (torch.ops.openk2.int4_bf16_pairs, _amx_rows)
     return True
 
 

@@ -293,6 +293,25 @@ inline void amx_scatter(const float* c_tile, float* const* y_rows, int n, const 
   }
 }
 
+// int4 codes in the decode layout (a row: groups of I/G inputs, byte j of a group holding input j in its
+// low nibble and input j + I/2G in its high one) as bf16 weights (code − 8) · scale, in fp32 rounded once
+// (as `unpack_halves`); I/G a multiple of 32
+template <typename TS>
+inline void int4_to_bf16(const uint8_t* codes, const TS* scale, int64_t I, int64_t G, c10::BFloat16* out) {
+  const int64_t half = I / G / 2;
+  const __m512i low = _mm512_set1_epi32(15), eight = _mm512_set1_epi32(8);
+  for (int64_t g = 0; g < G; ++g, codes += half, out += 2 * half) {
+    const __m512 s = _mm512_set1_ps(static_cast<float>(scale[g]));
+    for (int64_t j = 0; j < half; j += 16) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + j)));
+      const __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, low), eight)), s);
+      const __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight)), s);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(lo));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + half + j), (__m256i)_mm512_cvtneps_pbh(hi));
+    }
+  }
+}
+
 // int8 codes as bf16 (exact: every int8 is a bf16), `count` a multiple of 32
 inline void codes_to_bf16(const int8_t* codes, int64_t count, c10::BFloat16* out) {
   for (int64_t i = 0; i < count; i += 32) {
@@ -345,9 +364,11 @@ inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t
 // weight rows times all of its rows
 // weights of bf16 (read in place) or int8 codes (widened block by block into a bf16 scratch that stays in
 // cache, their row scales applied as the outputs are written)
-template <typename TW, typename TS = float>
-void grouped_amx(const c10::BFloat16* x, const TW* w, const TS* scale, const int64_t* idx, float* y, int64_t M,
-                 int64_t E, int64_t O, int64_t I) {
+// block(e, o0, rows, scratch): the bf16 rows [o0, o0 + rows) of expert e's weights, in place, or written
+// into `scratch` (room for 64 rows, where `widens`); scale: per weight row, applied after the sum (or null)
+template <typename Block, typename TS = float>
+void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* scale, const int64_t* idx, float* y,
+                 int64_t M, int64_t E, int64_t O, int64_t I) {
   std::vector<int64_t> starts(E + 1, 0), order(M);
   for (int64_t m = 0; m < M; ++m) ++starts[idx[m] + 1];
   for (int64_t e = 0; e < E; ++e) starts[e + 1] += starts[e];
@@ -381,17 +402,11 @@ void grouped_amx(const c10::BFloat16* x, const TW* w, const TS* scale, const int
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     amx_configure();
     alignas(64) float c[4 * kTile * kTile];
-    std::vector<c10::BFloat16> widened_block(std::is_same_v<TW, int8_t> ? 4 * kTile * I : 0);
+    std::vector<c10::BFloat16> scratch(widens ? 4 * kTile * I : 0);
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
       const int nc = static_cast<int>(std::min<int64_t>(task.span, O - task.o0) / kTile);
-      const c10::BFloat16* wb;
-      if constexpr (std::is_same_v<TW, int8_t>) {
-        codes_to_bf16(w + (task.e * O + task.o0) * I, nc * kTile * I, widened_block.data());
-        wb = widened_block.data();
-      } else {
-        wb = w + (task.e * O + task.o0) * I;
-      }
+      const c10::BFloat16* wb = block(task.e, task.o0, nc * kTile, scratch.data());
       for (int64_t r = starts[task.e], g = first_group[task.e]; r < starts[task.e + 1]; r += 2 * kTile, g += 2) {
         const int64_t rows = std::min<int64_t>(2 * kTile, starts[task.e + 1] - r);
         const uint32_t* b0 = pairs.get() + g * tile_words;
@@ -439,10 +454,12 @@ bool amx_serves(int64_t M, int64_t used, int64_t O, int64_t I) {
 }
 #endif
 
-at::Tensor checked_idx(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const char* op) {
+// idx as int64, checked against x [M, I] and a stack w [E, O, I] (or, `packed`, [E, O, I/2]: int4 codes)
+at::Tensor checked_idx(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const char* op,
+                       bool packed = false) {
   TORCH_CHECK(w.dim() == 3 && x.dim() == 2 && idx.dim() == 1, op, ": x [M, I], w [E, O, I], idx [M]");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && idx.device().is_cpu(), op, ": CPU tensors");
-  TORCH_CHECK(w.size(2) == x.size(1) && idx.size(0) == x.size(0), op, ": shapes do not agree");
+  TORCH_CHECK(w.size(2) * (packed ? 2 : 1) == x.size(1) && idx.size(0) == x.size(0), op, ": shapes do not agree");
   at::Tensor ic = idx.to(at::kLong).contiguous();
   const int64_t* ip = ic.data_ptr<int64_t>();
   for (int64_t m = 0; m < x.size(0); ++m)
@@ -482,7 +499,9 @@ at::Tensor float_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 #if defined(OPENK2_AMX)
   if (w.scalar_type() == at::kBFloat16 && amx_serves(M, used_experts(ic, E), O, I)) {
     const float* no_scale = nullptr;
-    grouped_amx(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), no_scale, ic.data_ptr<int64_t>(),
+    const c10::BFloat16* wp = wc.data_ptr<c10::BFloat16>();
+    auto in_place = [&](int64_t e, int64_t o0, int, c10::BFloat16*) { return wp + (e * O + o0) * I; };
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), in_place, false, no_scale, ic.data_ptr<int64_t>(),
                 y.data_ptr<float>(), M, E, O, I);
     return y;
   }
@@ -514,7 +533,11 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   if (x.scalar_type() == at::kBFloat16 && amx_serves(M, used_experts(ic, E), O, I)) {
     const at::Tensor xc = x.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int8_pairs", [&] {
-      grouped_amx(xc.data_ptr<c10::BFloat16>(), wp, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(),
+      auto widened = [&](int64_t e, int64_t o0, int rows, c10::BFloat16* scratch) {
+        codes_to_bf16(wp + (e * O + o0) * I, rows * I, scratch);
+        return static_cast<const c10::BFloat16*>(scratch);
+      };
+      grouped_amx(xc.data_ptr<c10::BFloat16>(), widened, true, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(),
                   y.data_ptr<float>(), M, E, O, I);
     });
     return y;
@@ -525,6 +548,44 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
     grouped(xp, wp, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
   });
   return y;
+}
+
+// x [M, I] (any float dtype, rounded to bf16), codes [E, O, I/2] uint8 in the int4 decode layout, scale
+// [E, O, G] (fp32, bf16 or fp16), idx [M] -> [M, O] fp32: row m times expert idx[m]'s weights dequantised
+// to bf16 (`unpack_halves`: what int4 experts and linears multiply by for many rows), through AMX tiles
+// only (`int4_pairs` reads the codes exactly, for few rows)
+at::Tensor int4_bf16_pairs(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                           const at::Tensor& idx) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3, "int4_bf16_pairs: uint8 codes [E, O, I/2]");
+  TORCH_CHECK(scale.dim() == 3 && scale.size(0) == codes.size(0) && scale.size(1) == codes.size(1),
+              "int4_bf16_pairs: scale [E, O, G]");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16 ||
+              scale.scalar_type() == at::kHalf, "int4_bf16_pairs: fp32, bf16 or fp16 scales");
+  const at::Tensor ic = checked_idx(x, codes, idx, "int4_bf16_pairs", /*packed=*/true);
+  const int64_t M = x.size(0), I = x.size(1), E = codes.size(0), O = codes.size(1), G = scale.size(2);
+  TORCH_CHECK(G > 0 && I % G == 0 && (I / G) % 32 == 0, "int4_bf16_pairs: groups of a multiple of 32 inputs");
+#if defined(OPENK2_AMX)
+  TORCH_CHECK(amx_serves(std::max<int64_t>(M, 1), 0, O, I), "int4_bf16_pairs: needs AMX tiles (set_amx) and "
+              "outputs in whole tiles of 16");
+  const at::Tensor xc = x.to(at::kBFloat16).contiguous(), cc = codes.contiguous(), sc = scale.contiguous();
+  at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
+  const uint8_t* cp = cc.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int4_bf16_pairs", [&] {
+    const scalar_t* sp = sc.data_ptr<scalar_t>();
+    auto dequantised = [&](int64_t e, int64_t o0, int rows, c10::BFloat16* scratch) {
+      for (int r = 0; r < rows; ++r)
+        int4_to_bf16(cp + ((e * O + o0 + r) * I) / 2, sp + (e * O + o0 + r) * G, I, G, scratch + r * I);
+      return static_cast<const c10::BFloat16*>(scratch);
+    };
+    const float* no_scale = nullptr;
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), dequantised, true, no_scale, ic.data_ptr<int64_t>(),
+                y.data_ptr<float>(), M, E, O, I);
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "int4_bf16_pairs: needs AMX tiles, which this build has not");
+  return at::Tensor();
+#endif
 }
 
 // whether bf16 stacks may go through AMX tiles (where the CPU has them and Linux permits them): `on`
@@ -543,9 +604,11 @@ TORCH_LIBRARY_FRAGMENT(openk2, m) {
   m.def("set_amx(bool on) -> bool", &set_amx);
   m.def("float_pairs(Tensor x, Tensor w, Tensor idx) -> Tensor");
   m.def("int8_pairs(Tensor x, Tensor w, Tensor scale, Tensor idx) -> Tensor");
+  m.def("int4_bf16_pairs(Tensor x, Tensor codes, Tensor scale, Tensor idx) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(openk2, CPU, m) {
   m.impl("float_pairs", &float_pairs);
   m.impl("int8_pairs", &int8_pairs);
+  m.impl("int4_bf16_pairs", &int4_bf16_pairs);
 }

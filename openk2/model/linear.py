@@ -62,6 +62,26 @@ def few_rows(rows: int, used: int, w_OI: torch.Tensor | None = None) -> bool:
     return rows <= (KERNEL_ROWS if w_OI is None else kernel_rows(w_OI)) * used
 
 
+# codes dtype -> (kernel, f(O, I) -> rows): a kernel that multiplies bf16 rows by the codes dequantised to
+# bf16, as a format's many-rows path does (int4: `unpack_halves`), up to that many rows a matrix (AMX)
+ROUNDED_KERNELS: dict = {}
+
+
+def experts_kernel(gate_up_EOI, down_EOI, x_MI: torch.Tensor, used: int):
+    """The kernel eager experts (the stacks' rows, `used` of them chosen) take for x's rows: the pairs
+    kernel of their codes for few rows an expert (`few_rows`), else a rounded kernel where one serves
+    both stacks (int4 codes on AMX: the weights their many-rows path multiplies by), else None (a
+    matmul per expert)."""
+    kernel = pairs_kernel(gate_up_EOI)
+    if kernel is not None and few_rows(x_MI.shape[0], used, gate_up_EOI):
+        return kernel
+    rounded, rows = ROUNDED_KERNELS.get(gate_up_EOI.dtype, (None, None))
+    if rounded is None or gate_up_EOI.device.type != "cpu" or x_MI.dtype != torch.bfloat16:
+        return None
+    serves = [x_MI.shape[0] <= rows(w.shape[-2], 2 * w.shape[-1]) * used for w in (gate_up_EOI, down_EOI)]
+    return rounded if all(serves) else None
+
+
 def pairs_kernel(w_EOI: torch.Tensor):
     """The registered kernel for these codes (CPU tensors only), or None."""
     return PAIRS_KERNELS.get(w_EOI.dtype) if w_EOI.device.type == "cpu" else None

@@ -19,7 +19,7 @@ from torch import nn
 
 from openk2.config import ModelConfig
 from openk2.model.expert_loop import ExpertLoop, swiglu_rows
-from openk2.model.linear import decode_linear, decode_weights, few_rows, pairs_kernel, pairs_matvec
+from openk2.model.linear import decode_linear, decode_weights, experts_kernel, pairs_kernel, pairs_matvec
 from openk2.model.rows import matmul_dtype
 
 
@@ -135,8 +135,8 @@ class Experts(nn.Module):
             h_MF = F.silu(gate).mul_(up).mul_(w_M[:, None])  # scale the F-wide hidden, not the output
             return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        kernel = None if torch.is_grad_enabled() else pairs_kernel(w_gate_up)
-        if kernel is not None and few_rows(x_MD.shape[0], int((counts_E > 0).sum()), w_gate_up):
+        kernel = None if torch.is_grad_enabled() else experts_kernel(w_gate_up, w_down, x_MD, int((counts_E > 0).sum()))
+        if kernel is not None:
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, w_gate_up, None, w_down, None).mul_(w_M[:, None])
         if torch.is_grad_enabled() and (w_gate_up.requires_grad or w_down.requires_grad or x_MD.requires_grad):

@@ -24,7 +24,7 @@ from torch import nn
 from openk2.checkpoint.hf import load_dtype, load_hf
 from openk2.config import ModelConfig
 from openk2.info import check_memory
-from openk2.model.linear import few_rows, pairs_kernel
+from openk2.model.linear import experts_kernel
 from openk2.model.moe import kernel_swiglu
 from openk2.offload.cache import ExpertCache, expert_bytes
 from openk2.offload.store import ExpertStore
@@ -72,9 +72,9 @@ class OffloadedExperts(nn.Module):
         counts = counts_E.tolist()
         starts = [0, *itertools.accumulate(counts)]
         out, used = {}, [e for e, n in enumerate(counts) if n]
-        kernel = None if torch.is_grad_enabled() else pairs_kernel(self.cache.gate_up_S2FD)
-        # as `Experts` decides
-        if kernel is not None and few_rows(x_MD.shape[0], len(used), self.cache.gate_up_S2FD):
+        kernel = None if torch.is_grad_enabled() else experts_kernel(  # as the resident experts decide
+            self.cache.gate_up_S2FD, self.cache.down_SDF, x_MD, len(used))
+        if kernel is not None:
             for group, slots in self._fetched(used):  # the kernel over the cache's slots
                 idx_M = torch.cat([torch.full((counts[e],), s, device=x_MD.device) for e, s in zip(group, slots)])
                 x = torch.cat([x_MD[starts[e]:starts[e + 1]] for e in group])

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.model.linear import few_rows, pairs_kernel
+from openk2.model.linear import experts_kernel
 from openk2.model.moe import Experts, kernel_swiglu, routed_reference
 from openk2.quant.int4 import dequantize_int4, quantize_int4
 from openk2.quant.int4_decode import Int4Experts, Int4Linear, unpack_halves
@@ -71,8 +71,8 @@ class QuantizedExperts(nn.Module):
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
         face = self.decode_weights  # stacked int8 codes: the kernel for few rows an expert, as `Experts`
-        kernel = None if face is None else pairs_kernel(face[0])
-        if kernel is not None and few_rows(x_MD.shape[0], int((counts_E > 0).sum()), face[0]):
+        kernel = None if face is None else experts_kernel(face[0], face[2], x_MD, int((counts_E > 0).sum()))
+        if kernel is not None:
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, *face).mul_(w_M[:, None])
         out, start = [], 0

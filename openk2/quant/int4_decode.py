@@ -109,8 +109,9 @@ class Int4Experts(nn.Module):
         """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
-        kernel = linear.pairs_kernel(self.gate_up_q)
-        if kernel is not None and few_rows(x_MD.shape[0], int((counts_E > 0).sum())):  # else dequantise
+        # few rows an expert: the int4 kernel; more: the dequantised weights, in one call with AMX
+        kernel = linear.experts_kernel(self.gate_up_q, self.down_q, x_MD, int((counts_E > 0).sum()))
+        if kernel is not None:
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, self.gate_up_q, self.gate_up_scale, self.down_q,
                                  self.down_scale).mul_(w_M[:, None])
