@@ -145,6 +145,10 @@ def test_int4_experts_take_the_rounded_kernel_for_many_rows(rows, amx):
     from openk2.model import linear
     from openk2.model.moe import Experts
     from openk2.quant.int4_decode import Int4Experts
+    from openk2 import kernels
+    rounded = (torch.ops.openk2.int4_bf16_pairs, kernels._rounded_rows)  # registered even if OPENK2_AMX=0
+    rounded_kernels = {torch.uint8: rounded}
+    linear.ROUNDED_KERNELS, saved = rounded_kernels, linear.ROUNDED_KERNELS
     g = torch.Generator().manual_seed(rows)
     experts = Experts(PRESETS["k2-tiny"])
     with torch.no_grad():
@@ -158,11 +162,13 @@ def test_int4_experts_take_the_rounded_kernel_for_many_rows(rows, amx):
         got = q4(x, counts_E, w_M)
     assert ("openk2::int4_bf16_pairs" in {e.name for e in prof.events()}) == (rows <= 2 * 128)
     with torch.no_grad():
-        rounded, linear.ROUNDED_KERNELS = linear.ROUNDED_KERNELS, {}
+        linear.ROUNDED_KERNELS = {}
         try:
             loop = q4(x, counts_E, w_M)
+            x_grad = x.clone().requires_grad_()  # autograd needs x: the loop, never a kernel
+            assert linear.experts_kernel(x_grad, 2, *q4.decode_weights) is None
         finally:
-            linear.ROUNDED_KERNELS = rounded
+            linear.ROUNDED_KERNELS = saved
     scale = loop.float().abs().max().item()  # the loop rounds its hidden layer to bf16 once more
     torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=1e-2 * scale)
 
@@ -282,7 +288,7 @@ def test_kernel_serves_as_many_rows_as_it_says(rows, cpu_kernels, monkeypatch):
     from openk2.config import PRESETS
     from openk2.model import linear
     from openk2.model.moe import Experts
-    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.bfloat16: lambda outs, ins: 32 if outs % 16 == 0 else 16})
+    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.bfloat16: lambda outs, ins, x_dtype: 32 if outs % 16 == 0 else 16})
     g = torch.Generator().manual_seed(rows)
     lin = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
     experts = Experts(PRESETS["k2-tiny"])  # 16 experts of 64 -> 2 × 32 -> 64
@@ -325,7 +331,8 @@ def test_int8_experts_take_the_kernel_for_few_rows(rows, cpu_kernels, monkeypatc
     from openk2.model.moe import Experts
     from openk2.quant import QuantizedExperts
     from openk2.quant.int8 import Int8Linear
-    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.int8: lambda outs, ins: 32})
+    bound = lambda outs, ins, x_dtype: 32 if x_dtype == torch.bfloat16 else 16  # noqa: E731 (as AMX: bf16 rows)
+    monkeypatch.setattr(linear, "PAIRS_ROWS", {torch.int8: bound})
     g = torch.Generator().manual_seed(rows)
     experts = Experts(PRESETS["k2-tiny"])
     with torch.no_grad():
@@ -338,6 +345,8 @@ def test_int8_experts_take_the_kernel_for_few_rows(rows, cpu_kernels, monkeypatc
     with torch.no_grad(), torch.profiler.profile() as prof:
         got = q8(x, counts_E, w_M)
     assert "openk2::int8_pairs" in {e.name for e in prof.events()}
+    codes = q8.gate_up_q
+    assert linear.few_rows(64, 2, codes, torch.bfloat16) and not linear.few_rows(64, 2, codes, torch.float32)
     with torch.no_grad(), torch.profiler.profile() as prof:
         lin = linear.decode_linear(q8.gate_up[2], x, small=False)
     assert "openk2::int8_pairs" in {e.name for e in prof.events()}

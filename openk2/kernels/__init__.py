@@ -7,9 +7,12 @@
   and int8 codes with row scales, the rows grouped by expert so that a batch reads each chosen expert
   once; the compiled step takes them for its chosen experts and, at small batches, for its linears
   (a stack of one, `decode_linear`); eager steps take `float_pairs` for few rows an expert
-  (`Experts.forward`). On a CPU with AMX, bf16 goes through tile multiplies where the rows are several
-  an expert (`openk2::set_amx`; OPENK2_AMX=0 turns it off): up to `AMX_ROWS` rows a matrix it beats a
-  library matmul per expert, so chunked prefill and the step's linears past small batches take it too.
+  (`linear.experts_kernel`). On a CPU with AMX, bf16 weights and int8 codes (with bf16 activations)
+  go through tile multiplies where the rows are several an expert (`openk2::set_amx`; OPENK2_AMX=0
+  turns it off): up to `AMX_ROWS` rows a matrix they beat a library matmul per expert, so prefill
+  chunks and the step's linears past small batches take them too; and `openk2::int4_bf16_pairs`
+  multiplies by int4 codes dequantised to bf16, the many-rows path of int4 experts
+  (`linear.ROUNDED_KERNELS`).
 
 Built on first use with torch's extension mechanism (`torch.utils.cpp_extension.load`: the machine's
 C++ compiler, -O3 -march=native -fopenmp; ~1 min once, then loaded from torch's extension cache) and
@@ -87,12 +90,20 @@ def load() -> bool:
         # int8 codes too (widened to bf16 tile by tile): with bf16 activations; fp32 ones take the vector
         # path, as many rows as it is given (fp32 models are rarely quantized)
         linear.PAIRS_ROWS[torch.bfloat16] = linear.PAIRS_ROWS[torch.int8] = _amx_rows
-        linear.ROUNDED_KERNELS[torch.uint8] = (torch.ops.openk2.int4_bf16_pairs, _amx_rows)
+        linear.ROUNDED_KERNELS[torch.uint8] = (torch.ops.openk2.int4_bf16_pairs, _rounded_rows)
     return True
 
 
-def _amx_rows(outs: int, ins: int) -> int:
-    return AMX_ROWS if outs % 16 == 0 and ins % 32 == 0 else linear.KERNEL_ROWS
+def _amx_rows(outs: int, ins: int, x_dtype: torch.dtype) -> int:
+    """Tiles take whole 16 × 32 blocks; int8 codes take them with bf16 activations only (fp32 ones keep
+    the vector path, which serves few rows)."""
+    tiles = outs % 16 == 0 and ins % 32 == 0
+    return AMX_ROWS if tiles and x_dtype == torch.bfloat16 else linear.KERNEL_ROWS
+
+
+def _rounded_rows(outs: int, ins: int, groups: int) -> int:
+    """int4_bf16_pairs: whole tiles and groups of a multiple of 32 inputs, or nothing."""
+    return AMX_ROWS if outs % 16 == 0 and ins % groups == 0 and (ins // groups) % 32 == 0 else 0
 
 
 def amx_wanted() -> bool:

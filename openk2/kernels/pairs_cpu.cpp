@@ -10,10 +10,11 @@
 // weights on a CPU with AVX512-BF16 multiply by `vdpbf16ps` (exact bf16 products, fp32 sums) with the
 // activations rounded to bf16 (as the model's own bf16 matmuls take them); int8 codes on a CPU with
 // AVX-512 are widened to fp32 in registers and multiplied by the activations in fp32; other cases use
-// a plain loop over 16 partial sums that the compiler vectorises. bf16 on a CPU with AMX, where the
-// rows are several an expert, goes through tile multiplies instead (`grouped_amx`, below): the same
-// exact products and fp32 sums, 16 or 32 rows a pass over the weights, so one kernel also serves
-// prefill chunks and the step's linears at larger batches.
+// a plain loop over 16 partial sums that the compiler vectorises. On a CPU with AMX, where the rows
+// are several an expert, bf16 weights and int8 codes (with bf16 activations; widened to bf16 block by
+// block, exact) go through tile multiplies instead (`grouped_amx`, below): the same exact products and
+// fp32 sums, 16 or 32 rows a pass over the weights, so these kernels also serve prefill chunks and the
+// step's linears at larger batches; `int4_bf16_pairs` multiplies by int4 codes dequantised to bf16.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -522,6 +523,7 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
               "int8_pairs: scale [E, O]");
   TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16 ||
               scale.scalar_type() == at::kHalf, "int8_pairs: fp32, bf16 or fp16 scales");
+  TORCH_CHECK(scale.device().is_cpu(), "int8_pairs: CPU tensors");
   const at::Tensor ic = checked_idx(x, w, idx, "int8_pairs");
   const int64_t M = x.size(0), I = x.size(1), E = w.size(0), O = w.size(1);
   std::vector<float> xf;
@@ -561,6 +563,7 @@ at::Tensor int4_bf16_pairs(const at::Tensor& x, const at::Tensor& codes, const a
               "int4_bf16_pairs: scale [E, O, G]");
   TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kBFloat16 ||
               scale.scalar_type() == at::kHalf, "int4_bf16_pairs: fp32, bf16 or fp16 scales");
+  TORCH_CHECK(scale.device().is_cpu(), "int4_bf16_pairs: CPU tensors");
   const at::Tensor ic = checked_idx(x, codes, idx, "int4_bf16_pairs", /*packed=*/true);
   const int64_t M = x.size(0), I = x.size(1), E = codes.size(0), O = codes.size(1), G = scale.size(2);
   TORCH_CHECK(G > 0 && I % G == 0 && (I / G) % 32 == 0, "int4_bf16_pairs: groups of a multiple of 32 inputs");

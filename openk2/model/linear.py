@@ -10,8 +10,8 @@ Every linear-like module shows the step one face, `decode_weights`:
   is not compiled (none of openk2's own modules does this).
 Stacked experts give the same face four wide: (gate_up, its scale, down, its scale); the step reads
 them per chosen expert (`pairs_matvec`), through the kernel openk2.kernels registered for the weights'
-dtype where there is one (`PAIRS_KERNELS`; small batches' linears too, as stacks of one, and plain
-linears at any batch where the kernel serves many rows, `PAIRS_ROWS`).
+dtype where there is one (`PAIRS_KERNELS`; small batches' linears too, as stacks of one, and any
+batch's where the kernel serves many rows, `PAIRS_ROWS`: bf16 and int8 on AMX).
 The model never learns which format it holds; openk2.quant never learns how the step reads it.
 `matvec` is the multiply-and-reduce that torch.compile fuses into one loop over the weight (eagerly
 it would materialise [N, O, I]); its reference is the module's own forward (tests/test_decode.py).
@@ -45,40 +45,45 @@ def matvec(x_NI: torch.Tensor, w_OI: torch.Tensor, scale_O: torch.Tensor | None 
 PAIRS_KERNELS: dict = {}  # codes dtype -> a format's CPU kernel for `pairs_matvec`, registered by openk2.kernels
 # eagerly, a registered kernel serves matrices with up to this many rows each on average (decode steps,
 # short prompts); above, one library matmul per matrix wins (crossover at ~24 rows for a 512×512 int4
-# expert on 2 cores). A kernel that serves more for some shapes (bf16 on AMX) says so in PAIRS_ROWS:
-# dtype -> f(O, I) -> rows.
+# expert on 2 cores). A kernel that serves more for some shapes (bf16, and int8 with bf16 activations, on
+# AMX) says so in PAIRS_ROWS: dtype -> f(O, I, activations' dtype) -> rows.
 KERNEL_ROWS = 16
 PAIRS_ROWS: dict = {}
 
 
-def kernel_rows(w_OI: torch.Tensor) -> int:
-    """Rows a matrix (of this stack) up to which its registered kernel beats a library matmul."""
+def kernel_rows(w_OI: torch.Tensor, x_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Rows a matrix (of this stack) up to which its registered kernel beats a library matmul, for
+    activations of x_dtype."""
     rows = PAIRS_ROWS.get(w_OI.dtype)
-    return rows(w_OI.shape[-2], w_OI.shape[-1]) if rows is not None else KERNEL_ROWS
+    return rows(w_OI.shape[-2], w_OI.shape[-1], x_dtype) if rows is not None else KERNEL_ROWS
 
 
-def few_rows(rows: int, used: int, w_OI: torch.Tensor | None = None) -> bool:
+def few_rows(rows: int, used: int, w_OI: torch.Tensor | None = None, x_dtype=torch.bfloat16) -> bool:
     """Whether `rows` rows over `used` matrices (of the stack w_OI) go through its kernel eagerly."""
-    return rows <= (KERNEL_ROWS if w_OI is None else kernel_rows(w_OI)) * used
+    return rows <= (KERNEL_ROWS if w_OI is None else kernel_rows(w_OI, x_dtype)) * used
 
 
-# codes dtype -> (kernel, f(O, I) -> rows): a kernel that multiplies bf16 rows by the codes dequantised to
-# bf16, as a format's many-rows path does (int4: `unpack_halves`), up to that many rows a matrix (AMX)
+# codes dtype -> (kernel, f(O, I, G) -> rows): a kernel that multiplies bf16 rows by the codes dequantised
+# to bf16, as a format's many-rows path does (int4: `unpack_halves`), up to that many rows a matrix
+# (AMX; 0 where it cannot: shapes not in whole tiles, groups it does not read)
 ROUNDED_KERNELS: dict = {}
 
 
-def experts_kernel(gate_up_EOI, down_EOI, x_MI: torch.Tensor, used: int):
-    """The kernel eager experts (the stacks' rows, `used` of them chosen) take for x's rows: the pairs
-    kernel of their codes for few rows an expert (`few_rows`), else a rounded kernel where one serves
-    both stacks (int4 codes on AMX: the weights their many-rows path multiplies by), else None (a
-    matmul per expert)."""
-    kernel = pairs_kernel(gate_up_EOI)
-    if kernel is not None and few_rows(x_MI.shape[0], used, gate_up_EOI):
-        return kernel
-    rounded, rows = ROUNDED_KERNELS.get(gate_up_EOI.dtype, (None, None))
-    if rounded is None or gate_up_EOI.device.type != "cpu" or x_MI.dtype != torch.bfloat16:
+def experts_kernel(x_MI: torch.Tensor, used: int, gate_up, gate_up_scale, down, down_scale):
+    """The kernel eager experts (`used` of the stacks' matrices chosen) take for x's rows: none where
+    autograd needs their inputs or no kernel is registered for their codes; the pairs kernel for few
+    rows an expert (`few_rows`, both stacks); else a rounded kernel where one serves both stacks (int4
+    codes on AMX: the weights their many-rows path multiplies by); else None (a matmul per expert)."""
+    kernel = pairs_kernel(gate_up)
+    if kernel is None or (torch.is_grad_enabled() and any(t.requires_grad for t in (x_MI, gate_up, down))):
         return None
-    serves = [x_MI.shape[0] <= rows(w.shape[-2], 2 * w.shape[-1]) * used for w in (gate_up_EOI, down_EOI)]
+    if all(few_rows(x_MI.shape[0], used, w, x_MI.dtype) for w in (gate_up, down)):
+        return kernel
+    rounded, rows = ROUNDED_KERNELS.get(gate_up.dtype, (None, None))
+    if rounded is None or x_MI.dtype != torch.bfloat16:
+        return None
+    serves = [x_MI.shape[0] <= rows(w.shape[-2], 2 * w.shape[-1], s.shape[-1]) * used
+              for w, s in ((gate_up, gate_up_scale), (down, down_scale))]
     return rounded if all(serves) else None
 
 
@@ -110,7 +115,8 @@ def decode_linear(mod: nn.Module, x_NI: torch.Tensor, small: bool) -> torch.Tens
     reads no row count, so it adds no guard to the compiled graph), else a library matmul for a
     plain linear and the module's own kernel for any other."""
     face = decode_weights(mod)
-    if not small and face is not None and pairs_kernel(face[0]) is not None and kernel_rows(face[0]) > KERNEL_ROWS:
+    if not small and face is not None and pairs_kernel(face[0]) is not None and \
+            kernel_rows(face[0], x_NI.dtype) > KERNEL_ROWS:
         return one_matrix(x_NI, *face).to(x_NI.dtype)
     if not small:  # weight-first (W @ xᵀ): oneDNN streams the weight faster this way round
         return torch.mm(mod.weight, x_NI.T).T if type(mod) is nn.Linear else mod(x_NI)

@@ -135,7 +135,7 @@ class Experts(nn.Module):
             h_MF = F.silu(gate).mul_(up).mul_(w_M[:, None])  # scale the F-wide hidden, not the output
             return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        kernel = None if torch.is_grad_enabled() else experts_kernel(w_gate_up, w_down, x_MD, int((counts_E > 0).sum()))
+        kernel = experts_kernel(x_MD, int((counts_E > 0).sum()), w_gate_up, None, w_down, None)
         if kernel is not None:
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, w_gate_up, None, w_down, None).mul_(w_M[:, None])

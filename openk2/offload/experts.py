@@ -72,8 +72,8 @@ class OffloadedExperts(nn.Module):
         counts = counts_E.tolist()
         starts = [0, *itertools.accumulate(counts)]
         out, used = {}, [e for e, n in enumerate(counts) if n]
-        kernel = None if torch.is_grad_enabled() else experts_kernel(  # as the resident experts decide
-            self.cache.gate_up_S2FD, self.cache.down_SDF, x_MD, len(used))
+        kernel = experts_kernel(x_MD, len(used), self.cache.gate_up_S2FD, self.cache.gate_up_scale,  # as resident
+                                self.cache.down_SDF, self.cache.down_scale)
         if kernel is not None:
             for group, slots in self._fetched(used):  # the kernel over the cache's slots
                 idx_M = torch.cat([torch.full((counts[e],), s, device=x_MD.device) for e, s in zip(group, slots)])

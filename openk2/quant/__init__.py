@@ -35,8 +35,9 @@ SKIP = ("lm_head", "kv_b_proj")  # module names left in the model dtype (see abo
 
 class QuantizedExperts(nn.Module):
     """Drop-in for `Experts`: per expert, gate+up [2F, D] (gate rows first) and down [D, F] quantized
-    linears. One matmul pair per *used* expert, as Experts' CPU path (no grouped int kernel). int4
-    experts are `Int4Experts` (int4_decode.py), stacked in the layout the decode step reads.
+    linears: the int8 kernel for the rows of all used experts where it serves them (`experts_kernel`),
+    else one matmul pair per *used* expert, as Experts' CPU path. int4 experts are `Int4Experts`
+    (int4_decode.py), stacked in the layout the decode step reads.
 
     int8 experts also keep their codes stacked (gate_up [E, 2F, D] int8 and scale [E, 2F], down
     [E, D, F] and [E, D]; not persistent), and each expert's Int8Linear holds views into them, so the
@@ -71,7 +72,7 @@ class QuantizedExperts(nn.Module):
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
         face = self.decode_weights  # stacked int8 codes: the kernel for few rows an expert, as `Experts`
-        kernel = None if face is None else experts_kernel(face[0], face[2], x_MD, int((counts_E > 0).sum()))
+        kernel = None if face is None else experts_kernel(x_MD, int((counts_E > 0).sum()), *face)
         if kernel is not None:
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, *face).mul_(w_M[:, None])

@@ -61,8 +61,9 @@ class Int4Experts(nn.Module):
     in the decode layout, stacked; not persistent (checkpoints hold K2-Thinking's layout, see
     `openk2.checkpoint`). Its face (`decode_weights`) is the codes and group scales, which the compiled
     decode step reads per chosen expert; eagerly, each used expert is dequantised to the activation
-    dtype once per call and multiplied (prefill chunks), or, for few rows an expert, all rows go
-    through the kernel at once (eager decode steps)."""
+    dtype once per call and multiplied (prefill chunks; with AMX and bf16 rows, dequantised block by
+    block inside one kernel call), or, for few rows an expert, all rows go through the kernel at once
+    (eager decode steps)."""
 
     def __init__(self, gate_up_q, gate_up_scale, down_q, down_scale):
         super().__init__()
@@ -110,7 +111,7 @@ class Int4Experts(nn.Module):
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
         # few rows an expert: the int4 kernel; more: the dequantised weights, in one call with AMX
-        kernel = linear.experts_kernel(self.gate_up_q, self.down_q, x_MD, int((counts_E > 0).sum()))
+        kernel = linear.experts_kernel(x_MD, int((counts_E > 0).sum()), *self.decode_weights)
         if kernel is not None:
             idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
             return kernel_swiglu(kernel, x_MD, idx_M, self.gate_up_q, self.gate_up_scale, self.down_q,
