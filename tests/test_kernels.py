@@ -136,10 +136,10 @@ def test_int4_bf16_pairs_equals_the_dequantised_products(group, scale_dtype, amx
         torch.ops.openk2.int4_bf16_pairs(x, codes, scale, idx)
 
 
-@pytest.mark.parametrize("rows", [40, 400])
+@pytest.mark.parametrize("rows", [40, 2400])
 def test_int4_experts_take_the_rounded_kernel_for_many_rows(rows, amx):
     """Int4 experts past few rows an expert multiply by their weights dequantised to bf16: with AMX
-    in one call for all used experts (`int4_bf16_pairs`, up to `ROUNDED_KERNELS`' rows), equal to
+    in one call for all used experts (`int4_bf16_pairs`, up to `AMX_CODES_ROWS` rows each), equal to
     the per-expert loop; past it, the loop."""
     from openk2.config import PRESETS
     from openk2.model import linear
@@ -160,7 +160,7 @@ def test_int4_experts_take_the_rounded_kernel_for_many_rows(rows, amx):
     x, w_M = torch.randn(rows, 64, generator=g).bfloat16(), torch.rand(rows, generator=g)
     with torch.no_grad(), torch.profiler.profile() as prof:
         got = q4(x, counts_E, w_M)
-    assert ("openk2::int4_bf16_pairs" in {e.name for e in prof.events()}) == (rows <= 2 * 128)
+    assert ("openk2::int4_bf16_pairs" in {e.name for e in prof.events()}) == (rows <= 2 * kernels.AMX_CODES_ROWS)
     with torch.no_grad():
         linear.ROUNDED_KERNELS = {}
         try:

@@ -36,6 +36,10 @@ from openk2.model import linear
 # matrix (k2-small's 64 experts of 512×512, 2 cores: 64 rows each 2.3 vs 4.9 ms, 128 rows 5.9 vs 8.2,
 # 256 rows 19.3 vs 12.1 ms: the kernel's fp32 output, 33 MB there, comes in fresh pages each call)
 AMX_ROWS = 128
+# int8 and int4 codes through tiles beat their own paths (a dequantised copy and a matmul per expert) at
+# more rows: the Engine's 4,000-token prefill of k2-small (512 rows an expert), int8 2,901 -> 3,925 tok/s,
+# int4 2,494 -> 3,968, with this bound rather than AMX_ROWS
+AMX_CODES_ROWS = 1024
 
 SOURCES = [Path(__file__).with_name(name) for name in ("int4_cpu.cpp", "pairs_cpu.cpp")]
 
@@ -89,21 +93,25 @@ def load() -> bool:
     if torch.ops.openk2.set_amx(amx_wanted()):  # tiles take whole 16 × 32 blocks
         # int8 codes too (widened to bf16 tile by tile): with bf16 activations; fp32 ones take the vector
         # path, as many rows as it is given (fp32 models are rarely quantized)
-        linear.PAIRS_ROWS[torch.bfloat16] = linear.PAIRS_ROWS[torch.int8] = _amx_rows
+        linear.PAIRS_ROWS[torch.bfloat16], linear.PAIRS_ROWS[torch.int8] = _amx_rows, _amx_codes_rows
         linear.ROUNDED_KERNELS[torch.uint8] = (torch.ops.openk2.int4_bf16_pairs, _rounded_rows)
     return True
 
 
 def _amx_rows(outs: int, ins: int, x_dtype: torch.dtype) -> int:
-    """Tiles take whole 16 × 32 blocks; int8 codes take them with bf16 activations only (fp32 ones keep
-    the vector path, which serves few rows)."""
+    """bf16 weights (and int8 codes, `_amx_codes_rows`): tiles take whole 16 × 32 blocks, int8 codes
+    with bf16 activations only (fp32 ones keep the vector path, which serves few rows)."""
     tiles = outs % 16 == 0 and ins % 32 == 0
     return AMX_ROWS if tiles and x_dtype == torch.bfloat16 else linear.KERNEL_ROWS
 
 
+def _amx_codes_rows(outs: int, ins: int, x_dtype: torch.dtype) -> int:
+    return AMX_CODES_ROWS if _amx_rows(outs, ins, x_dtype) == AMX_ROWS else linear.KERNEL_ROWS
+
+
 def _rounded_rows(outs: int, ins: int, groups: int) -> int:
     """int4_bf16_pairs: whole tiles and groups of a multiple of 32 inputs, or nothing."""
-    return AMX_ROWS if outs % 16 == 0 and ins % groups == 0 and (ins // groups) % 32 == 0 else 0
+    return AMX_CODES_ROWS if outs % 16 == 0 and ins % groups == 0 and (ins // groups) % 32 == 0 else 0
 
 
 def amx_wanted() -> bool:
