@@ -98,15 +98,18 @@ def load() -> bool:
     return True
 
 
+def _tiles(outs: int, ins: int, x_dtype: torch.dtype) -> bool:
+    """Tiles take whole 16 × 32 blocks of bf16 activations (int8 codes with fp32 ones keep the vector
+    path, which serves few rows)."""
+    return outs % 16 == 0 and ins % 32 == 0 and x_dtype == torch.bfloat16
+
+
 def _amx_rows(outs: int, ins: int, x_dtype: torch.dtype) -> int:
-    """bf16 weights (and int8 codes, `_amx_codes_rows`): tiles take whole 16 × 32 blocks, int8 codes
-    with bf16 activations only (fp32 ones keep the vector path, which serves few rows)."""
-    tiles = outs % 16 == 0 and ins % 32 == 0
-    return AMX_ROWS if tiles and x_dtype == torch.bfloat16 else linear.KERNEL_ROWS
+    return AMX_ROWS if _tiles(outs, ins, x_dtype) else linear.KERNEL_ROWS
 
 
 def _amx_codes_rows(outs: int, ins: int, x_dtype: torch.dtype) -> int:
-    return AMX_CODES_ROWS if _amx_rows(outs, ins, x_dtype) == AMX_ROWS else linear.KERNEL_ROWS
+    return AMX_CODES_ROWS if _tiles(outs, ins, x_dtype) else linear.KERNEL_ROWS
 
 
 def _rounded_rows(outs: int, ins: int, groups: int) -> int:

@@ -169,17 +169,30 @@ inline void dots(const int8_t* w, int no, const float* const* xs, int n, int64_t
 }
 #endif
 
+// a batch's rows grouped by the matrix idx[m] of the stack they chose (a counting sort, once per call):
+// order[starts[e] .. starts[e + 1]) are the rows that chose e
+struct ByExpert {
+  std::vector<int64_t> starts, order;
+  ByExpert(const int64_t* idx, int64_t M, int64_t E) : starts(E + 1, 0), order(M) {
+    for (int64_t m = 0; m < M; ++m) ++starts[idx[m] + 1];
+    for (int64_t e = 0; e < E; ++e) starts[e + 1] += starts[e];
+    std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+    for (int64_t m = 0; m < M; ++m) order[fill[idx[m]]++] = m;
+  }
+  int64_t experts() const { return static_cast<int64_t>(starts.size()) - 1; }
+  int64_t used() const {  // experts some row chose
+    int64_t n = 0;
+    for (int64_t e = 0; e < experts(); ++e) n += starts[e + 1] > starts[e];
+    return n;
+  }
+};
+
 // y[m] = (x[m] · w[idx[m]]ᵀ) (times scale[idx[m]] if scale): TS is the scale's type (float or bf16)
 template <typename TW, typename TX, typename TS = float>
-void grouped(const TX* x, const TW* w, const TS* scale, const int64_t* idx, float* y, int64_t M, int64_t E,
-             int64_t O, int64_t I) {
-  // rows grouped by expert: order[starts[e] .. starts[e + 1]) are the rows that chose e
-  std::vector<int64_t> starts(E + 1, 0), order(M);
-  for (int64_t m = 0; m < M; ++m) ++starts[idx[m] + 1];
-  for (int64_t e = 0; e < E; ++e) starts[e + 1] += starts[e];
-  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
-  for (int64_t m = 0; m < M; ++m) order[fill[idx[m]]++] = m;
-  const int64_t blocks = (O + kBlock - 1) / kBlock;
+void grouped(const TX* x, const TW* w, const TS* scale, const ByExpert& by, float* y, int64_t O, int64_t I) {
+  const std::vector<int64_t>& starts = by.starts;
+  const std::vector<int64_t>& order = by.order;
+  const int64_t E = by.experts(), blocks = (O + kBlock - 1) / kBlock;
   std::vector<int64_t> tasks;  // expert * blocks + block, for the experts some row chose
   for (int64_t e = 0; e < E; ++e)
     if (starts[e + 1] > starts[e])
@@ -361,20 +374,17 @@ inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t
   if (NG * NC > 3) _tile_stored(3, c_out + 3 * kC, 64);
 }
 
-// `grouped` for bf16 through AMX (the shapes `amx_serves` takes); each task a block of an expert's
-// weight rows times all of its rows
-// weights of bf16 (read in place) or int8 codes (widened block by block into a bf16 scratch that stays in
-// cache, their row scales applied as the outputs are written)
-// block(e, o0, rows, scratch): the bf16 rows [o0, o0 + rows) of expert e's weights, in place, or written
-// into `scratch` (room for 64 rows, where `widens`); scale: per weight row, applied after the sum (or null)
+// `grouped` through AMX (the shapes `amx_serves` takes); each task a block of an expert's weight rows
+// times all of its rows. block(e, o0, rows, scratch): the bf16 rows [o0, o0 + rows) of expert e's
+// weights, read in place (bf16) or written into `scratch` (room for 64 rows, where `widens`: int8 codes
+// widened, int4 dequantised) while it stays in cache; scale: per weight row, applied as the outputs are
+// written (int8), or null
 template <typename Block, typename TS = float>
-void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* scale, const int64_t* idx, float* y,
-                 int64_t M, int64_t E, int64_t O, int64_t I) {
-  std::vector<int64_t> starts(E + 1, 0), order(M);
-  for (int64_t m = 0; m < M; ++m) ++starts[idx[m] + 1];
-  for (int64_t e = 0; e < E; ++e) starts[e + 1] += starts[e];
-  std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
-  for (int64_t m = 0; m < M; ++m) order[fill[idx[m]]++] = m;
+void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* scale, const ByExpert& by, float* y,
+                 int64_t O, int64_t I) {
+  const std::vector<int64_t>& starts = by.starts;
+  const std::vector<int64_t>& order = by.order;
+  const int64_t E = by.experts();
   // tasks: an expert's block of 64 weight rows (32 where it has more than 16 rows: two B tiles a pass),
   // times all of its rows, 16 or 32 a pass while the block stays in cache
   struct Task { int64_t e, o0; int span; };
@@ -388,14 +398,16 @@ void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* sca
   std::vector<int64_t> first_group(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) first_group[e + 1] = first_group[e] + (starts[e + 1] - starts[e] + kTile - 1) / kTile;
   const int64_t tile_words = (I / 2) * kTile;
-  std::vector<int64_t> group_row(first_group[E]);  // each group's first row in `order`
+  std::vector<int64_t> group_row(first_group[E]), group_expert(first_group[E]);  // first row in `order`, expert
   for (int64_t e = 0; e < E; ++e)
-    for (int64_t g = first_group[e]; g < first_group[e + 1]; ++g)
+    for (int64_t g = first_group[e]; g < first_group[e + 1]; ++g) {
       group_row[g] = starts[e] + (g - first_group[e]) * kTile;
+      group_expert[g] = e;
+    }
   std::unique_ptr<uint32_t[]> pairs(new uint32_t[first_group[E] * tile_words]);  // each word written below
   at::parallel_for(0, first_group[E], 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
-      const int64_t r = group_row[g], e = idx[order[r]];
+      const int64_t r = group_row[g], e = group_expert[g];
       const int n = static_cast<int>(std::min<int64_t>(kTile, starts[e + 1] - r));
       amx_pairs(x, order.data() + r, n, I, pairs.get() + g * tile_words);
     }
@@ -435,15 +447,6 @@ void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* sca
     }
     _tile_release();
   });
-}
-
-// the number of distinct experts idx names (idx checked to lie in [0, E))
-int64_t used_experts(const at::Tensor& idx, int64_t E) {
-  std::vector<char> seen(E, 0);
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  int64_t used = 0;
-  for (int64_t m = 0; m < idx.size(0); ++m) used += !seen[ip[m]]++;
-  return used;
 }
 
 // the AMX path takes this call: bf16 weights of whole tiles, enough rows an expert to pay for building
@@ -497,21 +500,19 @@ at::Tensor float_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const at::Tensor wc = w.contiguous(), xc = x.to(w.scalar_type()).contiguous();
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const float* none = nullptr;
+  const ByExpert by(ic.data_ptr<int64_t>(), M, E);
 #if defined(OPENK2_AMX)
-  if (w.scalar_type() == at::kBFloat16 && amx_serves(M, used_experts(ic, E), O, I)) {
-    const float* no_scale = nullptr;
+  if (w.scalar_type() == at::kBFloat16 && amx_serves(M, by.used(), O, I)) {
     const c10::BFloat16* wp = wc.data_ptr<c10::BFloat16>();
     auto in_place = [&](int64_t e, int64_t o0, int, c10::BFloat16*) { return wp + (e * O + o0) * I; };
-    grouped_amx(xc.data_ptr<c10::BFloat16>(), in_place, false, no_scale, ic.data_ptr<int64_t>(),
-                y.data_ptr<float>(), M, E, O, I);
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), in_place, false, none, by, y.data_ptr<float>(), O, I);
     return y;
   }
 #endif
   if (w.scalar_type() == at::kBFloat16) {
-    grouped(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), none, ic.data_ptr<int64_t>(),
-            y.data_ptr<float>(), M, E, O, I);
+    grouped(xc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), none, by, y.data_ptr<float>(), O, I);
   } else {
-    grouped(xc.data_ptr<float>(), wc.data_ptr<float>(), none, ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
+    grouped(xc.data_ptr<float>(), wc.data_ptr<float>(), none, by, y.data_ptr<float>(), O, I);
   }
   return y;
 }
@@ -530,24 +531,24 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const int8_t* wp = wc.data_ptr<int8_t>();
+  const ByExpert by(ic.data_ptr<int64_t>(), M, E);
 #if defined(OPENK2_AMX)
   // bf16 activations through tiles: their exact products with the codes, as the vector path's fp32
-  if (x.scalar_type() == at::kBFloat16 && amx_serves(M, used_experts(ic, E), O, I)) {
+  if (x.scalar_type() == at::kBFloat16 && amx_serves(M, by.used(), O, I)) {
     const at::Tensor xc = x.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int8_pairs", [&] {
       auto widened = [&](int64_t e, int64_t o0, int rows, c10::BFloat16* scratch) {
         codes_to_bf16(wp + (e * O + o0) * I, rows * I, scratch);
         return static_cast<const c10::BFloat16*>(scratch);
       };
-      grouped_amx(xc.data_ptr<c10::BFloat16>(), widened, true, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(),
-                  y.data_ptr<float>(), M, E, O, I);
+      grouped_amx(xc.data_ptr<c10::BFloat16>(), widened, true, sc.data_ptr<scalar_t>(), by, y.data_ptr<float>(), O, I);
     });
     return y;
   }
 #endif
   const float* xp = widened(x, xf);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int8_pairs", [&] {
-    grouped(xp, wp, sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), y.data_ptr<float>(), M, E, O, I);
+    grouped(xp, wp, sc.data_ptr<scalar_t>(), by, y.data_ptr<float>(), O, I);
   });
   return y;
 }
@@ -571,6 +572,7 @@ at::Tensor int4_bf16_pairs(const at::Tensor& x, const at::Tensor& codes, const a
   TORCH_CHECK(amx_serves(std::max<int64_t>(M, 1), 0, O, I), "int4_bf16_pairs: needs AMX tiles (set_amx) and "
               "outputs in whole tiles of 16");
   const at::Tensor xc = x.to(at::kBFloat16).contiguous(), cc = codes.contiguous(), sc = scale.contiguous();
+  const ByExpert by(ic.data_ptr<int64_t>(), M, E);
   at::Tensor y = at::empty({M, O}, x.options().dtype(at::kFloat));
   const uint8_t* cp = cc.data_ptr<uint8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, sc.scalar_type(), "int4_bf16_pairs", [&] {
@@ -581,8 +583,7 @@ at::Tensor int4_bf16_pairs(const at::Tensor& x, const at::Tensor& codes, const a
       return static_cast<const c10::BFloat16*>(scratch);
     };
     const float* no_scale = nullptr;
-    grouped_amx(xc.data_ptr<c10::BFloat16>(), dequantised, true, no_scale, ic.data_ptr<int64_t>(),
-                y.data_ptr<float>(), M, E, O, I);
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), dequantised, true, no_scale, by, y.data_ptr<float>(), O, I);
   });
   return y;
 #else

@@ -103,6 +103,16 @@ class LocalDispatcher:
         return out_ND.index_add_(0, order_M // k, y_MD)
 
 
+def swiglu_by_kernel(x_MD, counts_E, w_M, gate_up, gate_up_scale, down, down_scale) -> torch.Tensor | None:
+    """Eager experts' rows (x_MD sorted by expert, counts_E[e] rows each, each scaled by w_M) through
+    the kernel `experts_kernel` picks for the stacks, or None where it picks none (a matmul per expert)."""
+    kernel = experts_kernel(x_MD, int((counts_E > 0).sum()), gate_up, gate_up_scale, down, down_scale)
+    if kernel is None:
+        return None
+    idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
+    return kernel_swiglu(kernel, x_MD, idx_M, gate_up, gate_up_scale, down, down_scale).mul_(w_M[:, None])
+
+
 def kernel_swiglu(kernel, x_MD, idx_M, gate_up, gate_up_scale, down, down_scale) -> torch.Tensor:
     """Row m of x through the SwiGLU of expert idx_M[m] of the stacks, by a registered pairs kernel
     (`openk2.model.linear.PAIRS_KERNELS`): each chosen expert read once for all its rows."""
@@ -135,10 +145,9 @@ class Experts(nn.Module):
             h_MF = F.silu(gate).mul_(up).mul_(w_M[:, None])  # scale the F-wide hidden, not the output
             return F.grouped_mm(h_MF, self.down_proj.transpose(1, 2), offs=offs_E)
         w_gate_up, w_down = self.gate_up_proj, self.down_proj
-        kernel = experts_kernel(x_MD, int((counts_E > 0).sum()), w_gate_up, None, w_down, None)
-        if kernel is not None:
-            idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
-            return kernel_swiglu(kernel, x_MD, idx_M, w_gate_up, None, w_down, None).mul_(w_M[:, None])
+        y_MD = swiglu_by_kernel(x_MD, counts_E, w_M, w_gate_up, None, w_down, None)
+        if y_MD is not None:
+            return y_MD
         if torch.is_grad_enabled() and (w_gate_up.requires_grad or w_down.requires_grad or x_MD.requires_grad):
             # training: the loop with a hand-written backward (autograd through slices of the stacks
             # back-propagates a zero-filled or stacked copy of each whole stack, once per expert)

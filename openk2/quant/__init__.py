@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.model.linear import experts_kernel
-from openk2.model.moe import Experts, kernel_swiglu, routed_reference
+from openk2.model.moe import Experts, routed_reference, swiglu_by_kernel
 from openk2.quant.int4 import dequantize_int4, quantize_int4
 from openk2.quant.int4_decode import Int4Experts, Int4Linear, unpack_halves
 from openk2.quant.int8 import Int8Linear, dequantize_int8, quantize_int8
@@ -71,11 +70,10 @@ class QuantizedExperts(nn.Module):
         """Rows of x_MD sorted by expert (counts_E[e] rows each), each scaled by its weight w_M."""
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
-        face = self.decode_weights  # stacked int8 codes: the kernel for few rows an expert, as `Experts`
-        kernel = None if face is None else experts_kernel(x_MD, int((counts_E > 0).sum()), *face)
-        if kernel is not None:
-            idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
-            return kernel_swiglu(kernel, x_MD, idx_M, *face).mul_(w_M[:, None])
+        face = self.decode_weights  # stacked int8 codes: the kernel where it serves, as `Experts`
+        y_MD = None if face is None else swiglu_by_kernel(x_MD, counts_E, w_M, *face)
+        if y_MD is not None:
+            return y_MD
         out, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             if n:

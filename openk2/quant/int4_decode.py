@@ -19,7 +19,7 @@ from torch import nn
 from openk2.kernels import cpu_op, load_for
 from openk2.model import linear
 from openk2.model.linear import few_rows
-from openk2.model.moe import kernel_swiglu, routed_reference
+from openk2.model.moe import routed_reference, swiglu_by_kernel
 from openk2.quant.int4 import INT4_GROUP, unpack_int4
 
 def pack_halves(codes_OI: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
@@ -111,11 +111,9 @@ class Int4Experts(nn.Module):
         if grouped:
             raise NotImplementedError("quantized experts have no grouped kernel; pass grouped=None/False")
         # few rows an expert: the int4 kernel; more: the dequantised weights, in one call with AMX
-        kernel = linear.experts_kernel(x_MD, int((counts_E > 0).sum()), *self.decode_weights)
-        if kernel is not None:
-            idx_M = torch.repeat_interleave(torch.arange(len(counts_E), device=x_MD.device), counts_E)
-            return kernel_swiglu(kernel, x_MD, idx_M, self.gate_up_q, self.gate_up_scale, self.down_q,
-                                 self.down_scale).mul_(w_M[:, None])
+        y_MD = swiglu_by_kernel(x_MD, counts_E, w_M, *self.decode_weights)
+        if y_MD is not None:
+            return y_MD
         out = []
         for e, x in enumerate(x_MD.split(counts_E.tolist())):
             if len(x):
