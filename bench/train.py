@@ -1,14 +1,18 @@
 """Training step: openk2 (AdamW, MuonClip) vs transformers' DeepseekV3ForCausalLM + AdamW, same weights.
 
-One step = forward under bf16 autocast (fp32 master weights), cross entropy, backward, gradient
+One step = forward under bf16 autocast (fp32 master weights), cross entropy (openk2: `openk2 train`'s
+fused `target_loss`; transformers: `lm_loss` of its logits, as its own loss computes it), backward, gradient
 clipping, optimiser step (MuonClip: Muon + QK-Clip from the recorded max logits, as `openk2 train`
-does). The three run interleaved, round by round, so a noisy neighbour slows all alike. MFU is taken
+does). The three run interleaved, round by round, so a noisy neighbour slows all alike, each in a process
+of its own: a step's fresh memory is faulted in or reused depending on what else its process allocated
+(in one process, openk2 keeping its buffers made transformers' step 3.5 -> 5.0 s). MFU is taken
 against the bf16 matmul peak measured in the same run (`torch.mm`, 2048³).
 
     .venv/bin/python -m bench.train [--preset k2-small] [--batch 8] [--seq 256] [--reps 3] [--profile]
 """
 
 import argparse
+import multiprocessing as mp
 import statistics
 import tempfile
 import time
@@ -24,7 +28,7 @@ from openk2.info import train_flops_per_token
 from openk2.model import build_model, lm_loss
 from openk2.optim import apply_qk_clip, muon_param_groups
 from openk2.train.config import TrainConfig
-from openk2.train.loop import build_optimizer
+from openk2.train.loop import build_optimizer, target_loss
 
 
 def bf16_peak(n: int = 2048, reps: int = 5) -> float:
@@ -42,14 +46,14 @@ def bf16_peak(n: int = 2048, reps: int = 5) -> float:
 class Case:
     """A model, its optimiser and one training step on a fixed batch; times the step and its optimiser."""
 
-    def __init__(self, name, model, opt, forward, clip=False):
-        self.name, self.model, self.opt, self.forward, self.clip = name, model, opt, forward, clip
+    def __init__(self, name, model, opt, loss, clip=False):
+        self.name, self.model, self.opt, self.loss, self.clip = name, model, opt, loss, clip
         self.steps, self.opt_shares = [], []
 
     def step(self, x, y):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = lm_loss(self.forward(x), y)
+            loss = self.loss(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         t_opt = time.perf_counter()
@@ -74,30 +78,52 @@ def ns_flops(model, steps: int = 5) -> int:
     return total
 
 
-def build_cases(cfg, folder, lr: float):
-    ours_adamw = build_model(cfg, seed=0).train()
-    save_hf(ours_adamw, folder, progress=False)
-    theirs, info = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    theirs.train()
-    ours_muon = build_model(cfg, seed=0).train()
-    ours_muon.record_max_logits(True)
-    impl = f"attn={theirs.config._attn_implementation}, experts={theirs.config._experts_implementation}"
-    return impl, [
-        Case("transformers + AdamW", theirs, torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=0.1),
-             lambda x: theirs(x, use_cache=False).logits),
-        Case("openk2 + AdamW", ours_adamw, build_optimizer(TrainConfig(optimizer="adamw", lr=lr), ours_adamw),
-             ours_adamw),
-        Case("openk2 + MuonClip", ours_muon, build_optimizer(TrainConfig(optimizer="muonclip", lr=lr), ours_muon),
-             ours_muon, clip=True),
-    ]
+NAMES = ("transformers + AdamW", "openk2 + AdamW", "openk2 + MuonClip")
+
+
+def build_case(name: str, cfg, folder, lr: float) -> Case:
+    """The case `name` on the weights of `folder` (openk2's seed-0 model, saved as an HF folder)."""
+    if name == NAMES[0]:
+        theirs, info = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        theirs.train()
+        impl = f"attn={theirs.config._attn_implementation}, experts={theirs.config._experts_implementation}"
+        return Case(name, theirs, torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=0.1),
+                    lambda x, y: lm_loss(theirs(x, use_cache=False).logits, y)), impl
+    ours = build_model(cfg, seed=0).train()
+    muon = name == NAMES[2]
+    ours.record_max_logits(muon)
+    opt = build_optimizer(TrainConfig(optimizer="muonclip" if muon else "adamw", lr=lr), ours)
+    return Case(name, ours, opt, lambda x, y: target_loss(ours, x, y, []), clip=muon), None
+
+
+def serve_case(conn, name: str, args, folder: str):
+    """One case in a process of its own (its own allocator: a step's fresh memory is faulted in or
+    reused depending on what else the process did), stepping when the parent says so."""
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    cfg = PRESETS[args.preset]
+    case, impl = build_case(name, cfg, folder, args.lr)
+    x, y = batch(cfg, args.batch, args.seq)
+    case.step(x, y)  # warm-up: first-touch allocations, optimiser state
+    conn.send(impl)
+    while (msg := conn.recv()) != "stop":
+        if msg == "profile":
+            profile_step(case, x, y)
+        conn.send(case.step(x, y) if msg == "step" else None)
+
+
+def batch(cfg, batch_size: int, seq: int):
+    ids = torch.randint(0, cfg.vocab_size, (batch_size, seq + 1), generator=torch.Generator().manual_seed(0))
+    return ids[:, :-1], ids[:, 1:]
 
 
 def profile_step(case: Case, x, y, rows: int = 15):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         case.step(x, y)
     print(f"\ntop ops of one step, {case.name}:")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
 
 
 def main():
@@ -111,38 +137,47 @@ def main():
     ap.add_argument("--profile", action="store_true", help="top ops of one step of each openk2 case")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     cfg = PRESETS[args.preset]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
-    x, y = ids[:, :-1], ids[:, 1:]
     peak = bf16_peak()
+    model = build_model(cfg, seed=0)
+    ns = ns_flops(model)
+    ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        impl, cases = build_cases(cfg, tmp, args.lr)
-    for case in cases:  # warm-up: first-touch allocations, optimiser state
-        case.step(x, y)
-    for _ in range(args.reps):
-        for case in cases:
-            dt, share = case.step(x, y)
-            case.steps.append(dt)
-            case.opt_shares.append(share)
+        save_hf(model, tmp, progress=False)
+        del model
+        pipes, procs, impl = [], [], ""
+        for name in NAMES:  # one at a time: each loads and warms up alone
+            parent, child = ctx.Pipe()
+            procs.append(ctx.Process(target=serve_case, args=(child, name, args, tmp)))
+            procs[-1].start()
+            pipes.append(parent)
+            impl = parent.recv() or impl  # ready; transformers' attention and experts implementation
+    steps = {name: [] for name in NAMES}
+    for _ in range(args.reps):  # interleaved round by round: a noisy neighbour slows all alike
+        for name, pipe in zip(NAMES, pipes):
+            pipe.send("step")
+            steps[name].append(pipe.recv())
+    x, _ = batch(cfg, args.batch, args.seq)
     tokens, flops = x.numel(), train_flops_per_token(cfg, args.seq) * x.numel()
     head = (f"{machine_line(args.threads)} | preset {args.preset} | batch {args.batch}×{args.seq}, bf16 autocast | "
-            f"median of {args.reps} | bf16 peak {peak / 1e12:.2f} TFLOP/s | transformers {impl}")
-    base = tokens / statistics.median(cases[0].steps)
+            f"median of {args.reps}, a process per case | bf16 peak {peak / 1e12:.2f} TFLOP/s | transformers {impl}")
+    base = tokens / statistics.median(dt for dt, _ in steps[NAMES[0]])
     print(f"\n{head}\n")
     print("| step | tok/s | vs transformers + AdamW | MFU | optimiser share |\n|---|---:|---:|---:|---:|")
-    for case in cases:
-        s = statistics.median(case.steps)
-        print(f"| {case.name} | {tokens / s:,.0f} | {tokens / s / base:.2f}× | {flops / s / peak:.1%} | "
-              f"{statistics.median(case.opt_shares):.0%} |")
-    ns = ns_flops(cases[2].model)
+    for name in NAMES:
+        s = statistics.median(dt for dt, _ in steps[name])
+        print(f"| {name} | {tokens / s:,.0f} | {tokens / s / base:.2f}× | {flops / s / peak:.1%} | "
+              f"{statistics.median(share for _, share in steps[name]):.0%} |")
     print(f"\nper step: forward+backward {flops / 1e9:,.0f} GFLOP, Muon's Newton–Schulz {ns / 1e9:,.0f} GFLOP "
-          f"({ns / peak:.2f} s at the bf16 peak: {ns / (ns + flops):.0%} of the step's FLOPs at this batch)")
-    if args.profile:
-        for case in cases[1:]:
-            profile_step(case, x, y)
+          f"({ns / peak:.2f} s at the bf16 peak: {ns / (ns + flops):.0%} of the step's FLOPs at this batch)",
+          flush=True)
+    for name, pipe in zip(NAMES, pipes):
+        if args.profile and name != NAMES[0]:
+            pipe.send("profile")
+            pipe.recv()
+        pipe.send("stop")
+    for proc in procs:
+        proc.join()
 
 
 if __name__ == "__main__":

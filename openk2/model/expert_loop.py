@@ -6,11 +6,14 @@ autocast the stacks' bf16 copies back-propagate through a cast of each whole sta
 backward computes the same products as autograd does (tests/test_model.py binds them) and writes each
 expert's weight gradients straight into the stack's gradient. Rows that vary are padded for CPU's
 bf16 kernels (`rows.pad_rows`), forward and backward alike.
+
+The cast stacks and the weight gradients take kept memory (`kept.kept_empty`).
 """
 
 import torch
 import torch.nn.functional as F
 
+from openk2.model.kept import kept_cast, kept_empty
 from openk2.model.rows import pad_rows
 
 
@@ -34,7 +37,7 @@ class ExpertLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_MD, gate_up, down, counts: list[int], dtype: torch.dtype):
-        x, w_gu, w_d = x_MD.to(dtype), gate_up.to(dtype), down.to(dtype)
+        x, w_gu, w_d = x_MD.to(dtype), kept_cast(gate_up, dtype), kept_cast(down, dtype)
         gu_M2F = x.new_empty(len(x), w_gu.shape[1])
         y_MD = x.new_empty(x.shape)
         start = 0
@@ -45,6 +48,7 @@ class ExpertLoop(torch.autograd.Function):
             start += rows
         ctx.save_for_backward(x, w_gu, w_d, gu_M2F)
         ctx.counts, ctx.dtypes = counts, (x_MD.dtype, gate_up.dtype, down.dtype)
+        ctx.owners = (gate_up, down)  # whose kept memory the weight gradients take
         return y_MD
 
     @staticmethod
@@ -55,8 +59,8 @@ class ExpertLoop(torch.autograd.Function):
         dtype = x.dtype
         dy = dy_MD.to(dtype)
         dx = torch.empty_like(x) if need_x else None
-        dw_gu = torch.empty(w_gu.shape, dtype=ctx.dtypes[1], device=x.device) if need_gu else None
-        dw_d = torch.empty(w_d.shape, dtype=ctx.dtypes[2], device=x.device) if need_d else None
+        dw_gu = kept_empty(ctx.owners[0], "grad", w_gu.shape, ctx.dtypes[1]) if need_gu else None
+        dw_d = kept_empty(ctx.owners[1], "grad", w_d.shape, ctx.dtypes[2]) if need_d else None
         start = 0
         for e, rows in enumerate(ctx.counts):
             if not rows:  # an expert no row chose: no gradient

@@ -14,6 +14,7 @@ from torch import nn
 
 from openk2.config import ModelConfig
 from openk2.model.attention import MLA, LatentCache, Packed
+from openk2.model.head_loss import linear_cross_entropy
 from openk2.model.linear import decode_linear
 from openk2.model.moe import MLP, MoE, small_batch
 from openk2.model.norm import RMSNorm
@@ -92,7 +93,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, start_pos: int | torch.Tensor = 0, cache: list[LatentCache] | None = None,
                 absorb: bool | None = None, reference: bool = False, segment_ids: torch.Tensor | None = None,
-                keep: torch.Tensor | None = None):
+                keep: torch.Tensor | None = None, targets: torch.Tensor | None = None):
         """Logits [B, S, V] for input_ids [B, S] at positions start_pos.. (fp32 or model dtype);
         start_pos per row (LongTensor [B]) lets rows of different lengths decode in one batch.
 
@@ -102,10 +103,12 @@ class Transformer(nn.Module):
         to itself, its positions counted from 0. Without a cache; None: the plain causal path.
         keep [B, S] bool: logits [M, V] of the kept positions only (training: those with a target; SFT
         keeps ~10 %, and the vocabulary projection and softmax are a large share of a small model's step).
+        targets [B, S] (shifted; -100 where none): the mean cross entropy instead of logits, from the
+        vocabulary projection and softmax fused by row chunks (`head_loss`; the same loss as `lm_loss`).
         """
         B, S = input_ids.shape
         if segment_ids is not None:
-            return self._head(self._packed(input_ids, segment_ids, absorb or False, reference), keep)
+            return self._head(self._packed(input_ids, segment_ids, absorb or False, reference), keep, targets)
         per_row = isinstance(start_pos, torch.Tensor)
         if per_row and cache is None:
             raise ValueError("per-row start positions need a cache")
@@ -118,9 +121,11 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_mult, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache[i] if cache is not None else None, start_pos, absorb, reference)
-        return self._head(x, keep)
+        return self._head(x, keep, targets)
 
-    def _head(self, x_BSD, keep_BS: torch.Tensor | None):
+    def _head(self, x_BSD, keep_BS: torch.Tensor | None, targets_BS: torch.Tensor | None = None):
+        if targets_BS is not None:
+            return linear_cross_entropy(self.model.norm(x_BSD.flatten(0, 1)), self.lm_head.weight, targets_BS.flatten())
         if keep_BS is None:
             return self.lm_head(self.model.norm(x_BSD))
         x_MD = x_BSD[keep_BS]  # a count that changes every step: padded for CPU's matmul (pad_rows)

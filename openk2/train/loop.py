@@ -33,7 +33,7 @@ from tqdm import tqdm
 from openk2.checkpoint import latest_checkpoint, load_hf, restore, save_train_state, sharded
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
 from openk2.info import breakdown, require_memory, train_flops_per_token
-from openk2.model import build_model, lm_loss
+from openk2.model import build_model
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
 from openk2.parallel.training import ParallelTraining
 from openk2.tokenizer import Tokenizer
@@ -137,10 +137,9 @@ def balance_experts(model, loads: dict[int, torch.Tensor], speed: float, world: 
 
 
 def target_loss(model, x, y, seg: list) -> torch.Tensor:
-    """lm_loss of `model` (or DDP) on x, seg [segment_ids] or []; logits only where y has a target."""
-    keep = y != -100
-    keep = None if keep.all() else keep
-    return lm_loss(model(x, segment_ids=seg[0] if seg else None, keep=keep), y if keep is None else y[keep])
+    """Mean next-token loss of `model` (or DDP) on x, seg [segment_ids] or []: the vocabulary projection
+    and its softmax fused, only where y has a target (`forward(targets=)`, the numbers of `lm_loss`)."""
+    return model(x, segment_ids=seg[0] if seg else None, targets=y)
 
 
 @torch.no_grad()
