@@ -156,6 +156,7 @@ def main():
             parent, child = ctx.Pipe()
             procs.append(ctx.Process(target=serve_case, args=(child, name, args, tmp)))
             procs[-1].start()
+            child.close()  # the child's end lives in the child: its exit ends our recv() with EOFError
             pipes.append(parent)
             impl = parent.recv() or impl  # ready; transformers' attention and experts implementation
     steps = {name: [] for name in NAMES}

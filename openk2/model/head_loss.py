@@ -10,7 +10,7 @@ so its incoming gradient is one scalar, which backward multiplies in.
 The numbers are those of `lm_loss(F.linear(h, w), targets)` under autocast: products in the autocast
 dtype, logits rounded to it, softmax in fp32, the logits' gradient rounded to it for the products.
 The weight's gradient sums the chunks' products in the weight's dtype (one product rounds once; this
-rounds per chunk, then adds exactly enough: tests/test_model.py bounds the difference).
+rounds per chunk, then adds: tests/test_head_loss.py bounds the difference). Differentiable once.
 """
 
 import torch
@@ -22,11 +22,12 @@ CHUNK = 256  # rows: k2-small's 256 × 8,192 fp32 logits are 8 MB
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross entropy of h_ND @ w_VDᵀ against targets_N (every row has one), products in `dtype`."""
+    """Mean cross entropy of h_ND @ w_VDᵀ against targets_N (every row has one), products in `dtype`;
+    the gradients only where `grads` (the caller's grad mode: forward itself runs without it)."""
 
     @staticmethod
-    def forward(ctx, h_ND, w_VD, targets_N, dtype: torch.dtype):
-        need_h, need_w = ctx.needs_input_grad[:2]
+    def forward(ctx, h_ND, w_VD, targets_N, dtype: torch.dtype, grads: bool):
+        need_h, need_w = (grads and need for need in ctx.needs_input_grad[:2])
         N = len(h_ND)
         h, w = h_ND.to(dtype), kept_cast(w_VD, dtype)
         dh_ND = torch.empty_like(h_ND) if need_h else None
@@ -57,7 +58,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dh_ND, dw_VD = ctx.saved_tensors
         if not bool(d_loss == 1):  # 1 unless the loss was scaled (accumulation)
             dh_ND, dw_VD = (None if g is None else g * d_loss.to(g.dtype) for g in (dh_ND, dw_VD))
-        return dh_ND, dw_VD, None, None
+        return dh_ND, dw_VD, None, None, None
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
@@ -67,4 +68,4 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torc
     keep = targets_N != ignore_index
     if not bool(keep.all()):
         h_ND, targets_N = h_ND[keep], targets_N[keep]
-    return LinearCrossEntropy.apply(h_ND, w_VD, targets_N, matmul_dtype(h_ND))
+    return LinearCrossEntropy.apply(h_ND, w_VD, targets_N, matmul_dtype(h_ND), torch.is_grad_enabled())

@@ -6,6 +6,10 @@ third of the backward. A buffer a parameter needs every step takes the storage i
 only once nothing else references that storage: a gradient handed to autograd is reused after
 `zero_grad` (or anything else) has let go of it, a cast saved for backward after that backward. CUDA's
 caching allocator reuses freed memory itself, so elsewhere these are plain `torch.empty`.
+
+Notes: "references" are tensors (views included); a bare `t.untyped_storage()` kept by a caller is the
+same Python object this module holds, not counted apart: hold the tensor, or clone it. The memory
+stays with its owner for the owner's life (after `zero_grad(set_to_none=True)` too).
 """
 
 import torch
