@@ -3,14 +3,15 @@
 Unfused, a training step holds the logits [N, V] several times over: the product, its fp32 copy, the
 log-softmax and the gradients of each (k2-small, 2,048 positions × 8,192: 33–67 MB apiece, on fresh
 pages every step on CPU). Here CHUNK rows at a time go through the product, the log-sum-exp and the
-gradient of the logits (softmax minus the target's one-hot), each chunk's made and dropped in turn.
+gradient of the logits (softmax minus the target's one-hot), each chunk's made and dropped in turn;
+the logits' gradient (products' dtype) is multiplied in blocks of BLOCK_BYTES (k2-small: all 2,048 rows).
 The gradients of the rows and of the weight are computed in forward: a loss is where backward starts,
 so its incoming gradient is one scalar, which backward multiplies in.
 
 The numbers are those of `lm_loss(F.linear(h, w), targets)` under autocast: products in the autocast
 dtype, logits rounded to it, softmax in fp32, the logits' gradient rounded to it for the products.
-The weight's gradient sums the chunks' products in the weight's dtype (one product rounds once; this
-rounds per chunk, then adds: tests/test_head_loss.py bounds the difference). Differentiable once.
+The weight's gradient sums the blocks' products in the weight's dtype (one block: one product, as
+unfused; tests/test_head_loss.py bounds the difference). Differentiable once.
 """
 
 import torch
@@ -19,6 +20,7 @@ from openk2.model.kept import kept_cast, kept_empty
 from openk2.model.rows import matmul_dtype, pad_rows
 
 CHUNK = 256  # rows: k2-small's 256 × 8,192 fp32 logits are 8 MB
+BLOCK_BYTES = 32 << 20  # the logits' gradient (products' dtype) is multiplied by a block of this many bytes
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -28,27 +30,31 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND, w_VD, targets_N, dtype: torch.dtype, grads: bool):
         need_h, need_w = (grads and need for need in ctx.needs_input_grad[:2])
-        N = len(h_ND)
+        (N, _), V = h_ND.shape, w_VD.shape[0]
         h, w = h_ND.to(dtype), kept_cast(w_VD, dtype)
         dh_ND = torch.empty_like(h_ND) if need_h else None
-        dw_VD = kept_empty(w_VD, "grad", w_VD.shape, w_VD.dtype).zero_() if need_w else None
+        dw_VD = kept_empty(w_VD, "grad", w_VD.shape, w_VD.dtype) if need_w else None
         total = torch.zeros((), dtype=torch.float64, device=h_ND.device)
-        for start in range(0, N, CHUNK):
-            rows = min(CHUNK, N - start)
-            h_c = pad_rows(h[start:start + rows], dtype)  # the last chunk's count varies: padded
-            t_c = targets_N[start:start + rows, None]
-            logits = (h_c @ w.mT).float()
-            lse = logits.logsumexp(-1, keepdim=True)
-            total += (lse[:rows] - logits[:rows].gather(1, t_c)).sum()
-            if need_h or need_w:
-                p = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                p[rows:] = 0
-                p[:rows].scatter_add_(1, t_c, p.new_full(t_c.shape, -1.0))
-                g = p.mul_(1.0 / N).to(dtype)
-                if need_h:
-                    dh_ND[start:start + rows] = (g @ w)[:rows]
-                if need_w:
-                    dw_VD += g.mT @ h_c
+        block = max(CHUNK, BLOCK_BYTES // (V * dtype.itemsize) // CHUNK * CHUNK)  # rows, whole chunks
+        for b0 in range(0, N, block):  # a block: its chunks' logits, then its two products
+            n_b = min(block, N - b0)
+            h_b = pad_rows(h[b0:b0 + n_b], dtype)  # the last block's count varies: padded (zero rows)
+            g_b = kept_empty(w_VD, "dlogits", (len(h_b), V), dtype) if need_h or need_w else None
+            for c0 in range(0, len(h_b), CHUNK):
+                h_c, rows = h_b[c0:c0 + CHUNK], max(0, min(CHUNK, n_b - c0))  # rows: the chunk's real ones
+                t_c = targets_N[b0 + c0:b0 + c0 + rows, None]
+                logits = (h_c @ w.mT).float()
+                lse = logits.logsumexp(-1, keepdim=True)
+                total += (lse[:rows] - logits[:rows].gather(1, t_c)).sum()
+                if g_b is not None:
+                    p = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                    p[rows:] = 0
+                    p[:rows].scatter_add_(1, t_c, p.new_full(t_c.shape, -1.0))
+                    g_b[c0:c0 + len(h_c)] = p.mul_(1.0 / N)
+            if need_h:
+                dh_ND[b0:b0 + n_b] = (g_b @ w)[:n_b]
+            if need_w:  # one product a block (k2-small's 2,048 rows: one, rounded once as unfused)
+                dw_VD.copy_(g_b.mT @ h_b) if b0 == 0 else dw_VD.add_(g_b.mT @ h_b)
         ctx.save_for_backward(dh_ND, dw_VD)
         return (total / N).float()
 

@@ -21,13 +21,13 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 def kept_empty(owner: torch.Tensor, slot: str, shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor for `owner`'s buffer `slot`, on that slot's storage of the last call
-    where its only reference left is this module's."""
+    where its only reference left is this module's and it is large enough (a smaller shape takes its start)."""
     device = owner.device
     if device.type != "cpu" or _use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
     slots = _KEPT.setdefault(owner, {})
     st = slots.get(slot)
-    if st is None or st.nbytes() != dtype.itemsize * torch.Size(shape).numel() or _use_count(st._cdata) > 1:
+    if st is None or st.nbytes() < dtype.itemsize * torch.Size(shape).numel() or _use_count(st._cdata) > 1:
         t = torch.empty(shape, dtype=dtype, device=device)
         slots[slot] = t.untyped_storage()
         return t
