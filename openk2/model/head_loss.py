@@ -67,11 +67,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dh_ND, dw_VD, None, None, None
 
 
-def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross entropy (fp32) of the logits h_ND @ w_VDᵀ, which are never held whole;
-    rows whose target is `ignore_index` are left out (none left: nan, as `F.cross_entropy`)."""
-    keep = targets_N != ignore_index
-    if not bool(keep.all()):
-        h_ND, targets_N = h_ND[keep], targets_N[keep]
+def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (fp32) of the logits h_ND @ w_VDᵀ, which are never held whole; every
+    row has a target (the caller drops the others before its norm; no rows: nan, as `F.cross_entropy`)."""
     return LinearCrossEntropy.apply(h_ND, w_VD, targets_N, matmul_dtype(h_ND), torch.is_grad_enabled())

@@ -58,9 +58,9 @@ def kernel_rows(w_OI: torch.Tensor, x_dtype: torch.dtype = torch.bfloat16) -> in
     return rows(w_OI.shape[-2], w_OI.shape[-1], x_dtype) if rows is not None else KERNEL_ROWS
 
 
-def few_rows(rows: int, used: int, w_OI: torch.Tensor | None = None, x_dtype=torch.bfloat16) -> bool:
+def few_rows(rows: int, used: int, w_OI: torch.Tensor, x_dtype=torch.bfloat16) -> bool:
     """Whether `rows` rows over `used` matrices (of the stack w_OI) go through its kernel eagerly."""
-    return rows <= (KERNEL_ROWS if w_OI is None else kernel_rows(w_OI, x_dtype)) * used
+    return rows <= kernel_rows(w_OI, x_dtype) * used
 
 
 # codes dtype -> (kernel, f(O, I, G) -> rows): a kernel that multiplies bf16 rows by the codes dequantised

@@ -124,8 +124,11 @@ class Transformer(nn.Module):
         return self._head(x, keep, targets)
 
     def _head(self, x_BSD, keep_BS: torch.Tensor | None, targets_BS: torch.Tensor | None = None):
-        if targets_BS is not None:
-            return linear_cross_entropy(self.model.norm(x_BSD.flatten(0, 1)), self.lm_head.weight, targets_BS.flatten())
+        if targets_BS is not None:  # the loss, of the positions with a target only (normed, projected)
+            keep_BS = targets_BS != -100
+            x_MD, t_M = ((x_BSD.flatten(0, 1), targets_BS.flatten()) if bool(keep_BS.all())
+                         else (x_BSD[keep_BS], targets_BS[keep_BS]))
+            return linear_cross_entropy(self.model.norm(x_MD), self.lm_head.weight, t_M)
         if keep_BS is None:
             return self.lm_head(self.model.norm(x_BSD))
         x_MD = x_BSD[keep_BS]  # a count that changes every step: padded for CPU's matmul (pad_rows)

@@ -162,7 +162,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x):
         x_NI = x.reshape(-1, self.in_features)
-        if linear.pairs_kernel(self.codes) is not None and few_rows(x_NI.shape[0], 1):
+        if linear.pairs_kernel(self.codes) is not None and few_rows(x_NI.shape[0], 1, self.codes, x_NI.dtype):
             y = linear.one_matrix(x_NI, self.codes, self.scale).to(x.dtype)
         else:
             y = F.linear(x_NI, unpack_halves(self.codes, self.scale, x.dtype))
