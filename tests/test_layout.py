@@ -18,7 +18,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "engine/sampler.py": 100,
     "engine/generate.py": 100, "engine/engine.py": 330, "engine/kv_cache.py": 200, "engine/decode.py": 300,
     "tokenizer/tokenizer.py": 260, "tokenizer/toolcalls.py": 330, "data/corpus.py": 200, "data/loader.py": 200,
-    "optim/muon.py": 325, "optim/groups.py": 60, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 345,
+    "optim/muon.py": 360, "optim/groups.py": 60, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 345,
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 100, "quant/int4_decode.py": 200,
     "quant/fp8.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,

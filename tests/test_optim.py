@@ -40,10 +40,12 @@ def test_newton_schulz_is_near_orthogonal(shape):
             torch.testing.assert_close(O[i], newton_schulz(G[i]), atol=0, rtol=0)
 
 
-def test_newton_schulz_stays_within_bf16_rounding_of_the_fp64_iteration():
+@pytest.mark.parametrize("tall", [False, True])
+def test_newton_schulz_stays_within_bf16_rounding_of_the_fp64_iteration(tall):
     """The same five quintic steps in fp64 are the reference; bf16 products may only add rounding.
     Measured 0.8 % relative error (a·I folded into the bf16 polynomial, a faster plain bmm, gave
-    2.1 %; the common a·X + B@X in bf16 gives 1.7 %)."""
+    2.1 %; the common a·X + B@X in bf16 gives 1.7 %). A tall stack (iterated on its right, nothing
+    transposed) is the wide one's transpose, to the same rounding."""
     torch.manual_seed(0)
     G = torch.randn(8, 256, 512) * torch.logspace(-3, 1, 512)  # a spread spectrum
     a, b, c = muon_mod.NS_COEFFS
@@ -51,7 +53,8 @@ def test_newton_schulz_stays_within_bf16_rounding_of_the_fp64_iteration():
     for _ in range(5):
         M = X @ X.mT
         X = a * X + (b * M + c * M @ M) @ X
-    err = (newton_schulz(G).double() - X).norm() / X.norm()
+    O = newton_schulz(G.mT.contiguous()).mT if tall else newton_schulz(G)
+    err = (O.double() - X).norm() / X.norm()
     assert err < 0.01, err
 
 
@@ -130,6 +133,61 @@ def test_muon_batches_one_matrix_parameters_of_a_shape_on_cpu(monkeypatch):
         for p, w, b in zip(params, want, bufs):
             torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-6)
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=0, atol=0)
+
+
+needs_kernels = pytest.mark.skipif(muon_mod.kernels.cpu_op("muon_apply") is None,
+                                   reason="openk2's CPU kernels are not built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_kernel_step_equals_the_torch_ops_bit_for_bit(monkeypatch, nesterov):
+    """Muon's elementwise passes through openk2's kernels (momentum, the normalised bf16 copy, the update
+    from bf16) give the torch ops' numbers exactly: weights and momentum, over steps, for a stack, a
+    batch of wide and of tall matrices, and sizes that are no multiple of a vector."""
+    torch.manual_seed(2)
+    shapes = [(3, 40, 24), (24, 40), (24, 40), (40, 24), (40, 24), (7, 9)]
+    a = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opts = [Muon([dict(params=ps[:1], algo="muon", matrix=(40, 24), nesterov=nesterov),
+                  dict(params=ps[1:], algo="muon", matrix=None, nesterov=nesterov)], lr=1e-2, weight_decay=0.1)
+            for ps in (a, b)]
+    used = []
+    real = muon_mod._kernel
+    monkeypatch.setattr(muon_mod, "_kernel", lambda *args: used.append(args[0]) or real(*args))
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opts[0].step()
+        with monkeypatch.context() as m:
+            m.setattr(muon_mod, "_kernel", lambda *args: None)
+            opts[1].step()
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+        assert all(torch.equal(opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"])
+                   for p, q in zip(a, b))
+    assert {"muon_momentum", "scale_to_bf16", "muon_apply"} <= set(used)
+
+
+@needs_kernels
+def test_kernels_round_to_bf16_as_torch_does():
+    """The normalised copy rounds to nearest even, keeps inf and writes NaN as torch does; the update
+    takes fp32 addends too; a wrong dtype or size is an error, not a misread buffer."""
+    op = torch.ops.openk2
+    src = torch.tensor([[[1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3e38, float("inf"), float("nan"), 1e-40]]])
+    inv = torch.tensor([1.0])
+    dst = torch.empty(src.shape, dtype=torch.bfloat16)
+    op.scale_to_bf16(src, inv, dst)
+    want = src.to(torch.bfloat16)
+    assert torch.equal(dst.view(torch.int16), want.view(torch.int16))
+    p, o = torch.randn(37), torch.randn(37)
+    ref = p.clone().mul_(0.99).add_(o, alpha=-0.5)
+    op.muon_apply(p, o, 0.99, -0.5)
+    assert torch.equal(p, ref)
+    with pytest.raises(RuntimeError, match="fp32"):
+        op.muon_apply(p.double(), o, 0.99, -0.5)
+    with pytest.raises(RuntimeError, match="size"):
+        op.muon_momentum(p, torch.zeros(36), torch.zeros(37), 0.9, True)
 
 
 def test_batched_updates_equal_each_matrix_alone_bit_for_bit(monkeypatch):

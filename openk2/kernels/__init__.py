@@ -1,5 +1,5 @@
-"""openk2's CPU kernels for the decode step, offered to it through `openk2.model.linear.PAIRS_KERNELS`
-(the chosen experts' matrix-vector products, by the dtype of the weights or codes):
+"""openk2's CPU kernels: the decode step's, offered to it through `openk2.model.linear.PAIRS_KERNELS`
+(the chosen experts' matrix-vector products, by the dtype of the weights or codes), and Muon's:
 
 - `int4_cpu.cpp`, `openk2::int4_pairs`: int4 experts in the decode layout (openk2/quant/int4_decode.py),
   and `openk2::quantize_halves`, weights into that layout in one pass (`cpu_op`; the int4 expert cache);
@@ -12,7 +12,9 @@
   turns it off): up to `AMX_ROWS` rows a matrix they beat a library matmul per expert, so prefill
   chunks and the step's linears past small batches take them too; and `openk2::int4_bf16_pairs`
   multiplies by int4 codes dequantised to bf16, the many-rows path of int4 experts
-  (`linear.ROUNDED_KERNELS`).
+  (`linear.ROUNDED_KERNELS`);
+- `optim_cpu.cpp`, `openk2::muon_momentum`, `openk2::scale_to_bf16` and `openk2::muon_apply`: Muon's
+  elementwise passes fused, for the optimizer's CPU step (`openk2.optim.muon`, `cpu_op`).
 
 Built on first use with torch's extension mechanism (`torch.utils.cpp_extension.load`: the machine's
 C++ compiler, -O3 -march=native -fopenmp; ~1 min once, then loaded from torch's extension cache) and
@@ -41,7 +43,7 @@ AMX_ROWS = 128
 # int4 2,494 -> 3,968, with this bound rather than AMX_ROWS
 AMX_CODES_ROWS = 1024
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4_cpu.cpp", "pairs_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("int4_cpu.cpp", "pairs_cpu.cpp", "optim_cpu.cpp")]
 
 
 def _cpu_tag() -> str:
@@ -67,7 +69,7 @@ def load() -> bool:
               is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the fused loops serve
         warnings.warn(f"openk2's CPU kernels did not build ({type(e).__name__}: {str(e)[:200]}); the decode "
-                      "step uses its own fused loops")
+                      "step uses its own fused loops, Muon torch's ops")
         return False
 
     @torch.library.register_fake("openk2::int4_pairs")
