@@ -56,12 +56,22 @@ class Scratch:
         return t[:n].view(shape)
 
 
-def _kernel(name: str, *tensors: torch.Tensor):
-    """openk2's CPU kernel `name` for these tensors (contiguous, on the CPU, the first fp32), or None: the
-    torch ops serve (and are the reference the kernels are tested against)."""
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) or tensors[0].dtype != torch.float32:
+WRITES = {"muon_momentum": (1, 2), "scale_to_bf16": (2,), "muon_apply": (0,)}  # the arguments each kernel writes
+
+
+def _kernel(name: str, *tensors: torch.Tensor, last=(torch.float32,)):
+    """openk2's CPU kernel `name` for these tensors (contiguous, on the CPU, fp32, the last one of a dtype in
+    `last`), or None: the torch ops serve (and are the reference the kernels are tested against). The
+    first call builds the kernels where they are not yet (~1 min once: `openk2.kernels.load`)."""
+    *head, tail = tensors
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors) or tail.dtype not in last \
+            or any(t.dtype != torch.float32 for t in head) or (op := kernels.cpu_op(name)) is None:
         return None
-    return kernels.cpu_op(name)
+
+    def run(*args):  # written through raw pointers: autograd's version counters are bumped here
+        op(*args)
+        torch.autograd.graph.increment_version([args[i] for i in WRITES[name] if not args[i].is_inference()])
+    return run
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = None,
@@ -79,7 +89,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = 
     is the small one either way and nothing is transposed (on CPU a transposing copy in and out of bf16
     cost ~7x a straight one: k2-small's down projections, 16.6 against 2.4 ms a layer).
     `scale_G=True` lets the normalisation overwrite G (a caller's temporary: a fast pass, the same
-    numbers). With `scratch`, the result lives in it until the next call with that scratch.
+    numbers; openk2's kernel, where it serves, leaves G as it is). With `scratch`, the result lives in it until the next call with that scratch.
     """
     a, b, c = NS_COEFFS
     scratch = scratch if scratch is not None else Scratch()
@@ -88,7 +98,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = 
     N, A, B = G_NAB.shape
     X_NAB = scratch.get("ns_in", (N, A, B), torch.bfloat16, G.device)
     inv = 1 / (G_NAB.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    if scale := _kernel("scale_to_bf16", G_NAB, inv):
+    if scale := _kernel("scale_to_bf16", G_NAB, inv, X_NAB, last=(torch.bfloat16,)):
         scale(G_NAB, inv, X_NAB)
     else:
         X_NAB.copy_(G_NAB.mul_(inv)) if scale_G else torch.mul(G_NAB, inv, out=X_NAB)
@@ -103,7 +113,7 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = 
     for i in range(0, N, n):
         X = X_NAB[i:i + n]
         k = len(X)
-        for step in range(steps):  # the quintic a·X + b·(XXᵀ)X + c·(XXᵀ)²X, with one fewer big matmul
+        for step in range(steps):  # the quintic a·X + b·(XXᵀ)X + c·(XXᵀ)²X (tall: on the right), one fewer big matmul
             M = torch.bmm(X.mT, X, out=gram[:k]) if tall else torch.bmm(X, X.mT, out=gram[:k])
             P = torch.baddbmm(M, M, M, beta=b, alpha=c, out=poly[:k])  # b·M + c·M², scalings fused in
             out = out_NAB[i:i + n] if step == steps - 1 else X2[step % 2][:k]
@@ -144,7 +154,7 @@ def apply_muon(p: torch.Tensor, O: torch.Tensor, lr: float, weight_decay: float,
     alpha). O has p's shape; `tmp` (p's shape and dtype) takes O first if given: on CPU a bf16 addend to
     fp32 weights is a slow path, a cast copy and a same-dtype add three times faster; openk2's kernel
     reads O as it is."""
-    if fused := _kernel("muon_apply", p, O):
+    if fused := _kernel("muon_apply", p, O, last=(torch.bfloat16, torch.float32)):
         return fused(p, O, 1 - lr * weight_decay, -lr * scale)
     if tmp is not None and O.dtype != p.dtype:
         O = tmp.copy_(O)
@@ -336,7 +346,8 @@ class Muon(torch.optim.Optimizer):
                 for (p, group), u in zip(batch, parts):
                     self._momentum(p, group, out=u.view(p.grad.shape))
                 O = newton_schulz(U.view(-1, A, B), ns_steps, scratch=self.scratch, scale_G=True)
-                if not _kernel("muon_apply", U, O):  # the kernel adds bf16 O itself; torch's add wants fp32
+                # the kernel adds bf16 O itself; torch's add wants it in fp32 first
+                if not all(_kernel("muon_apply", p, O, last=(torch.bfloat16,)) for p, _ in batch):
                     O = U.copy_(O.view(-1))
                 for (p, group), o in zip(batch, O.view(-1).split(sizes)):
                     apply_muon(p, o.view(p.shape), group["lr"], group["weight_decay"], rms_scale(A, B))
