@@ -89,7 +89,8 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, *, scratch: Scratch | None = 
     is the small one either way and nothing is transposed (on CPU a transposing copy in and out of bf16
     cost ~7x a straight one: k2-small's down projections, 16.6 against 2.4 ms a layer).
     `scale_G=True` lets the normalisation overwrite G (a caller's temporary: a fast pass, the same
-    numbers; openk2's kernel, where it serves, leaves G as it is). With `scratch`, the result lives in it until the next call with that scratch.
+    numbers; openk2's kernel, where it serves, leaves G as it is). With `scratch`, the result lives in
+    it until the next call with that scratch.
     """
     a, b, c = NS_COEFFS
     scratch = scratch if scratch is not None else Scratch()
