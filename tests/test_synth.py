@@ -16,7 +16,7 @@ import pytest
 from openk2.agent.client import ScriptedClient
 from openk2.cli import main as cli
 from openk2.envs import KINDS, World, domain_names, make_task, split
-from openk2.envs.drills import drills, sum_drills, tool_drills
+from openk2.envs.drills import drills, list_drills, sum_drills, tool_drills
 from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
@@ -176,7 +176,7 @@ def test_copy_drills_quote_the_requests_values_exactly_and_come_with_synth_on_re
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[4:] == drills(5, seed=3) and all(r["tools"] for r in rows[:4])
     assert [len(messages) for _, messages, tools in read_jsonl(out)][4:] == [2] * 5  # SFT reads them, no tools
-    with pytest.raises(SystemExit, match="--drills, --tool-drills and --sum-drills at least 0"):
+    with pytest.raises(SystemExit, match="--drills, --tool-drills, --list-drills and --sum-drills at least 0"):
         cli(["synth", "--n", "4", "--out", str(out), "--drills", "-1"])
 
 
@@ -221,8 +221,50 @@ def test_tool_drills_pick_the_tool_the_request_names_and_copy_its_values(tmp_pat
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[2:4] == drills(2, seed=3) and rows[4:] == tool_drills(3, seed=3)
     assert all(tools for _, _, tools in list(read_jsonl(out))[4:])  # SFT reads them with their tools
-    with pytest.raises(SystemExit, match="--tool-drills and --sum-drills at least 0"):
+    with pytest.raises(SystemExit, match="--list-drills and --sum-drills at least 0"):
         cli(["synth", "--n", "4", "--out", str(out), "--tool-drills", "-1"])
+
+
+def test_list_drills_page_as_a_world_does_and_quote_every_item_once_in_order(tmp_path, capsys):
+    """A list drill calls its one made-up list tool with valid arguments, page after page at the offsets the
+    results name (as a world's partial results do), and its answer names the items of all pages, in order,
+    each once, with their count; ids look alike (one shape, one prefix) but are distinct."""
+    some = list_drills(300, seed=5)
+    assert json.dumps(some) == json.dumps(list_drills(300, seed=5)) and some != list_drills(300, seed=6)
+    shipped = {name for d in domain_names() for name in load(d)["operations"]}
+    pages = Counter()
+    for d in some:
+        msgs, (tool,) = d["messages"], d["tools"]
+        name, schema = tool["function"]["name"], tool["function"]["parameters"]
+        assert name not in shipped and d["meta"]["kind"] == "list_drill" and msgs[0]["content"] == SYSTEM
+        calls, results = msgs[2:-1:2], msgs[3:-1:2]
+        assert [m["role"] for m in msgs] == ["system", "user"] + ["assistant", "tool"] * len(calls) + ["assistant"]
+        items, offset = [], 0
+        for call, result in zip(calls, results):
+            (tc,) = call["tool_calls"]
+            args = json.loads(tc["function"]["arguments"])
+            jsonschema.validate(args, schema)
+            assert args.get("offset", 0) == offset and args["owner"] in msgs[1]["content"]
+            assert call["content"].endswith(say_calls(call["tool_calls"])) and result["tool_call_id"] == tc["id"]
+            page = json.loads(result["content"])
+            items += page["items"]
+            if result is results[-1]:  # the rest, counted, as a world's last page
+                assert page == {"items": page["items"], "count": len(page["items"])}
+            else:
+                offset += len(page["items"])
+                assert page == {"items": page["items"], "next_offset": offset,
+                                "note": f"partial results: call {name} again with offset={offset} for the rest"}
+        ids = [next(iter(item.values())) for item in items]
+        assert len(set(ids)) == len(ids) and len({i.split("-")[0] for i in ids}) == 1 and 2 <= len(ids) <= 7
+        assert f"{len(ids)} found: {', '.join(ids)}." in msgs[-1]["content"]
+        pages[len(calls) > 1] += 1
+    assert pages[True] > 60 and pages[False] > 120
+    out = tmp_path / "mix.jsonl"
+    cli(["synth", "--n", "2", "--seed", "3", "--out", str(out), "--worlds", "units", "--list-drills", "3"])
+    assert f"wrote 2 trajectories and 3 list drills to {out}" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[2:] == list_drills(3, seed=3)
+    assert all(tools for _, _, tools in list(read_jsonl(out))[2:])  # SFT reads them with their tools
 
 
 STEP = re.compile(r"(\d) \+ (\d)(?: \+ (1))? = (\d+)(, carry 1)?")

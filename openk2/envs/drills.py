@@ -7,8 +7,9 @@ minutes has no in-context copying yet, and the tool-use SFT spends most of its b
 named values ("order ZQ-4821, amount 310.25, date 2027-03-14") and asks for one in words or some as a
 JSON object, and the answer quotes them exactly, strings as strings and numbers as numbers. The values
 are generic (random codes, numbers, dates, names, words), not any world's, so no domain leaks into them.
-Below them: tool drills (`--tool-drills`, made-up tools to pick from a list) and sum drills
-(`--sum-drills`, sums worked one digit at a time, as the teacher answers them).
+Below them: tool drills (`--tool-drills`, made-up tools to pick from a list), list drills
+(`--list-drills`, a made-up list tool's items, one or more pages, quoted back in order, each once) and
+sum drills (`--sum-drills`, sums worked one digit at a time, as the teacher answers them).
 """
 
 from __future__ import annotations
@@ -171,3 +172,63 @@ def tool_drills(n: int, seed: int) -> list[dict]:
     """`n` tool drills, the same for the same seed."""
     rng = random.Random(f"tool-drills:{seed}")
     return [{**tool_drill(rng), "meta": {"kind": "tool_drill", "seed": seed, "index": i}} for i in range(n)]
+
+
+# --- list drills: a list tool's items, in pages or not, quoted back in order, each exactly once ---
+# The small model's commonest failure on held-out tasks is an answer that lists a result's ids with one
+# repeated or skipped ("4 found: ACC-9438, ACC-8906, ACC-8906, ACC-8906"), most of all across pages.
+# Here the ids share a prefix and often digits, so only each item's own position tells them apart; the
+# turn is written as the teacher writes a world's list turn (its thoughts, paging and answers).
+LIST_ASKS = ("Which {nouns} does {owner} have?", "List the {nouns} of {owner}.", "What {nouns} are there for {owner}?",
+             "Show me {owner}'s {nouns}.")
+
+
+def _ids(rng: random.Random, noun: str, n: int) -> list[str]:
+    """n distinct ids of one shape (TIC-4821), drawn to look alike: a shared digit or two, often."""
+    head, out = noun[:3].upper(), []
+    stem = "".join(rng.choices(string.digits, k=2))
+    while len(out) < n:
+        digits = (stem if rng.random() < 0.5 else "".join(rng.choices(string.digits, k=2))) \
+            + "".join(rng.choices(string.digits, k=2))
+        if (code := f"{head}-{digits}") not in out:
+            out.append(code)
+    return out
+
+
+def list_drill(rng: random.Random) -> dict:
+    """One list drill: {"messages": [system, user, call, page(s), answer], "tools"}: a made-up
+    `list_<nouns>(owner, offset)` tool returns 2–7 items, in pages of 1–3 items in about a third of them."""
+    noun, owner = rng.choice(NOUNS), rng.choice(NAMES)
+    nouns = noun[:-1] + "ies" if noun.endswith("y") else noun + "s"
+    name, key = f"list_{nouns}", f"{noun}_id"
+    tool = {"type": "function", "function": {
+        "name": name, "description": f"List the {nouns} of an owner (paged: call again with offset for the rest).",
+        "parameters": {"type": "object", "properties": {
+            "owner": {"type": "string", "description": "whose they are"},
+            "offset": {"type": "integer", "minimum": 0, "description": "where a page starts"}},
+            "required": ["owner"], "additionalProperties": False}}}
+    items = [{key: code, "owner": owner, "status": rng.choice(STATUSES)} for code in _ids(rng, noun, rng.randint(2, 7))]
+    size = rng.randint(1, 3) if rng.random() < 0.4 else len(items)
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": rng.choice(LIST_ASKS).format(nouns=nouns, owner=owner)}]
+    for i, offset in enumerate(range(0, len(items), size)):
+        args = {"owner": owner, **({"offset": offset} if offset else {})}
+        call = {"id": f"functions.{name}:{i}", "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args)}}
+        thought = rng.choice(THOUGHTS["page" if offset else "first"])
+        page = items[offset:offset + size]
+        result = ({"items": page, "next_offset": offset + size,
+                   "note": f"partial results: call {name} again with offset={offset + size} for the rest"}
+                  if offset + size < len(items) else {"items": page, "count": len(page)})
+        messages += [{"role": "assistant", "content": " ".join(filter(None, (thought, say_calls([call])))),
+                      "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "name": name, "content": json.dumps(result)}]
+    found = ", ".join(item[key] for item in items)
+    messages.append({"role": "assistant", "content": rng.choice(ANSWERS).format(f"{len(items)} found: {found}.")})
+    return {"messages": messages, "tools": [tool]}
+
+
+def list_drills(n: int, seed: int) -> list[dict]:
+    """`n` list drills, the same for the same seed."""
+    rng = random.Random(f"list-drills:{seed}")
+    return [{**list_drill(rng), "meta": {"kind": "list_drill", "seed": seed, "index": i}} for i in range(n)]

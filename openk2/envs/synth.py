@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from functools import cache
 from pathlib import Path
 
-from openk2.envs.drills import drills, sum_drills, tool_drills
+from openk2.envs.drills import drills, list_drills, sum_drills, tool_drills
 from openk2.envs.judge import LLMJudge, category, episode_reasons, rubric_verdict
 from openk2.envs.play import gather_limited, play
 from openk2.envs.rename import rename_share
@@ -171,6 +171,8 @@ def add_parser(sub) -> None:
     s.add_argument("--tool-drills", type=int, default=0, help="also write this many tool drills: one request, a "
                    "list of made-up tools that share words, the call that does it with the request's values, "
                    "its result and the answer (openk2/envs/drills.py; default 0)")
+    s.add_argument("--list-drills", type=int, default=0, help="also write this many list drills: a made-up "
+                   "list tool's items, in pages or not, named back in order, each once (default 0)")
     s.add_argument("--sum-drills", type=int, default=0, help="also write this many sum drills: a + b asked "
                    "without tools, answered column by column as the teacher does (default 0)")
     s.add_argument("--rename-tools", type=float, default=0.0, metavar="SHARE", help="new names for the tools "
@@ -241,10 +243,10 @@ def main(args) -> None:
             raise SystemExit("--no-failures leaves no `recovery` task: drop it from --kinds")
         kinds = [k for k in kinds or KINDS if k != "recovery"]
     extra = {"copy": (args.drills, drills), "tool": (args.tool_drills, tool_drills),  # appended to the data
-             "sum": (args.sum_drills, sum_drills)}
+             "list": (args.list_drills, list_drills), "sum": (args.sum_drills, sum_drills)}
     if min(args.n, args.tries, args.workers, args.concurrency) < 1 or min(n for n, _ in extra.values()) < 0:
-        raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1, --drills, --tool-drills "
-                         "and --sum-drills at least 0")
+        raise SystemExit("--n, --tries, --workers and --concurrency must be at least 1, --drills, --tool-drills, "
+                         "--list-drills and --sum-drills at least 0")
     if not 0 <= args.rename_tools <= 1:
         raise SystemExit("--rename-tools is a share in [0, 1]")
     if not 0 <= args.teacher_slips <= 1 or args.teacher_slips and args.teacher_endpoint:
