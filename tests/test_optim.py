@@ -135,6 +135,20 @@ def test_muon_batches_one_matrix_parameters_of_a_shape_on_cpu(monkeypatch):
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=0, atol=0)
 
 
+def _twin_steps(monkeypatch, a, b, opts, steps: int, name: str, replacement):
+    """Step opts[0] over params a as it is and opts[1] over their copies b with muon_mod.<name> replaced,
+    on the same random gradients; yields after each step."""
+    for _ in range(steps):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opts[0].step()
+        with monkeypatch.context() as m:
+            m.setattr(muon_mod, name, replacement)
+            opts[1].step()
+        yield
+
+
 needs_kernels = pytest.mark.skipif(muon_mod.kernels.cpu_op("muon_apply") is None,
                                    reason="openk2's CPU kernels are not built here")
 
@@ -160,14 +174,7 @@ def test_kernel_step_equals_the_torch_ops_bit_for_bit(monkeypatch, nesterov):
         used.extend([name] if op else [])
         return op
     monkeypatch.setattr(muon_mod, "_kernel", counting)
-    for _ in range(3):
-        for p, q in zip(a, b):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opts[0].step()
-        with monkeypatch.context() as m:
-            m.setattr(muon_mod, "_kernel", lambda *args, **kw: None)
-            opts[1].step()
+    for _ in _twin_steps(monkeypatch, a, b, opts, 3, "_kernel", lambda *args, **kw: None):
         assert all(torch.equal(p, q) for p, q in zip(a, b))
         assert all(torch.equal(opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"])
                    for p, q in zip(a, b))
@@ -214,14 +221,7 @@ def test_batched_updates_equal_each_matrix_alone_bit_for_bit(monkeypatch):
     a = [torch.nn.Parameter(torch.randn(*shape)) for shape in [(48, 32)] * 4 + [(32, 48)] * 3]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     opts = [Muon([dict(params=ps, algo="muon", matrix=None)], lr=1e-2, weight_decay=0.1) for ps in (a, b)]
-    for _ in range(2):
-        for p, q in zip(a, b):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opts[0].step()
-        with monkeypatch.context() as m:
-            m.setattr(muon_mod, "_batches", lambda items, A, B: [[item] for item in items])
-            opts[1].step()
+    for _ in _twin_steps(monkeypatch, a, b, opts, 2, "_batches", lambda items, A, B: [[item] for item in items]):
         assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
