@@ -150,15 +150,15 @@ def match_adamw_rms(O: torch.Tensor) -> torch.Tensor:
 
 
 def apply_muon(p: torch.Tensor, O: torch.Tensor, lr: float, weight_decay: float, scale: float,
-               tmp: torch.Tensor | None = None):
+               scratch: Scratch | None = None):
     """W ← W·(1 − lr·wd) − lr·scale·O in place: `match_adamw_rms`'s update, not built (the scale rides on
-    alpha). O has p's shape; `tmp` (p's shape and dtype) takes O first if given: on CPU a bf16 addend to
-    fp32 weights is a slow path, a cast copy and a same-dtype add three times faster; openk2's kernel
-    reads O as it is."""
+    alpha). O has p's shape; with `scratch`, O of another dtype is cast into its "update" tensor first:
+    on CPU a bf16 addend to fp32 weights is a slow path, a cast copy and a same-dtype add three times
+    faster; openk2's kernel reads O as it is."""
     if fused := _kernel("muon_apply", p, O, last=(torch.bfloat16, torch.float32)):
         return fused(p, O, 1 - lr * weight_decay, -lr * scale)
-    if tmp is not None and O.dtype != p.dtype:
-        O = tmp.copy_(O)
+    if scratch is not None and O.dtype != p.dtype:
+        O = scratch.get("update", p.shape, p.dtype, p.device).copy_(O)
     p.mul_(1 - lr * weight_decay).add_(O, alpha=-lr * scale)
 
 
@@ -317,8 +317,7 @@ class Muon(torch.optim.Optimizer):
         O = torch.empty(chunk, *u.shape[1:], dtype=torch.bfloat16, device=u.device)
         dist.scatter(O, parts, src=owner, group=pg)
         local = p.to_local()
-        apply_muon(local, O[:local.shape[0]], group["lr"], group["weight_decay"], rms_scale(A, B),
-                   tmp=self.scratch.get("update", local.shape, local.dtype, local.device))
+        apply_muon(local, O[:local.shape[0]], group["lr"], group["weight_decay"], rms_scale(A, B), self.scratch)
 
     def _adamw(self, p, group):
         state = self.state[p]
@@ -361,5 +360,4 @@ class Muon(torch.optim.Optimizer):
         gathered = O_mAB.new_empty(world * m, A, B)
         dist.all_gather_single(gathered, O_mAB, group=self.process_group)
         for (p, group), O in zip(items, gathered[:n].split([u.shape[0] for u in stacks])):
-            apply_muon(p, O.view(p.shape), group["lr"], group["weight_decay"], rms_scale(A, B),
-                       tmp=self.scratch.get("update", p.shape, p.dtype, p.device))
+            apply_muon(p, O.view(p.shape), group["lr"], group["weight_decay"], rms_scale(A, B), self.scratch)
