@@ -320,12 +320,14 @@ def _counting_newton_schulz(counted: list):
     return lambda G, steps=5, **kw: (counted.append(G.shape[0]), real(G, steps, **kw))[1]
 
 
-def _worker(rank: int, out_dir: str):
+def _worker(rank: int, out_dir: str, kernels: bool = True):
     # a file rendezvous: no TCP port to pick (a free port can be taken again before the workers bind)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     try:
         counted = []
         muon_mod.newton_schulz = _counting_newton_schulz(counted)  # a fresh process: no need to undo
+        if not kernels:
+            muon_mod._kernel = lambda *args, **kw: None
         model = build_model(TINY, seed=0)
         run_steps(model, 3)
         logits_LH = torch.tensor([[[1.0, 7.0], [3.0, 2.0]], [[5.0, 1.0], [2.0, 9.0]]])[rank]
@@ -350,6 +352,17 @@ def test_two_gloo_processes_equal_one(tmp_path, monkeypatch):
     assert min(r0["matrices"], r1["matrices"]) > 0.4 * sum(counted)
     torch.testing.assert_close(r0["logits"], torch.tensor([[5.0, 7.0], [3.0, 9.0]]))
     torch.testing.assert_close(r1["logits"], r0["logits"])
+
+
+@needs_kernels
+def test_two_gloo_processes_step_alike_with_and_without_kernels(tmp_path):
+    """Each rank applies the all-gathered bf16 updates (and normalises its share) through openk2's kernels
+    as through torch's ops: the same weights, bit for bit."""
+    for kernels in (True, False):
+        (tmp_path / str(kernels)).mkdir()
+        mp.spawn(_worker, args=(str(tmp_path / str(kernels)), kernels), nprocs=2)
+    on, off = (torch.load(tmp_path / str(k) / "rank1.pt")["state"] for k in (True, False))
+    assert all(torch.equal(on[name], off[name]) for name in on)
 
 
 def _clip_logits(cfg) -> torch.Tensor:
