@@ -149,13 +149,8 @@ def _twin_steps(monkeypatch, a, b, opts, steps: int, name: str, replacement):
         yield
 
 
-needs_kernels = pytest.mark.skipif(muon_mod.kernels.cpu_op("muon_apply") is None,
-                                   reason="openk2's CPU kernels are not built here")
-
-
-@needs_kernels
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_kernel_step_equals_the_torch_ops_bit_for_bit(monkeypatch, nesterov):
+def test_kernel_step_equals_the_torch_ops_bit_for_bit(monkeypatch, nesterov, cpu_kernels):
     """Muon's elementwise passes through openk2's kernels (momentum, the normalised bf16 copy, the update
     from bf16) give the torch ops' numbers exactly: weights and momentum, over steps, for a stack, a
     batch of wide and of tall matrices, and sizes that are no multiple of a vector."""
@@ -193,8 +188,7 @@ def test_a_step_marks_the_weights_changed_for_autograd():
         loss.backward()
 
 
-@needs_kernels
-def test_kernels_round_to_bf16_as_torch_does():
+def test_kernels_round_to_bf16_as_torch_does(cpu_kernels):
     """The normalised copy rounds to nearest even, keeps inf and writes NaN as torch does; the update
     takes fp32 addends too; a wrong dtype or size is an error, not a misread buffer."""
     op = torch.ops.openk2
@@ -354,8 +348,7 @@ def test_two_gloo_processes_equal_one(tmp_path, monkeypatch):
     torch.testing.assert_close(r1["logits"], r0["logits"])
 
 
-@needs_kernels
-def test_two_gloo_processes_step_alike_with_and_without_kernels(tmp_path):
+def test_two_gloo_processes_step_alike_with_and_without_kernels(tmp_path, cpu_kernels):
     """Each rank applies the all-gathered bf16 updates (and normalises its share) through openk2's kernels
     as through torch's ops: the same weights, bit for bit."""
     for kernels in (True, False):
