@@ -29,7 +29,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "agent/schema.py": 100,
     "agent/compact.py": 120, "agent/files.py": 150, "agent/sandbox.py": 175, "agent/jail.py": 150,
     "agent/subagents.py": 60, "agent/search.py": 60, "agent/mcp.py": 150, "agent/builtin.py": 40, "agent/cli.py": 155,
-    "envs/__init__.py": 60, "envs/expr.py": 80, "envs/spec.py": 165, "envs/world.py": 230, "envs/tasks.py": 255,
+    "envs/__init__.py": 60, "envs/expr.py": 80, "envs/spec.py": 165, "envs/world.py": 235, "envs/tasks.py": 255,
     "envs/rubric.py": 160, "envs/oracle.py": 160, "envs/splits.py": 100, "envs/judge.py": 150, "envs/synth.py": 295,
     "envs/evaluate.py": 290, "envs/teacher.py": 150, "envs/play.py": 60, "envs/simulated.py": 275,
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,

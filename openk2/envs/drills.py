@@ -20,6 +20,7 @@ import string
 
 from openk2.envs.tasks import SUM_ASK, SYSTEM
 from openk2.envs.teacher import ANSWERS, THOUGHTS, say_calls, worked_sum
+from openk2.envs.world import partial_page
 
 KEYS = ("id", "number", "code", "amount", "total", "date", "name", "owner", "title", "city", "count", "price",
         "reference", "account", "order", "item", "label", "quantity", "start", "user", "path", "unit", "value")
@@ -217,9 +218,8 @@ def list_drill(rng: random.Random) -> dict:
                 "function": {"name": name, "arguments": json.dumps(args)}}
         thought = rng.choice(THOUGHTS["page" if offset else "first"])
         page = items[offset:offset + size]
-        result = ({"items": page, "next_offset": offset + size,
-                   "note": f"partial results: call {name} again with offset={offset + size} for the rest"}
-                  if offset + size < len(items) else {"items": page, "count": len(page)})
+        result = (partial_page(name, page, offset + size) if offset + size < len(items)
+                  else {"items": page, "count": len(page)})
         messages += [{"role": "assistant", "content": " ".join(filter(None, (thought, say_calls([call])))),
                       "tool_calls": [call]},
                      {"role": "tool", "tool_call_id": call["id"], "name": name, "content": json.dumps(result)}]

@@ -84,6 +84,13 @@ def admit(tool: Tool, failures, counts: dict, rng: random.Random, args: dict) ->
     return inject(failures, tool.name, args, n, rng)
 
 
+def partial_page(name: str, items: list, next_offset: int) -> dict:
+    """A list tool's page when more items follow: the page, where the rest starts, and a note saying how
+    to get it (worlds with a `partial` failure rule; the list drills)."""
+    return {"items": items, "next_offset": next_offset,
+            "note": f"partial results: call {name} again with offset={next_offset} for the rest"}
+
+
 class World:
     def __init__(self, domain: str | dict, seed: int = 0, failures: list[dict] = ()):
         self.spec = load(domain) if isinstance(domain, str) else domain
@@ -126,9 +133,7 @@ class World:
         limit = admit(self.tool(name), self.failures, self.counts, self.rng, args)
         result = getattr(self, "_" + op["kind"])(op, name, args)
         if limit is not None and op["kind"] == "list" and len(result["items"]) > limit:
-            offset = args.get("offset", 0) + limit
-            result = {"items": result["items"][:limit], "next_offset": offset,
-                      "note": f"partial results: call {name} again with offset={offset} for the rest"}
+            result = partial_page(name, result["items"][:limit], args.get("offset", 0) + limit)
         return result
 
     # ---------------------------------------------------------------- the operation kinds
