@@ -83,21 +83,6 @@ def test_say_calls_puts_each_value_in_words_as_the_arguments_hold_it():
         'Calling f with ok true, tags ["a", "b"], n 3.'
 
 
-def test_a_chain_says_what_its_first_call_found_before_the_second_call():
-    chains = [t for t in TASKS if t.kind == "chain"]
-    assert len(chains) >= 4
-    for task, r in zip(chains, synthesize(chains, seed=0), strict=True):
-        first, second = [m for m in r["messages"] if m.get("tool_calls")][:2]
-        found, result = task.plan[1]["found"], r["messages"][r["messages"].index(first) + 1]["content"]
-        value = json.loads(second["tool_calls"][0]["function"]["arguments"])[found["param"]]
-        # the record in the request's words (which name it only by reference) and the value the result holds
-        assert task.turns[0].count(found["words"]) == 1 and f'"{value}"' in result
-        said = f"{found['words'][0].upper()}{found['words'][1:]} is {value}."
-        assert second["content"] == f"{said} {say_calls(second['tool_calls'])}", task.id
-        assert not first["content"].startswith(said[:12])  # the first call has the usual thought
-    assert {t.plan[1]["found"]["words"].split()[1] for t in chains} >= {"account", "event", "file", "product"}
-
-
 def corrupt(task, how):
     """A ScriptedClient teacher that goes wrong in one way."""
     teacher, ops = Teacher(task), list(World(task.domain).spec["operations"])

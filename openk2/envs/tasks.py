@@ -145,9 +145,7 @@ def chain(spec, state, rng):
         first = step(spec, a, {spec["entities"][a_entity]["key"]: x}, report=[])
         words = f"the {entity} of {spec['entities'][a_entity]['mention'].format(x)}"
     text = say(spec, b, template, args, {p: words})
-    second = step(spec, b, {**args, p: {"$from": [0, path]}}, group=1)
-    second["found"] = {"param": p, "words": words}  # for the teacher to say what the first call found
-    return [text], [first, second], [], []
+    return [text], [first, step(spec, b, {**args, p: {"$from": [0, path]}}, group=1)], [], []
 
 
 def multi_turn(spec, state, rng):

@@ -5,9 +5,6 @@ before a round of calls (by what came before it: the first round, a retry, a nex
 and the lead of each answer, seeded by (seed, task, position), so data is the same for the same seed.
 Each calling turn then says its calls' values in words ("Calling get_account with account_id ACC-5062."):
 a small model learns to copy a value into prose, then into the arguments, in half the SFT steps (README).
-A chain's second call first says what the first one found, in the request's words ("The product of
-order ORD-7583 is SKU-20390."): tried for the unseen tool chains (README,
-fourteenth measurement).
 A sum asked without tools is worked column by column (`worked_sum`): one digit is one token here, and
 a small model that cannot recall 38 + 27 can follow one-digit steps (README, ninth measurement).
 
@@ -24,7 +21,7 @@ import json
 import random
 import re
 
-from openk2.envs.oracle import LEADS, Oracle, fmt
+from openk2.envs.oracle import LEADS, Oracle
 
 SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
@@ -137,21 +134,8 @@ class Teacher(Oracle):
             call["id"] = f"functions.{call['function']['name']}:{call['id'].rsplit(':', 1)[1]}"
             self.slipped_call = call["id"] if self.slipped else None
         thought = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind])
-        if kind == "next" and (found := self._found(calls)):
-            thought = found
         out["content"] = " ".join(filter(None, (thought, say_calls(calls))))
         return out
-
-    def _found(self, calls: list[dict]) -> str | None:
-        """A chain's second call, in words first: the record the first result named, in the words the
-        request used for it ("The product of order ORD-7583 is SKU-20390."). The next call then reads
-        as if the request had named the record (README, fourteenth measurement)."""
-        function = calls[0]["function"]
-        found = next((s["found"] for s in self.task.plan if s.get("found") and s["tool"] == function["name"]), None)
-        value = json.loads(function["arguments"] or "{}").get(found["param"]) if found else None
-        if value is None:  # another tool (a slip): the usual thought
-            return None
-        return f"{found['words'][:1].upper()}{found['words'][1:]} is {fmt(value)}."
 
     def _wrong_call(self, function: dict, rng: random.Random) -> None:
         """The slip in a call, in place: another tool of the task's toolset, or one argument a near miss."""
