@@ -183,6 +183,25 @@ def test_group_limited_routing_keeps_topk_groups():
         assert set((idx[n] // 4).tolist()) <= set(best_groups[n].tolist())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, padded, block", [(5, 5, 4), (13, 14, 4), (9, 12, 256), (8, 8, 4), (1, 2, 4)])
+def test_causal_max_is_the_max_over_the_causal_triangle(n, padded, block, dtype):
+    """QK-Clip's max logit of a run, scored in blocks of query rows (no score above the diagonal blocks
+    formed): the masked max of the full product, with the rows padded past n left out even
+    where every real score is negative (a padded zero row would otherwise win)."""
+    from openk2.model.attention import causal_max
+    g = torch.Generator().manual_seed(n + block)
+    q, k = (torch.randn(3, padded, 6, generator=g) for _ in range(2))
+    q[1], k[1] = q[1].abs(), -k[1].abs()  # head 1: every real score negative
+    q, k = q.to(dtype), k.to(dtype)
+    q[:, n:], k[:, n:] = 0, 0
+    full = (q @ k.transpose(-1, -2))[:, :n, :n]
+    expect = full.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf")).amax(dim=(1, 2))
+    assert (expect[1] < 0).item()
+    # the same up to the product's rounding (a block's product may sum in another order)
+    torch.testing.assert_close(causal_max(q, k, n, block), expect, rtol=1e-6 if dtype == torch.float32 else 0, atol=0)
+
+
 def test_max_logits_recorded_per_head(tiny):
     ids = torch.randint(0, TINY.vocab_size, (2, 20))
     attn = tiny.layers[0].self_attn

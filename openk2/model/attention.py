@@ -49,6 +49,23 @@ def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:
     return torch.arange(T, device=device)[None, :] <= q_pos[:, None]
 
 
+def causal_max(q_XNA: torch.Tensor, k_XNA: torch.Tensor, n: int, block: int = 256) -> torch.Tensor:
+    """Per-x max of q·kᵀ over the causal triangle of the first n positions (key ≤ query), in the
+    product's dtype. Query rows go in blocks, each scored against the keys up to its last row: the
+    scores above the diagonal blocks are never formed (about half of them), and only a diagonal block
+    is masked. Rows past n (`pad_rows`' zeros) are scored, for a few product shapes, and left out."""
+    N, tops = q_XNA.shape[1], []
+    for i0 in range(0, n, block):
+        i1 = min(N, i0 + block)
+        s_XRK = q_XNA[:, i0:i1] @ k_XNA[:, :i1].transpose(-1, -2)
+        rows = min(n, i1) - i0
+        if i0:
+            tops.append(s_XRK[:, :rows, :i0].amax(dim=(1, 2)))
+        diag = s_XRK[:, :rows, i0:].masked_fill(~causal_mask(rows, i1 - i0, 0, s_XRK.device), float("-inf"))
+        tops.append(diag.amax(dim=(1, 2)))
+    return torch.stack(tops).amax(0)
+
+
 @dataclass(frozen=True)
 class Packed:
     """Packed rows (SFT): causal sequences back to back, `runs` their lengths in order over the B·S
@@ -161,9 +178,8 @@ class MLA(nn.Module):
         q_R, k_R, v_R = ([pad_rows(t, dtype, dim=1) for t in ts] for ts in (q_R, k_R, v_R))
         if self.record_max_logits:
             with torch.no_grad():
-                top_RH = [self._masked_max((q @ k.transpose(-1, -2))[:, :n, :n], None, True, head_dim=0)
-                          for q, k, n in zip(q_R, k_R, runs)]
-                self.max_logits = torch.stack(top_RH).amax(0) * self.softmax_scale
+                top_RH = [causal_max(q, k, n) for q, k, n in zip(q_R, k_R, runs)]
+                self.max_logits = torch.stack(top_RH).amax(0).float() * self.softmax_scale
         out_R = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
                                                 scale=self.softmax_scale)[0, :, :n]
                  for q, k, v, n in zip(q_R, k_R, v_R, runs)]
