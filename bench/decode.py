@@ -15,10 +15,10 @@ linears" every linear but lm_head and kv_b_proj, as Q4_K_M does).
 Roofline: a batch-1 decode step must read every active weight once — the active linear weights of
 `openk2.info` at the mode's bytes per weight (int4 and int8 apply to the quantized linears only, the
 rest stays bf16) — so tokens/s ≤ measured bandwidth / active bytes. Bandwidth is measured here by
-summing a 1 GiB bf16 tensor. Aggregate: 32 requests (32-token prompts, 64 new tokens) through an
-Engine with max_batch 1, 8 or 32, prefill included, bf16 (or each of `--aggregate-formats`); each
-configuration runs once untimed first, so compilation is not counted (the batch-1 rows print their
-first run's time, compilation included).
+summing a 1 GiB tensor, fp32 and bf16, the faster (`bandwidth_gbs`). Aggregate: 32 requests (32-token
+prompts, 64 new tokens) through an Engine with max_batch 1, 8 or 32, prefill included, bf16 (or each of
+`--aggregate-formats`); each configuration runs once untimed first, so compilation is not counted (the
+batch-1 rows print their first run's time, compilation included).
 
     .venv/bin/python -m bench.decode [--preset k2-small] [--threads 2] [--quick] [--only TABLE ...]
         [--aggregate-formats bf16 int8 int4]
@@ -46,14 +46,20 @@ LLAMAS = []  # llama.cpp models, closed before exit (their finalizers fail at in
 
 
 def bandwidth_gbs() -> float:
-    x = torch.ones(2**29, dtype=torch.bfloat16)  # 1 GiB
-    x.sum()
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+    """GB/s of the fastest plain read measured here: the best of 5 sums of a 1 GiB tensor, fp32 and bf16.
+    A bf16 sum converts each element first and, on 2 cores, tops out below the memory (18 GB/s where an
+    fp32 sum read 24-30 GB/s, a Xeon with AMX, 2026-12-06): a floor's time came out too long, a roofline
+    too low, both too easy to meet. The fp32 sum reads without converting."""
+    best = 0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.ones(2**30 // dtype.itemsize, dtype=dtype)
         x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 2 / min(times) / 1e9
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x.sum()
+            best = max(best, 2**30 / (time.perf_counter() - t0) / 1e9)
+        del x
+    return best
 
 
 def active_bytes(cfg, mode: str) -> float:
