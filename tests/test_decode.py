@@ -53,6 +53,25 @@ def test_decode_step_equals_forward_and_writes_the_same_rows(tiny, lengths):
     assert not torch.equal(pool.rows[0], _pool_with_prompts(tiny, lengths)[0].rows[0])  # rows written
 
 
+@pytest.mark.parametrize("kernels", [True, False])
+def test_decode_step_past_small_batches_with_and_without_kernels(tiny, kernels, monkeypatch, request):
+    """Past small batches the step's attention goes through openk2::latent_attention where it is built,
+    else library matmuls (`MLA._decode_rows`): both equal the reference."""
+    from openk2.model import attention
+    if kernels:
+        request.getfixturevalue("cpu_kernels")
+        assert torch.float32 in attention.LATENT_KERNELS
+    else:
+        monkeypatch.setattr(attention, "LATENT_KERNELS", {})
+    pool, tables, ids, pos = _pool_with_prompts(tiny, [5, 1, 9, 14, 2])
+    slots = pool.slots(tables, 15)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        expect = tiny.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
+        got = tiny.decode(ids, pos, slots, pool.rows)
+    assert ("openk2::latent_attention" in {e.name for e in prof.events()}) == kernels
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", [
     dict(q_lora_rank=None, n_shared_experts=0),  # q_proj; routed experts only
     dict(n_group=4, topk_group=2, scoring_func="softmax", first_k_dense_replace=2)])
@@ -92,7 +111,8 @@ def test_compiled_step_equals_reference():
 
 def test_compiled_bf16_step_takes_the_grouped_kernel(cpu_kernels):
     """bf16 experts: at four rows and at one the compiled step goes through openk2::float_pairs (each
-    chosen expert read once; at one row its linears too), and matches the reference step to bf16's
+    chosen expert read once; at one row its linears too; at four, W_UK and W_UV per head too, and its
+    attention through openk2::latent_attention), and matches the reference step to bf16's
     rounding (measured: 3e-3 on logits of ~0.5)."""
     from openk2.model.transformer import cast
     model = cast(build_model(CFG, seed=4).eval(), torch.bfloat16)
@@ -104,7 +124,9 @@ def test_compiled_bf16_step_takes_the_grouped_kernel(cpu_kernels):
             expect = model.decode_reference(ids, pos, slots, [r.clone() for r in pool.rows])
             with torch.profiler.profile() as prof:
                 got = compiled(ids, pos, slots, pool.rows)
-        assert "openk2::float_pairs" in {e.name for e in prof.events()}
+        names = {e.name for e in prof.events()}
+        assert "openk2::float_pairs" in names
+        assert ("openk2::latent_attention" in names) == (len(lengths) > 2)  # past small batches
         torch.testing.assert_close(got.float(), expect.float(), atol=2e-2, rtol=0)
 
 

@@ -357,3 +357,44 @@ def test_int8_experts_take_the_kernel_for_few_rows(rows, cpu_kernels, monkeypatc
     scale = loop.float().abs().max().item()  # the loop rounds its hidden layer to bf16 once more
     torch.testing.assert_close(got.float(), loop.float(), rtol=2e-2, atol=1e-2 * scale)
 
+
+
+def _latent_reference(q, pool, slots, pos, latent, scale):
+    """The attention `openk2::latent_attention` computes, in float64: row n's queries against its cached
+    rows pool[slots[n, t]] for t <= pos[n], softmax, the probabilities times the rows' first channels."""
+    rows = pool.double()[slots]  # [N, T, L]
+    scores = torch.einsum("nhl,ntl->nht", q.double(), rows) * scale
+    visible = torch.arange(slots.shape[1]) <= pos[:, None]
+    probs = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("nht,ntc->nhc", probs, rows[..., :latent])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,width,latent", [(8, 160, 128),  # k2-small: whole vectors and blocks of heads
+                                                (5, 40, 24),  # fewer heads than a block; no whole bf16 vector
+                                                (12, 96, 72)])  # a block and a part; a tail of outputs
+def test_latent_attention_equals_the_softmax_over_visible_rows(dtype, heads, width, latent, cpu_kernels):
+    g = torch.Generator().manual_seed(heads)
+    T, Z = 70, 400  # more positions than a block of rows, and than two
+    q = (torch.randn(6, heads, width, generator=g) * 3).to(dtype)  # scores spread over ~±40
+    pool = torch.randn(Z, width, generator=g).to(dtype)
+    slots = torch.stack([torch.randperm(Z, generator=g)[:T] for _ in range(6)])
+    pos = torch.tensor([0, 1, 15, 16, 41, T - 1])  # one row visible; block edges; all
+    slots[0, 1:] = Z + 5  # past a row's position its slots are never read
+    got = torch.ops.openk2.latent_attention(q, pool, slots, pos, latent, 0.3)
+    assert got.dtype == torch.float32 and got.shape == (6, heads, latent)
+    torch.testing.assert_close(got.double(), _latent_reference(q, pool, slots.clamp(max=Z - 1), pos, latent, 0.3),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_latent_attention_rejects_bad_input(cpu_kernels):
+    q, pool = torch.randn(2, 4, 32), torch.randn(10, 32)
+    slots, pos = torch.tensor([[0, 1, 2], [3, 4, 5]]), torch.tensor([2, 1])
+    with pytest.raises(RuntimeError, match=r"slot outside \[0, 10\)"):
+        torch.ops.openk2.latent_attention(q, pool, slots.clone().fill_(10), pos, 16, 1.0)
+    with pytest.raises(RuntimeError, match="shapes do not agree"):
+        torch.ops.openk2.latent_attention(q, pool[:, :16], slots, pos, 16, 1.0)
+    with pytest.raises(RuntimeError, match="both bf16 or both fp32"):
+        torch.ops.openk2.latent_attention(q.bfloat16(), pool, slots, pos, 16, 1.0)
+    with pytest.raises(RuntimeError, match="negative position"):
+        torch.ops.openk2.latent_attention(q, pool, slots, torch.tensor([2, -1]), 16, 1.0)

@@ -57,7 +57,7 @@ class TokenLogprob:
 def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
     """Token ids [B] from last-position logits [B, V]."""
     if params.temperature == 0:
-        return logits_BV.argmax(-1)
+        return logits_BV.max(-1).indices  # argmax's ids (the first of equal maxima), ~4x faster for bf16 on CPU
     logits = logits_BV.float() / params.temperature
     if params.top_k:
         kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]

@@ -13,6 +13,8 @@
   chunks and the step's linears past small batches take them too; and `openk2::int4_bf16_pairs`
   multiplies by int4 codes dequantised to bf16, the many-rows path of int4 experts
   (`linear.ROUNDED_KERNELS`);
+- `attention_cpu.cpp`, `openk2::latent_attention`: the decode step's attention over the latent pool
+  past small batches (`openk2.model.attention.LATENT_KERNELS`), each cached row read once for all heads;
 - `optim_cpu.cpp`, `openk2::muon_momentum`, `openk2::scale_to_bf16` and `openk2::muon_apply`: Muon's
   elementwise passes fused, for the optimizer's CPU step (`openk2.optim.muon`, `cpu_op`).
 
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from openk2.model import linear
+from openk2.model import attention, linear
 
 # bf16 through AMX tiles serves up to this many rows a matrix eagerly; past it, a library matmul per
 # matrix (k2-small's 64 experts of 512×512, 2 cores: 64 rows each 2.3 vs 4.9 ms, 128 rows 5.9 vs 8.2,
@@ -43,18 +45,19 @@ AMX_ROWS = 128
 # int4 2,494 -> 3,968, with this bound rather than AMX_ROWS
 AMX_CODES_ROWS = 1024
 
-SOURCES = [Path(__file__).with_name(name) for name in ("int4_cpu.cpp", "pairs_cpu.cpp", "optim_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("int4_cpu.cpp", "pairs_cpu.cpp", "attention_cpu.cpp", "optim_cpu.cpp")]
+HEADERS = [Path(__file__).with_name("simd_cpu.h")]
 
 
 def _cpu_tag() -> str:
     """The CPU's feature flags, hashed: the build's name carries them (-march=native), so that a shared
-    extension cache never hands one CPU's build to another; the sources' hash too (a changed kernel
-    rebuilds)."""
+    extension cache never hands one CPU's build to another; the sources' and headers' hash too (a changed
+    kernel rebuilds)."""
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor() or platform.machine()
-    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:10]
+    return hashlib.sha1(flags.encode() + b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:10]
 
 
 @functools.cache
@@ -72,21 +75,16 @@ def load() -> bool:
                       "step uses its own fused loops, Muon torch's ops")
         return False
 
-    @torch.library.register_fake("openk2::int4_pairs")
-    def _(x, w, scale, idx):
+    def pairs_shape(x, w, *rest):  # every pairs kernel: [rows of x, outputs of the stack w], fp32
         return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
+    for op in ("int4_pairs", "float_pairs", "int8_pairs", "int4_bf16_pairs"):
+        torch.library.register_fake(f"openk2::{op}")(pairs_shape)
 
-    @torch.library.register_fake("openk2::float_pairs")
-    def _(x, w, idx):
-        return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
-
-    @torch.library.register_fake("openk2::int8_pairs")
-    def _(x, w, scale, idx):
-        return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
-
-    @torch.library.register_fake("openk2::int4_bf16_pairs")
-    def _(x, codes, scale, idx):
-        return x.new_empty(x.shape[0], codes.shape[1], dtype=torch.float32)
+    @torch.library.register_fake("openk2::latent_attention")
+    def _(q, pool, slots, pos, latent, scale):
+        return q.new_empty(q.shape[0], q.shape[1], latent, dtype=torch.float32)
+    for dtype in (torch.bfloat16, torch.float32):
+        attention.LATENT_KERNELS[dtype] = torch.ops.openk2.latent_attention
     linear.PAIRS_KERNELS[torch.uint8] = torch.ops.openk2.int4_pairs
     linear.PAIRS_KERNELS[torch.int8] = torch.ops.openk2.int8_pairs
     # bf16 only: fp32 experts have no vector path here, and the step's own fp32 paths measured faster

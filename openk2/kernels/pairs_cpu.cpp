@@ -18,6 +18,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "simd_cpu.h"
+
 #include <cstring>
 #include <memory>
 #include <type_traits>
@@ -71,20 +73,7 @@ inline void dots(const TW* w, int no, const TX* const* xs, int n, int64_t I, flo
 // hide the multiply-add's latency; each weight load serves NR rows and each activation load NO outputs
 // (at one activation row, 16 outputs a pass measured slower: 16 streams of weights at once).
 
-// the 16 sums of 16 vectors at once, lane j holding the sum of v[j]: pairs of vectors, then pairs of
-// pairs, interleaved and added (45 instructions where 16 separate reductions take ~130)
-inline __m512 sum16(const __m512* v) {
-  __m512 s1[8], s2[4];
-  for (int p = 0; p < 8; ++p)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    s1[p] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]), _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]));
-  for (int q = 0; q < 4; ++q) {  // per 128-bit lane: the lane's partial sums of v[4q .. 4q + 3]
-    const __m512d c = _mm512_castps_pd(s1[2 * q]), d = _mm512_castps_pd(s1[2 * q + 1]);
-    s2[q] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
-  }
-  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x88), _mm512_shuffle_f32x4(s2[0], s2[1], 0xdd));
-  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x88), _mm512_shuffle_f32x4(s2[2], s2[3], 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xdd));
-}
+using openk2_simd::sum16;
 
 // the weights' rows: NO of them, kAhead rows ahead prefetched into L2 once per cache line
 template <typename TW, int NO, int NR, typename Step>
@@ -339,14 +328,20 @@ inline void codes_to_bf16(const int8_t* codes, int64_t count, c10::BFloat16* out
 // C tiles g * NC + c (g < NG groups of rows, c < NC blocks of 16 weight rows from w) over all I, into
 // c_out [NG * NC][16 weight rows][16 rows]
 template <int NG, int NC>
-inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t* b1, int64_t I, float* c_out) {
+inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t* b1, int64_t I, float* c_out,
+                      const char* ahead, int64_t ahead_lines) {
   static_assert(NG * NC <= 4 && (NG == 1 || NC <= 2), "four C tiles; with two B tiles, two A tiles");
   _tile_zero(0);
   if (NG * NC > 1) _tile_zero(1);
   if (NG * NC > 2) _tile_zero(2);
   if (NG * NC > 3) _tile_zero(3);
   const int64_t stride = I * static_cast<int64_t>(sizeof(c10::BFloat16));
+  // the next task's weights, `ahead_lines` cache lines from `ahead`, asked into L2 a share per step: tile
+  // loads of 16 rows at a stride keep few reads in flight, and alone they read at about half the bandwidth
+  const int64_t share = (ahead_lines + I / kTileK - 1) / (I / kTileK);
   for (int64_t k = 0; k < I; k += kTileK) {
+    for (int64_t l = (k / kTileK) * share, end = std::min(ahead_lines, l + share); l < end; ++l)
+      _mm_prefetch(ahead + l * 64, _MM_HINT_T1);
     _tile_loadd(4, b0 + (k / 2) * kTile, 64);
     if (NG == 2) _tile_loadd(5, b1 + (k / 2) * kTile, 64);
     _tile_loadd(6, w + k, stride);
@@ -378,10 +373,11 @@ inline void amx_block(const c10::BFloat16* w, const uint32_t* b0, const uint32_t
 // times all of its rows. block(e, o0, rows, scratch): the bf16 rows [o0, o0 + rows) of expert e's
 // weights, read in place (bf16) or written into `scratch` (room for 64 rows, where `widens`: int8 codes
 // widened, int4 dequantised) while it stays in cache; scale: per weight row, applied as the outputs are
-// written (int8), or null
+// written (int8), or null; raw, row_bytes: the stack as stored (bf16, int8 or int4 codes), row (e, o) at
+// raw + (e * O + o) * row_bytes, whose next block each task asks into cache while it multiplies its own
 template <typename Block, typename TS = float>
 void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* scale, const ByExpert& by, float* y,
-                 int64_t O, int64_t I) {
+                 int64_t O, int64_t I, const void* raw, int64_t row_bytes) {
   const std::vector<int64_t>& starts = by.starts;
   const std::vector<int64_t>& order = by.order;
   const int64_t E = by.experts();
@@ -420,20 +416,29 @@ void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* sca
       const Task& task = tasks[t];
       const int nc = static_cast<int>(std::min<int64_t>(task.span, O - task.o0) / kTile);
       const c10::BFloat16* wb = block(task.e, task.o0, nc * kTile, scratch.data());
+      const char* ahead = nullptr;  // the next task's block, asked for during this one's first pass
+      int64_t ahead_lines = 0;
+      if (t + 1 < end) {
+        const Task& next = tasks[t + 1];
+        ahead = static_cast<const char*>(raw) + (next.e * O + next.o0) * row_bytes;
+        ahead_lines = (std::min<int64_t>(next.span, O - next.o0) * row_bytes + 63) / 64;
+      }
       for (int64_t r = starts[task.e], g = first_group[task.e]; r < starts[task.e + 1]; r += 2 * kTile, g += 2) {
         const int64_t rows = std::min<int64_t>(2 * kTile, starts[task.e + 1] - r);
         const uint32_t* b0 = pairs.get() + g * tile_words;
         const uint32_t* b1 = b0 + tile_words;
         if (rows > kTile) {
-          if (nc == 2) amx_block<2, 2>(wb, b0, b1, I, c); else amx_block<2, 1>(wb, b0, b1, I, c);
+          if (nc == 2) amx_block<2, 2>(wb, b0, b1, I, c, ahead, ahead_lines);
+          else amx_block<2, 1>(wb, b0, b1, I, c, ahead, ahead_lines);
         } else {
           switch (nc) {
-            case 4: amx_block<1, 4>(wb, b0, b1, I, c); break;
-            case 3: amx_block<1, 3>(wb, b0, b1, I, c); break;
-            case 2: amx_block<1, 2>(wb, b0, b1, I, c); break;
-            default: amx_block<1, 1>(wb, b0, b1, I, c);
+            case 4: amx_block<1, 4>(wb, b0, b1, I, c, ahead, ahead_lines); break;
+            case 3: amx_block<1, 3>(wb, b0, b1, I, c, ahead, ahead_lines); break;
+            case 2: amx_block<1, 2>(wb, b0, b1, I, c, ahead, ahead_lines); break;
+            default: amx_block<1, 1>(wb, b0, b1, I, c, ahead, ahead_lines);
           }
         }
+        ahead_lines = 0;
         for (int h = 0; h * kTile < rows; ++h) {  // each group's tiles, h * NC + j
           const int n = static_cast<int>(std::min<int64_t>(kTile, rows - h * kTile));
           float* y_rows[kTile];
@@ -505,7 +510,7 @@ at::Tensor float_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   if (w.scalar_type() == at::kBFloat16 && amx_serves(M, by.used(), O, I)) {
     const c10::BFloat16* wp = wc.data_ptr<c10::BFloat16>();
     auto in_place = [&](int64_t e, int64_t o0, int, c10::BFloat16*) { return wp + (e * O + o0) * I; };
-    grouped_amx(xc.data_ptr<c10::BFloat16>(), in_place, false, none, by, y.data_ptr<float>(), O, I);
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), in_place, false, none, by, y.data_ptr<float>(), O, I, wp, I * 2);
     return y;
   }
 #endif
@@ -541,7 +546,8 @@ at::Tensor int8_pairs(const at::Tensor& x, const at::Tensor& w, const at::Tensor
         codes_to_bf16(wp + (e * O + o0) * I, rows * I, scratch);
         return static_cast<const c10::BFloat16*>(scratch);
       };
-      grouped_amx(xc.data_ptr<c10::BFloat16>(), widened, true, sc.data_ptr<scalar_t>(), by, y.data_ptr<float>(), O, I);
+      grouped_amx(xc.data_ptr<c10::BFloat16>(), widened, true, sc.data_ptr<scalar_t>(), by, y.data_ptr<float>(), O, I,
+                  wp, I);
     });
     return y;
   }
@@ -583,7 +589,7 @@ at::Tensor int4_bf16_pairs(const at::Tensor& x, const at::Tensor& codes, const a
       return static_cast<const c10::BFloat16*>(scratch);
     };
     const float* no_scale = nullptr;
-    grouped_amx(xc.data_ptr<c10::BFloat16>(), dequantised, true, no_scale, by, y.data_ptr<float>(), O, I);
+    grouped_amx(xc.data_ptr<c10::BFloat16>(), dequantised, true, no_scale, by, y.data_ptr<float>(), O, I, cp, I / 2);
   });
   return y;
 #else

@@ -25,10 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.linear import decode_linear
+from openk2.model.linear import decode_linear, pairs_kernel
 from openk2.model.norm import RMSNorm
 from openk2.model.rows import matmul_dtype, pad_rows
 from openk2.model.rope import apply_rope
+
+
+# pool dtype -> a kernel for `MLA.decode`'s attention past small batches, registered by openk2.kernels
+# (`openk2::latent_attention`): (q [N, H, L], pool [Z, L], slots [N, T], pos [N], C, scale) -> [N, H, C] fp32
+LATENT_KERNELS: dict = {}
 
 
 @dataclass
@@ -217,8 +222,8 @@ class MLA(nn.Module):
 
         The cache is a flat pool of rows (an engine's block pool): row n's positions 0..T-1 are
         pool_ZL[slots_NT[n]], and its new row goes to position pos_N[n], written in place first. No
-        data-dependent shapes: the gather fuses into the score loop (no per-step copy of the cache)
-        and masking replaces slicing. `small`: projections as `matvec` (see `decode_linear`).
+        data-dependent shapes: masking replaces slicing, and at small batches the gather fuses into the
+        score loop (no per-step copy of the cache). `small`: projections as `matvec` (`decode_linear`).
         Shapes: x_ND [N, D], pool_ZL [Z, L], slots_NT [N, T], pos_N [N] -> [N, D].
         """
         cfg = self.cfg
@@ -234,20 +239,45 @@ class MLA(nn.Module):
         kv_NL = decode_linear(self.kv_a_proj_with_mqa, x_ND, small)
         row_NL = torch.cat([self.kv_a_layernorm(kv_NL[:, :C]), apply_rope(kv_NL[:, None, C:], cos, sin)[:, 0]], -1)
         pool_ZL.index_put_((slots_NT.gather(1, pos_N[:, None])[:, 0],), row_NL)
-        ckv_NTL = pool_ZL[slots_NT]
         w_HYC = self.kv_b_proj.weight.view(H, P + O, C)
-        # fold W_UK into the query, score latent and rotary parts at once (as `_absorbed`), mask, softmax
-        q_lat_NHC = (q_nope_NHP[..., None] * w_HYC[:, :P]).sum(-2, dtype=torch.float32).to(x_ND.dtype)
+        # fold W_UK into the query, score latent and rotary parts at once (as `_absorbed`), mask, softmax.
+        # Past small batches through openk2.kernels' kernels where registered (W_UK, W_UV per head as
+        # stacks of H matrices; the attention over the pool, `LATENT_KERNELS`), else library matmuls: the
+        # fused loops would recompute the scores in each of the softmax's passes (32 rows: ~3 of ~17 ms)
+        kernel = None if small or pool_ZL.device.type != "cpu" else LATENT_KERNELS.get(pool_ZL.dtype)
+        if small:
+            q_lat_NHC = (q_nope_NHP[..., None] * w_HYC[:, :P]).sum(-2, dtype=torch.float32).to(x_ND.dtype)
+        else:
+            q_lat_NHC = self._per_head(q_nope_NHP, w_HYC[:, :P].transpose(1, 2), x_ND.dtype)
         q_NHL = torch.cat([q_lat_NHC, q_pe_NHR], -1)
-        scores_NHT = (q_NHL[:, :, None, :] * ckv_NTL[:, None]).sum(-1, dtype=torch.float32) * self.softmax_scale
-        visible_NT = torch.arange(slots_NT.shape[1], device=x_ND.device) <= pos_N[:, None]
-        probs_NHT = scores_NHT.masked_fill(~visible_NT[:, None], float("-inf")).softmax(-1)
-        # a library matmul (fp32: no rounding of the probabilities, and MKL's small-matrix kernel is the
-        # fastest here), not multiply-and-reduce, which the compiler would fuse with the softmax and then
-        # recompute each probability (an exp) once per latent channel
-        o_lat_NHC = torch.bmm(probs_NHT, ckv_NTL[..., :C].float()).to(x_ND.dtype)
-        out_NHO = (o_lat_NHC[:, :, None, :] * w_HYC[:, P:]).sum(-1, dtype=torch.float32)
-        return decode_linear(self.o_proj, out_NHO.to(x_ND.dtype).flatten(1), small)
+        if kernel is not None:
+            o_lat_NHC = kernel(q_NHL, pool_ZL, slots_NT, pos_N, C, self.softmax_scale).to(x_ND.dtype)
+        else:
+            ckv_NTL = pool_ZL[slots_NT]
+            if small:
+                scores_NHT = (q_NHL[:, :, None, :] * ckv_NTL[:, None]).sum(-1, dtype=torch.float32) * self.softmax_scale
+            else:
+                scores_NHT = torch.bmm(q_NHL, ckv_NTL.transpose(1, 2)).float() * self.softmax_scale
+            visible_NT = torch.arange(slots_NT.shape[1], device=x_ND.device) <= pos_N[:, None]
+            probs_NHT = scores_NHT.masked_fill(~visible_NT[:, None], float("-inf")).softmax(-1)
+            # a library matmul (fp32: no rounding of the probabilities, and MKL's small-matrix kernel is the
+            # fastest here), not multiply-and-reduce, which the compiler would fuse with the softmax and then
+            # recompute each probability (an exp) once per latent channel
+            o_lat_NHC = torch.bmm(probs_NHT, ckv_NTL[..., :C].float()).to(x_ND.dtype)
+        if small:
+            out_NHO = (o_lat_NHC[:, :, None, :] * w_HYC[:, P:]).sum(-1, dtype=torch.float32).to(x_ND.dtype)
+        else:
+            out_NHO = self._per_head(o_lat_NHC, w_HYC[:, P:], x_ND.dtype)
+        return decode_linear(self.o_proj, out_NHO.flatten(1), small)
+
+    @staticmethod
+    def _per_head(x_NHI, w_HOI, dtype):
+        """y[n, h] = w[h] x[n, h]: the stack kernel registered for w (each head read once), else a bmm."""
+        (N, H, I), O = x_NHI.shape, w_HOI.shape[1]
+        if (kernel := pairs_kernel(w_HOI)) is not None:
+            heads_M = torch.arange(H, device=x_NHI.device).repeat(N)
+            return kernel(x_NHI.reshape(N * H, I), w_HOI.contiguous(), None, heads_M).view(N, H, O).to(dtype)
+        return torch.bmm(x_NHI.transpose(0, 1), w_HOI.transpose(1, 2)).transpose(0, 1).to(dtype)
 
     def _record(self, scores, mask, causal: bool, head_dim: int, scale: float = 1.0):
         """Keep the per-head max of the unmasked logits (scores · scale, fp32) in `max_logits`. The max
