@@ -386,3 +386,37 @@ def test_seq_aux_loss_by_hand_and_its_gradient(tiny):
     assert 0 < aux.item() < 2 * (TINY.num_hidden_layers - 1) * TINY.n_routed_experts
     assert tiny.layers[1].mlp.gate.weight.grad.abs().sum() > 0
     tiny.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_a_chunk_after_its_prefix_equals_the_masked_attention(dtype, tol):
+    """`after_prefix` (two fused attentions merged by log-sum-exp) against one masked attention in float64."""
+    import torch.nn.functional as F
+
+    from openk2.model.attention import causal_mask
+    from openk2.model.flash import after_prefix
+    g = torch.Generator().manual_seed(3)
+    for S, T in ((2, 3), (7, 19), (64, 200)):
+        q, k, v = (torch.randn(2, 3, n, 16, generator=g).to(dtype) for n in (S, T, T))
+        expect = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                attn_mask=causal_mask(S, T, T - S, "cpu"), scale=0.3)
+        got = after_prefix(q, k, v, 0.3)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), expect, atol=tol, rtol=tol)
+
+
+def test_chunked_prefill_takes_the_split_attention_and_equals_one_pass():
+    """A prompt prefilled in chunks (the Engine's way) gives the logits of one pass, its later chunks
+    through `after_prefix`."""
+    from unittest import mock
+
+    from openk2.model import flash
+    model = build_model(PRESETS["k2-tiny"], seed=2).eval()
+    ids = torch.randint(0, 500, (1, 23), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = model(ids, 0, model.new_cache(1, 23))
+        cache = model.new_cache(1, 23)
+        with mock.patch("openk2.model.attention.after_prefix", wraps=flash.after_prefix) as split:
+            parts = [model(ids[:, s:s + 8], s, cache) for s in (0, 8, 16)]
+    assert split.call_count == 2 * PRESETS["k2-tiny"].num_hidden_layers  # the second and third chunks
+    torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-5, rtol=1e-5)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
+from openk2.model.flash import after_prefix
 from openk2.model.linear import decode_linear, pairs_kernel
 from openk2.model.norm import RMSNorm
 from openk2.model.rows import matmul_dtype, pad_rows
@@ -165,6 +166,9 @@ class MLA(nn.Module):
                 self._record(scores_BHST, mask, causal, head_dim=1, scale=self.softmax_scale)
         # v padded to the qk head dim: CPU's fused (flash) kernel needs equal dims, ~10x the math path
         v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
+        if mask is not None and mask.dim() == 2 and mask.shape[1] > mask.shape[0] > 1 and \
+                q_BHSA.device.type == "cpu" and not torch.is_grad_enabled():  # a chunk after its prefix
+            return after_prefix(q_BHSA, k_BHTA, v_pad, self.softmax_scale)[..., :O].transpose(1, 2)
         out_BHSO = F.scaled_dot_product_attention(
             q_BHSA, k_BHTA, v_pad, attn_mask=mask,
             is_causal=causal and mask_ST is None,
