@@ -28,7 +28,7 @@
 
 namespace {
 
-constexpr int kLanes = 16;  // partial sums a dot product keeps (the compiler makes them one vector)
+constexpr int kLanes = 16;  // partial maxima and sums the softmax keeps (the compiler makes them one vector)
 
 inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float widen(float v) { return v; }
@@ -200,7 +200,7 @@ void attend(const T* q, const T* pool, const int64_t* slots, const int64_t* pos,
         for (int j = 0; j < kLanes; ++j) sum += sums[j];
         for (; t < visible; ++t) sum += s[t];
         const float inv = 1.f / sum;
-        for (int64_t t = 0; t < visible; ++t) s[t] *= inv;
+        for (t = 0; t < visible; ++t) s[t] *= inv;
       }
       float* o = out + n * H * C;
       std::fill(o, o + H * C, 0.f);
