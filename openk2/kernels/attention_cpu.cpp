@@ -30,8 +30,7 @@ namespace {
 
 constexpr int kLanes = 16;  // partial maxima and sums the softmax keeps (the compiler makes them one vector)
 
-inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float widen(float v) { return v; }
+using openk2_simd::widen;
 
 // e^x for x <= 0 (the softmax's scores less their max), to 1e-7 relative: e^x = 2^n · e^g, n the nearest
 // integer to x·log2(e) (rounded by adding 1.5·2^23, which leaves it in the sum's low bits), g = x − n·ln 2

@@ -41,8 +41,7 @@ constexpr int kRows = 4;        // activation rows per pass over the weights
 constexpr int kOuts = 4;        // output rows per pass over the activations
 constexpr int kAhead = 64;      // weight rows prefetched (into L2) ahead of the ones being read
 
-inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float widen(float v) { return v; }
+using openk2_simd::widen;
 inline float widen(int8_t v) { return static_cast<float>(v); }
 
 // dot products of `no` consecutive weight rows (w, stride I) with `n` activation rows (no · n ≤ 16), 16

@@ -1,5 +1,15 @@
-// Vector helpers the CPU kernels share (included by pairs_cpu.cpp and attention_cpu.cpp).
+// Helpers the CPU kernels share (included by pairs_cpu.cpp and attention_cpu.cpp).
 #pragma once
+
+#include <c10/util/BFloat16.h>
+
+namespace openk2_simd {
+
+// an element as fp32 (the kernels' loops are templates over the stored type)
+inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float widen(float v) { return v; }
+
+}  // namespace openk2_simd
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
