@@ -238,7 +238,7 @@ class Engine:
         raw_NV, logits_NV = logits_NV, self._mask(rows, logits_NV)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
         greedy_GV = logits_NV if len(greedy) == len(rows) else logits_NV[greedy]  # (indexing copies)
-        toks = dict(zip(greedy, greedy_GV.max(-1).indices.tolist())) if greedy else {}  # argmax, 4x faster
+        toks = dict(zip(greedy, sample(greedy_GV, rows[greedy[0]].params).tolist())) if greedy else {}  # argmax
         events = []
         for i, req in enumerate(rows):
             tok = toks[i] if i in toks else int(sample(logits_NV[i:i + 1], req.params, req.generator)[0])
