@@ -398,3 +398,111 @@ def test_latent_attention_rejects_bad_input(cpu_kernels):
         torch.ops.openk2.latent_attention(q.bfloat16(), pool, slots, pos, 16, 1.0)
     with pytest.raises(RuntimeError, match="negative position"):
         torch.ops.openk2.latent_attention(q, pool, slots, torch.tensor([2, -1]), 16, 1.0)
+
+
+def _runs_reference(q, k, v, runs, scale):
+    """Causal attention run by run in float64: (out, lse, each head's max scaled score)."""
+    outs, lses, tops, s0 = [], [], [], 0
+    for n in runs:
+        s = q[:, s0:s0 + n].double() @ k[:, s0:s0 + n].double().transpose(-1, -2) * scale
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        outs.append(s.softmax(-1) @ v[:, s0:s0 + n].double())
+        lses.append(s.logsumexp(-1))
+        if n:
+            tops.append(s.amax((1, 2)))
+        s0 += n
+    return torch.cat(outs, 1), torch.cat(lses, 1), torch.stack(tops).amax(0)
+
+
+def _sdpa_runs(q, k, v, runs, scale):
+    """torch's fused attention run by run, in the inputs' dtype (v padded to q's head dim, as it needs)."""
+    A, O, s0, outs = q.shape[-1], v.shape[-1], 0, []
+    for n in runs:
+        vp = torch.nn.functional.pad(v[:, s0:s0 + n], (0, A - O))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            q[None, :, s0:s0 + n], k[None, :, s0:s0 + n], vp[None], is_causal=True, scale=scale)[0, ..., :O])
+        s0 += n
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("tiles", [False, True])
+@pytest.mark.parametrize("heads,A,O,runs", [(4, 48, 32, (37, 100, 1, 64, 200)),  # k2-mini's dims; ragged runs
+                                            (2, 96, 64, (256,)),  # k2-small's; whole blocks
+                                            (3, 20, 10, (5, 33, 0, 70))])  # no whole 32 of either dim; an empty run
+def test_runs_attention_equals_attention_run_by_run(heads, A, O, runs, tiles, cpu_kernels):
+    """`openk2::runs_attention` and its backward against float64 attention run by run: outputs and the
+    three gradients as close as torch's own fused bf16 attention comes to the same reference, the
+    log-sum-exps and the max logits to fp32's rounding (bf16 products are exact, sums in fp32)."""
+    if tiles and not torch.ops.openk2.set_amx(True):
+        pytest.skip("no AMX on this CPU (or Linux refused its tiles)")
+    from openk2 import kernels
+    torch.ops.openk2.set_amx(tiles)
+    try:
+        g = torch.Generator().manual_seed(heads)
+        N = sum(runs)
+        q, k = ((torch.randn(heads, N, A, generator=g) * 2).bfloat16() for _ in range(2))  # scores spread ~±10
+        v, dout = (torch.randn(heads, N, O, generator=g).bfloat16() for _ in range(2))
+        starts = torch.tensor([0, *runs]).cumsum(0)
+        out, lse, top = torch.ops.openk2.runs_attention(q, k, v, starts, 0.3)
+        dq, dk, dv = torch.ops.openk2.runs_attention_backward(dout, q, k, v, out, lse, starts, 0.3)
+    finally:
+        torch.ops.openk2.set_amx(kernels.amx_wanted())
+    ref_q, ref_k, ref_v = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse, ref_top = _runs_reference(ref_q, ref_k, ref_v, runs, 0.3)
+    ref_grads = torch.autograd.grad(ref_out, (ref_q, ref_k, ref_v), dout.double())
+    theirs_q, theirs_k, theirs_v = (t.clone().requires_grad_() for t in (q, k, v))
+    theirs = _sdpa_runs(theirs_q, theirs_k, theirs_v, runs, 0.3)
+    their_grads = torch.autograd.grad(theirs, (theirs_q, theirs_k, theirs_v), dout)
+    assert out.dtype == dq.dtype == torch.bfloat16 and out.shape == (heads, N, O) and dv.shape == v.shape
+    for ours, ref, their in zip((out, dq, dk, dv), (ref_out.detach(), *ref_grads), (theirs, *their_grads)):
+        err, their_err = ((t.double() - ref).abs().max().item() for t in (ours, their))
+        assert err <= 1.5 * their_err + 1e-3, (err, their_err)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(top.double(), ref_top.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_runs_attention_rejects_bad_input(cpu_kernels):
+    q, v, starts = torch.randn(2, 10, 16).bfloat16(), torch.randn(2, 10, 8).bfloat16(), torch.tensor([0, 4, 10])
+    op = torch.ops.openk2.runs_attention
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        op(q.float(), q.float(), v.float(), starts, 1.0)
+    with pytest.raises(RuntimeError, match="from 0 to N"):
+        op(q, q, v, torch.tensor([0, 4, 9]), 1.0)
+    with pytest.raises(RuntimeError, match="ascend"):
+        op(q, q, v, torch.tensor([0, 6, 4, 10]), 1.0)
+    with pytest.raises(RuntimeError, match=r"v \[H, N, O\]"):
+        op(q, q, v[:, :9].contiguous(), starts, 1.0)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["sft-packed-rows", "pretraining-rows"])
+def test_training_attention_takes_the_kernel_and_equals_torchs(packed, amx, monkeypatch):
+    """A training step's forward and backward (fp32 weights, bf16 autocast) with the attention in
+    `openk2::runs_attention` (called once a layer) against the same step with torch's fused attention run
+    by run, both measured from the step in fp32: the loss, every gradient and QK-Clip's max logits as
+    close to it as torch's bf16 step comes (bf16 moves some gradients by ~30 % here, routing among them)."""
+    from openk2.config import PRESETS
+    from openk2.model import build_model, flash, lm_loss
+    assert flash.RUNS_KERNEL is not None  # registered where the tiles are
+    model = build_model(PRESETS["k2-tiny"], seed=0)
+    model.record_max_logits(True)
+    x = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(0))
+    seg = torch.tensor([[0] * 30 + [1] * 45 + [2] * 15, [0] * 70 + [1] * 20]) if packed else None
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(bf16=True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = lm_loss(model(x, segment_ids=seg)[:, :-1], x[:, 1:])
+        return loss.item(), torch.autograd.grad(loss, params, allow_unused=True), model.max_logits()
+
+    calls, kernel = [], flash.RUNS_KERNEL
+    monkeypatch.setattr(flash, "RUNS_KERNEL", (lambda *a: calls.append(1) or kernel[0](*a), kernel[1]))
+    ours = step()
+    assert len(calls) == PRESETS["k2-tiny"].num_hidden_layers
+    monkeypatch.setattr(flash, "RUNS_KERNEL", None)
+    theirs, fp32 = step(), step(bf16=False)
+    assert abs(ours[0] - fp32[0]) <= 1.25 * abs(theirs[0] - fp32[0]) + 1e-4
+    for p, our, their, ref in zip(params, ours[1], theirs[1], fp32[1]):
+        assert (our is None) == (ref is None)
+        if ref is not None:
+            assert (our - ref).norm() <= 1.25 * (their - ref).norm() + 0.01 * ref.norm() + 1e-7, p.shape
+    assert (ours[2] - fp32[2]).abs().max() <= 1.25 * (theirs[2] - fp32[2]).abs().max() + 1e-3

@@ -18,7 +18,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "engine/sampler.py": 100,
     "engine/generate.py": 100, "engine/engine.py": 330, "engine/kv_cache.py": 200, "engine/decode.py": 300,
     "tokenizer/tokenizer.py": 260, "tokenizer/toolcalls.py": 330, "data/corpus.py": 200, "data/loader.py": 200,
-    "optim/muon.py": 370, "optim/groups.py": 60, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 345,
+    "optim/muon.py": 370, "optim/groups.py": 60, "optim/qk_clip.py": 120, "optim/schedule.py": 80, "train/loop.py": 350,
     "quant/__init__.py": 200, "quant/int8.py": 200, "quant/int4.py": 100, "quant/int4_decode.py": 200,
     "quant/fp8.py": 200,
     "server/protocol.py": 250, "server/app.py": 300,
@@ -35,7 +35,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
     "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
     "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200, "offload/store.py": 180, "offload/cache.py": 245,
-    "offload/experts.py": 150, "parallel/ep.py": 210, "kernels/__init__.py": 135,
+    "offload/experts.py": 150, "parallel/ep.py": 210, "kernels/__init__.py": 140,
     "checkpoint/sharded.py": 130, "parallel/training.py": 150,
 }
 # package -> openk2 packages it must not import

@@ -189,7 +189,7 @@ def test_causal_max_is_the_max_over_the_causal_triangle(n, padded, block, dtype)
     """QK-Clip's max logit of a run, scored in blocks of query rows (no score above the diagonal blocks
     formed): the masked max of the full product, with the rows padded past n left out even
     where every real score is negative (a padded zero row would otherwise win)."""
-    from openk2.model.attention import causal_max
+    from openk2.model.flash import causal_max
     g = torch.Generator().manual_seed(n + block)
     q, k = (torch.randn(3, padded, 6, generator=g) for _ in range(2))
     q[1], k[1] = q[1].abs(), -k[1].abs()  # head 1: every real score negative
@@ -416,7 +416,7 @@ def test_chunked_prefill_takes_the_split_attention_and_equals_one_pass():
     with torch.inference_mode():
         whole = model(ids, 0, model.new_cache(1, 23))
         cache = model.new_cache(1, 23)
-        with mock.patch("openk2.model.attention.after_prefix", wraps=flash.after_prefix) as split:
+        with mock.patch.object(flash, "after_prefix", wraps=flash.after_prefix) as split:
             parts = [model(ids[:, s:s + 8], s, cache) for s in (0, 8, 16)]
     assert split.call_count == 2 * PRESETS["k2-tiny"].num_hidden_layers  # the second and third chunks
     torch.testing.assert_close(torch.cat(parts, 1), whole, atol=1e-5, rtol=1e-5)

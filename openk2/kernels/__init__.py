@@ -15,6 +15,8 @@
   (`linear.ROUNDED_KERNELS`);
 - `attention_cpu.cpp`, `openk2::latent_attention`: the decode step's attention over the latent pool
   past small batches (`openk2.model.attention.LATENT_KERNELS`), each cached row read once for all heads;
+- `flash_cpu.cpp`, `openk2::runs_attention` (and its backward): training's causal attention over
+  packed runs in AMX tiles, with QK-Clip's max logit (`openk2.model.flash.RUNS_KERNEL`, AMX only);
 - `optim_cpu.cpp`, `openk2::muon_momentum`, `openk2::scale_to_bf16` and `openk2::muon_apply`: Muon's
   elementwise passes fused, for the optimizer's CPU step (`openk2.optim.muon`, `cpu_op`).
 
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from openk2.model import attention, linear
+from openk2.model import attention, flash, linear
 
 # bf16 through AMX tiles serves up to this many rows a matrix eagerly; past it, a library matmul per
 # matrix (k2-small's 64 experts of 512×512, 2 cores: 64 rows each 2.3 vs 4.9 ms, 128 rows 5.9 vs 8.2,
@@ -45,7 +47,8 @@ AMX_ROWS = 128
 # int4 2,494 -> 3,968, with this bound rather than AMX_ROWS
 AMX_CODES_ROWS = 1024
 
-SOURCES = [Path(__file__).with_name(n) for n in ("int4_cpu.cpp", "pairs_cpu.cpp", "attention_cpu.cpp", "optim_cpu.cpp")]
+SOURCES = [Path(__file__).with_name(n)
+           for n in ("int4_cpu.cpp", "pairs_cpu.cpp", "attention_cpu.cpp", "optim_cpu.cpp", "flash_cpu.cpp")]
 HEADERS = [Path(__file__).with_name("simd_cpu.h")]
 
 
@@ -95,6 +98,7 @@ def load() -> bool:
         # path, as many rows as it is given (fp32 models are rarely quantized)
         linear.PAIRS_ROWS[torch.bfloat16], linear.PAIRS_ROWS[torch.int8] = _amx_rows, _amx_codes_rows
         linear.ROUNDED_KERNELS[torch.uint8] = (torch.ops.openk2.int4_bf16_pairs, _rounded_rows)
+        flash.RUNS_KERNEL = (torch.ops.openk2.runs_attention, torch.ops.openk2.runs_attention_backward)
     return True
 
 

@@ -32,33 +32,7 @@ constexpr int kLanes = 16;  // partial maxima and sums the softmax keeps (the co
 
 using openk2_simd::widen;
 
-// e^x for x <= 0 (the softmax's scores less their max), to 1e-7 relative: e^x = 2^n · e^g, n the nearest
-// integer to x·log2(e) (rounded by adding 1.5·2^23, which leaves it in the sum's low bits), g = x − n·ln 2
-// (ln 2 in two parts, so g keeps its low bits), |g| ≤ 0.35, e^g by its Taylor series to g⁷ (< 1e-8);
-// below −87, e^−87 (~1e-38: the softmax's rounding of 0). Plain arithmetic and no float-to-int conversion
-// (which may trap, so the compiler would not vectorise it), so that the loop around it is vectorised:
-// std::exp stays one call a value, 12,800 of them a k2-small layer at 32 rows.
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;
-  const float shifted = x * 1.44269504f + 12582912.f;
-  int32_t bits;
-  std::memcpy(&bits, &shifted, 4);
-  const int32_t n = bits - 0x4B400000;  // the integer in the low bits of 1.5·2^23 + n
-  const float nf = shifted - 12582912.f;
-  const float g = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  float p = 1.f / 5040;
-  p = p * g + 1.f / 720;
-  p = p * g + 1.f / 120;
-  p = p * g + 1.f / 24;
-  p = p * g + 1.f / 6;
-  p = p * g + 0.5f;
-  p = p * g + 1.f;
-  p = p * g + 1.f;
-  const int32_t e = (n + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &e, 4);
-  return p * two_n;
-}
+using openk2_simd::exp_nonpositive;
 
 // the scores of kHeads heads (zero-padded queries past H) with kRows cached rows: kt holds the rows
 // transposed (kt[i * kRows + r] = row r's channel i), so each step multiplies one channel of the queries by

@@ -27,12 +27,6 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#define OPENK2_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#include <atomic>
-#endif
 
 namespace {
 
@@ -218,27 +212,9 @@ void grouped(const TX* x, const TW* w, const TS* scale, const ByExpert& by, floa
 constexpr int kTile = 16;   // activation rows per B tile, weight rows per A tile
 constexpr int kTileK = 32;  // inputs per tile multiply (64 bytes of bf16)
 
-std::atomic<bool> amx_wanted{true};  // `set_amx`: tests compare the two paths
-
-// Linux lets a process use the tile registers once it asks (once per process)
-bool amx_permitted() {
-  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return ok;
-}
-
-// every tile 16 rows × 64 bytes: 0-3 C, 4-5 B, 6-7 A; with one B tile, 5 is a third A and 6 a fourth
-inline void amx_configure() {
-  struct alignas(64) {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-  } config;
-  for (int t = 0; t < 8; ++t) {
-    config.colsb[t] = 64;
-    config.rows[t] = kTile;
-  }
-  _tile_loadconfig(&config);
-}
+using openk2_simd::amx_configure;  // tiles here: 0-3 C, 4-5 B, 6-7 A; with one B tile, 5 is a third A and 6 a fourth
+using openk2_simd::amx_permitted;
+using openk2_simd::amx_wanted;
 
 // r[i][j] -> r[j][i] for 16 × 16 32-bit words: pairs of rows interleaved, then pairs of pairs, then
 // 128-bit lanes exchanged twice

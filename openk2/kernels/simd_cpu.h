@@ -1,7 +1,18 @@
-// Helpers the CPU kernels share (included by pairs_cpu.cpp and attention_cpu.cpp).
+// Helpers the CPU kernels share (included by pairs_cpu.cpp, attention_cpu.cpp and flash_cpu.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define OPENK2_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <atomic>
+#endif
 
 namespace openk2_simd {
 
@@ -9,7 +20,63 @@ namespace openk2_simd {
 inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float widen(float v) { return v; }
 
+// e^x for x <= 0 (the softmax's scores less their max), to 1e-7 relative: e^x = 2^n · e^g, n the nearest
+// integer to x·log2(e) (rounded by adding 1.5·2^23, which leaves it in the sum's low bits), g = x − n·ln 2
+// (ln 2 in two parts, so g keeps its low bits), |g| ≤ 0.35, e^g by its Taylor series to g⁷ (< 1e-8);
+// below −87, e^−87 (~1e-38: the softmax's rounding of 0). Plain arithmetic and no float-to-int conversion
+// (which may trap, so the compiler would not vectorise it), so that the loop around it is vectorised:
+// std::exp stays one call a value, 12,800 of them a k2-small layer at 32 rows.
+inline float exp_nonpositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float shifted = x * 1.44269504f + 12582912.f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, 4);
+  const int32_t n = bits - 0x4B400000;  // the integer in the low bits of 1.5·2^23 + n
+  const float nf = shifted - 12582912.f;
+  const float g = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  float p = 1.f / 5040;
+  p = p * g + 1.f / 720;
+  p = p * g + 1.f / 120;
+  p = p * g + 1.f / 24;
+  p = p * g + 1.f / 6;
+  p = p * g + 0.5f;
+  p = p * g + 1.f;
+  p = p * g + 1.f;
+  const int32_t e = (n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &e, 4);
+  return p * two_n;
+}
+
 }  // namespace openk2_simd
+
+#if defined(OPENK2_AMX)
+namespace openk2_simd {
+
+inline std::atomic<bool> amx_wanted{true};  // `set_amx`: tests compare the two paths
+
+// Linux lets a process use the tile registers once it asks (once per process)
+inline bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+// every tile 16 rows × 64 bytes (bf16: 16 × 32; fp32 and pairs of bf16: 16 × 16), for this thread
+inline void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+}  // namespace openk2_simd
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

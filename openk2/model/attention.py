@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.flash import after_prefix
+from openk2.model import flash
 from openk2.model.linear import decode_linear, pairs_kernel
 from openk2.model.norm import RMSNorm
-from openk2.model.rows import matmul_dtype, pad_rows
 from openk2.model.rope import apply_rope
 
 
@@ -53,23 +52,6 @@ def causal_mask(S: int, T: int, start_pos: int, device) -> torch.Tensor:
     """[S, T] bool, True where query s (at position start_pos + s) may see key t."""
     q_pos = torch.arange(start_pos, start_pos + S, device=device)
     return torch.arange(T, device=device)[None, :] <= q_pos[:, None]
-
-
-def causal_max(q_XNA: torch.Tensor, k_XNA: torch.Tensor, n: int, block: int = 256) -> torch.Tensor:
-    """Per-x max of q·kᵀ over the causal triangle of the first n positions (key ≤ query), in the
-    product's dtype. Query rows go in blocks, each scored against the keys up to its last row: the
-    scores above the diagonal blocks are never formed (about half of them), and only a diagonal block
-    is masked. Rows past n (`pad_rows`' zeros) are scored, for a few product shapes, and left out."""
-    N, tops = q_XNA.shape[1], []
-    for i0 in range(0, n, block):
-        i1 = min(N, i0 + block)
-        s_XRK = q_XNA[:, i0:i1] @ k_XNA[:, :i1].transpose(-1, -2)
-        rows = min(n, i1) - i0
-        if i0:
-            tops.append(s_XRK[:, :rows, :i0].amax(dim=(1, 2)))
-        diag = s_XRK[:, :rows, i0:].masked_fill(~causal_mask(rows, i1 - i0, 0, s_XRK.device), float("-inf"))
-        tops.append(diag.amax(dim=(1, 2)))
-    return torch.stack(tops).amax(0)
 
 
 @dataclass(frozen=True)
@@ -155,8 +137,11 @@ class MLA(nn.Module):
         q_BHSA = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1).transpose(1, 2)
         k_BHTA, v_BHTO = k_BTHA.transpose(1, 2), v_BTHO.transpose(1, 2)
         O, A = cfg.v_head_dim, cfg.qk_head_dim
-        if isinstance(mask_ST, Packed):
-            return self._by_runs(q_BHSA, k_BHTA, v_BHTO, mask_ST.runs)[..., :O].transpose(1, 2)
+        if isinstance(mask_ST, Packed) or (mask_ST is None and causal and flash.runs_kernel_serves(q_BHSA)):
+            runs = mask_ST.runs if mask_ST is not None else (T,) * B  # training's causal rows: a run each
+            out_BHSO, top_H = flash.by_runs(q_BHSA, k_BHTA, v_BHTO, runs, self.softmax_scale, self.record_max_logits)
+            self.max_logits = top_H if self.record_max_logits else self.max_logits
+            return out_BHSO.transpose(1, 2)
         # the mask as [S, T] or [B, 1, S, T]: CPU's fused (flash) kernel takes no other (a 3-D one falls
         # back to the math path), and both broadcast over the heads of the recorded scores alike
         mask = mask_ST if mask_ST is None or mask_ST.dim() == 2 else mask_ST[:, None]
@@ -168,31 +153,12 @@ class MLA(nn.Module):
         v_pad = F.pad(v_BHTO, (0, A - O)) if A > O else v_BHTO
         if mask is not None and mask.dim() == 2 and mask.shape[1] > mask.shape[0] > 1 and \
                 q_BHSA.device.type == "cpu" and not torch.is_grad_enabled():  # a chunk after its prefix
-            return after_prefix(q_BHSA, k_BHTA, v_pad, self.softmax_scale)[..., :O].transpose(1, 2)
+            return flash.after_prefix(q_BHSA, k_BHTA, v_pad, self.softmax_scale)[..., :O].transpose(1, 2)
         out_BHSO = F.scaled_dot_product_attention(
             q_BHSA, k_BHTA, v_pad, attn_mask=mask,
             is_causal=causal and mask_ST is None,
             scale=self.softmax_scale)[..., :O]
         return out_BHSO.transpose(1, 2)
-
-    def _by_runs(self, q_BHSA, k_BHSA, v_BHSO, runs):
-        """Packed rows, one causal attention per run: a block-diagonal mask would score every key of
-        the row and skip none (~2.5x slower fwd+bwd at four 512-token runs per 2,048-token row)."""
-        (B, H, S, A), O = q_BHSA.shape, v_BHSO.shape[-1]
-        v_BHSA = F.pad(v_BHSO, (0, A - O)) if A > O else v_BHSO
-        q_R, k_R, v_R = (t.transpose(0, 1).reshape(H, B * S, A).split(runs, dim=1) for t in (q_BHSA, k_BHSA, v_BHSA))
-        # each run padded at its end to `bucket_rows` on CPU: the kernels compile per shape (pad_rows);
-        # causal, so no real query sees a padded key, and the padded queries' outputs are dropped
-        dtype = matmul_dtype(q_BHSA)  # one decision for q, k and v (they may differ under autocast)
-        q_R, k_R, v_R = ([pad_rows(t, dtype, dim=1) for t in ts] for ts in (q_R, k_R, v_R))
-        if self.record_max_logits:
-            with torch.no_grad():
-                top_RH = [causal_max(q, k, n) for q, k, n in zip(q_R, k_R, runs)]
-                self.max_logits = torch.stack(top_RH).amax(0).float() * self.softmax_scale
-        out_R = [F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
-                                                scale=self.softmax_scale)[0, :, :n]
-                 for q, k, v, n in zip(q_R, k_R, v_R, runs)]
-        return torch.cat(out_R, dim=1).view(H, B, S, A).transpose(0, 1)
 
     def _absorbed(self, q_nope_BSHP, q_pe_BSHR, ckv_BTL, mask_ST, causal: bool):
         cfg = self.cfg

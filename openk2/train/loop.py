@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from openk2.checkpoint import latest_checkpoint, load_hf, restore, save_train_state, sharded
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
+from openk2 import kernels
 from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
@@ -243,6 +244,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     ep = ParallelTraining(model, cfg.ep, world, torch.device(device).type, cfg.fsdp) \
         if cfg.ep > 1 or cfg.fsdp else None
     opt = build_optimizer(cfg, model, ep)
+    kernels.load_for(device)  # the CPU's kernels (training's attention among them), whatever the optimizer
     if shards:
         sharded.load(ckpt, model, opt, ep.view if ep else sharded.whole)
     elif ep and ckpt:  # the checkpoint holds the whole optimizer state: this rank's slice of it
