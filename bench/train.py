@@ -23,6 +23,7 @@ import transformers
 from transformers import DeepseekV3ForCausalLM
 
 from bench.forward import machine_line
+from openk2 import kernels
 from openk2.checkpoint.hf import save_hf
 from openk2.config import PRESETS
 from openk2.info import train_flops_per_token
@@ -91,6 +92,7 @@ def build_case(name: str, cfg, folder, lr: float) -> Case:
         impl = f"attn={theirs.config._attn_implementation}, experts={theirs.config._experts_implementation}"
         return Case(name, theirs, torch.optim.AdamW(theirs.parameters(), lr=lr, weight_decay=0.1),
                     lambda x, y: lm_loss(theirs(x, use_cache=False).logits, y)), impl
+    kernels.load_for("cpu")  # as `openk2 train` does: the CPU's kernels (training's attention among them)
     ours = build_model(cfg, seed=0).train()
     muon = name == NAMES[2]
     ours.record_max_logits(muon)

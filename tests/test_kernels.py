@@ -482,7 +482,8 @@ def test_training_attention_takes_the_kernel_and_equals_torchs(packed, amx, monk
     close to it as torch's bf16 step comes (bf16 moves some gradients by ~30 % here, routing among them)."""
     from openk2.config import PRESETS
     from openk2.model import build_model, flash, lm_loss
-    assert flash.RUNS_KERNEL is not None  # registered where the tiles are
+    if flash.RUNS_KERNEL is None:  # registered where the tiles are, unless OPENK2_AMX=0
+        pytest.skip("openk2's training attention is not registered (OPENK2_AMX=0)")
     model = build_model(PRESETS["k2-tiny"], seed=0)
     model.record_max_logits(True)
     x = torch.randint(0, 256, (2, 90), generator=torch.Generator().manual_seed(0))

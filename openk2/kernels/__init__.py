@@ -1,5 +1,5 @@
 """openk2's CPU kernels: the decode step's, offered to it through `openk2.model.linear.PAIRS_KERNELS`
-(the chosen experts' matrix-vector products, by the dtype of the weights or codes), and Muon's:
+(the chosen experts' matrix-vector products, by the dtype of the weights or codes), training's and Muon's:
 
 - `int4_cpu.cpp`, `openk2::int4_pairs`: int4 experts in the decode layout (openk2/quant/int4_decode.py),
   and `openk2::quantize_halves`, weights into that layout in one pass (`cpu_op`; the int4 expert cache);
@@ -86,6 +86,13 @@ def load() -> bool:
     @torch.library.register_fake("openk2::latent_attention")
     def _(q, pool, slots, pos, latent, scale):
         return q.new_empty(q.shape[0], q.shape[1], latent, dtype=torch.float32)
+
+    @torch.library.register_fake("openk2::runs_attention")
+    def _(q, k, v, starts, scale):  # out, lse [H, N], the max logit [H]
+        lse = q.new_empty(q.shape[:2], dtype=torch.float32)
+        return torch.empty_like(v), lse, lse[:, 0].clone()
+    torch.library.register_fake("openk2::runs_attention_backward")(
+        lambda g, q, k, v, *_: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
     for dtype in (torch.bfloat16, torch.float32):
         attention.LATENT_KERNELS[dtype] = torch.ops.openk2.latent_attention
     linear.PAIRS_KERNELS[torch.uint8] = torch.ops.openk2.int4_pairs

@@ -1,6 +1,6 @@
 // Causal attention over packed runs, forward and backward, for training on the CPU
-// (`openk2.model.flash.packed_attention`; its reference is torch's scaled_dot_product_attention run by
-// run, tests/test_kernels.py).
+// (`openk2.model.flash.packed_attention`; tests/test_kernels.py checks it against float64 attention run
+// by run, as close as torch's own fused bf16 attention comes).
 //
 // runs_attention(q [H, N, A], k [H, N, A], v [H, N, O] bf16, starts [R + 1], scale)
 //   -> (out [H, N, O] bf16, lse [H, N] fp32, top [H] fp32)
@@ -13,7 +13,7 @@
 // the forward sees anyway). The backward recomputes each block's probabilities from `lse` and
 // accumulates dq, dk and dv in fp32 (every task writes only its own run's rows: no two threads share
 // one). Products take bf16 operands and sum in fp32, as torch's bf16 matmuls do: through AMX tiles
-// where the CPU has them (`set_amx`), else a plain loop (slow; what tests compare the tiles with).
+// where the CPU has them (`set_amx`), else a plain loop (slow; tests check both).
 // Operands are copied once per task into the layouts the products read: rows padded to whole blocks,
 // head dims to multiples of 32, and "pairs" (two consecutive values of a product's inner dimension in
 // one 32-bit word, the layout of an AMX B tile).
@@ -40,25 +40,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t up32(int64_t x) { return (x + kB - 1) / kB * kB; }
 
-// fp32 -> bf16 bits, round to nearest even (finite values: scores and gradients), in integer arithmetic
-// so that loops over it are vectorised
-inline uint32_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-}
-inline float lo(uint32_t w) {
-  const uint32_t u = w << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline float hi(uint32_t w) {
-  const uint32_t u = w & 0xffff0000u;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+// a pair's two bf16 values; fp32 -> bf16 bits (finite values here: scores and gradients)
+inline float lo(uint32_t w) { return openk2_simd::bf16_to_float(static_cast<uint16_t>(w)); }
+inline float hi(uint32_t w) { return openk2_simd::bf16_to_float(static_cast<uint16_t>(w >> 16)); }
+inline uint32_t bf16_bits(float x) { return openk2_simd::bf16_round(x); }
 
 bool use_tiles() {
 #if defined(OPENK2_AMX)

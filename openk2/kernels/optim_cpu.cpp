@@ -13,6 +13,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "simd_cpu.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,17 +23,10 @@ namespace {
 
 constexpr int64_t GRAIN = 1 << 15;  // elements a task: ~128 KB of fp32
 
-inline float bf16_to_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using openk2_simd::bf16_to_float;
 
 inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN as torch's vectorised cast writes it
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint16_t r = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  const uint16_t r = openk2_simd::bf16_round(f);
   return f != f ? static_cast<uint16_t>(0xffff) : r;
 }
 

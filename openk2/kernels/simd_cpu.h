@@ -20,6 +20,20 @@ namespace openk2_simd {
 inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float widen(float v) { return v; }
 
+// bf16 bits to fp32, and fp32 to bf16 bits rounded to nearest even (NaN not kept: callers that may see
+// one handle it), in integer arithmetic so that loops over them are vectorised
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t bf16_round(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 // e^x for x <= 0 (the softmax's scores less their max), to 1e-7 relative: e^x = 2^n · e^g, n the nearest
 // integer to x·log2(e) (rounded by adding 1.5·2^23, which leaves it in the sum's low bits), g = x − n·ln 2
 // (ln 2 in two parts, so g keeps its low bits), |g| ≤ 0.35, e^g by its Taylor series to g⁷ (< 1e-8);

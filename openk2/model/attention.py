@@ -2,7 +2,8 @@
 
 Two paths over the same weights, chosen by the `absorb` argument:
 - materialised: expand the latent through kv_b_proj into per-head K/V and run
-  scaled_dot_product_attention (training, prefill);
+  scaled_dot_product_attention (training, prefill; training's causal rows and packed runs on a CPU
+  with AMX tiles take openk2's kernel instead, `flash.by_runs`);
 - absorbed: keep only the normalised C-d latent and the R-d rotary key per token and fold
   kv_b_proj into the query (W_UK) and the output (W_UV) (decode; what `LatentCache` stores).
 tests/test_model.py binds the two. `MLA.decode` is the absorbed path once more, for one token per
@@ -137,7 +138,7 @@ class MLA(nn.Module):
         q_BHSA = torch.cat([q_nope_BSHP, q_pe_BSHR], dim=-1).transpose(1, 2)
         k_BHTA, v_BHTO = k_BTHA.transpose(1, 2), v_BTHO.transpose(1, 2)
         O, A = cfg.v_head_dim, cfg.qk_head_dim
-        if isinstance(mask_ST, Packed) or (mask_ST is None and causal and flash.runs_kernel_serves(q_BHSA)):
+        if isinstance(mask_ST, Packed) or (mask_ST is None and causal and flash.runs_kernel_serves(q_BHSA, B)):
             runs = mask_ST.runs if mask_ST is not None else (T,) * B  # training's causal rows: a run each
             out_BHSO, top_H = flash.by_runs(q_BHSA, k_BHTA, v_BHTO, runs, self.softmax_scale, self.record_max_logits)
             self.max_logits = top_H if self.record_max_logits else self.max_logits

@@ -1,8 +1,9 @@
 """CPU's fused (flash) attention, composed where one call would do more work than needed.
 
 `after_prefix`: a prefill chunk after its prefix (the Engine's chunked prefill, `MLA._materialised`).
-`packed_attention`: causal runs packed back to back (SFT's packed rows; each row of a pretraining
-batch is one run), forward and backward, through openk2's kernel where it is registered (`RUNS_KERNEL`).
+`by_runs`: causal runs packed back to back (SFT's packed rows; each row of a pretraining batch is one
+run), forward and backward: openk2's kernel (`packed_attention`) where it serves, else torch's fused
+attention run by run.
 
     B batch  H heads  S queries  T keys  A head dim  O value head dim  N positions
 """
@@ -20,15 +21,17 @@ RUNS_KERNEL: tuple | None = None
 class _Runs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_HNA, k_HNA, v_HNO, starts, scale):
-        out_HNO, lse_HN, top_H = RUNS_KERNEL[0](q_HNA, k_HNA, v_HNO, starts, scale)
+        forward, ctx.backward = RUNS_KERNEL  # the backward of the kernel this forward ran
+        out_HNO, lse_HN, top_H = forward(q_HNA, k_HNA, v_HNO, starts, scale)
         ctx.save_for_backward(q_HNA, k_HNA, v_HNO, out_HNO, lse_HN, starts)
         ctx.scale = scale
         ctx.mark_non_differentiable(top_H)
         return out_HNO, top_H
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout_HNO, _):
-        return *RUNS_KERNEL[1](dout_HNO, *ctx.saved_tensors, ctx.scale), None, None
+        return *ctx.backward(dout_HNO, *ctx.saved_tensors, ctx.scale), None, None
 
 
 def causal_max(q_XNA: torch.Tensor, k_XNA: torch.Tensor, n: int, block: int = 256) -> torch.Tensor:
@@ -49,11 +52,13 @@ def causal_max(q_XNA: torch.Tensor, k_XNA: torch.Tensor, n: int, block: int = 25
     return torch.stack(tops).amax(0)
 
 
-def runs_kernel_serves(q: torch.Tensor) -> bool:
-    """Whether `by_runs` takes openk2's kernel for q: registered, on the CPU, products in bf16, and a
-    backward to come (training; inference's prefill keeps torch's fused forward, which is faster alone)."""
-    return RUNS_KERNEL is not None and q.device.type == "cpu" and torch.is_grad_enabled() and \
-        matmul_dtype(q) == torch.bfloat16
+def runs_kernel_serves(q_BHSA: torch.Tensor, runs: int) -> bool:
+    """Whether `by_runs` takes openk2's kernel for q over `runs` runs: registered, on the CPU, products in
+    bf16, a backward to come (training; inference's prefill keeps torch's fused forward, which is faster
+    alone), and at least two (head, run) tasks per thread (the kernel's unit of parallel work)."""
+    return RUNS_KERNEL is not None and q_BHSA.device.type == "cpu" and torch.is_grad_enabled() and \
+        q_BHSA.requires_grad and matmul_dtype(q_BHSA) == torch.bfloat16 and \
+        q_BHSA.shape[1] * runs >= 2 * torch.get_num_threads()
 
 
 def by_runs(q_BHSA, k_BHSA, v_BHSO, runs, scale: float, record: bool):
@@ -63,7 +68,7 @@ def by_runs(q_BHSA, k_BHSA, v_BHSO, runs, scale: float, record: bool):
     (`runs_kernel_serves`: all runs in one call, the max logit from its forward), else torch's fused
     attention run by run."""
     (B, H, S, A), O = q_BHSA.shape, v_BHSO.shape[-1]
-    if runs_kernel_serves(q_BHSA):
+    if runs_kernel_serves(q_BHSA, len(runs)):
         out_HNO, top_H = packed_attention(*(t.transpose(0, 1).reshape(H, B * S, -1) for t in (q_BHSA, k_BHSA, v_BHSO)),
                                           runs, scale)
         return out_HNO.view(H, B, S, O).transpose(0, 1), top_H if record else None

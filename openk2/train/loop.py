@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from openk2 import kernels
 from openk2.checkpoint import latest_checkpoint, load_hf, restore, save_train_state, sharded
 from openk2.data import PackedLoader, load_documents, split_documents, tokenize_to_cache, val_batches
-from openk2 import kernels
 from openk2.info import breakdown, require_memory, train_flops_per_token
 from openk2.model import build_model
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
