@@ -47,7 +47,7 @@ inline uint32_t bf16_bits(float x) { return openk2_simd::bf16_round(x); }
 
 bool use_tiles() {
 #if defined(OPENK2_AMX)
-  return openk2_simd::amx_wanted.load(std::memory_order_relaxed) && openk2_simd::amx_permitted();
+  return openk2_simd::amx_on();
 #else
   return false;
 #endif

@@ -213,7 +213,6 @@ constexpr int kTile = 16;   // activation rows per B tile, weight rows per A til
 constexpr int kTileK = 32;  // inputs per tile multiply (64 bytes of bf16)
 
 using openk2_simd::amx_configure;  // tiles here: 0-3 C, 4-5 B, 6-7 A; with one B tile, 5 is a third A and 6 a fourth
-using openk2_simd::amx_permitted;
 using openk2_simd::amx_wanted;
 
 // r[i][j] -> r[j][i] for 16 × 16 32-bit words: pairs of rows interleaved, then pairs of pairs, then
@@ -433,8 +432,7 @@ void grouped_amx(const c10::BFloat16* x, Block block, bool widens, const TS* sca
 // B tiles (`kAmxRows`), AMX permitted and not turned off
 constexpr int64_t kAmxRows = 4;
 bool amx_serves(int64_t M, int64_t used, int64_t O, int64_t I) {
-  return amx_wanted.load(std::memory_order_relaxed) && O % kTile == 0 && I % kTileK == 0 &&
-         M >= kAmxRows * used && amx_permitted();
+  return O % kTile == 0 && I % kTileK == 0 && M >= kAmxRows * used && openk2_simd::amx_on();
 }
 #endif
 
@@ -578,7 +576,7 @@ at::Tensor int4_bf16_pairs(const at::Tensor& x, const at::Tensor& codes, const a
 bool set_amx(bool on) {
 #if defined(OPENK2_AMX)
   amx_wanted.store(on);
-  return on && amx_permitted();
+  return openk2_simd::amx_on();
 #else
   (void)on;
   return false;

@@ -1,4 +1,4 @@
-// Helpers the CPU kernels share (included by pairs_cpu.cpp, attention_cpu.cpp and flash_cpu.cpp).
+// Helpers the CPU kernels share (included by pairs_cpu.cpp, attention_cpu.cpp, optim_cpu.cpp and flash_cpu.cpp).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -74,6 +74,9 @@ inline bool amx_permitted() {
   static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return ok;
 }
+
+// whether bf16 goes through the tiles: wanted (`set_amx`) and permitted
+inline bool amx_on() { return amx_wanted.load(std::memory_order_relaxed) && amx_permitted(); }
 
 // every tile 16 rows × 64 bytes (bf16: 16 × 32; fp32 and pairs of bf16: 16 × 16), for this thread
 inline void amx_configure() {

@@ -141,7 +141,8 @@ class MLA(nn.Module):
         if isinstance(mask_ST, Packed) or (mask_ST is None and causal and flash.runs_kernel_serves(q_BHSA, B)):
             runs = mask_ST.runs if mask_ST is not None else (T,) * B  # training's causal rows: a run each
             out_BHSO, top_H = flash.by_runs(q_BHSA, k_BHTA, v_BHTO, runs, self.softmax_scale, self.record_max_logits)
-            self.max_logits = top_H if self.record_max_logits else self.max_logits
+            if top_H is not None:  # recorded
+                self.max_logits = top_H
             return out_BHSO.transpose(1, 2)
         # the mask as [S, T] or [B, 1, S, T]: CPU's fused (flash) kernel takes no other (a 3-D one falls
         # back to the math path), and both broadcast over the heads of the recorded scores alike
