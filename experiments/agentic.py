@@ -22,7 +22,8 @@ from pathlib import Path
 
 from openk2.agent.runtime import Budget
 from openk2.envs.evaluate import held_out, report, table, evaluate
-from openk2.envs.splits import SPLITS
+from openk2.envs.spec import domain_names
+from openk2.envs.splits import SPLITS, held_out_domains
 
 PY = sys.executable
 MAIN_CKPT = "/work/main/runs/k2-mini/checkpoints/step_000200"
@@ -35,10 +36,11 @@ def load_text():
 
 def eval_tasks(splits, n, worlds):
     """The first n test tasks of each split whose domain is in `worlds` (the domain split: its held-out
-    domain, in no training world)."""
-    groups = {}
+    domain, in no training world). Tasks are drawn from `worlds` and the held-out domain only, so a
+    domain added for training alone leaves the held-out tasks as they were."""
+    groups, pool_worlds = {}, sorted(set(worlds) | set(held_out_domains(domain_names())))
     for by in splits:
-        pool = held_out(by, "test", 40 * n)
+        pool = held_out(by, "test", 40 * n, worlds=pool_worlds)
         groups[(by, "test")] = [t for t in pool if by == "domain" or t.domain in worlds][:n]
     return groups
 

@@ -99,8 +99,8 @@ def drills(n: int, seed: int) -> list[dict]:
 # is reading a tool list, not any tool.
 VERBS = ("cancel", "renew", "archive", "approve", "track", "refund", "assign", "close", "reopen", "rename",
          "pause", "resume", "rate", "reserve", "register", "inspect", "verify", "publish", "restore", "flag")
-NOUNS = ("ticket", "invoice", "parcel", "room", "badge", "license", "course", "patient", "vehicle", "recipe",
-         "song", "device", "policy", "loan", "permit", "shift", "lesson", "claim", "voucher", "locker")
+NOUNS = ("crate", "invoice", "parcel", "room", "badge", "license", "course", "patient", "vehicle", "recipe",
+         "song", "device", "policy", "grant", "permit", "shift", "lesson", "claim", "voucher", "locker")
 EXTRAS = {  # optional parameters: (JSON schema, how to draw a value)
     "quantity": ({"type": "integer", "minimum": 1, "description": "how many"}, lambda rng: rng.randint(1, 60)),
     "amount": ({"type": "number", "description": "the amount"}, lambda rng: round(rng.uniform(1, 2000), 2)),
