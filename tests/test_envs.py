@@ -308,6 +308,36 @@ def test_rubric_rejects_each_kind_of_wrong_solution():
     assert not ok and any("more than the 0" in r for r in why)
 
 
+def test_a_missing_record_is_said_not_retried_nor_guessed():
+    """`missing`, drawn only when asked for: a request names a record that does not exist; its one call
+    fails and the answer says so. Retrying it, acting on another record, or not saying so all fail."""
+    assert "missing" not in KINDS and "missing" not in {t.kind for t in TASKS}
+    tasks = generate(30, seed=2, kinds=["missing"])
+    assert {t.kind for t in tasks} == {"missing"} and len({t.domain for t in tasks}) >= 4
+    for task in tasks:
+        (step,) = task.plan
+        spec = World(task.domain).spec
+        entity = spec["operations"][step["tool"]]["entity"]
+        key = spec["entities"][entity]["key"]
+        fake = step["arguments"][key]
+        assert fake not in task.world().state[entity] and task.rubric.mentions == [[fake]]
+        script, answers = plan_script(task)
+        assert answers[0].startswith("There is no") and fake in answers[0] and len(script) == 1
+        assert judge(task, script, answers) == (True, [])
+    task = next(t for t in tasks if World(t.domain).spec["operations"][t.plan[0]["tool"]]["kind"] != "get")
+    script, answers = plan_script(task)
+    ok, why = judge(task, script * 4, answers)
+    assert not ok and any("more than the 3" in r for r in why)
+    ok, why = judge(task, script, ["Done."])
+    assert not ok and any("does not mention" in r for r in why)
+    spec = World(task.domain).spec
+    entity = spec["operations"][script[0][1]]["entity"]
+    real = sorted(task.world().state[entity])[0]
+    guess = [(0, script[0][1], {**script[0][2], spec["entities"][entity]["key"]: real})]
+    ok, why = judge(task, guess, answers)  # the same request carried out on a record that does exist
+    assert not ok and any("checkpoint 1: no call" in r for r in why) and any(real in r for r in why)
+
+
 @pytest.mark.parametrize("kind", ["chain", "multi_turn", "recovery", "parallel"])
 def test_agent_loop_solves_a_task(kind):
     task = first(kind, lambda t: t.kind != "recovery" or t.failures[0]["kind"] == "transient")

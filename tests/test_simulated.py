@@ -33,6 +33,8 @@ WRITTEN = {
                    "criteria": ["create_note is called with text 'buy milk'", "the last answer says 'buy milk'"]},
     "recovery": {"request": "Save a note saying: call Ann", "goal": "store a note", "tools": ["create_note"],
                  "criteria": ["create_note is called with text 'call Ann'"]},
+    "missing": {"request": "Read note N7 back to me.", "goal": "hear a note that is not there", "tools": ["get_note"],
+                "criteria": ["get_note is called with id N7"]},
 }
 
 
@@ -85,6 +87,8 @@ class World:
                                              "function": {"name": name, "arguments": json.dumps(args)}}]}, "tool_calls")
         if last["role"] == "user" and last["content"].startswith("Save a note saying: "):
             return call("create_note", {"text": last["content"].removeprefix("Save a note saying: ")})
+        if last["role"] == "user" and (asked := re.match(r"Read note (N\d+)", last["content"])):
+            return call("get_note", {"id": asked[1]})
         if last["role"] == "user":
             made = next(json.loads(m["content"])["id"] for m in talk if m["role"] == "tool" and '"id"' in m["content"])
             return call("get_note", {"id": made})
@@ -288,3 +292,21 @@ def test_the_roles_against_our_own_server():
     assert tasks == [] and "not one JSON object" in next(iter(dropped))  # random weights: prose, said so
     assert sim.problems[0].startswith("simulator: create_note: not one JSON object")
     assert category(sim.problems[0]) == "simulator"
+
+
+def test_a_missing_record_written_by_the_llm_fails_its_call_and_the_judge_is_told(tmp_path, monkeypatch):
+    import openk2.agent.client
+
+    scripted = World()
+    real = openk2.agent.client.OpenAIClient
+    monkeypatch.setattr(openk2.agent.client, "OpenAIClient", lambda url, model: endpoint(scripted, real))
+    (tmp_path / "notes.json").write_text(json.dumps(NOTES))
+    out = tmp_path / "missing.jsonl"
+    cli(["synth", "--tools", str(tmp_path / "notes.json"), "--teacher-endpoint", "http://endpoint/v1", "--n", "1",
+         "--kinds", "missing", "--out", str(out), "--concurrency", "1"])
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    results = [m["content"] for m in record["messages"] if m["role"] == "tool"]
+    assert record["meta"]["kind"] == "missing" and len(results) == 1 and "not found" in results[0]
+    assert "simulator" not in scripted.prompts  # the injected failure answered, not the simulated backend
+    judged = scripted.prompts["judge"][0]["messages"][-1]["content"]
+    assert "after get_note finds nothing, the assistant says so and neither retries nor guesses" in judged

@@ -21,7 +21,7 @@ from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
 from openk2.envs.spec import load
-from openk2.envs.tasks import SYSTEM
+from openk2.envs.tasks import SYSTEM, generate
 from openk2.envs.teacher import SLIPS, Teacher, say_calls, worked_sum
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
@@ -71,6 +71,16 @@ def test_the_oracle_teacher_passes_the_judge_for_every_kind_and_world():
     assert len(thoughts) >= 4 and "" in thoughts and len(answers) >= 8  # natural-language variety
     last = summary(records).splitlines()[-1].split()
     assert last[:4] == ["all", str(len(TASKS)), str(len(TASKS)), "0"]
+
+
+def test_missing_records_the_teacher_says_so_and_the_judge_keeps_it():
+    tasks = generate(12, seed=3, kinds=["missing"])
+    for task, r in zip(tasks, synthesize(tasks, seed=0), strict=True):
+        assert r["meta"]["passed"], r["meta"]["reasons"]
+        results = [x["content"] for x in r["messages"] if x["role"] == "tool"]
+        assert len(results) == 1 and results[0].startswith("Error: no ")
+        fake = task.rubric.mentions[0][0]
+        assert "There is no" in r["messages"][-1]["content"] and fake in r["messages"][-1]["content"]
 
 
 def test_say_calls_puts_each_value_in_words_as_the_arguments_hold_it():

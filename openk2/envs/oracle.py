@@ -89,6 +89,9 @@ class Oracle:
         facts, values = [], list(self.task.notes[turn] if turn < len(self.task.notes) else [])
         for i, step in enumerate(self.task.plan):
             report, result = step.get("report") or [], merged(results.get(i, []))
+            if step["turn"] == turn and i not in results and self.spec["operations"][step["tool"]]["kind"] != "list":
+                facts.append(self.not_found(step))  # its call failed for good: a record that is not there
+                continue
             if step["turn"] != turn or not report:
                 continue
             if "items" in result:
@@ -100,8 +103,14 @@ class Oracle:
                 values += [result[f] for f in report]
         if not facts and not values:
             facts = [f"{', '.join(s['tool'] for s in self.task.plan if s['turn'] == turn)} went through"]
-        lead = random.Random(f"{self.task.id}:{turn}").choice(LEADS)
+        missing = facts and facts[0].startswith("There is no")  # no "Done." before it
+        lead = "" if missing else random.Random(f"{self.task.id}:{turn}").choice(LEADS)
         return lead + "; ".join(facts or map(fmt, values)) + ".", values
+
+    def not_found(self, step: dict) -> str:
+        """What the answer says of a step whose record does not exist: "There is no product SKU-1"."""
+        entity = self.spec["entities"][self.spec["operations"][step["tool"]]["entity"]]
+        return f"There is no {entity['mention'].format(fmt(step['arguments'][entity['key']]))}"
 
     def solve(self, world) -> tuple[list[dict], list[str], list[list]]:
         """Run the plan against `world` directly: (calls as `calls_of` gives them, with `error` where a

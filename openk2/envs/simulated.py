@@ -38,6 +38,7 @@ KIND_BRIEFS = {
                   "that needs another call",
     "recovery": "needs exactly one tool call",  # the failure is injected, not written
     "no_tool": "needs no tool at all: a question answered from general knowledge",
+    "missing": "names a record (by an id) that does not exist, so its one tool call fails and the answer says so",
 }
 WRITER_REPLY = ('{"request": "the user\'s first message", "follow_ups": ["later messages (multi_turn only)"], '
                 '"goal": "what the user wants, in one sentence", "tools": ["the names of the tools needed"], '
@@ -155,6 +156,9 @@ class LLMTaskWriter:
         if kind == "recovery":
             failures = [{"kind": "transient", "op": needs[0], "times": 1}]
             criteria.append(f"after {needs[0]} fails once with a temporary error, the assistant calls it again")
+        if kind == "missing":
+            failures = [{"kind": "not_found", "op": needs[0]}]
+            criteria.append(f"after {needs[0]} finds nothing, the assistant says so and neither retries nor guesses")
         return OpenTask(f"{domain}-{kind}-{seed}", kind, domain, seed, offered, [v["request"], *follow_ups],
                         v.get("goal") or v["request"], criteria, needs, failures)
 

@@ -31,7 +31,7 @@ from openk2.envs.rename import rename_share
 from openk2.envs.simulated import LLMTaskWriter, LLMUser, OpenTask, SimulatedTools, load_schemas, write_tasks
 from openk2.envs.spec import domain_names, load, parts
 from openk2.envs.splits import bucket, held_out
-from openk2.envs.tasks import KINDS, SYSTEM, Task, generate
+from openk2.envs.tasks import KINDS, MORE_KINDS, SYSTEM, Task, generate
 from openk2.envs.teacher import Teacher
 
 MAX_TURNS = 16  # model calls an episode may take; the longest plan needs far fewer
@@ -142,7 +142,7 @@ def summary(records: list[dict]) -> str:
         why.setdefault(m["kind"], Counter()).update(m["rejected_by"])
     head = f"{'kind':<12}{'generated':>10}{'kept':>8}{'rejected':>10}  rejected by reason"
     lines = [head, "-" * len(head)]
-    for kind in [k for k in KINDS if k in rows] + ["all"]:
+    for kind in [k for k in KINDS + MORE_KINDS if k in rows] + ["all"]:
         c = rows[kind] if kind != "all" else sum(rows.values(), Counter())
         reasons = why[kind] if kind != "all" else sum(why.values(), Counter())
         text = ", ".join(f"{k} {v}" for k, v in reasons.most_common()) or "-"
@@ -158,7 +158,8 @@ def add_parser(sub) -> None:
                    "a+b is one world of both domains' tools, for tasks that mix them")
     s.add_argument("--pairs", action="store_true", help="draw from the merged world of every two of --worlds "
                    f"(bank+shop, …) instead: requests that need two domains' tools (kinds {', '.join(MIXED_KINDS)})")
-    s.add_argument("--kinds", help=f"comma-separated task kinds (default: all of {', '.join(KINDS)})")
+    s.add_argument("--kinds", help=f"comma-separated task kinds (default: all of {', '.join(KINDS)}; "
+                   f"also {', '.join(MORE_KINDS)}, a record that does not exist)")
     s.add_argument("--split", choices=["seed", "args", "combo", "domain"], help="draw tasks from one part of a split")
     s.add_argument("--part", choices=["train", "test"], default="train")
     s.add_argument("--n", type=int, required=True, help="tasks to attempt")
@@ -233,7 +234,8 @@ def main(args) -> None:
 
     from openk2.agent.client import OpenAIClient
 
-    worlds, kinds = names(args.worlds, domain_names(), "world", joined=True), names(args.kinds, list(KINDS), "kind")
+    worlds = names(args.worlds, domain_names(), "world", joined=True)
+    kinds = names(args.kinds, list(KINDS + MORE_KINDS), "kind")
     if args.pairs:
         if len(worlds or domain_names()) < 2 or any("+" in w for w in worlds or []):
             raise SystemExit("--pairs merges every two of two or more single --worlds")

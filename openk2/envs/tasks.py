@@ -3,7 +3,10 @@
 Kinds (KINDS): `single` (one call), `parallel` (two independent calls in one turn), `chain` (a list
 finds the one record a second call acts on, or a record's reference leads to another record),
 `multi_turn` (a scripted follow-up after the first answer), `recovery` (an injected transient error
-to retry, or a partial list to page through) and `no_tool`. A task is data: the user's turns
+to retry, or a partial list to page through) and `no_tool`. One more kind is drawn only when asked
+for (MORE_KINDS, so the default draws and every held-out set stay as they were): `missing`, a request
+that names a record which does not exist; the tool says so, and the answer tells the user, with no
+retry and no guess. A task is data: the user's turns
 (phrased from the spec's `say` templates), the world (domain, seed, failure rules), the plan the
 oracle solves from, and the rubric, built by running that plan on a fresh world. `make_task` is a
 function of (domain, kind, seed); `generate` draws many. Splits: splits.py.
@@ -22,6 +25,7 @@ from openk2.envs.world import World, changes, initial_state
 
 SUM_ASK = "Quick one, no tools needed: what is {a} + {b}?"  # a no-tool task's sum (sum drills ask it so too)
 KINDS = ("single", "parallel", "chain", "multi_turn", "recovery", "no_tool")
+MORE_KINDS = ("missing",)  # drawn only when named (generate's `kinds`, synth's --kinds)
 PLACEHOLDER = re.compile(r"{(\w+)}")
 JOINS = ("{0} {1}", "Two things. {0} {1}", "{0} And one more: {1}")
 FOLLOW_UPS = ("Thanks! {0}", "Great. Next: {0}", "One more thing. {0}", "{0}")
@@ -182,8 +186,26 @@ def no_tool(spec, state, rng):
     return [SUM_ASK.format(a=a, b=b)], [], [], [[a + b]]
 
 
+def missing(spec, state, rng):
+    """A request for a record that does not exist (its key a fresh id of the key's own form): one call,
+    whose error the answer passes on (Oracle.answer) instead of a retry."""
+    keyed = sorted(n for n, op in spec["operations"].items() if op["kind"] in ("get", "update", "adjust", "delete"))
+    if not keyed:
+        return None
+    name = rng.choice(keyed)
+    entity = spec["operations"][name]["entity"]
+    key, fields = spec["entities"][entity]["key"], spec["entities"][entity]["fields"]
+    if fields[key].get("gen", {}).get("kind") != "id":  # a key made from other fields (a path): no fresh one
+        return None
+    template, args = sample(spec, state, name, rng)
+    if (fake := generate_value(fields[key], rng, {}, state)) in state[entity]:
+        return None
+    args[key] = fake
+    return [say(spec, name, template, args)], [step(spec, name, args, report=[])], [], [[fake]]
+
+
 BUILDERS = {"single": single, "parallel": parallel, "chain": chain, "multi_turn": multi_turn,
-            "recovery": recovery, "no_tool": no_tool}
+            "recovery": recovery, "no_tool": no_tool, "missing": missing}
 
 
 def make_task(domain: str, kind: str, seed: int, attempts: int = 40) -> Task:
@@ -201,7 +223,8 @@ def make_task(domain: str, kind: str, seed: int, attempts: int = 40) -> Task:
         except (RuntimeError, KeyError, IndexError):  # a reference the result did not hold
             continue
         retried = [c for c in calls if "try again" in c.get("error", "")]
-        if any(c.get("error") for c in calls if c not in retried) or kind == "recovery" and len(calls) < 2:
+        errors = [c for c in calls if c.get("error") and c not in retried]
+        if (len(errors) != len(calls) if kind == "missing" else errors) or kind == "recovery" and len(calls) < 2:
             continue  # the plan hit a real error (an overdraft, say) or the failure did not show: draw again
         task.rubric = rubric(task, calls, mentions, world)
         task.tools = toolset(spec, plan, random.Random(f"{task.id}:tools"))
@@ -224,7 +247,7 @@ def rubric(task: Task, calls: list[dict], mentions: list, world: World) -> Rubri
     """The rubric of a task from the oracle's run: state changes, mentions, checkpoints, call bounds."""
     rounds = {}
     for c in calls:
-        if not c.get("error"):
+        if not c.get("error") or task.kind == "missing":  # the call on a missing record is the one to make
             rounds.setdefault(c["turn"], []).append({"name": c["name"], "arguments": c["arguments"]})
     checkpoints = [{"calls": cs, "parallel": len(cs) > 1} for _, cs in sorted(rounds.items())]
     return Rubric(task.domain, task.seed, changes(world, task.seed), mentions, checkpoints, len(calls),

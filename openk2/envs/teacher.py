@@ -35,6 +35,7 @@ THOUGHTS = {  # a short thought before a round of calls, by what came before it 
              "The list continues, so I'll ask for the rest."),
     "next": ("Now with what I found.", "Next step.", "Using that result.", ""),
 }
+MISSING = ("{0}", "I checked. {0}", "Sorry. {0}", "{0} Could the id be mistyped?")  # leads of a not-found answer
 SLIPS = ("wrong_args", "wrong_tool", "no_call", "no_retry", "vague_answer")
 GIVE_UPS = ("The service is not working right now; please try again later.", "That failed, sorry.",
             "I could not get that done: the tool returned an error.")
@@ -103,7 +104,8 @@ class Teacher(Oracle):
         if values and self._slips("vague_answer"):
             return self.rng(f"vague:{turn}").choice(VAGUE), values
         body = next((text[len(lead):] for lead in LEADS if lead and text.startswith(lead)), text)
-        return self.rng(f"answer:{turn}").choice(ANSWERS).format(body), values
+        leads = MISSING if body.startswith("There is no") else ANSWERS
+        return self.rng(f"answer:{turn}").choice(leads).format(body), values
 
     def _slips(self, kind: str) -> bool:
         """Whether to make this episode's slip now (once, and only the one drawn)."""
