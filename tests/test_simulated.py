@@ -98,7 +98,8 @@ class World:
         return completion({"content": f"Done: {last['content']}"})
 
 
-def test_cli_synthesises_llm_written_tasks_on_simulated_tools(tmp_path, capsys, monkeypatch):
+def synth_notes(tmp_path, monkeypatch, kinds: str) -> tuple:
+    """`openk2 synth --tools notes.json` with every role played by the scripted endpoint: (it, the records)."""
     import openk2.agent.client
 
     scripted = World()
@@ -106,9 +107,13 @@ def test_cli_synthesises_llm_written_tasks_on_simulated_tools(tmp_path, capsys, 
     monkeypatch.setattr(openk2.agent.client, "OpenAIClient", lambda url, model: endpoint(scripted, real))
     (tmp_path / "notes.json").write_text(json.dumps(NOTES))
     out = tmp_path / "open.jsonl"
-    cli(["synth", "--tools", str(tmp_path / "notes.json"), "--teacher-endpoint", "http://endpoint/v1", "--n", "2",
-         "--kinds", "multi_turn,recovery", "--out", str(out), "--concurrency", "1"])
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    cli(["synth", "--tools", str(tmp_path / "notes.json"), "--teacher-endpoint", "http://endpoint/v1", "--n",
+         str(len(kinds.split(","))), "--kinds", kinds, "--out", str(out), "--concurrency", "1"])
+    return scripted, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_cli_synthesises_llm_written_tasks_on_simulated_tools(tmp_path, capsys, monkeypatch):
+    scripted, records = synth_notes(tmp_path, monkeypatch, "multi_turn,recovery")
     assert [r["meta"]["kind"] for r in records] == ["multi_turn", "recovery"]
     assert all(r["meta"]["passed"] and r["meta"]["judge"] == "llm" and r["meta"]["domain"] == "notes" for r in records)
     multi = records[0]["messages"]
@@ -295,16 +300,7 @@ def test_the_roles_against_our_own_server():
 
 
 def test_a_missing_record_written_by_the_llm_fails_its_call_and_the_judge_is_told(tmp_path, monkeypatch):
-    import openk2.agent.client
-
-    scripted = World()
-    real = openk2.agent.client.OpenAIClient
-    monkeypatch.setattr(openk2.agent.client, "OpenAIClient", lambda url, model: endpoint(scripted, real))
-    (tmp_path / "notes.json").write_text(json.dumps(NOTES))
-    out = tmp_path / "missing.jsonl"
-    cli(["synth", "--tools", str(tmp_path / "notes.json"), "--teacher-endpoint", "http://endpoint/v1", "--n", "1",
-         "--kinds", "missing", "--out", str(out), "--concurrency", "1"])
-    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    scripted, (record,) = synth_notes(tmp_path, monkeypatch, "missing")
     results = [m["content"] for m in record["messages"] if m["role"] == "tool"]
     assert record["meta"]["kind"] == "missing" and len(results) == 1 and "not found" in results[0]
     assert "simulator" not in scripted.prompts  # the injected failure answered, not the simulated backend
