@@ -89,7 +89,7 @@ class Oracle:
         facts, values = [], list(self.task.notes[turn] if turn < len(self.task.notes) else [])
         for i, step in enumerate(self.task.plan):
             report, result = step.get("report") or [], merged(results.get(i, []))
-            if step["turn"] == turn and i not in results and self.spec["operations"][step["tool"]]["kind"] != "list":
+            if self.task.kind == "missing" and step["turn"] == turn and i not in results:
                 facts.append(self.not_found(step))  # its call failed for good: a record that is not there
                 continue
             if step["turn"] != turn or not report:
