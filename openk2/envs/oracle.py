@@ -103,8 +103,7 @@ class Oracle:
                 values += [result[f] for f in report]
         if not facts and not values:
             facts = [f"{', '.join(s['tool'] for s in self.task.plan if s['turn'] == turn)} went through"]
-        missing = facts and facts[0].startswith("There is no")  # no "Done." before it
-        lead = "" if missing else random.Random(f"{self.task.id}:{turn}").choice(LEADS)
+        lead = "" if self.task.kind == "missing" else random.Random(f"{self.task.id}:{turn}").choice(LEADS)
         return lead + "; ".join(facts or map(fmt, values)) + ".", values
 
     def not_found(self, step: dict) -> str:

@@ -104,7 +104,7 @@ class Teacher(Oracle):
         if values and self._slips("vague_answer"):
             return self.rng(f"vague:{turn}").choice(VAGUE), values
         body = next((text[len(lead):] for lead in LEADS if lead and text.startswith(lead)), text)
-        leads = MISSING if body.startswith("There is no") else ANSWERS
+        leads = MISSING if self.task.kind == "missing" else ANSWERS
         return self.rng(f"answer:{turn}").choice(leads).format(body), values
 
     def _slips(self, kind: str) -> bool:
