@@ -338,6 +338,27 @@ def test_a_missing_record_is_said_not_retried_nor_guessed():
     assert not ok and any("checkpoint 1: no call" in r for r in why) and any(real in r for r in why)
 
 
+def test_a_write_with_nothing_to_report_is_answered_with_the_record_it_acted_on():
+    """A write whose op reports nothing is answered with its tool and the record's key (from the call,
+    or from a chain's earlier result), never with the tools of the earlier look-up steps."""
+    checked = set()
+    for task in generate(200, seed=7, domains=["files", "bank", "library"], kinds=["single", "chain"]):
+        spec = World(task.domain).spec
+        writes = [s for s in task.plan if spec["operations"][s["tool"]]["kind"] not in ("get", "list")]
+        if len(task.plan) != len(writes) + (task.kind == "chain") or any(s["report"] for s in task.plan):
+            continue
+        world = task.world()
+        calls, (answer,), _ = Oracle(task).solve(world)
+        (write,) = writes
+        entity = spec["entities"][spec["operations"][write["tool"]]["entity"]]
+        if entity["key"] not in calls[-1]["arguments"]:
+            continue  # a write not keyed by its record (a transfer)
+        key = calls[-1]["arguments"][entity["key"]]
+        assert f"{write['tool']} went through for {entity['mention'].format(key)}" in answer, (task.id, answer)
+        assert all(s["tool"] not in answer for s in task.plan if s is not write), answer
+        checked.add((task.kind, "$from" in str(write["arguments"])))
+    assert {("single", False), ("chain", True)} <= checked  # a key written in the request, and one read
+
 @pytest.mark.parametrize("kind", ["chain", "multi_turn", "recovery", "parallel"])
 def test_agent_loop_solves_a_task(kind):
     task = first(kind, lambda t: t.kind != "recovery" or t.failures[0]["kind"] == "transient")

@@ -101,10 +101,21 @@ class Oracle:
             else:
                 facts += [f"{f.replace('_', ' ')}: {fmt(result[f])}" for f in report]
                 values += [result[f] for f in report]
-        if not facts and not values:
-            facts = [f"{', '.join(s['tool'] for s in self.task.plan if s['turn'] == turn)} went through"]
+        if not facts and not values:  # only writes with nothing to report: name what each acted on
+            facts = [self.acted_on(i, results) for i, s in enumerate(self.task.plan)
+                     if s["turn"] == turn and self.spec["operations"][s["tool"]]["kind"] not in ("get", "list")]
+            facts = facts or [f"{', '.join(s['tool'] for s in self.task.plan if s['turn'] == turn)} went through"]
         lead = "" if self.task.kind == "missing" else random.Random(f"{self.task.id}:{turn}").choice(LEADS)
         return lead + "; ".join(facts or map(fmt, values)) + ".", values
+
+    def acted_on(self, i: int, results: dict) -> str:
+        """What the answer says of write step `i` that reports nothing: "delete_file went through for the
+        file docs/plan.md" (the record by its key, from the call's arguments or its result)."""
+        step = self.task.plan[i]
+        entity = self.spec["entities"][self.spec["operations"][step["tool"]]["entity"]]
+        key = self.resolve(step["arguments"], results).get(entity["key"], merged(results.get(i, [])).get(entity["key"]))
+        record = "" if key is None else " for " + entity["mention"].format(fmt(key))
+        return f"{step['tool']} went through{record}"
 
     def not_found(self, step: dict) -> str:
         """What the answer says of a step whose record does not exist: "There is no product SKU-1"."""
