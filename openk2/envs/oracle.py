@@ -108,18 +108,20 @@ class Oracle:
         lead = "" if self.task.kind == "missing" else random.Random(f"{self.task.id}:{turn}").choice(LEADS)
         return lead + "; ".join(facts or map(fmt, values)) + ".", values
 
+    def entity_of(self, step: dict) -> dict:
+        """The spec of the entity that a step's operation acts on (its key, mention and fields)."""
+        return self.spec["entities"][self.spec["operations"][step["tool"]]["entity"]]
+
     def acted_on(self, i: int, results: dict) -> str:
-        """What the answer says of write step `i` that reports nothing: "delete_file went through for the
-        file docs/plan.md" (the record by its key, from the call's arguments or its result)."""
-        step = self.task.plan[i]
-        entity = self.spec["entities"][self.spec["operations"][step["tool"]]["entity"]]
+        """Write step `i` that reports nothing, in words: "delete_file went through for the file docs/plan.md"."""
+        entity = self.entity_of(step := self.task.plan[i])  # its record's key: from the call, else its result
         key = self.resolve(step["arguments"], results).get(entity["key"], merged(results.get(i, [])).get(entity["key"]))
         record = "" if key is None else " for " + entity["mention"].format(fmt(key))
         return f"{step['tool']} went through{record}"
 
     def not_found(self, step: dict) -> str:
         """What the answer says of a step whose record does not exist: "There is no product SKU-1"."""
-        entity = self.spec["entities"][self.spec["operations"][step["tool"]]["entity"]]
+        entity = self.entity_of(step)
         return f"There is no {entity['mention'].format(fmt(step['arguments'][entity['key']]))}"
 
     def solve(self, world) -> tuple[list[dict], list[str], list[list]]:
