@@ -21,6 +21,7 @@ from openk2.envs.judge import LLMJudge, category, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
 from openk2.envs.spec import load
+from openk2.envs.rubric import calls_of
 from openk2.envs.tasks import SYSTEM, generate
 from openk2.envs.teacher import SLIPS, Teacher, say_calls, worked_sum
 from openk2.tokenizer import Tokenizer
@@ -355,6 +356,83 @@ def test_a_slipping_teacher_with_rejection_sampling():
     passed = {r["meta"]["task"] for r in tried if r["meta"]["passed"]}
     assert len(passed) >= 0.9 * len(set(t.id for t in tasks)) and len(tried) > len(tasks)
     assert json.dumps(synthesize(tasks[:6], seed=0, slips=0.5)) == json.dumps(once[:6])
+
+
+def without_weight_0(messages: list[dict]) -> list[dict]:
+    """The conversation as training sees it turned: weight-0 turns and their calls' results left out."""
+    hidden = {c["id"] for m in messages if m.get("weight") == 0 for c in m.get("tool_calls") or []}
+    return [m for m in messages if m.get("weight", 1) and m.get("tool_call_id") not in hidden]
+
+
+def test_a_correcting_teacher_shows_the_refused_call_and_trains_only_its_fix():
+    """--teacher-corrections: a refused call (an undeclared tool, arguments against the schema) at
+    weight 0, then the plan's call; without the refused turn the calls are the plain teacher's, the
+    judge keeps every episode, and the SFT mask leaves out exactly the refused turn."""
+    tasks = TASKS * 2
+    plain, fixed = synthesize(tasks, seed=4), synthesize(tasks, seed=4, corrections=1.0)
+    assert all(r["meta"]["passed"] for r in plain + fixed)
+    made = Counter()
+    for a, b in zip(plain, fixed):
+        hidden = [m for m in b["messages"] if m.get("weight") == 0]
+        assert len(hidden) == b["meta"].get("corrected", 0) <= 1
+        strip = [{k: c[k] for k in ("name", "arguments")} for c in calls_of(without_weight_0(b["messages"]))]
+        assert strip == [{k: c[k] for k in ("name", "arguments")} for c in calls_of(a["messages"])]
+        if not hidden:
+            continue
+        i = b["messages"].index(hidden[0])
+        (bad,), result, fix = hidden[0]["tool_calls"], b["messages"][i + 1], b["messages"][i + 2]
+        declared = {t["function"]["name"] for t in b["tools"]}
+        assert result["tool_call_id"] == bad["id"] and fix["role"] == "assistant" and fix["tool_calls"]
+        if bad["function"]["name"] not in declared:
+            made["unknown_tool"] += 1
+            assert result["content"].startswith(f"Error: there is no tool named {bad['function']['name']!r}")
+            good = fix["tool_calls"][0]["function"]["name"]
+            assert good in declared and good in fix["content"].split("Calling")[0]  # the fix names its tool first
+        else:
+            made["bad_arguments"] += 1
+            assert result["content"].startswith(f"Error: invalid arguments for {bad['function']['name']}")
+        ids, mask = encode_with_mask(TOK, b["messages"], b["tools"])
+        learned = TOK.decode([t for t, m in zip(ids, mask) if m])
+        assert hidden[0]["content"] not in learned and fix["content"] in learned
+        assert len({c["id"] for m in b["messages"] for c in m.get("tool_calls") or []}) == len(calls_of(b["messages"]))
+    assert made["unknown_tool"] >= 5 and made["bad_arguments"] >= 5, made
+    assert json.dumps(synthesize(tasks[:8], seed=4, corrections=1.0, workers=2)) == json.dumps(fixed[:8])
+
+
+def test_cli_teacher_corrections(tmp_path, capsys):
+    out = tmp_path / "c.jsonl"
+    cli(["synth", "--n", "20", "--seed", "2", "--out", str(out), "--worlds", "shop,files",
+         "--teacher-corrections", "1"])
+    said = re.search(r"wrote 20 trajectories \((\d+) with a corrected call\)", capsys.readouterr().out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert said and int(said[1]) == sum("corrected" in r["meta"] for r in rows) > 0
+    assert len(read_jsonl(out)) == 20  # weight 0 is what the SFT reader takes
+    for bad in (["--teacher-corrections", "1.5"], ["--teacher-corrections", "0.2", "--teacher-endpoint", "http://x"]):
+        with pytest.raises(SystemExit, match="--teacher-corrections is a share in"):
+            cli(["synth", "--n", "2", "--out", str(out), *bad])
+
+
+def test_the_judge_overlooks_a_refused_call_only_when_it_is_corrected():
+    """A refused call followed by the plan's call passes only with `corrected` (else: wrong tool); a
+    refused call followed by an answer is never overlooked."""
+    from openk2.envs.synth import byte_tokenizer
+    task = next(t for t in TASKS if t.kind == "single" and set(t.tools) < set(load(t.domain)["operations"]))
+    for seed in range(20):  # whether a round makes the mistake is drawn per round: take a seed where it does
+        teacher = Teacher(task, seed=seed, corrections=1.0)
+        teacher.correction = "unknown_tool"
+        kept = run(trajectory(task, ScriptedClient([teacher.reply] * 16, byte_tokenizer()), seed=0, corrected=True))
+        if teacher.refused:
+            break
+    assert teacher.refused and kept["meta"]["passed"] and kept["meta"]["corrected"] == 1
+    again = Teacher(task, seed=teacher.seed, corrections=1.0)
+    again.correction = "unknown_tool"
+    strict = run(trajectory(task, ScriptedClient([again.reply] * 16, byte_tokenizer()), seed=0))
+    assert not strict["meta"]["passed"] and "wrong_tool" in strict["meta"]["rejected_by"]
+    assert all("weight" not in m for m in strict["messages"])
+    wrong = {"id": "functions.nope:0", "type": "function", "function": {"name": "nope", "arguments": "{}"}}
+    quits = ScriptedClient([{"tool_calls": [wrong]}, {"content": "I could not do it."}], byte_tokenizer())
+    r = run(trajectory(task, quits, seed=0, corrected=True))
+    assert not r["meta"]["passed"] and "corrected" not in r["meta"] and all("weight" not in m for m in r["messages"])
 
 
 def test_deterministic_per_seed_in_one_process_or_several():

@@ -2,7 +2,9 @@
 
 - `rubric_verdict(task, world, episode)`: the programmatic judge. The task's rubric on the world's
   final state, the answers and the calls of the transcript, plus what the rubric cannot see: an
-  episode that stopped for a budget, and tool calls the parser could not read.
+  episode that stopped for a budget, and tool calls the parser could not read. Given `overlook`
+  (`corrected_turns`: calls the tools refused before they ran, corrected in the next round), it
+  judges the transcript without those turns.
 - `LLMJudge(client)`: an endpoint grades the trajectory against the rubric's criteria written out
   in words; it must answer with one JSON object `{"passed": bool, "reasons": [str]}`. Anything else
   (prose, a fence, a missing key, a failed request) is a reject whose reason says so.
@@ -43,9 +45,30 @@ def episode_reasons(episode) -> list[str]:
     return reasons
 
 
-def rubric_verdict(task, world, episode) -> tuple[bool, list[str]]:
-    """The programmatic judge: (passed, reasons)."""
-    transcript = episode.transcript
+REFUSED = ("unknown_tool", "invalid_arguments")  # tool errors raised before a call runs: the world never saw it
+
+
+def corrected_turns(episode) -> list[int]:
+    """The transcript indices of assistant turns whose every call the tools refused before running it
+    (REFUSED) and which the next assistant turn of the same user turn follows with calls: mistakes
+    the episode corrected."""
+    refused = {e["tool_call_id"] for e in episode.tool_errors if e["kind"] in REFUSED}
+    messages, out = episode.transcript, []
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if not calls or not all(c["id"] in refused for c in calls):
+            continue
+        after = next((n for n in messages[i + 1:] if n["role"] in ("assistant", "user")), {})
+        out += [i] * bool(after.get("role") == "assistant" and after.get("tool_calls"))
+    return out
+
+
+def rubric_verdict(task, world, episode, overlook=()) -> tuple[bool, list[str]]:
+    """The programmatic judge: (passed, reasons); the assistant turns at indices `overlook` (with
+    their calls' results) are left out of what it reads."""
+    skip = {c["id"] for i in overlook for c in episode.transcript[i]["tool_calls"]}
+    transcript = [m for i, m in enumerate(episode.transcript)
+                  if i not in overlook and m.get("tool_call_id") not in skip]
     _, reasons = task.rubric.check(world.snapshot(), answers_of(transcript), calls_of(transcript))
     reasons = episode_reasons(episode) + reasons
     return not reasons, reasons

@@ -25,7 +25,7 @@ from functools import cache
 from pathlib import Path
 
 from openk2.envs.drills import drills, list_drills, sum_drills, tool_drills
-from openk2.envs.judge import LLMJudge, category, episode_reasons, rubric_verdict
+from openk2.envs.judge import LLMJudge, category, corrected_turns, episode_reasons, rubric_verdict
 from openk2.envs.play import gather_limited, play
 from openk2.envs.rename import rename_share
 from openk2.envs.simulated import LLMTaskWriter, LLMUser, OpenTask, SimulatedTools, load_schemas, write_tasks
@@ -44,18 +44,19 @@ def byte_tokenizer():
     return Tokenizer.byte_level()
 
 
-def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0):
+def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0, corrections: float = 0.0):
     from openk2.agent.client import ScriptedClient
-    teacher = Teacher(task, seed, slips, attempt)
+    teacher = Teacher(task, seed, slips, attempt, corrections)
     return ScriptedClient([teacher.reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
                      system: str | None = SYSTEM, temperature: float | None = None, max_tokens: int = 1024,
-                     sim=None) -> dict:
+                     sim=None, corrected: bool = False) -> dict:
     """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`). An
     LLM-written task (`OpenTask`) runs against `sim`, the endpoint simulating its tools and user, and
-    only an LLM judge can grade it."""
+    only an LLM judge can grade it. `corrected`: refused calls that the next round corrected
+    (`corrected_turns`) are overlooked by the rubric and written with weight 0 (shown, not trained)."""
     from openk2.agent.runtime import Budget
 
     episode_seed = int(bucket(f"{task.id}:{n_try}", seed) * 2**31)  # an endpoint's sampling seed, per try
@@ -67,18 +68,21 @@ async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubr
         user = LLMUser(sim, task)
     world, ep = await play(task, client, system=system, temperature=temperature, world=world, user=user,
                            budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
+    overlook = corrected_turns(ep) if corrected else []
     if isinstance(task, OpenTask):
         reasons = episode_reasons(ep) + world.problems + user.problems
         passed = not reasons
     else:
-        passed, reasons = rubric_verdict(task, world, ep) if judge != "llm" else (True, [])
+        passed, reasons = rubric_verdict(task, world, ep, overlook) if judge != "llm" else (True, [])
     if judge != "rubric":
         ok, why = await llm_judge(task, world, ep)
         passed, reasons = passed and ok, reasons + why
     meta = {"task": task.id, "kind": task.kind, "domain": task.domain, "task_seed": task.seed, "seed": seed,
             "try": n_try, "teacher": client.name, "judge": judge, "passed": passed, "reasons": reasons,
-            "rejected_by": sorted({category(r) for r in reasons}), "stop_reason": ep.stop_reason}
-    return {"messages": ep.transcript, "tools": ep.tools, "meta": meta}
+            "rejected_by": sorted({category(r) for r in reasons}), "stop_reason": ep.stop_reason,
+            **({"corrected": len(overlook)} if overlook else {})}
+    messages = [{**m, "weight": 0} if i in overlook else m for i, m in enumerate(ep.transcript)]
+    return {"messages": messages, "tools": ep.tools, "meta": meta}
 
 
 async def sample(task, make_client, seed: int, tries: int = 1, **kw) -> list[dict]:
@@ -92,8 +96,9 @@ async def sample(task, make_client, seed: int, tries: int = 1, **kw) -> list[dic
 
 
 def _programmatic_one(job) -> list[dict]:  # a process pool's unit of work (module level, so it pickles)
-    task, seed, slips, kw = job
-    return asyncio.run(sample(Task.from_dict(task), functools.partial(programmatic_client, slips=slips), seed, **kw))
+    task, seed, slips, corrections, kw = job
+    teacher = functools.partial(programmatic_client, slips=slips, corrections=corrections)
+    return asyncio.run(sample(Task.from_dict(task), teacher, seed, corrected=corrections > 0, **kw))
 
 
 MIXED_KINDS = ("parallel", "multi_turn", "single")  # the kinds whose requests may span a merged world's domains
@@ -114,12 +119,12 @@ def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None 
 
 
 def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8, client=None, progress=None,
-               slips: float = 0.0, **kw) -> list[dict]:
+               slips: float = 0.0, corrections: float = 0.0, **kw) -> list[dict]:
     """Every task's trajectories, in task order. `client` None: the programmatic teacher (erring in a
-    share `slips` of its episodes), in `workers` processes; else that endpoint client, `concurrency`
-    episodes at a time."""
+    share `slips` of its episodes, correcting a refused call in a share `corrections`), in `workers`
+    processes; else that endpoint client, `concurrency` episodes at a time."""
     if client is None:
-        jobs, out = [(t.to_dict(), seed, slips, kw) for t in tasks], []
+        jobs, out = [(t.to_dict(), seed, slips, corrections, kw) for t in tasks], []
         with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
             for records in pool.map(_programmatic_one, jobs, chunksize=8) if pool else map(_programmatic_one, jobs):
                 out += records
@@ -183,6 +188,9 @@ def add_parser(sub) -> None:
     s.add_argument("--teacher-slips", type=float, default=0.0, help="the share of episodes in which the "
                    "programmatic teacher errs once, as an LLM teacher does (wrong argument or tool, no call, no "
                    "retry, an answer without the values): the judge rejects them (default 0)")
+    s.add_argument("--teacher-corrections", type=float, default=0.0, metavar="SHARE", help="the share of episodes "
+                   "in which the programmatic teacher makes a call the tools refuse (an undeclared tool, arguments "
+                   "against the schema), then corrects it; the refused turn is written with weight 0 (not trained)")
     s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")
@@ -251,8 +259,9 @@ def main(args) -> None:
                          "--list-drills and --sum-drills at least 0")
     if not 0 <= args.rename_tools <= 1:
         raise SystemExit("--rename-tools is a share in [0, 1]")
-    if not 0 <= args.teacher_slips <= 1 or args.teacher_slips and args.teacher_endpoint:
-        raise SystemExit("--teacher-slips is a share in [0, 1], for the programmatic teacher only")
+    for flag, share in (("--teacher-slips", args.teacher_slips), ("--teacher-corrections", args.teacher_corrections)):
+        if not 0 <= share <= 1 or share and args.teacher_endpoint:
+            raise SystemExit(f"{flag} is a share in [0, 1], for the programmatic teacher only")
     open_tools = bool(args.tools or args.mcp)
     judge_kind = args.judge or ("llm" if open_tools else "rubric")
     endpoint = args.judge_endpoint or args.teacher_endpoint
@@ -278,7 +287,8 @@ def main(args) -> None:
         raise SystemExit(str(e)) from None
     with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
-                             progress=bar.update, slips=args.teacher_slips, tries=args.tries, judge=judge_kind,
+                             progress=bar.update, slips=args.teacher_slips,
+                             corrections=args.teacher_corrections, tries=args.tries, judge=judge_kind,
                              llm_judge=judge or None, system=args.system or None, temperature=args.temperature,
                              max_tokens=args.max_tokens, sim=sim or None)
     out = Path(args.out)
@@ -289,6 +299,7 @@ def main(args) -> None:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
                      for r in kept + [d for n, make in extra.values() for d in make(n, args.seed)])
     print(summary(records))
-    renamed = sum("renamed" in r["meta"] for r in kept)
+    renamed, corrected = (sum(key in r["meta"] for r in kept) for key in ("renamed", "corrected"))
     print(f"wrote {len(kept)} trajectories" + f" ({renamed} with renamed tools)" * bool(renamed)
+          + f" ({corrected} with a corrected call)" * bool(corrected)
           + "".join(f" and {n} {kind} drills" for kind, (n, _) in extra.items() if n) + f" to {out}")

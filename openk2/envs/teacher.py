@@ -13,6 +13,13 @@ wrong once, in one of the ways an LLM teacher goes wrong (SLIPS): a wrong argume
 no call at all, giving up on a transient error instead of retrying, or an answer without the values.
 They are what the judge is for: the rubric rejects each, and `--keep-failed` shows what keeping them
 costs. With P = 0 (the default) the teacher never errs.
+
+Corrections: with `corrections` = C, a share C of the episodes without a slip makes one call that the
+tools refuse before it runs (CORRECTIONS: a tool the task does not declare, or arguments against the
+tool's schema) and then corrects it, saying what it fixes ("There is no place_order here; restock is
+the tool for this."). The plan never sees the refused round, so the rest of the episode is the
+oracle's. `openk2 synth` writes the refused turn with weight 0 and the judge overlooks it
+(judge.corrected_turns): the data shows the error and trains only the recovery.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import random
 import re
 
 from openk2.envs.oracle import LEADS, Oracle
+from openk2.envs.spec import op_params
 
 SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
@@ -40,6 +48,14 @@ SLIPS = ("wrong_args", "wrong_tool", "no_call", "no_retry", "vague_answer")
 GIVE_UPS = ("The service is not working right now; please try again later.", "That failed, sorry.",
             "I could not get that done: the tool returned an error.")
 VAGUE = ("Done.", "All set, that went through.", "I have taken care of it.")
+CORRECTIONS = ("unknown_tool", "bad_arguments")
+FIXES = {  # the thought before the corrected call, by the mistake the tools refused
+    "unknown_tool": ("There is no {bad} here; {good} is the tool for this.",
+                     "{bad} is not one of my tools, so {good}.", "Wrong tool: the list has {good}."),
+    "bad_arguments": ("Those arguments do not fit {good}; fixing them.",
+                      "I sent {good} bad arguments; correcting them.",
+                      "The call was malformed; trying {good} again with the right arguments."),
+}
 
 
 def near_miss(value):
@@ -87,12 +103,16 @@ class Teacher(Oracle):
     """The oracle with variety, seeded by (seed, task, position in the dialog); `slips`: the share of
     episodes (per `attempt`) that go wrong once."""
 
-    def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0):
+    def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0, corrections: float = 0.0):
         super().__init__(task)
         self.seed = seed
         draw = self.rng(f"slip:{attempt}")
         self.slip = draw.choice(SLIPS) if slips and draw.random() < slips else None
         self.slipped, self.slipped_call = False, None
+        draw = self.rng(f"correct:{attempt}")
+        self.correction = (draw.choice(CORRECTIONS) if corrections and not self.slip and draw.random() < corrections
+                           else None)
+        self.refused, self.fixing = set(), None  # the refused calls' ids; (mistake, name) the next round fixes
 
     def rng(self, where) -> random.Random:
         return random.Random(f"{self.seed}:{self.task.id}:{where}")
@@ -118,12 +138,17 @@ class Teacher(Oracle):
         if self.slipped_call and any(m.get("tool_call_id") == self.slipped_call and "try again" in m["content"]
                                      for m in messages[-4:]):
             self.slipped = False  # the wrong call met a transient error and did nothing: slip on its retry
+        planned = [m for m in messages if m.get("tool_call_id") not in self.refused
+                   and not any(c["id"] in self.refused for c in m.get("tool_calls") or [])]
         try:
-            out = super().reply(messages, tools)
+            out = super().reply(planned, tools)  # the plan goes on as if the refused round had not happened
         except (KeyError, IndexError, TypeError, ValueError):  # after a slip: a result the plan cannot read
             return {"content": self.rng(f"lost:{len(messages)}").choice(GIVE_UPS)}
         if not (calls := out.get("tool_calls")):
             return out
+        n = sum(len(m.get("tool_calls") or []) for m in messages)  # ids number every call, refused ones too
+        for k, call in enumerate(calls):
+            call["id"] = f"functions.{call['function']['name']}:{n + k}"
         start = max(i for i, m in enumerate(messages) if m["role"] != "tool") + 1
         seen = " ".join(m["content"] for m in messages[start:])  # the last round's results
         kind = ("first" if messages[-1]["role"] == "user" else "retry" if "try again" in seen
@@ -136,8 +161,37 @@ class Teacher(Oracle):
             call["id"] = f"functions.{call['function']['name']}:{call['id'].rsplit(':', 1)[1]}"
             self.slipped_call = call["id"] if self.slipped else None
         thought = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind])
+        if self.fixing:
+            (mistake, bad), self.fixing = self.fixing, None
+            fix = self.rng(f"fix:{len(messages)}").choice(FIXES[mistake])
+            thought = fix.format(bad=bad, good=calls[0]["function"]["name"])
+        elif (self.correction and not self.refused and len(calls) == 1
+              and self.rng(f"when:{len(messages)}").random() < 0.5):  # once, in a round drawn as it comes
+            if mistake := self._mistake(calls[0], self.rng(f"mistake:{len(messages)}")):
+                self.refused.add(calls[0]["id"])
+                self.fixing = (mistake, calls[0]["function"]["name"])  # the name as called, wrong or not
         out["content"] = " ".join(filter(None, (thought, say_calls(calls))))
         return out
+
+    def _mistake(self, call: dict, rng: random.Random) -> str | None:
+        """The correction's mistake in a call, in place: a tool of the world the task does not declare,
+        or arguments the schema refuses (a required one left out, or one the tool does not take)."""
+        function, ops = call["function"], self.spec["operations"]
+        if self.correction == "unknown_tool" and (others := sorted(set(ops) - set(self.task.tools or ops))):
+            function["name"] = rng.choice(others)
+            call["id"] = f"functions.{function['name']}:{call['id'].rsplit(':', 1)[1]}"
+            return "unknown_tool"
+        params, required = op_params(self.spec, function["name"])
+        args = json.loads(function["arguments"])
+        extra = sorted({k for op in ops for k in op_params(self.spec, op)[0]} - set(params))
+        if (present := [k for k in required if k in args]) and (not extra or rng.random() < 0.5):
+            args.pop(rng.choice(present))
+        elif extra:
+            args[rng.choice(extra)] = rng.choice(list(args.values()) or [1])
+        else:
+            return None
+        function["arguments"] = json.dumps(args)
+        return "bad_arguments"
 
     def _wrong_call(self, function: dict, rng: random.Random) -> None:
         """The slip in a call, in place: another tool of the task's toolset, or one argument a near miss."""
