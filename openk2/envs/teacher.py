@@ -15,9 +15,11 @@ They are what the judge is for: the rubric rejects each, and `--keep-failed` sho
 costs. With P = 0 (the default) the teacher never errs.
 
 Corrections: with `corrections` = C, a share C of the episodes without a slip makes one call that the
-tools refuse before it runs (CORRECTIONS: a tool the task does not declare, or arguments against the
-tool's schema) and then corrects it, saying what it fixes ("There is no place_order here; restock is
-the tool for this."). The plan never sees the refused round, so the rest of the episode is the
+tools refuse before it runs (CORRECTIONS: a tool that does not exist, or arguments against the tool's
+schema) and then corrects it, saying what it fixes ("There is no find_order here; restock is the tool
+for this."). The unknown tool is made up from the world's verbs and nouns, never a real tool: a real
+one the task does not declare would be shown failing after the very steps that the held-out
+combinations follow with it. The plan never sees the refused round, so the rest of the episode is the
 oracle's. `openk2 synth` writes the refused turn with weight 0 and the judge overlooks it
 (judge.corrected_turns): the data shows the error and trains only the recovery.
 """
@@ -27,9 +29,10 @@ from __future__ import annotations
 import json
 import random
 import re
+from functools import cache
 
 from openk2.envs.oracle import LEADS, Oracle
-from openk2.envs.spec import op_params
+from openk2.envs.spec import domain_names, load, op_params
 
 SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
@@ -49,6 +52,7 @@ GIVE_UPS = ("The service is not working right now; please try again later.", "Th
             "I could not get that done: the tool returned an error.")
 VAGUE = ("Done.", "All set, that went through.", "I have taken care of it.")
 CORRECTIONS = ("unknown_tool", "bad_arguments")
+VERBS = ("find", "fetch", "update", "remove", "show", "search", "set", "lookup")  # besides the world's own
 FIXES = {  # the thought before the corrected call, by the mistake the tools refused
     "unknown_tool": ("There is no {bad} here; {good} is the tool for this.",
                      "{bad} is not one of my tools, so {good}.", "Wrong tool: the list has {good}."),
@@ -56,6 +60,15 @@ FIXES = {  # the thought before the corrected call, by the mistake the tools ref
                       "I sent {good} bad arguments; correcting them.",
                       "The call was malformed; trying {good} again with the right arguments."),
 }
+
+
+@cache
+def made_up_tools(world: str) -> list[str]:
+    """Tool names no shipped world has, from this world's verbs and nouns: find_order, update_products."""
+    spec, real = load(world), {op for d in domain_names() for op in load(d)["operations"]}
+    verbs = {op.split("_")[0] for op in spec["operations"]} | set(VERBS)
+    nouns = {n for e in spec["entities"] for n in (e, e + "s")}
+    return sorted({f"{v}_{n}" for v in verbs for n in nouns} - real)
 
 
 def near_miss(value):
@@ -174,11 +187,11 @@ class Teacher(Oracle):
         return out
 
     def _mistake(self, call: dict, rng: random.Random) -> str | None:
-        """The correction's mistake in a call, in place: a tool of the world the task does not declare,
-        or arguments the schema refuses (a required one left out, or one the tool does not take)."""
+        """The correction's mistake in a call, in place: a made-up tool (`made_up_tools`), or arguments
+        the schema refuses (a required one left out, or one the tool does not take)."""
         function, ops = call["function"], self.spec["operations"]
-        if self.correction == "unknown_tool" and (others := sorted(set(ops) - set(self.task.tools or ops))):
-            function["name"] = rng.choice(others)
+        if self.correction == "unknown_tool":
+            function["name"] = rng.choice(made_up_tools(self.task.domain))
             call["id"] = f"functions.{function['name']}:{call['id'].rsplit(':', 1)[1]}"
             return "unknown_tool"
         params, required = op_params(self.spec, function["name"])
