@@ -31,7 +31,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "agent/subagents.py": 60, "agent/search.py": 60, "agent/mcp.py": 150, "agent/builtin.py": 40, "agent/cli.py": 155,
     "envs/__init__.py": 60, "envs/expr.py": 80, "envs/spec.py": 165, "envs/world.py": 235, "envs/tasks.py": 275,
     "envs/rubric.py": 160, "envs/oracle.py": 175, "envs/splits.py": 100, "envs/judge.py": 150, "envs/synth.py": 310,
-    "envs/evaluate.py": 290, "envs/teacher.py": 225, "envs/play.py": 60, "envs/simulated.py": 275,
+    "envs/evaluate.py": 290, "envs/teacher.py": 230, "envs/play.py": 60, "envs/simulated.py": 275,
     "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
     "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
     "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200, "offload/store.py": 180, "offload/cache.py": 245,

@@ -48,18 +48,20 @@ def episode_reasons(episode) -> list[str]:
 REFUSED = ("unknown_tool", "invalid_arguments")  # tool errors raised before a call runs: the world never saw it
 
 
-def corrected_turns(episode) -> list[int]:
+def corrected_turns(episode, ids=None) -> list[int]:
     """The transcript indices of assistant turns whose every call the tools refused before running it
-    (REFUSED) and which the next assistant turn of the same user turn follows with calls: mistakes
-    the episode corrected."""
+    (REFUSED; only calls of `ids` when given) and whose next assistant turn, in the same user turn,
+    makes a call that ran: mistakes the episode went past. Whether that call was right is the
+    rubric's to say."""
     refused = {e["tool_call_id"] for e in episode.tool_errors if e["kind"] in REFUSED}
+    refused = refused if ids is None else refused & set(ids)
     messages, out = episode.transcript, []
     for i, m in enumerate(messages):
         calls = m.get("tool_calls") if m["role"] == "assistant" else None
         if not calls or not all(c["id"] in refused for c in calls):
             continue
         after = next((n for n in messages[i + 1:] if n["role"] in ("assistant", "user")), {})
-        out += [i] * bool(after.get("role") == "assistant" and after.get("tool_calls"))
+        out += [i] * any(c["id"] not in refused for c in after.get("tool_calls") or [])  # a user turn has none
     return out
 
 

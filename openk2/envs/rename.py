@@ -6,7 +6,9 @@ instead of the tool list: on an unseen combination it calls a name it has seen b
 gives every declared tool of one trajectory a new name (a synonym of its verb, a namespace prefix, or
 an opaque pair of words) and writes it wherever the old one stood: the declaration, each call and its
 id, each result's `name` and `tool_call_id`, and the assistant's words ("Calling fetch_account with
-…"). Descriptions, parameters and values stay as they were, so the tool is found by what it does.
+…"), and the runtime's error texts ("the tools are: …"). Descriptions, parameters and values stay
+as they were, so the tool is found by what it does. A new name is never a name the trajectory calls
+(a made-up tool of a correction, `teacher.py`).
 `openk2 synth --rename-tools SHARE` renames that share of the kept trajectories. On the 800-step
 recipe a share of 0.3 did not help (README, eleventh measurement): the recipe leaves it at 0.
 """
@@ -57,11 +59,11 @@ def new_name(name: str, style: str, rng: random.Random, prefix: str = "api") -> 
     return f"{prefix}_{name}"
 
 
-def mapping(names: list[str], rng: random.Random, style: str | None = None) -> dict[str, str]:
+def mapping(names: list[str], rng: random.Random, style: str | None = None, taken=()) -> dict[str, str]:
     """A new name for each of `names` in one style (drawn if None), with one namespace prefix where the
-    style calls for one: distinct, and none a world's name."""
+    style calls for one: distinct, and none a world's name or one of `taken`."""
     style, prefix = style or rng.choice(STYLES), rng.choice(PREFIXES)
-    out, taken = {}, set(world_names()) | set(names)
+    out, taken = {}, set(world_names()) | set(names) | set(taken)
     for name in names:
         for attempt in range(50):
             new = new_name(name, style if attempt < 25 else "opaque", rng, prefix)
@@ -99,6 +101,8 @@ def apply(record: dict, names: dict[str, str]) -> dict:
                 functions.append(call["function"])
         elif m["role"] == "tool":
             m["tool_call_id"] = _call_id(m.get("tool_call_id"), names)
+            if isinstance(m.get("content"), str) and m["content"].startswith("Error:"):  # the runtime's words
+                m["content"] = words.sub(lambda x: names[x.group(1)], m["content"])
             if m.get("name") in names:
                 m["name"] = names[m["name"]]
     for f in functions:  # the declaration's and the calls' names
@@ -111,7 +115,8 @@ def rename(record: dict, rng: random.Random, style: str | None = None) -> dict:
     """`record` with every declared tool given a new name (`mapping`); a record without tools is
     returned as it is."""
     tools = record.get("tools") or []
-    return apply(record, mapping([t["function"]["name"] for t in tools], rng, style)) if tools else record
+    called = {c["function"]["name"] for m in record["messages"] for c in m.get("tool_calls") or []}
+    return apply(record, mapping([t["function"]["name"] for t in tools], rng, style, called)) if tools else record
 
 
 def rename_share(records: list[dict], share: float, seed: int) -> list[dict]:

@@ -47,7 +47,9 @@ def byte_tokenizer():
 def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0, corrections: float = 0.0):
     from openk2.agent.client import ScriptedClient
     teacher = Teacher(task, seed, slips, attempt, corrections)
-    return ScriptedClient([teacher.reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
+    client = ScriptedClient([teacher.reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
+    client.refused = teacher.refused  # the calls it gets wrong on purpose, to correct (`trajectory`)
+    return client
 
 
 async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubric", llm_judge=None,
@@ -55,8 +57,9 @@ async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubr
                      sim=None, corrected: bool = False) -> dict:
     """One episode of `client` on `task`, judged: its record (`meta.passed`, `meta.reasons`). An
     LLM-written task (`OpenTask`) runs against `sim`, the endpoint simulating its tools and user, and
-    only an LLM judge can grade it. `corrected`: refused calls that the next round corrected
-    (`corrected_turns`) are overlooked by the rubric and written with weight 0 (shown, not trained)."""
+    only an LLM judge can grade it. `corrected`: refused calls that the next round went past
+    (`corrected_turns`; only the client's `refused` ids where it has them, as the programmatic
+    teacher does) are overlooked by the rubric and written with weight 0 (shown, not trained)."""
     from openk2.agent.runtime import Budget
 
     episode_seed = int(bucket(f"{task.id}:{n_try}", seed) * 2**31)  # an endpoint's sampling seed, per try
@@ -68,7 +71,7 @@ async def trajectory(task, client, seed: int, n_try: int = 0, judge: str = "rubr
         user = LLMUser(sim, task)
     world, ep = await play(task, client, system=system, temperature=temperature, world=world, user=user,
                            budget=Budget(MAX_TURNS, turn_tokens=max_tokens), seed=episode_seed)
-    overlook = corrected_turns(ep) if corrected else []
+    overlook = corrected_turns(ep, getattr(client, "refused", None)) if corrected else []
     if isinstance(task, OpenTask):
         reasons = episode_reasons(ep) + world.problems + user.problems
         passed = not reasons
@@ -189,8 +192,9 @@ def add_parser(sub) -> None:
                    "programmatic teacher errs once, as an LLM teacher does (wrong argument or tool, no call, no "
                    "retry, an answer without the values): the judge rejects them (default 0)")
     s.add_argument("--teacher-corrections", type=float, default=0.0, metavar="SHARE", help="the share of episodes "
-                   "in which the programmatic teacher makes a call the tools refuse (an undeclared tool, arguments "
-                   "against the schema), then corrects it; the refused turn is written with weight 0 (not trained)")
+                   "in which the programmatic teacher may make a call the tools refuse (a made-up tool, arguments "
+                   "against the schema) in one of its one-call rounds, then correct it; the refused turn is written "
+                   "with weight 0 (not trained)")
     s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")

@@ -15,12 +15,14 @@ They are what the judge is for: the rubric rejects each, and `--keep-failed` sho
 costs. With P = 0 (the default) the teacher never errs.
 
 Corrections: with `corrections` = C, a share C of the episodes without a slip makes one call that the
-tools refuse before it runs (CORRECTIONS: a tool that does not exist, or arguments against the tool's
-schema) and then corrects it, saying what it fixes ("There is no find_order here; restock is the tool
-for this."). The unknown tool is made up from the world's verbs and nouns, never a real tool: a real
-one the task does not declare would be shown failing after the very steps that the held-out
-combinations follow with it. The plan never sees the refused round, so the rest of the episode is the
-oracle's. `openk2 synth` writes the refused turn with weight 0 and the judge overlooks it
+tools refuse before it runs (CORRECTIONS: a tool of the world that the task does not declare, or
+arguments against the tool's schema) and then corrects it, reading the tools off the error: "There is
+no place_order here; the tools are get_order, restock, list_orders, and restock is the one for this."
+The refused tool is never one that makes a held-out combination (split "combo") with the task's
+tools: the data would show it failing right where the held-out tasks need it. (A made-up name in its
+place taught nothing: the fix then names the tool the model meant anyway, and a model so trained
+repeats the fix's words around the same wrong call; README, nineteenth measurement.) The plan never
+sees the refused round, so the rest of the episode is the oracle's. `openk2 synth` writes the refused turn with weight 0 and the judge overlooks it
 (judge.corrected_turns): the data shows the error and trains only the recovery.
 """
 
@@ -29,10 +31,11 @@ from __future__ import annotations
 import json
 import random
 import re
-from functools import cache
+from itertools import combinations
 
 from openk2.envs.oracle import LEADS, Oracle
-from openk2.envs.spec import domain_names, load, op_params
+from openk2.envs.spec import op_params
+from openk2.envs.splits import bucket
 
 SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
@@ -52,23 +55,22 @@ GIVE_UPS = ("The service is not working right now; please try again later.", "Th
             "I could not get that done: the tool returned an error.")
 VAGUE = ("Done.", "All set, that went through.", "I have taken care of it.")
 CORRECTIONS = ("unknown_tool", "bad_arguments")
-VERBS = ("find", "fetch", "update", "remove", "show", "search", "set", "lookup")  # besides the world's own
 FIXES = {  # the thought before the corrected call, by the mistake the tools refused
-    "unknown_tool": ("There is no {bad} here; {good} is the tool for this.",
-                     "{bad} is not one of my tools, so {good}.", "Wrong tool: the list has {good}."),
+    "unknown_tool": ("There is no {bad} here; the tools are {tools}, and {good} is the one for this.",
+                     "{bad} is not one of my tools ({tools}), so {good}.",
+                     "No {bad} here. Of {tools}, {good} fits."),
     "bad_arguments": ("Those arguments do not fit {good}; fixing them.",
                       "I sent {good} bad arguments; correcting them.",
                       "The call was malformed; trying {good} again with the right arguments."),
 }
 
 
-@cache
-def made_up_tools(world: str) -> list[str]:
-    """Tool names no shipped world has, from this world's verbs and nouns: find_order, update_products."""
-    spec, real = load(world), {op for d in domain_names() for op in load(d)["operations"]}
-    verbs = {op.split("_")[0] for op in spec["operations"]} | set(VERBS)
-    nouns = {n for e in spec["entities"] for n in (e, e + "s")}
-    return sorted({f"{v}_{n}" for v in verbs for n in nouns} - real)
+def held_out_with(tool: str, tools) -> bool:
+    """Whether `tool` makes a held-out combination of split "combo" (its default seed and share) with
+    some of `tools`."""
+    rest = sorted(set(tools) - {tool})
+    return any(bucket("combo:" + "+".join(sorted((tool, *others))), 0) < 0.2
+               for k in range(1, len(rest) + 1) for others in combinations(rest, k))
 
 
 def near_miss(value):
@@ -114,7 +116,8 @@ def worked_sum(a: int, b: int) -> str:
 
 class Teacher(Oracle):
     """The oracle with variety, seeded by (seed, task, position in the dialog); `slips`: the share of
-    episodes (per `attempt`) that go wrong once."""
+    episodes (per `attempt`) that go wrong once; `corrections`: the share of the others drawn to make
+    a refused call and correct it (in a one-call round, each with even odds until one does)."""
 
     def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0, corrections: float = 0.0):
         super().__init__(task)
@@ -177,7 +180,8 @@ class Teacher(Oracle):
         if self.fixing:
             (mistake, bad), self.fixing = self.fixing, None
             fix = self.rng(f"fix:{len(messages)}").choice(FIXES[mistake])
-            thought = fix.format(bad=bad, good=calls[0]["function"]["name"])
+            tools = ", ".join(self.task.tools or self.spec["operations"])  # as the error lists them
+            thought = fix.format(bad=bad, good=calls[0]["function"]["name"], tools=tools)
         elif (self.correction and not self.refused and len(calls) == 1
               and self.rng(f"when:{len(messages)}").random() < 0.5):  # once, in a round drawn as it comes
             if mistake := self._mistake(calls[0], self.rng(f"mistake:{len(messages)}")):
@@ -187,11 +191,14 @@ class Teacher(Oracle):
         return out
 
     def _mistake(self, call: dict, rng: random.Random) -> str | None:
-        """The correction's mistake in a call, in place: a made-up tool (`made_up_tools`), or arguments
-        the schema refuses (a required one left out, or one the tool does not take)."""
+        """The correction's mistake in a call, in place: a tool of the world the task does not declare
+        (none that makes a held-out combination with the task's), else arguments the schema refuses (a
+        required one left out, or one the tool does not take)."""
         function, ops = call["function"], self.spec["operations"]
-        if self.correction == "unknown_tool":
-            function["name"] = rng.choice(made_up_tools(self.task.domain))
+        others = sorted(set(ops) - set(self.task.tools or ops))
+        if self.correction == "unknown_tool" and (others := [t for t in others
+                                                             if not held_out_with(t, self.task.rubric.tools)]):
+            function["name"] = rng.choice(others)
             call["id"] = f"functions.{function['name']}:{call['id'].rsplit(':', 1)[1]}"
             return "unknown_tool"
         params, required = op_params(self.spec, function["name"])
