@@ -22,8 +22,9 @@ The refused tool is never one that makes a held-out combination (split "combo") 
 tools: the data would show it failing right where the held-out tasks need it. (A made-up name in its
 place taught nothing: the fix then names the tool the model meant anyway, and a model so trained
 repeats the fix's words around the same wrong call; README, nineteenth measurement.) The plan never
-sees the refused round, so the rest of the episode is the oracle's. `openk2 synth` writes the refused turn with weight 0 and the judge overlooks it
-(judge.corrected_turns): the data shows the error and trains only the recovery.
+sees the refused round, so the rest of the episode is the oracle's. `openk2 synth` writes the refused
+turn with weight 0 and the judge overlooks it (judge.corrected_turns): the data shows the error and
+trains only the recovery.
 """
 
 from __future__ import annotations
