@@ -8,7 +8,7 @@ an opaque pair of words) and writes it wherever the old one stood: the declarati
 id, each result's `name` and `tool_call_id`, and the assistant's words ("Calling fetch_account with
 …"), and the runtime's error texts ("the tools are: …"). Descriptions, parameters and values stay
 as they were, so the tool is found by what it does. A new name is never a name the trajectory calls
-(a made-up tool of a correction, `teacher.py`).
+(a correction's refused tool, `teacher.py`).
 `openk2 synth --rename-tools SHARE` renames that share of the kept trajectories. On the 800-step
 recipe a share of 0.3 did not help (README, eleventh measurement): the recipe leaves it at 0.
 """

@@ -36,6 +36,11 @@ def combo(task) -> str:
     return "+".join(task.rubric.tools)
 
 
+def held_out_combo(tools, seed: int = 0, test_fraction: float = 0.2) -> bool:
+    """Whether a combination of two or more tools is held out in split "combo"."""
+    return len(set(tools)) > 1 and bucket("combo:" + "+".join(sorted(set(tools))), seed) < test_fraction
+
+
 def held_out_domains(domains, seed: int = 0) -> list[str]:
     """The default unseen domain: one of `domains`, chosen by the seed."""
     return [min(sorted(set(domains)), key=lambda d: bucket(f"domain:{d}", seed))]
@@ -48,7 +53,7 @@ def split(tasks, by: str, test_fraction: float = 0.2, seed: int = 0, test_domain
     elif by == "args":
         is_test = [any(bucket(f"value:{v}", seed) < test_fraction for v in values(t)) for t in tasks]
     elif by == "combo":
-        is_test = [len(t.rubric.tools) > 1 and bucket(f"combo:{combo(t)}", seed) < test_fraction for t in tasks]
+        is_test = [held_out_combo(t.rubric.tools, seed, test_fraction) for t in tasks]
     elif by == "domain":
         held = set(test_domains or held_out_domains([t.domain for t in tasks], seed))
         is_test = [bool(held & set(parts(t.domain))) for t in tasks]  # a merged world holds its parts

@@ -192,9 +192,9 @@ def add_parser(sub) -> None:
                    "programmatic teacher errs once, as an LLM teacher does (wrong argument or tool, no call, no "
                    "retry, an answer without the values): the judge rejects them (default 0)")
     s.add_argument("--teacher-corrections", type=float, default=0.0, metavar="SHARE", help="the share of episodes "
-                   "in which the programmatic teacher may make a call the tools refuse (a made-up tool, arguments "
-                   "against the schema) in one of its one-call rounds, then correct it; the refused turn is written "
-                   "with weight 0 (not trained)")
+                   "in which the programmatic teacher may make a call the tools refuse (a tool the task does not "
+                   "declare, arguments against the schema) in one of its one-call rounds, then correct it; the "
+                   "refused turn is written with weight 0 (not trained)")
     s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")

@@ -36,7 +36,7 @@ from itertools import combinations
 
 from openk2.envs.oracle import LEADS, Oracle
 from openk2.envs.spec import op_params
-from openk2.envs.splits import bucket
+from openk2.envs.splits import held_out_combo
 
 SUM = re.compile(r"(\d+) \+ (\d+)\?")
 
@@ -70,8 +70,7 @@ def held_out_with(tool: str, tools) -> bool:
     """Whether `tool` makes a held-out combination of split "combo" (its default seed and share) with
     some of `tools`."""
     rest = sorted(set(tools) - {tool})
-    return any(bucket("combo:" + "+".join(sorted((tool, *others))), 0) < 0.2
-               for k in range(1, len(rest) + 1) for others in combinations(rest, k))
+    return any(held_out_combo((tool, *others)) for k in range(1, len(rest) + 1) for others in combinations(rest, k))
 
 
 def near_miss(value):
@@ -196,9 +195,8 @@ class Teacher(Oracle):
         (none that makes a held-out combination with the task's), else arguments the schema refuses (a
         required one left out, or one the tool does not take)."""
         function, ops = call["function"], self.spec["operations"]
-        others = sorted(set(ops) - set(self.task.tools or ops))
-        if self.correction == "unknown_tool" and (others := [t for t in others
-                                                             if not held_out_with(t, self.task.rubric.tools)]):
+        if self.correction == "unknown_tool" and (others := sorted(
+                t for t in set(ops) - set(self.task.tools or ops) if not held_out_with(t, self.task.rubric.tools))):
             function["name"] = rng.choice(others)
             call["id"] = f"functions.{function['name']}:{call['id'].rsplit(':', 1)[1]}"
             return "unknown_tool"
