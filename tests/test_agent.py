@@ -103,6 +103,17 @@ def test_parallel_calls_run_concurrently_and_answer_in_call_order():
     assert client.requests[1]["prompt_ids"] == client.fmt.tokenizer.encode(prompt, allow_special=True)
 
 
+def test_an_argument_error_names_the_arguments():
+    from openk2.agent.tools import Tool
+    def made(parameters):
+        return Tool("t", "", parameters, None)
+    assert made({"type": "object", "properties": {"a": {}, "b": {}}, "required": ["b"]}).arguments_hint() == \
+        "a, b (required)"
+    assert made({"type": "object", "properties": {}}).arguments_hint() == "none"
+    assert made({"type": "object"}).arguments_hint() == "none"
+    assert made({}).arguments_hint() == ""  # a schema that names nothing: no hint
+
+
 def test_tool_failures_go_back_to_the_model_and_the_loop_goes_on():
     bad_json = {"content": None, "tool_calls": [  # an endpoint that returns raw arguments (as vLLM does)
         {"id": "functions.slow_echo:3", "type": "function",
@@ -114,9 +125,11 @@ def test_tool_failures_go_back_to_the_model_and_the_loop_goes_on():
     texts = [m["content"] for m in results(ep)]
     assert texts[0].startswith("Error: there is no tool named 'nope'; the tools are: slow_echo, boom, hang")
     assert texts[1] == "Error: boom failed: RuntimeError: the disk is on fire"
-    assert texts[2] == "Error: invalid arguments for slow_echo: text: 5 is not of type 'string'."
-    assert texts[3].startswith("Error: invalid arguments for slow_echo: not valid JSON")
-    assert texts[4] == "Error: invalid arguments for slow_echo: the arguments must be a JSON object."
+    # an argument error says what to send (as the unknown tool's error lists the tools)
+    hint = "; the arguments are: text (required), seconds."
+    assert texts[2] == "Error: invalid arguments for slow_echo: text: 5 is not of type 'string'" + hint
+    assert texts[3].startswith("Error: invalid arguments for slow_echo: not valid JSON") and texts[3].endswith(hint)
+    assert texts[4] == "Error: invalid arguments for slow_echo: the arguments must be a JSON object" + hint
     assert texts[5] == "Error: hang timed out after 0.2 s."
     assert [e["kind"] for e in ep.tool_errors] == ["unknown_tool", "tool_error", "invalid_arguments",
                                                    "invalid_arguments", "invalid_arguments", "timeout"]

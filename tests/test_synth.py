@@ -21,10 +21,10 @@ from openk2.envs.drills import drills, list_drills, sum_drills, tool_drills
 from openk2.envs.judge import LLMJudge, category, corrected_turns, parse_verdict
 from openk2.envs.oracle import Oracle
 from openk2.envs.synth import pick_tasks, programmatic_client, summary, synthesize, trajectory
-from openk2.envs.spec import load
+from openk2.envs.spec import load, op_params
 from openk2.envs.rubric import calls_of
 from openk2.envs.tasks import SYSTEM, generate
-from openk2.envs.teacher import SLIPS, Teacher, held_out_with, say_calls, worked_sum
+from openk2.envs.teacher import FIXES, FIXES_AGAIN, SLIPS, Teacher, held_out_with, say_calls, worked_sum
 from openk2.tokenizer import Tokenizer
 from openk2.tokenizer.sft import encode_with_mask, read_jsonl
 
@@ -395,11 +395,18 @@ def test_a_correcting_teacher_shows_the_refused_call_and_trains_only_its_fix():
         else:
             made["bad_arguments"] += 1
             assert result["content"].startswith(f"Error: invalid arguments for {bad['function']['name']}")
+            listed = result["content"].split("; the arguments are: ")[1].rstrip(".")
+            params, required = op_params(load(b["meta"]["domain"]), bad["function"]["name"])
+            assert listed == ", ".join(f"{k} (required)" if k in required else k for k in params)
+            assert listed in fix["content"].split("Calling")[0]  # the fix copies them off the error
+            sent, meant = (json.loads(c["function"]["arguments"]) for c in (bad, fix["tool_calls"][0]))
+            (key,) = {k for k in {*sent, *meant} if sent.get(k) != meant.get(k)}  # one argument made wrong
+            made["missing" if key not in sent else "extra"] += key not in sent or key not in meant
         ids, mask = encode_with_mask(TOK, b["messages"], b["tools"])
         learned = TOK.decode([t for t, m in zip(ids, mask) if m])
         assert hidden[0]["content"] not in learned and fix["content"] in learned
         assert len({c["id"] for m in b["messages"] for c in m.get("tool_calls") or []}) == len(calls_of(b["messages"]))
-    assert made["unknown_tool"] >= 10 and made["bad_arguments"] >= 10, made
+    assert made["unknown_tool"] >= 10 and made["bad_arguments"] >= 10 and len(made) == 4, made  # both ways
     assert json.dumps(synthesize(tasks[:8], seed=4, corrections=1.0, workers=2)) == json.dumps(fixed[:8])
     # with slips beside them: a slip's call the schema refuses (a near-miss enum value) is never overlooked
     both = synthesize(tasks, seed=4, slips=0.5, corrections=0.5)
@@ -417,6 +424,52 @@ def test_a_correcting_teacher_shows_the_refused_call_and_trains_only_its_fix():
             assert error.startswith("Error:") and not any(re.search(rf"\b{old}\b", error) for old in names)
 
 
+def test_a_repeating_teacher_makes_the_refused_call_twice_then_fixes_it():
+    """--teacher-repeats: the refused call again, the same, after a fix's words (weight 0 both), then
+    the fix in words of its own; the other episodes and the trained calls are as without repeats."""
+    tasks = TASKS + pick_tasks(60, 5)
+    once, twice = synthesize(tasks, seed=4, corrections=1.0), synthesize(tasks, seed=4, corrections=1.0, repeats=1.0)
+    assert all(r["meta"]["passed"] for r in twice)
+    n = 0
+    for a, b in zip(once, twice):
+        assert ("corrected" in a["meta"]) == ("corrected" in b["meta"])  # the same episodes correct a call
+        if "corrected" not in a["meta"]:
+            assert json.dumps(a) == json.dumps(b)
+            continue
+        n += 1
+        hidden = [i for i, m in enumerate(b["messages"]) if m.get("weight") == 0]
+        assert b["meta"]["corrected"] == len(hidden) == 2 and hidden[1] == hidden[0] + 2
+        def named(messages):
+            return [{k: c[k] for k in ("name", "arguments")} for c in calls_of(messages)]
+        assert named(without_weight_0(b["messages"])) == named(without_weight_0(a["messages"]))
+        first, error, second, error2, fix = b["messages"][hidden[0]:hidden[0] + 5]
+        (bad,), (bad2,) = first["tool_calls"], second["tool_calls"]
+        assert bad["function"] == bad2["function"] and bad["id"] != bad2["id"] and error["content"] == error2["content"]
+        good = fix["tool_calls"][0]["function"]["name"]
+        mistake = "unknown_tool" if "there is no tool" in error["content"] else "bad_arguments"
+        listed = re.escape(error["content"].rsplit("are: ", 1)[-1].rstrip("."))  # the tools, or the arguments
+        values = {"bad": re.escape(bad["function"]["name"]), "good": good, "tools": listed, "args": listed,
+                  "why": ".+"}
+
+        def said(forms, text):  # a thought of one of these forms, the values copied off the error
+            return any(re.fullmatch(re.sub(r"\\\{(\w+)\\\}", lambda m: values[m[1]], re.escape(f)), text)
+                       for f in forms)
+        assert said(FIXES[mistake], second["content"].split(" Calling ")[0])  # a fix's words, the call unfixed
+        assert said(FIXES_AGAIN[mistake], fix["content"].split(" Calling ")[0])
+        ids, mask = encode_with_mask(TOK, b["messages"], b["tools"])
+        learned = TOK.decode([t for t, m in zip(ids, mask) if m])
+        assert first["content"] not in learned and second["content"] not in learned and fix["content"] in learned
+        kinds = {"Error: there is no tool": "unknown_tool", "Error: invalid arguments": "invalid_arguments"}
+        episode = SimpleNamespace(transcript=b["messages"], tool_errors=[
+            {"tool_call_id": m["tool_call_id"],
+             "kind": next((k for p, k in kinds.items() if m["content"].startswith(p)), "tool_error")}
+            for m in b["messages"] if m["role"] == "tool" and m["content"].startswith("Error:")])
+        assert corrected_turns(episode) == hidden
+    assert n >= 20
+    half = synthesize(tasks, seed=4, corrections=1.0, repeats=0.5)
+    assert Counter(r["meta"].get("corrected") for r in half).keys() == {None, 1, 2}
+
+
 def test_cli_teacher_corrections(tmp_path, capsys):
     out = tmp_path / "c.jsonl"
     cli(["synth", "--n", "20", "--seed", "2", "--out", str(out), "--worlds", "shop,files",
@@ -425,8 +478,9 @@ def test_cli_teacher_corrections(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert said and int(said[1]) == sum("corrected" in r["meta"] for r in rows) > 0
     assert len(read_jsonl(out)) == 20  # weight 0 is what the SFT reader takes
-    for bad in (["--teacher-corrections", "1.5"], ["--teacher-corrections", "0.2", "--teacher-endpoint", "http://x"]):
-        with pytest.raises(SystemExit, match="--teacher-corrections is a share in"):
+    for bad in (["--teacher-corrections", "1.5"], ["--teacher-corrections", "0.2", "--teacher-endpoint", "http://x"],
+                ["--teacher-repeats", "-0.5"]):
+        with pytest.raises(SystemExit, match=f"{bad[0]} is a share in"):
             cli(["synth", "--n", "2", "--out", str(out), *bad])
 
 

@@ -185,7 +185,9 @@ class Agent:
             tool.check(args)
         except (json.JSONDecodeError, ArgumentError) as e:
             what = f"not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else str(e)
-            return f"Error: invalid arguments for {name}: {what}.", "invalid_arguments"
+            hint = tool.arguments_hint()  # what to copy from, as the unknown tool's error lists the tools
+            return (f"Error: invalid arguments for {name}: {what}" + f"; the arguments are: {hint}" * bool(hint)
+                    + "."), "invalid_arguments"
         if tool.needs_approval and self.approve and not await self.approve(name, args):
             return "Error: the user declined this call.", "declined"
         timeout = tool.timeout or self.budget.tool_timeout  # math.inf: none but the episode's deadline

@@ -78,6 +78,14 @@ class Tool:
             where = "/".join(map(str, error.absolute_path))
             raise ArgumentError(f"{where + ': ' if where else ''}{error.message}")
 
+    def arguments_hint(self) -> str:
+        """The arguments the schema names, for an error text: "sku (required), amount (required), note";
+        "none" for an object without properties; "" when the schema names none (not an object schema)."""
+        props, required = self.parameters.get("properties"), self.parameters.get("required") or []
+        if not isinstance(props, dict):
+            return "none" if self.parameters.get("type") == "object" else ""
+        return ", ".join(f"{k} (required)" if k in required else k for k in props) or "none"
+
     async def run(self, arguments: dict, context: ToolContext | None = None) -> str:
         """Call with checked arguments; the result as text."""
         return as_text(await self.fn(arguments, context))

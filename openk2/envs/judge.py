@@ -50,18 +50,22 @@ REFUSED = ("unknown_tool", "invalid_arguments")  # tool errors raised before a c
 
 def corrected_turns(episode, ids=None) -> list[int]:
     """The transcript indices of assistant turns whose every call the tools refused before running it
-    (REFUSED; only calls of `ids` when given) and whose next assistant turn, in the same user turn,
-    makes a call that ran: mistakes the episode went past. Whether that call was right is the
-    rubric's to say."""
+    (REFUSED; only calls of `ids` when given) and after which the next assistant turn that is not
+    refused so, in the same user turn, makes a call that ran: mistakes the episode went past (a
+    refused call made twice is two of them). Whether that call was right is the rubric's to say."""
     refused = {e["tool_call_id"] for e in episode.tool_errors if e["kind"] in REFUSED}
     refused = refused if ids is None else refused & set(ids)
-    messages, out = episode.transcript, []
-    for i, m in enumerate(messages):
+    messages = episode.transcript
+
+    def all_refused(m) -> bool:
         calls = m.get("tool_calls") if m["role"] == "assistant" else None
-        if not calls or not all(c["id"] in refused for c in calls):
-            continue
-        after = next((n for n in messages[i + 1:] if n["role"] in ("assistant", "user")), {})
-        out += [i] * any(c["id"] not in refused for c in after.get("tool_calls") or [])  # a user turn has none
+        return bool(calls) and all(c["id"] in refused for c in calls)
+    out = []
+    for i, m in enumerate(messages):
+        if all_refused(m):
+            after = next((n for n in messages[i + 1:] if n["role"] == "user"
+                          or n["role"] == "assistant" and not all_refused(n)), {})
+            out += [i] * any(c["id"] not in refused for c in after.get("tool_calls") or [])  # a user turn has none
     return out
 
 

@@ -44,9 +44,10 @@ def byte_tokenizer():
     return Tokenizer.byte_level()
 
 
-def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0, corrections: float = 0.0):
+def programmatic_client(task, seed: int, attempt: int = 0, slips: float = 0.0, corrections: float = 0.0,
+                        repeats: float = 0.0):
     from openk2.agent.client import ScriptedClient
-    teacher = Teacher(task, seed, slips, attempt, corrections)
+    teacher = Teacher(task, seed, slips, attempt, corrections, repeats)
     client = ScriptedClient([teacher.reply] * MAX_TURNS, byte_tokenizer(), name="oracle")
     client.refused = teacher.refused  # the calls it gets wrong on purpose, to correct (`trajectory`)
     return client
@@ -99,8 +100,8 @@ async def sample(task, make_client, seed: int, tries: int = 1, **kw) -> list[dic
 
 
 def _programmatic_one(job) -> list[dict]:  # a process pool's unit of work (module level, so it pickles)
-    task, seed, slips, corrections, kw = job
-    teacher = functools.partial(programmatic_client, slips=slips, corrections=corrections)
+    task, seed, slips, corrections, repeats, kw = job
+    teacher = functools.partial(programmatic_client, slips=slips, corrections=corrections, repeats=repeats)
     return asyncio.run(sample(Task.from_dict(task), teacher, seed, corrected=corrections > 0, **kw))
 
 
@@ -122,12 +123,13 @@ def pick_tasks(n: int, seed: int, worlds=None, kinds=None, split_by: str | None 
 
 
 def synthesize(tasks: list, seed: int, *, workers: int = 1, concurrency: int = 8, client=None, progress=None,
-               slips: float = 0.0, corrections: float = 0.0, **kw) -> list[dict]:
+               slips: float = 0.0, corrections: float = 0.0, repeats: float = 0.0, **kw) -> list[dict]:
     """Every task's trajectories, in task order. `client` None: the programmatic teacher (erring in a
-    share `slips` of its episodes, correcting a refused call in a share `corrections`), in `workers`
-    processes; else that endpoint client, `concurrency` episodes at a time."""
+    share `slips` of its episodes, correcting a refused call in a share `corrections`, made twice in a
+    share `repeats` of those), in `workers` processes; else that endpoint client, `concurrency`
+    episodes at a time."""
     if client is None:
-        jobs, out = [(t.to_dict(), seed, slips, corrections, kw) for t in tasks], []
+        jobs, out = [(t.to_dict(), seed, slips, corrections, repeats, kw) for t in tasks], []
         with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
             for records in pool.map(_programmatic_one, jobs, chunksize=8) if pool else map(_programmatic_one, jobs):
                 out += records
@@ -195,6 +197,9 @@ def add_parser(sub) -> None:
                    "in which the programmatic teacher may make a call the tools refuse (a tool the task does not "
                    "declare, arguments against the schema) in one of its one-call rounds, then correct it; the "
                    "refused turn is written with weight 0 (not trained)")
+    s.add_argument("--teacher-repeats", type=float, default=0.0, metavar="SHARE", help="the share of those "
+                   "corrections that make the refused call a second time, the same, before the fix (as a model "
+                   "in a loop does; both refused turns at weight 0; default 0)")
     s.add_argument("--teacher-endpoint", help="an OpenAI-compatible base URL (default: the programmatic oracle)")
     s.add_argument("--teacher-model", help="the endpoint's model (default: its first)")
     s.add_argument("--temperature", type=float, help="the LLM teacher's sampling temperature")
@@ -263,7 +268,8 @@ def main(args) -> None:
                          "--list-drills and --sum-drills at least 0")
     if not 0 <= args.rename_tools <= 1:
         raise SystemExit("--rename-tools is a share in [0, 1]")
-    for flag, share in (("--teacher-slips", args.teacher_slips), ("--teacher-corrections", args.teacher_corrections)):
+    for flag, share in (("--teacher-slips", args.teacher_slips), ("--teacher-corrections", args.teacher_corrections),
+                        ("--teacher-repeats", args.teacher_repeats)):
         if not 0 <= share <= 1 or share and args.teacher_endpoint:
             raise SystemExit(f"{flag} is a share in [0, 1], for the programmatic teacher only")
     open_tools = bool(args.tools or args.mcp)
@@ -292,7 +298,8 @@ def main(args) -> None:
     with tqdm(total=len(tasks), desc="synth", unit="task", file=sys.stderr) as bar:
         records = synthesize(tasks, args.seed, workers=args.workers, concurrency=args.concurrency, client=client,
                              progress=bar.update, slips=args.teacher_slips,
-                             corrections=args.teacher_corrections, tries=args.tries, judge=judge_kind,
+                             corrections=args.teacher_corrections, repeats=args.teacher_repeats,
+                             tries=args.tries, judge=judge_kind,
                              llm_judge=judge or None, system=args.system or None, temperature=args.temperature,
                              max_tokens=args.max_tokens, sim=sim or None)
     out = Path(args.out)

@@ -18,13 +18,16 @@ Corrections: with `corrections` = C, a share C of the episodes without a slip ma
 tools refuse before it runs (CORRECTIONS: a tool of the world that the task does not declare, or
 arguments against the tool's schema) and then corrects it, reading the tools off the error: "There is
 no place_order here; the tools are get_order, restock, list_orders, and restock is the one for this."
+(or the arguments: "I sent restock bad arguments; it takes sku (required), amount (required).")
 The refused tool is never one that makes a held-out combination (split "combo") with the task's
 tools: the data would show it failing right where the held-out tasks need it. (A made-up name in its
 place taught nothing: the fix then names the tool the model meant anyway, and a model so trained
 repeats the fix's words around the same wrong call; README, nineteenth measurement.) The plan never
 sees the refused round, so the rest of the episode is the oracle's. `openk2 synth` writes the refused
 turn with weight 0 and the judge overlooks it (judge.corrected_turns): the data shows the error and
-trains only the recovery.
+trains only the recovery. With `repeats` = R, a share R of those episodes makes the refused call once
+more, the same call after a fix's words (as a model caught in a loop does), before the fix: "place_order
+failed twice. Of get_order, restock, list_orders, restock fits." Both refused turns are weight 0.
 """
 
 from __future__ import annotations
@@ -60,9 +63,17 @@ FIXES = {  # the thought before the corrected call, by the mistake the tools ref
     "unknown_tool": ("There is no {bad} here; the tools are {tools}, and {good} is the one for this.",
                      "{bad} is not one of my tools ({tools}), so {good}.",
                      "No {bad} here. Of {tools}, {good} fits."),
-    "bad_arguments": ("Those arguments do not fit {good}; fixing them.",
-                      "I sent {good} bad arguments; correcting them.",
-                      "The call was malformed; trying {good} again with the right arguments."),
+    "bad_arguments": ("Those arguments do not fit {good}; its arguments are {args}.",
+                      "I sent {good} bad arguments; it takes {args}.",
+                      "The call was malformed; {good} takes {args}, so trying again."),
+}
+FIXES_AGAIN = {  # the thought before the corrected call when the refused call was made twice
+    "unknown_tool": ("{bad} was refused again; the tools are {tools}, and {good} is the one for this.",
+                     "Not {bad} again: it is not one of my tools ({tools}), so {good}.",
+                     "{bad} failed twice. Of {tools}, {good} fits."),
+    "bad_arguments": ("The same arguments failed twice; {good} takes {args}.",
+                      "{good} refused those arguments again; its arguments are {args}.",
+                      "That call was malformed twice; {good} takes {args}."),
 }
 
 
@@ -117,9 +128,11 @@ def worked_sum(a: int, b: int) -> str:
 class Teacher(Oracle):
     """The oracle with variety, seeded by (seed, task, position in the dialog); `slips`: the share of
     episodes (per `attempt`) that go wrong once; `corrections`: the share of the others drawn to make
-    a refused call and correct it (in a one-call round, each with even odds until one does)."""
+    a refused call and correct it (in a one-call round, each with even odds until one does); `repeats`:
+    the share of those that make the refused call twice before the fix."""
 
-    def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0, corrections: float = 0.0):
+    def __init__(self, task, seed: int = 0, slips: float = 0.0, attempt: int = 0, corrections: float = 0.0,
+                 repeats: float = 0.0):
         super().__init__(task)
         self.seed = seed
         draw = self.rng(f"slip:{attempt}")
@@ -129,6 +142,8 @@ class Teacher(Oracle):
         self.correction = (draw.choice(CORRECTIONS) if corrections and not self.slip and draw.random() < corrections
                            else None)
         self.refused, self.fixing = set(), None  # the refused calls' ids; (mistake, name) the next round fixes
+        self.repeat = bool(self.correction and repeats and self.rng(f"repeat:{attempt}").random() < repeats)
+        self.bad = None  # the refused call's function, while it is still to be made again
 
     def rng(self, where) -> random.Random:
         return random.Random(f"{self.seed}:{self.task.id}:{where}")
@@ -178,15 +193,24 @@ class Teacher(Oracle):
             self.slipped_call = call["id"] if self.slipped else None
         thought = self.rng(f"thought:{len(messages)}").choice(THOUGHTS[kind])
         if self.fixing:
-            (mistake, bad), self.fixing = self.fixing, None
-            fix = self.rng(f"fix:{len(messages)}").choice(FIXES[mistake])
+            (mistake, bad), again = self.fixing, self.bad is None and self.repeat
+            fix = self.rng(f"fix:{len(messages)}").choice((FIXES_AGAIN if again else FIXES)[mistake])
             tools = ", ".join(self.task.tools or self.spec["operations"])  # as the error lists them
-            thought = fix.format(bad=bad, good=calls[0]["function"]["name"], tools=tools)
+            error = next(m["content"] for m in reversed(messages) if m["role"] == "tool")
+            args = error.rsplit("; the arguments are: ", 1)[-1].rstrip(".")  # copied off the error
+            thought = fix.format(bad=bad, good=calls[0]["function"]["name"], tools=tools, args=args)
+            if self.bad:  # the fix's words around the same refused call; the next round fixes it
+                calls[0]["function"], self.bad = self.bad, None
+                calls[0]["id"] = f"functions.{bad}:{n}"
+                self.refused.add(calls[0]["id"])
+            else:
+                self.fixing = None
         elif (self.correction and not self.refused and len(calls) == 1
               and self.rng(f"when:{len(messages)}").random() < 0.5):  # once, in a round drawn as it comes
             if mistake := self._mistake(calls[0], self.rng(f"mistake:{len(messages)}")):
                 self.refused.add(calls[0]["id"])
                 self.fixing = (mistake, calls[0]["function"]["name"])  # the name as called, wrong or not
+                self.bad = dict(calls[0]["function"]) if self.repeat else None
         out["content"] = " ".join(filter(None, (thought, say_calls(calls))))
         return out
 
