@@ -195,10 +195,9 @@ class Teacher(Oracle):
         if self.fixing:
             (mistake, bad), again = self.fixing, self.bad is None and self.repeat
             fix = self.rng(f"fix:{len(messages)}").choice((FIXES_AGAIN if again else FIXES)[mistake])
-            tools = ", ".join(self.task.tools or self.spec["operations"])  # as the error lists them
             error = next(m["content"] for m in reversed(messages) if m["role"] == "tool")
-            args = error.rsplit("; the arguments are: ", 1)[-1].rstrip(".")  # copied off the error
-            thought = fix.format(bad=bad, good=calls[0]["function"]["name"], tools=tools, args=args)
+            listed = error.rsplit(" are: ", 1)[-1].rstrip(".")  # the tools or the arguments, copied off the error
+            thought = fix.format(bad=bad, good=calls[0]["function"]["name"], tools=listed, args=listed)
             if self.bad:  # the fix's words around the same refused call; the next round fixes it
                 calls[0]["function"], self.bad = self.bad, None
                 calls[0]["id"] = f"functions.{bad}:{n}"
