@@ -122,8 +122,8 @@ def cmd_train(args):
     metrics = train(cfg)
     if os.environ.get("RANK", "0") != "0":
         return
-    print(f"\nvalidation loss {metrics.get('val_loss', float('nan')):.3f} nats/token after {cfg.steps} steps; "
-          f"plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
+    print(f"\nvalidation loss {metrics.get('val_loss', float('nan')):.3f} nats/token after "
+          f"{metrics.get('step', cfg.steps)} steps; plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
     ckpt = latest_checkpoint(Path(cfg.out_dir))
     model, tok = load_hf(ckpt, dtype=torch.float32, progress=False).eval(), Tokenizer.from_dir(ckpt)
     for prompt in PROMPTS:
@@ -141,7 +141,7 @@ def cmd_sft(args):  # fine-tune on chat JSONL, then the masked validation loss a
     cfg = parse_sft_args(args.rest)
     if (metrics := sft(cfg)) and os.environ.get("RANK", "0") == "0":
         print(f"\nvalidation loss {metrics.get('val_loss', float('nan')):.3f} nats per assistant token after "
-              f"{cfg.steps} steps; plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
+              f"{metrics.get('step', cfg.steps)} steps; plots: {', '.join(str(p) for p in plot_run(cfg.out_dir))}")
 
 
 def cmd_pipeline(args):  # the whole recipe: pretrain → agentic data → SFT → RL, each stage evaluated

@@ -24,6 +24,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
     steps: int = 200
+    minutes: float = 0.0  # 0: off; else the steps that fit in this many minutes, at most --steps (train/budget.py)
     optimizer: str = "muonclip"  # muonclip | adamw
     lr: float = 4e-3  # peak
     final_lr_frac: float = 0.1  # WSD decays to lr · final_lr_frac (K2: 2e-4 -> 2e-5)
@@ -69,6 +70,8 @@ class TrainConfig:
         for name in ("warmup_steps", "grad_clip", "threads", "qk_clip_tau", "bias_update_speed", "seq_aux_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.minutes < 0:
+            raise ValueError(f"minutes must be >= 0 (0: off), got {self.minutes}")
         if not (0 <= self.decay_frac <= 1 and 0 < self.val_fraction < 1 and self.peak_tflops > 0 and self.lr > 0):
             raise ValueError("need 0 <= decay_frac <= 1, 0 < val_fraction < 1, peak_tflops > 0 and lr > 0")
         if self.warmup_steps + self.decay_steps > self.steps - 1:
@@ -80,8 +83,8 @@ class TrainConfig:
         return max(1, int(self.steps * self.decay_frac)) if self.decay_frac else 0
 
     # fields that shape the training trajectory: a resumed run must keep them
-    TRAJECTORY = ("model", "steps", "lr", "final_lr_frac", "warmup_steps", "decay_frac", "optimizer", "seq_len",
-                  "weight_decay", "qk_clip_tau", "bias_update_speed", "seq_aux_weight", "seed", "data")
+    TRAJECTORY = ("model", "steps", "minutes", "lr", "final_lr_frac", "warmup_steps", "decay_frac", "optimizer",
+                  "seq_len", "weight_decay", "qk_clip_tau", "bias_update_speed", "seq_aux_weight", "seed", "data")
 
     def model_config(self) -> ModelConfig:
         from openk2.config import resolve_config

@@ -38,6 +38,7 @@ from openk2.model import build_model
 from openk2.optim import Muon, apply_qk_clip, muon_param_groups, reduce_max_logits, wsd_lr
 from openk2.parallel.training import ParallelTraining
 from openk2.tokenizer import Tokenizer
+from openk2.train.budget import StepBudget
 from openk2.train.config import TrainConfig
 from openk2.train.runlog import final_metrics, git_revision, open_log
 
@@ -159,7 +160,8 @@ def evaluate(model, batches, autocast, world: int) -> float:
     return (total[0] / total[1]).item()
 
 
-def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg, files=None, ep=None):
+def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int, cfg, files=None, ep=None,
+                    budget: StepBudget | None = None):
     """Collective: a HF folder written by rank 0 (with --ep, every rank's experts and their optimizer
     state gathered there first), or, with checkpoint_format dcp, every rank's shards."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -176,7 +178,7 @@ def save_checkpoint(folder: Path, model, opt, loader, tok: Tokenizer, step: int,
     state = {"step": step, "optimizer": opt_state, "loader": loader.state_dict(),
              "world": dist.get_world_size() if dist.is_initialized() else 1,
              "rng": torch.get_rng_state(), "config": dataclasses.asdict(cfg), "git": git_revision(),
-             "torch": torch.__version__}
+             "torch": torch.__version__, **({"budget": budget.state()} if budget else {})}
     save_train_state(folder, model, tok, state, weights=not cfg.sharded_checkpoints)
 
 
@@ -230,7 +232,10 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
         note(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from step 0 (a new log)")
     if ckpt:
         state = torch.load(ckpt / "train_state.pt", weights_only=False)
-        _check_same_trajectory(cfg, state["config"], ckpt, state.get("world", world), world)
+        saved = state["config"]  # with --minutes, its steps are the plan, and --steps is the budget's bound
+        bound = {**saved, "steps": state["budget"]["most"]} if "budget" in state else saved
+        _check_same_trajectory(cfg, bound, ckpt, state.get("world", world), world)
+        cfg = dataclasses.replace(cfg, steps=saved["steps"])
     # a sharded checkpoint is read after the experts are sharded: each rank reads its part only
     shards = ckpt and sharded.is_sharded(ckpt)
     if cfg.fsdp and world == 1:
@@ -250,6 +255,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
     elif ep and ckpt:  # the checkpoint holds the whole optimizer state: this rank's slice of it
         state["optimizer"] = ep.local_optimizer_state(state["optimizer"], opt)
     step = restore(state if ckpt else None, opt, loader)
+    budget = StepBudget(cfg, step, state.get("budget") if ckpt else None) if cfg.minutes else None
     if step >= cfg.steps:
         note(f"the run in {out} is complete ({step} of {cfg.steps} steps); nothing to resume")
         return final_metrics(out)
@@ -310,6 +316,11 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
                    "optimizer_share": t_opt / dt, "qk_clipped_heads": clipped, "loss_token_share": loss_share,
                    "expert_load_max_over_mean": {i: v.max().item() for i, v in relative_load.items()}}
         metrics["max_logit"] = max_logits.amax(-1).tolist()
+        if budget and (steps := budget.replan(cfg, step, world)) is not None:
+            cfg, bar.total, metrics["planned_steps"] = dataclasses.replace(cfg, steps=steps), steps, steps
+        if budget and budget.fixed and not budget.told:
+            note(f"--minutes {cfg.minutes:g}: {cfg.steps} steps fit (at most {budget.most})")
+            budget.told = True
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics["val_loss"] = evaluate(model, data.val, autocast, world)
         if rank == 0:
@@ -321,7 +332,7 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
                 log.flush()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             save_checkpoint(out / "checkpoints" / f"step_{step:06d}", model, opt, loader, tok, step, cfg,
-                            data.files, ep)
+                            data.files, ep, budget)
         _barrier(world)
     bar.close()
     if log:
@@ -330,7 +341,8 @@ def train(cfg: TrainConfig, stop_at: int | None = None, data_fn: Callable = pret
 
 
 def _check_same_trajectory(cfg: TrainConfig, saved: dict, ckpt: Path, saved_world: int = 1, world: int = 1):
-    changed = {k: (saved.get(k), getattr(cfg, k)) for k in cfg.TRAJECTORY if saved.get(k) != getattr(cfg, k)}
+    saved = {k: getattr(type(cfg), k, None) for k in cfg.TRAJECTORY} | saved  # older runs lack later fields: defaults
+    changed = {k: (saved[k], getattr(cfg, k)) for k in cfg.TRAJECTORY if saved[k] != getattr(cfg, k)}
     saved_batch = saved["batch_size"] * saved["grad_accum"] * saved_world  # the global batch: any split over ranks
     if saved_batch != cfg.batch_size * cfg.grad_accum * world:
         changed["batch_size × grad_accum × processes"] = (saved_batch, cfg.batch_size * cfg.grad_accum * world)
