@@ -3,7 +3,8 @@ llama.cpp (BF16, Q8_0, Q4_K_M) and transformers' generate on the same weights, v
 memory-bandwidth roofline; and the Engine's aggregate tokens/s at batch 1, 8 and 32 (eager and
 compiled decode steps); the prefill of one 512- or 4,000-token prompt, side by side, in bf16 and
 (`qprefill`) quantized beside llama.cpp's Q8_0 and Q4_K_M; and a batch-32 decode step against its
-floor (`batch_floor`: the weights it must read, once, at the measured bandwidth).
+floor (`batch_floor`: the weights it must read, once, at the measured bandwidth, and read right
+after each step).
 
 Side by side: the batch-1 rows run round-robin, one decode of each per round, medians of the rounds,
 so load on the machine falls on all alike. llama.cpp runs through llama-cpp-python (the bench extra:
@@ -210,15 +211,37 @@ def quant_prefill_table(models, cfg, folder: str, threads: int, reps: int) -> No
             print(f"| {name} | {n} | {v:.0f} | {vs} | {v / tok_s['openk2 bf16, Engine']:.2f}× |")
 
 
+class Streamer:
+    """The time to read `nbytes` once, measured now: an fp32 sum over a slice of a 1 GiB buffer, each call
+    a slice the last calls did not touch (so it comes from memory, as a step's weights do). A decode
+    step's floor taken beside the step itself moves with the machine as the step does; a bandwidth
+    measured once, minutes earlier, does not (on a shared 2-core machine the same step drifted 12.7-18.3
+    ms within half an hour, 2026-12-07)."""
+
+    def __init__(self):
+        self.buf, self.at = torch.ones(2**30 // 4), 0
+
+    def __call__(self, nbytes: float) -> float:
+        n = int(nbytes) // 4
+        if self.at + n > self.buf.numel():
+            self.at = 0
+        part, self.at = self.buf[self.at:self.at + n], self.at + n
+        t0 = time.perf_counter()
+        part.sum()
+        return time.perf_counter() - t0
+
+
 def batch_floor(model, cfg, gbs: float, batch: int = 32, steps: int = 24) -> None:
     """A decode step at `batch` rows against its own floor: the time to stream, once, the weights that
     step must read — every non-expert weight and the union of the routed experts its rows chose, per
-    layer — at the bandwidth measured in this run. The unions come from an eager engine (its MoE
-    layers record their per-expert load); the step times from a compiled one, on the same prompts."""
+    layer — at the bandwidth measured at the start of this run, and read right after each step (a
+    `Streamer` of that step's bytes; the median of the steps' ratios). The unions come from an eager
+    engine (its MoE layers record their per-expert load); the step times from a compiled one, on the
+    same prompts, step for step."""
     expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
     rest = active_bytes(cfg, "bf16") - cfg.n_moe_layers * cfg.num_experts_per_tok * expert_bytes
     moe = [layer.mlp for layer in model.layers if layer.mlp.__class__.__name__ == "MoE"]
-    stats = {}
+    stream, times, unions, beside = Streamer(), {}, [], {}
     for compile in (False, True):
         engine = Engine(model, EngineConfig(cache_tokens=batch * (PROMPT + steps + 8), max_batch=batch,
                                             compile=compile))
@@ -227,23 +250,30 @@ def batch_floor(model, cfg, gbs: float, batch: int = 32, steps: int = 24) -> Non
         for _ in range(batch):
             engine.add_request(torch.randint(0, cfg.vocab_size // 2, (PROMPT,), generator=gen).tolist(),
                                SamplingParams(max_tokens=steps))
-        times, unions = [], []
+        times[compile], beside[compile] = [], []
         while engine.has_work():
             decoding = len(engine.running) == batch and all(r.prefilled == len(r.prompt) for r in engine.running)
             t0 = time.perf_counter()
             engine.step()
             if decoding:
-                times.append(time.perf_counter() - t0)
-                unions.append(sum(int((m.load > 0).sum()) for m in moe))
-        stats[compile] = (statistics.median(times), statistics.median(unions))
-    union = stats[False][1]
+                times[compile].append(time.perf_counter() - t0)
+                if not compile:
+                    unions.append(sum(int((m.load > 0).sum()) for m in moe))
+                union = unions[min(len(times[compile]), len(unions)) - 1]  # the eager run's at this step
+                beside[compile].append(stream(rest + union * expert_bytes))
+    union = statistics.median(unions)
     floor = (rest + union * expert_bytes) / (gbs * 1e9)
-    print(f"\n| decode step, {batch} rows, bf16 | ms | vs floor |\n| --- | ---: | ---: |")
-    print(f"| floor: {rest / 1e6:.0f} MB + {union:.0f} experts ({union * expert_bytes / 1e6:.0f} MB) "
-          f"at {gbs:.1f} GB/s | {floor * 1e3:.1f} | 1.00× |")
+    near = statistics.median(beside[True])
+    print(f"\n| decode step, {batch} rows, bf16 | ms | vs floor | vs the floor read beside it |\n"
+          "| --- | ---: | ---: | ---: |")
+    print(f"| floor: {rest / 1e6:.0f} MB + {union:.0f} experts ({union * expert_bytes / 1e6:.0f} MB) at {gbs:.1f} "
+          f"GB/s; read beside the compiled steps: {near * 1e3:.1f} ms, {floor * gbs / near:.1f} GB/s | "
+          f"{floor * 1e3:.1f} | 1.00× | |")
     for compile in (False, True):
-        print(f"| {'compiled' if compile else 'eager'} step | {stats[compile][0] * 1e3:.1f} | "
-              f"{stats[compile][0] / floor:.2f}× |")
+        step = statistics.median(times[compile])
+        ratio = statistics.median(t / s for t, s in zip(times[compile], beside[compile]))
+        print(f"| {'compiled' if compile else 'eager'} step | {step * 1e3:.1f} | {step / floor:.2f}× | "
+              f"{ratio:.2f}× |")
 
 
 def aggregate(model, cfg, batch: int, n_requests: int, compile: bool) -> float:
