@@ -223,6 +223,8 @@ class Streamer:
 
     def __call__(self, nbytes: float) -> float:
         n = int(nbytes) // 4
+        if n > self.buf.numel():  # never a shorter read than asked
+            self.buf = torch.ones(2 * n)
         if self.at + n > self.buf.numel():
             self.at = 0
         part, self.at = self.buf[self.at:self.at + n], self.at + n

@@ -25,6 +25,21 @@ def test_the_plan_fits_the_time_left_within_the_bound():
     assert plan(CFG, 10, used_s=10.0, rate_s=0.1, most=100) == (100, False)
 
 
+@pytest.mark.parametrize("decay_frac", [0.0, 0.01, 0.3])
+def test_the_decay_starts_where_the_schedule_leaves_its_peak(decay_frac):
+    for steps in (5, 17, 100, 301):
+        cfg = dataclasses.replace(CFG, steps=steps, decay_frac=decay_frac)
+        below = [s for s in range(cfg.warmup_steps, steps) if loop.lr_at(cfg, s) < cfg.lr]  # past the warm-up
+        assert decay_start(steps, cfg) == below[0]
+
+
+def test_with_no_decay_the_last_step_is_the_first_below_the_peak():
+    cfg = dataclasses.replace(CFG, decay_frac=0.0)
+    steps, fixed = plan(cfg, 20, used_s=40.0, rate_s=1.0, most=100)  # spent: one more step, at the final rate
+    assert (steps, fixed) == (21, True) and loop.lr_at(dataclasses.replace(cfg, steps=21), 20) < cfg.lr
+    assert plan(cfg, 3, used_s=0.0, rate_s=1.0, most=4) == (4, True)  # never past --steps; step 3 the last
+
+
 def test_too_late_to_end_in_time_the_decay_starts_at_once():
     # 20 steps run at the peak, the budget spent: the shortest run whose decay starts at step 20
     steps, fixed = plan(CFG, 20, used_s=40.0, rate_s=1.0, most=100)

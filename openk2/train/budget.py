@@ -6,7 +6,7 @@ then the decay over the last `decay_frac` of the steps it will run. While the le
 its peak, after each step (from the `MEASURE`-th on), the step count is planned again from the rate
 measured so far; the plan is fixed once the decay begins. A step at the peak is the same step whatever
 the run's length, so a budgeted run computes what a run with `--steps` set to the count it chose
-computes (tests/test_train.py). A resumed run goes on with the time its checkpoint had used, and with
+computes (tests/test_budget.py). A resumed run goes on with the time its checkpoint had used, and with
 its plan, fixed or not.
 """
 
@@ -22,18 +22,23 @@ CLOCK = time.monotonic  # seconds (tests give it a clock of their own)
 
 
 def decay_start(steps: int, cfg: TrainConfig) -> int:
-    """The first step whose learning rate is below the peak in a run of `steps` steps."""
-    n = max(1, int(steps * cfg.decay_frac)) if cfg.decay_frac else 0
-    return steps - n
+    """The first step whose learning rate is below the peak in a run of `steps` steps (`lr_at`; with no
+    decay, the last step, at the final rate)."""
+    return steps - max(1, int(steps * cfg.decay_frac))
+
+
+def _fits(steps: int, cfg: TrainConfig) -> bool:
+    """TrainConfig's own rule: warm-up and decay within the run, one step at least between them."""
+    return cfg.warmup_steps + (max(1, int(steps * cfg.decay_frac)) if cfg.decay_frac else 0) <= steps - 1
 
 
 def plan(cfg: TrainConfig, step: int, used_s: float, rate_s: float, most: int) -> tuple[int, bool]:
     """(steps, fixed): the run's step count after `step` steps that used `used_s` seconds of the budget, at
-    `rate_s` seconds a step from here on; at most `most` steps and at least what keeps the steps run so far
-    at the peak. Fixed once the next step's learning rate is below the peak."""
-    fits = step + int(max(0.0, cfg.minutes * 60 - used_s) / rate_s)
-    steps = max(min(most, fits), cfg.warmup_steps + 2)
-    while decay_start(steps, cfg) < max(step, cfg.warmup_steps + 1):  # too late to end that soon
+    `rate_s` seconds a step from here on; at most `most` steps (a valid run whose decay starts after `step`:
+    the caller plans only then) and at least what keeps the steps run so far at the peak. Fixed once the
+    next step's learning rate is below the peak."""
+    steps = max(1, min(most, step + int(max(0.0, cfg.minutes * 60 - used_s) / rate_s)))
+    while not _fits(steps, cfg) or decay_start(steps, cfg) < step:  # too late to end that soon
         steps += 1
     return steps, decay_start(steps, cfg) <= step
 
