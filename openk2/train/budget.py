@@ -24,12 +24,12 @@ CLOCK = time.monotonic  # seconds (tests give it a clock of their own)
 def decay_start(steps: int, cfg: TrainConfig) -> int:
     """The first step whose learning rate is below the peak in a run of `steps` steps (`lr_at`; with no
     decay, the last step, at the final rate)."""
-    return steps - max(1, int(steps * cfg.decay_frac))
+    return steps - max(1, cfg.decay_steps_of(steps))
 
 
 def _fits(steps: int, cfg: TrainConfig) -> bool:
     """TrainConfig's own rule: warm-up and decay within the run, one step at least between them."""
-    return cfg.warmup_steps + (max(1, int(steps * cfg.decay_frac)) if cfg.decay_frac else 0) <= steps - 1
+    return cfg.warmup_steps + cfg.decay_steps_of(steps) <= steps - 1
 
 
 def plan(cfg: TrainConfig, step: int, used_s: float, rate_s: float, most: int) -> tuple[int, bool]:
@@ -57,11 +57,12 @@ class StepBudget:
 
     def replan(self, cfg: TrainConfig, step: int, world: int = 1) -> int | None:
         """After `step` steps: the new step count, or None to keep the one planned (fixed, too few steps
-        timed yet, or the decay of the plan begun: a resumed run times steps anew). Collective: every
-        rank takes rank 0's plan (their clocks differ; their step counts must not)."""
-        steps = None
-        if not self.fixed and decay_start(cfg.steps, cfg) <= step:
+        timed yet, or the decay of the plan begun: a resumed run times steps anew). Collective until that
+        decay begins: every rank takes rank 0's plan (their clocks differ; their step counts must not)."""
+        if decay_start(cfg.steps, cfg) <= step:  # the plan's decay has begun: final, alike on every rank
             self.fixed = True
+            return None
+        steps = None
         if not self.fixed and step - self.first >= MEASURE:
             now = CLOCK()
             rate = (now - self.started) / (step - self.first)

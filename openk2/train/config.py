@@ -80,7 +80,11 @@ class TrainConfig:
 
     @property
     def decay_steps(self) -> int:
-        return max(1, int(self.steps * self.decay_frac)) if self.decay_frac else 0
+        return self.decay_steps_of(self.steps)
+
+    def decay_steps_of(self, steps: int) -> int:
+        """The decay's length in a run of `steps` steps (the last `decay_frac` of them, one at least)."""
+        return max(1, int(steps * self.decay_frac)) if self.decay_frac else 0
 
     # fields that shape the training trajectory: a resumed run must keep them
     TRAJECTORY = ("model", "steps", "minutes", "lr", "final_lr_frac", "warmup_steps", "decay_frac", "optimizer",
