@@ -148,3 +148,65 @@ def test_gradients_on_kept_memory_survive_accumulation_and_holders():
     loss().backward()
     for p, g in zip(stacks, once):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_avoided_targets_are_unlikelihood_rows(small_chunks, autocast):
+    """A target t <= AVOID: -log(1 - p) of the token AVOID - t, beside ordinary rows and ignored ones, in
+    several chunks and blocks (bf16: the last one padded); loss and gradients against the same computed
+    from the whole logits."""
+    cfg = PRESETS["k2-tiny"]
+    model = build_model(cfg, seed=5).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 71), generator=torch.Generator().manual_seed(1))
+    x, y = ids[:, :-1], ids[:, 1:].clone()
+    y[0, :9] = -100
+    avoid = torch.zeros_like(y, dtype=torch.bool)
+    avoid[0, 20:25], avoid[1, 3], avoid[1, 60:] = True, True, True
+    y[avoid] = head_loss.AVOID - y[avoid]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logp = torch.log_softmax(model(x).float(), -1)
+    keep = y != -100
+    tok = torch.where(avoid, head_loss.AVOID - y, y).clamp(min=0)
+    lp = logp.gather(-1, tok[..., None])[..., 0]
+    ref = torch.where(avoid, -torch.log1p(-lp.exp()), -lp)[keep].mean()
+    g_ref = _grads(model, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused = model(x, targets=y)
+    g = _grads(model, fused)
+    if not autocast:
+        torch.testing.assert_close(fused, ref, rtol=1e-6, atol=0)
+        for name in g_ref:
+            torch.testing.assert_close(g[name], g_ref[name], rtol=1e-4, atol=1e-8, msg=name)
+    else:  # as in the test above: the same bf16 products, the weight's gradient summed per block
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=0)
+        assert _rel(g["lm_head.weight"], g_ref["lm_head.weight"]) < 0.01
+        assert max(_rel(g[n], g_ref[n]) for n in g_ref) < 0.03
+    y_plain = torch.where(avoid, -100, y)  # without avoided rows the loss is the plain one of the rest
+    assert model(x, targets=y_plain).item() == pytest.approx(lm_loss(model(x), y_plain).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("gap", [0.0, 12.0, 30.0])
+def test_an_avoided_token_near_certain_keeps_its_loss_and_gradient(gap):
+    """p_a from ~1/V to 1 - 6e-12: the loss and the logits' gradient equal float64's
+    -log(1 - p_a) and (p_a / (1 - p_a))·(onehot_a - p), where 1 - p_a computed in fp32 would be 0."""
+    V, D, a = 64, 8, 5
+    h = torch.zeros(3, D)
+    h[:, 0] = 1.0
+    w = torch.randn(V, D, generator=torch.Generator().manual_seed(0)) * 0.1
+    w[a, 0] += gap  # row a's logit `gap` above the rest
+    w.requires_grad_(True)
+    t = torch.tensor([head_loss.AVOID - a, 7, head_loss.AVOID - a])
+    loss = head_loss.LinearCrossEntropy.apply(h, w, t, torch.float32, True)
+    loss.backward()
+    z = (h.double() @ w.detach().double().T)
+    p = z.softmax(-1)
+    rest = torch.cat([z[:, :a], z[:, a + 1:]], -1).logsumexp(-1)
+    lossd = torch.stack([z[0].logsumexp(-1) - rest[0], -p[1, 7].log(), z[2].logsumexp(-1) - rest[2]])
+    g = p.clone()
+    g[1, 7] -= 1
+    for r in (0, 2):
+        c = p[r, a] / torch.exp(rest[r] - z[r].logsumexp(-1))  # 1 - p_a, exactly
+        g[r] = c * (torch.nn.functional.one_hot(torch.tensor(a), V).double() - p[r])
+    assert loss.item() == pytest.approx(lossd.mean().item(), rel=1e-5)
+    torch.testing.assert_close(w.grad.double(), (g / 3).T @ h.double(), rtol=1e-4, atol=1e-7)
+    assert math.isfinite(loss.item()) and w.grad.abs().max() < 2

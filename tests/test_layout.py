@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "config.py": 250, "cli.py": 230, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
     "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 130, "model/rows.py": 50,
-    "model/expert_loop.py": 90, "model/head_loss.py": 80, "model/kept.py": 40,
+    "model/expert_loop.py": 90, "model/head_loss.py": 110, "model/kept.py": 40,
     "checkpoint/hf.py": 325,
     "engine/sampler.py": 100,
     "engine/generate.py": 100, "engine/engine.py": 330, "engine/kv_cache.py": 200, "engine/decode.py": 300,
@@ -32,7 +32,7 @@ BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "envs/__init__.py": 60, "envs/expr.py": 80, "envs/spec.py": 165, "envs/world.py": 235, "envs/tasks.py": 275,
     "envs/rubric.py": 160, "envs/oracle.py": 175, "envs/splits.py": 100, "envs/judge.py": 150, "envs/synth.py": 320,
     "envs/evaluate.py": 290, "envs/teacher.py": 250, "envs/play.py": 60, "envs/simulated.py": 275,
-    "agent/terminal.py": 180, "tokenizer/sft.py": 150, "data/packing.py": 200, "train/sft.py": 200,
+    "agent/terminal.py": 180, "tokenizer/sft.py": 165, "data/packing.py": 200, "train/sft.py": 200,
     "train/budget.py": 90,
     "sampling.py": 45, "rl/objective.py": 100, "rl/rollout.py": 200, "rl/rewards.py": 150, "rl/config.py": 120,
     "rl/loop.py": 300, "train/plot.py": 130, "pipeline.py": 200, "offload/store.py": 180, "offload/cache.py": 245,

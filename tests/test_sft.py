@@ -465,3 +465,62 @@ def test_loss_on_kept_positions_equals_the_full_loss():
     torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-6)
     for a, b in zip(full_g, kept_g):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+REFUSED = [{"role": "user", "content": "Order SKU-1 twice."},
+           {"role": "assistant", "weight": 0, "content": "Calling place_order with sku SKU-1.",
+            "tool_calls": [{"type": "function", "function": {"name": "place_order", "arguments": '{"sku": "SKU-1"}'}}]},
+           {"role": "tool", "tool_call_id": "functions.place_order:0", "name": "place_order",
+            "content": "Error: there is no tool named 'place_order'; the tools are: plan_trip, get_weather."},
+           {"role": "assistant", "weight": 0, "content": "No place_order here. Calling place_order with sku SKU-1.",
+            "tool_calls": [{"type": "function", "function": {"name": "place_order", "arguments": '{"sku": "SKU-1"}'}}]},
+           {"role": "tool", "tool_call_id": "functions.place_order:1", "name": "place_order", "content": "Error: …"},
+           {"role": "assistant", "content": "I cannot order here."}]
+PLAN_TRIP = {"type": "function", "function": {"name": "plan_trip", "parameters": {"type": "object"}}}
+
+
+def test_refused_calls_mark_the_token_that_leaves_the_declared_names():
+    """`avoid_refused`: in each weight-0 turn that calls an undeclared tool, the token where the name
+    first differs from every declared one ("plan_trip" is declared: "pla" is shared, the "c" of
+    "place_order" is the first that is not), once, at the name's last mention in the text (the call's
+    id, a copy of it, is not marked); "No place_order here." (an earlier mention) is not marked;
+    nothing else changes."""
+    from openk2.tokenizer.sft import AVOID_MARK
+    tools = TOOLS + [PLAN_TRIP]
+    ids, mask = encode_with_mask(TOK, copy.deepcopy(REFUSED), tools)
+    ids2, mask2 = encode_with_mask(TOK, copy.deepcopy(REFUSED), tools, None, True)
+    assert ids2 == ids and all(m in (0, 1) for m in mask)
+    marked = [i for i, m in enumerate(mask2) if m == AVOID_MARK]
+    assert [m for i, m in enumerate(mask2) if i not in marked] == [m for i, m in enumerate(mask) if i not in marked]
+    before = [TOK.decode(ids[:i]) for i in marked]  # byte-level: the text before each marked token
+    assert len(before) == 2 and all(b.endswith("Calling pla") for b in before)
+    assert all(TOK.decode([ids[i]]) == "c" for i in marked)
+    assert before[1].endswith("No place_order here. Calling pla")  # the second turn: its last mention only
+    no_tools = encode_with_mask(TOK, copy.deepcopy(REFUSED), None, None, True)[1]
+    assert AVOID_MARK not in no_tools  # nothing is declared, so no call is known to be refused
+
+
+def test_avoided_tokens_pack_as_avoid_targets():
+    from openk2.data.packing import build_row
+    from openk2.model.head_loss import AVOID
+    ids, mask = encode_with_mask(TOK, copy.deepcopy(REFUSED), TOOLS, None, True)
+    x, y, seg = build_row([(ids, mask)], [0], 800)
+    n = len(ids) - 1
+    want = [t if m == 1 else AVOID - t if m == 2 else IGNORE for t, m in zip(ids[1:], mask[1:])]
+    assert y[:n].tolist() == want and (y[n:] == IGNORE).all() and (y <= AVOID).sum() == mask.count(2) == 2
+
+
+def test_refused_marks_at_the_call_a_prefix_name_and_not_in_arguments():
+    """A refused turn that names its tool only in the call: the call's id is marked. A refused name that
+    begins a declared one ("plan" of "plan_trip"): the token after it. A mention inside the arguments is
+    not a commitment and is not marked."""
+    from openk2.tokenizer.sft import AVOID_MARK
+    dialog = [{"role": "user", "content": "Plan it."},
+              {"role": "assistant", "weight": 0, "content": "",
+               "tool_calls": [{"type": "function", "function": {"name": "plan", "arguments": '{"note": "plan"}'}}]},
+              {"role": "tool", "tool_call_id": "functions.plan:0", "name": "plan", "content": "Error: no plan."},
+              {"role": "assistant", "content": "Done."}]
+    ids, mask = encode_with_mask(TOK, dialog, TOOLS + [PLAN_TRIP], None, True)
+    marked = [i for i, m in enumerate(mask) if m == AVOID_MARK]
+    assert len(marked) == 1
+    assert TOK.decode(ids[:marked[0]]).endswith("functions.plan") and TOK.decode([ids[marked[0]]]) == ":"

@@ -12,6 +12,11 @@ The numbers are those of `lm_loss(F.linear(h, w), targets)` under autocast: prod
 dtype, logits rounded to it, softmax in fp32, the logits' gradient rounded to it for the products.
 The weight's gradient sums the blocks' products in the weight's dtype (one block: one product, as
 unfused; tests/test_head_loss.py bounds the difference). Differentiable once.
+
+A target t <= AVOID asks the opposite of its token a = AVOID - t (unlikelihood, Welleck et al. 2019):
+that row's loss is -log(1 - p_a), its logits' gradient (p_a / (1 - p_a))·(onehot_a - p) (`_mixed_rows`
+takes both in a form that stays exact as p_a nears 1); such rows count in the mean like the others.
+SFT marks the names of refused tool calls so (`tokenizer/sft.py`).
 """
 
 import torch
@@ -19,6 +24,7 @@ import torch
 from openk2.model.kept import kept_cast, kept_empty
 from openk2.model.rows import matmul_dtype, pad_rows
 
+AVOID = -1000  # a target at or below: the token AVOID - t is to be avoided (see the module docstring)
 CHUNK = 256  # rows: k2-small's 256 × 8,192 fp32 logits are 8 MB
 BLOCK_BYTES = 32 << 20  # the logits' gradient (products' dtype) is multiplied by a block of this many bytes
 
@@ -36,6 +42,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         dw_VD = kept_empty(w_VD, "grad", w_VD.shape, w_VD.dtype) if need_w else None
         total = torch.zeros((), dtype=torch.float64, device=h_ND.device)
         block = max(CHUNK, BLOCK_BYTES // (V * dtype.itemsize) // CHUNK * CHUNK)  # rows, whole chunks
+        avoiding = bool((targets_N <= AVOID).any())
         for b0 in range(0, N, block):  # a block: its chunks' logits, then its two products
             n_b = min(block, N - b0)
             h_b = pad_rows(h[b0:b0 + n_b], dtype)  # the last block's count varies: padded (zero rows)
@@ -45,12 +52,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 t_c = targets_N[b0 + c0:b0 + c0 + rows, None]
                 logits = (h_c @ w.mT).float()
                 lse = logits.logsumexp(-1, keepdim=True)
-                total += (lse[:rows] - logits[:rows].gather(1, t_c)).sum()
+                if avoiding:
+                    total += _mixed_rows(logits, lse, t_c, rows, g_b is not None)
+                else:
+                    total += (lse[:rows] - logits[:rows].gather(1, t_c)).sum()
+                    if g_b is not None:
+                        p = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                        p[rows:] = 0
+                        p[:rows].scatter_add_(1, t_c, p.new_full(t_c.shape, -1.0))
                 if g_b is not None:
-                    p = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                    p[rows:] = 0
-                    p[:rows].scatter_add_(1, t_c, p.new_full(t_c.shape, -1.0))
-                    g_b[c0:c0 + len(h_c)] = p.mul_(1.0 / N)
+                    g_b[c0:c0 + len(h_c)] = logits.mul_(1.0 / N)  # the gradient, left in place of the logits
             if need_h:
                 dh_ND[b0:b0 + n_b] = (g_b @ w)[:n_b]
             if need_w:  # one product a block (k2-small's 2,048 rows: one, rounded once as unfused)
@@ -65,6 +76,26 @@ class LinearCrossEntropy(torch.autograd.Function):
         if not bool(d_loss == 1):  # 1 unless the loss was scaled (accumulation)
             dh_ND, dw_VD = (None if g is None else g * d_loss.to(g.dtype) for g in (dh_ND, dw_VD))
         return dh_ND, dw_VD, None, None, None
+
+
+def _mixed_rows(logits, lse, t_c, rows: int, grad: bool) -> torch.Tensor:
+    """The summed loss of a chunk whose targets include avoided tokens; with `grad`, the logits' gradient
+    (unscaled) written in place of `logits` (rows past `rows`: 0). An avoided row's loss is taken as
+    lse - lse', lse' the log-sum-exp without the avoided token, and its gradient as p - p', p' the softmax
+    without it: the same as from 1 - p_a, and exact however close p_a comes to 1."""
+    avoid = (t_c <= AVOID)[:, 0]
+    tok = torch.where(avoid[:, None], AVOID - t_c, t_c)
+    loss = lse[:rows, 0] - logits[:rows].gather(1, tok)[:, 0]
+    at = avoid.nonzero()[:, 0]
+    z = logits[at].scatter_(1, tok[at], float("-inf"))  # the avoided rows' logits without their token
+    rest = z.logsumexp(-1, keepdim=True)
+    loss[at] = lse[at, 0] - rest[:, 0]
+    if grad:
+        p = logits.sub_(lse).exp_()  # softmax, in place of the logits
+        p[rows:] = 0
+        p[:rows].scatter_add_(1, tok, torch.where(avoid, 0.0, -1.0)[:, None])
+        p[at] -= z.sub_(rest).exp_()
+    return loss.sum()
 
 
 def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torch.Tensor) -> torch.Tensor:

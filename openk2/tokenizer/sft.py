@@ -13,12 +13,20 @@ whole conversation's ids, else the template renders earlier turns differently on
 follow (K2-Thinking drops the reasoning of finished turns) and no single sequence trains each turn as
 it was generated: such a conversation is an error. Rendering and encoding go through `encode_chat`,
 so special-token strings inside values stay text and cannot fake a turn.
+
+`avoid_refused`: a weight-0 assistant turn that calls a tool the conversation does not declare (a
+refused call, as `openk2 synth`'s corrections write them) also marks, with mask 2, the token of the
+undeclared name where it first leaves every declared name, once, where the turn commits to the name:
+its last mention in the turn's text ("… Calling place_order with …"), else the call itself. Training then
+lowers that token's probability there (unlikelihood, `model/head_loss.py`): the model learns the state
+it must not repeat, where weight 0 alone only shows it.
 Not here: packing (`openk2.data.packing`), training (`openk2.train.sft`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from openk2.tokenizer.protect import encode_chat
@@ -77,10 +85,45 @@ def read_jsonl(path: str | Path) -> list[tuple[int, list[dict], list[dict] | Non
     return out
 
 
+AVOID_MARK = 2  # mask value: ids[i] is a token to avoid at that position (see the module docstring)
+
+
+def declared_names(tools: list[dict] | None) -> set[str]:
+    return {(t.get("function") or t).get("name") for t in tools or []} - {None}
+
+
+def avoid_positions(tokenizer, ids: list[int], start: int, end: int, names: list[str],
+                    declared: set[str]) -> list[int]:
+    """Indices in ids[start:end] (one refused turn, rendered) of the token where each of `names` (its
+    undeclared calls) first leaves every declared name (or, if it is a prefix of one, ends), where the
+    turn commits to it: its last mention in the text before the calls, else its first in the calls
+    (K2's call id, `functions.NAME:IDX`)."""
+    spans, at = [], 0  # each token's byte range in the turn's text
+    for k in range(start, end):
+        n = len(tokenizer.decode_bytes([ids[k]]))
+        spans.append((at, at + n))
+        at += n
+    text = tokenizer.decode_bytes(ids[start:end])
+    section = tokenizer.token_id("<|tool_calls_section_begin|>")
+    calls_at = next((spans[k - start][0] for k in range(start, end) if ids[k] == section), len(text))
+    known = [d.encode() for d in declared]
+    out = set()
+    for name in map(str.encode, names):  # whole words only: "add" is not a mention inside "address"
+        found = [m.start() for m in re.finditer(rb"(?<![\w])" + re.escape(name) + rb"(?![\w])", text)]
+        said = [o for o in found if o < calls_at][-1:] or [o for o in found if o >= calls_at][:1]
+        for o in said:
+            k = next((k for k, (_, e) in enumerate(spans) if e > o and (e - o > len(name) or not any(
+                d.startswith(name[:e - o]) for d in known))), None)
+            if k is not None:  # None: the turn ends inside a name some declared one begins with
+                out.add(start + k)
+    return sorted(out)
+
+
 def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None = None, template: str | None = None,
-                     **variables) -> tuple[list[int], list[int]]:
+                     avoid_refused: bool = False, **variables) -> tuple[list[int], list[int]]:
     """(ids, mask) of one conversation, rendered without a generation prompt; mask[i] = 1 where ids[i]
-    is a token of an assistant message of weight 1 (see the module docstring)."""
+    is a token of an assistant message of weight 1, and with `avoid_refused` AVOID_MARK where it is the
+    token to avoid in a refused call (see the module docstring)."""
     from openk2.tokenizer.chat import assign_tool_call_ids
     messages = assign_tool_call_ids(messages)
 
@@ -89,17 +132,26 @@ def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None =
 
     ids = enc(messages, False)
     mask = [0] * len(ids)
+    declared = declared_names(tools)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if i == 0:
             raise ValueError("the conversation opens with an assistant message; it needs a system or user turn first")
-        if not weight_of(message, f"message {i}"):
+        refused = [c["function"]["name"] for c in message.get("tool_calls") or []
+                   if c["function"]["name"] not in declared] if avoid_refused and declared else []
+        if not weight_of(message, f"message {i}") and not refused:
             continue  # a turn at weight 0 keeps mask 0: no need to render it to find its span
         head, upto = enc(messages[:i], True), enc(messages[:i + 1], False)
         if upto[:len(head)] != head or ids[:len(upto)] != upto:
+            if refused and not weight_of(message, ""):
+                continue  # a refused turn the template renders otherwise later: left unmarked, as without the flag
             raise ValueError(f"the chat template renders the turns before message {i} differently once later "
                              "turns follow, so no single sequence trains every assistant turn; split the "
                              "conversation into one example per assistant turn")
-        mask[len(head):len(upto)] = [1] * (len(upto) - len(head))
+        if weight_of(message, f"message {i}"):
+            mask[len(head):len(upto)] = [1] * (len(upto) - len(head))
+        else:
+            for k in avoid_positions(tokenizer, ids, len(head), len(upto), refused, declared):
+                mask[k] = AVOID_MARK
     return ids, mask

@@ -25,7 +25,7 @@ from openk2.config import ModelConfig
 from openk2.data.packing import PackedSFTLoader, fit_examples, sft_val_batches
 from openk2.tokenizer import Tokenizer, load_chat_template
 from openk2.tokenizer.chat import template_variables
-from openk2.tokenizer.sft import encode_with_mask, read_jsonl
+from openk2.tokenizer.sft import AVOID_MARK, encode_with_mask, read_jsonl
 from openk2.train.config import TrainConfig, add_config_flags
 from openk2.train.loop import RunData, check_fits, train
 
@@ -35,8 +35,9 @@ class SFTConfig(TrainConfig):
     checkpoint: str = ""  # the HF folder to fine-tune: weights, tokenizer, chat template
     long: str = "truncate"  # conversations over seq_len + 1 ids: truncate | drop (counted either way)
     context: int = 0  # fine-tune for a longer context (YaRN factor rescaled to it); 0: the checkpoint's
+    avoid_refused: bool = False  # unlikelihood on the names of refused calls (weight-0 turns calling undeclared tools)
 
-    TRAJECTORY = TrainConfig.TRAJECTORY + ("checkpoint", "long", "context")
+    TRAJECTORY = TrainConfig.TRAJECTORY + ("checkpoint", "long", "context", "avoid_refused")
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,13 +83,14 @@ def chat_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
     return Tokenizer.byte_level(vocab_size, str(folder))
 
 
-def encode_file(path, tok: Tokenizer, template: str | None, variables: dict, show: bool):
+def encode_file(path, tok: Tokenizer, template: str | None, variables: dict, show: bool, avoid_refused: bool = False):
     """(ids, mask) of every conversation of the JSONL file; errors name the line. Reasoning the template
-    does not write (the built-in K2 template has none) cannot be trained: such lines are counted, said."""
+    does not write (the built-in K2 template has none) cannot be trained: such lines are counted, said.
+    `avoid_refused`: see `tokenizer/sft.py`."""
     out, unwritten = [], 0
     for n, messages, tools in tqdm(read_jsonl(path), desc="render", unit="conv", disable=not show, leave=False):
         try:
-            out.append(encode_with_mask(tok, messages, tools, template, **variables))
+            out.append(encode_with_mask(tok, messages, tools, template, avoid_refused, **variables))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}:{n}: {e}") from None
         thoughts = [m["reasoning_content"] for m in messages if m["role"] == "assistant" and m.get("reasoning_content")]
@@ -107,22 +109,26 @@ def sft_data(cfg: SFTConfig, rank: int, world: int) -> RunData:
     if tok.n_vocab > model_cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.n_vocab} ids, the model {model_cfg.vocab_size} embedding rows")
     template = load_chat_template(folder)
-    examples = encode_file(cfg.data, tok, template, template_variables(folder) if template else {}, rank == 0)
+    examples = encode_file(cfg.data, tok, template, template_variables(folder) if template else {}, rank == 0,
+                           cfg.avoid_refused)
     if len(examples) < 2:
         raise ValueError(f"{cfg.data}: {len(examples)} conversation(s) cannot give both a training and a "
                          "validation split")
     order = np.random.default_rng(cfg.seed).permutation(len(examples))
     n_val = max(1, round(len(examples) * cfg.val_fraction))
     train_ex, counts = fit_examples([examples[i] for i in order[n_val:]], cfg.seq_len, cfg.long)
-    val_ex, _ = fit_examples([examples[i] for i in sorted(order[:n_val])], cfg.seq_len, cfg.long)
+    val_ex, _ = fit_examples([(ids, [int(m == 1) for m in mask]) for ids, mask in  # val loss: cross entropy only
+                              (examples[i] for i in sorted(order[:n_val]))], cfg.seq_len, cfg.long)
     if not train_ex or not val_ex:
         raise ValueError(f"no conversation left for {'training' if not train_ex else 'validation'} after "
                          f"fitting to seq_len {cfg.seq_len} ({counts}); raise --seq-len or add data")
     loader = PackedSFTLoader(train_ex, cfg.batch_size, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
     val = sft_val_batches(val_ex, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank=rank, world_size=world)
-    loss_tokens = sum(sum(m[1:]) for _, m in train_ex)
+    loss_tokens = sum(m[1:].count(1) for _, m in train_ex)
     summary = {"conversations": len(examples), "train": len(train_ex), "val": len(val_ex), **counts,
                "loss_tokens": loss_tokens, "pack_fill": round(loader.fill(), 4)}
+    if cfg.avoid_refused:
+        summary["avoided_tokens"] = sum(m[1:].count(AVOID_MARK) for _, m in train_ex)
     if rank == 0:
         print(f"[openk2] sft data: {summary}", file=sys.stderr, flush=True)
     return RunData(tok, model_cfg, loader, val,
