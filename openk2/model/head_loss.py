@@ -14,7 +14,7 @@ The weight's gradient sums the blocks' products in the weight's dtype (one block
 unfused; tests/test_head_loss.py bounds the difference). Differentiable once.
 
 A target t <= AVOID asks the opposite of its token a = AVOID - t (unlikelihood, Welleck et al. 2019):
-that row's loss is -log(1 - p_a), its logits' gradient (p_a / (1 - p_a))·(onehot_a - p) (`_mixed_rows`
+that row's loss is -log(1 - p_a), its logits' gradient (p_a / (1 - p_a))·(onehot_a - p) (`_chunk_loss`
 takes both in a form that stays exact as p_a nears 1); such rows count in the mean like the others.
 SFT marks the names of refused tool calls so (`tokenizer/sft.py`).
 """
@@ -52,14 +52,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 t_c = targets_N[b0 + c0:b0 + c0 + rows, None]
                 logits = (h_c @ w.mT).float()
                 lse = logits.logsumexp(-1, keepdim=True)
-                if avoiding:
-                    total += _mixed_rows(logits, lse, t_c, rows, g_b is not None)
-                else:
-                    total += (lse[:rows] - logits[:rows].gather(1, t_c)).sum()
-                    if g_b is not None:
-                        p = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                        p[rows:] = 0
-                        p[:rows].scatter_add_(1, t_c, p.new_full(t_c.shape, -1.0))
+                total += _chunk_loss(logits, lse, t_c, rows, g_b is not None, avoiding)
                 if g_b is not None:
                     g_b[c0:c0 + len(h_c)] = logits.mul_(1.0 / N)  # the gradient, left in place of the logits
             if need_h:
@@ -78,23 +71,28 @@ class LinearCrossEntropy(torch.autograd.Function):
         return dh_ND, dw_VD, None, None, None
 
 
-def _mixed_rows(logits, lse, t_c, rows: int, grad: bool) -> torch.Tensor:
-    """The summed loss of a chunk whose targets include avoided tokens; with `grad`, the logits' gradient
-    (unscaled) written in place of `logits` (rows past `rows`: 0). An avoided row's loss is taken as
-    lse - lse', lse' the log-sum-exp without the avoided token, and its gradient as p - p', p' the softmax
-    without it: the same as from 1 - p_a, and exact however close p_a comes to 1."""
-    avoid = (t_c <= AVOID)[:, 0]
-    tok = torch.where(avoid[:, None], AVOID - t_c, t_c)
-    loss = lse[:rows, 0] - logits[:rows].gather(1, tok)[:, 0]
-    at = avoid.nonzero()[:, 0]
-    z = logits[at].scatter_(1, tok[at], float("-inf"))  # the avoided rows' logits without their token
-    rest = z.logsumexp(-1, keepdim=True)
-    loss[at] = lse[at, 0] - rest[:, 0]
+def _chunk_loss(logits, lse, t_c, rows: int, grad: bool, avoiding: bool) -> torch.Tensor:
+    """The summed loss of a chunk's `rows` real rows; with `grad`, the logits' gradient (unscaled) written
+    in place of `logits` (rows past `rows`: 0). With `avoiding` (the batch holds avoided targets), an
+    avoided row's loss is taken as lse - lse', lse' the log-sum-exp without the avoided token, and its
+    gradient as p - p', p' the softmax without it: the same as from 1 - p_a, and exact however close
+    p_a comes to 1. Without, the plain cross entropy's operations alone (pretraining's path)."""
+    if avoiding:
+        avoid = (t_c <= AVOID)[:, 0]
+        t_c = torch.where(avoid[:, None], AVOID - t_c, t_c)
+        at = avoid.nonzero()[:, 0]
+        z = logits[at].scatter_(1, t_c[at], float("-inf"))  # the avoided rows' logits without their token
+        rest = z.logsumexp(-1, keepdim=True)
+    loss = lse[:rows, 0] - logits[:rows].gather(1, t_c)[:, 0]
+    if avoiding:
+        loss[at] = lse[at, 0] - rest[:, 0]
     if grad:
         p = logits.sub_(lse).exp_()  # softmax, in place of the logits
         p[rows:] = 0
-        p[:rows].scatter_add_(1, tok, torch.where(avoid, 0.0, -1.0)[:, None])
-        p[at] -= z.sub_(rest).exp_()
+        p[:rows].scatter_add_(1, t_c, torch.where(avoid, 0.0, -1.0)[:, None] if avoiding
+                              else p.new_full(t_c.shape, -1.0))
+        if avoiding:
+            p[at] -= z.sub_(rest).exp_()
     return loss.sum()
 
 

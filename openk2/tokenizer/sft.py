@@ -138,18 +138,19 @@ def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None =
             continue
         if i == 0:
             raise ValueError("the conversation opens with an assistant message; it needs a system or user turn first")
+        weight = weight_of(message, f"message {i}")
         refused = [c["function"]["name"] for c in message.get("tool_calls") or []
-                   if c["function"]["name"] not in declared] if avoid_refused and declared else []
-        if not weight_of(message, f"message {i}") and not refused:
+                   if c["function"]["name"] not in declared] if avoid_refused and declared and not weight else []
+        if not weight and not refused:
             continue  # a turn at weight 0 keeps mask 0: no need to render it to find its span
         head, upto = enc(messages[:i], True), enc(messages[:i + 1], False)
         if upto[:len(head)] != head or ids[:len(upto)] != upto:
-            if refused and not weight_of(message, ""):
+            if refused:
                 continue  # a refused turn the template renders otherwise later: left unmarked, as without the flag
             raise ValueError(f"the chat template renders the turns before message {i} differently once later "
                              "turns follow, so no single sequence trains every assistant turn; split the "
                              "conversation into one example per assistant turn")
-        if weight_of(message, f"message {i}"):
+        if weight:
             mask[len(head):len(upto)] = [1] * (len(upto) - len(head))
         else:
             for k in avoid_positions(tokenizer, ids, len(head), len(upto), refused, declared):
