@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "openk2"
 BUDGETS = {  # per-file ceilings (STYLE.md "A starting layout")
     "config.py": 250, "cli.py": 230, "model/norm.py": 40, "model/rope.py": 120, "model/attention.py": 300,
     "model/moe.py": 300, "model/transformer.py": 250, "model/linear.py": 130, "model/rows.py": 50,
-    "model/expert_loop.py": 90, "model/head_loss.py": 110, "model/kept.py": 40,
+    "model/expert_loop.py": 150, "model/head_loss.py": 110, "model/kept.py": 40,
     "checkpoint/hf.py": 325,
     "engine/sampler.py": 100,
     "engine/generate.py": 100, "engine/engine.py": 330, "engine/kv_cache.py": 200, "engine/decode.py": 300,

@@ -117,22 +117,27 @@ def test_bf16_experts_on_cpu_pad_their_rows_and_equal_the_unpadded_loop(tiny, mo
 
 
 def _autograd_expert_loop(experts, x_MD, counts, w_M):
-    """The routed experts as plain autograd sees them: one slice of the stacks per expert."""
+    """The routed experts as plain autograd sees them: one slice of the stacks per expert, each row's
+    hidden scaled by its routing weight."""
     out = []
-    for e, x in enumerate(x_MD.split(counts)):
+    for e, (x, w) in enumerate(zip(x_MD.split(counts), w_M.split(counts))):
         if len(x):
             gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            out.append(torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, experts.down_proj[e]))
-    return torch.cat(out) * w_M[:, None]
+            h = torch.nn.functional.silu(gate) * up * w[:, None]
+            out.append(torch.nn.functional.linear(h, experts.down_proj[e]))
+    return torch.cat(out)
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_expert_loop_backward_equals_autograd(tiny, autocast):
-    """The training loop's hand-written backward gives autograd's gradients of x, both stacks and the
-    routing weights (experts without rows: zero gradient), in fp32 and under bf16 autocast."""
+def test_expert_loop_backward_equals_autograd(tiny, autocast, batched):
+    """The training products' hand-written backward gives autograd's gradients of x, both stacks and the
+    routing weights (experts without rows: zero gradient), in fp32 and under bf16 autocast, in the loop
+    over uneven experts and in the batched layout of even ones."""
     experts = copy.deepcopy(tiny.layers[1].mlp.experts)
     E = experts.gate_up_proj.shape[0]
-    counts = [0, 5, 1, 0, 40, 3] + [2] * (E - 6)
+    counts = [0, 60, 64, 0, 57, 63] + [62] * (E - 6) if batched else [0, 5, 1, 0, 40, 3] + [2] * (E - 6)
+    assert (expert_loop.batch_rows(counts) is not None) == batched
     torch.manual_seed(0)
     x0 = torch.randn(sum(counts), TINY.hidden_size)
     w0 = torch.rand(sum(counts))
