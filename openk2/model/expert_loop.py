@@ -11,8 +11,9 @@ Two layouts, the same products:
   [E, R, D], zero rows after each expert's own, one batched matmul per product (a training step's
   tokens spread evenly over the experts; k2-mini SFT at 4 × 2,048: 32 experts of ~1,024 rows);
 - a loop, one matmul per used expert, its rows padded for CPU's bf16 kernels (`rows.pad_rows`).
-The routing weight scales each row's F-wide hidden, inside the products (half of D wide at K2's
-ratios), so no [M, D] product, copy or reduction is spent on it forward or backward.
+The routing weight scales each row's F-wide hidden, inside the products (half of D wide in the
+presets, under a third in K2), so no [M, D] product, copy or reduction is spent on it forward or
+backward. (Inference's expert paths scale the output: the same up to rounding.)
 
 The cast stacks and the weight gradients take kept memory (`kept.kept_empty`).
 """
@@ -64,7 +65,7 @@ def batch_rows(counts: list[int]) -> int | None:
 def _positions(counts: list[int], rows: int, device) -> torch.Tensor:
     """[M]: where each row (sorted by expert) sits in the [E · rows] batched layout."""
     counts_E = torch.tensor(counts, device=device)
-    e_M = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E)
+    e_M = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E, output_size=sum(counts))
     return e_M * rows + torch.arange(len(e_M), device=device) - (counts_E.cumsum(0) - counts_E)[e_M]
 
 
@@ -81,7 +82,8 @@ class ExpertLoop(torch.autograd.Function):
     The products run in `dtype` (the stacks and the weights are cast once per call) and y comes back
     in it, as autocast's products do; dx and dw come back in x's and w's dtypes, the weight gradients
     in the stacks'. Saved for backward: x, w, the cast stacks and the pre-activations [M, 2F] (the
-    activations are recomputed). Differentiable once (nothing in openk2 takes second derivatives).
+    activations are recomputed); in the batched layout x, w and the pre-activations padded ([E · R, …],
+    at most 1.5 M rows) and the rows' positions. Differentiable once (nothing in openk2 takes second derivatives).
     """
 
     @staticmethod

@@ -148,14 +148,13 @@ class Experts(nn.Module):
         y_MD = swiglu_by_kernel(x_MD, counts_E, w_M, w_gate_up, None, w_down, None)
         if y_MD is not None:
             return y_MD
-        if torch.is_grad_enabled() and (w_gate_up.requires_grad or w_down.requires_grad or x_MD.requires_grad):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (w_gate_up, w_down, x_MD, w_M)):
             # training: the loop with a hand-written backward (autograd through slices of the stacks
             # back-propagates a zero-filled or stacked copy of each whole stack, once per expert)
             return ExpertLoop.apply(x_MD, w_M, w_gate_up, w_down, counts_E.tolist(), matmul_dtype(x_MD))
-        counts = counts_E.tolist()  # the training products' arithmetic: the weight scales the hidden
-        out = [swiglu_rows(x, w_gate_up[e], w_down[e], matmul_dtype(x), w)[1]
-               for e, (x, w) in enumerate(zip(x_MD.split(counts), w_M.split(counts))) if len(x)]
-        return torch.cat(out)
+        out = [swiglu_rows(x, w_gate_up[e], w_down[e], matmul_dtype(x))[1]
+               for e, x in enumerate(x_MD.split(counts_E.tolist())) if len(x)]
+        return torch.cat(out).mul_(w_M[:, None])
 
     @property
     def decode_weights(self):
