@@ -3,8 +3,8 @@ model (`segment_ids`) keeps attention inside a conversation and restarts its pos
 rank-aware like `PackedLoader`.
 
 A conversation of n ids with loss mask m gives n - 1 positions: x = ids[:-1], y = ids[1:] where
-m[1:] is 1, AVOID - ids[1:] where it is 2 (a token to avoid: `model/head_loss.py`), else -100 (ignored
-by `lm_loss`). Each epoch shuffles the conversations by (seed, epoch)
+m[1:] is 1, AVOID - ids[1:] where it is AVOID_MARK (a token to avoid: `model/head_loss.py`), else
+-100 (ignored by `lm_loss`). Each epoch shuffles the conversations by (seed, epoch)
 and fills rows first-fit (each conversation goes to the first row with room for it, else opens
 one); the rest of a row is padding (id 0, target -100, segment 0, after the conversations' segments
 1, 2, …). A global batch is the next B·W rows of the endless stream of epochs, rank r taking the
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from openk2.model.head_loss import AVOID
+from openk2.tokenizer.sft import AVOID_MARK
 
 IGNORE = -100
 PACKING = "first-fit, rows shuffled"  # how an epoch's rows are made: a loader state from another way cannot resume
@@ -74,7 +75,8 @@ def build_row(examples, members: list[int], seq_len: int):
         n = len(ids) - 1
         ids_t, mask_t = torch.tensor(ids), torch.tensor(mask[1:])
         x[at:at + n], seg[at:at + n] = ids_t[:-1], k
-        y[at:at + n] = torch.where(mask_t == 1, ids_t[1:], torch.where(mask_t == 2, AVOID - ids_t[1:], IGNORE))
+        avoided = torch.where(mask_t == AVOID_MARK, AVOID - ids_t[1:], IGNORE)
+        y[at:at + n] = torch.where(mask_t == 1, ids_t[1:], avoided)
         at += n
     return x, y, seg
 
