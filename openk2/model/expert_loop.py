@@ -25,10 +25,10 @@ from openk2.model.kept import kept_cast, kept_empty
 from openk2.model.rows import pad_rows
 
 
-def swiglu_rows(x_RD, w_gate_up, w_down, dtype: torch.dtype, w_R=None):
+def swiglu_rows(x_RD, w_gate_up, w_down, dtype: torch.dtype, s_R1=None):
     """One expert's rows through its SwiGLU, padded for CPU's kernels when they run in `dtype`, each
-    row's hidden scaled by its routing weight w_R if given: (pre-activations [R, 2F], output [R, D])."""
-    gu, y = _swiglu(pad_rows(x_RD, dtype), w_gate_up, w_down, None if w_R is None else pad_rows(w_R[:, None], dtype))
+    row's hidden scaled by its routing weight s_R1 [R, 1] if given: (pre-activations [R, 2F], output [R, D])."""
+    gu, y = _swiglu(pad_rows(x_RD, dtype), w_gate_up, w_down, None if s_R1 is None else pad_rows(s_R1, dtype))
     return gu[:len(x_RD)], y[:len(x_RD)]
 
 
@@ -103,7 +103,7 @@ class ExpertLoop(torch.autograd.Function):
             for e, n in enumerate(counts):
                 if n:
                     span = slice(start, start + n)
-                    gu_M2F[span], y_MD[span] = swiglu_rows(x[span], w_gu[e], w_d[e], dtype, s[span, 0])
+                    gu_M2F[span], y_MD[span] = swiglu_rows(x[span], w_gu[e], w_d[e], dtype, s[span])
                 start += n
             ctx.save_for_backward(x, s, w_gu, w_d, gu_M2F)
         ctx.counts, ctx.dtypes = counts, (x_MD.dtype, w_M.dtype, gate_up.dtype, down.dtype)
