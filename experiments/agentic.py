@@ -23,7 +23,7 @@ from pathlib import Path
 from openk2.agent.runtime import Budget
 from openk2.envs.evaluate import held_out, report, table, evaluate
 from openk2.envs.spec import domain_names
-from openk2.envs.splits import SPLITS, held_out_domains
+from openk2.envs.splits import SPLITS, held_out_domains, in_distribution
 
 PY = sys.executable
 MAIN_CKPT = "/work/main/runs/k2-mini/checkpoints/step_000200"
@@ -34,21 +34,23 @@ def load_text():
     return open("/proc/loadavg").read().split()[0]
 
 
-def eval_tasks(splits, n, worlds):
+def eval_tasks(splits, n, worlds, trained_on="combo"):
     """The first n test tasks of each split whose domain is in `worlds` (the domain split: its held-out
     domain, in no training world). Tasks are drawn from `worlds` and the held-out domain only, so a
-    domain added for training alone leaves the held-out tasks as they were."""
+    domain added for training alone leaves the held-out tasks as they were. The seed split's tasks are
+    also in the train part of `trained_on` (the recipe's data is the combo split's train part), so none
+    is a combination the training never saw (`splits.held_out`)."""
     groups, pool_worlds = {}, sorted(set(worlds) | set(held_out_domains(domain_names())))
     for by in splits:
-        pool = held_out(by, "test", 40 * n, worlds=pool_worlds)
+        pool = held_out(by, "test", 40 * n, worlds=pool_worlds, trained_on=in_distribution(by, trained_on))
         groups[(by, "test")] = [t for t in pool if by == "domain" or t.domain in worlds][:n]
     return groups
 
 
-def run_eval(ckpt, splits, n, worlds, out: Path, concurrency=8, strict_tools=False):
+def run_eval(ckpt, splits, n, worlds, out: Path, concurrency=8, strict_tools=False, trained_on="combo"):
     from openk2.agent.cli import in_process_client
     from openk2.cli import _load, _tokenizer
-    groups = eval_tasks(splits, n, worlds)
+    groups = eval_tasks(splits, n, worlds, trained_on)
     tasks = list({t.id: t for ts in groups.values() for t in ts}.values())
     args = argparse.Namespace(path=str(ckpt), quantize=None, compile=False, strict_tools=strict_tools)
     start, load0 = time.monotonic(), load_text()
@@ -65,7 +67,8 @@ def run_eval(ckpt, splits, n, worlds, out: Path, concurrency=8, strict_tools=Fal
     print(table(rows))
     print(f"eval {ckpt}: {len(tasks)} tasks in {seconds:.1f} s (load {load0} -> {load_text()})", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(ckpt), "worlds": worlds, "seconds": seconds, "rows": rows,
+    out.write_text(json.dumps({"checkpoint": str(ckpt), "worlds": worlds, "trained_on": trained_on,
+                               "seconds": seconds, "rows": rows,
                                "tasks": results}, indent=1, default=str))
     return rows
 
@@ -122,7 +125,11 @@ def main():
     p.add_argument("--no-failures", action="store_true", help="ablation: no injected tool failures")
     p.add_argument("--data", help="reuse this synthesised JSONL instead of synthesising")
     p.add_argument("--strict-tools", action="store_true", help="eval: calls held to the tools' schemas by the grammar")
+    p.add_argument("--trained-on", default="combo", choices=[*SPLITS, "none"],
+                   help="eval: the split whose train part the SFT data came from; seed tasks come from it too "
+                        "(default: combo, the recipe's; none: every seed test task, as before 2026-12-07)")
     a = p.parse_args()
+    trained_on = None if a.trained_on == "none" else a.trained_on
     out, splits, eval_worlds = Path(a.out), a.splits.split(","), a.worlds.split(",")
     assert all(s in SPLITS for s in splits), splits
     out.mkdir(parents=True, exist_ok=True)
@@ -133,13 +140,14 @@ def main():
         return
     if a.what == "eval":
         suffix = "_strict" * a.strict_tools
+        suffix += "" if a.trained_on == "combo" else f"_{a.trained_on}"
         run_eval(a.checkpoint, splits, a.n, eval_worlds, out / f"eval_{Path(a.checkpoint).name}{suffix}.json",
-                 strict_tools=a.strict_tools)
+                 strict_tools=a.strict_tools, trained_on=trained_on)
         return
     times = {}
     if not a.no_before:
         t = time.monotonic()
-        run_eval(a.checkpoint, splits, a.n, eval_worlds, out / "eval_before.json")
+        run_eval(a.checkpoint, splits, a.n, eval_worlds, out / "eval_before.json", trained_on=trained_on)
         times["eval before"] = time.monotonic() - t
     data = Path(a.data) if a.data else out / "agentic.jsonl"
     if not a.data:
@@ -156,7 +164,7 @@ def main():
                           "--ckpt-every", str(a.steps), "--log-every", "5", "--no-resume"], out / "sft.log")
     t = time.monotonic()
     latest = sft_dir / "checkpoints" / (sft_dir / "checkpoints" / "latest").read_text().strip()
-    run_eval(latest, splits, a.n, eval_worlds, out / "eval_after.json")
+    run_eval(latest, splits, a.n, eval_worlds, out / "eval_after.json", trained_on=trained_on)
     times["eval after"] = time.monotonic() - t
     for name, ckpt in (("before", a.checkpoint), ("after", latest)):
         print(f"copy probe {name} SFT: %.2f nats/token on first showing, %.2f on the repeat" % copy_probe(ckpt))

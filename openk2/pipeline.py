@@ -62,9 +62,10 @@ def latest(run_dir: Path) -> Path:
 
 
 def eval_tasks(cfg: PipelineConfig) -> dict[str, list]:
-    from openk2.envs.splits import held_out
+    from openk2.envs.splits import held_out, in_distribution
     worlds = cfg.worlds.split(",")
-    return {by: held_out(by, "test", cfg.eval_n, worlds=None if by == "domain" else worlds) for by in SPLITS}
+    return {by: held_out(by, "test", cfg.eval_n, worlds=None if by == "domain" else worlds,
+                         trained_on=in_distribution(by, "combo")) for by in SPLITS}  # the data: combo's train part
 
 
 def evaluate_checkpoint(folder: Path, tasks: dict[str, list], concurrency: int = 16) -> dict[str, dict]:

@@ -164,6 +164,28 @@ def test_held_out_parts_are_disjoint_and_stable():
         held_out("seed", "dev", 2)
 
 
+def test_in_distribution_tasks_hold_nothing_the_training_split_kept_out():
+    """`trained_on`: seed (and args) test tasks drawn from the train part of the split the data came
+    from. Plain seed test tasks include combinations that the combo split holds out (they are its test
+    tasks too); drawn for a model trained on combo's train part, none is, and the two test sets are
+    disjoint. The seed split still decides: every task is a seed test task, in the order it had."""
+    from openk2.envs.splits import held_out_combo, in_distribution, split
+
+    plain, drawn = held_out("seed", "test", 200), held_out("seed", "test", 100, trained_on="combo")
+    assert any(held_out_combo(t.rubric.tools) for t in plain)
+    assert not any(held_out_combo(t.rubric.tools) for t in drawn)
+    assert [t.id for t in drawn] == [t.id for t in plain if not held_out_combo(t.rubric.tools)][:100]
+    assert not {t.id for t in drawn} & {t.id for t in held_out("combo", "test", 300)}
+    assert split(drawn, "seed")[0] == []  # all in the seed split's test part
+    assert [t.id for t in held_out("seed", "test", 30, trained_on="combo")] == [t.id for t in drawn[:30]]
+    unseen = held_out("seed", "test", 20, trained_on="domain")
+    assert not {t.domain for t in unseen} & {t.domain for t in held_out("domain", "test", 20)}
+    assert [in_distribution(by, "combo") for by in ("seed", "args", "combo", "domain")] == \
+        ["combo", "combo", None, None]
+    with pytest.raises(ValueError, match="unknown split 'memory'"):
+        held_out("seed", "test", 2, trained_on="memory")
+
+
 # ---------------------------------------------------------------- through the CLI
 
 def oracle_endpoint(tasks):
@@ -198,10 +220,10 @@ def test_endpoint_through_the_cli(tmp_path, capsys):
 
     from openk2.cli import main
 
-    tasks = held_out("seed", "test", 2) + held_out("combo", "test", 2)
+    tasks = held_out("seed", "test", 2, trained_on="domain") + held_out("combo", "test", 2)  # no weather task
     with serving(oracle_endpoint(tasks)) as port:
         main(["eval", "tools", "--endpoint", f"http://127.0.0.1:{port}/v1", "--split", "seed,combo", "--n", "2",
-              "--json", str(tmp_path / "out.json")])
+              "--trained-on", "domain", "--json", str(tmp_path / "out.json")])
     out = json.loads((tmp_path / "out.json").read_text())
     stdout = capsys.readouterr().out
     assert stdout.splitlines()[0].startswith("| split | part | kind | tasks | success %")

@@ -29,7 +29,7 @@ from openk2.agent.tools import ToolError
 from openk2.envs.oracle import Oracle
 from openk2.envs.play import gather_limited, play
 from openk2.envs.rubric import answers_of, calls_of, same_args
-from openk2.envs.splits import SPLITS, held_out
+from openk2.envs.splits import SPLITS, held_out, in_distribution
 from openk2.envs.tasks import SYSTEM
 from openk2.envs.world import World
 from openk2.sampling import GREEDY
@@ -195,6 +195,9 @@ def add_parser(sub, load) -> None:
     s.add_argument("--part", default="test", help="comma-separated parts: test, train (default: test)")
     s.add_argument("--n", type=int, default=100, help="tasks per split part (default: 100)")
     s.add_argument("--seed", type=int, default=0, help="task generation seed (the split itself uses seed 0)")
+    s.add_argument("--trained-on", choices=SPLITS,
+                   help="the split whose train part the model's data came from (openk2 synth --split S): seed and "
+                        "args tasks are then drawn from that part too, none a combination or domain it held out")
     s.add_argument("--json", help="write the rows, the config and every task's result and transcript here")
     s.add_argument("--concurrency", type=int, default=8, help="episodes at once (default: 8)")
     s.add_argument("--max-turns", type=int, default=16, help="model calls per task (default: 16)")
@@ -230,7 +233,8 @@ def eval_command(args, load) -> None:
     if bad := [s for s in splits if s not in SPLITS] + [p for p in parts if p not in ("train", "test")]:
         raise SystemExit(f"openk2 eval tools: unknown split or part {bad}; splits: {', '.join(SPLITS)}; "
                          "parts: train, test")
-    groups = {(by, part): held_out(by, part, args.n, args.seed) for by in splits for part in parts}
+    groups = {(by, part): held_out(by, part, args.n, args.seed, trained_on=in_distribution(by, args.trained_on))
+              for by in splits for part in parts}
     tasks = list({t.id: t for ts in groups.values() for t in ts}.values())  # a task in two groups runs once
     from openk2.agent.runtime import Budget
     budget = Budget(max_turns=args.max_turns, max_tokens=args.max_tokens, turn_tokens=args.turn_tokens)

@@ -62,22 +62,37 @@ def split(tasks, by: str, test_fraction: float = 0.2, seed: int = 0, test_domain
     return [t for t, x in zip(tasks, is_test) if not x], [t for t, x in zip(tasks, is_test) if x]
 
 
+def in_distribution(by: str, trained_on: str | None) -> str | None:
+    """`held_out`'s `trained_on` for split `by`: seed and args measure the distribution a model was
+    trained on, so their tasks come from its train part too; combo and domain measure what it never saw."""
+    return trained_on if by in ("seed", "args") else None
+
+
 @functools.lru_cache(maxsize=8)
 def _pool(size: int, seed: int, worlds: tuple | None, kinds: tuple | None) -> list:
     return generate(size, seed, worlds and list(worlds), kinds and list(kinds))
 
 
 def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_seed: int = 0, worlds=None,
-             kinds=None) -> list:
+             kinds=None, trained_on: str | None = None) -> list:
     """The first n tasks of `generate(…, seed, worlds, kinds)` in `part` ("train" or "test") of split
     `by`, the unseen domain chosen among all domains. Which part a task falls in depends on the task and
     `split_seed` alone, so synthesis (a train part) and evaluation (a test part) agree whatever their
-    generation seeds. The pool grows until n are found (generate(m)'s first tasks are generate(n)'s)."""
+    generation seeds. The pool grows until n are found (generate(m)'s first tasks are generate(n)'s).
+
+    `trained_on`: the split whose train part a model's data came from (`openk2 synth --split S --part
+    train`). Only tasks also in that part are drawn, so a seed or args test task asks for nothing that
+    split kept from training: no held-out combination of tools, no held-out domain. Without it, ~7 % of
+    the seed split's test tasks are combinations the combo split holds out (its test tasks too)."""
     if part not in ("train", "test"):
         raise ValueError(f"unknown part {part!r}: train or test")
+    if trained_on is not None and trained_on not in SPLITS:
+        raise ValueError(f"unknown split {trained_on!r}; the splits are: {', '.join(SPLITS)}")
     held, size = held_out_domains(domain_names(), split_seed), max(250, 5 * n)
     while True:
         pool = _pool(size, seed, worlds and tuple(worlds), kinds and tuple(kinds))
+        if trained_on and trained_on != by:
+            pool = split(pool, trained_on, seed=split_seed, test_domains=held)[0]
         chosen = split(pool, by, seed=split_seed, test_domains=held)[part == "test"]
         if len(chosen) >= n:
             return chosen[:n]
