@@ -80,10 +80,9 @@ def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_see
     `split_seed` alone, so synthesis (a train part) and evaluation (a test part) agree whatever their
     generation seeds. The pool grows until n are found (generate(m)'s first tasks are generate(n)'s).
 
-    `trained_on`: the split whose train part a model's data came from (`openk2 synth --split S --part
-    train`). Only tasks also in that part are drawn, so a seed or args test task asks for nothing that
-    split kept from training: no held-out combination of tools, no held-out domain. Without it, ~7 % of
-    the seed split's test tasks are combinations the combo split holds out (its test tasks too)."""
+    `trained_on`: the split whose train part a model's data came from (`openk2 synth --split S`): only
+    tasks also in that part, none a combination or domain it kept from training (without it, ~7 % of
+    the seed split's test tasks are combinations the combo split holds out, and its test tasks too)."""
     if part not in ("train", "test"):
         raise ValueError(f"unknown part {part!r}: train or test")
     if trained_on is not None and trained_on not in SPLITS:
