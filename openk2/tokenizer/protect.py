@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Callable
 
 from openk2.tokenizer.chat import render_chat
 
@@ -34,6 +35,9 @@ class Protector:
         self.index = {s: i for i, s in enumerate(self.guarded)}
         self.masks = re.compile("|".join([self.candidates.pattern, OPEN, CLOSE]))
         self.sentinel = re.compile(OPEN + r"(\d+)" + CLOSE)
+        # a conversation's prefixes, a dataset's shared system prompt and tool declarations, a client's
+        # history sent again each turn: the same text between control tokens, encoded once
+        self.plain = lru_cache(maxsize=PLAIN_CACHE)(self._plain)
 
     def mask(self, value):
         """`value` (str, or dicts and lists of them) with every special-token string a sentinel."""
@@ -46,8 +50,8 @@ class Protector:
             return [self.mask(v) for v in value]
         return value
 
-    def plain(self, text: str) -> list[int]:
-        return self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text))
+    def _plain(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text)))
 
     def encode(self, rendered: str) -> list[int]:
         """Ids of a prompt rendered from masked values: its special-token strings as control ids, the
@@ -55,9 +59,13 @@ class Protector:
         ids, at = [], 0
         for m in self.candidates.finditer(rendered):
             if m[0] in self.specials:
-                ids += self.plain(rendered[at:m.start()]) + [self.specials[m[0]]]
+                ids += self.plain(rendered[at:m.start()])
+                ids.append(self.specials[m[0]])
                 at = m.end()
-        return ids + self.plain(rendered[at:])
+        return ids + list(self.plain(rendered[at:]))
+
+
+PLAIN_CACHE = 4096  # encoded texts kept per tokenizer (a few MB for chat turns and tool declarations)
 
 
 @lru_cache(maxsize=8)
@@ -65,11 +73,22 @@ def protector(tokenizer) -> Protector:
     return Protector(tokenizer)
 
 
+def chat_encoder(tokenizer, messages: list[dict], tools: list[dict] | None = None, template: str | None = None,
+                 **variables) -> Callable[..., list[int]]:
+    """`enc(k, add_generation_prompt, suffix="")`: `encode_chat` of the first k messages, the values
+    masked once for all k (SFT finds each turn's span from the ids of two prefixes)."""
+    p = protector(tokenizer)
+    masked, masked_tools = p.mask(messages), p.mask(tools) if tools else None
+
+    def enc(k: int, add_generation_prompt: bool, suffix: str = "") -> list[int]:
+        rendered = render_chat(masked[:k], tools=masked_tools, add_generation_prompt=add_generation_prompt,
+                               template=template, **variables)
+        return p.encode(rendered + suffix)
+    return enc
+
+
 def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                 template: str | None = None, suffix: str = "", **variables) -> list[int]:
     """The prompt ids of `messages` (+ `tools`, then `suffix`, which is structure: a forced call's
     opening markers), special-token strings inside any value encoded as text."""
-    p = protector(tokenizer)
-    rendered = render_chat(p.mask(messages), tools=p.mask(tools) if tools else None,
-                           add_generation_prompt=add_generation_prompt, template=template, **variables)
-    return p.encode(rendered + suffix)
+    return chat_encoder(tokenizer, messages, tools, template, **variables)(len(messages), add_generation_prompt, suffix)

@@ -11,7 +11,7 @@ conversation up to it is rendered with the generation prompt (what the model wou
 to and including it without; the ids between the two are its span. Both must be prefixes of the
 whole conversation's ids, else the template renders earlier turns differently once later turns
 follow (K2-Thinking drops the reasoning of finished turns) and no single sequence trains each turn as
-it was generated: such a conversation is an error. Rendering and encoding go through `encode_chat`,
+it was generated: such a conversation is an error. Rendering and encoding go through `chat_encoder`,
 so special-token strings inside values stay text and cannot fake a turn.
 
 `avoid_refused`: a weight-0 assistant turn that calls a tool the conversation does not declare (a
@@ -29,7 +29,7 @@ import json
 import re
 from pathlib import Path
 
-from openk2.tokenizer.protect import encode_chat
+from openk2.tokenizer.protect import chat_encoder
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -127,10 +127,8 @@ def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None =
     from openk2.tokenizer.chat import assign_tool_call_ids
     messages = assign_tool_call_ids(messages)
 
-    def enc(msgs, prompt: bool) -> list[int]:
-        return encode_chat(tokenizer, msgs, tools, prompt, template, **variables)
-
-    ids = enc(messages, False)
+    enc = chat_encoder(tokenizer, messages, tools, template, **variables)
+    ids = enc(len(messages), False)
     mask = [0] * len(ids)
     declared = declared_names(tools)
     for i, message in enumerate(messages):
@@ -143,7 +141,7 @@ def encode_with_mask(tokenizer, messages: list[dict], tools: list[dict] | None =
                    if c["function"]["name"] not in declared] if avoid_refused and declared and not weight else []
         if not weight and not refused:
             continue  # a turn at weight 0 keeps mask 0: no need to render it to find its span
-        head, upto = enc(messages[:i], True), enc(messages[:i + 1], False)
+        head, upto = enc(i, True), enc(i + 1, False)
         if upto[:len(head)] != head or ids[:len(upto)] != upto:
             if refused:
                 continue  # a refused turn the template renders otherwise later: left unmarked, as without the flag
