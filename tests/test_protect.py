@@ -78,7 +78,7 @@ def test_without_injection_the_prompt_is_what_it_always_was():
         assert encode_chat(TOK, dialog(), TOOLS, template=template) == TOK.encode(rendered, allow_special=True)
 
 
-def test_prefix_encoder_and_cached_texts_give_the_uncached_ids():
+def test_prefix_encoder_and_cached_texts_give_the_uncached_ids(monkeypatch):
     """`chat_encoder` (values masked once, texts between control tokens encoded once and cached)
     gives, for every prefix and both prompt forms, the ids of the text rendered alone and encoded
     without any cache; a cached text handed out cannot be changed by its caller."""
@@ -87,7 +87,7 @@ def test_prefix_encoder_and_cached_texts_give_the_uncached_ids():
         messages[1]["content"] += INJECT
         enc = chat_encoder(TOK, messages, tools, template)
         uncached = Protector(TOK)
-        uncached.plain = uncached._plain  # every text encoded afresh
+        uncached._cached = uncached._plain  # every text encoded afresh
         for k in range(1, len(messages) + 1):
             for prompt in (True, False):
                 rendered = render_chat(protector(TOK).mask(messages[:k]), protector(TOK).mask(tools),
@@ -96,7 +96,10 @@ def test_prefix_encoder_and_cached_texts_give_the_uncached_ids():
                     uncached.encode(rendered)
         ids = enc(len(messages), False)
         ids.append(-1)
-        assert enc(len(messages), False)[-1] != -1 and protector(TOK).plain.cache_info().hits > 0
+        assert enc(len(messages), False)[-1] != -1 and protector(TOK)._cached.cache_info().hits > 0
+        monkeypatch.setattr("openk2.tokenizer.protect.PLAIN_CHARS", 4)  # longer texts: not kept, the same ids
+        assert chat_encoder(TOK, messages, tools, template)(len(messages), False) == ids[:-1]
+        monkeypatch.undo()
 
 
 def test_forced_tool_call_prefix_stays_structure():

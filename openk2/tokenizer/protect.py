@@ -14,6 +14,7 @@ Notes: a template that slices a value could cut a sentinel in two; no K2 templat
 from __future__ import annotations
 
 import re
+from array import array
 from functools import lru_cache
 from typing import Callable
 
@@ -37,7 +38,7 @@ class Protector:
         self.sentinel = re.compile(OPEN + r"(\d+)" + CLOSE)
         # a conversation's prefixes, a dataset's shared system prompt and tool declarations, a client's
         # history sent again each turn: the same text between control tokens, encoded once
-        self.plain = lru_cache(maxsize=PLAIN_CACHE)(self._plain)
+        self._cached = lru_cache(maxsize=PLAIN_CACHE)(self._plain)
 
     def mask(self, value):
         """`value` (str, or dicts and lists of them) with every special-token string a sentinel."""
@@ -50,8 +51,12 @@ class Protector:
             return [self.mask(v) for v in value]
         return value
 
-    def _plain(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text)))
+    def _plain(self, text: str) -> array:
+        return array("l", self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text)))
+
+    def plain(self, text: str) -> array:
+        """The ids of text between control tokens (cached up to PLAIN_CHARS characters)."""
+        return self._cached(text) if len(text) <= PLAIN_CHARS else self._plain(text)
 
     def encode(self, rendered: str) -> list[int]:
         """Ids of a prompt rendered from masked values: its special-token strings as control ids, the
@@ -65,7 +70,7 @@ class Protector:
         return ids + list(self.plain(rendered[at:]))
 
 
-PLAIN_CACHE = 4096  # encoded texts kept per tokenizer (a few MB for chat turns and tool declarations)
+PLAIN_CACHE, PLAIN_CHARS = 1024, 32768  # texts kept per tokenizer, and the longest kept: ≤ ~100 MB at worst
 
 
 @lru_cache(maxsize=8)
