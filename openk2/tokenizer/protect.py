@@ -52,7 +52,7 @@ class Protector:
         return value
 
     def _plain(self, text: str) -> array:
-        return array("l", self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text)))
+        return array("i", self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text)))
 
     def plain(self, text: str) -> array:
         """The ids of text between control tokens (cached up to PLAIN_CHARS characters)."""
@@ -70,7 +70,7 @@ class Protector:
         return ids + list(self.plain(rendered[at:]))
 
 
-PLAIN_CACHE, PLAIN_CHARS = 1024, 32768  # texts kept per tokenizer, and the longest kept: ≤ ~100 MB at worst
+PLAIN_CACHE, PLAIN_CHARS = 1024, 16384  # texts kept per tokenizer, and the longest kept (~100 MB at worst)
 
 
 @lru_cache(maxsize=8)
