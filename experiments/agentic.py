@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 from openk2.agent.runtime import Budget
-from openk2.envs.evaluate import held_out, report, table, evaluate
+from openk2.envs.evaluate import report, table, evaluate
 from openk2.envs.spec import domain_names
-from openk2.envs.splits import SPLITS, held_out_domains, in_distribution
+from openk2.envs.splits import SPLITS, held_out, held_out_domains, in_distribution
 
 PY = sys.executable
 MAIN_CKPT = "/work/main/runs/k2-mini/checkpoints/step_000200"
-TRAIN_WORLDS = "bank,calendar,shop,files,units"  # every domain but the held-out one (weather)
+TRAIN_WORLDS = "bank,calendar,shop,files,units"  # held-out tasks' worlds (weather: the unseen domain)
 
 
 def load_text():
@@ -37,9 +37,9 @@ def load_text():
 def eval_tasks(splits, n, worlds, trained_on="combo"):
     """The first n test tasks of each split whose domain is in `worlds` (the domain split: its held-out
     domain, in no training world). Tasks are drawn from `worlds` and the held-out domain only, so a
-    domain added for training alone leaves the held-out tasks as they were. The seed split's tasks are
-    also in the train part of `trained_on` (the recipe's data is the combo split's train part), so none
-    is a combination the training never saw (`splits.held_out`)."""
+    domain added for training alone leaves the held-out tasks as they were. The seed (and args) split's
+    tasks are also in the train part of `trained_on` (the recipe's data is the combo split's train
+    part), so none is a combination the training never saw (`splits.held_out`)."""
     groups, pool_worlds = {}, sorted(set(worlds) | set(held_out_domains(domain_names())))
     for by in splits:
         pool = held_out(by, "test", 40 * n, worlds=pool_worlds, trained_on=in_distribution(by, trained_on))
@@ -126,8 +126,8 @@ def main():
     p.add_argument("--data", help="reuse this synthesised JSONL instead of synthesising")
     p.add_argument("--strict-tools", action="store_true", help="eval: calls held to the tools' schemas by the grammar")
     p.add_argument("--trained-on", default="combo", choices=[*SPLITS, "none"],
-                   help="eval: the split whose train part the SFT data came from; seed tasks come from it too "
-                        "(default: combo, the recipe's; none: every seed test task, as before 2026-12-07)")
+                   help="eval: the split whose train part the SFT data came from; seed and args tasks come "
+                        "from it too (default: combo, the recipe's; none: every seed test task)")
     a = p.parse_args()
     trained_on = None if a.trained_on == "none" else a.trained_on
     out, splits, eval_worlds = Path(a.out), a.splits.split(","), a.worlds.split(",")

@@ -24,6 +24,7 @@ from pathlib import Path
 from openk2.train.config import add_config_flags, config_from
 
 SPLITS = ("seed", "combo", "domain")
+DATA_SPLIT = "combo"  # SFT's and RL's tasks come from this split's train part; its test part stays unseen
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def eval_tasks(cfg: PipelineConfig) -> dict[str, list]:
     from openk2.envs.splits import held_out, in_distribution
     worlds = cfg.worlds.split(",")
     return {by: held_out(by, "test", cfg.eval_n, worlds=None if by == "domain" else worlds,
-                         trained_on=in_distribution(by, "combo")) for by in SPLITS}  # the data: combo's train part
+                         trained_on=in_distribution(by, DATA_SPLIT)) for by in SPLITS}
 
 
 def evaluate_checkpoint(folder: Path, tasks: dict[str, list], concurrency: int = 16) -> dict[str, dict]:
@@ -135,9 +136,9 @@ def pipeline(cfg: PipelineConfig) -> dict:
 
     def make_data():
         if not data.exists() or not data.stat().st_size:
-            picked = pick_tasks(cfg.synth_n, 1, worlds, None, "combo", "train")
+            picked = pick_tasks(cfg.synth_n, 1, worlds, None, DATA_SPLIT, "train")
             if cfg.synth_mixed_n and len(worlds) > 1:
-                picked += pick_tasks(cfg.synth_mixed_n, 2, pairs(worlds), list(MIXED_KINDS), "combo", "train")
+                picked += pick_tasks(cfg.synth_mixed_n, 2, pairs(worlds), list(MIXED_KINDS), DATA_SPLIT, "train")
             kept = [r for r in synthesize(picked, 1, slips=0.2) if r["meta"]["passed"]]
             data.with_suffix(".tmp").unlink(missing_ok=True)  # (write_jsonl appends)
             extra = drills(cfg.synth_drills, 1) + sum_drills(cfg.synth_sum_drills, 1)
@@ -154,6 +155,7 @@ def pipeline(cfg: PipelineConfig) -> dict:
     tuned = stage("sft", lambda: (sft(sft_cfg), latest(out / "sft"))[1])
     rl_cfg = RLConfig(**{**RL_DEFAULTS, **RL_RECIPE, "checkpoint": str(tuned), "model": str(tuned),
                          "out_dir": str(out / "rl"), "steps": cfg.rl_steps, "kinds": cfg.rl_kinds, "worlds": cfg.worlds,
+                         "split": DATA_SPLIT,
                          "ptx_data": str(data), "eval_every": cfg.rl_steps, "ckpt_every": cfg.rl_steps,
                          "eval_tasks": cfg.eval_n, "resume": True, "threads": cfg.threads, "seq_len": 4096})
     final = stage("rl", lambda: (rl(rl_cfg), latest(out / "rl"))[1])

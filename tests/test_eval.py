@@ -178,6 +178,9 @@ def test_in_distribution_tasks_hold_nothing_the_training_split_kept_out():
     assert not {t.id for t in drawn} & {t.id for t in held_out("combo", "test", 300)}
     assert split(drawn, "seed")[0] == []  # all in the seed split's test part
     assert [t.id for t in held_out("seed", "test", 30, trained_on="combo")] == [t.id for t in drawn[:30]]
+    assert not any(held_out_combo(t.rubric.tools) for t in held_out("args", "test", 50, trained_on="combo"))
+    assert [t.id for t in held_out("combo", "test", 5, trained_on="combo")] == \
+        [t.id for t in held_out("combo", "test", 5)]  # a split's own train part: no filter
     unseen = held_out("seed", "test", 20, trained_on="domain")
     assert not {t.domain for t in unseen} & {t.domain for t in held_out("domain", "test", 20)}
     assert [in_distribution(by, "combo") for by in ("seed", "args", "combo", "domain")] == \

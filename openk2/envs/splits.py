@@ -63,8 +63,9 @@ def split(tasks, by: str, test_fraction: float = 0.2, seed: int = 0, test_domain
 
 
 def in_distribution(by: str, trained_on: str | None) -> str | None:
-    """`held_out`'s `trained_on` for split `by`: seed and args measure the distribution a model was
-    trained on, so their tasks come from its train part too; combo and domain measure what it never saw."""
+    """`held_out`'s `trained_on` for split `by`: seed and args test new states and new values of the
+    tasks a model was trained on, so theirs come from the train part of the split its data came from
+    too; combo and domain test what that split kept out (so only as unseen when it is theirs)."""
     return trained_on if by in ("seed", "args") else None
 
 
@@ -80,9 +81,9 @@ def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_see
     `split_seed` alone, so synthesis (a train part) and evaluation (a test part) agree whatever their
     generation seeds. The pool grows until n are found (generate(m)'s first tasks are generate(n)'s).
 
-    `trained_on`: the split whose train part a model's data came from (`openk2 synth --split S`): only
-    tasks also in that part, none a combination or domain it kept from training (without it, ~7 % of
-    the seed split's test tasks are combinations the combo split holds out, and its test tasks too)."""
+    `trained_on` (ignored when it is `by`): the split whose train part a model's data came from (`openk2
+    synth --split S`): only tasks also in that part, none a combination or domain S kept from training
+    (without it, ~7 % of the seed split's test tasks are the combo split's held-out combinations)."""
     if part not in ("train", "test"):
         raise ValueError(f"unknown part {part!r}: train or test")
     if trained_on is not None and trained_on not in SPLITS:
@@ -96,5 +97,6 @@ def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_see
         if len(chosen) >= n:
             return chosen[:n]
         if size > 64 * n + 1000:
-            raise ValueError(f"the {part} part of split {by!r} holds too few tasks of these worlds and kinds")
+            raise ValueError(f"the {part} part of split {by!r} holds too few tasks of these worlds and kinds"
+                             + (f" in split {trained_on!r}'s train part" if trained_on and trained_on != by else ""))
         size *= 4

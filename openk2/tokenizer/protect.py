@@ -14,13 +14,20 @@ Notes: a template that slices a value could cut a sentinel in two; no K2 templat
 from __future__ import annotations
 
 import re
+import sys
+import threading
 from array import array
+from collections import OrderedDict
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 from openk2.tokenizer.chat import render_chat
 
 OPEN, CLOSE = "\ue000", "\ue001"  # private use: no tokenizer gives them meaning
+# a conversation's prefixes, a dataset's shared system prompt and tool declarations, a client's history
+# sent again each turn: the same texts between control tokens, encoded once. Bytes kept per tokenizer
+# (texts and ids, as sys.getsizeof counts them), least recently used out first; one text at most 1/16.
+TEXT_CACHE_BYTES = 16 << 20
 SHAPES = r"<\|[A-Za-z0-9_]+\|>|\[[A-Za-z_]+\]"  # every K2 special is one of these (checked below)
 
 
@@ -36,9 +43,7 @@ class Protector:
         self.index = {s: i for i, s in enumerate(self.guarded)}
         self.masks = re.compile("|".join([self.candidates.pattern, OPEN, CLOSE]))
         self.sentinel = re.compile(OPEN + r"(\d+)" + CLOSE)
-        # a conversation's prefixes, a dataset's shared system prompt and tool declarations, a client's
-        # history sent again each turn: the same text between control tokens, encoded once
-        self._cached = lru_cache(maxsize=PLAIN_CACHE)(self._plain)
+        self.cache, self.cached_bytes, self.lock = OrderedDict(), 0, threading.Lock()  # text -> (ids, bytes)
 
     def mask(self, value):
         """`value` (str, or dicts and lists of them) with every special-token string a sentinel."""
@@ -51,12 +56,22 @@ class Protector:
             return [self.mask(v) for v in value]
         return value
 
-    def _plain(self, text: str) -> array:
-        return array("i", self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text)))
-
     def plain(self, text: str) -> array:
-        """The ids of text between control tokens (cached up to PLAIN_CHARS characters)."""
-        return self._cached(text) if len(text) <= PLAIN_CHARS else self._plain(text)
+        """The ids of text between control tokens (sentinels restored), from the cache where it holds
+        them. Shared with the cache: read, never change."""
+        with self.lock:
+            if (hit := self.cache.get(text)) is not None:
+                self.cache.move_to_end(text)
+                return hit[0]
+        ids = array("i", self.tokenizer.encode(self.sentinel.sub(lambda m: self.guarded[int(m[1])], text)))
+        size = sys.getsizeof(text) + sys.getsizeof(ids)
+        if size <= TEXT_CACHE_BYTES // 16:
+            with self.lock:
+                if text not in self.cache:
+                    self.cache[text], self.cached_bytes = (ids, size), self.cached_bytes + size
+                while self.cached_bytes > TEXT_CACHE_BYTES:
+                    self.cached_bytes -= self.cache.popitem(last=False)[1][1]
+        return ids
 
     def encode(self, rendered: str) -> list[int]:
         """Ids of a prompt rendered from masked values: its special-token strings as control ids, the
@@ -68,9 +83,6 @@ class Protector:
                 ids.append(self.specials[m[0]])
                 at = m.end()
         return ids + list(self.plain(rendered[at:]))
-
-
-PLAIN_CACHE, PLAIN_CHARS = 1024, 16384  # texts kept per tokenizer, and the longest kept (~100 MB at worst)
 
 
 @lru_cache(maxsize=8)
