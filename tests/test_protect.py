@@ -84,6 +84,7 @@ def test_prefix_encoder_and_cached_texts_give_the_uncached_ids(monkeypatch):
     nothing; encoding a prefix again encodes no text again; the cache keeps to its byte budget."""
     import openk2.tokenizer.protect as protect
 
+    budget = protect.TEXT_CACHE_BYTES
     for template in (None, THINKING):
         messages, tools = dialog(), copy.deepcopy(TOOLS)
         messages[1]["content"] += INJECT
@@ -96,7 +97,7 @@ def test_prefix_encoder_and_cached_texts_give_the_uncached_ids(monkeypatch):
                                        template=template)
                 monkeypatch.setattr(protect, "TEXT_CACHE_BYTES", 0)  # `fresh` keeps nothing
                 uncached = fresh.encode(rendered)
-                monkeypatch.setattr(protect, "TEXT_CACHE_BYTES", 16 << 20)
+                monkeypatch.setattr(protect, "TEXT_CACHE_BYTES", budget)
                 assert enc(k, prompt) == encode_chat(TOK, messages[:k], tools, prompt, template) == uncached
         assert not fresh.cache and p.cache
         assert p.cached_bytes == sum(size for _, size in p.cache.values())

@@ -88,15 +88,16 @@ def held_out(by: str, part: str = "test", n: int = 100, seed: int = 0, split_see
         raise ValueError(f"unknown part {part!r}: train or test")
     if trained_on is not None and trained_on not in SPLITS:
         raise ValueError(f"unknown split {trained_on!r}; the splits are: {', '.join(SPLITS)}")
+    within = trained_on if trained_on != by else None
     held, size = held_out_domains(domain_names(), split_seed), max(250, 5 * n)
     while True:
         pool = _pool(size, seed, worlds and tuple(worlds), kinds and tuple(kinds))
-        if trained_on and trained_on != by:
-            pool = split(pool, trained_on, seed=split_seed, test_domains=held)[0]
+        if within:
+            pool = split(pool, within, seed=split_seed, test_domains=held)[0]
         chosen = split(pool, by, seed=split_seed, test_domains=held)[part == "test"]
         if len(chosen) >= n:
             return chosen[:n]
         if size > 64 * n + 1000:
             raise ValueError(f"the {part} part of split {by!r} holds too few tasks of these worlds and kinds"
-                             + (f" in split {trained_on!r}'s train part" if trained_on and trained_on != by else ""))
+                             + (f" in split {within!r}'s train part" if within else ""))
         size *= 4

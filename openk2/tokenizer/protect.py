@@ -82,7 +82,8 @@ class Protector:
                 ids += self.plain(rendered[at:m.start()])
                 ids.append(self.specials[m[0]])
                 at = m.end()
-        return ids + list(self.plain(rendered[at:]))
+        ids += self.plain(rendered[at:])
+        return ids
 
 
 @lru_cache(maxsize=8)
